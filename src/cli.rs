@@ -1,0 +1,284 @@
+//! The `kiln` command line: the server, its maintenance commands and (later) a client.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::embedded_pg::EmbeddedPostgres;
+use crate::server::{self, Settings};
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Self-hosted fine-tuning server with an OpenAI-compatible API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the API server (with an embedded PostgreSQL unless DATABASE_URL is set).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(DbArgs),
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// Where the database is: `DATABASE_URL`, or the embedded cluster under the data directory.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL. When unset, kiln runs its own cluster under `$KILN_DATA_DIR/pg`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Directory for uploads, artifacts and the embedded database.
+    #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Address to listen on.
+    #[arg(long, env = "KILN_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Directory of base models in Hugging Face layout [default: $KILN_DATA_DIR/models].
+    #[arg(long, env = "KILN_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// An admin API key to accept (acts on the `default` project).
+    #[arg(long, env = "KILN_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Largest accepted upload, in bytes.
+    #[arg(long, env = "KILN_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a key for a project (created if missing) and print it once.
+    Create {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Give the key admin rights (manage keys).
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List keys (without secrets).
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let json = std::env::var("KILN_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A database to talk to: the configured URL, or the embedded cluster (started if needed,
+/// and stopped again by [`Database::close`] only if this process started it).
+pub struct Database {
+    pub url: String,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    /// For short-lived commands: attach to the embedded cluster a running server owns, or
+    /// start it for the length of the command.
+    pub async fn open(db: &DbArgs) -> anyhow::Result<Database> {
+        Self::open_with(db, false).await
+    }
+
+    /// For `kiln serve`: this process owns the embedded cluster and stops it on shutdown.
+    pub async fn open_owned(db: &DbArgs) -> anyhow::Result<Database> {
+        Self::open_with(db, true).await
+    }
+
+    async fn open_with(db: &DbArgs, own: bool) -> anyhow::Result<Database> {
+        if let Some(url) = &db.database_url {
+            return Ok(Database {
+                url: url.clone(),
+                embedded: None,
+            });
+        }
+        let embedded = if own {
+            EmbeddedPostgres::start(&db.data_dir).await
+        } else {
+            EmbeddedPostgres::connect_existing_or_start(&db.data_dir).await
+        }
+        .context("starting the embedded PostgreSQL (set DATABASE_URL to use an existing server)")?;
+        Ok(Database {
+            url: embedded.url().to_owned(),
+            embedded: Some(embedded),
+        })
+    }
+
+    pub async fn close(self) -> anyhow::Result<()> {
+        if let Some(pg) = self.embedded {
+            pg.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(db) => {
+            let database = Database::open(&db).await?;
+            let store = Store::connect(&database.url).await?;
+            store.migrate().await?;
+            store.close().await;
+            println!("migrations applied");
+            database.close().await
+        }
+        Command::Keys { command } => keys(command).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let data_dir = absolute(&args.db.data_dir)?;
+    tokio::fs::create_dir_all(&data_dir)
+        .await
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let database = Database::open_owned(&DbArgs {
+        data_dir: data_dir.clone(),
+        ..args.db.clone()
+    })
+    .await?;
+    let settings = Settings {
+        addr: args.addr,
+        database_url: database.url.clone(),
+        models_dir: args
+            .models_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("models")),
+        data_dir,
+        admin_key: args.admin_key.clone(),
+        max_upload_bytes: args.max_upload_bytes,
+    };
+    let running = match server::start(settings).await {
+        Ok(running) => running,
+        Err(e) => {
+            let _ = database.close().await;
+            return Err(e);
+        }
+    };
+    if let Some(key) = &running.bootstrap_key {
+        println!(
+            "Created an admin API key. It is shown only this once; keep it safe:\n\n    {key}\n"
+        );
+    }
+    println!("kiln listening on http://{}", running.addr);
+    server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    let result = running.shutdown().await;
+    database.close().await?;
+    result
+}
+
+async fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            project,
+            name,
+            admin,
+            db,
+        } => {
+            let database = Database::open(&db).await?;
+            let store = Store::connect(&database.url).await?;
+            store.migrate().await?;
+            let key = store
+                .create_api_key(&project, name.as_deref(), admin)
+                .await?;
+            store.close().await;
+            database.close().await?;
+            println!("{}", key.secret);
+            eprintln!(
+                "key {} for project '{}' (shown only this once)",
+                key.row.id, key.row.project_name
+            );
+        }
+        KeysCommand::List { db } => {
+            let database = Database::open(&db).await?;
+            let store = Store::connect(&database.url).await?;
+            for k in store.list_api_keys().await? {
+                let state = if k.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                let role = if k.is_admin { "admin" } else { "member" };
+                println!(
+                    "{}\t{}\tsk-kiln-{}_…\t{role}\t{state}\t{}",
+                    k.id,
+                    k.project_name,
+                    k.prefix,
+                    k.name.unwrap_or_default()
+                );
+            }
+            store.close().await;
+            database.close().await?;
+        }
+        KeysCommand::Revoke { id, db } => {
+            let database = Database::open(&db).await?;
+            let store = Store::connect(&database.url).await?;
+            let found = store.revoke_api_key(&id).await?;
+            store.close().await;
+            database.close().await?;
+            match found {
+                Some(_) => println!("revoked {id}"),
+                None => anyhow::bail!("no key with id {id}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}

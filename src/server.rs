@@ -1,0 +1,175 @@
+//! `kiln serve`: wires the store, artifact store and API together and runs them until a
+//! shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AdminKey, AppState, FileValidator, Limits};
+use crate::artifacts::Artifacts;
+use crate::store::keys::{sha256, DEFAULT_PROJECT};
+use crate::store::Store;
+
+/// Everything `kiln serve` needs, already resolved (the database URL is known by now).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub addr: SocketAddr,
+    pub database_url: String,
+    pub data_dir: PathBuf,
+    pub models_dir: PathBuf,
+    pub admin_key: Option<String>,
+    pub max_upload_bytes: u64,
+}
+
+/// A server that is listening. Dropping it does not stop it: call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    /// The admin key created at first start (no `KILN_ADMIN_KEY`, no keys yet), shown once.
+    pub bootstrap_key: Option<String>,
+    pub store: Store,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+/// The process-wide Prometheus recorder (the `metrics` facade allows one per process).
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. by an embedding program);
+            // then our handle simply renders nothing.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Connects, migrates, bootstraps keys and starts listening.
+pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
+    let store = Store::connect(&settings.database_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    store.migrate().await.context("running migrations")?;
+
+    let admin = match &settings.admin_key {
+        Some(key) => {
+            let project_id = store.ensure_project(DEFAULT_PROJECT).await?;
+            Some(Arc::new(AdminKey {
+                sha256: sha256(key.as_bytes()),
+                project_id,
+            }))
+        }
+        None => None,
+    };
+    let bootstrap_key = match admin {
+        Some(_) => None,
+        None => store.bootstrap_admin_key().await?.map(|k| k.secret),
+    };
+
+    let artifacts = Artifacts::local(settings.data_dir.join("artifacts"))
+        .await
+        .with_context(|| {
+            format!(
+                "creating the artifact directory under {}",
+                settings.data_dir.display()
+            )
+        })?;
+    if let Err(e) = artifacts.sweep_tmp(Duration::from_secs(3600)).await {
+        tracing::warn!(error = %e, "could not sweep temporary uploads");
+    }
+    let validator = FileValidator::new(store.clone(), artifacts.clone(), 2);
+    match validator.resume_pending().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "resuming validation of files"),
+        Err(e) => tracing::warn!(error = %e, "could not resume pending validations"),
+    }
+
+    let metrics = prometheus();
+    let state = AppState {
+        store: store.clone(),
+        artifacts,
+        validator,
+        limits: Arc::new(Limits {
+            max_upload_bytes: settings.max_upload_bytes,
+            max_json_bytes: 2 * 1024 * 1024,
+        }),
+        admin,
+        metrics: metrics.clone(),
+    };
+    let app = api::router(state);
+
+    let listener = TcpListener::bind(settings.addr)
+        .await
+        .with_context(|| format!("binding {}", settings.addr))?;
+    let addr = listener.local_addr()?;
+    let (stop, mut stopped) = watch::channel(false);
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "kiln is listening");
+    Ok(RunningServer {
+        addr,
+        bootstrap_key,
+        store,
+        stop,
+        task,
+    })
+}
+
+impl RunningServer {
+    /// Stops accepting connections, lets in-flight requests finish, closes the pool.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await??;
+        self.store.close().await;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
