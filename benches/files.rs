@@ -116,6 +116,13 @@ async fn measure(config: &Config, server: &Server, data_dir: &Path) -> anyhow::R
         "date": chrono::Utc::now().to_rfc3339(),
         "machine": machine(),
         "kiln_version": env!("CARGO_PKG_VERSION"),
+        "settings": {
+            "upload_bytes": config.upload_bytes,
+            "jsonl_bytes_requested": config.jsonl_bytes,
+            "get_seconds_per_level": config.get_duration.as_secs(),
+            "get_concurrency": GET_CONCURRENCY,
+            "rss_sample_ms": SAMPLE_EVERY.as_millis() as u64,
+        },
     });
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -124,12 +131,12 @@ async fn measure(config: &Config, server: &Server, data_dir: &Path) -> anyhow::R
 
     if config.run_upload {
         println!("== Files API: uploads (server pid {}) ==", server.pid);
-        let disk = disk_write_speed(data_dir, config.upload_bytes).await?;
+        let disk_before = disk_write_speed(data_dir, config.upload_bytes).await?;
         println!(
-            "disk write, {} MiB + fsync, same directory: {:.1} s, {:.1} MB/s",
+            "disk write before the uploads, {} MiB + fsync, same directory: {:.2} s, {:.1} MB/s",
             config.upload_bytes / MIB,
-            disk.seconds,
-            disk.mb_per_s
+            disk_before.seconds,
+            disk_before.mb_per_s
         );
         let batch = upload(
             server,
@@ -149,6 +156,9 @@ async fn measure(config: &Config, server: &Server, data_dir: &Path) -> anyhow::R
             Payload::Jsonl,
         )
         .await?;
+        // The disk of a shared machine varies: measure again after and compare with both.
+        let disk_after = disk_write_speed(data_dir, config.upload_bytes).await?;
+        let disk = DiskSpeed::combine(&[disk_before, disk_after]);
         print_upload_table(&disk, &[&batch, &jsonl]);
         report["disk_write"] = disk.to_json();
         report["upload_batch"] = batch.to_json(disk.mb_per_s);
@@ -376,15 +386,31 @@ struct DiskSpeed {
     bytes: u64,
     seconds: f64,
     mb_per_s: f64,
+    /// MB/s of each run when this combines several.
+    runs_mb_per_s: Vec<f64>,
 }
 
 impl DiskSpeed {
+    /// Several runs of the same size as one: total bytes over total time.
+    fn combine(runs: &[DiskSpeed]) -> DiskSpeed {
+        let bytes = runs.first().map_or(0, |r| r.bytes);
+        let seconds = runs.iter().map(|r| r.seconds).sum::<f64>() / runs.len().max(1) as f64;
+        DiskSpeed {
+            bytes,
+            seconds,
+            mb_per_s: mb_per_s(bytes, seconds),
+            runs_mb_per_s: runs.iter().map(|r| r.mb_per_s).collect(),
+        }
+    }
+
     fn to_json(&self) -> Value {
         json!({
-            "what": "write the same number of bytes to a file in the data directory in 1 MiB writes, then fsync",
+            "what": "write the upload's size to a file in the data directory in 1 MiB writes, then fsync; \
+                     once before and once after the uploads, mb_per_s from the mean time",
             "bytes": self.bytes,
-            "seconds": round3(self.seconds),
+            "seconds_mean": round3(self.seconds),
             "mb_per_s": round1(self.mb_per_s),
+            "runs_mb_per_s": self.runs_mb_per_s.iter().map(|v| round1(*v)).collect::<Vec<_>>(),
         })
     }
 }
@@ -413,6 +439,7 @@ async fn disk_write_speed(dir: &Path, bytes: u64) -> anyhow::Result<DiskSpeed> {
         bytes,
         seconds,
         mb_per_s: mb_per_s(bytes, seconds),
+        runs_mb_per_s: Vec::new(),
     })
 }
 
@@ -443,6 +470,7 @@ struct UploadResult {
 struct Validation {
     seconds: f64,
     status: String,
+    status_details: Value,
     examples: Value,
     rss_peak_kib: u64,
     server_cpu_s: f64,
@@ -474,6 +502,7 @@ impl UploadResult {
             v["validation"] = json!({
                 "seconds_after_upload": round3(val.seconds),
                 "status": val.status,
+                "status_details": val.status_details,
                 "examples": val.examples,
                 "mb_per_s": round1(mb_per_s(self.bytes, val.seconds)),
                 "server_rss_peak_sampled_kib": val.rss_peak_kib,
@@ -485,20 +514,25 @@ impl UploadResult {
     }
 }
 
-/// A stream of `total` bytes in 1 MiB chunks that all share one buffer: the client never
-/// holds more than that buffer, whatever the size.
-fn body_stream(total: u64, payload: Payload) -> reqwest::Body {
+/// A stream of about `total` bytes in 1 MiB chunks that all share one buffer: the client
+/// never holds more than that buffer, whatever the size. JSONL is cut to whole blocks of
+/// whole lines (so slightly under `total`); returns the body and its exact length.
+fn body_stream(total: u64, payload: Payload) -> (reqwest::Body, u64) {
     let block = match payload {
         Payload::Binary => Bytes::from(pseudo_random(CHUNK, 0xfeed)),
         Payload::Jsonl => Bytes::from(jsonl_block(CHUNK)),
     };
     let full = block.len() as u64;
+    let total = match payload {
+        Payload::Binary => total,
+        Payload::Jsonl => (total / full).max(1) * full,
+    };
     let chunks = total.div_ceil(full);
     let stream = futures_util::stream::iter((0..chunks).map(move |i| {
         let n = (total - i * full).min(full) as usize;
         Ok::<Bytes, std::io::Error>(block.slice(..n))
     }));
-    reqwest::Body::wrap_stream(stream)
+    (reqwest::Body::wrap_stream(stream), total)
 }
 
 /// Whole lines of a valid 3-class text-classification dataset, at most `max` bytes.
@@ -548,7 +582,8 @@ async fn upload(
     let cpu_before = cpu_seconds(pid);
     let sampler = RssSampler::start(pid);
 
-    let part = Part::stream_with_length(body_stream(bytes, payload), bytes)
+    let (body, bytes) = body_stream(bytes, payload);
+    let part = Part::stream_with_length(body, bytes)
         .file_name(filename.to_owned())
         .mime_str("application/octet-stream")?;
     let form = Form::new().text("purpose", purpose).part("file", part);
@@ -592,6 +627,7 @@ async fn upload(
         validation = Some(Validation {
             seconds,
             status: file["status"].as_str().unwrap_or("?").to_owned(),
+            status_details: file["status_details"].clone(),
             examples: file["validation"]["examples"].clone(),
             rss_peak_kib: peak,
             server_cpu_s: cpu_seconds(pid) - cpu_start,
@@ -677,12 +713,18 @@ fn print_upload_table(disk: &DiskSpeed, results: &[&UploadResult]) {
         );
     }
     println!(
-        "{:<22} {:>9} {:>8.2} {:>8.1} {:>7.2}",
+        "{:<22} {:>9} {:>8.2} {:>8.1} {:>7.2}   (mean of runs at {})",
         "disk write + fsync",
         disk.bytes / MIB,
         disk.seconds,
         disk.mb_per_s,
-        1.0
+        1.0,
+        disk.runs_mb_per_s
+            .iter()
+            .map(|v| format!("{v:.0}"))
+            .collect::<Vec<_>>()
+            .join(" and ")
+            + " MB/s"
     );
     for r in results {
         if let Some(v) = &r.validation {
@@ -698,6 +740,9 @@ fn print_upload_table(disk: &DiskSpeed, results: &[&UploadResult]) {
                 fmt_mib_signed(v.rss_peak_kib as i64 - r.rss_before_kib as i64),
                 v.server_cpu_s,
             );
+            if v.status != "processed" {
+                println!("  status_details: {}", v.status_details);
+            }
         }
     }
     for r in results {
@@ -927,29 +972,29 @@ async fn run_wrk(url: &str, duration: Duration) -> Option<Value> {
 }
 
 /// Picks requests/s, p50, p99 and max latency out of `wrk --latency` output.
-fn parse_wrk(text: &str) -> Vec<(&'static str, f64)> {
-    let mut out = Vec::new();
+fn parse_wrk(text: &str) -> std::collections::BTreeMap<&'static str, f64> {
+    let mut out = std::collections::BTreeMap::new();
     for line in text.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["Requests/sec:", v, ..] => {
                 if let Ok(v) = v.parse() {
-                    out.push(("requests_per_s", v));
+                    out.insert("requests_per_s", v);
                 }
             }
             ["Latency", _avg, _stdev, max, ..] => {
                 if let Some(v) = wrk_ms(max) {
-                    out.push(("max_ms", v));
+                    out.insert("max_ms", v);
                 }
             }
             ["50%", v] => {
                 if let Some(v) = wrk_ms(v) {
-                    out.push(("p50_ms", v));
+                    out.insert("p50_ms", v);
                 }
             }
             ["99%", v] => {
                 if let Some(v) = wrk_ms(v) {
-                    out.push(("p99_ms", v));
+                    out.insert("p99_ms", v);
                 }
             }
             _ => {}
