@@ -20,14 +20,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use bytes::Bytes;
 use reqwest::multipart::{Form, Part};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 

@@ -12,8 +12,8 @@ use tokio::sync::Semaphore;
 
 use crate::artifacts::Artifacts;
 use crate::data;
-use crate::store::files::FileRow;
 use crate::store::Store;
+use crate::store::files::FileRow;
 
 /// Purposes whose uploads are parsed as training data.
 pub const VALIDATED_PURPOSE: &str = "fine-tune";

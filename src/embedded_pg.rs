@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use rand::distributions::{Alphanumeric, DistString};
+use rand::distr::{Alphanumeric, SampleString};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::process::Command;
@@ -82,28 +82,36 @@ or run `docker compose up` to start kiln together with PostgreSQL";
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedPgError {
     /// No directory holding `initdb`, `pg_ctl` and `postgres` was found.
-    #[error("PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found; searched {searched}. {HOW_TO_PROCEED}.")]
+    #[error(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found; searched {searched}. {HOW_TO_PROCEED}."
+    )]
     NotInstalled {
         /// Human-readable list of the places searched.
         searched: String,
     },
 
     /// kiln runs as root, and the unprivileged user to run PostgreSQL as does not exist.
-    #[error("kiln runs as root and PostgreSQL refuses to run as root, so the embedded server runs as the user `{user}`, but no such user exists. Create it (e.g. `useradd --system postgres`, or install the postgresql package which creates it), set KILN_PG_USER to another unprivileged user, or set DATABASE_URL to an existing PostgreSQL server.")]
+    #[error(
+        "kiln runs as root and PostgreSQL refuses to run as root, so the embedded server runs as the user `{user}`, but no such user exists. Create it (e.g. `useradd --system postgres`, or install the postgresql package which creates it), set KILN_PG_USER to another unprivileged user, or set DATABASE_URL to an existing PostgreSQL server."
+    )]
     NoServiceUser {
         /// The user name that was looked up.
         user: String,
     },
 
     /// kiln runs as root and `KILN_PG_USER` names a user with uid 0.
-    #[error("KILN_PG_USER names `{user}`, which has uid 0; PostgreSQL refuses to run as root. Name an unprivileged user instead.")]
+    #[error(
+        "KILN_PG_USER names `{user}`, which has uid 0; PostgreSQL refuses to run as root. Name an unprivileged user instead."
+    )]
     ServiceUserIsRoot {
         /// The user name configured.
         user: String,
     },
 
     /// The user the server runs as cannot reach the cluster directory.
-    #[error("the embedded PostgreSQL server runs as the user `{user}`, which cannot reach {path}{hint}. Point KILN_DATA_DIR at a directory that user can reach (e.g. under /var/lib), or set DATABASE_URL to an existing PostgreSQL server.")]
+    #[error(
+        "the embedded PostgreSQL server runs as the user `{user}`, which cannot reach {path}{hint}. Point KILN_DATA_DIR at a directory that user can reach (e.g. under /var/lib), or set DATABASE_URL to an existing PostgreSQL server."
+    )]
     DataDirUnreachable {
         /// The user the server runs as.
         user: String,
@@ -114,7 +122,9 @@ pub enum EmbeddedPgError {
     },
 
     /// The cluster was created by a different major version of PostgreSQL than the binaries found.
-    #[error("the PostgreSQL cluster in {data_dir} was created by PostgreSQL {cluster}, but the binaries in {bin_dir} are PostgreSQL {binaries}. Set KILN_PG_BIN to the bin directory of PostgreSQL {cluster} (e.g. /usr/lib/postgresql/{cluster}/bin), or upgrade the cluster with pg_upgrade.")]
+    #[error(
+        "the PostgreSQL cluster in {data_dir} was created by PostgreSQL {cluster}, but the binaries in {bin_dir} are PostgreSQL {binaries}. Set KILN_PG_BIN to the bin directory of PostgreSQL {cluster} (e.g. /usr/lib/postgresql/{cluster}/bin), or upgrade the cluster with pg_upgrade."
+    )]
     VersionMismatch {
         /// The cluster's data directory.
         data_dir: PathBuf,
@@ -634,7 +644,7 @@ impl Cluster {
             other => other,
         })?;
 
-        let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 32);
+        let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
         write_private_file(&self.password_file, &password)?;
 
         // initdb reads the password from a file the service user must be able to read.

@@ -9,5 +9,8 @@ pub mod cli;
 pub mod data;
 pub mod datasets;
 pub mod embedded_pg;
+pub mod models;
+pub mod nn;
 pub mod server;
 pub mod store;
+pub mod train;

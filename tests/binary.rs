@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{KilnProcess, TestDatabase, ADMIN_KEY};
+use common::{ADMIN_KEY, KilnProcess, TestDatabase};
 use serde_json::Value;
 
 fn kiln() -> tokio::process::Command {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kiln::embedded_pg::{
-    find_binaries, versioned_bin_dirs, BinarySearch, EmbeddedPgError, EmbeddedPostgres,
+    BinarySearch, EmbeddedPgError, EmbeddedPostgres, find_binaries, versioned_bin_dirs,
 };
 use sqlx::{Connection, PgConnection};
 
@@ -191,10 +191,12 @@ async fn a_second_process_attaches_without_owning_the_server() {
         other => panic!("expected AlreadyRunning, got {other:?}"),
     }
     owner.stop().await.unwrap();
-    assert!(EmbeddedPostgres::connect_existing(dir.path())
-        .await
-        .unwrap()
-        .is_none());
+    assert!(
+        EmbeddedPostgres::connect_existing(dir.path())
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]

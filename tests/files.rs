@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_error_shape, classification_jsonl, count_files, TestApp};
+use common::{TestApp, assert_error_shape, classification_jsonl, count_files};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

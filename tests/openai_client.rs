@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{KilnProcess, TestDatabase, ADMIN_KEY};
+use common::{ADMIN_KEY, KilnProcess, TestDatabase};
 
 async fn run_script(script: &str) {
     let db = TestDatabase::create().await;

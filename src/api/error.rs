@@ -1,6 +1,6 @@
 //! The one error type of the HTTP layer, rendered as OpenAI's error body.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 

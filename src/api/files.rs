@@ -1,19 +1,19 @@
 //! The Files API, as the official OpenAI client calls it.
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio_util::io::ReaderStream;
 
 use super::error::ApiError;
 use super::extract::ApiQuery;
-use super::pagination::{list_body, ListParams};
-use super::{unix, AppState, Caller};
+use super::pagination::{ListParams, list_body};
+use super::{AppState, Caller, unix};
 use crate::artifacts::PendingBlob;
 use crate::datasets::VALIDATED_PURPOSE;
 use crate::store::files::{FileRow, NewFile, Order};

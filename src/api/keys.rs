@@ -1,14 +1,14 @@
 //! API keys (kiln extension, admin only): make keys for projects, list and revoke them.
 
-use axum::extract::{Path, State};
 use axum::Json;
+use axum::extract::{Path, State};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::pagination::list_body;
-use super::{require_admin, unix, AppState, Caller};
+use super::{AppState, Caller, require_admin, unix};
 use crate::store::keys::ApiKeyRow;
 
 #[derive(Debug, Deserialize)]

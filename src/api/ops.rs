@@ -1,13 +1,13 @@
 //! Operations endpoints: liveness, readiness and Prometheus metrics (no auth).
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::Json;
 use serde_json::json;
 
-use super::error::ApiError;
 use super::AppState;
+use super::error::ApiError;
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))

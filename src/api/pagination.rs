@@ -1,7 +1,7 @@
 //! The one pagination helper: `after`/`limit`/`order` in, `{object: "list", ...}` out.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::error::ApiError;
 use crate::store::files::{Order, PageRequest};
@@ -30,7 +30,7 @@ impl ListParams {
                     return Err(ApiError::bad_request(
                         format!("limit must be an integer between 1 and {max_limit}, got '{raw}'"),
                         "limit",
-                    ))
+                    ));
                 }
             },
         };
@@ -42,7 +42,7 @@ impl ListParams {
                 return Err(ApiError::bad_request(
                     format!("order must be 'asc' or 'desc', got '{other}'"),
                     "order",
-                ))
+                ));
             }
         };
         let after = self.after.clone().filter(|a| !a.is_empty());

@@ -6,16 +6,16 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Seek};
 
-use ::zip::result::ZipError;
 use ::zip::ZipArchive;
+use ::zip::result::ZipError;
 
 use super::image::{
-    has_image_extension, has_parent_component, is_absolute, unsupported_extension_message,
-    ImageKind, SNIFF_LEN,
+    ImageKind, SNIFF_LEN, has_image_extension, has_parent_component, is_absolute,
+    unsupported_extension_message,
 };
 use super::{
-    finish, read_up_to, DatasetFormat, DatasetSource, Tally, ValidationReport, MAX_ZIP_ENTRIES,
-    MAX_ZIP_ENTRY_BYTES,
+    DatasetFormat, DatasetSource, MAX_ZIP_ENTRIES, MAX_ZIP_ENTRY_BYTES, Tally, ValidationReport,
+    finish, read_up_to,
 };
 
 /// Resource limits for zip validation; parameters so tests can use small ones.
@@ -59,7 +59,7 @@ pub(crate) fn validate_zip_limited<R: Read + Seek>(
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
             ) =>
         {
-            return Err(e)
+            return Err(e);
         }
         Err(e) => {
             t.problems.general(format!("not a valid zip archive: {e}"));
@@ -277,7 +277,7 @@ fn check_image_entry<R: Read + Seek>(
 pub(crate) mod tests {
     use super::*;
     use crate::data::image::tests::{JPEG, PNG, WEBP};
-    use crate::data::{Problem, MAX_REPORTED_PROBLEMS};
+    use crate::data::{MAX_REPORTED_PROBLEMS, Problem};
     use ::zip::write::SimpleFileOptions;
     use ::zip::{CompressionMethod, ZipWriter};
     use std::io::{Cursor, Write};
@@ -532,7 +532,10 @@ pub(crate) mod tests {
         assert_eq!(
             r.problems,
             vec![
-                file_problem("cat/0.png", "declared uncompressed size 4026531840 bytes exceeds the limit of 268435456 bytes"),
+                file_problem(
+                    "cat/0.png",
+                    "declared uncompressed size 4026531840 bytes exceeds the limit of 268435456 bytes"
+                ),
                 general("fewer than 10 examples (found 9)"),
             ]
         );

@@ -2,8 +2,8 @@
 
 use serde_json::{Map, Value};
 
-use super::image::{check_data_url, check_image_path};
 use super::DatasetFormat;
+use super::image::{check_data_url, check_image_path};
 
 type Object = Map<String, Value>;
 
@@ -570,9 +570,11 @@ mod tests {
         assert_eq!(detect_v(json!({"text": "a"})), Ok(DomainText));
         let err = detect_v(json!({"text": "a", "lable": "x"})).unwrap_err();
         assert!(err.starts_with("cannot tell the format: expected one of messages | prompt+completion | text+label | text+labels | input+preferred_output+non_preferred_output | image+label | text; found keys \"lable\", \"text\""), "{err}");
-        assert!(detect_v(json!({}))
-            .unwrap_err()
-            .ends_with("found an empty object"));
+        assert!(
+            detect_v(json!({}))
+                .unwrap_err()
+                .ends_with("found an empty object")
+        );
     }
 
     #[test]
@@ -621,8 +623,10 @@ mod tests {
         assert_eq!(problems(ok), Vec::<String>::new());
 
         let asst = json!({"role": "assistant", "content": "a"});
-        assert_problem(json!({"messages": [{"role": "bot", "content": "x"}, asst]}),
-            "messages[0]: unknown role \"bot\" (expected system, user, assistant, tool or developer)");
+        assert_problem(
+            json!({"messages": [{"role": "bot", "content": "x"}, asst]}),
+            "messages[0]: unknown role \"bot\" (expected system, user, assistant, tool or developer)",
+        );
         assert_problem(
             json!({"messages": [asst, {"content": "x"}]}),
             "messages[1]: missing key \"role\"",
@@ -852,7 +856,7 @@ mod tests {
 
     #[test]
     fn image_rules() {
-        use crate::data::image::tests::{data_url, JPEG, PNG};
+        use crate::data::image::tests::{JPEG, PNG, data_url};
         let (f, c) = run(json!({"image": data_url("image/png", PNG), "label": "cat"}));
         assert_eq!(
             (f, c.problems.len(), c.labels, c.image_path),

@@ -1,9 +1,9 @@
 //! Image checks shared by the JSONL `image` field and zip uploads: magic-byte
 //! sniffing, `data:` URL decoding and relative-path sanity.
 
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
-use base64::{alphabet, DecodeError, DecodeSliceError, Engine};
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::{DecodeError, DecodeSliceError, Engine, alphabet};
 
 /// Image encodings the trainer accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +97,9 @@ pub(crate) fn check_image_path(path: &str) -> Result<(), String> {
     }
     if path.contains("://") {
         // The server cannot fetch remote images; say so rather than "bad path".
-        return Err(format!("\"image\": remote URLs are not supported ({path:?}); use a data URL or a path inside the image zip"));
+        return Err(format!(
+            "\"image\": remote URLs are not supported ({path:?}); use a data URL or a path inside the image zip"
+        ));
     }
     if is_absolute(path) {
         return Err(format!(
@@ -174,7 +176,7 @@ fn decode_base64_head(payload: &[u8]) -> Result<Vec<u8>, String> {
                 DecodeSliceError::DecodeError(e) => e,
                 // Cannot happen: `out` fits a full chunk; report rather than panic.
                 DecodeSliceError::OutputSliceTooSmall => {
-                    return "\"image\": internal base64 buffer too small".to_string()
+                    return "\"image\": internal base64 buffer too small".to_string();
                 }
             };
             let e = match e {
@@ -275,26 +277,38 @@ pub(crate) mod tests {
     fn image_paths() {
         assert!(check_image_path("cats/1.png").is_ok());
         assert!(check_image_path("a.JPEG").is_ok());
-        assert!(check_image_path("/etc/passwd.png")
-            .unwrap_err()
-            .contains("absolute"));
-        assert!(check_image_path("C:\\x.png")
-            .unwrap_err()
-            .contains("absolute"));
-        assert!(check_image_path("\\\\server\\x.png")
-            .unwrap_err()
-            .contains("absolute"));
-        assert!(check_image_path("a/../../x.png")
-            .unwrap_err()
-            .contains(".."));
+        assert!(
+            check_image_path("/etc/passwd.png")
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            check_image_path("C:\\x.png")
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            check_image_path("\\\\server\\x.png")
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            check_image_path("a/../../x.png")
+                .unwrap_err()
+                .contains("..")
+        );
         assert!(check_image_path("a\\..\\x.png").unwrap_err().contains(".."));
-        assert!(check_image_path("https://x/y.png")
-            .unwrap_err()
-            .contains("remote"));
+        assert!(
+            check_image_path("https://x/y.png")
+                .unwrap_err()
+                .contains("remote")
+        );
         assert!(check_image_path("a.gif").unwrap_err().contains("\".gif\""));
-        assert!(check_image_path("noext")
-            .unwrap_err()
-            .contains("no extension"));
+        assert!(
+            check_image_path("noext")
+                .unwrap_err()
+                .contains("no extension")
+        );
         assert!(check_image_path(" ").unwrap_err().contains("empty"));
     }
 

@@ -5,7 +5,7 @@ use std::io::{self, BufRead};
 use serde_json::Value;
 
 use super::formats::{check, detect};
-use super::{finish, DatasetSource, Tally, ValidationReport, MAX_JSON_DEPTH, MAX_LINE_BYTES};
+use super::{DatasetSource, MAX_JSON_DEPTH, MAX_LINE_BYTES, Tally, ValidationReport, finish};
 
 /// Validates a JSONL dataset read from `reader`.
 ///
@@ -254,8 +254,8 @@ fn read_capped_line<R: BufRead>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::image::tests::{data_url, PNG};
-    use crate::data::{DatasetFormat, Problem, MAX_REPORTED_PROBLEMS, MIN_EXAMPLES};
+    use crate::data::image::tests::{PNG, data_url};
+    use crate::data::{DatasetFormat, MAX_REPORTED_PROBLEMS, MIN_EXAMPLES, Problem};
     use std::io::{BufReader, Cursor, Read};
 
     fn validate(s: &str) -> ValidationReport {
@@ -480,7 +480,13 @@ mod tests {
             "{}",
             m[6].1
         );
-        assert_eq!(m[7], (Some(18), "mixed formats: line 18 looks like prompt_completion but the file is text_classification"));
+        assert_eq!(
+            m[7],
+            (
+                Some(18),
+                "mixed formats: line 18 looks like prompt_completion but the file is text_classification"
+            )
+        );
         assert_eq!(r.total_problems, 8);
         assert!(!r.is_valid());
         assert!(
@@ -509,7 +515,10 @@ mod tests {
         assert_eq!(
             r.problems,
             vec![
-                at(11, "messages[1]: unknown role \"robot\" (expected system, user, assistant, tool or developer)"),
+                at(
+                    11,
+                    "messages[1]: unknown role \"robot\" (expected system, user, assistant, tool or developer)"
+                ),
                 at(12, "no assistant message"),
             ]
         );
@@ -638,7 +647,7 @@ mod tests {
         s += &format!("{{\"text\":\"{}\"}}\n", "y".repeat(cap - 11)); // line 7: exactly cap
         s += &lines(5, |i| format!(r#"{{"text":"u{i}"}}"#));
         s += &"z".repeat(3000); // line 13, no trailing newline
-                                // A tiny BufReader forces the line to arrive in many chunks.
+        // A tiny BufReader forces the line to arrive in many chunks.
         let r = validate_jsonl_capped(BufReader::with_capacity(64, Cursor::new(s)), cap).unwrap();
         assert_eq!(r.examples, 11);
         assert_eq!(

@@ -10,6 +10,7 @@ mod archive;
 mod formats;
 mod image;
 mod jsonl;
+pub mod text;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,7 +21,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use archive::validate_zip;
-pub use image::{ImageKind, IMAGE_EXTENSIONS};
+pub use image::{IMAGE_EXTENSIONS, ImageKind};
 pub use jsonl::validate_jsonl;
 
 /// A dataset needs at least this many valid examples.
@@ -525,9 +526,11 @@ mod tests {
         assert_eq!(labels.len(), MAX_DISTINCT_LABELS);
         assert_eq!(labels["0"], 2);
         assert_eq!(r.total_problems, 1);
-        assert!(r.problems[0]
-            .message
-            .starts_with("more than 10000 distinct labels"));
+        assert!(
+            r.problems[0]
+                .message
+                .starts_with("more than 10000 distinct labels")
+        );
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {

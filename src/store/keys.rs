@@ -1,12 +1,12 @@
 //! Projects and their API keys.
 
 use chrono::{DateTime, Utc};
-use rand::distributions::Alphanumeric;
 use rand::Rng;
+use rand::distr::Alphanumeric;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{new_id, Store, StoreResult};
+use super::{Store, StoreResult, new_id};
 
 /// Name of the project the bootstrap admin key belongs to.
 pub const DEFAULT_PROJECT: &str = "default";
@@ -43,7 +43,7 @@ const KEY_PREFIX: &str = "sk-kiln-";
 
 /// Keys look like `sk-kiln-<12 char public prefix>_<40 char secret>`.
 fn generate_key() -> (String, String) {
-    let mut rng = rand::thread_rng();
+    let mut rng = rand::rng();
     let prefix: String = (&mut rng)
         .sample_iter(&Alphanumeric)
         .take(12)

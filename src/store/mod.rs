@@ -6,8 +6,8 @@ pub mod keys;
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// A failed store call: either the database is away (callers answer 503 and retry later)
 /// or something else went wrong (a bug, a constraint we did not expect).

@@ -1,0 +1,270 @@
+//! Layers shared by kiln's architectures, and the weight source that turns checkpoint tensors
+//! into trainable `Var`s (registered in a `VarMap` under their Hugging Face names) or frozen
+//! plain tensors.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+
+use super::lora::LoraAdapter;
+use super::{NnError, Result, ops};
+
+/// Trainable variables with their checkpoint names.
+pub type NamedVars = Vec<(String, Var)>;
+
+/// Tensors of a checkpoint, by name, already on the target device in f32.
+pub type Checkpoint = HashMap<String, Tensor>;
+
+/// Reads a `.safetensors` file onto `device`, converting every floating tensor to f32.
+///
+/// Training runs in f32 (half-precision checkpoints are common on the hub); integer tensors,
+/// such as the `position_ids` buffer some exporters keep, are left as they are.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<Checkpoint> {
+    if !path.exists() {
+        return Err(NnError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let raw = candle_core::safetensors::load(path, device).map_err(|e| {
+        NnError::InvalidInput(format!("cannot read safetensors {}: {e}", path.display()))
+    })?;
+    raw.into_iter()
+        .map(|(name, t)| {
+            let t = if t.dtype().is_float() && t.dtype() != DType::F32 {
+                t.to_dtype(DType::F32)?
+            } else {
+                t
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Hands out the weights a model asks for, by full checkpoint name, as either trainable `Var`s
+/// (inserted into a `VarMap`, so an optimizer and `VarMap::save` see them by their HF names) or
+/// frozen plain tensors, which candle's autograd never tracks: nothing below a frozen layer
+/// costs backward time.
+pub struct WeightSource<'a> {
+    tensors: &'a Checkpoint,
+    varmap: &'a VarMap,
+    trainable: Vec<(String, Var)>,
+    frozen: Vec<(String, Tensor)>,
+}
+
+impl<'a> WeightSource<'a> {
+    /// A source reading from `tensors` and registering trainable weights in `varmap`.
+    pub fn new(tensors: &'a Checkpoint, varmap: &'a VarMap) -> Self {
+        Self {
+            tensors,
+            varmap,
+            trainable: Vec::new(),
+            frozen: Vec::new(),
+        }
+    }
+
+    /// Whether the checkpoint has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name`, checked against `shape`; a fresh `Var` when `trainable`.
+    pub fn get(&mut self, name: &str, shape: &[usize], trainable: bool) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| NnError::MissingTensor {
+                name: name.to_string(),
+            })?;
+        if t.dims() != shape {
+            return Err(NnError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: t.dims().to_vec(),
+            });
+        }
+        if !trainable {
+            self.frozen.push((name.to_string(), t.clone()));
+            return Ok(t.clone());
+        }
+        self.new_var(name, t)
+    }
+
+    /// Registers a copy of `init` as a new trainable `Var` called `name` (e.g. a LoRA matrix).
+    pub fn new_var(&mut self, name: &str, init: &Tensor) -> Result<Tensor> {
+        // Var::from_tensor copies, so the checkpoint map stays untouched by training.
+        let var = Var::from_tensor(init)?;
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| NnError::InvalidInput("VarMap mutex poisoned".into()))?;
+        if data.contains_key(name) {
+            return Err(NnError::InvalidInput(format!(
+                "`{name}` is already registered in this VarMap; load each model into its own"
+            )));
+        }
+        data.insert(name.to_string(), var.clone());
+        self.trainable.push((name.to_string(), var.clone()));
+        Ok(var.as_tensor().clone())
+    }
+
+    /// Trainable weights handed out so far, with their names, in load order.
+    pub fn into_parts(self) -> (NamedVars, Vec<(String, Tensor)>) {
+        (self.trainable, self.frozen)
+    }
+}
+
+/// A dense layer `y = x Wᵀ + b` with the PyTorch weight layout `[out, in]`, optionally with a
+/// LoRA adapter added to its output.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Checkpoint name prefix (`...attention.self.query`); weights are `{name}.weight`/`.bias`.
+    pub name: String,
+    /// Weight, `[out_features, in_features]`.
+    pub weight: Tensor,
+    /// Optional bias, `[out_features]`.
+    pub bias: Option<Tensor>,
+    /// Low-rank adapter, when this layer is a LoRA target.
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`.
+    pub fn load(
+        src: &mut WeightSource,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        trainable: bool,
+    ) -> Result<Self> {
+        let weight = src.get(&format!("{prefix}.weight"), &[out_dim, in_dim], trainable)?;
+        let bias = src.get(&format!("{prefix}.bias"), &[out_dim], trainable)?;
+        Ok(Self {
+            name: prefix.to_string(),
+            weight,
+            bias: Some(bias),
+            lora: None,
+        })
+    }
+
+    /// Applies the layer with its LoRA adapter (if any); `train` enables the adapter's dropout.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.forward(x)?;
+        match &self.lora {
+            Some(lora) => y + lora.delta(x, train)?,
+            None => Ok(y),
+        }
+    }
+
+    /// The weight with the LoRA update folded in (`W + scale·B·A`), or the weight itself.
+    pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.lora {
+            Some(lora) => lora.merge_into(&self.weight),
+            None => Ok(self.weight.clone()),
+        }
+    }
+
+    /// Applies the base layer only (no adapter) to `[.., in]`. Inputs of rank > 2 are flattened
+    /// to one 2-D matmul because candle's broadcast matmul is far slower, in backward especially.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims.last().copied().unwrap_or(1);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm over the last dimension with learned scale and shift.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    /// Checkpoint names of the scale and shift.
+    pub names: (String, String),
+    /// Scale (`gamma`), `[hidden]`.
+    pub weight: Tensor,
+    /// Shift (`beta`), `[hidden]`.
+    pub bias: Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+    /// Use kiln's fused kernel where it applies (CPU f32); primitive ops otherwise.
+    pub fused: bool,
+}
+
+impl LayerNorm {
+    /// Loads `{prefix}.weight`/`{prefix}.bias`, falling back to the TF-era names
+    /// `{prefix}.gamma`/`{prefix}.beta` that some old BERT checkpoints still use.
+    pub fn load(
+        src: &mut WeightSource,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+        fused: bool,
+        trainable: bool,
+    ) -> Result<Self> {
+        let (w, b) = if src.contains(&format!("{prefix}.gamma")) {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        let names = (format!("{prefix}.{w}"), format!("{prefix}.{b}"));
+        let weight = src.get(&names.0, &[dim], trainable)?;
+        let bias = src.get(&names.1, &[dim], trainable)?;
+        Ok(Self {
+            names,
+            weight,
+            bias,
+            eps,
+            fused,
+        })
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused {
+            ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        } else {
+            ops::layer_norm_primitive(x, &self.weight, &self.bias, self.eps)
+        }
+    }
+}
+
+/// A lookup table `[num, dim]` indexed by integer ids.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    /// Checkpoint name of the table.
+    pub name: String,
+    /// The table, `[num_embeddings, dim]`.
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    /// Looks up `ids` (any shape, integer dtype) and returns `[..ids.shape, dim]`.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.weight.dim(D::Minus1)?);
+        // index_select has a backward (index_add into the table); gather of rows is all we need.
+        self.weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(dims)
+    }
+}
+
+/// Applies dropout when `train` and `p > 0`; identity otherwise.
+pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
+    if train && p > 0.0 {
+        candle_nn::ops::dropout(x, p as f32)
+    } else {
+        Ok(x.clone())
+    }
+}

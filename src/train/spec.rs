@@ -1,0 +1,586 @@
+//! What a training run is asked to do: the task, the strategy and the hyperparameters.
+//!
+//! Jobs carry OpenAI's hyperparameters (`n_epochs`, `batch_size`,
+//! `learning_rate_multiplier`) plus kiln's knobs next to them (DESIGN.md, "The job spec").
+//! Each may be `"auto"`. [`HyperparameterRequest::check`] validates a request without any
+//! data (used when a job is created); [`HyperparameterRequest::resolve`] turns it into the
+//! concrete [`Hyperparameters`] a run uses once the data is known, and every value chosen
+//! automatically is echoed back.
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::LrScheduler;
+
+/// A value, or `"auto"` to let kiln choose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AutoOr<T> {
+    Auto(Auto),
+    Value(T),
+}
+
+/// The literal string `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auto {
+    Auto,
+}
+
+impl<T: Clone> AutoOr<T> {
+    fn value(&self) -> Option<T> {
+        match self {
+            AutoOr::Auto(_) => None,
+            AutoOr::Value(v) => Some(v.clone()),
+        }
+    }
+}
+
+/// Which weights train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Every weight trains.
+    Full,
+    /// Embeddings and the lowest `freeze_layers` layers stay fixed.
+    Freeze,
+    /// The backbone is a fixed feature extractor (features cached); only the head trains.
+    HeadOnly,
+    /// Low-rank adapters on chosen projections; the base stays fixed.
+    Lora,
+    /// Fresh random weights (vision; not for pretrained text encoders).
+    Scratch,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Full => "full",
+            Strategy::Freeze => "freeze",
+            Strategy::HeadOnly => "head_only",
+            Strategy::Lora => "lora",
+            Strategy::Scratch => "scratch",
+        }
+    }
+}
+
+/// Hyperparameters as a job states them; every field optional, most accept `"auto"`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HyperparameterRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_epochs: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate_multiplier: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<AutoOr<Strategy>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_layers: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_target_modules: Option<AutoOr<Vec<String>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_scheduler: Option<AutoOr<LrScheduler>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_accumulation_steps: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every_steps: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every_steps: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping_patience: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select_metric: Option<AutoOr<String>>,
+}
+
+/// A hyperparameter that is out of range, naming it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{param}: {message}")]
+pub struct HyperparameterError {
+    /// The key inside `hyperparameters`, e.g. `n_epochs`.
+    pub param: &'static str,
+    pub message: String,
+}
+
+fn bad(param: &'static str, message: impl Into<String>) -> HyperparameterError {
+    HyperparameterError {
+        param,
+        message: message.into(),
+    }
+}
+
+/// Metrics a run can select its best checkpoint by; `valid_loss` is minimised, the rest
+/// maximised.
+pub const SELECT_METRICS: &[&str] = &[
+    "valid_loss",
+    "valid_accuracy",
+    "valid_macro_f1",
+    "valid_roc_auc",
+    "valid_masked_token_accuracy",
+];
+
+/// The concrete settings of a run, every `"auto"` replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hyperparameters {
+    pub n_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate_multiplier: f64,
+    pub strategy: Strategy,
+    pub freeze_layers: u32,
+    pub lora_rank: u32,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_target_modules: Vec<String>,
+    /// Learning rate of the pretrained weights (or the adapters).
+    pub learning_rate: f64,
+    /// Learning rate of the freshly initialised head (higher: it starts from nothing).
+    pub head_learning_rate: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub lr_scheduler: LrScheduler,
+    /// 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub gradient_accumulation_steps: u32,
+    pub max_length: u32,
+    /// Evaluate every K optimizer steps as well as at each epoch end.
+    pub eval_every_steps: Option<u32>,
+    /// Checkpoint every K optimizer steps as well as at each epoch end.
+    pub checkpoint_every_steps: Option<u32>,
+    pub early_stopping_patience: Option<u32>,
+    pub select_metric: String,
+}
+
+/// What `resolve` needs to know about the run.
+#[derive(Debug, Clone)]
+pub struct ResolveContext {
+    pub train_examples: usize,
+    /// Transformer layers of the base model (bounds `freeze_layers`).
+    pub num_layers: usize,
+    /// Longest sequence the base model accepts.
+    pub max_positions: usize,
+    /// Token count under which this fraction of training examples falls (for `max_length: auto`).
+    pub p99_tokens: usize,
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    param: &'static str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<T, HyperparameterError> {
+    if v < lo || v > hi {
+        Err(bad(
+            param,
+            format!("must be between {lo} and {hi}, got {v}"),
+        ))
+    } else {
+        Ok(v)
+    }
+}
+
+fn positive(param: &'static str, v: f64, hi: f64) -> Result<f64, HyperparameterError> {
+    if !(v.is_finite() && v > 0.0 && v <= hi) {
+        Err(bad(
+            param,
+            format!("must be a number greater than 0 and at most {hi}, got {v}"),
+        ))
+    } else {
+        Ok(v)
+    }
+}
+
+fn fraction(param: &'static str, v: f64, hi: f64) -> Result<f64, HyperparameterError> {
+    if !(v.is_finite() && (0.0..=hi).contains(&v)) {
+        Err(bad(param, format!("must be between 0 and {hi}, got {v}")))
+    } else {
+        Ok(v)
+    }
+}
+
+/// The modules LoRA may adapt in an encoder layer.
+pub const LORA_MODULES: &[&str] = &[
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+impl HyperparameterRequest {
+    /// Checks every explicit value's range; needs no data. Errors name the key.
+    pub fn check(&self) -> Result<(), HyperparameterError> {
+        let v = |o: &Option<AutoOr<u32>>| o.as_ref().and_then(AutoOr::value);
+        let f = |o: &Option<AutoOr<f64>>| o.as_ref().and_then(AutoOr::value);
+        if let Some(n) = v(&self.n_epochs) {
+            in_range("n_epochs", n, 1, 100)?;
+        }
+        if let Some(n) = v(&self.batch_size) {
+            in_range("batch_size", n, 1, 4096)?;
+        }
+        if let Some(x) = f(&self.learning_rate_multiplier) {
+            positive("learning_rate_multiplier", x, 100.0)?;
+        }
+        if let Some(x) = f(&self.learning_rate) {
+            positive("learning_rate", x, 1.0)?;
+        }
+        if let Some(n) = v(&self.freeze_layers) {
+            in_range("freeze_layers", n, 0, 1000)?;
+        }
+        if let Some(n) = v(&self.lora_rank) {
+            in_range("lora_rank", n, 1, 1024)?;
+        }
+        if let Some(x) = f(&self.lora_alpha) {
+            positive("lora_alpha", x, 100_000.0)?;
+        }
+        if let Some(x) = f(&self.lora_dropout) {
+            if !(x.is_finite() && (0.0..1.0).contains(&x)) {
+                return Err(bad(
+                    "lora_dropout",
+                    format!("must be at least 0 and below 1, got {x}"),
+                ));
+            }
+        }
+        if let Some(AutoOr::Value(modules)) = &self.lora_target_modules {
+            if modules.is_empty() {
+                return Err(bad("lora_target_modules", "must name at least one module"));
+            }
+            if let Some(m) = modules.iter().find(|m| !LORA_MODULES.contains(&m.as_str())) {
+                return Err(bad(
+                    "lora_target_modules",
+                    format!(
+                        "unknown module '{m}'; expected some of {}",
+                        LORA_MODULES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(x) = f(&self.warmup_ratio) {
+            fraction("warmup_ratio", x, 0.9)?;
+        }
+        if let Some(x) = f(&self.weight_decay) {
+            fraction("weight_decay", x, 1.0)?;
+        }
+        if let Some(x) = f(&self.max_grad_norm) {
+            if !(x.is_finite() && x >= 0.0) {
+                return Err(bad(
+                    "max_grad_norm",
+                    format!("must be 0 (off) or positive, got {x}"),
+                ));
+            }
+        }
+        if let Some(n) = v(&self.gradient_accumulation_steps) {
+            in_range("gradient_accumulation_steps", n, 1, 1024)?;
+        }
+        if let Some(n) = v(&self.max_length) {
+            in_range("max_length", n, 4, 131_072)?;
+        }
+        if let Some(n) = v(&self.eval_every_steps) {
+            in_range("eval_every_steps", n, 1, u32::MAX)?;
+        }
+        if let Some(n) = v(&self.checkpoint_every_steps) {
+            in_range("checkpoint_every_steps", n, 1, u32::MAX)?;
+        }
+        if let Some(n) = v(&self.early_stopping_patience) {
+            in_range("early_stopping_patience", n, 1, 1000)?;
+        }
+        if let Some(AutoOr::Value(m)) = &self.select_metric {
+            if !SELECT_METRICS.contains(&m.as_str()) {
+                return Err(bad(
+                    "select_metric",
+                    format!(
+                        "unknown metric '{m}'; expected one of {}",
+                        SELECT_METRICS.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The concrete settings for this run, plus a note for each value kiln chose.
+    pub fn resolve(
+        &self,
+        ctx: &ResolveContext,
+    ) -> Result<(Hyperparameters, Vec<String>), HyperparameterError> {
+        self.check()?;
+        let mut notes = Vec::new();
+        let mut chose =
+            |name: &str, value: String, why: &str| notes.push(format!("{name} = {value} ({why})"));
+
+        let strategy = self
+            .strategy
+            .as_ref()
+            .and_then(AutoOr::value)
+            .unwrap_or(Strategy::Full);
+        if strategy == Strategy::Scratch {
+            return Err(bad(
+                "strategy",
+                "scratch training is for vision backbones; text encoders are fine-tuned from pretrained weights",
+            ));
+        }
+        let n = ctx.train_examples.max(1);
+
+        let n_epochs = match self.n_epochs.as_ref().and_then(AutoOr::value) {
+            Some(e) => e,
+            None => {
+                // Small sets need more passes; ~3 passes is plenty past a few thousand examples.
+                let e = (3000 / n).clamp(3, 10) as u32;
+                chose("n_epochs", e.to_string(), &format!("{n} training examples"));
+                e
+            }
+        };
+        let batch_size = match self.batch_size.as_ref().and_then(AutoOr::value) {
+            Some(b) => b,
+            None => {
+                let b: u32 = if strategy == Strategy::HeadOnly {
+                    64
+                } else {
+                    16
+                };
+                let b = b.min(n as u32).max(1);
+                chose(
+                    "batch_size",
+                    b.to_string(),
+                    "default for this strategy, at most the data size",
+                );
+                b
+            }
+        };
+        let multiplier = self
+            .learning_rate_multiplier
+            .as_ref()
+            .and_then(AutoOr::value)
+            .unwrap_or(1.0);
+        // Pretrained weights move slowly; a fresh head (or LoRA's fresh adapters) faster.
+        let (base_lr, head_lr) = match strategy {
+            Strategy::Full | Strategy::Freeze | Strategy::Scratch => (5e-5, 1e-3),
+            Strategy::Lora => (5e-4, 1e-3),
+            Strategy::HeadOnly => (0.0, 5e-3),
+        };
+        let (learning_rate, head_learning_rate) =
+            match self.learning_rate.as_ref().and_then(AutoOr::value) {
+                // An absolute rate overrides the multiplier; the head keeps its ratio to it.
+                Some(lr) if strategy == Strategy::HeadOnly => (0.0, lr),
+                Some(lr) => (lr, lr * head_lr / base_lr),
+                None => (base_lr * multiplier, head_lr * multiplier),
+            };
+        let freeze_layers = match strategy {
+            Strategy::Freeze => match self.freeze_layers.as_ref().and_then(AutoOr::value) {
+                Some(k) if k as usize > ctx.num_layers => {
+                    return Err(bad(
+                        "freeze_layers",
+                        format!("the model has {} layers, cannot freeze {k}", ctx.num_layers),
+                    ));
+                }
+                Some(k) => k,
+                None => {
+                    let k = (ctx.num_layers / 2) as u32;
+                    chose(
+                        "freeze_layers",
+                        k.to_string(),
+                        &format!("half of the model's {} layers", ctx.num_layers),
+                    );
+                    k
+                }
+            },
+            _ => 0,
+        };
+        let max_length = match self.max_length.as_ref().and_then(AutoOr::value) {
+            Some(m) if m as usize > ctx.max_positions => {
+                return Err(bad(
+                    "max_length",
+                    format!(
+                        "the model accepts at most {} tokens, got {m}",
+                        ctx.max_positions
+                    ),
+                ));
+            }
+            Some(m) => m,
+            None => {
+                let m = ctx.p99_tokens.div_ceil(8).max(1) * 8;
+                let m = m.clamp(8, ctx.max_positions.min(512)) as u32;
+                chose(
+                    "max_length",
+                    m.to_string(),
+                    "covers 99% of the training examples",
+                );
+                m
+            }
+        };
+        let lora_target_modules = self
+            .lora_target_modules
+            .as_ref()
+            .and_then(AutoOr::value)
+            .unwrap_or_else(|| vec!["query".to_owned(), "value".to_owned()]);
+        let hp = Hyperparameters {
+            n_epochs,
+            batch_size,
+            learning_rate_multiplier: multiplier,
+            strategy,
+            freeze_layers,
+            lora_rank: self.lora_rank.as_ref().and_then(AutoOr::value).unwrap_or(8),
+            lora_alpha: self
+                .lora_alpha
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or(16.0),
+            lora_dropout: self
+                .lora_dropout
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or(0.1),
+            lora_target_modules,
+            learning_rate,
+            head_learning_rate,
+            warmup_ratio: self
+                .warmup_ratio
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or(0.1),
+            weight_decay: self
+                .weight_decay
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or(0.01),
+            lr_scheduler: self
+                .lr_scheduler
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or(LrScheduler::Linear),
+            max_grad_norm: self
+                .max_grad_norm
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or(1.0),
+            gradient_accumulation_steps: self
+                .gradient_accumulation_steps
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or(1),
+            max_length,
+            eval_every_steps: self.eval_every_steps.as_ref().and_then(AutoOr::value),
+            checkpoint_every_steps: self.checkpoint_every_steps.as_ref().and_then(AutoOr::value),
+            early_stopping_patience: self
+                .early_stopping_patience
+                .as_ref()
+                .and_then(AutoOr::value),
+            select_metric: self
+                .select_metric
+                .as_ref()
+                .and_then(AutoOr::value)
+                .unwrap_or_else(|| "valid_loss".to_owned()),
+        };
+        Ok((hp, notes))
+    }
+}
+
+/// Whether a larger value of `metric` is better.
+pub fn higher_is_better(metric: &str) -> bool {
+    !metric.ends_with("loss")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> ResolveContext {
+        ResolveContext {
+            train_examples: 200,
+            num_layers: 6,
+            max_positions: 512,
+            p99_tokens: 37,
+        }
+    }
+
+    #[test]
+    fn auto_and_missing_values_are_chosen_and_explained() {
+        let req: HyperparameterRequest =
+            serde_json::from_value(json!({"n_epochs": "auto", "batch_size": 8})).unwrap();
+        let (hp, notes) = req.resolve(&ctx()).unwrap();
+        assert_eq!(hp.n_epochs, 10);
+        assert_eq!(hp.batch_size, 8);
+        assert_eq!(hp.max_length, 40);
+        assert_eq!(hp.strategy, Strategy::Full);
+        assert!(
+            notes.iter().any(|n| n.starts_with("n_epochs = 10")),
+            "{notes:?}"
+        );
+        assert!(
+            !notes.iter().any(|n| n.starts_with("batch_size")),
+            "explicit values are not notes"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_key() {
+        for (body, param) in [
+            (json!({"n_epochs": 0}), "n_epochs"),
+            (json!({"batch_size": 100000}), "batch_size"),
+            (
+                json!({"learning_rate_multiplier": -1.0}),
+                "learning_rate_multiplier",
+            ),
+            (json!({"lora_dropout": 1.0}), "lora_dropout"),
+            (
+                json!({"lora_target_modules": ["nope"]}),
+                "lora_target_modules",
+            ),
+            (json!({"select_metric": "vibes"}), "select_metric"),
+            (json!({"warmup_ratio": 2.0}), "warmup_ratio"),
+        ] {
+            let req: HyperparameterRequest = serde_json::from_value(body.clone()).unwrap();
+            assert_eq!(req.check().unwrap_err().param, param, "{body}");
+        }
+        let req: HyperparameterRequest =
+            serde_json::from_value(json!({"strategy": "freeze", "freeze_layers": 7})).unwrap();
+        assert_eq!(req.resolve(&ctx()).unwrap_err().param, "freeze_layers");
+        let req: HyperparameterRequest =
+            serde_json::from_value(json!({"max_length": 1024})).unwrap();
+        assert_eq!(req.resolve(&ctx()).unwrap_err().param, "max_length");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_rejected_by_serde() {
+        assert!(serde_json::from_value::<HyperparameterRequest>(json!({"epochs": 3})).is_err());
+        assert!(
+            serde_json::from_value::<HyperparameterRequest>(json!({"n_epochs": "many"})).is_err()
+        );
+        assert!(
+            serde_json::from_value::<HyperparameterRequest>(json!({"strategy": "partial"}))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn absolute_learning_rate_overrides_the_multiplier() {
+        let req: HyperparameterRequest = serde_json::from_value(
+            json!({"learning_rate": 1e-4, "learning_rate_multiplier": 10.0}),
+        )
+        .unwrap();
+        let (hp, _) = req.resolve(&ctx()).unwrap();
+        assert_eq!(hp.learning_rate, 1e-4);
+        assert!((hp.head_learning_rate - 2e-3).abs() < 1e-12);
+        let req: HyperparameterRequest =
+            serde_json::from_value(json!({"learning_rate_multiplier": 2.0})).unwrap();
+        let (hp, _) = req.resolve(&ctx()).unwrap();
+        assert!((hp.learning_rate - 1e-4).abs() < 1e-12);
+    }
+}

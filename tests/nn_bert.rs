@@ -1,0 +1,471 @@
+//! Specifications of the trainable BERT encoder: every trainable weight learns, frozen weights
+//! do not, and outputs match candle-transformers' (inference-only) BERT on the same weights.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use kiln::nn::NnError;
+use kiln::nn::bert::{BertConfig, BertEncoder, LoadOptions, cls_pool, mean_pool};
+use kiln::nn::tiny::{TinyLayout, tiny_bert_config, write_tiny_bert, write_tiny_bert_with};
+
+/// A batch of 3 sequences of length 7 with padding in rows 1 and 2, and both token types.
+fn batch(dev: &Device) -> (Tensor, Tensor, Tensor) {
+    let ids: [[u32; 7]; 3] = [
+        [2, 15, 27, 33, 41, 8, 3],
+        [2, 90, 11, 3, 0, 0, 0],
+        [2, 5, 3, 0, 0, 0, 0],
+    ];
+    let types: [[u32; 7]; 3] = [
+        [0, 0, 0, 0, 1, 1, 1],
+        [0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0],
+    ];
+    let mask: [[u32; 7]; 3] = [
+        [1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+    ];
+    (
+        Tensor::new(&ids, dev).unwrap(),
+        Tensor::new(&types, dev).unwrap(),
+        Tensor::new(&mask, dev).unwrap(),
+    )
+}
+
+fn tiny_dir(config: &BertConfig, layout: TinyLayout) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert_with(dir.path(), config, 7, layout).unwrap();
+    dir
+}
+
+/// Classification-style loss: mean-pooled states -> linear head -> cross-entropy.
+/// The head is created through a VarBuilder on the same VarMap, as kiln's heads will be.
+fn classification_loss(
+    enc: &BertEncoder,
+    varmap: &VarMap,
+    dev: &Device,
+    train: bool,
+) -> (Tensor, Vec<(String, Var)>) {
+    let (ids, types, mask) = batch(dev);
+    let hidden = enc.forward(&ids, Some(&types), &mask, train).unwrap();
+    let pooled = mean_pool(&hidden, &mask).unwrap();
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, dev);
+    let head = candle_nn::linear(enc.config().hidden_size, 3, vb.pp("classifier")).unwrap();
+    let logits = candle_nn::Module::forward(&head, &pooled).unwrap();
+    let labels = Tensor::new(&[0u32, 2, 1], dev).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+    let head_vars = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| n.starts_with("classifier"))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    (loss, head_vars)
+}
+
+/// Names of variables whose gradient is absent or has zero norm.
+fn without_gradient(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[(String, Var)],
+) -> Vec<String> {
+    vars.iter()
+        .filter(|(_, v)| match grads.get(v.as_tensor()) {
+            None => true,
+            Some(g) => {
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            }
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+fn both_fused_settings() -> [LoadOptions; 2] {
+    [
+        LoadOptions::default(),
+        LoadOptions {
+            fused_ops: false,
+            ..LoadOptions::default()
+        },
+    ]
+}
+
+#[test]
+fn every_trainable_variable_receives_a_nonzero_gradient() {
+    let dev = Device::Cpu;
+    let mut cfg = tiny_bert_config();
+    // Dropout on, to check the training path end to end.
+    cfg.hidden_dropout_prob = 0.1;
+    cfg.attention_probs_dropout_prob = 0.1;
+    let dir = tiny_dir(&cfg, TinyLayout::Prefixed);
+    for opts in both_fused_settings() {
+        let varmap = VarMap::new();
+        let enc = BertEncoder::load_dir(dir.path(), &varmap, &dev, &opts).unwrap();
+        // 5 embedding tensors + 16 per layer.
+        assert_eq!(
+            enc.named_trainable_vars().len(),
+            5 + 16 * cfg.num_hidden_layers
+        );
+        let (loss, head) = classification_loss(&enc, &varmap, &dev, true);
+        let grads = loss.backward().unwrap();
+        let mut all = enc.named_trainable_vars().to_vec();
+        all.extend(head);
+        let missing = without_gradient(&grads, &all);
+        assert!(
+            missing.is_empty(),
+            "fused={}: no gradient for {missing:?}",
+            opts.fused_ops
+        );
+    }
+}
+
+#[test]
+fn pooler_and_mlm_head_receive_gradients_and_decoder_is_tied() {
+    let dev = Device::Cpu;
+    let cfg = tiny_bert_config();
+    let dir = tiny_dir(&cfg, TinyLayout::Prefixed);
+    let varmap = VarMap::new();
+    let opts = LoadOptions {
+        with_pooler: true,
+        with_mlm_head: true,
+        ..LoadOptions::default()
+    };
+    let enc = BertEncoder::load_dir(dir.path(), &varmap, &dev, &opts).unwrap();
+    assert!(enc.has_pooler() && enc.has_mlm_head());
+    let (ids, types, mask) = batch(&dev);
+    let hidden = enc.forward(&ids, Some(&types), &mask, false).unwrap();
+    let logits = enc.mlm_logits(&hidden).unwrap();
+    assert_eq!(logits.dims(), &[3, 7, cfg.vocab_size]);
+    let mlm_loss =
+        candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &ids.flatten_all().unwrap())
+            .unwrap();
+    let pooled = enc.pooled_output(&hidden).unwrap();
+    let loss = (mlm_loss + pooled.sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let names: Vec<&str> = enc
+        .named_trainable_vars()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    for expected in [
+        "bert.pooler.dense.weight",
+        "cls.predictions.transform.dense.weight",
+        "cls.predictions.transform.LayerNorm.weight",
+        "cls.predictions.bias",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} not loaded: {names:?}"
+        );
+    }
+    let missing = without_gradient(&grads, enc.named_trainable_vars());
+    assert!(missing.is_empty(), "no gradient for {missing:?}");
+}
+
+#[test]
+fn frozen_embeddings_and_layers_get_no_gradient_and_the_rest_do() {
+    let dev = Device::Cpu;
+    let mut cfg = tiny_bert_config();
+    cfg.num_hidden_layers = 3;
+    let dir = tiny_dir(&cfg, TinyLayout::Prefixed);
+    for freeze_layers in [0, 1, 2, 3] {
+        let varmap = VarMap::new();
+        let opts = LoadOptions {
+            freeze_embeddings: true,
+            freeze_layers,
+            ..LoadOptions::default()
+        };
+        let enc = BertEncoder::load_dir(dir.path(), &varmap, &dev, &opts).unwrap();
+        let trainable: Vec<&String> = enc.named_trainable_vars().iter().map(|(n, _)| n).collect();
+        let frozen: Vec<&String> = enc.named_frozen_tensors().iter().map(|(n, _)| n).collect();
+        assert_eq!(trainable.len(), 16 * (3 - freeze_layers));
+        assert_eq!(frozen.len(), 5 + 16 * freeze_layers);
+        assert!(frozen.iter().all(|n| n.contains("embeddings")
+            || (0..freeze_layers).any(|l| n.contains(&format!("layer.{l}.")))));
+        // Frozen weights are plain tensors: not in the VarMap, so no optimizer can see them.
+        let in_varmap = varmap.data().lock().unwrap().len();
+        assert_eq!(in_varmap, trainable.len());
+
+        let (loss, head) = classification_loss(&enc, &varmap, &dev, false);
+        let grads = loss.backward().unwrap();
+        for (name, t) in enc.named_frozen_tensors() {
+            assert!(grads.get(t).is_none(), "frozen {name} got a gradient");
+        }
+        let mut all = enc.named_trainable_vars().to_vec();
+        all.extend(head);
+        let missing = without_gradient(&grads, &all);
+        assert!(
+            missing.is_empty(),
+            "freeze {freeze_layers}: no gradient for {missing:?}"
+        );
+    }
+}
+
+/// Max |a - b| over all elements.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Runs candle-transformers' BertModel (the reference) on the model in `dir`.
+fn reference_hidden(dir: &Path, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Tensor {
+    use candle_transformers::models::bert::{BertModel, Config};
+    let dev = Device::Cpu;
+    let cfg: Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)
+            .unwrap()
+    };
+    let model = BertModel::load(vb, &cfg).unwrap();
+    // The reference takes the [batch, seq] 0/1 mask and builds (1 - mask) * f32::MIN itself,
+    // exactly what kiln's encoder does, so both see the same additive bias.
+    model.forward(ids, types, Some(mask)).unwrap()
+}
+
+fn assert_parity(dir: &Path, ids: &Tensor, types: &Tensor, mask: &Tensor, tol: f32) {
+    let dev = Device::Cpu;
+    let expected = reference_hidden(dir, ids, types, mask);
+    for opts in both_fused_settings() {
+        let varmap = VarMap::new();
+        let enc = BertEncoder::load_dir(dir, &varmap, &dev, &opts).unwrap();
+        let got = enc.forward(ids, Some(types), mask, false).unwrap();
+        assert_eq!(got.dims(), expected.dims());
+        let diff = max_abs_diff(&got, &expected);
+        println!("fused={} max abs diff {diff:e}", opts.fused_ops);
+        assert!(diff < tol, "fused={}: max abs diff {diff}", opts.fused_ops);
+    }
+}
+
+#[test]
+fn matches_candle_transformers_bert_on_tiny_model_with_padding_and_token_types() {
+    let mut cfg = tiny_bert_config();
+    // Dropout in the config must not matter when train = false.
+    cfg.hidden_dropout_prob = 0.1;
+    let dev = Device::Cpu;
+    let (ids, types, mask) = batch(&dev);
+    for layout in [TinyLayout::Prefixed, TinyLayout::Unprefixed] {
+        let dir = tiny_dir(&cfg, layout);
+        assert_parity(dir.path(), &ids, &types, &mask, 1e-4);
+    }
+}
+
+#[test]
+fn eval_mode_is_deterministic_and_train_mode_applies_dropout() {
+    let mut cfg = tiny_bert_config();
+    cfg.hidden_dropout_prob = 0.2;
+    let dir = tiny_dir(&cfg, TinyLayout::Prefixed);
+    let dev = Device::Cpu;
+    let enc =
+        BertEncoder::load_dir(dir.path(), &VarMap::new(), &dev, &LoadOptions::default()).unwrap();
+    let (ids, types, mask) = batch(&dev);
+    let a = enc.forward(&ids, Some(&types), &mask, false).unwrap();
+    let b = enc.forward(&ids, Some(&types), &mask, false).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let c = enc.forward(&ids, Some(&types), &mask, true).unwrap();
+    assert!(max_abs_diff(&a, &c) > 1e-3);
+}
+
+#[test]
+fn pooling_helpers() {
+    let dev = Device::Cpu;
+    // hidden [2, 3, 2]; second row has one pad.
+    let hidden = Tensor::new(
+        &[
+            [[1f32, 2.], [3., 4.], [5., 6.]],
+            [[1., 1.], [3., 3.], [100., 100.]],
+        ],
+        &dev,
+    )
+    .unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1], [1, 1, 0]], &dev).unwrap();
+    let mean = mean_pool(&hidden, &mask).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(mean, vec![vec![3., 4.], vec![2., 2.]]);
+    let cls = cls_pool(&hidden).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(cls, vec![vec![1., 2.], vec![1., 1.]]);
+}
+
+#[test]
+fn roberta_positions_start_after_padding_idx() {
+    // RoBERTa: pad id 1, positions of real tokens are 2, 3, ..., pads get 1. We check this
+    // against a BERT-typed copy of the same weights whose input is shifted by hand: the
+    // embedding of position p in RoBERTa equals BERT's position p when positions are given
+    // explicitly, so we compare against BERT run on a checkpoint whose position table is
+    // rolled by padding_idx + 1.
+    let dev = Device::Cpu;
+    let mut cfg = tiny_bert_config();
+    cfg.model_type = "roberta".into();
+    cfg.pad_token_id = 1;
+    let dir = tiny_dir(&cfg, TinyLayout::Prefixed);
+    let rob =
+        BertEncoder::load_dir(dir.path(), &VarMap::new(), &dev, &LoadOptions::default()).unwrap();
+    assert_eq!(rob.prefix(), "roberta.");
+
+    // Same weights, BERT semantics, position table shifted so that row i = roberta row i + 2.
+    let mut ckpt =
+        kiln::nn::layers::load_safetensors(&dir.path().join("model.safetensors"), &dev).unwrap();
+    let key = "roberta.embeddings.position_embeddings.weight";
+    let table = ckpt[key].clone();
+    let n = table.dim(0).unwrap();
+    let shifted = Tensor::cat(
+        &[
+            table.narrow(0, 2, n - 2).unwrap(),
+            table.narrow(0, 0, 2).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    ckpt.insert(key.to_string(), shifted);
+    let mut bert_cfg = cfg.clone();
+    bert_cfg.model_type = "bert".into();
+    let bert = BertEncoder::from_checkpoint(
+        &bert_cfg,
+        &ckpt,
+        &VarMap::new(),
+        &dev,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+
+    // No padding inside the real tokens, pads (id 1) at the end: real tokens then sit at the
+    // same positions in both schemes; pad rows differ but are masked out and not compared.
+    let ids = Tensor::new(&[[0u32, 15, 27, 2, 1, 1]], &dev).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0, 0]], &dev).unwrap();
+    let a = rob
+        .forward(&ids, None, &mask, false)
+        .unwrap()
+        .narrow(1, 0, 4)
+        .unwrap();
+    let b = bert
+        .forward(&ids, None, &mask, false)
+        .unwrap()
+        .narrow(1, 0, 4)
+        .unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named_in_the_error() {
+    let dev = Device::Cpu;
+    let cfg = tiny_bert_config();
+    let dir = tiny_dir(&cfg, TinyLayout::Prefixed);
+    let path = dir.path().join("model.safetensors");
+    let full = kiln::nn::layers::load_safetensors(&path, &dev).unwrap();
+
+    let mut ckpt = full.clone();
+    ckpt.remove("bert.encoder.layer.1.attention.self.key.bias");
+    let err =
+        BertEncoder::from_checkpoint(&cfg, &ckpt, &VarMap::new(), &dev, &LoadOptions::default())
+            .err()
+            .unwrap();
+    assert!(
+        matches!(&err, NnError::MissingTensor { name } if name == "bert.encoder.layer.1.attention.self.key.bias"),
+        "{err}"
+    );
+
+    let mut bigger = cfg.clone();
+    bigger.intermediate_size = 65;
+    let err = BertEncoder::from_checkpoint(
+        &bigger,
+        &full,
+        &VarMap::new(),
+        &dev,
+        &LoadOptions::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string()
+            .contains("bert.encoder.layer.0.intermediate.dense.weight"),
+        "{err}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = BertEncoder::load_dir(empty.path(), &VarMap::new(), &dev, &LoadOptions::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+/// all-MiniLM-L6-v2 directory from `KILN_TEST_MINILM` (see scripts/fetch-minilm.sh).
+fn minilm_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("KILN_TEST_MINILM")?);
+    if dir.join("model.safetensors").exists() {
+        Some(dir)
+    } else {
+        None
+    }
+}
+
+#[test]
+fn matches_candle_transformers_bert_on_real_minilm() {
+    let Some(dir) = minilm_dir() else {
+        println!(
+            "SKIPPED: set KILN_TEST_MINILM to an all-MiniLM-L6-v2 directory \
+             (scripts/fetch-minilm.sh) to run the MiniLM parity test"
+        );
+        return;
+    };
+    let dev = Device::Cpu;
+    // Real token ids from its tokenizer for "the cat sat on the mat" / "hello world" + padding.
+    let ids = Tensor::new(
+        &[
+            [101u32, 1996, 4937, 2938, 2006, 1996, 13523, 102],
+            [101, 7592, 2088, 102, 0, 0, 0, 0],
+        ],
+        &dev,
+    )
+    .unwrap();
+    let types = Tensor::new(&[[0u32, 0, 0, 0, 0, 1, 1, 1], [0; 8]], &dev).unwrap();
+    let mask = Tensor::new(&[[1u32; 8], [1, 1, 1, 1, 0, 0, 0, 0]], &dev).unwrap();
+    let cfg = BertConfig::from_file(&dir.join("config.json")).unwrap();
+    assert_eq!(cfg.hidden_size, 384);
+    assert_parity(&dir, &ids, &types, &mask, 1e-4);
+
+    // And every variable learns on the real model too.
+    let varmap = VarMap::new();
+    let enc = BertEncoder::load_dir(&dir, &varmap, &dev, &LoadOptions::default()).unwrap();
+    assert_eq!(enc.prefix(), "");
+    let hidden = enc.forward(&ids, Some(&types), &mask, true).unwrap();
+    let loss = mean_pool(&hidden, &mask)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let missing = without_gradient(&grads, enc.named_trainable_vars());
+    assert!(missing.is_empty(), "no gradient for {missing:?}");
+}
+
+#[test]
+fn write_tiny_bert_default_layout_is_loadable() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path(), &tiny_bert_config(), 1).unwrap();
+    let cfg = BertConfig::from_file(&dir.path().join("config.json")).unwrap();
+    assert_eq!(cfg, tiny_bert_config());
+    let enc = BertEncoder::load_dir(
+        dir.path(),
+        &VarMap::new(),
+        &Device::Cpu,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(enc.prefix(), "bert.");
+}
