@@ -193,10 +193,10 @@ async fn measure(config: &Config, server: &Server, data_dir: &Path) -> anyhow::R
             "server_rss_before_kib": rss_before,
             "server_rss_after_kib": rss_after,
         });
-        if config.use_wrk {
-            if let Some(wrk) = run_wrk(&url, config.get_duration).await {
-                get["wrk"] = wrk;
-            }
+        if config.use_wrk
+            && let Some(wrk) = run_wrk(&url, config.get_duration).await
+        {
+            get["wrk"] = wrk;
         }
         report["get_file"] = get;
     }

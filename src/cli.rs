@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod train;
+
 use crate::embedded_pg::EmbeddedPostgres;
 use crate::server::{self, Settings};
 use crate::store::Store;
+use crate::worker::WorkerSettings;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +28,15 @@ pub struct Cli {
 enum Command {
     /// Run the API server (with an embedded PostgreSQL unless DATABASE_URL is set).
     Serve(ServeArgs),
+    /// Run training slots only (no API), for extra machines sharing the database.
+    Worker(WorkerArgs),
+    /// Fine-tune a model locally, without a server.
+    Train(train::TrainArgs),
+    /// Base models under the models directory.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
     /// Apply database migrations and exit.
     Migrate(DbArgs),
     /// Manage API keys.
@@ -61,6 +73,42 @@ pub struct ServeArgs {
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "KILN_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
+    /// Training slots (jobs this process trains at once); 0 serves the API only.
+    #[arg(long, env = "KILN_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Directory of base models in Hugging Face layout [default: $KILN_DATA_DIR/models].
+    #[arg(long, env = "KILN_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Training slots (jobs this process trains at once).
+    #[arg(long, env = "KILN_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// List base models with their architecture, size and what they can be fine-tuned for.
+    List {
+        #[arg(long, env = "KILN_MODELS_DIR")]
+        models_dir: Option<PathBuf>,
+        #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download ORG/NAME from the Hugging Face hub into the models directory.
+    Pull {
+        id: String,
+        #[arg(long, env = "KILN_MODELS_DIR")]
+        models_dir: Option<PathBuf>,
+        #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +213,7 @@ pub fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Worker(args) => worker(args).await,
         Command::Migrate(db) => {
             let database = Database::open(&db).await?;
             let store = Store::connect(&database.url).await?;
@@ -174,6 +223,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             database.close().await
         }
         Command::Keys { command } => keys(command).await,
+        Command::Train(args) => tokio::task::spawn_blocking(move || train::run(args)).await?,
+        Command::Models { command } => tokio::task::spawn_blocking(move || models(command)).await?,
     }
 }
 
@@ -197,6 +248,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir,
         admin_key: args.admin_key.clone(),
         max_upload_bytes: args.max_upload_bytes,
+        jobs: WorkerSettings {
+            slots: args.workers,
+            ..WorkerSettings::default()
+        },
     };
     let running = match server::start(settings).await {
         Ok(running) => running,
@@ -216,6 +271,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let result = running.shutdown().await;
     database.close().await?;
     result
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let data_dir = absolute(&args.db.data_dir)?;
+    tokio::fs::create_dir_all(&data_dir)
+        .await
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    // Another machine's worker names DATABASE_URL; on the server's machine it attaches to
+    // the embedded cluster `kiln serve` runs.
+    let database = Database::open(&DbArgs {
+        data_dir: data_dir.clone(),
+        ..args.db.clone()
+    })
+    .await?;
+    let models_dir = args
+        .models_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("models"));
+    let jobs = WorkerSettings {
+        slots: args.workers.max(1),
+        ..WorkerSettings::default()
+    };
+    let running = match server::start_workers(&database.url, &data_dir, models_dir, jobs).await {
+        Ok(running) => running,
+        Err(e) => {
+            let _ = database.close().await;
+            return Err(e);
+        }
+    };
+    println!(
+        "kiln worker {} running {} slot(s)",
+        running.worker_id(),
+        args.workers.max(1)
+    );
+    server::shutdown_signal().await;
+    tracing::info!("shutting down: checkpointing and requeueing running jobs");
+    running.shutdown().await;
+    database.close().await
 }
 
 async fn keys(command: KeysCommand) -> anyhow::Result<()> {
@@ -282,4 +375,42 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     } else {
         std::env::current_dir()?.join(path)
     })
+}
+
+fn models(command: ModelsCommand) -> anyhow::Result<()> {
+    match command {
+        ModelsCommand::List {
+            models_dir,
+            data_dir,
+            json,
+        } => {
+            let dir = models_dir.unwrap_or_else(|| data_dir.join("models"));
+            let found = crate::models::scan(&dir);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else if found.is_empty() {
+                eprintln!("no base models under {}", dir.display());
+            } else {
+                for m in found {
+                    println!(
+                        "{}\t{}\t{:.1}M parameters\t{}",
+                        m.id,
+                        m.architecture,
+                        m.parameters as f64 / 1e6,
+                        m.capabilities.join(",")
+                    );
+                }
+            }
+        }
+        ModelsCommand::Pull {
+            id,
+            models_dir,
+            data_dir,
+        } => {
+            let dir = models_dir.unwrap_or_else(|| data_dir.join("models"));
+            let path = crate::models::pull(&dir, &id)?;
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
 }

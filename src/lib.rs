@@ -11,6 +11,8 @@ pub mod datasets;
 pub mod embedded_pg;
 pub mod models;
 pub mod nn;
+pub mod queue;
 pub mod server;
 pub mod store;
 pub mod train;
+pub mod worker;

@@ -14,8 +14,10 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AdminKey, AppState, FileValidator, Limits};
 use crate::artifacts::Artifacts;
-use crate::store::keys::{sha256, DEFAULT_PROJECT};
+use crate::queue::Queue;
 use crate::store::Store;
+use crate::store::keys::{DEFAULT_PROJECT, sha256};
+use crate::worker::{WorkerPool, WorkerSettings};
 
 /// Everything `kiln serve` needs, already resolved (the database URL is known by now).
 #[derive(Debug, Clone)]
@@ -26,6 +28,8 @@ pub struct Settings {
     pub models_dir: PathBuf,
     pub admin_key: Option<String>,
     pub max_upload_bytes: u64,
+    /// Training slots, engine and queue policy (`KILN_WORKERS`).
+    pub jobs: WorkerSettings,
 }
 
 /// A server that is listening. Dropping it does not stop it: call [`RunningServer::shutdown`].
@@ -36,6 +40,7 @@ pub struct RunningServer {
     pub store: Store,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
+    workers: WorkerPool,
 }
 
 /// The process-wide Prometheus recorder (the `metrics` facade allows one per process).
@@ -99,6 +104,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     }
 
     let metrics = prometheus();
+    let queue = Queue::new(&store, settings.jobs.queue.clone());
+    let workers = WorkerPool::start(
+        store.clone(),
+        artifacts.clone(),
+        settings.models_dir.clone(),
+        settings.jobs.clone(),
+    );
     let state = AppState {
         store: store.clone(),
         artifacts,
@@ -109,6 +121,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         }),
         admin,
         metrics: metrics.clone(),
+        queue,
+        models_dir: Arc::new(settings.models_dir.clone()),
     };
     let app = api::router(state);
 
@@ -139,16 +153,61 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         store,
         stop,
         task,
+        workers,
     })
 }
 
 impl RunningServer {
-    /// Stops accepting connections, lets in-flight requests finish, closes the pool.
+    /// Stops claiming jobs and accepting connections; running jobs checkpoint and are
+    /// requeued, in-flight requests finish; then closes the pool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.task.await??;
+        let (served, ()) = tokio::join!(self.task, self.workers.shutdown());
+        served??;
         self.store.close().await;
         Ok(())
+    }
+}
+
+/// `kiln worker`: training slots without the API.
+pub struct RunningWorkers {
+    pub store: Store,
+    workers: WorkerPool,
+}
+
+/// Connects, migrates and starts the worker pool (no HTTP listener).
+pub async fn start_workers(
+    database_url: &str,
+    data_dir: &std::path::Path,
+    models_dir: PathBuf,
+    jobs: WorkerSettings,
+) -> anyhow::Result<RunningWorkers> {
+    let store = Store::connect(database_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    store.migrate().await.context("running migrations")?;
+    let artifacts = Artifacts::local(data_dir.join("artifacts"))
+        .await
+        .with_context(|| {
+            format!(
+                "creating the artifact directory under {}",
+                data_dir.display()
+            )
+        })?;
+    let workers = WorkerPool::start(store.clone(), artifacts, models_dir, jobs);
+    Ok(RunningWorkers { store, workers })
+}
+
+impl RunningWorkers {
+    /// This process's worker id.
+    pub fn worker_id(&self) -> &str {
+        self.workers.worker_id()
+    }
+
+    /// Stops claiming; running jobs checkpoint and are requeued; closes the pool.
+    pub async fn shutdown(self) {
+        self.workers.shutdown().await;
+        self.store.close().await;
     }
 }
 

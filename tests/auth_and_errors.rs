@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{assert_error_shape, TestApp};
-use serde_json::{json, Value};
+use common::{TestApp, assert_error_shape};
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn requests_without_a_valid_key_are_401() {
@@ -264,6 +264,7 @@ async fn the_first_start_without_an_admin_key_creates_one_once() {
         models_dir: dir.path().join("models"),
         admin_key: None,
         max_upload_bytes: 1 << 20,
+        jobs: Default::default(),
     };
     let first = kiln::server::start(settings.clone()).await.unwrap();
     let key = first

@@ -4,26 +4,29 @@
 pub mod error;
 pub mod extract;
 mod files;
+mod jobs;
 mod keys;
 mod ops;
 pub mod pagination;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderName, StatusCode};
+use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::artifacts::Artifacts;
-use crate::store::keys::{matches_admin_key, Principal};
+use crate::queue::Queue;
 use crate::store::Store;
-use error::{error_body, ApiError};
+use crate::store::keys::{Principal, matches_admin_key};
+use error::{ApiError, error_body};
 
 pub use files::FileValidator;
 
@@ -36,6 +39,9 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     pub admin: Option<Arc<AdminKey>>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub queue: Queue,
+    /// Base models in Hugging Face layout (`KILN_MODELS_DIR`).
+    pub models_dir: Arc<PathBuf>,
 }
 
 /// Request size limits.
@@ -72,6 +78,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::remove))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/fine_tuning/jobs", get(jobs::list).post(jobs::create))
+        .route("/v1/fine_tuning/jobs/{id}", get(jobs::retrieve))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/fine_tuning/jobs/{id}/pause", post(jobs::pause))
+        .route("/v1/fine_tuning/jobs/{id}/resume", post(jobs::resume))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(jobs::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(jobs::checkpoints),
+        )
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))

@@ -86,10 +86,9 @@ pub(crate) fn validate_zip_limited<R: Read + Seek>(
             comps,
             is_dir: false,
         } = classify(name)
+            && has_image_extension(name)
         {
-            if has_image_extension(name) {
-                root.observe(&comps);
-            }
+            root.observe(&comps);
         }
     }
     let root = match root {

@@ -293,16 +293,16 @@ struct MessagesInfo {
 
 fn check_chat(obj: &Object, c: &mut LineCheck) {
     check_tools(obj, "tools", &mut c.problems);
-    if let Some(v) = obj.get("parallel_tool_calls") {
-        if !v.is_boolean() {
-            c.problems
-                .push(wrong_type("parallel_tool_calls", "a boolean", v));
-        }
+    if let Some(v) = obj.get("parallel_tool_calls")
+        && !v.is_boolean()
+    {
+        c.problems
+            .push(wrong_type("parallel_tool_calls", "a boolean", v));
     }
-    if let Some(info) = messages_field(obj, "messages", "messages", &mut c.problems) {
-        if !info.any_assistant {
-            c.problems.push("no assistant message".into());
-        }
+    if let Some(info) = messages_field(obj, "messages", "messages", &mut c.problems)
+        && !info.any_assistant
+    {
+        c.problems.push("no assistant message".into());
     }
 }
 
@@ -313,10 +313,10 @@ fn check_reinforcement(obj: &Object, c: &mut LineCheck) {
 }
 
 fn check_tools(obj: &Object, key: &str, problems: &mut Vec<String>) {
-    if let Some(v) = obj.get(key) {
-        if !v.is_array() {
-            problems.push(wrong_type(key, "an array", v));
-        }
+    if let Some(v) = obj.get(key)
+        && !v.is_array()
+    {
+        problems.push(wrong_type(key, "an array", v));
     }
 }
 
@@ -411,10 +411,10 @@ fn check_message_fields(m: &Object, role: Option<&str>, at: &str, problems: &mut
         }
     }
     for key in ["name", "tool_call_id"] {
-        if let Some(v) = m.get(key) {
-            if !v.is_string() {
-                problems.push(format!("{at}: {}", wrong_type(key, "a string", v)));
-            }
+        if let Some(v) = m.get(key)
+            && !v.is_string()
+        {
+            problems.push(format!("{at}: {}", wrong_type(key, "a string", v)));
         }
     }
 }
@@ -470,10 +470,10 @@ fn check_preference(obj: &Object, c: &mut LineCheck) {
         "non_preferred_completion",
         &mut c.problems,
     );
-    if let (Some((pk, p)), Some((rk, r))) = (preferred, rejected) {
-        if p == r {
-            c.problems.push(format!("{pk:?} and {rk:?} are identical"));
-        }
+    if let (Some((pk, p)), Some((rk, r))) = (preferred, rejected)
+        && p == r
+    {
+        c.problems.push(format!("{pk:?} and {rk:?} are identical"));
     }
 }
 
@@ -493,10 +493,10 @@ fn output<'a>(
             return None;
         }
     };
-    if let Some(info) = check_messages(v, used, problems) {
-        if !info.any_assistant {
-            problems.push(format!("{used:?} has no assistant message"));
-        }
+    if let Some(info) = check_messages(v, used, problems)
+        && !info.any_assistant
+    {
+        problems.push(format!("{used:?} has no assistant message"));
     }
     Some((used, v))
 }

@@ -105,14 +105,16 @@ fn check_line(t: &mut Tally, line_no: u64, bytes: &[u8]) {
             return;
         }
     };
-    if let Some(established) = t.format {
-        if detected != established {
-            t.problems.at_line(
-                line_no,
-                format!("mixed formats: line {line_no} looks like {detected} but the file is {established}"),
-            );
-            return;
-        }
+    if let Some(established) = t.format
+        && detected != established
+    {
+        t.problems.at_line(
+            line_no,
+            format!(
+                "mixed formats: line {line_no} looks like {detected} but the file is {established}"
+            ),
+        );
+        return;
     }
     let c = check(detected, &obj);
     if !c.problems.is_empty() {

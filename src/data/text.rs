@@ -287,6 +287,16 @@ impl TextTokenizer {
         self.pad_id
     }
 
+    /// The id of a token such as `[MASK]`.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Size of the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     /// Token ids of one text with special tokens, not truncated.
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, TextDataError> {
         let enc = self
@@ -304,57 +314,83 @@ impl TextTokenizer {
             .collect()
     }
 
-    /// Tokenises, truncates to `max_length` (keeping the final special token), pads.
+    /// Tokenises one text and truncates it to `max_length`, keeping the final special token
+    /// as transformers' truncation does. The flag says whether anything was cut.
+    pub fn encode(&self, text: &str) -> Result<(EncodedText, bool), TextDataError> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| TextDataError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        let mut type_ids = enc.get_type_ids().to_vec();
+        let cut = ids.len() > self.max_length;
+        if cut {
+            let last = ids[ids.len() - 1];
+            let last_type = type_ids[type_ids.len() - 1];
+            ids.truncate(self.max_length - 1);
+            type_ids.truncate(self.max_length - 1);
+            ids.push(last);
+            type_ids.push(last_type);
+        }
+        Ok((EncodedText { ids, type_ids }, cut))
+    }
+
+    /// Tokenises, truncates and pads a batch.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<EncodedBatch, TextDataError> {
         let mut rows = Vec::with_capacity(texts.len());
         let mut truncated = 0;
         for text in texts {
-            let enc = self
-                .inner
-                .encode(*text, true)
-                .map_err(|e| TextDataError::Tokenizer(e.to_string()))?;
-            let mut ids = enc.get_ids().to_vec();
-            let mut types = enc.get_type_ids().to_vec();
-            if ids.len() > self.max_length {
-                truncated += 1;
-                // Keep [CLS] ... and the closing [SEP], as truncation in transformers does.
-                let last = ids[ids.len() - 1];
-                let last_type = types[types.len() - 1];
-                ids.truncate(self.max_length - 1);
-                types.truncate(self.max_length - 1);
-                ids.push(last);
-                types.push(last_type);
-            }
-            rows.push((ids, types));
+            let (row, cut) = self.encode(text)?;
+            truncated += usize::from(cut);
+            rows.push(row);
         }
-        let seq_len = rows
-            .iter()
-            .map(|(ids, _)| ids.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let batch = rows.len();
-        let mut out = EncodedBatch {
-            input_ids: Vec::with_capacity(batch * seq_len),
-            token_type_ids: Vec::with_capacity(batch * seq_len),
-            attention_mask: Vec::with_capacity(batch * seq_len),
-            batch,
-            seq_len,
-            tokens: 0,
-            truncated,
-        };
-        for (ids, types) in rows {
-            let pad = seq_len - ids.len();
-            out.tokens += ids.len();
-            out.attention_mask
-                .extend(std::iter::repeat_n(1, ids.len()).chain(std::iter::repeat_n(0, pad)));
-            out.input_ids
-                .extend(ids.into_iter().chain(std::iter::repeat_n(self.pad_id, pad)));
-            out.token_type_ids
-                .extend(types.into_iter().chain(std::iter::repeat_n(0, pad)));
-        }
-        Ok(out)
+        let refs: Vec<&EncodedText> = rows.iter().collect();
+        let mut batch = pad_batch(&refs, self.pad_id);
+        batch.truncated = truncated;
+        Ok(batch)
     }
+}
+
+/// One tokenised text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedText {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+/// Pads already tokenised texts to the longest of them.
+pub fn pad_batch(rows: &[&EncodedText], pad_id: u32) -> EncodedBatch {
+    let seq_len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1).max(1);
+    let batch = rows.len();
+    let mut out = EncodedBatch {
+        input_ids: Vec::with_capacity(batch * seq_len),
+        token_type_ids: Vec::with_capacity(batch * seq_len),
+        attention_mask: Vec::with_capacity(batch * seq_len),
+        batch,
+        seq_len,
+        tokens: 0,
+        truncated: 0,
+    };
+    for row in rows {
+        let len = row.ids.len();
+        let pad = seq_len - len;
+        out.tokens += len;
+        out.attention_mask
+            .extend(std::iter::repeat_n(1, len).chain(std::iter::repeat_n(0, pad)));
+        out.input_ids.extend(
+            row.ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, pad)),
+        );
+        out.token_type_ids.extend(
+            row.type_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, pad)),
+        );
+    }
+    out
 }
 
 /// The token count under which `quantile` of the texts fall.
@@ -438,5 +474,33 @@ mod tests {
         assert_eq!(length_quantile(&[5, 1, 3, 2, 4], 0.99), 5);
         assert_eq!(length_quantile(&[5, 1, 3, 2, 4], 0.5), 3);
         assert_eq!(length_quantile(&[], 0.5), 0);
+    }
+}
+
+#[cfg(test)]
+mod tiny_tokenizer_tests {
+    use super::*;
+
+    #[test]
+    fn the_tiny_tokenizer_loads_and_wraps_with_cls_and_sep() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::nn::tiny::write_tiny_tokenizer(dir.path(), &["good", "movie", "bad"]).unwrap();
+        let tok = TextTokenizer::load(dir.path(), 4).unwrap();
+        assert_eq!(tok.pad_id(), 0);
+        assert_eq!(tok.token_id("[MASK]"), Some(4));
+        let (enc, cut) = tok.encode("Good movie").unwrap();
+        assert_eq!(enc.ids, vec![2, 5, 6, 3]);
+        assert!(!cut);
+        let (enc, cut) = tok.encode("good bad movie zebra").unwrap();
+        assert_eq!(
+            enc.ids,
+            vec![2, 5, 7, 3],
+            "truncated to 4, closing [SEP] kept"
+        );
+        assert!(cut);
+        let batch = tok.encode_batch(&["good", "bad movie"]).unwrap();
+        assert_eq!(batch.seq_len, 4);
+        assert_eq!(batch.attention_mask, vec![1, 1, 1, 0, 1, 1, 1, 1]);
+        assert_eq!(batch.tokens, 7);
     }
 }

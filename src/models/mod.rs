@@ -124,10 +124,10 @@ fn walk(root: &Path, dir: &Path, depth: usize, found: &mut Vec<BaseModel>) {
     if dir.join("config.json").is_file() && dir != root {
         if let Ok(rel) = dir.strip_prefix(root) {
             let id = rel.to_string_lossy().replace('\\', "/");
-            if valid_id(&id) {
-                if let Ok(model) = describe(&id, dir) {
-                    found.push(model);
-                }
+            if valid_id(&id)
+                && let Ok(model) = describe(&id, dir)
+            {
+                found.push(model);
             }
         }
         return;

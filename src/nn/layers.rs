@@ -260,11 +260,55 @@ impl Embedding {
     }
 }
 
-/// Applies dropout when `train` and `p > 0`; identity otherwise.
+thread_local! {
+    /// The generator dropout masks come from on this thread, once seeded.
+    static DROPOUT_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Seeds the dropout masks drawn on this thread from now on.
+///
+/// candle's own dropout draws from an unseeded generator, so two runs (or a run and its
+/// resumption) would differ. Training reseeds from `(run seed, step)` before every step: the
+/// masks of step N are then the same however the run got there.
+pub fn seed_dropout(seed: u64) {
+    use rand::SeedableRng;
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = Some(rand::rngs::StdRng::seed_from_u64(seed)));
+}
+
+/// Forgets the seed: dropout on this thread goes back to candle's generator.
+pub fn unseed_dropout() {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = None);
+}
+
+/// Applies dropout when `train` and `p > 0`; identity otherwise. Masks come from the
+/// thread's seeded generator when there is one (see [`seed_dropout`]).
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
-    } else {
-        Ok(x.clone())
+    if !(train && p > 0.0) {
+        return Ok(x.clone());
+    }
+    let mask = DROPOUT_RNG.with(|r| {
+        r.borrow_mut().as_mut().map(|rng| {
+            use rand::Rng;
+            let keep = 1.0 - p;
+            let scale = (1.0 / keep) as f32;
+            let threshold = (keep * u32::MAX as f64) as u32;
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.random::<u32>() < threshold {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect::<Vec<f32>>()
+        })
+    });
+    match mask {
+        Some(mask) => {
+            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            x * mask
+        }
+        None => candle_nn::ops::dropout(x, p as f32),
     }
 }

@@ -6,6 +6,7 @@
 //! backward, and loads the same safetensors names as Hugging Face.
 
 pub mod bert;
+pub mod classifier;
 pub mod layers;
 pub mod lora;
 pub mod ops;

@@ -148,3 +148,52 @@ pub fn write_tiny_bert_with(
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     Ok(())
 }
+
+/// Special tokens of the tiny tokenizer, ids 0..=4.
+pub const TINY_SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// Writes a WordPiece `tokenizer.json` (BERT normalisation and `[CLS] … [SEP]` template)
+/// whose vocabulary is the special tokens followed by `words`, lowercased. Whole words only:
+/// anything else becomes `[UNK]`. Pair it with a config whose `vocab_size` covers it.
+pub fn write_tiny_tokenizer(dir: &Path, words: &[&str]) -> Result<()> {
+    use serde_json::{Map, Value, json};
+    let mut vocab = Map::new();
+    for (i, t) in TINY_SPECIAL_TOKENS.iter().enumerate() {
+        vocab.insert((*t).to_owned(), json!(i));
+    }
+    for w in words {
+        let w = w.to_lowercase();
+        if !vocab.contains_key(&w) {
+            let id = vocab.len();
+            vocab.insert(w, json!(id));
+        }
+    }
+    let added: Vec<Value> = TINY_SPECIAL_TOKENS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let special = |t: &str, id: usize| json!({"id": t, "ids": [id], "tokens": [t]});
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {"[CLS]": special("[CLS]", 2), "[SEP]": special("[SEP]", 3)}
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": vocab}
+    });
+    std::fs::create_dir_all(dir).map_err(|source| NnError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tokenizer.to_string()).map_err(|source| NnError::Io { path, source })
+}

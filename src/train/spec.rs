@@ -87,6 +87,9 @@ pub struct HyperparameterRequest {
     pub lora_target_modules: Option<AutoOr<Vec<String>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<AutoOr<f64>>,
+    /// Learning rate of the freshly initialised head (default: 20x the backbone's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_learning_rate: Option<AutoOr<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_ratio: Option<AutoOr<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,6 +243,9 @@ impl HyperparameterRequest {
         if let Some(x) = f(&self.learning_rate) {
             positive("learning_rate", x, 1.0)?;
         }
+        if let Some(x) = f(&self.head_learning_rate) {
+            positive("head_learning_rate", x, 1.0)?;
+        }
         if let Some(n) = v(&self.freeze_layers) {
             in_range("freeze_layers", n, 0, 1000)?;
         }
@@ -249,13 +255,13 @@ impl HyperparameterRequest {
         if let Some(x) = f(&self.lora_alpha) {
             positive("lora_alpha", x, 100_000.0)?;
         }
-        if let Some(x) = f(&self.lora_dropout) {
-            if !(x.is_finite() && (0.0..1.0).contains(&x)) {
-                return Err(bad(
-                    "lora_dropout",
-                    format!("must be at least 0 and below 1, got {x}"),
-                ));
-            }
+        if let Some(x) = f(&self.lora_dropout)
+            && !(x.is_finite() && (0.0..1.0).contains(&x))
+        {
+            return Err(bad(
+                "lora_dropout",
+                format!("must be at least 0 and below 1, got {x}"),
+            ));
         }
         if let Some(AutoOr::Value(modules)) = &self.lora_target_modules {
             if modules.is_empty() {
@@ -277,13 +283,13 @@ impl HyperparameterRequest {
         if let Some(x) = f(&self.weight_decay) {
             fraction("weight_decay", x, 1.0)?;
         }
-        if let Some(x) = f(&self.max_grad_norm) {
-            if !(x.is_finite() && x >= 0.0) {
-                return Err(bad(
-                    "max_grad_norm",
-                    format!("must be 0 (off) or positive, got {x}"),
-                ));
-            }
+        if let Some(x) = f(&self.max_grad_norm)
+            && !(x.is_finite() && x >= 0.0)
+        {
+            return Err(bad(
+                "max_grad_norm",
+                format!("must be 0 (off) or positive, got {x}"),
+            ));
         }
         if let Some(n) = v(&self.gradient_accumulation_steps) {
             in_range("gradient_accumulation_steps", n, 1, 1024)?;
@@ -300,16 +306,16 @@ impl HyperparameterRequest {
         if let Some(n) = v(&self.early_stopping_patience) {
             in_range("early_stopping_patience", n, 1, 1000)?;
         }
-        if let Some(AutoOr::Value(m)) = &self.select_metric {
-            if !SELECT_METRICS.contains(&m.as_str()) {
-                return Err(bad(
-                    "select_metric",
-                    format!(
-                        "unknown metric '{m}'; expected one of {}",
-                        SELECT_METRICS.join(", ")
-                    ),
-                ));
-            }
+        if let Some(AutoOr::Value(m)) = &self.select_metric
+            && !SELECT_METRICS.contains(&m.as_str())
+        {
+            return Err(bad(
+                "select_metric",
+                format!(
+                    "unknown metric '{m}'; expected one of {}",
+                    SELECT_METRICS.join(", ")
+                ),
+            ));
         }
         Ok(())
     }
@@ -381,6 +387,11 @@ impl HyperparameterRequest {
                 Some(lr) => (lr, lr * head_lr / base_lr),
                 None => (base_lr * multiplier, head_lr * multiplier),
             };
+        let head_learning_rate = self
+            .head_learning_rate
+            .as_ref()
+            .and_then(AutoOr::value)
+            .unwrap_or(head_learning_rate);
         let freeze_layers = match strategy {
             Strategy::Freeze => match self.freeze_layers.as_ref().and_then(AutoOr::value) {
                 Some(k) if k as usize > ctx.num_layers => {
@@ -491,6 +502,25 @@ impl HyperparameterRequest {
     }
 }
 
+impl Hyperparameters {
+    /// The values used, as a job's `hyperparameters` object: what the API echoes back, and
+    /// what a resumed attempt reads (so it resolves to exactly these values again).
+    pub fn echo(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut map = match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        if self.strategy == Strategy::HeadOnly {
+            // Nothing but the head trains: its rate is the run's learning rate.
+            map.insert(
+                "learning_rate".into(),
+                serde_json::json!(self.head_learning_rate),
+            );
+        }
+        map
+    }
+}
+
 /// Whether a larger value of `metric` is better.
 pub fn higher_is_better(metric: &str) -> bool {
     !metric.ends_with("loss")
@@ -567,6 +597,22 @@ mod tests {
             serde_json::from_value::<HyperparameterRequest>(json!({"strategy": "partial"}))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_echo_resolves_to_the_same_values() {
+        for body in [
+            json!({}),
+            json!({"strategy": "head_only"}),
+            json!({"strategy": "lora", "n_epochs": "auto"}),
+            json!({"strategy": "freeze"}),
+        ] {
+            let req: HyperparameterRequest = serde_json::from_value(body.clone()).unwrap();
+            let (hp, _) = req.resolve(&ctx()).unwrap();
+            let again: HyperparameterRequest =
+                serde_json::from_value(serde_json::Value::Object(hp.echo())).unwrap();
+            assert_eq!(again.resolve(&ctx()).unwrap().0, hp, "{body}");
+        }
     }
 
     #[test]

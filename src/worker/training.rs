@@ -1,0 +1,189 @@
+//! The executor that runs jobs on kiln's candle training engine (`train/`), translating
+//! between the engine's events and the worker's context: progress and messages become job
+//! events, checkpoints go to the artifact store, and the job's stop requests become the
+//! engine's stop signal.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::engine::{
+    JobContext, JobExecutor, JobFailure, JobOutcome, JobSpec, Level, Metrics, Progress, StopReason,
+};
+use crate::train::{
+    self, HyperparameterRequest, StopRequest, StopSignal, TrainError, TrainEvent, TrainOutcome,
+    TrainingJob,
+};
+
+/// Trains jobs with kiln's engine on the device chosen at start.
+pub struct EngineExecutor {
+    device: candle_core::Device,
+}
+
+impl EngineExecutor {
+    pub fn cpu() -> EngineExecutor {
+        EngineExecutor {
+            device: candle_core::Device::Cpu,
+        }
+    }
+}
+
+impl Default for EngineExecutor {
+    fn default() -> Self {
+        Self::cpu()
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a job stop means to the engine.
+fn stop_request(reason: StopReason) -> StopRequest {
+    match reason {
+        StopReason::Pause | StopReason::Shutdown => StopRequest::CheckpointAndStop,
+        StopReason::Cancel | StopReason::LeaseLost => StopRequest::Cancel,
+    }
+}
+
+fn failure(e: TrainError) -> JobFailure {
+    if e.is_user_error() {
+        JobFailure::UserError(e.to_string())
+    } else {
+        JobFailure::Infrastructure(e.to_string())
+    }
+}
+
+impl JobExecutor for EngineExecutor {
+    fn execute(&self, job: &JobSpec, ctx: &mut JobContext) -> Result<JobOutcome, JobFailure> {
+        // kiln's knobs next to OpenAI's; the API checked them when the job was created.
+        let hyperparameters: HyperparameterRequest =
+            serde_json::from_value(Value::Object(job.hyperparameters.clone()))
+                .map_err(|e| JobFailure::UserError(format!("hyperparameters: {e}")))?;
+        let scratch = ctx.scratch_dir().to_owned();
+        let spec = TrainingJob {
+            base_model: job.model_dir.clone(),
+            training_file: job.training_file.clone(),
+            validation_file: job.validation_file.clone(),
+            hyperparameters,
+            seed: job.seed,
+            work_dir: scratch.join("work"),
+            model_dir: scratch.join("model"),
+            resume_from: job.resume.as_ref().map(|r| r.dir.clone()),
+            device: self.device.clone(),
+        };
+        let stop = StopSignal::default();
+        let mut checkpoint_failure: Option<JobFailure> = None;
+        let mut last_train_loss = None;
+        let mut on_event = |event: &TrainEvent| {
+            if let Some(reason) = ctx.should_stop() {
+                stop.request(stop_request(reason));
+            }
+            match event {
+                TrainEvent::Started {
+                    task,
+                    hyperparameters,
+                    notes,
+                    train_examples,
+                    valid_examples,
+                    total_steps,
+                    labels,
+                } => {
+                    ctx.record_hyperparameters(hyperparameters.echo());
+                    let labels = if labels.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", labels: {}", labels.join(", "))
+                    };
+                    ctx.log(
+                        Level::Info,
+                        format!("Training {task}: {train_examples} training and {valid_examples} validation examples, {total_steps} steps{labels}."),
+                    );
+                    for note in notes {
+                        ctx.log(Level::Info, format!("Chose {note}."));
+                    }
+                }
+                TrainEvent::Message(m) => ctx.log(Level::Info, m.clone()),
+                TrainEvent::Step(p) => {
+                    last_train_loss = Some(p.train_loss);
+                    let mut metrics = Metrics::new();
+                    metrics.insert("train_loss".into(), p.train_loss);
+                    metrics.insert("learning_rate".into(), p.learning_rate);
+                    metrics.insert("grad_norm".into(), p.grad_norm);
+                    metrics.insert("tokens_per_second".into(), p.tokens_per_second);
+                    ctx.report_progress(Progress {
+                        step: p.step,
+                        total_steps: p.total_steps,
+                        epoch: p.epoch,
+                        examples_per_second: Some(p.examples_per_second),
+                        metrics,
+                    });
+                }
+                TrainEvent::Evaluated(e) => {
+                    let mut metrics: Metrics = e.metrics.clone();
+                    if let Some(loss) = last_train_loss {
+                        metrics.insert("train_loss".into(), loss);
+                    }
+                    ctx.report_progress(Progress {
+                        step: e.step,
+                        total_steps: 0,
+                        epoch: e.epoch,
+                        examples_per_second: None,
+                        metrics,
+                    });
+                    if !e.details.is_null() {
+                        ctx.log(
+                            Level::Info,
+                            format!("Evaluation at step {}: {}", e.step, e.details),
+                        );
+                    }
+                }
+                TrainEvent::Checkpoint(c) => {
+                    if checkpoint_failure.is_none()
+                        && let Err(f) =
+                            ctx.save_checkpoint(c.step, &c.metrics, |dst| copy_dir(&c.dir, dst))
+                    {
+                        checkpoint_failure = Some(f);
+                        stop.request(StopRequest::Cancel);
+                    }
+                }
+            }
+        };
+        let outcome = train::run(&spec, &mut on_event, &stop);
+        if let Some(f) = checkpoint_failure {
+            return Err(f);
+        }
+        match outcome.map_err(failure)? {
+            TrainOutcome::Finished(summary) => {
+                let mut metrics = summary.metrics.clone();
+                if let Some(base) = &summary.baseline_metrics {
+                    for (k, v) in base {
+                        metrics.insert(format!("baseline_{k}"), *v);
+                    }
+                }
+                metrics.insert(
+                    "train_examples_per_second".into(),
+                    summary.train_examples_per_second,
+                );
+                Ok(JobOutcome {
+                    trained_tokens: Some(summary.trained_tokens),
+                    metrics,
+                    model_dir: Some(summary.model_dir),
+                })
+            }
+            TrainOutcome::Stopped { .. } => Err(JobFailure::Stopped(
+                ctx.should_stop().unwrap_or(StopReason::Shutdown),
+            )),
+        }
+    }
+}

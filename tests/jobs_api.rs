@@ -1,0 +1,798 @@
+//! The fine-tuning jobs API as a user sees it: a job trains to success with events,
+//! checkpoints and a result file; bad requests are rejected with the field named; idempotency
+//! keys; cancel, pause and resume; priorities; retries. Real PostgreSQL, real HTTP, a real
+//! (tiny) training engine.
+
+mod common;
+mod jobs_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{TestApp, assert_error_shape};
+use jobs_support::*;
+use serde_json::{Value, json};
+
+fn metrics_steps(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .map(|e| e["data"]["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_trains_to_success_with_events_checkpoints_and_a_result_file() {
+    let app = spawn_app(ToyExecutor::new(20), 1).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 30).await;
+    let (status, created) = post_json(
+        &app,
+        &key,
+        "/v1/fine_tuning/jobs",
+        json!({
+            "model": MODEL,
+            "training_file": file,
+            "suffix": "reviews",
+            "seed": 42,
+            "metadata": {"team": "search"},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "n_epochs": 4, "batch_size": 5, "checkpoint_every_steps": 5, "strategy": "full"}}},
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("ftjob-"));
+    assert_eq!(created["object"], "fine_tuning.job");
+    assert_eq!(created["status"], "queued");
+    assert_eq!(created["seed"], 42);
+    assert_eq!(created["model"], MODEL);
+    assert_eq!(created["user_provided_suffix"], "reviews");
+    assert_eq!(created["priority"], 5);
+    for field in [
+        "fine_tuned_model",
+        "finished_at",
+        "error",
+        "trained_tokens",
+        "validation_file",
+    ] {
+        assert!(
+            created.get(field).is_some_and(Value::is_null),
+            "{field}: {created}"
+        );
+    }
+    let hp = &created["method"]["supervised"]["hyperparameters"];
+    assert_eq!(hp["n_epochs"], 4);
+    assert_eq!(hp["strategy"], "full");
+    assert_eq!(
+        hp["learning_rate"], "auto",
+        "not given: auto until the engine decides"
+    );
+    assert_eq!(created["hyperparameters"]["batch_size"], 5);
+
+    let job = wait_for(&app, &key, &id, Duration::from_secs(60), |j| {
+        j["status"] == "succeeded" || j["status"] == "failed"
+    })
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["fine_tuned_model"],
+        format!("ft:{MODEL}:acme:reviews:{id}")
+    );
+    assert!(job["finished_at"].as_i64().unwrap() >= job["created_at"].as_i64().unwrap());
+    assert_eq!(job["trained_tokens"], 24 * 5 * 8);
+    assert_eq!(job["progress"]["step"], 24);
+    assert_eq!(job["progress"]["total_steps"], 24);
+    assert!(job["metrics"]["train_loss"].as_f64().unwrap() < 0.69);
+    // The engine's resolved values are echoed.
+    assert_eq!(
+        job["method"]["supervised"]["hyperparameters"]["learning_rate"],
+        0.5
+    );
+    assert_eq!(job["metadata"], json!({"team": "search"}));
+
+    // Events: newest first, one metrics event per step, pagination that ends.
+    let events = all_events(&app, &key, &id).await;
+    assert_eq!(metrics_steps(&events), (1..=24).collect::<Vec<_>>());
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Created fine-tuning job")
+    );
+    assert!(
+        events.last().unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("successfully completed")
+    );
+    for e in &events {
+        assert_eq!(e["object"], "fine_tuning.job.event");
+        assert!(["info", "warn", "error"].contains(&e["level"].as_str().unwrap()));
+    }
+    let metric = events.iter().find(|e| e["type"] == "metrics").unwrap();
+    assert!(metric["data"]["train_loss"].is_f64(), "{metric}");
+    let (_, page) = app
+        .get_json(&key, &format!("/v1/fine_tuning/jobs/{id}/events?limit=2"))
+        .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["has_more"], true);
+    assert!(
+        page["data"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("successfully completed")
+    );
+
+    // Checkpoints: latest step first, with metrics and a checkpoint model id.
+    let (status, ckpts) = app
+        .get_json(&key, &format!("/v1/fine_tuning/jobs/{id}/checkpoints"))
+        .await;
+    assert_eq!(status, 200);
+    let steps: Vec<i64> = ckpts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step_number"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![20, 15, 10, 5]);
+    assert_eq!(ckpts["first_id"], ckpts["data"][0]["id"]);
+    assert_eq!(
+        ckpts["data"][0]["fine_tuned_model_checkpoint"],
+        format!("ft:{MODEL}:acme:reviews:{id}:ckpt-step-20")
+    );
+    assert_eq!(ckpts["data"][0]["metrics"]["step"], 20.0);
+    assert!(ckpts["data"][0]["metrics"]["train_loss"].is_f64());
+
+    // The result file: a CSV row per step.
+    let result = job["result_files"][0].as_str().unwrap();
+    let (status, result_file) = app.get_json(&key, &format!("/v1/files/{result}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(result_file["purpose"], "fine-tune-results");
+    let csv = app
+        .client
+        .get(app.url(&format!("/v1/files/{result}/content")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("step,epoch,"), "{csv}");
+    assert!(lines[0].contains("train_loss"), "{csv}");
+    assert_eq!(lines.len(), 25, "{csv}");
+    assert!(lines[24].starts_with("24,"), "{csv}");
+
+    // The model files are in the artifact store.
+    assert!(
+        app.data_dir
+            .path()
+            .join(format!("artifacts/models/{id}/weights.json"))
+            .exists()
+    );
+
+    // Streaming a finished job replays its events and ends.
+    let body = app
+        .client
+        .get(app.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert_eq!(body.matches("\"type\":\"metrics\"").count(), 24);
+
+    // Another project sees nothing; a fine-tuned model can be fine-tuned further.
+    let other = app.key_for("other").await;
+    let (status, _) = app
+        .get_json(&other, &format!("/v1/fine_tuning/jobs/{id}"))
+        .await;
+    assert_eq!(status, 404);
+    let (status, again) = post_json(
+        &app,
+        &key,
+        "/v1/fine_tuning/jobs",
+        json!({"model": job["fine_tuned_model"], "training_file": file,
+               "hyperparameters": {"n_epochs": 1}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    let again = wait_for(
+        &app,
+        &key,
+        again["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+        |j| j["status"] == "succeeded" || j["status"] == "failed",
+    )
+    .await;
+    assert_eq!(again["status"], "succeeded", "{again}");
+    assert!(
+        again["fine_tuned_model"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("ft:{MODEL}:acme::"))
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_running_job_streams_its_events_until_it_ends() {
+    let app = spawn_app(ToyExecutor::new(2000), 1).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 20).await;
+    let job = create_job(&app, &key, &file, json!({"n_epochs": 2, "batch_size": 2})).await;
+    let id = job["id"].as_str().unwrap();
+    let res = app
+        .client
+        .get(app.url(&format!("/v1/fine_tuning/jobs/{id}/events?stream=true")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let body = tokio::time::timeout(Duration::from_secs(120), res.text())
+        .await
+        .expect("the stream ends when the job ends")
+        .unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert_eq!(body.matches("\"type\":\"metrics\"").count(), 20, "{body}");
+    assert!(body.contains("successfully completed"));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field_and_queue_nothing() {
+    let app = spawn_app(ToyExecutor::new(1), 0).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let other_key = app.key_for("other").await;
+    let others_file = upload_processed(&app, &other_key, 12).await;
+    let broken = app
+        .upload(&key, "fine-tune", "bad.jsonl", b"{\"text\": 1}\n".to_vec())
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_validated(&key, &broken).await;
+    let batch_file = app
+        .upload(&key, "batch", "b.jsonl", b"{}\n".to_vec())
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let hp = |h: Value| json!({"type": "supervised", "supervised": {"hyperparameters": h}});
+    let cases = [
+        (json!({"training_file": file}), "model"),
+        (
+            json!({"model": "no/such-model", "training_file": file}),
+            "model",
+        ),
+        (
+            json!({"model": "../../etc", "training_file": file}),
+            "model",
+        ),
+        (
+            json!({"model": "ft:nothing:acme::ftjob-x", "training_file": file}),
+            "model",
+        ),
+        (json!({"model": MODEL}), "training_file"),
+        (
+            json!({"model": MODEL, "training_file": "file-missing"}),
+            "training_file",
+        ),
+        (
+            json!({"model": MODEL, "training_file": others_file}),
+            "training_file",
+        ),
+        (
+            json!({"model": MODEL, "training_file": broken}),
+            "training_file",
+        ),
+        (
+            json!({"model": MODEL, "training_file": batch_file}),
+            "training_file",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "validation_file": broken}),
+            "validation_file",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "method": {"type": "dpo"}}),
+            "method.type",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "method": {"type": "unsupervised"}}),
+            "method.type",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "method": hp(json!({"n_epochs": 0}))}),
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "method": hp(json!({"learning_rate": -1.0}))}),
+            "method.supervised.hyperparameters.learning_rate",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "method": hp(json!({"strategy": "magic"}))}),
+            "method.supervised.hyperparameters.strategy",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "method": hp(json!({"colour": "blue"}))}),
+            "method.supervised.hyperparameters.colour",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "hyperparameters": {"batch_size": -1}}),
+            "hyperparameters.batch_size",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "suffix": "a:b"}),
+            "suffix",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "seed": "x"}),
+            "seed",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "priority": 0}),
+            "priority",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "metadata": {"k": 1}}),
+            "metadata.k",
+        ),
+        (
+            json!({"model": MODEL, "training_file": file, "surprise": true}),
+            "surprise",
+        ),
+    ];
+    for (body, param) in cases {
+        let (status, err) = post_json(&app, &key, "/v1/fine_tuning/jobs", body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {err}");
+        assert_eq!(assert_error_shape(&err)["param"], param, "{body} -> {err}");
+    }
+    let (status, err) = app.get_json(&key, "/v1/fine_tuning/jobs/ftjob-nope").await;
+    assert_eq!(status, 404);
+    assert_eq!(err["error"]["param"], "fine_tuning_job_id");
+    let (status, _) = post_empty(&app, &key, "/v1/fine_tuning/jobs/ftjob-nope/cancel").await;
+    assert_eq!(status, 404);
+
+    let (status, list) = app.get_json(&key, "/v1/fine_tuning/jobs").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["data"], json!([]), "nothing was queued");
+    assert_eq!(list["has_more"], false);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_make_exactly_one_job_per_key_under_concurrency() {
+    let app = spawn_app(ToyExecutor::new(1), 0).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let body = json!({"model": MODEL, "training_file": file});
+
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let client = app.client.clone();
+        let url = app.url("/v1/fine_tuning/jobs");
+        let (key, body) = (key.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let res = client
+                .post(url)
+                .bearer_auth(key)
+                .header("Idempotency-Key", format!("key-{}", i % 40))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (i % 40, status, res.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut ids: Vec<Option<String>> = vec![None; 40];
+    for t in tasks {
+        let (k, status, job) = t.await.unwrap();
+        assert_eq!(status, 200, "{job}");
+        let id = job["id"].as_str().unwrap().to_owned();
+        match &ids[k] {
+            Some(seen) => assert_eq!(seen, &id, "one job per key"),
+            None => ids[k] = Some(id),
+        }
+    }
+    let (_, list) = app.get_json(&key, "/v1/fine_tuning/jobs?limit=100").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 40);
+
+    // The same key with another body is refused; without a key, a second job is made.
+    let res = app
+        .client
+        .post(app.url("/v1/fine_tuning/jobs"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "key-0")
+        .json(&json!({"model": MODEL, "training_file": file, "seed": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "idempotency_key_reused");
+    let (status, _) = post_json(&app, &key, "/v1/fine_tuning/jobs", body.clone()).await;
+    assert_eq!(status, 200);
+    let (_, list) = app.get_json(&key, "/v1/fine_tuning/jobs?limit=100").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 41);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn jobs_list_newest_first_with_cursor_and_metadata_filter() {
+    let app = spawn_app(ToyExecutor::new(1), 0).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let team = if i % 2 == 0 { "a" } else { "b" };
+        let (_, job) = post_json(
+            &app,
+            &key,
+            "/v1/fine_tuning/jobs",
+            json!({"model": MODEL, "training_file": file, "metadata": {"team": team}}),
+        )
+        .await;
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    ids.reverse();
+    let (_, page) = app.get_json(&key, "/v1/fine_tuning/jobs?limit=2").await;
+    let got: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[0].as_str(), ids[1].as_str()]);
+    assert_eq!(page["has_more"], true);
+    let (_, page) = app
+        .get_json(
+            &key,
+            &format!("/v1/fine_tuning/jobs?limit=10&after={}", ids[1]),
+        )
+        .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 3);
+    assert_eq!(page["has_more"], false);
+    let (_, page) = app
+        .get_json(&key, "/v1/fine_tuning/jobs?metadata[team]=b")
+        .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let (_, page) = app
+        .get_json(&key, "/v1/fine_tuning/jobs?metadata=null")
+        .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 0);
+    let (status, err) = app.get_json(&key, "/v1/fine_tuning/jobs?limit=0").await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["param"], "limit");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_job_is_immediate_and_a_running_one_stops_within_5_s() {
+    let app = spawn_app(ToyExecutor::new(10000), 1).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 40).await;
+    // A long job holds the only slot; the second waits.
+    let running = create_job(&app, &key, &file, json!({"n_epochs": 50, "batch_size": 2})).await;
+    let running_id = running["id"].as_str().unwrap().to_owned();
+    wait_for(&app, &key, &running_id, Duration::from_secs(30), |j| {
+        j["progress"]["step"].as_u64().is_some_and(|s| s >= 3)
+    })
+    .await;
+    let queued = create_job(&app, &key, &file, json!({"n_epochs": 1})).await;
+    let queued_id = queued["id"].as_str().unwrap();
+
+    let (status, job) = post_empty(
+        &app,
+        &key,
+        &format!("/v1/fine_tuning/jobs/{queued_id}/cancel"),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["status"], "cancelled");
+    assert!(job["finished_at"].is_i64());
+
+    let asked = Instant::now();
+    let (status, job) = post_empty(
+        &app,
+        &key,
+        &format!("/v1/fine_tuning/jobs/{running_id}/cancel"),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    let job = wait_for(&app, &key, &running_id, Duration::from_secs(5), |j| {
+        j["status"] == "cancelled"
+    })
+    .await;
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    assert!(job["fine_tuned_model"].is_null());
+    let last_step = job["progress"]["step"].as_u64().unwrap();
+    assert!(last_step < 2000, "stopped long before the end");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = wait_for(&app, &key, &running_id, Duration::from_secs(1), |_| true).await;
+    assert_eq!(
+        after["progress"]["step"], last_step,
+        "no training after the cancel"
+    );
+
+    // Cancelling again is harmless; a finished job cannot be paused or resumed.
+    let (status, _) = post_empty(
+        &app,
+        &key,
+        &format!("/v1/fine_tuning/jobs/{running_id}/cancel"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, err) = post_empty(
+        &app,
+        &key,
+        &format!("/v1/fine_tuning/jobs/{running_id}/resume"),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn pause_checkpoints_and_frees_the_slot_and_resume_continues_from_there() {
+    let app = spawn_app(ToyExecutor::new(20000), 1).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 20).await;
+    let long = create_job(
+        &app,
+        &key,
+        &file,
+        json!({"n_epochs": 6, "batch_size": 2, "checkpoint_every_steps": 1000}),
+    )
+    .await;
+    let long_id = long["id"].as_str().unwrap().to_owned();
+    wait_for(&app, &key, &long_id, Duration::from_secs(30), |j| {
+        j["progress"]["step"].as_u64().is_some_and(|s| s >= 5)
+    })
+    .await;
+    let (status, job) =
+        post_empty(&app, &key, &format!("/v1/fine_tuning/jobs/{long_id}/pause")).await;
+    assert_eq!(status, 200, "{job}");
+    let paused = wait_for(&app, &key, &long_id, Duration::from_secs(10), |j| {
+        j["paused"] == true
+    })
+    .await;
+    assert_eq!(
+        paused["status"], "queued",
+        "strict clients see a paused job as queued"
+    );
+    let (_, ckpts) = app
+        .get_json(&key, &format!("/v1/fine_tuning/jobs/{long_id}/checkpoints"))
+        .await;
+    let paused_at = ckpts["data"][0]["step_number"]
+        .as_u64()
+        .expect("pausing saved a checkpoint");
+    assert!(paused_at >= 5);
+
+    // The slot is free: another job runs to completion while the first stays paused.
+    let short = create_job(&app, &key, &file, json!({"n_epochs": 1, "batch_size": 10})).await;
+    let short = wait_for(
+        &app,
+        &key,
+        short["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+        |j| j["status"] == "succeeded",
+    )
+    .await;
+    assert_eq!(short["status"], "succeeded");
+    let still = wait_for(&app, &key, &long_id, Duration::from_secs(1), |_| true).await;
+    assert_eq!(still["paused"], true);
+
+    let (status, job) = post_empty(
+        &app,
+        &key,
+        &format!("/v1/fine_tuning/jobs/{long_id}/resume"),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["paused"], false);
+    let done = wait_for(&app, &key, &long_id, Duration::from_secs(90), |j| {
+        j["status"] == "succeeded" || j["status"] == "failed"
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    // The second attempt started right after the checkpoint: no step before it was redone.
+    let events = all_events(&app, &key, &long_id).await;
+    let resumed = events
+        .iter()
+        .position(|e| e["message"] == format!("Resumed from the checkpoint of step {paused_at}"))
+        .expect("the engine resumed from the pause checkpoint");
+    let after: Vec<u64> = metrics_steps(&events[resumed..]);
+    assert_eq!(after.first().copied(), Some(paused_at + 1));
+    assert_eq!(*after.last().unwrap(), 60);
+    let (status, err) =
+        post_empty(&app, &key, &format!("/v1/fine_tuning/jobs/{long_id}/pause")).await;
+    assert_eq!(status, 400, "{err}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn higher_priority_jobs_are_claimed_first() {
+    let executor = ToyExecutor::new(1);
+    let app = spawn_app(executor.clone(), 0).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let mut jobs = Vec::new();
+    for priority in [9, 1, 5, 1] {
+        let (status, job) = post_json(
+            &app,
+            &key,
+            "/v1/fine_tuning/jobs",
+            json!({"model": MODEL, "training_file": file, "priority": priority,
+                   "hyperparameters": {"n_epochs": 1}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{job}");
+        jobs.push(job["id"].as_str().unwrap().to_owned());
+    }
+    // A worker process with one slot joins and drains the queue.
+    let models = app.data_dir.path().join("models");
+    let workers = kiln::server::start_workers(
+        &app.db.url,
+        app.data_dir.path(),
+        models,
+        kiln::worker::WorkerSettings {
+            slots: 1,
+            executor: Some(executor),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for id in &jobs {
+        wait_for(&app, &key, id, Duration::from_secs(60), |j| {
+            j["status"] == "succeeded"
+        })
+        .await;
+    }
+    // Compare by the database's own order of claims: attempt start events' sequence.
+    let claim_order: Vec<String> = {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT job_id FROM fine_tuning_job_events
+             WHERE message = 'Fine-tuning job started' ORDER BY seq",
+        )
+        .fetch_all(&sqlx::PgPool::connect(&app.db.url).await.unwrap())
+        .await
+        .unwrap();
+        rows.into_iter().map(|r| r.0).collect()
+    };
+    assert_eq!(
+        claim_order,
+        vec![
+            jobs[1].clone(),
+            jobs[3].clone(),
+            jobs[2].clone(),
+            jobs[0].clone()
+        ],
+        "priority 1 (oldest first), then 5, then 9"
+    );
+    workers.shutdown().await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn infrastructure_faults_are_retried_and_user_errors_are_not() {
+    let flaky = Arc::new(ToyExecutor {
+        flaky_attempts: 1,
+        ..ToyExecutor::plain(1)
+    });
+    let app = spawn_app(flaky.clone(), 1).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let job = create_job(&app, &key, &file, json!({"n_epochs": 1})).await;
+    let id = job["id"].as_str().unwrap();
+    let job = wait_for(&app, &key, id, Duration::from_secs(30), |j| {
+        j["status"] == "succeeded" || j["status"] == "failed"
+    })
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2);
+    let events = all_events(&app, &key, id).await;
+    assert!(events.iter().any(|e| {
+        e["level"] == "warn"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("simulated fault on attempt 1")
+    }));
+    app.shutdown().await;
+
+    // Always failing: gives up after max_attempts.
+    let broken = Arc::new(ToyExecutor {
+        flaky_attempts: 100,
+        ..ToyExecutor::plain(1)
+    });
+    let app = spawn_app(broken.clone(), 1).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let job = create_job(&app, &key, &file, json!({"n_epochs": 1})).await;
+    let job = wait_for(
+        &app,
+        &key,
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(30),
+        |j| j["status"] == "failed",
+    )
+    .await;
+    assert_eq!(job["error"]["code"], "infrastructure_error");
+    assert_eq!(broken.started.load(std::sync::atomic::Ordering::SeqCst), 3);
+    app.shutdown().await;
+
+    // A user error fails at once.
+    let wrong = Arc::new(ToyExecutor {
+        user_error: Some("label column is empty".into()),
+        ..ToyExecutor::plain(1)
+    });
+    let app = spawn_app(wrong.clone(), 1).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let job = create_job(&app, &key, &file, json!({"n_epochs": 1})).await;
+    let job = wait_for(
+        &app,
+        &key,
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(30),
+        |j| j["status"] == "failed",
+    )
+    .await;
+    assert_eq!(job["error"]["message"], "label column is empty");
+    assert_eq!(job["error"]["code"], "training_failed");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(wrong.started.load(std::sync::atomic::Ordering::SeqCst), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_training_engine_jobs_fail_with_a_clear_message() {
+    let app = TestApp::spawn_with(|s| {
+        jobs_support::install_model(&s.models_dir);
+        s.jobs.executor = None;
+    })
+    .await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let job = create_job(&app, &key, &file, json!({})).await;
+    let job = wait_for(
+        &app,
+        &key,
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(30),
+        |j| j["status"] == "failed",
+    )
+    .await;
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no training engine configured")
+    );
+    app.shutdown().await;
+}
