@@ -15,9 +15,10 @@ What runs (each configuration in a fresh child process, `--repeats` times, inter
   torch head_only  the same model; each step runs the frozen encoder under torch.no_grad() and
                    trains only the head (pooler dense + classifier), as a typical user would.
 
-Two diagnostic configurations run too (skip them with --no-extra): "kiln full (jemalloc)" (kiln
-with jemalloc via LD_PRELOAD) and "torch full (fused, glibc)" (fused AdamW, glibc malloc), to tell
-the optimizer's share from the allocator's.
+Two diagnostic configurations run too (skip them with --no-extra): "kiln full (glibc tuned)" (kiln
+with GLIBC_TUNABLES that stop malloc returning freed memory to the kernel, see GLIBC_NO_RETURN) and
+"torch full (fused, glibc)" (fused AdamW, glibc malloc), to tell the optimizer's share from the
+allocator's.
 
 PyTorch runs twice: "default" (torch.optim.AdamW with its defaults, glibc malloc: what a typical
 user gets) and "best" (AdamW(fused=True), jemalloc via LD_PRELOAD when installed, inference
@@ -153,13 +154,20 @@ def fail(what: str, res: dict):
 # kiln side
 
 
-def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int, jemalloc: bool = False) -> dict:
-    out = work / f"kiln-{strategy}-{rep}-{'je' if jemalloc else 'glibc'}"
+# glibc settings that stop malloc from giving big blocks back to the kernel: no mmap for large
+# allocations, no trimming of the heap top. Every freed tensor buffer is then reused instead of
+# being unmapped and faulted in again (zeroed) on the next allocation.
+GLIBC_NO_RETURN = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.top_pad=268435456"
+
+
+def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int, tuned: bool = False) -> dict:
+    out = work / f"kiln-{strategy}-{rep}-{'tuned' if tuned else 'glibc'}"
     env = dict(os.environ)
     env["RAYON_NUM_THREADS"] = str(args.threads)
     env.pop("LD_PRELOAD", None)
-    if jemalloc:
-        env["LD_PRELOAD"] = next(p for p in JEMALLOC_CANDIDATES if os.path.exists(p))
+    env.pop("GLIBC_TUNABLES", None)
+    if tuned:
+        env["GLIBC_TUNABLES"] = GLIBC_NO_RETURN
     env.setdefault("KILN_LOG", "warn")
     cmd = [
         str(args.kiln), "train",
@@ -219,6 +227,7 @@ def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int
         "wall_s": res["wall_s"],
         "cpu_s": res["cpu_s"],
         "metrics": final.get("metrics"),
+        "step_s": [round(steps[s][0] - steps[s - 1][0], 4) for s in range(2, n + 1) if s in steps and s - 1 in steps],
     }
     # head_only: the feature cache is a pure encoder forward over train + valid. kiln computes it
     # right after its `started` event and before step 1. Its own "Feature cache: encoded N
@@ -377,6 +386,7 @@ def torch_worker(args) -> None:
         timed_steps=f"{w + 1}..{last}",
         train_ex_per_s=(e_n - e_w) / (t_n - t_w),
         train_cores_used=(c_n - c_w) / (t_n - t_w),
+        step_s=[round(b[0] - a[0], 4) for a, b in zip(marks, marks[1:])],
     )
     # Accuracy on the validation file, as a sanity check that it trained.
     model.eval()
@@ -463,7 +473,7 @@ def main():
     ap.add_argument("--only", default="", help="semicolon-separated subset, e.g. 'kiln full;torch full (best)'")
     ap.add_argument("--no-jemalloc", action="store_true", help="torch best keeps glibc malloc")
     ap.add_argument("--no-extra", action="store_true",
-                    help="skip the diagnostic configurations 'kiln full (jemalloc)' and 'torch full (fused, glibc)'")
+                    help="skip the diagnostic configurations 'kiln full (glibc tuned)' and 'torch full (fused, glibc)'")
     ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/train-minilm-DATE.json]")
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=["default", "best", "fused"], help=argparse.SUPPRESS)
@@ -486,10 +496,8 @@ def main():
     ]
     if not args.no_extra:
         # Where the allocator and the optimizer account for the differences.
-        configs.insert(1, ("kiln full (jemalloc)", lambda w, t, v, r: run_kiln(args, "full", t, v, w, r, jemalloc=True)))
+        configs.insert(1, ("kiln full (glibc tuned)", lambda w, t, v, r: run_kiln(args, "full", t, v, w, r, tuned=True)))
         configs.insert(5, ("torch full (fused, glibc)", lambda w, t, v, r: run_torch(args, "fused", "full", t, v, r)))
-        if not any(os.path.exists(p) for p in JEMALLOC_CANDIDATES):
-            configs.pop(1)
     if args.only:
         want = {s.strip() for s in args.only.split(";")}
         configs = [c for c in configs if c[0] in want]
@@ -537,7 +545,8 @@ def main():
         ("kiln head_only", "torch head_only (best)", "infer_ex_per_s"),
         ("kiln full", "torch full (default)", "max_rss_mib"),
         ("kiln full", "torch full (best)", "max_rss_mib"),
-        ("kiln full (jemalloc)", "kiln full", "train_ex_per_s"),
+        ("kiln full (glibc tuned)", "kiln full", "train_ex_per_s"),
+        ("kiln full (glibc tuned)", "torch full (best)", "train_ex_per_s"),
         ("torch full (fused, glibc)", "torch full (default)", "train_ex_per_s"),
         ("torch full (best)", "torch full (fused, glibc)", "train_ex_per_s"),
         ("kiln head_only", "torch head_only (default)", "max_rss_mib"),

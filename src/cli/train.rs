@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 use serde_json::{Map, Value, json};
 
@@ -58,7 +58,8 @@ pub fn hyperparameters_from_pairs(pairs: &[String]) -> anyhow::Result<Hyperparam
         let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
         map.insert(key.trim().to_owned(), value);
     }
-    serde_json::from_value(Value::Object(map)).context("invalid --set")
+    serde_path_to_error::deserialize(Value::Object(map))
+        .map_err(|e| anyhow::anyhow!("invalid --set {e}"))
 }
 
 fn resolve_model(args: &TrainArgs) -> anyhow::Result<PathBuf> {
@@ -111,6 +112,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let json_progress = args.json_progress;
+    // indicatif draws nothing when stderr is not a terminal: then print plain lines.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut on_event = |event: &TrainEvent| {
         if json_progress {
             if let Ok(line) = serde_json::to_string(event) {
@@ -128,12 +137,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 ..
             } => {
                 bar.set_length(*total_steps);
-                bar.println(format!("{task}: {train_examples} training and {valid_examples} validation examples, {total_steps} steps"));
+                say(format!(
+                    "{task}: {train_examples} training and {valid_examples} validation examples, {total_steps} steps"
+                ));
                 for note in notes {
-                    bar.println(format!("  chose {note}"));
+                    say(format!("  chose {note}"));
                 }
             }
-            TrainEvent::Message(m) => bar.println(m),
+            TrainEvent::Message(m) => say(m.clone()),
             TrainEvent::Step(p) => {
                 bar.set_position(p.step);
                 bar.set_message(format!(
@@ -147,9 +158,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|(k, v)| format!("{k} {v:.4}"))
                     .collect();
-                bar.println(format!("step {}: {}", e.step, figures.join("  ")));
+                say(format!("step {}: {}", e.step, figures.join("  ")));
             }
-            TrainEvent::Checkpoint(c) => bar.println(format!(
+            TrainEvent::Checkpoint(c) => say(format!(
                 "checkpoint at step {}: {}",
                 c.step,
                 c.dir.display()

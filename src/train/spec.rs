@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::schedule::LrScheduler;
 
 /// A value, or `"auto"` to let kiln choose.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum AutoOr<T> {
     Auto(Auto),
@@ -24,6 +24,20 @@ pub enum AutoOr<T> {
 #[serde(rename_all = "lowercase")]
 pub enum Auto {
     Auto,
+}
+
+// By hand rather than `#[serde(untagged)]`, whose error ("data did not match any variant")
+// would hide what was wrong with the value.
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for AutoOr<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        if value == "auto" {
+            return Ok(AutoOr::Auto(Auto::Auto));
+        }
+        T::deserialize(value)
+            .map(AutoOr::Value)
+            .map_err(|e| serde::de::Error::custom(format!("{e} (or \"auto\")")))
+    }
 }
 
 impl<T: Clone> AutoOr<T> {
@@ -111,6 +125,31 @@ pub struct HyperparameterRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub select_metric: Option<AutoOr<String>>,
 }
+
+/// Every key a [`HyperparameterRequest`] accepts, in the order the job object shows them.
+pub const KEYS: &[&str] = &[
+    "n_epochs",
+    "batch_size",
+    "learning_rate_multiplier",
+    "strategy",
+    "freeze_layers",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "learning_rate",
+    "head_learning_rate",
+    "warmup_ratio",
+    "weight_decay",
+    "lr_scheduler",
+    "max_grad_norm",
+    "gradient_accumulation_steps",
+    "max_length",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "early_stopping_patience",
+    "select_metric",
+];
 
 /// A hyperparameter that is out of range, naming it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -597,6 +636,27 @@ mod tests {
             serde_json::from_value::<HyperparameterRequest>(json!({"strategy": "partial"}))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn keys_lists_every_field_of_the_request() {
+        let mut all = serde_json::Map::new();
+        for k in KEYS {
+            all.insert((*k).to_owned(), json!("auto"));
+        }
+        let req: HyperparameterRequest =
+            serde_json::from_value(serde_json::Value::Object(all)).unwrap();
+        let back = serde_json::to_value(&req).unwrap();
+        let mut fields: Vec<&str> = back
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut keys = KEYS.to_vec();
+        fields.sort();
+        keys.sort();
+        assert_eq!(fields, keys);
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl JobExecutor for EngineExecutor {
         };
         let stop = StopSignal::default();
         let mut checkpoint_failure: Option<JobFailure> = None;
-        let mut last_train_loss = None;
+        let mut last_step: Option<(f64, u64, f64)> = None; // train loss, total steps, examples/s
         let mut on_event = |event: &TrainEvent| {
             if let Some(reason) = ctx.should_stop() {
                 stop.request(stop_request(reason));
@@ -115,7 +115,7 @@ impl JobExecutor for EngineExecutor {
                 }
                 TrainEvent::Message(m) => ctx.log(Level::Info, m.clone()),
                 TrainEvent::Step(p) => {
-                    last_train_loss = Some(p.train_loss);
+                    last_step = Some((p.train_loss, p.total_steps, p.examples_per_second));
                     let mut metrics = Metrics::new();
                     metrics.insert("train_loss".into(), p.train_loss);
                     metrics.insert("learning_rate".into(), p.learning_rate);
@@ -131,14 +131,15 @@ impl JobExecutor for EngineExecutor {
                 }
                 TrainEvent::Evaluated(e) => {
                     let mut metrics: Metrics = e.metrics.clone();
-                    if let Some(loss) = last_train_loss {
+                    let (loss, total_steps, speed) = last_step.unwrap_or((f64::NAN, 0, 0.0));
+                    if loss.is_finite() {
                         metrics.insert("train_loss".into(), loss);
                     }
                     ctx.report_progress(Progress {
                         step: e.step,
-                        total_steps: 0,
+                        total_steps,
                         epoch: e.epoch,
-                        examples_per_second: None,
+                        examples_per_second: Some(speed),
                         metrics,
                     });
                     if !e.details.is_null() {

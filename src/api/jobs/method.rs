@@ -19,31 +19,11 @@ pub fn method_for_format(format: &str) -> &'static str {
     }
 }
 
-/// kiln's knobs every method takes (DESIGN.md "The job spec"), next to OpenAI's three.
-/// Their ranges are the training engine's ([`HyperparameterRequest::check`]); a knob not
-/// given is `"auto"` until the engine records the value it used.
-const COMMON: [&str; 20] = [
-    "n_epochs",
-    "batch_size",
-    "learning_rate_multiplier",
-    "strategy",
-    "freeze_layers",
-    "lora_rank",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "learning_rate",
-    "warmup_ratio",
-    "weight_decay",
-    "lr_scheduler",
-    "max_grad_norm",
-    "gradient_accumulation_steps",
-    "max_length",
-    "eval_every_steps",
-    "checkpoint_every_steps",
-    "early_stopping_patience",
-    "select_metric",
-];
+/// kiln's knobs every method takes (DESIGN.md "The job spec"), next to OpenAI's three:
+/// the training engine's own list, so the two cannot drift apart. Their ranges are the
+/// engine's ([`HyperparameterRequest::check`]); a knob not given is `"auto"` until the engine
+/// records the value it used.
+const COMMON: &[&str] = crate::train::spec::KEYS;
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
@@ -207,7 +187,7 @@ fn resolve_hyperparameters(
             format!("{prefix}.{}", e.param),
         )
     })?;
-    for name in COMMON {
+    for &name in COMMON {
         let value = common.get(name).filter(|v| !v.is_null()).cloned();
         out.insert(name.to_owned(), value.unwrap_or_else(auto));
     }

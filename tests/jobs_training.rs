@@ -1,0 +1,230 @@
+//! Jobs trained by kiln's real engine (a tiny BERT), end to end over HTTP: the job's
+//! hyperparameters come back with the values used, metrics and checkpoints are recorded, the
+//! model is exported, a fine-tuned model can be fine-tuned again, and cancel reaches a
+//! running training loop.
+
+mod common;
+mod jobs_support;
+mod train_support;
+
+use std::time::Duration;
+
+use common::TestApp;
+use jobs_support::{all_events, post_empty, post_json, wait_for};
+use kiln::nn::tiny::TinyLayout;
+use serde_json::{Value, json};
+
+const BASE: &str = "kiln-test/tiny-bert";
+
+async fn app() -> TestApp {
+    TestApp::spawn_with(|s| {
+        train_support::tiny_model(&s.models_dir.join(BASE), TinyLayout::Unprefixed);
+        s.jobs.poll_interval = Duration::from_millis(300);
+    })
+    .await
+}
+
+async fn upload(app: &TestApp, key: &str, n: usize, seed: u64) -> String {
+    let path = app.data_dir.path().join(format!("data-{n}-{seed}.jsonl"));
+    train_support::sentiment_jsonl(&path, n, seed);
+    let res = app
+        .upload(
+            key,
+            "fine-tune",
+            "sentiment.jsonl",
+            std::fs::read(&path).unwrap(),
+        )
+        .await;
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(app.wait_validated(key, &id).await["status"], "processed");
+    id
+}
+
+async fn create(
+    app: &TestApp,
+    key: &str,
+    model: &str,
+    train: &str,
+    valid: Option<&str>,
+    hp: Value,
+) -> Value {
+    let (status, job) = post_json(
+        app,
+        key,
+        "/v1/fine_tuning/jobs",
+        json!({
+            "model": model,
+            "training_file": train,
+            "validation_file": valid,
+            "suffix": "sentiment",
+            "seed": 11,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
+#[tokio::test]
+async fn a_job_trains_with_the_engine_and_reports_what_it_did() {
+    let app = app().await;
+    let key = app.key_for("acme").await;
+    let train = upload(&app, &key, 120, 1).await;
+    let valid = upload(&app, &key, 40, 2).await;
+    let job = create(
+        &app,
+        &key,
+        BASE,
+        &train,
+        Some(&valid),
+        json!({"n_epochs": 8, "batch_size": 8, "learning_rate": 3e-3, "head_learning_rate": 3e-3, "checkpoint_every_steps": 20}),
+    )
+    .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let job = wait_for(&app, &key, &id, Duration::from_secs(120), |j| {
+        ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))
+    })
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(
+        job["fine_tuned_model"]
+            .as_str()
+            .unwrap()
+            .starts_with("ft:kiln-test/tiny-bert:"),
+        "{job}"
+    );
+    assert!(job["trained_tokens"].as_i64().unwrap() > 0);
+    let hp = &job["method"]["supervised"]["hyperparameters"];
+    assert_eq!(hp["strategy"], "full", "values used are echoed: {hp}");
+    assert!(hp["max_length"].is_number(), "auto resolved: {hp}");
+    assert!(
+        job["metrics"]["valid_accuracy"].as_f64().unwrap() >= 0.9,
+        "{job}"
+    );
+
+    let events = all_events(&app, &key, &id).await;
+    let metrics: Vec<&Value> = events.iter().filter(|e| e["type"] == "metrics").collect();
+    assert!(
+        metrics.iter().any(|e| e["data"]["train_loss"].is_number()),
+        "{events:?}"
+    );
+    assert!(
+        metrics.iter().any(|e| e["data"]["valid_loss"].is_number()),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Training text_classification"))
+    }));
+
+    let (_, checkpoints) = app
+        .get_json(&key, &format!("/v1/fine_tuning/jobs/{id}/checkpoints"))
+        .await;
+    let checkpoints = checkpoints["data"].as_array().unwrap();
+    assert!(checkpoints.len() >= 2, "{checkpoints:?}");
+
+    // The result file is a CSV of per-step metrics.
+    let result = job["result_files"][0].as_str().unwrap();
+    let res = app
+        .client
+        .get(app.url(&format!("/v1/files/{result}/content")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let csv = res.text().await.unwrap();
+    assert!(csv.lines().next().unwrap().contains("train_loss"), "{csv}");
+    assert!(csv.lines().count() > 10);
+
+    // A fine-tuned model is a base for the next job (it continues from its weights).
+    let next = create(
+        &app,
+        &key,
+        job["fine_tuned_model"].as_str().unwrap(),
+        &train,
+        Some(&valid),
+        json!({"n_epochs": 1, "strategy": "head_only"}),
+    )
+    .await;
+    let next = wait_for(
+        &app,
+        &key,
+        next["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+        |j| ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or("")),
+    )
+    .await;
+    assert_eq!(next["status"], "succeeded", "{next}");
+    assert!(
+        next["metrics"]["valid_accuracy"].as_f64().unwrap() >= 0.9,
+        "the features carry over: {next}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_training_job_stops_it_within_seconds() {
+    let app = app().await;
+    let key = app.key_for("acme").await;
+    let train = upload(&app, &key, 400, 3).await;
+    let job = create(
+        &app,
+        &key,
+        BASE,
+        &train,
+        None,
+        json!({"n_epochs": 50, "batch_size": 4}),
+    )
+    .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    wait_for(&app, &key, &id, Duration::from_secs(60), |j| {
+        j["status"] == "running" && j["progress"]["step"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    let (status, _) = post_empty(&app, &key, &format!("/v1/fine_tuning/jobs/{id}/cancel")).await;
+    assert_eq!(status, 200);
+    let started = std::time::Instant::now();
+    let job = wait_for(&app, &key, &id, Duration::from_secs(10), |j| {
+        j["status"] == "cancelled"
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    assert!(job["fine_tuned_model"].is_null());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn data_the_engine_cannot_train_fails_the_job_without_retries() {
+    let app = app().await;
+    let key = app.key_for("acme").await;
+    let train = upload(&app, &key, 40, 1).await;
+    let job = create(
+        &app,
+        &key,
+        BASE,
+        &train,
+        None,
+        json!({"n_epochs": 1, "max_length": 1000}),
+    )
+    .await;
+    let job = wait_for(
+        &app,
+        &key,
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+        |j| j["status"] == "failed",
+    )
+    .await;
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_length"), "{message}");
+    app.shutdown().await;
+}

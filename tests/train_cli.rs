@@ -1,0 +1,236 @@
+//! `kiln train` as a person runs it, the real pretrained all-MiniLM-L6-v2 fine-tuned to a
+//! useful accuracy, and exported models checked against Hugging Face transformers.
+//!
+//! The MiniLM tests need the model: `scripts/fetch-minilm.sh DIR` and
+//! `KILN_TEST_MINILM=DIR/sentence-transformers/all-MiniLM-L6-v2` (`.ci/run` does both).
+//! The transformers check needs `pip install -r tests/python/requirements.txt`.
+
+mod train_support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use kiln::data::text::TextTokenizer;
+use kiln::nn::classifier::SequenceClassifier;
+use kiln::nn::tiny::TinyLayout;
+use serde_json::{Value, json};
+use train_support::*;
+
+fn kiln_train(args: &[&str]) -> (std::process::Output, Option<Value>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("train")
+        .args(args)
+        .output()
+        .expect("run kiln train");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok());
+    (out, last)
+}
+
+fn minilm() -> PathBuf {
+    let dir = std::env::var("KILN_TEST_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/kiln-models/sentence-transformers/all-MiniLM-L6-v2")
+        });
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "the real all-MiniLM-L6-v2 is needed at {}: run scripts/fetch-minilm.sh ~/.cache/kiln-models (or set KILN_TEST_MINILM)",
+        dir.display()
+    );
+    dir
+}
+
+fn data(name: &str) -> String {
+    format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Writes kiln's logits for `texts` next to the ids it used, and has transformers compare.
+fn check_with_transformers(model_dir: &Path, texts: &[&str], max_length: usize) {
+    let model = SequenceClassifier::load_exported(model_dir, &Device::Cpu).unwrap();
+    let tok = TextTokenizer::load(model_dir, max_length).unwrap();
+    let b = tok.encode_batch(texts).unwrap();
+    let shape = (b.batch, b.seq_len);
+    let t = |v: &Vec<u32>| Tensor::from_vec(v.clone(), shape, &Device::Cpu).unwrap();
+    let logits = model
+        .forward(
+            &t(&b.input_ids),
+            Some(&t(&b.token_type_ids)),
+            &t(&b.attention_mask),
+            false,
+        )
+        .unwrap();
+    let rows = |v: &Vec<u32>| v.chunks(b.seq_len).map(<[u32]>::to_vec).collect::<Vec<_>>();
+    let cases = json!({
+        "texts": texts,
+        "input_ids": rows(&b.input_ids),
+        "attention_mask": rows(&b.attention_mask),
+        "token_type_ids": rows(&b.token_type_ids),
+        "logits": logits.to_vec2::<f32>().unwrap(),
+    });
+    let path = model_dir.with_extension("cases.json");
+    std::fs::write(&path, cases.to_string()).unwrap();
+    let out = Command::new("python3")
+        .arg(format!(
+            "{}/scripts/check_hf_export.py",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg(model_dir)
+        .arg(&path)
+        .output()
+        .expect("python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named"),
+        "pip install -r tests/python/requirements.txt: {stderr}"
+    );
+    assert!(
+        out.status.success(),
+        "transformers disagrees:\n{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn kiln_train_shows_progress_writes_the_model_and_ends_with_a_json_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(&dir.path().join("base"), TinyLayout::Prefixed);
+    sentiment_jsonl(&dir.path().join("train.jsonl"), 80, 1);
+    let out_dir = dir.path().join("out");
+    let (out, summary) = kiln_train(&[
+        "--model",
+        base.to_str().unwrap(),
+        "--training-file",
+        dir.path().join("train.jsonl").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--set",
+        "n_epochs=2",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "strategy=freeze",
+        "--set",
+        "lr_scheduler=cosine",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = summary.expect("the last stdout line is JSON");
+    assert_eq!(summary["status"], "succeeded");
+    assert_eq!(summary["task"], "text_classification");
+    assert!(summary["train_examples_per_second"].as_f64().unwrap() > 0.0);
+    assert!(summary["metrics"]["valid_accuracy"].is_number());
+    assert_eq!(summary["hyperparameters"]["strategy"], "freeze");
+    assert_eq!(
+        summary["hyperparameters"]["freeze_layers"], 1,
+        "auto: half the layers"
+    );
+    assert!(out_dir.join("model.safetensors").exists() && out_dir.join("config.json").exists());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("chose n_epochs") || stderr.contains("chose max_length"),
+        "the chosen values are shown: {stderr}"
+    );
+}
+
+#[test]
+fn kiln_train_rejects_bad_settings_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(&dir.path().join("base"), TinyLayout::Prefixed);
+    sentiment_jsonl(&dir.path().join("train.jsonl"), 20, 1);
+    for (set, named) in [
+        ("n_epochs=0", "n_epochs"),
+        ("strategy=partial", "strategy"),
+        ("epochs=3", "epochs"),
+    ] {
+        let (out, _) = kiln_train(&[
+            "--model",
+            base.to_str().unwrap(),
+            "--training-file",
+            dir.path().join("train.jsonl").to_str().unwrap(),
+            "--output",
+            dir.path().join("out").to_str().unwrap(),
+            "--set",
+            set,
+        ]);
+        assert!(!out.status.success(), "{set}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{set}: {stderr}");
+    }
+}
+
+#[test]
+fn an_exported_tiny_classifier_gives_transformers_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(&dir.path().join("base"), TinyLayout::Prefixed);
+    sentiment_jsonl(&dir.path().join("train.jsonl"), 60, 1);
+    let out_dir = dir.path().join("out");
+    let (out, _) = kiln_train(&[
+        "--model",
+        base.to_str().unwrap(),
+        "--training-file",
+        dir.path().join("train.jsonl").to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--set",
+        "n_epochs=1",
+        "--set",
+        "strategy=lora",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_with_transformers(
+        &out_dir,
+        &["the movie was good", "awful plot really", "great"],
+        32,
+    );
+}
+
+#[test]
+fn minilm_fine_tunes_to_over_90_percent_on_held_out_topics_and_exports_for_transformers() {
+    let model = minilm();
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("topics");
+    let (out, summary) = kiln_train(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--training-file",
+        &data("topics-train.jsonl"),
+        "--validation-file",
+        &data("topics-valid.jsonl"),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--set",
+        "n_epochs=2",
+        "--set",
+        "batch_size=16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = summary.unwrap();
+    let accuracy = summary["metrics"]["valid_accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.9, "held-out accuracy {accuracy}: {summary}");
+    check_with_transformers(
+        &out_dir,
+        &[
+            "The goalkeeper saved a penalty in the last minute.",
+            "Preheat the oven and bake the bread.",
+            "A storm is coming tonight.",
+        ],
+        128,
+    );
+}
