@@ -184,6 +184,7 @@ async fn run(url: &str, run_start: bool, run_get: bool, run_claim: bool) -> anyh
         models_dir: models.clone(),
         admin_key: Some(ADMIN_KEY.to_owned()),
         max_upload_bytes: 1 << 20,
+        artifacts: None,
         jobs: WorkerSettings {
             slots: 1,
             executor: Some(executor),

@@ -73,6 +73,11 @@ pub struct ServeArgs {
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "KILN_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: u64,
+    /// Where artifacts live: `s3://bucket/prefix` for S3-compatible object storage
+    /// (configured by the usual AWS_* variables), or a local directory
+    /// [default: $KILN_DATA_DIR/artifacts].
+    #[arg(long, env = "KILN_ARTIFACTS")]
+    pub artifacts: Option<String>,
     /// Training slots (jobs this process trains at once); 0 serves the API only.
     #[arg(long, env = "KILN_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -82,6 +87,11 @@ pub struct ServeArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub db: DbArgs,
+    /// Where artifacts live: `s3://bucket/prefix` for S3-compatible object storage
+    /// (configured by the usual AWS_* variables), or a local directory
+    /// [default: $KILN_DATA_DIR/artifacts].
+    #[arg(long, env = "KILN_ARTIFACTS")]
+    pub artifacts: Option<String>,
     /// Directory of base models in Hugging Face layout [default: $KILN_DATA_DIR/models].
     #[arg(long, env = "KILN_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
@@ -248,6 +258,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir,
         admin_key: args.admin_key.clone(),
         max_upload_bytes: args.max_upload_bytes,
+        artifacts: args.artifacts.clone(),
         jobs: WorkerSettings {
             slots: args.workers,
             ..WorkerSettings::default()
@@ -265,8 +276,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "Created an admin API key. It is shown only this once; keep it safe:\n\n    {key}\n"
         );
     }
+    let shutdown = server::shutdown_signal();
     println!("kiln listening on http://{}", running.addr);
-    server::shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down");
     let result = running.shutdown().await;
     database.close().await?;
@@ -293,19 +305,28 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         slots: args.workers.max(1),
         ..WorkerSettings::default()
     };
-    let running = match server::start_workers(&database.url, &data_dir, models_dir, jobs).await {
+    let running = match server::start_workers_with(
+        &database.url,
+        &data_dir,
+        models_dir,
+        args.artifacts.as_deref(),
+        jobs,
+    )
+    .await
+    {
         Ok(running) => running,
         Err(e) => {
             let _ = database.close().await;
             return Err(e);
         }
     };
+    let shutdown = server::shutdown_signal();
     println!(
         "kiln worker {} running {} slot(s)",
         running.worker_id(),
         args.workers.max(1)
     );
-    server::shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down: checkpointing and requeueing running jobs");
     running.shutdown().await;
     database.close().await

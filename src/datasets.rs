@@ -55,7 +55,14 @@ impl FileValidator {
         let Ok(_permit) = self.permits.acquire().await else {
             return;
         };
-        let path = self.artifacts.path(&file.storage_key);
+        let path = match self.artifacts.local_path(&file.storage_key).await {
+            Ok(path) => path,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return, // deleted meanwhile
+            Err(e) => {
+                tracing::error!(file = %file.id, error = %e, "could not fetch file for validation");
+                return;
+            }
+        };
         let filename = file.filename.clone();
         let report =
             tokio::task::spawn_blocking(move || data::validate_dataset(&path, &filename)).await;

@@ -28,6 +28,9 @@ pub struct Settings {
     pub models_dir: PathBuf,
     pub admin_key: Option<String>,
     pub max_upload_bytes: u64,
+    /// Where artifacts live: `s3://bucket/prefix` for S3-compatible object storage, a local
+    /// directory, or none for `$data_dir/artifacts` (`KILN_ARTIFACTS`).
+    pub artifacts: Option<String>,
     /// Training slots, engine and queue policy (`KILN_WORKERS`).
     pub jobs: WorkerSettings,
 }
@@ -85,11 +88,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         None => store.bootstrap_admin_key().await?.map(|k| k.secret),
     };
 
-    let artifacts = Artifacts::local(settings.data_dir.join("artifacts"))
+    let artifacts = Artifacts::open_setting(settings.artifacts.as_deref(), &settings.data_dir)
         .await
         .with_context(|| {
             format!(
-                "creating the artifact directory under {}",
+                "opening the artifact store under {}",
                 settings.data_dir.display()
             )
         })?;
@@ -175,25 +178,33 @@ pub struct RunningWorkers {
     workers: WorkerPool,
 }
 
-/// Connects, migrates and starts the worker pool (no HTTP listener).
+/// Connects, migrates and starts the worker pool (no HTTP listener), with artifacts in
+/// `$data_dir/artifacts`.
 pub async fn start_workers(
     database_url: &str,
     data_dir: &std::path::Path,
     models_dir: PathBuf,
     jobs: WorkerSettings,
 ) -> anyhow::Result<RunningWorkers> {
+    start_workers_with(database_url, data_dir, models_dir, None, jobs).await
+}
+
+/// Connects, migrates and starts the worker pool (no HTTP listener); `artifacts` names the
+/// artifact store as [`Settings::artifacts`] does.
+pub async fn start_workers_with(
+    database_url: &str,
+    data_dir: &std::path::Path,
+    models_dir: PathBuf,
+    artifacts: Option<&str>,
+    jobs: WorkerSettings,
+) -> anyhow::Result<RunningWorkers> {
     let store = Store::connect(database_url)
         .await
         .context("connecting to PostgreSQL")?;
     store.migrate().await.context("running migrations")?;
-    let artifacts = Artifacts::local(data_dir.join("artifacts"))
+    let artifacts = Artifacts::open_setting(artifacts, data_dir)
         .await
-        .with_context(|| {
-            format!(
-                "creating the artifact directory under {}",
-                data_dir.display()
-            )
-        })?;
+        .with_context(|| format!("opening the artifact store under {}", data_dir.display()))?;
     let workers = WorkerPool::start(store.clone(), artifacts, models_dir, jobs);
     Ok(RunningWorkers { store, workers })
 }
@@ -211,24 +222,32 @@ impl RunningWorkers {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// A future that resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
+/// called, not when the future is first polled: call it before announcing readiness, or a
+/// signal arriving in between would kill the process instead of shutting it down.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(term) => {},
+                _ = wait(int) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -264,6 +264,7 @@ async fn the_first_start_without_an_admin_key_creates_one_once() {
         models_dir: dir.path().join("models"),
         admin_key: None,
         max_upload_bytes: 1 << 20,
+        artifacts: None,
         jobs: Default::default(),
     };
     let first = kiln::server::start(settings.clone()).await.unwrap();

@@ -402,6 +402,7 @@ async fn validation_interrupted_by_a_restart_finishes_at_the_next_start() {
         data_dir: dir,
         admin_key: Some(common::ADMIN_KEY.into()),
         max_upload_bytes: 1 << 20,
+        artifacts: None,
         jobs: Default::default(),
     })
     .await

@@ -44,6 +44,7 @@ fn settings(database_url: &str, data_dir: &Path, inner: usize, lease: Duration) 
         models_dir,
         admin_key: Some(ADMIN_KEY.to_owned()),
         max_upload_bytes: 8 * 1024 * 1024,
+        artifacts: None,
         jobs,
     }
 }

@@ -209,7 +209,7 @@ fn head_only_encodes_each_example_once_and_trains_only_the_head_of_a_fine_tuned_
     job.base_model = tuned_dir.clone();
     let run = run(&job);
     let s = run.summary();
-    assert!(run.events.iter().any(|e| matches!(e, TrainEvent::Message(m) if m.starts_with("Feature cache: encoded 160 examples once"))));
+    assert!(run.events.iter().any(|e| matches!(e, TrainEvent::Message { text: m } if m.starts_with("Feature cache: encoded 160 examples once"))));
     assert!(s.metrics["valid_accuracy"] >= 0.9, "{:?}", s.metrics);
     let base = load(&tuned_dir.join("model.safetensors"));
     let out = load(&s.model_dir.join("model.safetensors"));
@@ -337,9 +337,9 @@ fn early_stopping_ends_the_run_when_the_metric_stalls() {
     let s = run.summary();
     assert!(s.steps < 20 * 8, "stopped after {} steps", s.steps);
     assert!(
-        run.events
-            .iter()
-            .any(|e| matches!(e, TrainEvent::Message(m) if m.starts_with("Early stopping")))
+        run.events.iter().any(
+            |e| matches!(e, TrainEvent::Message { text: m } if m.starts_with("Early stopping"))
+        )
     );
 }
 
@@ -400,9 +400,9 @@ fn a_model_without_an_mlm_head_gets_a_fresh_one_for_domain_adaptation() {
         1,
     ));
     assert!(
-        run.events
-            .iter()
-            .any(|e| matches!(e, TrainEvent::Message(m) if m.contains("no masked-LM head")))
+        run.events.iter().any(
+            |e| matches!(e, TrainEvent::Message { text: m } if m.contains("no masked-LM head"))
+        )
     );
     let out = load(&run.summary().model_dir.join("model.safetensors"));
     assert!(out.contains_key("cls.predictions.transform.dense.weight"));
@@ -439,4 +439,85 @@ fn bad_data_and_bad_settings_are_user_errors_that_name_the_problem() {
         err.is_user_error() && err.to_string().contains("chat"),
         "{err}"
     );
+}
+
+#[test]
+fn gradient_accumulation_matches_the_larger_batch() {
+    // Without dropout, two accumulated micro-batches of 4 are one batch of 8.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    kiln::nn::tiny::write_tiny_bert_with(
+        &base,
+        &kiln::nn::tiny::tiny_bert_config(),
+        7,
+        TinyLayout::Unprefixed,
+    )
+    .unwrap();
+    let words: Vec<&str> = POSITIVE
+        .iter()
+        .chain(&NEGATIVE)
+        .chain(&FILLER)
+        .copied()
+        .collect();
+    kiln::nn::tiny::write_tiny_tokenizer(&base, &words).unwrap();
+    sentiment_jsonl(&dir.path().join("train.jsonl"), 64, 1);
+    let hp = |batch: u32, accumulation: u32| json!({"n_epochs": 1, "batch_size": batch, "gradient_accumulation_steps": accumulation, "learning_rate": 3e-3, "head_learning_rate": 3e-3});
+    let train = dir.path().join("train.jsonl");
+    let big = run(&job(
+        &base,
+        &train,
+        None,
+        &dir.path().join("a"),
+        hp(8, 1),
+        3,
+    ));
+    let accumulated = run(&job(
+        &base,
+        &train,
+        None,
+        &dir.path().join("b"),
+        hp(4, 2),
+        3,
+    ));
+    let (a, b) = (big.losses(), accumulated.losses());
+    assert_eq!(a.len(), b.len(), "the same number of optimizer steps");
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4, "step {step}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let f = Fixture::new(TinyLayout::Unprefixed);
+    let base = f.p("base");
+    let all = load(&base.join("model.safetensors"));
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut index = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, base.join(file)).unwrap();
+        for n in part {
+            index.insert((*n).clone(), json!(file));
+        }
+    }
+    std::fs::write(
+        base.join("model.safetensors.index.json"),
+        json!({"weight_map": index}).to_string(),
+    )
+    .unwrap();
+    std::fs::remove_file(base.join("model.safetensors")).unwrap();
+
+    let described = kiln::models::describe("tiny", &base).unwrap();
+    let expected: u64 = all.values().map(|t| t.elem_count() as u64).sum();
+    assert_eq!(described.parameters, expected);
+    let run = run(&f.job(json!({"n_epochs": 1, "batch_size": 16}), 1, "a"));
+    assert_eq!(run.summary().steps, 8);
 }

@@ -144,7 +144,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                     say(format!("  chose {note}"));
                 }
             }
-            TrainEvent::Message(m) => say(m.clone()),
+            TrainEvent::Message { text } => say(text.clone()),
             TrainEvent::Step(p) => {
                 bar.set_position(p.step);
                 bar.set_message(format!(

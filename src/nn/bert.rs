@@ -11,9 +11,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{
-    Checkpoint, Embedding, LayerNorm, Linear, WeightSource, dropout, load_safetensors,
-};
+use super::layers::{Checkpoint, Embedding, LayerNorm, Linear, WeightSource, dropout};
 use super::lora::{LoraAdapter, LoraConfig, LoraTarget, lora_rng};
 use super::{NnError, Result, ops};
 
@@ -291,8 +289,7 @@ impl BertEncoder {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let weights = dir.join("model.safetensors");
-        let ckpt = load_safetensors(&weights, device)?;
+        let ckpt = super::layers::load_model_weights(dir, device)?;
         Self::from_checkpoint(&config, &ckpt, varmap, device, opts)
     }
 

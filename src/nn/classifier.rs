@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use super::bert::{BertConfig, BertEncoder, LoadOptions, cls_pool};
-use super::layers::{Checkpoint, Linear, dropout, load_safetensors};
+use super::layers::{Checkpoint, Linear, dropout, load_model_weights};
 use super::{NnError, Result};
 
 /// How the head's weights are named in exported checkpoints.
@@ -165,7 +165,7 @@ impl SequenceClassifier {
         seed: u64,
     ) -> Result<SequenceClassifier> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = load_safetensors(&dir.join("model.safetensors"), device)?;
+        let ckpt = load_model_weights(dir, device)?;
         let encoder = BertEncoder::from_checkpoint(&config, &ckpt, varmap, device, opts)?;
         let naming = HeadNaming::for_model_type(&config.model_type);
         let h = config.hidden_size;
@@ -210,7 +210,7 @@ impl SequenceClassifier {
         let labels = labels_from_config(&raw).ok_or_else(|| {
             NnError::InvalidConfig(format!("{} has no id2label", config_path.display()))
         })?;
-        let ckpt = load_safetensors(&dir.join("model.safetensors"), device)?;
+        let ckpt = load_model_weights(dir, device)?;
         let varmap = VarMap::new();
         let opts = LoadOptions {
             freeze_embeddings: true,

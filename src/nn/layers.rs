@@ -17,6 +17,21 @@ pub type NamedVars = Vec<(String, Var)>;
 /// Tensors of a checkpoint, by name, already on the target device in f32.
 pub type Checkpoint = HashMap<String, Tensor>;
 
+/// Reads every weight of a model directory: `model.safetensors`, or each shard named by
+/// `model.safetensors.index.json` (large checkpoints on the hub are sharded).
+pub fn load_model_weights(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let files =
+        crate::models::weight_files(dir).map_err(|e| NnError::InvalidConfig(e.to_string()))?;
+    if files.is_empty() {
+        return load_safetensors(&dir.join("model.safetensors"), device);
+    }
+    let mut all = Checkpoint::new();
+    for file in files {
+        all.extend(load_safetensors(&file, device)?);
+    }
+    Ok(all)
+}
+
 /// Reads a `.safetensors` file onto `device`, converting every floating tensor to f32.
 ///
 /// Training runs in f32 (half-precision checkpoints are common on the hub); integer tensors,

@@ -410,7 +410,7 @@ pub(crate) fn run(
         labels: labels.names().to_vec(),
     });
     if train_cut > 0 {
-        on_event(&TrainEvent::Message(format!(
+        on_event(&TrainEvent::message(format!(
             "{train_cut} of {} training examples were longer than max_length = {} tokens and were truncated.",
             task.train.texts.len(),
             hp.max_length
@@ -420,7 +420,7 @@ pub(crate) fn run(
         let started = std::time::Instant::now();
         task.train.features = Some(task.features(&task.train.texts)?);
         task.valid.features = Some(task.features(&task.valid.texts)?);
-        on_event(&TrainEvent::Message(format!(
+        on_event(&TrainEvent::message(format!(
             "Feature cache: encoded {} examples once in {:.1} s; only the head trains.",
             task.train.texts.len() + task.valid.texts.len(),
             started.elapsed().as_secs_f64()

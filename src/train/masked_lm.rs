@@ -19,7 +19,7 @@ use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, Trai
 use crate::data::text::{EncodedText, TextTokenizer, length_quantile, pad_batch, read_domain_text};
 use crate::nn::bert::{BertConfig, BertEncoder, LoadOptions};
 use crate::nn::classifier::HeadNaming;
-use crate::nn::layers::load_safetensors;
+use crate::nn::layers::load_model_weights;
 use crate::nn::lora::{LoraConfig, LoraTarget};
 
 /// Share of tokens chosen for prediction, as in BERT.
@@ -304,7 +304,7 @@ pub(crate) fn run(
     let train = encode(&train_texts)?;
     let valid_rows = encode(&valid_texts)?;
 
-    let mut ckpt = load_safetensors(&job.base_model.join("model.safetensors"), &job.device)?;
+    let mut ckpt = load_model_weights(&job.base_model, &job.device)?;
     let has_head = ckpt.contains_key("cls.predictions.transform.dense.weight")
         || ckpt.contains_key("lm_head.dense.weight");
     if !has_head {
@@ -364,13 +364,13 @@ pub(crate) fn run(
         labels: Vec::new(),
     });
     if !has_head {
-        on_event(&TrainEvent::Message(
-            "The base model has no masked-LM head; training a fresh one with the encoder.".into(),
+        on_event(&TrainEvent::message(
+            "The base model has no masked-LM head; training a fresh one with the encoder.",
         ));
     }
     let baseline = task.evaluate()?.map(|(m, _)| m);
     if let Some(m) = &baseline {
-        on_event(&TrainEvent::Message(format!(
+        on_event(&TrainEvent::message(format!(
             "Before training, on held-out text: masked-token loss {:.4}, accuracy {:.4}.",
             m.get("valid_loss").copied().unwrap_or(f64::NAN),
             m.get("valid_masked_token_accuracy")

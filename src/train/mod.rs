@@ -132,7 +132,10 @@ pub enum TrainEvent {
         total_steps: u64,
         labels: Vec<String>,
     },
-    Message(String),
+    /// Something a person should read (choices made, truncation, early stopping).
+    Message {
+        text: String,
+    },
     Step(StepProgress),
     Evaluated(Evaluation),
     Checkpoint(CheckpointInfo),
@@ -189,6 +192,12 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("optimizer: {0}")]
     Optimizer(#[from] optim::OptimError),
+}
+
+impl TrainEvent {
+    pub(crate) fn message(text: impl Into<String>) -> TrainEvent {
+        TrainEvent::Message { text: text.into() }
+    }
 }
 
 impl TrainError {

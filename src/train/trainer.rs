@@ -159,7 +159,7 @@ impl Trainer<'_> {
                     s.train_examples
                 )));
             }
-            (self.on_event)(&TrainEvent::Message(format!(
+            (self.on_event)(&TrainEvent::message(format!(
                 "Resumed from the checkpoint at step {} (epoch {}).",
                 s.step,
                 s.epoch + 1
@@ -304,7 +304,7 @@ impl Trainer<'_> {
                         )?;
                     }
                     if stopped_early {
-                        (self.on_event)(&TrainEvent::Message(format!(
+                        (self.on_event)(&TrainEvent::message(format!(
                             "Early stopping: {} did not improve for {} evaluations.",
                             hp.select_metric, state.evals_without_improvement
                         )));

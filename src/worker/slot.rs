@@ -96,13 +96,15 @@ async fn prepare(shared: &Shared, job: &JobRow) -> Result<JobSpec, JobFailure> {
             .await
             .map_err(infra)?
             .ok_or_else(|| JobFailure::UserError(format!("file {id} was deleted")))?;
-        let path = shared.artifacts.path(&row.storage_key);
-        if tokio::fs::metadata(&path).await.is_err() {
-            return Err(JobFailure::Infrastructure(format!(
-                "the bytes of file {id} are missing from the artifact store"
-            )));
+        match shared.artifacts.local_path(&row.storage_key).await {
+            Ok(path) => Ok::<PathBuf, JobFailure>(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(JobFailure::Infrastructure(
+                format!("the bytes of file {id} are missing from the artifact store"),
+            )),
+            Err(e) => Err(JobFailure::Infrastructure(format!(
+                "could not fetch file {id} from the artifact store: {e}"
+            ))),
         }
-        Ok::<PathBuf, JobFailure>(path)
     };
     let training_file = local_file(job.training_file.clone()).await?;
     let validation_file = match &job.validation_file {
@@ -116,7 +118,16 @@ async fn prepare(shared: &Shared, job: &JobRow) -> Result<JobSpec, JobFailure> {
             .await
             .map_err(infra)?
             .ok_or_else(|| JobFailure::UserError(format!("model {} is gone", job.model)))?;
-        shared.artifacts.path(&model_key(&parent.id))
+        shared
+            .artifacts
+            .local_dir(&model_key(&parent.id))
+            .await
+            .map_err(|e| {
+                JobFailure::Infrastructure(format!(
+                    "could not fetch model {} from the artifact store: {e}",
+                    job.model
+                ))
+            })?
     } else {
         shared.models_dir.join(&job.model)
     };
@@ -130,16 +141,28 @@ async fn prepare(shared: &Shared, job: &JobRow) -> Result<JobSpec, JobFailure> {
             model_dir.display()
         )));
     }
-    let resume = shared
+    let resume = match shared
         .queue
         .latest_checkpoint(&job.id)
         .await
         .map_err(infra)?
-        .map(|c| ResumeFrom {
+    {
+        Some(c) => Some(ResumeFrom {
             step: c.step.max(0) as u64,
-            dir: shared.artifacts.path(&c.storage_key),
+            dir: shared
+                .artifacts
+                .local_dir(&c.storage_key)
+                .await
+                .map_err(|e| {
+                    JobFailure::Infrastructure(format!(
+                        "could not fetch the checkpoint of step {} from the artifact store: {e}",
+                        c.step
+                    ))
+                })?,
             metrics: metrics_of(&c.metrics),
-        });
+        }),
+        None => None,
+    };
     let method = job.method["type"]
         .as_str()
         .unwrap_or("supervised")
@@ -430,17 +453,7 @@ async fn store_checkpoint(
         "checkpoints/{}/step-{step:010}-attempt-{}",
         lease.job_id, lease.attempt
     );
-    let target = shared.artifacts.path(&key);
-    let moved = async {
-        if let Some(parent) = target.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        if tokio::fs::metadata(&target).await.is_ok() {
-            tokio::fs::remove_dir_all(&target).await?;
-        }
-        tokio::fs::rename(dir, &target).await
-    };
-    if let Err(e) = moved.await {
+    if let Err(e) = shared.artifacts.put_dir(dir, &key).await {
         let _ = tokio::fs::remove_dir_all(dir).await;
         return Err(JobFailure::Infrastructure(format!(
             "could not store the checkpoint of step {step}: {e}"
@@ -459,7 +472,7 @@ async fn store_checkpoint(
         Some(true) => Ok(()),
         Some(false) | None => {
             control.stop.raise(StopReason::LeaseLost);
-            let _ = tokio::fs::remove_dir_all(&target).await;
+            let _ = shared.artifacts.delete_dir(&key).await;
             Err(JobFailure::Stopped(StopReason::LeaseLost))
         }
     }
@@ -544,26 +557,16 @@ async fn complete(
     outcome: JobOutcome,
 ) {
     let final_key = model_key(&job.id);
-    let final_dir = shared.artifacts.path(&final_key);
-    if let Some(dir) = &outcome.model_dir {
-        let moved = async {
-            if let Some(parent) = final_dir.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            if tokio::fs::metadata(&final_dir).await.is_ok() {
-                tokio::fs::remove_dir_all(&final_dir).await?;
-            }
-            tokio::fs::rename(dir, &final_dir).await
-        };
-        if let Err(e) = moved.await {
-            let error = json!({"code": "infrastructure_error", "param": null,
+    if let Some(dir) = &outcome.model_dir
+        && let Err(e) = shared.artifacts.put_dir(dir, &final_key).await
+    {
+        let error = json!({"code": "infrastructure_error", "param": null,
                 "message": format!("could not store the fine-tuned model: {e}")});
-            persist(clock, control, || {
-                shared.queue.fail_job(lease, &error, true)
-            })
-            .await;
-            return;
-        }
+        persist(clock, control, || {
+            shared.queue.fail_job(lease, &error, true)
+        })
+        .await;
+        return;
     }
     let Some(history) = persist(clock, control, || shared.queue.metrics_history(&job.id)).await
     else {
@@ -615,7 +618,7 @@ async fn complete(
             tracing::info!(job = %job.id, state = ?other, "job did not complete; discarding its outputs");
             let _ = shared.artifacts.delete(&storage_key).await;
             if other.is_some() {
-                let _ = tokio::fs::remove_dir_all(&final_dir).await;
+                let _ = shared.artifacts.delete_dir(&final_key).await;
             }
         }
     }

@@ -113,7 +113,7 @@ impl JobExecutor for EngineExecutor {
                         ctx.log(Level::Info, format!("Chose {note}."));
                     }
                 }
-                TrainEvent::Message(m) => ctx.log(Level::Info, m.clone()),
+                TrainEvent::Message { text } => ctx.log(Level::Info, text.clone()),
                 TrainEvent::Step(p) => {
                     last_step = Some((p.train_loss, p.total_steps, p.examples_per_second));
                     let mut metrics = Metrics::new();

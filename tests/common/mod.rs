@@ -94,6 +94,7 @@ impl TestApp {
             models_dir: data_dir.path().join("models"),
             admin_key: Some(ADMIN_KEY.to_owned()),
             max_upload_bytes: 8 * 1024 * 1024,
+            artifacts: None,
             jobs: Default::default(),
         };
         configure(&mut settings);
