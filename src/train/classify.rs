@@ -11,14 +11,17 @@ use serde_json::{Value, json};
 
 use super::export::write_classifier;
 use super::metrics::{classification_report, multi_label_report};
-use super::spec::{Hyperparameters, ResolveContext, Strategy};
+use super::spec::{Hyperparameters, Strategy};
 use super::trainer::{LoopEnd, Task, Trainer, ValidationResult, VarGroup, total_steps};
-use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob};
-use crate::data::text::{
-    EncodedText, LabelSet, TextExample, TextTokenizer, length_quantile, pad_batch,
-    read_text_classification, stratified_split,
+use super::{
+    StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob, read_base_config,
+    resolve_context,
 };
-use crate::nn::bert::{BertConfig, LoadOptions, cls_pool};
+use crate::data::text::{
+    EncodedText, LabelSet, TextExample, TextTokenizer, pad_batch, read_text_classification,
+    stratified_split,
+};
+use crate::nn::bert::{LoadOptions, cls_pool};
 use crate::nn::classifier::SequenceClassifier;
 use crate::nn::lora::{LoraConfig, LoraTarget};
 
@@ -285,12 +288,7 @@ pub(crate) fn run(
     on_event: &mut dyn FnMut(&TrainEvent),
     stop: &StopSignal,
 ) -> Result<TrainOutcome, TrainError> {
-    let config_path = job.base_model.join("config.json");
-    let config = BertConfig::from_file(&config_path)?;
-    let config_json: Value = serde_json::from_str(
-        &std::fs::read_to_string(&config_path).map_err(|e| TrainError::Io(e.to_string()))?,
-    )
-    .map_err(|e| TrainError::Data(format!("{}: {e}", config_path.display())))?;
+    let (config, config_json) = read_base_config(&job.base_model)?;
 
     let data = read_text_classification(&job.training_file)?;
     let (train_examples, valid_examples) = match &job.validation_file {
@@ -311,22 +309,8 @@ pub(crate) fn run(
         )));
     }
 
-    // Tokenise once with no limit to choose max_length, then for real.
-    let probe = TextTokenizer::load(&job.base_model, usize::MAX)?;
     let texts: Vec<&str> = train_examples.iter().map(|e| e.text.as_str()).collect();
-    let lengths = probe.lengths(&texts)?;
-    let ctx = ResolveContext {
-        train_examples: train_examples.len(),
-        num_layers: config.num_hidden_layers,
-        max_positions: config.max_position_embeddings.saturating_sub(
-            if config.roberta_positions() {
-                config.pad_token_id as usize + 1
-            } else {
-                0
-            },
-        ),
-        p99_tokens: length_quantile(&lengths, 0.99),
-    };
+    let ctx = resolve_context(&config, &job.base_model, &texts)?;
     let (hp, notes) = job.hyperparameters.resolve(&ctx)?;
     let tokenizer = TextTokenizer::load(&job.base_model, hp.max_length as usize)?;
     let encode = |examples: &[TextExample]| -> Result<(Vec<EncodedText>, usize), TrainError> {

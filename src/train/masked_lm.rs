@@ -13,10 +13,13 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use super::export::write_masked_lm;
-use super::spec::{Hyperparameters, ResolveContext, Strategy};
+use super::spec::{Hyperparameters, Strategy};
 use super::trainer::{LoopEnd, Task, Trainer, ValidationResult, VarGroup, total_steps};
-use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob};
-use crate::data::text::{EncodedText, TextTokenizer, length_quantile, pad_batch, read_domain_text};
+use super::{
+    StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob, read_base_config,
+    resolve_context,
+};
+use crate::data::text::{EncodedText, TextTokenizer, pad_batch, read_domain_text};
 use crate::nn::bert::{BertConfig, BertEncoder, LoadOptions};
 use crate::nn::classifier::HeadNaming;
 use crate::nn::layers::load_model_weights;
@@ -248,12 +251,7 @@ pub(crate) fn run(
     on_event: &mut dyn FnMut(&TrainEvent),
     stop: &StopSignal,
 ) -> Result<TrainOutcome, TrainError> {
-    let config_path = job.base_model.join("config.json");
-    let config = BertConfig::from_file(&config_path)?;
-    let base_config: Value = serde_json::from_str(
-        &std::fs::read_to_string(&config_path).map_err(|e| TrainError::Io(e.to_string()))?,
-    )
-    .map_err(|e| TrainError::Data(format!("{}: {e}", config_path.display())))?;
+    let (config, base_config) = read_base_config(&job.base_model)?;
     let texts = read_domain_text(&job.training_file)?;
     let (train_texts, valid_texts) = match &job.validation_file {
         Some(p) => (texts, read_domain_text(p)?),
@@ -275,20 +273,8 @@ pub(crate) fn run(
             "domain adaptation needs at least two texts".into(),
         ));
     }
-    let probe = TextTokenizer::load(&job.base_model, usize::MAX)?;
     let refs: Vec<&str> = train_texts.iter().map(String::as_str).collect();
-    let ctx = ResolveContext {
-        train_examples: train_texts.len(),
-        num_layers: config.num_hidden_layers,
-        max_positions: config.max_position_embeddings.saturating_sub(
-            if config.roberta_positions() {
-                config.pad_token_id as usize + 1
-            } else {
-                0
-            },
-        ),
-        p99_tokens: length_quantile(&probe.lengths(&refs)?, 0.99),
-    };
+    let ctx = resolve_context(&config, &job.base_model, &refs)?;
     let (hp, notes) = job.hyperparameters.resolve(&ctx)?;
     if hp.strategy == Strategy::HeadOnly {
         return Err(TrainError::Data("strategy head_only has no head to train in domain adaptation; use full, freeze or lora".into()));

@@ -222,6 +222,42 @@ impl From<data::text::TextDataError> for TrainError {
     }
 }
 
+/// A base encoder's config, typed for building the model and raw for the export (which
+/// keeps every key the base had).
+pub(crate) fn read_base_config(
+    dir: &Path,
+) -> Result<(crate::nn::bert::BertConfig, Value), TrainError> {
+    let path = dir.join("config.json");
+    let config = crate::nn::bert::BertConfig::from_file(&path)?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let raw = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+    Ok((config, raw))
+}
+
+/// What resolving `"auto"` hyperparameters needs to know: the model's depth and longest
+/// sequence, and how long the training texts are in its tokens (untruncated).
+pub(crate) fn resolve_context(
+    config: &crate::nn::bert::BertConfig,
+    model_dir: &Path,
+    texts: &[&str],
+) -> Result<spec::ResolveContext, TrainError> {
+    let lengths = data::text::TextTokenizer::load(model_dir, usize::MAX)?.lengths(texts)?;
+    // RoBERTa-style positions start after the padding id.
+    let offset = if config.roberta_positions() {
+        config.pad_token_id as usize + 1
+    } else {
+        0
+    };
+    Ok(spec::ResolveContext {
+        train_examples: texts.len(),
+        num_layers: config.num_hidden_layers,
+        max_positions: config.max_position_embeddings.saturating_sub(offset),
+        p99_tokens: data::text::length_quantile(&lengths, 0.99),
+    })
+}
+
 /// The training-file format, as the validator detects it.
 pub fn detect_format(path: &Path) -> Result<DatasetFormat, TrainError> {
     let name = path
