@@ -192,6 +192,7 @@ async fn run(url: &str, run_start: bool, run_get: bool, run_claim: bool) -> anyh
             poll_interval: Duration::from_secs(5),
             ..Default::default()
         },
+        serve: Default::default(),
     })
     .await?;
     let base = format!("http://{}", running.addr);

@@ -81,6 +81,79 @@ pub struct ServeArgs {
     /// Training slots (jobs this process trains at once); 0 serves the API only.
     #[arg(long, env = "KILN_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    #[command(flatten)]
+    pub inference: InferenceArgs,
+}
+
+/// What the inference engine may use (serving and training share the machine).
+#[derive(Debug, Clone, Args)]
+pub struct InferenceArgs {
+    /// Memory for loaded models (weights as f32), e.g. `4GiB`, `512MiB` or bytes; the least
+    /// recently used models are unloaded past it.
+    #[arg(long, env = "KILN_SERVE_MEMORY", default_value = "4GiB", value_parser = parse_bytes)]
+    pub serve_memory: u64,
+    /// Forward passes that run at once across all models.
+    #[arg(long, env = "KILN_SERVE_SLOTS", default_value_t = 1)]
+    pub serve_slots: usize,
+    /// Inference requests that may wait; past it they get 429 with `retry-after`.
+    #[arg(long, env = "KILN_SERVE_MAX_WAITING", default_value_t = 512)]
+    pub serve_max_waiting: usize,
+    /// Seconds an inference request may take before it gets 503.
+    #[arg(long, env = "KILN_SERVE_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub serve_timeout_secs: f64,
+    /// Padded tokens in one forward pass (the dynamic batch's size).
+    #[arg(long, env = "KILN_SERVE_BATCH_TOKENS", default_value_t = 16_384)]
+    pub serve_batch_tokens: usize,
+    /// Inputs allowed in one request.
+    #[arg(long, env = "KILN_SERVE_MAX_INPUTS", default_value_t = 2048)]
+    pub serve_max_inputs: usize,
+    /// Transformer implementation for inference: `auto` (candle-transformers' where it
+    /// covers the architecture), `kiln` or `candle`.
+    #[arg(long, env = "KILN_SERVE_IMPL", default_value = "auto")]
+    pub serve_impl: crate::serve::Implementation,
+}
+
+impl InferenceArgs {
+    pub fn settings(&self) -> anyhow::Result<crate::serve::ServeSettings> {
+        if !(self.serve_timeout_secs.is_finite() && self.serve_timeout_secs > 0.0) {
+            anyhow::bail!("KILN_SERVE_TIMEOUT_SECS must be a positive number of seconds");
+        }
+        Ok(crate::serve::ServeSettings {
+            memory_bytes: self.serve_memory,
+            slots: self.serve_slots.max(1),
+            max_waiting: self.serve_max_waiting.max(1),
+            timeout: std::time::Duration::from_secs_f64(self.serve_timeout_secs),
+            max_batch_tokens: self.serve_batch_tokens.max(1),
+            max_inputs: self.serve_max_inputs.max(1),
+            implementation: self.serve_impl,
+            device: candle_core::Device::Cpu,
+        })
+    }
+}
+
+/// `4GiB`, `512MiB`, `2GB`, `100k` or a plain byte count.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. 4GiB, 512MiB, 1000000)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024.0f64.powi(4),
+        other => return Err(format!("unknown size unit '{other}' in '{text}'")),
+    };
+    Ok((value * scale) as u64)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -263,6 +336,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             slots: args.workers,
             ..WorkerSettings::default()
         },
+        serve: args.inference.settings()?,
     };
     let running = match server::start(settings).await {
         Ok(running) => running,

@@ -12,6 +12,7 @@ pub mod embedded_pg;
 pub mod models;
 pub mod nn;
 pub mod queue;
+pub mod serve;
 pub mod server;
 pub mod store;
 pub mod train;

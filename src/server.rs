@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::api::{self, AdminKey, AppState, FileValidator, Limits};
 use crate::artifacts::Artifacts;
 use crate::queue::Queue;
+use crate::serve::{ServeSettings, Serving};
 use crate::store::Store;
 use crate::store::keys::{DEFAULT_PROJECT, sha256};
 use crate::worker::{WorkerPool, WorkerSettings};
@@ -33,6 +34,8 @@ pub struct Settings {
     pub artifacts: Option<String>,
     /// Training slots, engine and queue policy (`KILN_WORKERS`).
     pub jobs: WorkerSettings,
+    /// The inference engine's share of the machine (`KILN_SERVE_*`).
+    pub serve: ServeSettings,
 }
 
 /// A server that is listening. Dropping it does not stop it: call [`RunningServer::shutdown`].
@@ -116,7 +119,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     );
     let state = AppState {
         store: store.clone(),
-        artifacts,
+        artifacts: artifacts.clone(),
         validator,
         limits: Arc::new(Limits {
             max_upload_bytes: settings.max_upload_bytes,
@@ -126,6 +129,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         metrics: metrics.clone(),
         queue,
         models_dir: Arc::new(settings.models_dir.clone()),
+        serving: Serving::new(settings.serve.clone(), artifacts.clone()),
     };
     let app = api::router(state);
 

@@ -266,6 +266,7 @@ async fn the_first_start_without_an_admin_key_creates_one_once() {
         max_upload_bytes: 1 << 20,
         artifacts: None,
         jobs: Default::default(),
+        serve: Default::default(),
     };
     let first = kiln::server::start(settings.clone()).await.unwrap();
     let key = first

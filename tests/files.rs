@@ -404,6 +404,7 @@ async fn validation_interrupted_by_a_restart_finishes_at_the_next_start() {
         max_upload_bytes: 1 << 20,
         artifacts: None,
         jobs: Default::default(),
+        serve: Default::default(),
     })
     .await
     .unwrap();

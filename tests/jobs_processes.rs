@@ -46,6 +46,7 @@ fn settings(database_url: &str, data_dir: &Path, inner: usize, lease: Duration) 
         max_upload_bytes: 8 * 1024 * 1024,
         artifacts: None,
         jobs,
+        serve: Default::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `kiln serve` process. Needs `pip install -r tests/python/requirements.txt`.
 
 mod common;
+mod train_support;
 
 use common::{ADMIN_KEY, KilnProcess, TestDatabase};
 
@@ -40,4 +41,122 @@ async fn run_script(script: &str) {
 #[tokio::test]
 async fn the_official_client_uploads_lists_downloads_and_deletes_files() {
     run_script("openai_files.py").await;
+}
+
+/// A real `kiln serve` trains a tiny BERT through the jobs API; then the official client lists
+/// and retrieves the base model (an id with `/`) and the fine-tuned one (an id with `:`), and
+/// embeds with both encodings (tests/python/openai_models.py).
+#[tokio::test]
+async fn the_official_client_lists_retrieves_and_embeds_with_served_models() {
+    use serde_json::{Value, json};
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    train_support::tiny_model(
+        &models.join("kiln-test/tiny-bert"),
+        kiln::nn::tiny::TinyLayout::Unprefixed,
+    );
+    let kiln = KilnProcess::serve(&[
+        ("DATABASE_URL", &db.url),
+        ("KILN_DATA_DIR", dir.path().to_str().unwrap()),
+        ("KILN_MODELS_DIR", models.to_str().unwrap()),
+        ("KILN_ADMIN_KEY", ADMIN_KEY),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let data = dir.path().join("train.jsonl");
+    train_support::sentiment_jsonl(&data, 60, 4);
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(std::fs::read(&data).unwrap()).file_name("train.jsonl"),
+        );
+    let file: Value = client
+        .post(format!("{}/v1/files", kiln.base))
+        .bearer_auth(ADMIN_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file_url = format!("{}/v1/files/{}", kiln.base, file["id"].as_str().unwrap());
+    for _ in 0..200 {
+        let f: Value = client
+            .get(&file_url)
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if f["status"] != "uploaded" {
+            assert_eq!(f["status"], "processed", "{f}");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let job: Value = client
+        .post(format!("{}/v1/fine_tuning/jobs", kiln.base))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({
+            "model": "kiln-test/tiny-bert", "training_file": file["id"], "suffix": "client",
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/v1/fine_tuning/jobs/{}",
+        kiln.base,
+        job["id"].as_str().unwrap()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let ft = loop {
+        let job: Value = client
+            .get(&url)
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        match job["status"].as_str() {
+            Some("succeeded") => break job["fine_tuned_model"].as_str().unwrap().to_owned(),
+            Some("failed" | "cancelled") => panic!("{job}"),
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let output = tokio::process::Command::new("python3")
+        .arg(format!(
+            "{}/tests/python/openai_models.py",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(["--base-url", &kiln.base, "--api-key", ADMIN_KEY])
+        .args([
+            "--base-model",
+            "kiln-test/tiny-bert",
+            "--fine-tuned-model",
+            &ft,
+        ])
+        .args(["--embedding-dim", "32"])
+        .output()
+        .await
+        .expect("python3");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai_models.py failed:\nstdout:\n{}\nstderr:\n{stderr}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(kiln.terminate().await.success());
 }

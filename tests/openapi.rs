@@ -66,7 +66,9 @@ async fn the_spec_and_the_router_describe_the_same_operations() {
     let app = TestApp::spawn().await;
     let mut served = BTreeSet::new();
     for path in served_paths() {
-        let concrete = path.replace("{id}", "probe-id");
+        let concrete = path
+            .replace("{id}", "probe-id")
+            .replace("{*id}", "probe-id");
         for method in METHODS {
             let res = app
                 .client

@@ -35,6 +35,9 @@ pub enum ApiError {
     /// 413: the body or upload is larger than allowed.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 429: too much work is waiting; the client should retry after `retry-after`.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// 503: a dependency (the database) is unavailable; clients may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -67,6 +70,7 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -76,6 +80,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
+            ApiError::TooManyRequests(_) => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "server_error",
             _ => "invalid_request_error",
@@ -89,6 +94,7 @@ impl ApiError {
             ApiError::NotFound { .. } => Some("not_found"),
             ApiError::PayloadTooLarge(_) => Some("payload_too_large"),
             ApiError::MethodNotAllowed(_) => Some("method_not_allowed"),
+            ApiError::TooManyRequests(_) => Some("overloaded"),
             _ => None,
         }
     }
@@ -113,7 +119,7 @@ pub fn error_body(
 ) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
     let mut response = (status, axum::Json(body)).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

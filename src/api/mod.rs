@@ -4,8 +4,10 @@
 pub mod error;
 pub mod extract;
 mod files;
+mod inference;
 mod jobs;
 mod keys;
+mod models;
 mod ops;
 pub mod pagination;
 
@@ -24,6 +26,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::artifacts::Artifacts;
 use crate::queue::Queue;
+use crate::serve::Serving;
 use crate::store::Store;
 use crate::store::keys::{Principal, matches_admin_key};
 use error::{ApiError, error_body};
@@ -42,6 +45,8 @@ pub struct AppState {
     pub queue: Queue,
     /// Base models in Hugging Face layout (`KILN_MODELS_DIR`).
     pub models_dir: Arc<PathBuf>,
+    /// The inference engine.
+    pub serving: Serving,
 }
 
 /// Request size limits.
@@ -88,6 +93,13 @@ pub fn router(state: AppState) -> Router {
             "/v1/fine_tuning/jobs/{id}/checkpoints",
             get(jobs::checkpoints),
         )
+        .route("/v1/models", get(models::list))
+        .route(
+            "/v1/models/{*id}",
+            get(models::retrieve).delete(models::remove),
+        )
+        .route("/v1/classifications", post(inference::classify))
+        .route("/v1/embeddings", post(inference::embed))
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))

@@ -40,6 +40,29 @@ pub struct BaseModel {
     pub has_tokenizer: bool,
     /// The checkpoint carries a masked-LM head (domain adaptation reuses it).
     pub has_mlm_head: bool,
+    /// Labels of a `*ForSequenceClassification` checkpoint (empty for plain encoders).
+    pub labels: Vec<String>,
+    /// `problem_type` of a classifier (`multi_label_classification`, ...).
+    pub problem_type: Option<String>,
+    /// Last change of its config.json (what the models API reports as `created`).
+    #[serde(skip)]
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl BaseModel {
+    /// What the model does as it is: a classifier's task, `embeddings` for a plain encoder.
+    pub fn task(&self) -> Option<&'static str> {
+        match self.family {
+            Some(Family::Encoder) if !self.labels.is_empty() => {
+                Some(match self.problem_type.as_deref() {
+                    Some("multi_label_classification") => "multi_label_classification",
+                    _ => "text_classification",
+                })
+            }
+            Some(Family::Encoder) => Some("embeddings"),
+            _ => None,
+        }
+    }
 }
 
 /// A model id that does not resolve to a usable directory.
@@ -156,6 +179,14 @@ pub fn describe(id: &str, dir: &Path) -> Result<BaseModel, ModelError> {
         .unwrap_or("unknown")
         .to_owned();
     let family = family_of(&architecture);
+    let is_classifier = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .any(|n| n.ends_with("ForSequenceClassification"))
+        });
     let weights = weight_files(dir)?;
     if weights.is_empty() {
         return Err(ModelError::Invalid(format!(
@@ -205,6 +236,18 @@ pub fn describe(id: &str, dir: &Path) -> Result<BaseModel, ModelError> {
         capabilities,
         has_tokenizer: dir.join("tokenizer.json").is_file(),
         has_mlm_head,
+        labels: if is_classifier {
+            crate::nn::classifier::labels_from_config(&config).unwrap_or_default()
+        } else {
+            Vec::new()
+        },
+        problem_type: config
+            .get("problem_type")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        modified: std::fs::metadata(&config_path)
+            .and_then(|m| m.modified())
+            .ok(),
     })
 }
 

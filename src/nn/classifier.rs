@@ -83,6 +83,32 @@ impl ClassificationHead {
     }
 }
 
+impl ClassificationHead {
+    /// The frozen head of an exported classifier (`naming` says where its tensors are).
+    pub fn from_checkpoint(
+        ckpt: &Checkpoint,
+        naming: HeadNaming,
+        hidden: usize,
+        labels: usize,
+        dropout: f64,
+    ) -> Result<ClassificationHead> {
+        let missing = |n: &str| NnError::MissingTensor {
+            name: format!("{n}.weight / {n}.bias"),
+        };
+        let (dw, db) = tensor_pair(ckpt, naming.dense(), (hidden, hidden))
+            .ok_or_else(|| missing(naming.dense()))?;
+        let (ow, ob) = tensor_pair(ckpt, naming.out(), (labels, hidden))
+            .ok_or_else(|| missing(naming.out()))?;
+        let varmap = VarMap::new();
+        let mut none = Vec::new();
+        Ok(ClassificationHead {
+            dense: var_linear(naming.dense(), dw, db, false, &mut none, &varmap)?,
+            out: var_linear(naming.out(), ow, ob, false, &mut none, &varmap)?,
+            dropout,
+        })
+    }
+}
+
 /// Encoder + head. Trainable weights are `Var`s in the `VarMap` passed at load.
 pub struct SequenceClassifier {
     pub encoder: BertEncoder,
@@ -219,22 +245,16 @@ impl SequenceClassifier {
         };
         let encoder = BertEncoder::from_checkpoint(&config, &ckpt, &varmap, device, &opts)?;
         let naming = HeadNaming::for_model_type(&config.model_type);
-        let h = config.hidden_size;
-        let missing = |n: &str| NnError::MissingTensor {
-            name: format!("{n}.weight / {n}.bias"),
-        };
-        let (dw, db) =
-            tensor_pair(&ckpt, naming.dense(), (h, h)).ok_or_else(|| missing(naming.dense()))?;
-        let (ow, ob) = tensor_pair(&ckpt, naming.out(), (labels.len(), h))
-            .ok_or_else(|| missing(naming.out()))?;
-        let mut none = Vec::new();
+        let head = ClassificationHead::from_checkpoint(
+            &ckpt,
+            naming,
+            config.hidden_size,
+            labels.len(),
+            config.hidden_dropout_prob,
+        )?;
         Ok(SequenceClassifier {
             encoder,
-            head: ClassificationHead {
-                dense: var_linear(naming.dense(), dw, db, false, &mut none, &varmap)?,
-                out: var_linear(naming.out(), ow, ob, false, &mut none, &varmap)?,
-                dropout: config.hidden_dropout_prob,
-            },
+            head,
             naming,
             labels,
             head_vars: Vec::new(),

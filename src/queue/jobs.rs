@@ -315,7 +315,8 @@ impl Queue {
     ) -> StoreResult<Option<JobRow>> {
         let sql = format!(
             "SELECT {} FROM fine_tuning_jobs j
-             WHERE j.project_id = $1 AND j.fine_tuned_model = $2 AND j.state = 'succeeded'",
+             WHERE j.project_id = $1 AND j.fine_tuned_model = $2 AND j.state = 'succeeded'
+               AND j.model_deleted_at IS NULL",
             sql::JOB_COLUMNS
         );
         Ok(sqlx::query_as(&sql)
@@ -554,6 +555,7 @@ impl Queue {
         result: &ResultFile<'_>,
         trained_tokens: Option<i64>,
         metrics: &Value,
+        model_info: Option<&Value>,
     ) -> StoreResult<Option<String>> {
         Ok(sqlx::query_scalar(sql::COMPLETE_JOB)
             .bind(&lease.job_id)
@@ -566,6 +568,7 @@ impl Queue {
             .bind(result.sha256)
             .bind(result.storage_key)
             .bind(&lease.worker_id)
+            .bind(model_info)
             .fetch_optional(&self.pool)
             .await?)
     }

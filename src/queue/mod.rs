@@ -8,6 +8,7 @@
 //! Events are appended to `fine_tuning_job_events`, never rewritten.
 
 mod jobs;
+mod models;
 pub mod notify;
 mod statements;
 
@@ -23,6 +24,7 @@ pub use jobs::{
     CheckpointRow, Control, EventRow, InsertOutcome, Lease, NewEvent, NewJob, ResultFile,
     Transition,
 };
+pub use models::ModelRow;
 
 /// Timing and retry policy of the queue.
 #[derive(Debug, Clone)]

@@ -123,6 +123,7 @@ WITH done AS (
         result_files = CASE WHEN j.cancel_requested_at IS NULL THEN ARRAY[$3::text]
                             ELSE '{}'::text[] END,
         trained_tokens = $4, metrics = $5, finished_at = now(),
+        model_info = CASE WHEN j.cancel_requested_at IS NULL THEN $11::jsonb END,
         worker_id = NULL, lease_expires_at = NULL, heartbeat_at = NULL, pause_requested_at = NULL
     WHERE j.id = $1 AND j.attempt = $2 AND j.state = 'running'
     RETURNING j.id, j.project_id, j.state, j.attempt, j.fine_tuned_model

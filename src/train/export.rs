@@ -134,8 +134,17 @@ pub(crate) fn write_classifier(
     if let Some(obj) = config.as_object_mut() {
         obj.remove("_name_or_path");
     }
-    write_model_dir(dir, &config, weights, base_dir, &[])
+    // The sentence-transformers files too: the fine-tuned encoder's embeddings are pooled
+    // and normalised as the base model's were (served by /v1/embeddings).
+    write_model_dir(dir, &config, weights, base_dir, SENTENCE_TRANSFORMERS_FILES)
 }
+
+/// sentence-transformers' description of how to pool and normalise the encoder's output.
+const SENTENCE_TRANSFORMERS_FILES: &[&str] = &[
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+];
 
 /// A domain-adapted encoder with its masked-LM head (`BertForMaskedLM` layout), usable as a
 /// base model by later jobs.
@@ -153,15 +162,5 @@ pub(crate) fn write_masked_lm(
         obj.remove("label2id");
     }
     // Keep the sentence-transformers pooling settings so embeddings stay as before.
-    write_model_dir(
-        dir,
-        &config,
-        weights,
-        base_dir,
-        &[
-            "modules.json",
-            "sentence_bert_config.json",
-            "1_Pooling/config.json",
-        ],
-    )
+    write_model_dir(dir, &config, weights, base_dir, SENTENCE_TRANSFORMERS_FILES)
 }

@@ -28,6 +28,7 @@ use serde_json::Value;
 
 use crate::data::{self, DatasetFormat};
 pub use spec::{HyperparameterError, HyperparameterRequest, Hyperparameters, Strategy};
+pub use trainer::CHECKPOINT_MODEL_DIR;
 
 /// One training run, described with plain values.
 #[derive(Debug, Clone)]

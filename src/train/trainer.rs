@@ -49,6 +49,9 @@ pub(crate) trait Task {
     fn export(&mut self, dir: &Path) -> Result<(), TrainError>;
 }
 
+/// The subdirectory of a checkpoint holding the model as of that step.
+pub const CHECKPOINT_MODEL_DIR: &str = "model";
+
 /// Loop position and history, saved in every checkpoint as `state.json`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct LoopState {
@@ -185,6 +188,7 @@ impl Trainer<'_> {
                         let checkpoint = match req {
                             StopRequest::Cancel => None,
                             StopRequest::CheckpointAndStop => Some(self.checkpoint(
+                                task,
                                 &state,
                                 &all_vars,
                                 &optimizer,
@@ -296,6 +300,7 @@ impl Trainer<'_> {
                     }
                     if checkpoint_now {
                         self.checkpoint(
+                            task,
                             &state,
                             &all_vars,
                             &optimizer,
@@ -384,8 +389,12 @@ impl Trainer<'_> {
             .is_some_and(|p| state.evals_without_improvement >= p))
     }
 
+    /// Saves what a resume needs (trainable variables, optimizer moments, loop position)
+    /// plus the model as of this step in Hugging Face layout under `model/`, so every
+    /// checkpoint can be served and downloaded like a finished model.
     fn checkpoint(
         &mut self,
+        task: &mut dyn Task,
         state: &LoopState,
         vars: &[(String, Var)],
         optimizer: &AdamW,
@@ -415,6 +424,7 @@ impl Trainer<'_> {
         optimizer.save(&partial.join("optimizer.safetensors"))?;
         let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Io(e.to_string()))?;
         std::fs::write(partial.join("state.json"), json).map_err(io)?;
+        task.export(&partial.join(CHECKPOINT_MODEL_DIR))?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io)?;
         }

@@ -73,6 +73,8 @@ pub struct JobOutcome {
     /// The fine-tuned model's files (a directory the executor wrote, e.g. under
     /// [`JobContext::scratch_dir`]); kiln moves it into the artifact store.
     pub model_dir: Option<PathBuf>,
+    /// What the model is, for the models API: `{"task": ..., "labels": [...]}`.
+    pub model_info: Option<serde_json::Value>,
 }
 
 /// Why an attempt did not succeed.

@@ -29,6 +29,7 @@ pub use engine::{
     JobContext, JobExecutor, JobFailure, JobOutcome, JobSpec, Level, Metrics, Progress, ResumeFrom,
     StopReason,
 };
+pub(crate) use slot::model_key;
 pub use training::EngineExecutor;
 
 /// How this process runs jobs.

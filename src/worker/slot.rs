@@ -607,7 +607,13 @@ async fn complete(
         .trained_tokens
         .map(|t| t.min(i64::MAX as u64) as i64);
     let state = persist(clock, control, || {
-        shared.queue.complete_job(lease, &result, tokens, &metrics)
+        shared.queue.complete_job(
+            lease,
+            &result,
+            tokens,
+            &metrics,
+            outcome.model_info.as_ref(),
+        )
     })
     .await;
     match state.flatten().as_deref() {

@@ -180,6 +180,11 @@ impl JobExecutor for EngineExecutor {
                     trained_tokens: Some(summary.trained_tokens),
                     metrics,
                     model_dir: Some(summary.model_dir),
+                    model_info: Some(serde_json::json!({
+                        "task": summary.task,
+                        "labels": summary.labels,
+                        "selected_step": summary.selected_step,
+                    })),
                 })
             }
             TrainOutcome::Stopped { .. } => Err(JobFailure::Stopped(

@@ -96,6 +96,7 @@ impl TestApp {
             max_upload_bytes: 8 * 1024 * 1024,
             artifacts: None,
             jobs: Default::default(),
+            serve: Default::default(),
         };
         configure(&mut settings);
         let running = server::start(settings).await.expect("server starts");

@@ -210,6 +210,7 @@ impl JobExecutor for ToyExecutor {
             trained_tokens: Some(total * batch * 8),
             metrics,
             model_dir: Some(model),
+            model_info: None,
         })
     }
 }

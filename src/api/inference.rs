@@ -1,0 +1,280 @@
+//! Inference endpoints for text encoders: `POST /v1/classifications` (kiln's) and
+//! `POST /v1/embeddings` (OpenAI's shape). The handlers parse and check the request, resolve
+//! the model, and hand plain strings to the serving engine (`serve/`); they never run a model.
+
+use axum::Json;
+use axum::extract::State;
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::models::resolve_for_inference;
+use super::{AppState, Caller};
+use crate::serve::ServeError;
+
+/// The request fields every inference endpoint shares.
+struct Common {
+    model: String,
+    texts: Vec<String>,
+    truncate: bool,
+}
+
+fn object_body(body: &Value) -> Result<&Map<String, Value>, ApiError> {
+    body.as_object()
+        .ok_or_else(|| ApiError::bad_request("The request body must be a JSON object.", None))
+}
+
+fn common(fields: &Map<String, Value>, max_inputs: usize) -> Result<Common, ApiError> {
+    let model = match fields.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) => return Err(ApiError::bad_request("'model' is empty.", "model")),
+        Some(_) => return Err(ApiError::bad_request("'model' must be a string.", "model")),
+        None => {
+            return Err(ApiError::bad_request(
+                "Missing required parameter: 'model'.",
+                "model",
+            ));
+        }
+    };
+    let texts = match fields.get("input") {
+        None => {
+            return Err(ApiError::bad_request(
+                "Missing required parameter: 'input'.",
+                "input",
+            ));
+        }
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => {
+            if items.is_empty() {
+                return Err(ApiError::bad_request(
+                    "'input' is an empty list: send at least one text.",
+                    "input",
+                ));
+            }
+            if items.len() > max_inputs {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "'input' has {} items; at most {max_inputs} are allowed in one request.",
+                        items.len()
+                    ),
+                    "input",
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(_) | Value::Array(_) => Err(ApiError::bad_request(
+                        format!(
+                            "input[{i}] is a token array: send text, which kiln tokenises with the model's own tokenizer."
+                        ),
+                        "input",
+                    )),
+                    _ => Err(ApiError::bad_request(
+                        format!("input[{i}] must be a string."),
+                        "input",
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'input' must be a string or a list of strings.",
+                "input",
+            ));
+        }
+    };
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(ApiError::bad_request(
+            if texts.len() == 1 {
+                "'input' is empty: send some text.".to_owned()
+            } else {
+                format!("input[{i}] is empty: every input needs some text.")
+            },
+            "input",
+        ));
+    }
+    let truncate = match fields.get("truncate") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'truncate' must be true or false.",
+                "truncate",
+            ));
+        }
+    };
+    Ok(Common {
+        model,
+        texts,
+        truncate,
+    })
+}
+
+fn serve_error(e: ServeError) -> ApiError {
+    match e {
+        ServeError::Unsupported(m) => ApiError::BadRequest {
+            message: m,
+            param: Some("model".into()),
+            code: Some("model_not_supported"),
+        },
+        ServeError::BadInput { index, message } => ApiError::BadRequest {
+            message: format!("input[{index}]: {message}"),
+            param: Some("input".into()),
+            code: Some("input_too_long"),
+        },
+        ServeError::Overloaded(_) => ApiError::TooManyRequests(e.to_string()),
+        ServeError::Timeout(_) => {
+            ApiError::Unavailable(format!("{e}; retry, or send fewer inputs"))
+        }
+        ServeError::TooLarge(m) => ApiError::BadRequest {
+            message: m,
+            param: Some("model".into()),
+            code: Some("model_too_large"),
+        },
+        ServeError::Load(m) | ServeError::Internal(m) => ApiError::Internal(anyhow::anyhow!(m)),
+    }
+}
+
+fn usage(tokens: usize) -> Value {
+    json!({"prompt_tokens": tokens, "total_tokens": tokens})
+}
+
+/// `POST /v1/classifications`: label probabilities per input from a fine-tuned classifier.
+pub async fn classify(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let fields = object_body(&body)?;
+    let req = common(fields, state.serving.settings().max_inputs)?;
+    let model = resolve_for_inference(&state, &caller, &req.model).await?;
+    let (loaded, results) = state
+        .serving
+        .classify(&model, req.texts, req.truncate)
+        .await
+        .map_err(serve_error)?;
+    let labels = &loaded.model.labels;
+    let multi_label = loaded.model.multi_label;
+    let mut total = 0;
+    let data: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, (c, tokens))| {
+            total += tokens;
+            let (best, score) =
+                c.scores
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |acc, (i, &s)| {
+                            if s > acc.1 { (i, s) } else { acc }
+                        },
+                    );
+            let scores: Map<String, Value> = labels
+                .iter()
+                .zip(&c.scores)
+                .map(|(l, s)| (l.clone(), json!(s)))
+                .collect();
+            let mut item = json!({
+                "object": "classification",
+                "index": index,
+                "label": labels.get(best),
+                "score": score,
+                "scores": scores,
+                "prompt_tokens": tokens,
+            });
+            if multi_label {
+                item["labels"] = json!(
+                    labels
+                        .iter()
+                        .zip(&c.scores)
+                        .filter(|(_, s)| **s >= 0.5)
+                        .map(|(l, _)| l)
+                        .collect::<Vec<_>>()
+                );
+            }
+            item
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "model": model.id,
+        "data": data,
+        "usage": usage(total),
+    })))
+}
+
+/// `POST /v1/embeddings`: OpenAI's embeddings endpoint for encoders, pooled and normalised
+/// as the model's sentence-transformers configuration says.
+pub async fn embed(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let fields = object_body(&body)?;
+    let req = common(fields, state.serving.settings().max_inputs)?;
+    let base64 = match fields.get("encoding_format") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(f)) if f == "float" => false,
+        Some(Value::String(f)) if f == "base64" => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'encoding_format' must be 'float' or 'base64'.",
+                "encoding_format",
+            ));
+        }
+    };
+    let dimensions = match fields.get("dimensions") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|d| d > 0) => n.as_u64(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'dimensions' must be a positive integer.",
+                "dimensions",
+            ));
+        }
+    };
+    let model = resolve_for_inference(&state, &caller, &req.model).await?;
+    let (loaded, results) = state
+        .serving
+        .embed(&model, req.texts, req.truncate)
+        .await
+        .map_err(serve_error)?;
+    let dim = loaded.model.embedding_dim() as u64;
+    if let Some(d) = dimensions
+        && d != dim
+    {
+        return Err(ApiError::bad_request(
+            format!(
+                "model '{}' returns {dim}-dimensional embeddings; 'dimensions' must be {dim} or absent.",
+                model.id
+            ),
+            "dimensions",
+        ));
+    }
+    let mut total = 0;
+    let data: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, (vector, tokens))| {
+            total += tokens;
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.id,
+        "usage": usage(total),
+    })))
+}

@@ -1,0 +1,659 @@
+//! The inference engine: a cache of loaded models bounded by memory (least recently used
+//! evicted), one batching thread per loaded model, a fixed number of inference slots shared by
+//! all models, a bound on waiting requests and a per-request deadline.
+//!
+//! The HTTP layer hands it a [`ModelRef`] (where the model's files are) and plain strings;
+//! tokenisation runs on tokio's blocking pool, the forward passes on the model threads
+//! (never on a tokio worker thread), TEI-style: each model thread takes every request that has
+//! arrived while it was busy, sorts the inputs by length and runs them in batches bounded by
+//! padded tokens.
+
+pub mod model;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OnceCell, oneshot};
+
+use crate::artifacts::Artifacts;
+use crate::data::text::EncodedText;
+pub use model::{Classification, EncoderModel, Implementation, Pooling, Purpose, TokenizeError};
+
+/// What the engine may use. Serving and training share a machine: these bound serving's
+/// share (training's is `KILN_WORKERS`).
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    /// Bytes of model weights kept loaded (`KILN_SERVE_MEMORY`).
+    pub memory_bytes: u64,
+    /// Forward passes that may run at once across all models (`KILN_SERVE_SLOTS`).
+    pub slots: usize,
+    /// Requests admitted but not answered, across all models; past it: 429
+    /// (`KILN_SERVE_MAX_WAITING`).
+    pub max_waiting: usize,
+    /// Time from admission to answer (`KILN_SERVE_TIMEOUT_SECS`).
+    pub timeout: Duration,
+    /// Padded tokens in one forward pass (`KILN_SERVE_BATCH_TOKENS`).
+    pub max_batch_tokens: usize,
+    /// Inputs in one request (`KILN_SERVE_MAX_INPUTS`).
+    pub max_inputs: usize,
+    pub implementation: Implementation,
+    pub device: candle_core::Device,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        ServeSettings {
+            memory_bytes: 4 << 30,
+            slots: 1,
+            max_waiting: 512,
+            timeout: Duration::from_secs(30),
+            max_batch_tokens: 16_384,
+            max_inputs: 2048,
+            implementation: Implementation::Auto,
+            device: candle_core::Device::Cpu,
+        }
+    }
+}
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLocation {
+    /// A directory on this machine (base models).
+    Dir(PathBuf),
+    /// A directory in the artifact store (fine-tuned models and checkpoints), fetched once.
+    Stored(String),
+}
+
+/// A model the API resolved: its public id and its files.
+#[derive(Debug, Clone)]
+pub struct ModelRef {
+    pub id: String,
+    pub location: ModelLocation,
+}
+
+/// Why a request was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The model cannot do what was asked (not an encoder, no classification head, ...).
+    #[error("{0}")]
+    Unsupported(String),
+    /// An input is unusable; `index` says which.
+    #[error("input[{index}]: {message}")]
+    BadInput { index: usize, message: String },
+    /// Too many requests are waiting.
+    #[error("the inference queue is full ({0} requests waiting); retry shortly")]
+    Overloaded(usize),
+    /// The request did not finish within the deadline.
+    #[error("the request did not finish within {0:?}")]
+    Timeout(Duration),
+    /// The model cannot be loaded within the memory budget.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The model files are missing or broken.
+    #[error("{0}")]
+    Load(String),
+    /// A failure while running the model.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A loaded model, as the models API and metrics show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadedInfo {
+    pub id: String,
+    pub bytes: u64,
+    pub implementation: String,
+    pub idle_seconds: f64,
+}
+
+/// The engine's handle; cheap to clone.
+#[derive(Clone)]
+pub struct Serving {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: ServeSettings,
+    artifacts: Artifacts,
+    cache: Mutex<HashMap<String, Arc<CacheEntry>>>,
+    slots: Arc<Slots>,
+    waiting: AtomicUsize,
+    clock: AtomicU64,
+}
+
+struct CacheEntry {
+    cell: OnceCell<Arc<LoadedModel>>,
+    /// Logical time of the last use (for LRU).
+    last_used: AtomicU64,
+    last_used_at: Mutex<Instant>,
+}
+
+/// A model with its batching thread. Dropping the last handle ends the thread.
+pub struct LoadedModel {
+    pub model: Arc<EncoderModel>,
+    pub bytes: u64,
+    queue: mpsc::Sender<Work>,
+}
+
+enum Task {
+    Classify(oneshot::Sender<Result<Vec<Classification>, ServeError>>),
+    Embed(oneshot::Sender<Result<Vec<Vec<f32>>, ServeError>>),
+}
+
+struct Work {
+    inputs: Vec<EncodedText>,
+    task: Task,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// A counting semaphore for OS threads.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut free = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
+        *free += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Counts a request as waiting until dropped.
+struct Admission<'a>(&'a AtomicUsize);
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Serving {
+    pub fn new(settings: ServeSettings, artifacts: Artifacts) -> Serving {
+        let slots = settings.slots.max(1);
+        Serving {
+            inner: Arc::new(Inner {
+                settings,
+                artifacts,
+                cache: Mutex::new(HashMap::new()),
+                slots: Arc::new(Slots {
+                    free: Mutex::new(slots),
+                    freed: Condvar::new(),
+                }),
+                waiting: AtomicUsize::new(0),
+                clock: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &ServeSettings {
+        &self.inner.settings
+    }
+
+    /// Label probabilities for each text, with the token count of each.
+    pub async fn classify(
+        &self,
+        model: &ModelRef,
+        texts: Vec<String>,
+        truncate: bool,
+    ) -> Result<(Arc<LoadedModel>, Vec<(Classification, usize)>), ServeError> {
+        let _admitted = self.admit()?;
+        let deadline = Instant::now() + self.inner.settings.timeout;
+        let loaded = self.get(model).await?;
+        if !loaded.model.is_classifier() {
+            return Err(ServeError::Unsupported(format!(
+                "model '{}' has no classification head; use /v1/embeddings, or fine-tune it on labelled text first",
+                model.id
+            )));
+        }
+        let inputs = tokenize(&loaded, texts, Purpose::Classify, truncate).await?;
+        let lengths: Vec<usize> = inputs.iter().map(|r| r.ids.len()).collect();
+        let (tx, rx) = oneshot::channel();
+        self.submit(&loaded, inputs, Task::Classify(tx), deadline)?;
+        let out = wait(rx, deadline, self.inner.settings.timeout).await?;
+        Ok((loaded, out.into_iter().zip(lengths).collect()))
+    }
+
+    /// Sentence embeddings for each text, with the token count of each.
+    pub async fn embed(
+        &self,
+        model: &ModelRef,
+        texts: Vec<String>,
+        truncate: bool,
+    ) -> Result<(Arc<LoadedModel>, Vec<(Vec<f32>, usize)>), ServeError> {
+        let _admitted = self.admit()?;
+        let deadline = Instant::now() + self.inner.settings.timeout;
+        let loaded = self.get(model).await?;
+        let inputs = tokenize(&loaded, texts, Purpose::Embed, truncate).await?;
+        let lengths: Vec<usize> = inputs.iter().map(|r| r.ids.len()).collect();
+        let (tx, rx) = oneshot::channel();
+        self.submit(&loaded, inputs, Task::Embed(tx), deadline)?;
+        let out = wait(rx, deadline, self.inner.settings.timeout).await?;
+        Ok((loaded, out.into_iter().zip(lengths).collect()))
+    }
+
+    /// Drops a model from the cache (it was deleted). Requests already holding it finish.
+    pub fn evict(&self, id: &str) {
+        let mut cache = self.lock_cache();
+        cache.remove(id);
+    }
+
+    /// The models loaded now, most recently used first.
+    pub fn loaded(&self) -> Vec<LoadedInfo> {
+        let cache = self.lock_cache();
+        let mut out: Vec<(u64, LoadedInfo)> = cache
+            .iter()
+            .filter_map(|(id, entry)| {
+                let loaded = entry.cell.get()?;
+                let idle = entry
+                    .last_used_at
+                    .lock()
+                    .map(|t| t.elapsed().as_secs_f64())
+                    .unwrap_or(0.0);
+                Some((
+                    entry.last_used.load(Ordering::Relaxed),
+                    LoadedInfo {
+                        id: id.clone(),
+                        bytes: loaded.bytes,
+                        implementation: format!("{:?}", loaded.model.implementation).to_lowercase(),
+                        idle_seconds: idle,
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        out.into_iter().map(|(_, i)| i).collect()
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CacheEntry>>> {
+        self.inner.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn admit(&self) -> Result<Admission<'_>, ServeError> {
+        let max = self.inner.settings.max_waiting;
+        let now = self.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let admission = Admission(&self.inner.waiting);
+        if now >= max {
+            metrics::counter!("kiln_serve_rejected_total").increment(1);
+            return Err(ServeError::Overloaded(now));
+        }
+        Ok(admission)
+    }
+
+    fn submit(
+        &self,
+        loaded: &LoadedModel,
+        inputs: Vec<EncodedText>,
+        task: Task,
+        deadline: Instant,
+    ) -> Result<(), ServeError> {
+        loaded
+            .queue
+            .send(Work {
+                inputs,
+                task,
+                deadline,
+                timeout: self.inner.settings.timeout,
+            })
+            .map_err(|_| ServeError::Internal("the model's inference thread has stopped".into()))
+    }
+
+    /// The loaded model, loading it (once, however many requests ask at the same time) and
+    /// evicting the least recently used others past the memory budget.
+    async fn get(&self, model: &ModelRef) -> Result<Arc<LoadedModel>, ServeError> {
+        let entry = {
+            let mut cache = self.lock_cache();
+            cache
+                .entry(model.id.clone())
+                .or_insert_with(|| {
+                    Arc::new(CacheEntry {
+                        cell: OnceCell::new(),
+                        last_used: AtomicU64::new(0),
+                        last_used_at: Mutex::new(Instant::now()),
+                    })
+                })
+                .clone()
+        };
+        entry.last_used.store(
+            self.inner.clock.fetch_add(1, Ordering::Relaxed) + 1,
+            Ordering::Relaxed,
+        );
+        if let Ok(mut t) = entry.last_used_at.lock() {
+            *t = Instant::now();
+        }
+        let result = entry
+            .cell
+            .get_or_try_init(|| self.load(model))
+            .await
+            .cloned();
+        match result {
+            Ok(loaded) => Ok(loaded),
+            Err(e) => {
+                // Do not keep a failed entry: a later request tries again.
+                let mut cache = self.lock_cache();
+                if cache
+                    .get(&model.id)
+                    .is_some_and(|current| Arc::ptr_eq(current, &entry))
+                {
+                    cache.remove(&model.id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn load(&self, model: &ModelRef) -> Result<Arc<LoadedModel>, ServeError> {
+        let dir = match &model.location {
+            ModelLocation::Dir(dir) => dir.clone(),
+            ModelLocation::Stored(key) => {
+                self.inner.artifacts.local_dir(key).await.map_err(|e| {
+                    ServeError::Load(format!(
+                        "the files of model '{}' are unavailable: {e}",
+                        model.id
+                    ))
+                })?
+            }
+        };
+        let budget = self.inner.settings.memory_bytes;
+        let bytes = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || model::weight_bytes(&dir))
+                .await
+                .map_err(|e| ServeError::Internal(e.to_string()))?
+                .map_err(|e| ServeError::Load(format!("model '{}': {e}", model.id)))?
+        };
+        if bytes > budget {
+            return Err(ServeError::TooLarge(format!(
+                "model '{}' needs {} MiB of memory, more than the serving budget of {} MiB (KILN_SERVE_MEMORY)",
+                model.id,
+                bytes >> 20,
+                budget >> 20
+            )));
+        }
+        self.make_room(&model.id, bytes);
+        let started = Instant::now();
+        let settings = self.inner.settings.clone();
+        let id = model.id.clone();
+        let encoder = tokio::task::spawn_blocking(move || {
+            EncoderModel::load(&dir, &settings.device, settings.implementation)
+        })
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            model::ModelError::Unsupported(m) => {
+                ServeError::Unsupported(format!("model '{id}': {m}"))
+            }
+            other => ServeError::Load(format!("model '{id}' could not be loaded: {other}")),
+        })?;
+        let encoder = Arc::new(encoder);
+        let (tx, rx) = mpsc::channel();
+        let thread_model = encoder.clone();
+        let slots = self.inner.slots.clone();
+        let max_batch_tokens = self.inner.settings.max_batch_tokens.max(1);
+        let thread_id = model.id.clone();
+        std::thread::Builder::new()
+            .name(format!("kiln-serve-{}", short(&model.id)))
+            .spawn(move || run_model(thread_id, thread_model, rx, slots, max_batch_tokens))
+            .map_err(|e| {
+                ServeError::Internal(format!("could not start an inference thread: {e}"))
+            })?;
+        tracing::info!(model = %model.id, mib = bytes >> 20, implementation = ?encoder.implementation,
+            seconds = started.elapsed().as_secs_f64(), "model loaded for serving");
+        metrics::counter!("kiln_serve_model_loads_total").increment(1);
+        Ok(Arc::new(LoadedModel {
+            model: encoder,
+            bytes,
+            queue: tx,
+        }))
+    }
+
+    /// Evicts least recently used models until `bytes` more fit in the budget.
+    fn make_room(&self, loading: &str, bytes: u64) {
+        let budget = self.inner.settings.memory_bytes;
+        let mut cache = self.lock_cache();
+        loop {
+            let used: u64 = cache
+                .iter()
+                .filter(|(id, _)| id.as_str() != loading)
+                .filter_map(|(_, e)| e.cell.get().map(|m| m.bytes))
+                .sum();
+            if used + bytes <= budget {
+                return;
+            }
+            let victim = cache
+                .iter()
+                .filter(|(id, e)| id.as_str() != loading && e.cell.get().is_some())
+                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+                .map(|(id, _)| id.clone());
+            match victim {
+                Some(id) => {
+                    tracing::info!(model = %id, "evicting model from the serving cache");
+                    metrics::counter!("kiln_serve_model_evictions_total").increment(1);
+                    cache.remove(&id);
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+fn short(id: &str) -> String {
+    id.rsplit([':', '/'])
+        .next()
+        .unwrap_or(id)
+        .chars()
+        .take(12)
+        .collect()
+}
+
+async fn tokenize(
+    loaded: &Arc<LoadedModel>,
+    texts: Vec<String>,
+    purpose: Purpose,
+    truncate: bool,
+) -> Result<Vec<EncodedText>, ServeError> {
+    let model = loaded.model.clone();
+    tokio::task::spawn_blocking(move || {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(index, text)| {
+                model
+                    .tokenize(text, purpose, truncate)
+                    .map_err(|e| ServeError::BadInput {
+                        index,
+                        message: match e {
+                            TokenizeError::TooLong { tokens, max } => format!(
+                                "the input is {tokens} tokens long, more than this model's limit of {max}; shorten it or send \"truncate\": true"
+                            ),
+                            other => other.to_string(),
+                        },
+                    })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ServeError::Internal(e.to_string()))?
+}
+
+async fn wait<T>(
+    rx: oneshot::Receiver<Result<T, ServeError>>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<T, ServeError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(ServeError::Internal(
+            "the inference thread dropped the request".into(),
+        )),
+        Err(_) => {
+            metrics::counter!("kiln_serve_timeouts_total").increment(1);
+            Err(ServeError::Timeout(timeout))
+        }
+    }
+}
+
+/// One input of a batch, and where its answer goes.
+struct Item<'a> {
+    work: usize,
+    index: usize,
+    row: &'a EncodedText,
+}
+
+/// The model's thread: waits for work, then takes everything queued, and runs it in
+/// length-sorted batches of at most `max_batch_tokens` padded tokens, one slot at a time.
+fn run_model(
+    id: String,
+    model: Arc<EncoderModel>,
+    rx: mpsc::Receiver<Work>,
+    slots: Arc<Slots>,
+    max_batch_tokens: usize,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut works = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            works.push(more);
+        }
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(works.len());
+        for work in works {
+            if work.deadline <= now {
+                // Its caller is giving up now: answer without computing.
+                let err = || ServeError::Timeout(work.timeout);
+                match work.task {
+                    Task::Classify(tx) => drop(tx.send(Err(err()))),
+                    Task::Embed(tx) => drop(tx.send(Err(err()))),
+                }
+                continue;
+            }
+            live.push(work);
+        }
+        let (classify, embed): (Vec<Work>, Vec<Work>) = live
+            .into_iter()
+            .partition(|w| matches!(w.task, Task::Classify(_)));
+        let _slot = slots.acquire();
+        let started = Instant::now();
+        let inputs: usize = classify
+            .iter()
+            .chain(embed.iter())
+            .map(|w| w.inputs.len())
+            .sum();
+        if !classify.is_empty() {
+            run_batches(&model, classify, max_batch_tokens, Purpose::Classify);
+        }
+        if !embed.is_empty() {
+            run_batches(&model, embed, max_batch_tokens, Purpose::Embed);
+        }
+        metrics::histogram!("kiln_serve_batch_inputs").record(inputs as f64);
+        metrics::histogram!("kiln_serve_batch_seconds").record(started.elapsed().as_secs_f64());
+    }
+    tracing::debug!(model = %id, "inference thread stopped (model unloaded)");
+}
+
+enum Outputs {
+    Classify(Vec<Option<Classification>>),
+    Embed(Vec<Option<Vec<f32>>>),
+}
+
+fn run_batches(model: &EncoderModel, works: Vec<Work>, max_batch_tokens: usize, purpose: Purpose) {
+    let mut items: Vec<Item<'_>> = works
+        .iter()
+        .enumerate()
+        .flat_map(|(w, work)| {
+            work.inputs
+                .iter()
+                .enumerate()
+                .map(move |(index, row)| Item {
+                    work: w,
+                    index,
+                    row,
+                })
+        })
+        .collect();
+    // Longest first, so each batch pads to its own first row and few pads are computed.
+    items.sort_by_key(|item| std::cmp::Reverse(item.row.ids.len()));
+    let mut outputs: Vec<Outputs> = works
+        .iter()
+        .map(|w| match purpose {
+            Purpose::Classify => Outputs::Classify(vec![None; w.inputs.len()]),
+            Purpose::Embed => Outputs::Embed(vec![None; w.inputs.len()]),
+        })
+        .collect();
+    let mut failed: Option<String> = None;
+    let mut start = 0;
+    while start < items.len() && failed.is_none() {
+        let longest = items[start].row.ids.len().max(1);
+        let fit = (max_batch_tokens / longest).max(1);
+        let end = (start + fit).min(items.len());
+        let chunk = &items[start..end];
+        let rows: Vec<&EncodedText> = chunk.iter().map(|i| i.row).collect();
+        match purpose {
+            Purpose::Classify => match model.classify(&rows) {
+                Ok(out) => {
+                    for (item, c) in chunk.iter().zip(out) {
+                        if let Outputs::Classify(v) = &mut outputs[item.work] {
+                            v[item.index] = Some(c);
+                        }
+                    }
+                }
+                Err(e) => failed = Some(e.to_string()),
+            },
+            Purpose::Embed => match model.embed(&rows) {
+                Ok(out) => {
+                    for (item, e) in chunk.iter().zip(out) {
+                        if let Outputs::Embed(v) = &mut outputs[item.work] {
+                            v[item.index] = Some(e);
+                        }
+                    }
+                }
+                Err(e) => failed = Some(e.to_string()),
+            },
+        }
+        start = end;
+    }
+    drop(items);
+    for (work, out) in works.into_iter().zip(outputs) {
+        match (work.task, out) {
+            (Task::Classify(tx), Outputs::Classify(v)) => {
+                let result = match &failed {
+                    Some(e) => Err(ServeError::Internal(e.clone())),
+                    None => v
+                        .into_iter()
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| ServeError::Internal("an input was not computed".into())),
+                };
+                let _ = tx.send(result);
+            }
+            (Task::Embed(tx), Outputs::Embed(v)) => {
+                let result = match &failed {
+                    Some(e) => Err(ServeError::Internal(e.clone())),
+                    None => v
+                        .into_iter()
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| ServeError::Internal("an input was not computed".into())),
+                };
+                let _ = tx.send(result);
+            }
+            _ => {}
+        }
+    }
+}
