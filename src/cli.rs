@@ -107,10 +107,13 @@ pub struct InferenceArgs {
     /// Inputs allowed in one request.
     #[arg(long, env = "KILN_SERVE_MAX_INPUTS", default_value_t = 2048)]
     pub serve_max_inputs: usize,
-    /// Transformer implementation for inference: `auto` (candle-transformers' where it
-    /// covers the architecture), `kiln` or `candle`.
+    /// Transformer implementation for inference: `auto` (the faster by measurement: kiln's
+    /// own on CPU), `kiln`, or `candle` (candle-transformers' BERT).
     #[arg(long, env = "KILN_SERVE_IMPL", default_value = "auto")]
     pub serve_impl: crate::serve::Implementation,
+    /// Threads that run parts of one inference batch side by side (0: one per core).
+    #[arg(long, env = "KILN_SERVE_THREADS", default_value_t = 0)]
+    pub serve_threads: usize,
 }
 
 impl InferenceArgs {
@@ -127,6 +130,7 @@ impl InferenceArgs {
             max_inputs: self.serve_max_inputs.max(1),
             implementation: self.serve_impl,
             device: candle_core::Device::Cpu,
+            threads: self.serve_threads,
         })
     }
 }

@@ -151,3 +151,45 @@ fn the_real_minilm_gives_the_same_embeddings_on_both_implementations() {
     let diff = max_diff(&kiln.embed(&refs).unwrap(), &fast.embed(&refs).unwrap());
     assert!(diff < 1e-5, "MiniLM: implementations differ by {diff}");
 }
+
+/// RoBERTa numbers positions after the padding index; kiln's encoder (which serves it) must
+/// give what transformers' RobertaModel gives on the same weights (sentence-transformers mean
+/// pooling over it, tests/python/reference_outputs.py).
+#[test]
+fn roberta_embeddings_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("roberta");
+    let config = kiln::nn::bert::BertConfig {
+        model_type: "roberta".into(),
+        pad_token_id: 1,
+        max_position_embeddings: 66,
+        type_vocab_size: 1,
+        ..train_support::tiny_config()
+    };
+    kiln::nn::tiny::write_tiny_bert_with(&dir, &config, 9, TinyLayout::Prefixed).unwrap();
+    let words: Vec<&str> = train_support::POSITIVE
+        .iter()
+        .chain(&train_support::NEGATIVE)
+        .chain(&train_support::FILLER)
+        .copied()
+        .collect();
+    kiln::nn::tiny::write_tiny_tokenizer(&dir, &words).unwrap();
+    // Real RoBERTa checkpoints say which tokenizer class reads tokenizer.json; without it
+    // transformers would pick RobertaTokenizer, whose <s>/</s> template this vocabulary lacks.
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}"#,
+    )
+    .unwrap();
+    let model = EncoderModel::load(&dir, &Device::Cpu, Implementation::Auto).unwrap();
+    assert_eq!(model.implementation, Implementation::Kiln);
+    let inputs = rows(&model, &TEXTS);
+    let refs: Vec<&EncodedText> = inputs.iter().collect();
+    let ours = model.embed(&refs).unwrap();
+    let hf = serve_support::reference(&dir, "embed", &TEXTS);
+    let diff = max_diff(&ours, &serve_support::matrix(&hf["embeddings"]));
+    assert!(
+        diff < 1e-4,
+        "kiln's RoBERTa differs from transformers by {diff}"
+    );
+}

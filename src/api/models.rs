@@ -120,7 +120,7 @@ fn decode(id: &str) -> String {
 }
 
 fn is_loaded(state: &AppState, id: &str) -> bool {
-    state.serving.loaded().iter().any(|m| m.id == id)
+    state.serving.is_loaded(id)
 }
 
 /// `GET /v1/models`: base models, then the project's fine-tuned models and checkpoints
@@ -237,6 +237,13 @@ pub(crate) async fn resolve_for_inference(
     }
     if !models::valid_id(id) {
         return Err(model_not_found(id));
+    }
+    // A base model in the cache was checked when it loaded: skip reading its files again.
+    if state.serving.is_loaded(id) {
+        return Ok(ModelRef {
+            id: id.to_owned(),
+            location: ModelLocation::Dir(state.models_dir.join(id)),
+        });
     }
     let m = base_model(state, id).await?;
     if m.family != Some(Family::Encoder) {

@@ -33,7 +33,8 @@ pub struct ModelRow {
     pub step: Option<i64>,
 }
 
-/// The rows of both kinds, newest first; `$1` the project, `$2` one id or NULL for all.
+/// The rows of both kinds, newest first; `$1` the project, `$2` one id or NULL for all, `$3`
+/// the job that id names (so one lookup reads one job's rows, by primary key).
 const MODELS: &str = "
 SELECT * FROM (
     SELECT j.fine_tuned_model AS id, 'fine_tuned' AS kind, j.id AS job_id, p.name AS owner,
@@ -42,6 +43,7 @@ SELECT * FROM (
            j.model_info, NULL::bigint AS step
     FROM fine_tuning_jobs j JOIN projects p ON p.id = j.project_id
     WHERE j.project_id = $1 AND j.state = 'succeeded' AND j.model_deleted_at IS NULL
+      AND ($3::text IS NULL OR j.id = $3)
     UNION ALL
     SELECT 'ft:' || j.base_model || ':' || p.name || ':' || coalesce(j.suffix, '') || ':' || j.id
                || ':ckpt-step-' || c.step,
@@ -50,7 +52,7 @@ SELECT * FROM (
     FROM fine_tuning_job_checkpoints c
     JOIN fine_tuning_jobs j ON j.id = c.job_id
     JOIN projects p ON p.id = j.project_id
-    WHERE j.project_id = $1
+    WHERE j.project_id = $1 AND ($3::text IS NULL OR j.id = $3)
 ) m
 WHERE $2::text IS NULL OR m.id = $2
 ORDER BY m.created_at DESC, m.id";
@@ -61,15 +63,25 @@ impl Queue {
         Ok(sqlx::query_as(MODELS)
             .bind(project_id)
             .bind(None::<String>)
+            .bind(None::<String>)
             .fetch_all(&self.pool)
             .await?)
     }
 
     /// One fine-tuned model or checkpoint of the project.
     pub async fn find_model(&self, project_id: &str, id: &str) -> StoreResult<Option<ModelRow>> {
+        // `ft:{base}:{project}:{suffix}:{job}[:ckpt-step-N]`: the job is the last part before
+        // the checkpoint's step.
+        let job = id
+            .rsplit_once(":ckpt-step-")
+            .map_or(id, |(model, _)| model)
+            .rsplit(':')
+            .next()
+            .unwrap_or(id);
         Ok(sqlx::query_as(MODELS)
             .bind(project_id)
             .bind(id)
+            .bind(job)
             .fetch_optional(&self.pool)
             .await?)
     }

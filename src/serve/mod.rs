@@ -41,6 +41,19 @@ pub struct ServeSettings {
     pub max_inputs: usize,
     pub implementation: Implementation,
     pub device: candle_core::Device,
+    /// Threads that run parts of one batch side by side; 0: one per core
+    /// (`KILN_SERVE_THREADS`).
+    pub threads: usize,
+}
+
+impl ServeSettings {
+    fn batch_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
 }
 
 impl Default for ServeSettings {
@@ -54,6 +67,7 @@ impl Default for ServeSettings {
             max_inputs: 2048,
             implementation: Implementation::Auto,
             device: candle_core::Device::Cpu,
+            threads: 0,
         }
     }
 }
@@ -256,6 +270,11 @@ impl Serving {
         cache.remove(id);
     }
 
+    /// Whether `id` is loaded (or loading) now.
+    pub fn is_loaded(&self, id: &str) -> bool {
+        self.lock_cache().contains_key(id)
+    }
+
     /// The models loaded now, most recently used first.
     pub fn loaded(&self) -> Vec<LoadedInfo> {
         let cache = self.lock_cache();
@@ -409,9 +428,19 @@ impl Serving {
         let slots = self.inner.slots.clone();
         let max_batch_tokens = self.inner.settings.max_batch_tokens.max(1);
         let thread_id = model.id.clone();
+        let threads = self.inner.settings.batch_threads();
         std::thread::Builder::new()
             .name(format!("kiln-serve-{}", short(&model.id)))
-            .spawn(move || run_model(thread_id, thread_model, rx, slots, max_batch_tokens))
+            .spawn(move || {
+                run_model(
+                    thread_id,
+                    thread_model,
+                    rx,
+                    slots,
+                    max_batch_tokens,
+                    threads,
+                )
+            })
             .map_err(|e| {
                 ServeError::Internal(format!("could not start an inference thread: {e}"))
             })?;
@@ -512,6 +541,9 @@ async fn wait<T>(
     }
 }
 
+/// The longest a model thread waits for the clients of its previous batch to send again.
+const BATCH_WAIT: Duration = Duration::from_millis(2);
+
 /// One input of a batch, and where its answer goes.
 struct Item<'a> {
     work: usize,
@@ -527,12 +559,26 @@ fn run_model(
     rx: mpsc::Receiver<Work>,
     slots: Arc<Slots>,
     max_batch_tokens: usize,
+    threads: usize,
 ) {
+    // Requests in the previous batch: when as many clients are active, the ones whose answers
+    // just went out are about to send again. Waiting a moment for them (never more than
+    // BATCH_WAIT) keeps batches full instead of alternating full and near-empty ones.
+    let mut previous = 1usize;
     while let Ok(first) = rx.recv() {
         let mut works = vec![first];
         while let Ok(more) = rx.try_recv() {
             works.push(more);
         }
+        let until = Instant::now() + BATCH_WAIT;
+        while works.len() < previous {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(more) => works.push(more),
+                Err(_) => break,
+            }
+        }
+        previous = works.len();
         let now = Instant::now();
         let mut live = Vec::with_capacity(works.len());
         for work in works {
@@ -558,10 +604,16 @@ fn run_model(
             .map(|w| w.inputs.len())
             .sum();
         if !classify.is_empty() {
-            run_batches(&model, classify, max_batch_tokens, Purpose::Classify);
+            run_batches(
+                &model,
+                classify,
+                max_batch_tokens,
+                threads,
+                Purpose::Classify,
+            );
         }
         if !embed.is_empty() {
-            run_batches(&model, embed, max_batch_tokens, Purpose::Embed);
+            run_batches(&model, embed, max_batch_tokens, threads, Purpose::Embed);
         }
         metrics::histogram!("kiln_serve_batch_inputs").record(inputs as f64);
         metrics::histogram!("kiln_serve_batch_seconds").record(started.elapsed().as_secs_f64());
@@ -574,7 +626,18 @@ enum Outputs {
     Embed(Vec<Option<Vec<f32>>>),
 }
 
-fn run_batches(model: &EncoderModel, works: Vec<Work>, max_batch_tokens: usize, purpose: Purpose) {
+enum ChunkOut {
+    Classify(Vec<Classification>),
+    Embed(Vec<Vec<f32>>),
+}
+
+fn run_batches(
+    model: &EncoderModel,
+    works: Vec<Work>,
+    max_batch_tokens: usize,
+    threads: usize,
+    purpose: Purpose,
+) {
     let mut items: Vec<Item<'_>> = works
         .iter()
         .enumerate()
@@ -598,37 +661,73 @@ fn run_batches(model: &EncoderModel, works: Vec<Work>, max_batch_tokens: usize, 
             Purpose::Embed => Outputs::Embed(vec![None; w.inputs.len()]),
         })
         .collect();
-    let mut failed: Option<String> = None;
+    // Batches bounded by padded tokens, each cut into `threads` parts that run at once: on
+    // CPU a single forward pass leaves cores idle (only the larger matrix products use
+    // several), so parts of a batch run side by side.
+    let mut ranges = Vec::new();
     let mut start = 0;
-    while start < items.len() && failed.is_none() {
+    while start < items.len() {
         let longest = items[start].row.ids.len().max(1);
         let fit = (max_batch_tokens / longest).max(1);
         let end = (start + fit).min(items.len());
-        let chunk = &items[start..end];
-        let rows: Vec<&EncodedText> = chunk.iter().map(|i| i.row).collect();
-        match purpose {
-            Purpose::Classify => match model.classify(&rows) {
-                Ok(out) => {
-                    for (item, c) in chunk.iter().zip(out) {
-                        if let Outputs::Classify(v) = &mut outputs[item.work] {
-                            v[item.index] = Some(c);
-                        }
-                    }
-                }
-                Err(e) => failed = Some(e.to_string()),
-            },
-            Purpose::Embed => match model.embed(&rows) {
-                Ok(out) => {
-                    for (item, e) in chunk.iter().zip(out) {
-                        if let Outputs::Embed(v) = &mut outputs[item.work] {
-                            v[item.index] = Some(e);
-                        }
-                    }
-                }
-                Err(e) => failed = Some(e.to_string()),
-            },
+        let parts = threads.clamp(1, end - start);
+        let size = (end - start).div_ceil(parts);
+        let mut s = start;
+        while s < end {
+            ranges.push(s..(s + size).min(end));
+            s += size;
         }
         start = end;
+    }
+    let next = AtomicUsize::new(0);
+    let results: Vec<(std::ops::Range<usize>, Result<ChunkOut, String>)> =
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads.clamp(1, ranges.len().max(1)))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(range) = ranges.get(i) else { break };
+                            let rows: Vec<&EncodedText> =
+                                items[range.clone()].iter().map(|i| i.row).collect();
+                            let out = match purpose {
+                                Purpose::Classify => model.classify(&rows).map(ChunkOut::Classify),
+                                Purpose::Embed => model.embed(&rows).map(ChunkOut::Embed),
+                            };
+                            done.push((range.clone(), out.map_err(|e| e.to_string())));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+    let mut failed: Option<String> = None;
+    if results.iter().map(|(r, _)| r.len()).sum::<usize>() != items.len() {
+        failed = Some("an inference thread panicked".into());
+    }
+    for (range, out) in results {
+        match out {
+            Ok(ChunkOut::Classify(out)) => {
+                for (item, c) in items[range].iter().zip(out) {
+                    if let Outputs::Classify(v) = &mut outputs[item.work] {
+                        v[item.index] = Some(c);
+                    }
+                }
+            }
+            Ok(ChunkOut::Embed(out)) => {
+                for (item, e) in items[range].iter().zip(out) {
+                    if let Outputs::Embed(v) = &mut outputs[item.work] {
+                        v[item.index] = Some(e);
+                    }
+                }
+            }
+            Err(e) => failed = Some(e),
+        }
     }
     drop(items);
     for (work, out) in works.into_iter().zip(outputs) {
