@@ -49,10 +49,6 @@ async fn upload_sentiment(app: &TestApp, key: &str, n: usize, seed: u64) -> Stri
     id
 }
 
-async fn post(app: &TestApp, key: &str, path: &str, body: Value) -> (u16, Value) {
-    post_json(app, key, path, body).await
-}
-
 async fn delete(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
     let res = app
         .client
@@ -97,7 +93,7 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
 
     let train = upload_sentiment(&app, &key, 120, 1).await;
     let valid = upload_sentiment(&app, &key, 40, 2).await;
-    let (status, job) = post(
+    let (status, job) = post_json(
         &app,
         &key,
         "/v1/fine_tuning/jobs",
@@ -151,7 +147,7 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
     let other = app.key_for("globex").await;
     let (status, body) = app.get_json(&other, &model_path(&ft)).await;
     assert_eq!(status, 404, "{body}");
-    let (status, body) = post(
+    let (status, body) = post_json(
         &app,
         &other,
         "/v1/classifications",
@@ -161,7 +157,7 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
     assert_eq!(status, 404, "{body}");
 
     // Classifications equal transformers' on the exported model.
-    let (status, out) = post(
+    let (status, out) = post_json(
         &app,
         &key,
         "/v1/classifications",
@@ -199,7 +195,7 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
     assert!(diff < 1e-4, "kiln and transformers differ by {diff}");
 
     // A single string works too, and a checkpoint is a servable model.
-    let (status, one) = post(
+    let (status, one) = post_json(
         &app,
         &key,
         "/v1/classifications",
@@ -209,7 +205,7 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
     assert_eq!(status, 200, "{one}");
     assert_eq!(one["data"].as_array().unwrap().len(), 1);
     let ckpt = checkpoints[0]["id"].as_str().unwrap().to_owned();
-    let (status, body) = post(
+    let (status, body) = post_json(
         &app,
         &key,
         "/v1/classifications",
@@ -223,7 +219,7 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
     assert_eq!(got["loaded"], true, "{got}");
 
     // Its encoder embeds, mean-pooled (no sentence-transformers config in the base).
-    let (status, emb) = post(
+    let (status, emb) = post_json(
         &app,
         &key,
         "/v1/embeddings",
@@ -255,7 +251,7 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
     assert_eq!(status, 404);
     let (status, body) = delete(&app, &key, &model_path(&ft)).await;
     assert_eq!(status, 404, "{body}");
-    let (status, body) = post(
+    let (status, body) = post_json(
         &app,
         &key,
         "/v1/classifications",
@@ -308,7 +304,7 @@ async fn embeddings_are_pooled_as_sentence_transformers_says_and_match_it() {
     let app = TestApp::spawn_with(|s| dirs = pooling_models(&s.models_dir)).await;
     let key = app.key_for("acme").await;
     for (id, dir) in &dirs {
-        let (status, float) = post(
+        let (status, float) = post_json(
             &app,
             &key,
             "/v1/embeddings",
@@ -332,7 +328,7 @@ async fn embeddings_are_pooled_as_sentence_transformers_says_and_match_it() {
         }
 
         // base64 carries the same little-endian f32s.
-        let (status, b64) = post(
+        let (status, b64) = post_json(
             &app,
             &key,
             "/v1/embeddings",
@@ -385,7 +381,7 @@ async fn the_real_minilm_embeds_like_sentence_transformers() {
         "Transfer learning reuses what a pretrained model learned.",
         "kiln fine-tunes models on your own hardware",
     ];
-    let (status, out) = post(
+    let (status, out) = post_json(
         &app,
         &key,
         "/v1/embeddings",
@@ -529,7 +525,7 @@ async fn bad_inference_requests_get_clear_errors() {
         ("/v1/embeddings", json!(["not", "an", "object"]), 400, None),
     ];
     for (path, body, want, param) in cases {
-        let (status, err) = post(&app, &key, path, body.clone()).await;
+        let (status, err) = post_json(&app, &key, path, body.clone()).await;
         assert_eq!(status, want, "{path} {body} -> {err}");
         let e = assert_error_shape(&err);
         if let Some(p) = param {
@@ -537,7 +533,7 @@ async fn bad_inference_requests_get_clear_errors() {
         }
     }
     // The over-long input's error says which input and what to do.
-    let (_, err) = post(
+    let (_, err) = post_json(
         &app,
         &key,
         "/v1/embeddings",
@@ -550,7 +546,7 @@ async fn bad_inference_requests_get_clear_errors() {
         "{message}"
     );
     // Asking for truncation serves it.
-    let (status, out) = post(
+    let (status, out) = post_json(
         &app,
         &key,
         "/v1/embeddings",
@@ -634,7 +630,7 @@ async fn the_cache_keeps_the_most_recently_used_models_within_its_memory() {
         let app = &app;
         let key = key.clone();
         async move {
-            let (status, body) = post(
+            let (status, body) = post_json(
                 app,
                 &key,
                 "/v1/embeddings",
@@ -665,7 +661,7 @@ async fn the_cache_keeps_the_most_recently_used_models_within_its_memory() {
         "a reloaded model answers the same"
     );
 
-    let (status, body) = post(
+    let (status, body) = post_json(
         &app,
         &key,
         "/v1/embeddings",
@@ -707,7 +703,7 @@ async fn too_many_waiting_requests_get_429_and_late_ones_503() {
     let key = app.key_for("acme").await;
     let heavy: Vec<String> = (0..64).map(|_| vec!["good movie"; 30].join(" ")).collect();
     // Warm the model so the burst measures queueing, not loading.
-    let (status, _) = post(
+    let (status, _) = post_json(
         &app,
         &key,
         "/v1/embeddings",

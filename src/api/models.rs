@@ -126,7 +126,7 @@ fn is_loaded(state: &AppState, id: &str) -> bool {
 /// `GET /v1/models`: base models, then the project's fine-tuned models and checkpoints
 /// (newest first).
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    let loaded: Vec<String> = state.serving.loaded().into_iter().map(|m| m.id).collect();
+    let loaded = state.serving.loaded();
     let mut data: Vec<Value> = base_models(&state)
         .await?
         .iter()

@@ -321,18 +321,12 @@ impl TextTokenizer {
             .inner
             .encode(text, true)
             .map_err(|e| TextDataError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
-        let mut type_ids = enc.get_type_ids().to_vec();
-        let cut = ids.len() > self.max_length;
-        if cut {
-            let last = ids[ids.len() - 1];
-            let last_type = type_ids[type_ids.len() - 1];
-            ids.truncate(self.max_length - 1);
-            type_ids.truncate(self.max_length - 1);
-            ids.push(last);
-            type_ids.push(last_type);
-        }
-        Ok((EncodedText { ids, type_ids }, cut))
+        let mut row = EncodedText {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+        };
+        let cut = row.truncate(self.max_length);
+        Ok((row, cut))
     }
 
     /// Tokenises, truncates and pads a batch.
@@ -356,6 +350,24 @@ impl TextTokenizer {
 pub struct EncodedText {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
+}
+
+impl EncodedText {
+    /// Cuts to `max` tokens (at least 2), keeping the final special token as transformers'
+    /// truncation does. Returns whether anything was cut.
+    pub fn truncate(&mut self, max: usize) -> bool {
+        let max = max.max(2);
+        if self.ids.len() <= max {
+            return false;
+        }
+        let last = self.ids[self.ids.len() - 1];
+        let last_type = self.type_ids[self.type_ids.len() - 1];
+        self.ids.truncate(max - 1);
+        self.type_ids.truncate(max - 1);
+        self.ids.push(last);
+        self.type_ids.push(last_type);
+        true
+    }
 }
 
 /// Pads already tokenised texts to the longest of them.

@@ -89,7 +89,8 @@ const ENCODER_TYPES: &[&str] = &[
 const DECODER_TYPES: &[&str] = &["llama", "qwen2", "qwen3", "mistral"];
 const VISION_TYPES: &[&str] = &["resnet", "vit"];
 
-fn family_of(model_type: &str) -> Option<Family> {
+/// The family a `model_type` belongs to, if kiln knows it.
+pub fn family_of(model_type: &str) -> Option<Family> {
     if ENCODER_TYPES.contains(&model_type) {
         Some(Family::Encoder)
     } else if DECODER_TYPES.contains(&model_type) {

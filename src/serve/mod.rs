@@ -114,15 +114,6 @@ pub enum ServeError {
     Internal(String),
 }
 
-/// A loaded model, as the models API and metrics show it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LoadedInfo {
-    pub id: String,
-    pub bytes: u64,
-    pub implementation: String,
-    pub idle_seconds: f64,
-}
-
 /// The engine's handle; cheap to clone.
 #[derive(Clone)]
 pub struct Serving {
@@ -142,7 +133,6 @@ struct CacheEntry {
     cell: OnceCell<Arc<LoadedModel>>,
     /// Logical time of the last use (for LRU).
     last_used: AtomicU64,
-    last_used_at: Mutex<Instant>,
 }
 
 /// A model with its batching thread. Dropping the last handle ends the thread.
@@ -152,14 +142,18 @@ pub struct LoadedModel {
     queue: mpsc::Sender<Work>,
 }
 
-enum Task {
-    Classify(oneshot::Sender<Result<Vec<Classification>, ServeError>>),
-    Embed(oneshot::Sender<Result<Vec<Vec<f32>>, ServeError>>),
+/// What the model computed for one input.
+enum Output {
+    Classify(Classification),
+    Embed(Vec<f32>),
 }
+
+type Reply = oneshot::Sender<Result<Vec<Output>, ServeError>>;
 
 struct Work {
     inputs: Vec<EncodedText>,
-    task: Task,
+    purpose: Purpose,
+    reply: Reply,
     deadline: Instant,
     timeout: Duration,
 }
@@ -229,21 +223,15 @@ impl Serving {
         texts: Vec<String>,
         truncate: bool,
     ) -> Result<(Arc<LoadedModel>, Vec<(Classification, usize)>), ServeError> {
-        let _admitted = self.admit()?;
-        let deadline = Instant::now() + self.inner.settings.timeout;
-        let loaded = self.get(model).await?;
-        if !loaded.model.is_classifier() {
-            return Err(ServeError::Unsupported(format!(
-                "model '{}' has no classification head; use /v1/embeddings, or fine-tune it on labelled text first",
-                model.id
-            )));
-        }
-        let inputs = tokenize(&loaded, texts, Purpose::Classify, truncate).await?;
-        let lengths: Vec<usize> = inputs.iter().map(|r| r.ids.len()).collect();
-        let (tx, rx) = oneshot::channel();
-        self.submit(&loaded, inputs, Task::Classify(tx), deadline)?;
-        let out = wait(rx, deadline, self.inner.settings.timeout).await?;
-        Ok((loaded, out.into_iter().zip(lengths).collect()))
+        let (loaded, out) = self.run(model, texts, truncate, Purpose::Classify).await?;
+        let out = out
+            .into_iter()
+            .filter_map(|(o, n)| match o {
+                Output::Classify(c) => Some((c, n)),
+                Output::Embed(_) => None,
+            })
+            .collect();
+        Ok((loaded, out))
     }
 
     /// Sentence embeddings for each text, with the token count of each.
@@ -253,14 +241,49 @@ impl Serving {
         texts: Vec<String>,
         truncate: bool,
     ) -> Result<(Arc<LoadedModel>, Vec<(Vec<f32>, usize)>), ServeError> {
+        let (loaded, out) = self.run(model, texts, truncate, Purpose::Embed).await?;
+        let out = out
+            .into_iter()
+            .filter_map(|(o, n)| match o {
+                Output::Embed(e) => Some((e, n)),
+                Output::Classify(_) => None,
+            })
+            .collect();
+        Ok((loaded, out))
+    }
+
+    /// Admits the request, loads the model, tokenises and waits for the model thread.
+    async fn run(
+        &self,
+        model: &ModelRef,
+        texts: Vec<String>,
+        truncate: bool,
+        purpose: Purpose,
+    ) -> Result<(Arc<LoadedModel>, Vec<(Output, usize)>), ServeError> {
         let _admitted = self.admit()?;
-        let deadline = Instant::now() + self.inner.settings.timeout;
+        let timeout = self.inner.settings.timeout;
+        let deadline = Instant::now() + timeout;
         let loaded = self.get(model).await?;
-        let inputs = tokenize(&loaded, texts, Purpose::Embed, truncate).await?;
+        if purpose == Purpose::Classify && !loaded.model.is_classifier() {
+            return Err(ServeError::Unsupported(format!(
+                "model '{}' has no classification head; use /v1/embeddings, or fine-tune it on labelled text first",
+                model.id
+            )));
+        }
+        let inputs = tokenize(&loaded, texts, purpose, truncate).await?;
         let lengths: Vec<usize> = inputs.iter().map(|r| r.ids.len()).collect();
-        let (tx, rx) = oneshot::channel();
-        self.submit(&loaded, inputs, Task::Embed(tx), deadline)?;
-        let out = wait(rx, deadline, self.inner.settings.timeout).await?;
+        let (reply, rx) = oneshot::channel();
+        loaded
+            .queue
+            .send(Work {
+                inputs,
+                purpose,
+                reply,
+                deadline,
+                timeout,
+            })
+            .map_err(|_| ServeError::Internal("the model's inference thread has stopped".into()))?;
+        let out = wait(rx, deadline, timeout).await?;
         Ok((loaded, out.into_iter().zip(lengths).collect()))
     }
 
@@ -275,31 +298,13 @@ impl Serving {
         self.lock_cache().contains_key(id)
     }
 
-    /// The models loaded now, most recently used first.
-    pub fn loaded(&self) -> Vec<LoadedInfo> {
-        let cache = self.lock_cache();
-        let mut out: Vec<(u64, LoadedInfo)> = cache
+    /// The ids of the models loaded now.
+    pub fn loaded(&self) -> Vec<String> {
+        self.lock_cache()
             .iter()
-            .filter_map(|(id, entry)| {
-                let loaded = entry.cell.get()?;
-                let idle = entry
-                    .last_used_at
-                    .lock()
-                    .map(|t| t.elapsed().as_secs_f64())
-                    .unwrap_or(0.0);
-                Some((
-                    entry.last_used.load(Ordering::Relaxed),
-                    LoadedInfo {
-                        id: id.clone(),
-                        bytes: loaded.bytes,
-                        implementation: format!("{:?}", loaded.model.implementation).to_lowercase(),
-                        idle_seconds: idle,
-                    },
-                ))
-            })
-            .collect();
-        out.sort_by_key(|entry| std::cmp::Reverse(entry.0));
-        out.into_iter().map(|(_, i)| i).collect()
+            .filter(|(_, entry)| entry.cell.get().is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CacheEntry>>> {
@@ -317,24 +322,6 @@ impl Serving {
         Ok(admission)
     }
 
-    fn submit(
-        &self,
-        loaded: &LoadedModel,
-        inputs: Vec<EncodedText>,
-        task: Task,
-        deadline: Instant,
-    ) -> Result<(), ServeError> {
-        loaded
-            .queue
-            .send(Work {
-                inputs,
-                task,
-                deadline,
-                timeout: self.inner.settings.timeout,
-            })
-            .map_err(|_| ServeError::Internal("the model's inference thread has stopped".into()))
-    }
-
     /// The loaded model, loading it (once, however many requests ask at the same time) and
     /// evicting the least recently used others past the memory budget.
     async fn get(&self, model: &ModelRef) -> Result<Arc<LoadedModel>, ServeError> {
@@ -346,7 +333,6 @@ impl Serving {
                     Arc::new(CacheEntry {
                         cell: OnceCell::new(),
                         last_used: AtomicU64::new(0),
-                        last_used_at: Mutex::new(Instant::now()),
                     })
                 })
                 .clone()
@@ -355,9 +341,6 @@ impl Serving {
             self.inner.clock.fetch_add(1, Ordering::Relaxed) + 1,
             Ordering::Relaxed,
         );
-        if let Ok(mut t) = entry.last_used_at.lock() {
-            *t = Instant::now();
-        }
         let result = entry
             .cell
             .get_or_try_init(|| self.load(model))
@@ -584,18 +567,14 @@ fn run_model(
         for work in works {
             if work.deadline <= now {
                 // Its caller is giving up now: answer without computing.
-                let err = || ServeError::Timeout(work.timeout);
-                match work.task {
-                    Task::Classify(tx) => drop(tx.send(Err(err()))),
-                    Task::Embed(tx) => drop(tx.send(Err(err()))),
-                }
+                let _ = work.reply.send(Err(ServeError::Timeout(work.timeout)));
                 continue;
             }
             live.push(work);
         }
         let (classify, embed): (Vec<Work>, Vec<Work>) = live
             .into_iter()
-            .partition(|w| matches!(w.task, Task::Classify(_)));
+            .partition(|w| w.purpose == Purpose::Classify);
         let _slot = slots.acquire();
         let started = Instant::now();
         let inputs: usize = classify
@@ -621,16 +600,6 @@ fn run_model(
     tracing::debug!(model = %id, "inference thread stopped (model unloaded)");
 }
 
-enum Outputs {
-    Classify(Vec<Option<Classification>>),
-    Embed(Vec<Option<Vec<f32>>>),
-}
-
-enum ChunkOut {
-    Classify(Vec<Classification>),
-    Embed(Vec<Vec<f32>>),
-}
-
 fn run_batches(
     model: &EncoderModel,
     works: Vec<Work>,
@@ -654,12 +623,9 @@ fn run_batches(
         .collect();
     // Longest first, so each batch pads to its own first row and few pads are computed.
     items.sort_by_key(|item| std::cmp::Reverse(item.row.ids.len()));
-    let mut outputs: Vec<Outputs> = works
+    let mut outputs: Vec<Vec<Option<Output>>> = works
         .iter()
-        .map(|w| match purpose {
-            Purpose::Classify => Outputs::Classify(vec![None; w.inputs.len()]),
-            Purpose::Embed => Outputs::Embed(vec![None; w.inputs.len()]),
-        })
+        .map(|w| w.inputs.iter().map(|_| None).collect())
         .collect();
     // Batches bounded by padded tokens, each cut into `threads` parts that run at once: on
     // CPU a single forward pass leaves cores idle (only the larger matrix products use
@@ -680,50 +646,45 @@ fn run_batches(
         start = end;
     }
     let next = AtomicUsize::new(0);
-    let results: Vec<(std::ops::Range<usize>, Result<ChunkOut, String>)> =
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads.clamp(1, ranges.len().max(1)))
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(range) = ranges.get(i) else { break };
-                            let rows: Vec<&EncodedText> =
-                                items[range.clone()].iter().map(|i| i.row).collect();
-                            let out = match purpose {
-                                Purpose::Classify => model.classify(&rows).map(ChunkOut::Classify),
-                                Purpose::Embed => model.embed(&rows).map(ChunkOut::Embed),
-                            };
-                            done.push((range.clone(), out.map_err(|e| e.to_string())));
-                        }
-                        done
-                    })
+    type Computed = Result<Vec<Output>, String>;
+    let results: Vec<(std::ops::Range<usize>, Computed)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.clamp(1, ranges.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(range) = ranges.get(i) else { break };
+                        let rows: Vec<&EncodedText> =
+                            items[range.clone()].iter().map(|i| i.row).collect();
+                        let out = match purpose {
+                            Purpose::Classify => model
+                                .classify(&rows)
+                                .map(|v| v.into_iter().map(Output::Classify).collect()),
+                            Purpose::Embed => model
+                                .embed(&rows)
+                                .map(|v| v.into_iter().map(Output::Embed).collect()),
+                        };
+                        done.push((range.clone(), out.map_err(|e| e.to_string())));
+                    }
+                    done
                 })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_default())
-                .collect()
-        });
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
     let mut failed: Option<String> = None;
     if results.iter().map(|(r, _)| r.len()).sum::<usize>() != items.len() {
         failed = Some("an inference thread panicked".into());
     }
     for (range, out) in results {
         match out {
-            Ok(ChunkOut::Classify(out)) => {
-                for (item, c) in items[range].iter().zip(out) {
-                    if let Outputs::Classify(v) = &mut outputs[item.work] {
-                        v[item.index] = Some(c);
-                    }
-                }
-            }
-            Ok(ChunkOut::Embed(out)) => {
-                for (item, e) in items[range].iter().zip(out) {
-                    if let Outputs::Embed(v) = &mut outputs[item.work] {
-                        v[item.index] = Some(e);
-                    }
+            Ok(out) => {
+                for (item, o) in items[range].iter().zip(out) {
+                    outputs[item.work][item.index] = Some(o);
                 }
             }
             Err(e) => failed = Some(e),
@@ -731,28 +692,13 @@ fn run_batches(
     }
     drop(items);
     for (work, out) in works.into_iter().zip(outputs) {
-        match (work.task, out) {
-            (Task::Classify(tx), Outputs::Classify(v)) => {
-                let result = match &failed {
-                    Some(e) => Err(ServeError::Internal(e.clone())),
-                    None => v
-                        .into_iter()
-                        .collect::<Option<Vec<_>>>()
-                        .ok_or_else(|| ServeError::Internal("an input was not computed".into())),
-                };
-                let _ = tx.send(result);
-            }
-            (Task::Embed(tx), Outputs::Embed(v)) => {
-                let result = match &failed {
-                    Some(e) => Err(ServeError::Internal(e.clone())),
-                    None => v
-                        .into_iter()
-                        .collect::<Option<Vec<_>>>()
-                        .ok_or_else(|| ServeError::Internal("an input was not computed".into())),
-                };
-                let _ = tx.send(result);
-            }
-            _ => {}
-        }
+        let result = match &failed {
+            Some(e) => Err(ServeError::Internal(e.clone())),
+            None => out
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ServeError::Internal("an input was not computed".into())),
+        };
+        let _ = work.reply.send(result);
     }
 }

@@ -76,8 +76,6 @@ pub struct Pooling {
     pub mean: bool,
     pub mean_sqrt_len: bool,
     pub normalize: bool,
-    /// Where the configuration came from, for the models API.
-    pub source: &'static str,
 }
 
 impl Pooling {
@@ -89,7 +87,6 @@ impl Pooling {
             mean: true,
             mean_sqrt_len: false,
             normalize: false,
-            source: "default",
         }
     }
 
@@ -138,7 +135,6 @@ impl Pooling {
                         mean: flag("pooling_mode_mean_tokens"),
                         mean_sqrt_len: flag("pooling_mode_mean_sqrt_len_tokens"),
                         normalize: false,
-                        source: "sentence-transformers",
                     };
                     if !(p.cls || p.max || p.mean || p.mean_sqrt_len) {
                         return Err(invalid(format!(
@@ -159,22 +155,6 @@ impl Pooling {
         let mut pooling = pooling.unwrap_or_else(Pooling::default_mean);
         pooling.normalize = normalize;
         Ok(pooling)
-    }
-
-    /// The mode's name for the models API (`mean`, `cls`, `max`, or several joined by `+`).
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        for (on, name) in [
-            (self.cls, "cls"),
-            (self.max, "max"),
-            (self.mean, "mean"),
-            (self.mean_sqrt_len, "mean_sqrt_len"),
-        ] {
-            if on {
-                parts.push(name);
-            }
-        }
-        parts.join("+")
     }
 
     /// Sentence vectors `[batch, dim]` from hidden states `[batch, seq, hidden]`.
@@ -314,11 +294,7 @@ impl EncoderModel {
             ModelError::Invalid(format!("{} is missing or not JSON", config_path.display()))
         })?;
         let model_type = raw["model_type"].as_str().unwrap_or("unknown").to_owned();
-        if crate::models::describe("", dir)
-            .ok()
-            .and_then(|m| m.family)
-            .is_none_or(|f| f != crate::models::Family::Encoder)
-        {
+        if crate::models::family_of(&model_type) != Some(crate::models::Family::Encoder) {
             return Err(ModelError::Unsupported(format!(
                 "this model ({model_type}) is not a text encoder"
             )));
@@ -451,14 +427,7 @@ impl EncoderModel {
                 };
                 return Err(TokenizeError::TooLong { tokens, max });
             }
-            if row.ids.len() > max {
-                let last = row.ids[row.ids.len() - 1];
-                let last_type = row.type_ids[row.type_ids.len() - 1];
-                row.ids.truncate(max - 1);
-                row.type_ids.truncate(max - 1);
-                row.ids.push(last);
-                row.type_ids.push(last_type);
-            }
+            row.truncate(max);
         }
         Ok(row)
     }
