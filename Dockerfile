@@ -5,6 +5,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+# Embedded in the binary: the API reference served at /docs.
+COPY openapi.yaml ./
 RUN cargo build --release --locked && strip target/release/kiln
 
 FROM debian:bookworm-slim

@@ -193,6 +193,7 @@ async fn run(url: &str, run_start: bool, run_get: bool, run_claim: bool) -> anyh
             ..Default::default()
         },
         serve: Default::default(),
+        webhooks: Default::default(),
     })
     .await?;
     let base = format!("http://{}", running.addr);

@@ -83,6 +83,46 @@ pub struct ServeArgs {
     pub workers: usize,
     #[command(flatten)]
     pub inference: InferenceArgs,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+}
+
+/// How webhook deliveries are retried.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// Attempts per delivery before it is marked failed.
+    #[arg(long, env = "KILN_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8)]
+    pub webhook_max_attempts: u32,
+    /// Seconds before the second attempt; each later wait is four times longer (capped at
+    /// six hours), with jitter.
+    #[arg(long, env = "KILN_WEBHOOK_RETRY_SECS", default_value_t = 30.0)]
+    pub webhook_retry_secs: f64,
+    /// Seconds one attempt may take.
+    #[arg(long, env = "KILN_WEBHOOK_TIMEOUT_SECS", default_value_t = 10.0)]
+    pub webhook_timeout_secs: f64,
+}
+
+impl WebhookArgs {
+    pub fn settings(&self) -> anyhow::Result<crate::webhooks::WebhookSettings> {
+        let seconds = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e6 {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(anyhow::anyhow!(
+                    "{name} must be a positive number of seconds, got {v}"
+                ))
+            }
+        };
+        if self.webhook_max_attempts == 0 {
+            anyhow::bail!("KILN_WEBHOOK_MAX_ATTEMPTS must be at least 1");
+        }
+        Ok(crate::webhooks::WebhookSettings {
+            max_attempts: self.webhook_max_attempts,
+            retry_base: seconds("KILN_WEBHOOK_RETRY_SECS", self.webhook_retry_secs)?,
+            timeout: seconds("KILN_WEBHOOK_TIMEOUT_SECS", self.webhook_timeout_secs)?,
+            ..Default::default()
+        })
+    }
 }
 
 /// What the inference engine may use (serving and training share the machine).
@@ -341,6 +381,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..WorkerSettings::default()
         },
         serve: args.inference.settings()?,
+        webhooks: args.webhooks.settings()?,
     };
     let running = match server::start(settings).await {
         Ok(running) => running,

@@ -16,4 +16,5 @@ pub mod serve;
 pub mod server;
 pub mod store;
 pub mod train;
+pub mod webhooks;
 pub mod worker;

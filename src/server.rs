@@ -18,6 +18,7 @@ use crate::queue::Queue;
 use crate::serve::{ServeSettings, Serving};
 use crate::store::Store;
 use crate::store::keys::{DEFAULT_PROJECT, sha256};
+use crate::webhooks::WebhookSettings;
 use crate::worker::{WorkerPool, WorkerSettings};
 
 /// Everything `kiln serve` needs, already resolved (the database URL is known by now).
@@ -36,6 +37,8 @@ pub struct Settings {
     pub jobs: WorkerSettings,
     /// The inference engine's share of the machine (`KILN_SERVE_*`).
     pub serve: ServeSettings,
+    /// Webhook delivery retries and timeouts (`KILN_WEBHOOK_*`).
+    pub webhooks: WebhookSettings,
 }
 
 /// A server that is listening. Dropping it does not stop it: call [`RunningServer::shutdown`].
@@ -47,6 +50,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
     workers: WorkerPool,
+    deliverer: JoinHandle<()>,
 }
 
 /// The process-wide Prometheus recorder (the `metrics` facade allows one per process).
@@ -130,6 +134,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         queue,
         models_dir: Arc::new(settings.models_dir.clone()),
         serving: Serving::new(settings.serve.clone(), artifacts.clone()),
+        webhooks: Arc::new(settings.webhooks.clone()),
     };
     let app = api::router(state);
 
@@ -138,6 +143,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding {}", settings.addr))?;
     let addr = listener.local_addr()?;
     let (stop, mut stopped) = watch::channel(false);
+    let deliverer =
+        crate::webhooks::spawn(store.clone(), settings.webhooks.clone(), stop.subscribe());
     let upkeep = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -161,6 +168,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         stop,
         task,
         workers,
+        deliverer,
     })
 }
 
@@ -169,8 +177,10 @@ impl RunningServer {
     /// requeued, in-flight requests finish; then closes the pool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        let (served, ()) = tokio::join!(self.task, self.workers.shutdown());
+        let (served, (), delivered) =
+            tokio::join!(self.task, self.workers.shutdown(), self.deliverer);
         served??;
+        delivered?;
         self.store.close().await;
         Ok(())
     }

@@ -267,6 +267,7 @@ async fn the_first_start_without_an_admin_key_creates_one_once() {
         artifacts: None,
         jobs: Default::default(),
         serve: Default::default(),
+        webhooks: Default::default(),
     };
     let first = kiln::server::start(settings.clone()).await.unwrap();
     let key = first

@@ -405,6 +405,7 @@ async fn validation_interrupted_by_a_restart_finishes_at_the_next_start() {
         artifacts: None,
         jobs: Default::default(),
         serve: Default::default(),
+        webhooks: Default::default(),
     })
     .await
     .unwrap();

@@ -47,6 +47,7 @@ fn settings(database_url: &str, data_dir: &Path, inner: usize, lease: Duration) 
         artifacts: None,
         jobs,
         serve: Default::default(),
+        webhooks: Default::default(),
     }
 }
 

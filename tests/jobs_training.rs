@@ -228,3 +228,94 @@ async fn data_the_engine_cannot_train_fails_the_job_without_retries() {
     assert!(message.contains("max_length"), "{message}");
     app.shutdown().await;
 }
+
+/// `dry_run: true` plans the job with the real engine (data read, `auto` resolved, a few real
+/// steps timed) and queues nothing; the same job then runs for real, and its figures match
+/// the plan's (the estimate and the real duration are printed, not asserted).
+#[tokio::test]
+async fn a_dry_run_plans_the_job_without_queueing_it() {
+    let app = app().await;
+    let key = app.key_for("acme").await;
+    let train = upload(&app, &key, 90, 5).await;
+    let request = json!({
+        "model": BASE, "training_file": train, "seed": 3,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 8}}},
+    });
+    let mut dry = request.clone();
+    dry["dry_run"] = json!(true);
+    let (status, plan) = post_json(&app, &key, "/v1/fine_tuning/jobs", dry).await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["object"], "fine_tuning.job");
+    let estimate = &plan["estimate"];
+    // 90 examples, about a tenth held out; 2 epochs of ceil(train / 8) steps.
+    let n_train = estimate["train_examples"].as_u64().unwrap();
+    let n_valid = estimate["valid_examples"].as_u64().unwrap();
+    assert_eq!(n_train + n_valid, 90, "{estimate}");
+    assert!((7..=11).contains(&n_valid), "{estimate}");
+    assert_eq!(
+        estimate["total_steps"],
+        2 * n_train.div_ceil(8),
+        "{estimate}"
+    );
+    assert_eq!(
+        estimate["labels"],
+        json!(["negative", "positive"]),
+        "{estimate}"
+    );
+    let per_epoch = estimate["train_tokens_per_epoch"].as_u64().unwrap();
+    assert!(per_epoch > n_train * 3, "{estimate}");
+    assert_eq!(estimate["trained_tokens"].as_u64().unwrap(), 2 * per_epoch);
+    assert_eq!(plan["trained_tokens"], estimate["trained_tokens"]);
+    assert!(
+        estimate["seconds_per_step"].as_f64().unwrap() > 0.0,
+        "{estimate}"
+    );
+    assert_eq!(estimate["measured_steps"], 3, "{estimate}");
+    let seconds = estimate["estimated_seconds"].as_f64().unwrap();
+    assert!(seconds > 0.0, "{estimate}");
+    // Every "auto" is resolved in the method it would record.
+    let hp = &plan["method"]["supervised"]["hyperparameters"];
+    assert_eq!(hp["n_epochs"], 2, "{hp}");
+    for (k, v) in hp.as_object().unwrap() {
+        assert_ne!(v, "auto", "{k} unresolved: {hp}");
+    }
+    assert!(hp["learning_rate"].as_f64().unwrap() > 0.0, "{hp}");
+
+    // Nothing was queued.
+    let (_, jobs) = app.get_json(&key, "/v1/fine_tuning/jobs").await;
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 0, "{jobs}");
+
+    // Bad input still gets the usual errors, before anything is measured.
+    let mut bad = request.clone();
+    bad["dry_run"] = json!("yes");
+    let (status, err) = post_json(&app, &key, "/v1/fine_tuning/jobs", bad).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["param"], "dry_run");
+    let mut bad = request.clone();
+    bad["dry_run"] = json!(true);
+    bad["method"]["supervised"]["hyperparameters"]["n_epochs"] = json!(0);
+    let (status, err) = post_json(&app, &key, "/v1/fine_tuning/jobs", bad).await;
+    assert_eq!(status, 400, "{err}");
+
+    // The real run takes the plan's steps and tokens.
+    let started = std::time::Instant::now();
+    let (status, job) = post_json(&app, &key, "/v1/fine_tuning/jobs", request).await;
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let done = wait_for(&app, &key, id, Duration::from_secs(120), |j| {
+        matches!(j["status"].as_str(), Some("succeeded" | "failed"))
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["trained_tokens"], estimate["trained_tokens"], "{done}");
+    assert_eq!(
+        done["method"]["supervised"]["hyperparameters"]["learning_rate"],
+        hp["learning_rate"]
+    );
+    println!(
+        "dry run estimated {seconds:.2} s; the job took {:.2} s from create to succeeded",
+        started.elapsed().as_secs_f64()
+    );
+    app.shutdown().await;
+}

@@ -160,3 +160,41 @@ async fn the_official_client_lists_retrieves_and_embeds_with_served_models() {
     );
     assert!(kiln.terminate().await.success());
 }
+
+/// Webhook endpoints through the official client, and real job events (one job trained to
+/// the end, one cancelled) verified by `client.webhooks.unwrap` (tests/python/openai_webhooks.py).
+#[tokio::test]
+async fn the_official_client_manages_webhooks_and_verifies_job_events() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    train_support::tiny_model(
+        &models.join("kiln-test/tiny-bert"),
+        kiln::nn::tiny::TinyLayout::Unprefixed,
+    );
+    let kiln = KilnProcess::serve(&[
+        ("DATABASE_URL", &db.url),
+        ("KILN_DATA_DIR", dir.path().to_str().unwrap()),
+        ("KILN_MODELS_DIR", models.to_str().unwrap()),
+        ("KILN_ADMIN_KEY", ADMIN_KEY),
+    ])
+    .await;
+    let output = tokio::process::Command::new("python3")
+        .arg(format!(
+            "{}/tests/python/openai_webhooks.py",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .env("OPENAI_BASE_URL", format!("{}/v1", kiln.base))
+        .env("OPENAI_API_KEY", ADMIN_KEY)
+        .env("KILN_TEST_MODEL", "kiln-test/tiny-bert")
+        .output()
+        .await
+        .expect("python3");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai_webhooks.py failed:\nstdout:\n{}\nstderr:\n{stderr}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(kiln.terminate().await.success());
+}

@@ -6,6 +6,7 @@
 //! slot) and `paused: true`: OpenAI's clients validate `status` against a fixed list that has
 //! no "paused".
 
+mod dry_run;
 mod method;
 
 use std::convert::Infallible;
@@ -32,7 +33,7 @@ use crate::store::files::{FileRow, Order};
 use crate::store::new_id;
 
 /// Fields a create request may carry.
-const CREATE_FIELDS: [&str; 10] = [
+const CREATE_FIELDS: [&str; 11] = [
     "model",
     "training_file",
     "validation_file",
@@ -43,6 +44,7 @@ const CREATE_FIELDS: [&str; 10] = [
     "hyperparameters",
     "integrations",
     "priority",
+    "dry_run",
 ];
 const DEFAULT_PRIORITY: i64 = 5;
 
@@ -428,11 +430,25 @@ pub async fn create(
         }
     };
 
+    let dry_run = match fields.get("dry_run") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(bad(
+                format!("dry_run must be true or false, got {other}"),
+                "dry_run",
+            ));
+        }
+    };
+
     let base_model = resolve_model(&state, &caller.project_id, model).await?;
-    let (_, format) =
+    let (train_row, format) =
         training_data(&state, &caller.project_id, training_file, "training_file").await?;
+    let mut valid_row = None;
     if let Some(v) = validation_file {
-        let (_, v_format) = training_data(&state, &caller.project_id, v, "validation_file").await?;
+        let (row, v_format) =
+            training_data(&state, &caller.project_id, v, "validation_file").await?;
+        valid_row = Some(row);
         if v_format != format {
             return Err(bad(
                 format!(
@@ -444,6 +460,21 @@ pub async fn create(
     }
     let method =
         method::resolve_method(fields.get("method"), fields.get("hyperparameters"), &format)?;
+
+    if dry_run {
+        let planned = dry_run::PlannedJob {
+            project_id: &caller.project_id,
+            model,
+            training_file: &train_row,
+            validation_file: valid_row.as_ref(),
+            suffix,
+            seed,
+            metadata: metadata.as_ref(),
+            method: &method,
+            priority,
+        };
+        return dry_run::dry_run_job(&state, &planned).await.map(Json);
+    }
 
     let hash = hex::encode(Sha256::digest(canonical(&body).as_bytes()));
     let id = new_id("ftjob-");

@@ -1,6 +1,7 @@
 //! The HTTP layer: routes, extractors, wire types, error mapping and auth.
 //! It knows only handles (Store, Artifacts); it never calls candle or writes SQL.
 
+mod docs;
 pub mod error;
 pub mod extract;
 mod files;
@@ -10,6 +11,7 @@ mod keys;
 mod models;
 mod ops;
 pub mod pagination;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +49,8 @@ pub struct AppState {
     pub models_dir: Arc<PathBuf>,
     /// The inference engine.
     pub serving: Serving,
+    /// How webhook deliveries are sent (test events go out from the API).
+    pub webhooks: Arc<crate::webhooks::WebhookSettings>,
 }
 
 /// Request size limits.
@@ -100,6 +104,33 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/classifications", post(inference::classify))
         .route("/v1/embeddings", post(inference::embed))
+        .route(
+            "/v1/webhook_endpoints",
+            get(webhooks::list).post(webhooks::create),
+        )
+        .route(
+            "/v1/webhook_endpoints/{id}",
+            get(webhooks::retrieve)
+                .post(webhooks::update)
+                .delete(webhooks::remove),
+        )
+        .route(
+            "/v1/webhook_endpoints/{id}/rotate_secret",
+            post(webhooks::rotate_secret),
+        )
+        .route("/v1/webhook_endpoints/{id}/test", post(webhooks::test))
+        .route(
+            "/v1/webhook_endpoints/{id}/deliveries",
+            get(webhooks::deliveries),
+        )
+        .route("/v1/webhook_event_types", get(webhooks::event_types))
+        .route("/v1/webhooks", get(webhooks::list).post(webhooks::create))
+        .route(
+            "/v1/webhooks/{id}",
+            get(webhooks::retrieve)
+                .post(webhooks::update)
+                .delete(webhooks::remove),
+        )
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{id}", delete(keys::revoke))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -107,6 +138,9 @@ pub fn router(state: AppState) -> Router {
 
     Router::new()
         .route("/healthz", get(ops::healthz))
+        .route("/docs", get(docs::page))
+        .route("/openapi.yaml", get(docs::yaml))
+        .route("/openapi.json", get(docs::json))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .merge(v1)

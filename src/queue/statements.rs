@@ -263,18 +263,22 @@ SELECT id, state FROM moved";
 /// Cancel (API): a queued or paused job is `cancelled` at once; a running one gets
 /// `cancel_requested_at` (and, through the trigger, a NOTIFY its worker acts on). Returns the
 /// state before and after; no row when the job is not the project's.
+///
+/// The new values are computed from `j`, the row as the UPDATE finally locks it, never from
+/// `target`: when a worker claims the job between this statement's snapshot and its lock,
+/// `target` can still say `queued` while the row is `running` (so is it for pause and resume).
 pub(crate) const CANCEL_JOB: &str = "
 WITH target AS (
     SELECT id, state FROM fine_tuning_jobs WHERE project_id = $1 AND id = $2 FOR UPDATE
 ), moved AS (
     UPDATE fine_tuning_jobs AS j
-    SET state = CASE WHEN t.state = 'running' THEN 'running' ELSE 'cancelled' END,
-        finished_at = CASE WHEN t.state = 'running' THEN NULL ELSE now() END,
+    SET state = CASE WHEN j.state = 'running' THEN 'running' ELSE 'cancelled' END,
+        finished_at = CASE WHEN j.state = 'running' THEN NULL ELSE now() END,
         cancel_requested_at = coalesce(j.cancel_requested_at, now()),
-        pause_requested_at = CASE WHEN t.state = 'running' THEN j.pause_requested_at END
+        pause_requested_at = CASE WHEN j.state = 'running' THEN j.pause_requested_at END
     FROM target t
-    WHERE j.id = t.id AND t.state IN ('queued', 'paused', 'running')
-      AND NOT (t.state = 'running' AND j.cancel_requested_at IS NOT NULL)
+    WHERE j.id = t.id AND j.state IN ('queued', 'paused', 'running')
+      AND NOT (j.state = 'running' AND j.cancel_requested_at IS NOT NULL)
     RETURNING j.id, j.state
 ), logged AS (
     INSERT INTO fine_tuning_job_events (job_id, attempt, level, type, message)
@@ -293,11 +297,11 @@ WITH target AS (
     SELECT id, state FROM fine_tuning_jobs WHERE project_id = $1 AND id = $2 FOR UPDATE
 ), moved AS (
     UPDATE fine_tuning_jobs AS j
-    SET state = CASE WHEN t.state = 'running' THEN 'running' ELSE 'paused' END,
+    SET state = CASE WHEN j.state = 'running' THEN 'running' ELSE 'paused' END,
         pause_requested_at = coalesce(j.pause_requested_at, now())
     FROM target t
-    WHERE j.id = t.id AND (t.state = 'queued'
-                           OR (t.state = 'running' AND j.pause_requested_at IS NULL))
+    WHERE j.id = t.id AND (j.state = 'queued'
+                           OR (j.state = 'running' AND j.pause_requested_at IS NULL))
     RETURNING j.id, j.state
 ), logged AS (
     INSERT INTO fine_tuning_job_events (job_id, attempt, level, type, message)
@@ -317,11 +321,11 @@ WITH target AS (
     WHERE project_id = $1 AND id = $2 FOR UPDATE
 ), moved AS (
     UPDATE fine_tuning_jobs AS j
-    SET state = CASE WHEN t.state = 'paused' THEN 'queued' ELSE j.state END,
-        scheduled_at = CASE WHEN t.state = 'paused' THEN now() ELSE j.scheduled_at END,
+    SET state = CASE WHEN j.state = 'paused' THEN 'queued' ELSE j.state END,
+        scheduled_at = CASE WHEN j.state = 'paused' THEN now() ELSE j.scheduled_at END,
         pause_requested_at = NULL
     FROM target t
-    WHERE j.id = t.id AND t.pause_requested_at IS NOT NULL AND t.state IN ('paused', 'running')
+    WHERE j.id = t.id AND j.pause_requested_at IS NOT NULL AND j.state IN ('paused', 'running')
     RETURNING j.id, j.state
 ), logged AS (
     INSERT INTO fine_tuning_job_events (job_id, attempt, level, type, message)

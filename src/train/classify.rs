@@ -392,6 +392,7 @@ pub(crate) fn run(
         valid_examples: task.valid.texts.len(),
         total_steps,
         labels: labels.names().to_vec(),
+        train_tokens: task.train.texts.iter().map(|t| t.ids.len() as u64).sum(),
     });
     if train_cut > 0 {
         on_event(&TrainEvent::message(format!(

@@ -325,6 +325,7 @@ pub(crate) fn run(
             mask_batch(&rows, tokenizer.pad_id(), mask_id, vocab, &mut valid_rng)
         })
         .collect();
+    let train_tokens: u64 = train.iter().map(|t| t.ids.len() as u64).sum();
     let mut task = MaskedLm {
         encoder,
         _varmap: varmap,
@@ -348,6 +349,7 @@ pub(crate) fn run(
         valid_examples: valid_texts.len(),
         total_steps: total_steps(&hp, task.train.len()),
         labels: Vec::new(),
+        train_tokens,
     });
     if !has_head {
         on_event(&TrainEvent::message(

@@ -9,6 +9,7 @@
 //! ```
 
 mod classify;
+mod estimate;
 mod export;
 mod masked_lm;
 pub mod metrics;
@@ -27,6 +28,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::data::{self, DatasetFormat};
+pub use estimate::{Estimate, estimate};
 pub use spec::{HyperparameterError, HyperparameterRequest, Hyperparameters, Strategy};
 pub use trainer::CHECKPOINT_MODEL_DIR;
 
@@ -132,6 +134,8 @@ pub enum TrainEvent {
         valid_examples: usize,
         total_steps: u64,
         labels: Vec<String>,
+        /// Tokens in one pass over the training examples (after truncation to max_length).
+        train_tokens: u64,
     },
     /// Something a person should read (choices made, truncation, early stopping).
     Message {

@@ -30,7 +30,7 @@ pub use engine::{
     StopReason,
 };
 pub(crate) use slot::model_key;
-pub use training::EngineExecutor;
+pub use training::{EngineExecutor, EstimateRequest, estimate};
 
 /// How this process runs jobs.
 #[derive(Clone)]

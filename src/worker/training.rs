@@ -98,6 +98,7 @@ impl JobExecutor for EngineExecutor {
                     valid_examples,
                     total_steps,
                     labels,
+                    ..
                 } => {
                     ctx.record_hyperparameters(hyperparameters.echo());
                     let labels = if labels.is_empty() {
@@ -191,5 +192,55 @@ impl JobExecutor for EngineExecutor {
                 ctx.should_stop().unwrap_or(StopReason::Shutdown),
             )),
         }
+    }
+}
+
+/// A job as `dry_run` measures it: local paths, the request's hyperparameters and seed.
+#[derive(Debug, Clone)]
+pub struct EstimateRequest {
+    pub model_dir: std::path::PathBuf,
+    pub training_file: std::path::PathBuf,
+    pub validation_file: Option<std::path::PathBuf>,
+    pub hyperparameters: serde_json::Map<String, Value>,
+    pub seed: u64,
+}
+
+/// Steps timed by an estimate (after one warm-up step).
+const ESTIMATE_STEPS: u64 = 3;
+
+/// Runs [`train::estimate`] on an OS thread of its own (it trains for a few steps), in a
+/// scratch directory that is removed afterwards. User errors (data the engine cannot train
+/// on, bad settings) come back as [`JobFailure::UserError`].
+pub async fn estimate(request: EstimateRequest) -> Result<train::Estimate, JobFailure> {
+    let hyperparameters: HyperparameterRequest =
+        serde_json::from_value(Value::Object(request.hyperparameters.clone()))
+            .map_err(|e| JobFailure::UserError(format!("hyperparameters: {e}")))?;
+    let scratch =
+        std::env::temp_dir().join(format!("kiln-estimate-{}", uuid::Uuid::new_v4().simple()));
+    let spec = TrainingJob {
+        base_model: request.model_dir,
+        training_file: request.training_file,
+        validation_file: request.validation_file,
+        hyperparameters,
+        seed: request.seed,
+        work_dir: scratch.join("work"),
+        model_dir: scratch.join("model"),
+        resume_from: None,
+        device: candle_core::Device::Cpu,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kiln-estimate".into())
+        .spawn(move || {
+            let result = train::estimate(&spec, ESTIMATE_STEPS);
+            let _ = std::fs::remove_dir_all(&scratch);
+            let _ = tx.send(result);
+        })
+        .map_err(|e| JobFailure::Infrastructure(format!("cannot start an estimate thread: {e}")))?;
+    match rx.await {
+        Ok(result) => result.map_err(failure),
+        Err(_) => Err(JobFailure::Infrastructure(
+            "the estimate thread stopped without an answer".into(),
+        )),
     }
 }

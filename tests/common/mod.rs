@@ -97,6 +97,7 @@ impl TestApp {
             artifacts: None,
             jobs: Default::default(),
             serve: Default::default(),
+            webhooks: Default::default(),
         };
         configure(&mut settings);
         let running = server::start(settings).await.expect("server starts");
