@@ -1,4 +1,5 @@
-//! The `kiln` command line: the server, its maintenance commands and (later) a client.
+//! The `kiln` command line: the server, its maintenance commands, and a client that talks
+//! to a server over HTTP (`client`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod client;
 mod train;
 
 use crate::embedded_pg::EmbeddedPostgres;
@@ -32,11 +34,27 @@ enum Command {
     Worker(WorkerArgs),
     /// Fine-tune a model locally, without a server.
     Train(train::TrainArgs),
-    /// Base models under the models directory.
+    /// Models: the server's (list, get, rm), or the local models directory's (list --local, pull).
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Datasets on a server: upload, list, get, rm.
+    Files {
+        #[command(subcommand)]
+        command: client::FilesCommand,
+    },
+    /// Fine-tuning jobs on a server: create, list, get, cancel, pause, resume, events, watch.
+    Jobs {
+        #[command(subcommand)]
+        command: client::JobsCommand,
+    },
+    /// Classify texts with a served model.
+    Classify(client::ClassifyArgs),
+    /// Embed texts with a served encoder.
+    Embed(client::EmbedArgs),
+    /// Chat with a served generative model (OpenAI's /v1/chat/completions).
+    Chat(client::ChatArgs),
     /// Apply database migrations and exit.
     Migrate(DbArgs),
     /// Manage API keys.
@@ -219,15 +237,26 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Subcommand)]
 enum ModelsCommand {
-    /// List base models with their architecture, size and what they can be fine-tuned for.
+    /// List the server's models: base models, then fine-tuned models and checkpoints. With
+    /// --local: the base models under the local models directory, with their architecture,
+    /// size and what they can be fine-tuned for.
     List {
+        /// List the local models directory instead of asking a server.
+        #[arg(long)]
+        local: bool,
+        /// With --local: the models directory [default: $KILN_DATA_DIR/models].
         #[arg(long, env = "KILN_MODELS_DIR")]
         models_dir: Option<PathBuf>,
+        /// With --local: the data directory.
         #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
         data_dir: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        server: client::ServerArgs,
     },
+    /// Show one of the server's models.
+    Get(client::ModelsGetArgs),
+    /// Delete a fine-tuned model from the server.
+    Rm(client::ModelsRmArgs),
     /// Download ORG/NAME from the Hugging Face hub into the models directory.
     Pull {
         id: String,
@@ -330,15 +359,64 @@ impl Database {
 /// Entry point of the binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    let request = match dispatch(cli.command) {
+        Dispatch::Client(request) => request,
+        Dispatch::Local(command) => {
+            init_tracing();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            return runtime.block_on(run(command));
+        }
+    };
+    // A client's output may go to `head`: end quietly when the pipe closes, as Unix tools do
+    // (Rust ignores SIGPIPE, which makes `println!` panic instead).
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli))
+    let code = runtime.block_on(client::run(request));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// A parsed command: a request to a server (the client), or work this process does itself.
+enum Dispatch {
+    Client(client::Request),
+    Local(Command),
+}
+
+fn dispatch(command: Command) -> Dispatch {
+    Dispatch::Client(match command {
+        Command::Files { command } => client::Request::Files(command),
+        Command::Jobs { command } => client::Request::Jobs(command),
+        Command::Classify(args) => client::Request::Classify(args),
+        Command::Embed(args) => client::Request::Embed(args),
+        Command::Chat(args) => client::Request::Chat(args),
+        Command::Models { command } => match command {
+            ModelsCommand::List {
+                local: false,
+                server,
+                ..
+            } => client::Request::ModelsList(client::ModelsListArgs { server }),
+            ModelsCommand::Get(args) => client::Request::ModelsGet(args),
+            ModelsCommand::Rm(args) => client::Request::ModelsRm(args),
+            local => return Dispatch::Local(Command::Models { command: local }),
+        },
+        other => return Dispatch::Local(other),
+    })
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => serve(args).await,
         Command::Worker(args) => worker(args).await,
         Command::Migrate(db) => {
@@ -352,6 +430,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { command } => keys(command).await,
         Command::Train(args) => tokio::task::spawn_blocking(move || train::run(args)).await?,
         Command::Models { command } => tokio::task::spawn_blocking(move || models(command)).await?,
+        Command::Files { .. }
+        | Command::Jobs { .. }
+        | Command::Classify(_)
+        | Command::Embed(_)
+        | Command::Chat(_) => anyhow::bail!("client commands run through client::run"),
     }
 }
 
@@ -522,8 +605,10 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
         ModelsCommand::List {
             models_dir,
             data_dir,
-            json,
+            server,
+            ..
         } => {
+            let json = server.json;
             let dir = models_dir.unwrap_or_else(|| data_dir.join("models"));
             let found = crate::models::scan(&dir);
             if json {
@@ -550,6 +635,9 @@ fn models(command: ModelsCommand) -> anyhow::Result<()> {
             let dir = models_dir.unwrap_or_else(|| data_dir.join("models"));
             let path = crate::models::pull(&dir, &id)?;
             println!("{}", path.display());
+        }
+        ModelsCommand::Get(_) | ModelsCommand::Rm(_) => {
+            anyhow::bail!("`kiln models get|rm` talk to a server: they run through client::run")
         }
     }
     Ok(())
