@@ -5,8 +5,11 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+COPY benches ./benches
 # Embedded in the binary: the API reference served at /docs.
 COPY openapi.yaml ./
+# Embedded in the binary: the dashboard served at /.
+COPY web ./web
 RUN cargo build --release --locked && strip target/release/kiln
 
 FROM debian:bookworm-slim

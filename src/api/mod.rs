@@ -1,6 +1,7 @@
 //! The HTTP layer: routes, extractors, wire types, error mapping and auth.
 //! It knows only handles (Store, Artifacts); it never calls candle or writes SQL.
 
+mod dashboard;
 mod docs;
 pub mod error;
 pub mod extract;
@@ -73,7 +74,8 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the whole router. A plain function so tests and `kiln serve` use the same app.
 /// Routes are written with their full paths: `tests/openapi.rs` reads them from this file
-/// to check that openapi.yaml describes exactly what is served.
+/// to check that openapi.yaml describes exactly what is served. The dashboard's pages
+/// (`/`, `/assets/...`) are not API operations: they come from [`dashboard::routes`].
 pub fn router(state: AppState) -> Router {
     let json_limit = state.limits.max_json_bytes;
     let v1 = Router::new()
@@ -144,6 +146,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .merge(v1)
+        .merge(dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(ensure_error_body))
