@@ -573,3 +573,40 @@ async fn models_list_local_reads_the_models_directory_without_a_server() {
     let models = run.json();
     assert_eq!(models[0]["id"], BASE, "{run}");
 }
+
+#[tokio::test]
+async fn a_dry_run_from_the_cli_prints_the_plan_and_queues_nothing() {
+    let app = app().await;
+    let key = app.key_for("acme").await;
+    let file = upload_sentiment(&app, &key, 40, 2).await;
+    let base = [
+        "jobs",
+        "create",
+        "--model",
+        BASE,
+        "--training-file",
+        file.as_str(),
+        "-H",
+        "n_epochs=2",
+        "-H",
+        "batch_size=8",
+        "--dry-run",
+    ];
+    let run = kiln(&app, &key, &base).await;
+    let out = run.ok();
+    assert!(out.contains("dry run: nothing was queued"), "{run}");
+    assert!(out.contains("text_classification"), "{run}");
+    assert!(out.contains("estimated duration:"), "{run}");
+    assert!(out.contains("n_epochs=2"), "{run}");
+    let mut json_args = base.to_vec();
+    json_args.push("--json");
+    let plan = kiln(&app, &key, &json_args).await.json();
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert!(
+        plan["estimate"]["total_steps"].as_u64().unwrap() >= 2,
+        "{plan}"
+    );
+    let list = kiln(&app, &key, &["jobs", "list", "--json"]).await.json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "{list}");
+    app.shutdown().await;
+}

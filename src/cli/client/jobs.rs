@@ -83,8 +83,12 @@ pub struct CreateArgs {
     #[arg(long, value_name = "KEY=VALUE")]
     pub metadata: Vec<String>,
     /// Follow the job after creating it, as `kiln jobs watch` does.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     pub watch: bool,
+    /// Queue nothing: print the job as it would run (examples, tokens, steps, the resolved
+    /// hyperparameters) and its duration, estimated from a few real steps on the server.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -181,6 +185,9 @@ fn create_body(args: &CreateArgs) -> anyhow::Result<Value> {
     if let Some(p) = args.priority {
         body.insert("priority".into(), json!(p));
     }
+    if args.dry_run {
+        body.insert("dry_run".into(), json!(true));
+    }
     if !args.metadata.is_empty() {
         body.insert(
             "metadata".into(),
@@ -207,6 +214,13 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
     let server = Server::connect(&args.server)?;
     let body = create_body(&args)?;
     let job = server.post(&["v1", "fine_tuning", "jobs"], &body).await?;
+    if args.dry_run {
+        if server.json {
+            return server.print_json(&job);
+        }
+        print_estimate(&job);
+        return Ok(());
+    }
     let id = table::text(&job["id"]);
     if server.json && !args.watch {
         return server.print_json(&job);
@@ -218,6 +232,61 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         watch::watch(&server, &id).await?;
     }
     Ok(())
+}
+
+/// A dry run's plan for a person: what would train, with which settings, for how long.
+fn print_estimate(job: &Value) {
+    let e = &job["estimate"];
+    let kind = table::text(&job["method"]["type"]);
+    println!("dry run: nothing was queued");
+    println!(
+        "  {}: {} training and {} validation examples{}",
+        table::text(&e["task"]),
+        e["train_examples"],
+        e["valid_examples"],
+        match e["labels"].as_array() {
+            Some(l) if !l.is_empty() => format!(
+                ", labels: {}",
+                l.iter().map(table::text).collect::<Vec<_>>().join(", ")
+            ),
+            _ => String::new(),
+        }
+    );
+    println!(
+        "  {} steps, {} tokens ({} per epoch)",
+        e["total_steps"], e["trained_tokens"], e["train_tokens_per_epoch"]
+    );
+    if let Some(hp) = job["method"][&kind]["hyperparameters"].as_object() {
+        let shown: Vec<String> = hp
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| format!("{k}={}", table::text(v)))
+            .collect();
+        println!("  hyperparameters: {}", shown.join(" "));
+    }
+    if let Some(notes) = e["notes"].as_array() {
+        for note in notes {
+            println!("  chose {}", table::text(note));
+        }
+    }
+    let secs = e["estimated_seconds"].as_f64().unwrap_or(0.0);
+    println!(
+        "  estimated duration: {} ({:.3} s per step measured over {} steps, {:.1} s setup, {:.1} s evaluating)",
+        human_duration(secs),
+        e["seconds_per_step"].as_f64().unwrap_or(0.0),
+        e["measured_steps"],
+        e["setup_seconds"].as_f64().unwrap_or(0.0),
+        e["evaluation_seconds"].as_f64().unwrap_or(0.0),
+    );
+}
+
+fn human_duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{secs:.1} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
 }
 
 /// The status a person wants to see: kiln's `paused` and a pending cancel included.
