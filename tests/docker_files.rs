@@ -116,7 +116,10 @@ fn the_build_stage_copies_everything_the_crate_compiles_from() {
 #[test]
 fn the_runtime_image_runs_kiln_serve_with_a_data_volume_and_a_health_check() {
     let dockerfile = read("Dockerfile");
-    let stages = dockerfile.lines().filter(|l| l.starts_with("FROM ")).count();
+    let stages = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .count();
     assert_eq!(stages, 2, "a build stage and a runtime stage");
     for expected in [
         "COPY --from=build /src/target/release/kiln /usr/local/bin/kiln",

@@ -368,7 +368,8 @@
     ensureShell(section);
     const v = newView();
     const main = replace(shell.main);
-    if (section === 'jobs' && parts[1]) jobPage(v, main, parts[1]);
+    if (section === 'jobs' && parts[1] === 'new') newJobPage(v, main);
+    else if (section === 'jobs' && parts[1]) jobPage(v, main, parts[1]);
     else if (section === 'jobs') jobsPage(v, main, params);
     else if (section === 'files') filesPage(v, main);
     else modelsPage(v, main, params);
@@ -511,7 +512,8 @@
     const chips = h('div', { class: 'chips', role: 'tablist', 'aria-label': 'Filter by status' });
     const body = h('div', { class: 'card-body flush' }, h('div', { class: 'loading' }, h('span', { class: 'spinner' })));
     main.append(
-      pageHead('Fine-tuning jobs', 'Every job of this key\'s project, newest first. The list refreshes by itself.'),
+      pageHead('Fine-tuning jobs', 'Every job of this key\'s project, newest first. The list refreshes by itself.',
+        h('a', { class: 'btn primary', href: '#/jobs/new', id: 'new-job' }, 'New job')),
       h('div', { class: 'card' },
         h('div', { class: 'card-head' }, chips),
         body));
@@ -1135,6 +1137,109 @@
   }
 
   // ---------------------------------------------------------------- files
+
+  // ---------------------------------------------------------------- new job
+
+  // A form for the common case: a model, a processed file, a few knobs. "Estimate" asks the
+  // server for a dry run (the real pipeline and a few timed steps; nothing queued) and shows
+  // the plan; "Create job" queues it and opens its page.
+  function newJobPage(v, main) {
+    document.title = 'New job · kiln';
+    const field = (label, input, hint) => h('label', { class: 'field' }, h('span', { class: 'k' }, label), input, hint ? h('span', { class: 'hint' }, hint) : null);
+    const model = h('select', { class: 'input', id: 'nj-model' });
+    const train = h('select', { class: 'input', id: 'nj-train' });
+    const valid = h('select', { class: 'input', id: 'nj-valid' });
+    const suffix = h('input', { class: 'input', id: 'nj-suffix', placeholder: 'optional, e.g. reviews' });
+    const epochs = h('input', { class: 'input', id: 'nj-epochs', type: 'number', min: '1', max: '100', placeholder: 'auto' });
+    const batch = h('input', { class: 'input', id: 'nj-batch', type: 'number', min: '1', max: '4096', placeholder: 'auto' });
+    const strategy = h('select', { class: 'input', id: 'nj-strategy' },
+      ['auto', 'full', 'freeze', 'head_only', 'lora'].map((s) => h('option', { value: s }, s)));
+    const plan = h('div', { class: 'card-body', id: 'nj-plan' }, h('div', { class: 'muted' }, 'Estimate a job to see what it would do and how long it would take on this server.'));
+    const estimateButton = h('button', { class: 'btn', type: 'button', id: 'nj-estimate', onclick: () => submit(true) }, 'Estimate');
+    const createButton = h('button', { class: 'btn primary', type: 'button', id: 'nj-create', onclick: () => submit(false) }, 'Create job');
+    main.append(
+      pageHead('New fine-tuning job', 'Pick a model and a processed dataset. Values left on auto are chosen from the data.'),
+      h('div', { class: 'grid two' },
+        h('div', { class: 'card' },
+          h('div', { class: 'card-head' }, h('h2', null, 'Job')),
+          h('div', { class: 'card-body form' },
+            field('Model', model),
+            field('Training file', train, 'processed fine-tune files'),
+            field('Validation file', valid, 'none: a tenth of the training data is held out'),
+            field('Suffix', suffix),
+            h('div', { class: 'row' }, field('Epochs', epochs), field('Batch size', batch), field('Strategy', strategy)),
+            h('div', { class: 'actions' }, estimateButton, createButton))),
+        h('div', { class: 'card' },
+          h('div', { class: 'card-head' }, h('h2', null, 'Plan')),
+          plan)));
+
+    (async () => {
+      try {
+        const [models, files] = await Promise.all([
+          api('/v1/models', { signal: v.signal }),
+          api('/v1/files?purpose=fine-tune&limit=100', { signal: v.signal }),
+        ]);
+        const trainable = models.data.filter((m) => m.kind !== 'checkpoint');
+        replace(model, trainable.map((m) => h('option', { value: m.id }, m.id)));
+        const ready = files.data.filter((f) => f.status === 'processed');
+        const label = (f) => `${f.filename} · ${f.validation && f.validation.format ? f.validation.format : ''} · ${f.id}`;
+        replace(train, ready.map((f) => h('option', { value: f.id }, label(f))));
+        replace(valid, [h('option', { value: '' }, 'none'), ...ready.map((f) => h('option', { value: f.id }, label(f)))]);
+        if (!trainable.length || !ready.length) {
+          replace(plan, h('div', { class: 'empty' }, h('strong', null, !trainable.length ? 'No models' : 'No processed files'),
+            !trainable.length ? 'Put a base model under the models directory.' : h('a', { href: '#/files' }, 'Upload a dataset first')));
+        }
+      } catch (e) { if (e.name !== 'AbortError') toastError(e, 'Could not load models and files'); }
+    })();
+
+    function body(dryRun) {
+      const hp = {};
+      if (epochs.value) hp.n_epochs = Number(epochs.value);
+      if (batch.value) hp.batch_size = Number(batch.value);
+      if (strategy.value !== 'auto') hp.strategy = strategy.value;
+      const b = { model: model.value, training_file: train.value };
+      if (valid.value) b.validation_file = valid.value;
+      if (suffix.value.trim()) b.suffix = suffix.value.trim();
+      if (Object.keys(hp).length) b.method = { type: 'supervised', supervised: { hyperparameters: hp } };
+      if (dryRun) b.dry_run = true;
+      return b;
+    }
+
+    async function submit(dryRun) {
+      estimateButton.disabled = createButton.disabled = true;
+      if (dryRun) replace(plan, h('div', { class: 'loading' }, h('span', { class: 'spinner' }), ' Measuring a few training steps…'));
+      try {
+        const job = await api('/v1/fine_tuning/jobs', { method: 'POST', json: body(dryRun), signal: v.signal });
+        if (!dryRun) { toast(`Created ${job.id}`); location.hash = `#/jobs/${job.id}`; return; }
+        showPlan(job);
+      } catch (e) {
+        if (e.name === 'AbortError') return;
+        if (dryRun) replace(plan, h('div', { class: 'error-box' }, e.message));
+        toastError(e, dryRun ? 'The estimate failed' : 'The job was not created');
+      } finally {
+        estimateButton.disabled = createButton.disabled = false;
+      }
+    }
+
+    function showPlan(job) {
+      const e = job.estimate;
+      const hp = (job.method[job.method.type] || {}).hyperparameters || {};
+      const kv = (k, value) => [h('dt', null, k), h('dd', null, value)];
+      replace(plan,
+        h('div', { class: 'estimate', id: 'nj-estimate-result' },
+          h('div', { class: 'big' }, e.estimated_seconds < 10 ? `${e.estimated_seconds.toFixed(1)} s` : fmtDuration(e.estimated_seconds)),
+          h('div', { class: 'muted' }, `estimated on this server: ${e.seconds_per_step.toFixed(3)} s per step over ${e.measured_steps} measured steps, ${e.setup_seconds.toFixed(1)} s setup, ${e.evaluation_seconds.toFixed(1)} s evaluating`)),
+        h('dl', { class: 'kv' },
+          kv('Task', e.task),
+          kv('Examples', `${fmtInt(e.train_examples)} training, ${fmtInt(e.valid_examples)} validation`),
+          e.labels && e.labels.length ? kv('Labels', e.labels.join(', ')) : null,
+          kv('Steps', fmtInt(e.total_steps)),
+          kv('Tokens', `${fmtInt(e.trained_tokens)} (${fmtInt(e.train_tokens_per_epoch)} per epoch)`)),
+        h('h3', null, 'Hyperparameters'),
+        h('dl', { class: 'kv compact' }, Object.keys(hp).sort().filter((k) => hp[k] !== null).map((k) => kv(k.replace(/_/g, ' '), Array.isArray(hp[k]) ? hp[k].join(', ') : String(hp[k])))),
+        e.notes && e.notes.length ? h('ul', { class: 'notes' }, e.notes.map((n) => h('li', null, `Chose ${n}`))) : null);
+    }
+  }
 
   function filesPage(v, main) {
     document.title = 'Files · kiln';

@@ -256,6 +256,29 @@ try {
   check(/line \d+/.test(problems), `problems name their lines: ${problems}`);
   await shot('08-files.png');
 
+  log('new job: a dry run shows the plan and queues nothing');
+  const jobsBefore = await page.evaluate(async (key) => {
+    const r = await fetch('/v1/fine_tuning/jobs?limit=100', { headers: { Authorization: `Bearer ${key}` } });
+    return (await r.json()).data.length;
+  }, KEY);
+  await page.click('.nav a[href="#/jobs"]');
+  await page.click('#new-job');
+  await page.waitForSelector('#nj-model option', { state: 'attached' });
+  await page.waitForSelector('#nj-train option', { state: 'attached' });
+  await page.fill('#nj-epochs', '2');
+  await page.selectOption('#nj-strategy', 'head_only');
+  await page.click('#nj-estimate');
+  await page.waitForSelector('#nj-estimate-result', { timeout: 60_000 });
+  const planText = await page.textContent('#nj-plan');
+  check(/training/.test(planText) && /Steps/.test(planText) && /n epochs\s*2/.test(planText), `the plan: ${planText}`);
+  check(/strategy\s*head_only/.test(planText), `the plan keeps the strategy: ${planText}`);
+  await shot('10-new-job-estimate.png');
+  const jobsAfter = await page.evaluate(async (key) => {
+    const r = await fetch('/v1/fine_tuning/jobs?limit=100', { headers: { Authorization: `Bearer ${key}` } });
+    return (await r.json()).data.length;
+  }, KEY);
+  check(jobsAfter === jobsBefore, `a dry run queued nothing (${jobsBefore} -> ${jobsAfter})`);
+
   log('models: try the fine-tuned classifier');
   await page.click('.nav a[href="#/models"]');
   await page.waitForSelector('#models-table');
