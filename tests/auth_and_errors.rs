@@ -288,3 +288,34 @@ async fn the_first_start_without_an_admin_key_creates_one_once() {
     assert!(second.bootstrap_key.is_none(), "never a second time");
     second.shutdown().await.unwrap();
 }
+
+/// PostgreSQL text cannot hold NUL: a request carrying one (found by schemathesis in a query
+/// parameter) is a 400, not a 500, wherever it arrives.
+#[tokio::test]
+async fn text_with_nul_characters_is_a_bad_request_not_a_server_error() {
+    let app = TestApp::spawn().await;
+    let key = app.admin_key.clone();
+    let (status, body) = app.get_json(&key, "/v1/files?purpose=a%00b").await;
+    assert_eq!(status, 400, "{body}");
+    assert_error_shape(&body);
+    let res = app
+        .client
+        .post(app.url("/v1/webhook_endpoints"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({
+            "url": "http://127.0.0.1:9/h",
+            "event_types": ["fine_tuning.job.failed"],
+            "name": "a\u{0}b",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let (_, list) = app.get_json(&key, "/v1/webhook_endpoints").await;
+    assert_eq!(
+        list["data"].as_array().unwrap().len(),
+        0,
+        "nothing written: {list}"
+    );
+    app.shutdown().await;
+}

@@ -148,6 +148,16 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::Unavailable("The database is unavailable; retry shortly.".into())
             }
+            // PostgreSQL text cannot hold NUL characters: a request that carries one (in a
+            // query parameter, a name, metadata) is the caller's mistake, not a fault.
+            StoreError::Other(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("22021" | "22P05")) =>
+            {
+                ApiError::bad_request(
+                    "Text in this request contains a character PostgreSQL cannot store (such as \\u0000).",
+                    None,
+                )
+            }
             StoreError::Other(e) => ApiError::Internal(e.into()),
         }
     }
