@@ -194,6 +194,7 @@ async fn run(url: &str, run_start: bool, run_get: bool, run_claim: bool) -> anyh
         },
         serve: Default::default(),
         webhooks: Default::default(),
+        api: Default::default(),
     })
     .await?;
     let base = format!("http://{}", running.addr);

@@ -103,6 +103,12 @@ pub struct ServeArgs {
     pub inference: InferenceArgs,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+    /// Requests per second allowed per API key (0: no limit); bursts of twice that pass.
+    #[arg(long, env = "KILN_RATE_LIMIT", default_value_t = 0.0)]
+    pub rate_limit: f64,
+    /// Event streams (`?stream=true`) open at once; more get 429.
+    #[arg(long, env = "KILN_MAX_STREAMS", default_value_t = 1024)]
+    pub max_streams: usize,
 }
 
 /// How webhook deliveries are retried.
@@ -465,6 +471,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         serve: args.inference.settings()?,
         webhooks: args.webhooks.settings()?,
+        api: server::ApiSettings {
+            rate_limit: rate_limit(args.rate_limit)?,
+            max_streams: args.max_streams,
+        },
     };
     let running = match server::start(settings).await {
         Ok(running) => running,
@@ -485,6 +495,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let result = running.shutdown().await;
     database.close().await?;
     result
+}
+
+/// `KILN_RATE_LIMIT`: 0 is off; a rate r allows bursts of 2r.
+fn rate_limit(r: f64) -> anyhow::Result<Option<(f64, u32)>> {
+    if r == 0.0 {
+        Ok(None)
+    } else if r.is_finite() && r > 0.0 {
+        Ok(Some((r, (2.0 * r).ceil().min(1e6) as u32)))
+    } else {
+        anyhow::bail!("KILN_RATE_LIMIT must be 0 (off) or a positive rate, got {r}")
+    }
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {

@@ -39,6 +39,26 @@ pub struct Settings {
     pub serve: ServeSettings,
     /// Webhook delivery retries and timeouts (`KILN_WEBHOOK_*`).
     pub webhooks: WebhookSettings,
+    /// Request rate and stream limits (`KILN_RATE_LIMIT`, `KILN_MAX_STREAMS`).
+    pub api: ApiSettings,
+}
+
+/// Limits on what clients may ask of the API.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Requests per second per key, with a burst; none: unlimited.
+    pub rate_limit: Option<(f64, u32)>,
+    /// Event streams open at once; more get 429.
+    pub max_streams: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            rate_limit: None,
+            max_streams: 1024,
+        }
+    }
 }
 
 /// A server that is listening. Dropping it does not stop it: call [`RunningServer::shutdown`].
@@ -128,6 +148,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         limits: Arc::new(Limits {
             max_upload_bytes: settings.max_upload_bytes,
             max_json_bytes: 2 * 1024 * 1024,
+            rate: settings
+                .api
+                .rate_limit
+                .map(|(per_second, burst)| api::limits::RateLimiter::new(per_second, burst)),
+            streams: Arc::new(tokio::sync::Semaphore::new(settings.api.max_streams.max(1))),
         }),
         admin,
         metrics: metrics.clone(),

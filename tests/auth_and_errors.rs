@@ -268,6 +268,7 @@ async fn the_first_start_without_an_admin_key_creates_one_once() {
         jobs: Default::default(),
         serve: Default::default(),
         webhooks: Default::default(),
+        api: Default::default(),
     };
     let first = kiln::server::start(settings.clone()).await.unwrap();
     let key = first
@@ -317,5 +318,45 @@ async fn text_with_nul_characters_is_a_bad_request_not_a_server_error() {
         0,
         "nothing written: {list}"
     );
+    app.shutdown().await;
+}
+
+/// With `KILN_RATE_LIMIT`, each key has its own token bucket: a burst passes, the next
+/// request gets 429 `rate_limit_exceeded` with `retry-after`, other keys are unaffected, and
+/// the key passes again once its bucket refills.
+#[tokio::test]
+async fn keys_over_their_rate_get_429_with_retry_after() {
+    let app = TestApp::spawn_with(|s| s.api.rate_limit = Some((4.0, 3))).await;
+    let a = app.key_for("acme").await;
+    let b = app.key_for("globex").await;
+    for _ in 0..3 {
+        let (status, body) = app.get_json(&a, "/v1/files").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let res = app
+        .client
+        .get(app.url("/v1/files"))
+        .bearer_auth(&a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{retry}");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    let (status, _) = app.get_json(&b, "/v1/files").await;
+    assert_eq!(status, 200, "another key has its own bucket");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, _) = app.get_json(&a, "/v1/files").await;
+    assert_eq!(status, 200, "refilled");
+    // Unauthenticated routes are not counted against anyone.
+    let res = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
     app.shutdown().await;
 }

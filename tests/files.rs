@@ -406,6 +406,7 @@ async fn validation_interrupted_by_a_restart_finishes_at_the_next_start() {
         jobs: Default::default(),
         serve: Default::default(),
         webhooks: Default::default(),
+        api: Default::default(),
     })
     .await
     .unwrap();

@@ -800,3 +800,54 @@ async fn without_a_training_engine_jobs_fail_with_a_clear_message() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn event_streams_are_capped_and_a_closed_stream_frees_its_place() {
+    // No training slots: the job stays queued and its stream stays open.
+    let app = TestApp::spawn_with(|s| {
+        jobs_support::install_model(&s.models_dir);
+        s.jobs.slots = 0;
+        s.api.max_streams = 1;
+    })
+    .await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 20).await;
+    let job = create_job(&app, &key, &file, json!({"n_epochs": 1})).await;
+    let url = app.url(&format!(
+        "/v1/fine_tuning/jobs/{}/events?stream=true",
+        job["id"].as_str().unwrap()
+    ));
+    let open = |app: &TestApp| app.client.get(&url).bearer_auth(&key).send();
+    let first = open(&app).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = open(&app).await.unwrap();
+    assert_eq!(second.status(), 429);
+    assert!(second.headers().contains_key("retry-after"));
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    // The events list still answers.
+    let (status, _) = app
+        .get_json(
+            &key,
+            &format!(
+                "/v1/fine_tuning/jobs/{}/events",
+                job["id"].as_str().unwrap()
+            ),
+        )
+        .await;
+    assert_eq!(status, 200);
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = open(&app).await.unwrap();
+        if again.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed stream's place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.shutdown().await;
+}

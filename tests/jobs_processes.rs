@@ -48,6 +48,7 @@ fn settings(database_url: &str, data_dir: &Path, inner: usize, lease: Duration) 
         jobs,
         serve: Default::default(),
         webhooks: Default::default(),
+        api: Default::default(),
     }
 }
 

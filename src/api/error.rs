@@ -38,6 +38,9 @@ pub enum ApiError {
     /// 429: too much work is waiting; the client should retry after `retry-after`.
     #[error("{0}")]
     TooManyRequests(String),
+    /// 429: the key is over its request rate; `retry-after` says when the next one passes.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
     /// 503: a dependency (the database) is unavailable; clients may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -70,7 +73,9 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests(_) | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,7 +85,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
-            ApiError::TooManyRequests(_) => "rate_limit_error",
+            ApiError::TooManyRequests(_) | ApiError::RateLimited { .. } => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "server_error",
             _ => "invalid_request_error",
@@ -95,6 +100,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => Some("payload_too_large"),
             ApiError::MethodNotAllowed(_) => Some("method_not_allowed"),
             ApiError::TooManyRequests(_) => Some("overloaded"),
+            ApiError::RateLimited { .. } => Some("rate_limit_exceeded"),
             _ => None,
         }
     }
@@ -137,7 +143,13 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        error_body(status, &message, self.kind(), self.param(), self.code())
+        let mut response = error_body(status, &message, self.kind(), self.param(), self.code());
+        if let ApiError::RateLimited { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        response
     }
 }
 

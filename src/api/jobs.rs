@@ -658,7 +658,16 @@ pub async fn events(
     let job = find(&state, &caller.project_id, &id).await?;
     match query.stream.as_deref() {
         None | Some("") | Some("false") => {}
-        Some("true") => return Ok(stream_events(state, job.id).into_response()),
+        Some("true") => {
+            // Each stream holds a permit until its client goes away.
+            let Ok(permit) = state.limits.streams.clone().try_acquire_owned() else {
+                return Err(ApiError::TooManyRequests(
+                    "Too many event streams are open on this server; list the events instead, or retry shortly."
+                        .into(),
+                ));
+            };
+            return Ok(stream_events(state, job.id, permit).into_response());
+        }
         Some(other) => {
             return Err(bad(
                 format!("stream must be true or false, got '{other}'"),
@@ -675,9 +684,11 @@ pub async fn events(
 fn stream_events(
     state: AppState,
     job_id: String,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
+        let _permit = permit;
         let mut seq = 0i64;
         loop {
             let ended = match state.queue.job_by_id(&job_id).await {

@@ -9,6 +9,7 @@ mod files;
 mod inference;
 mod jobs;
 mod keys;
+pub mod limits;
 mod models;
 mod ops;
 pub mod pagination;
@@ -54,12 +55,16 @@ pub struct AppState {
     pub webhooks: Arc<crate::webhooks::WebhookSettings>,
 }
 
-/// Request size limits.
-#[derive(Debug, Clone)]
+/// Request size and rate limits.
+#[derive(Debug)]
 pub struct Limits {
     pub max_upload_bytes: u64,
     /// Body limit for JSON routes.
     pub max_json_bytes: usize,
+    /// Per-key request rate (`KILN_RATE_LIMIT`); none when off.
+    pub rate: Option<limits::RateLimiter>,
+    /// Event streams (`?stream=true`) open at once across all clients.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The `KILN_ADMIN_KEY` from configuration: only its hash is kept, and it acts on the
@@ -206,6 +211,17 @@ async fn authenticate(
             .await?
             .ok_or_else(|| ApiError::Unauthorized("Incorrect API key provided.".into()))?,
     };
+    if let Some(rate) = &state.limits.rate
+        && let Err(wait) = rate.check(&principal.key_id)
+    {
+        return Err(ApiError::RateLimited {
+            message: format!(
+                "Rate limit reached for this API key; retry in {:.1} s.",
+                wait.as_secs_f64()
+            ),
+            retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
     req.extensions_mut().insert(principal);
     Ok(next.run(req).await)
 }

@@ -98,6 +98,7 @@ impl TestApp {
             jobs: Default::default(),
             serve: Default::default(),
             webhooks: Default::default(),
+            api: Default::default(),
         };
         configure(&mut settings);
         let running = server::start(settings).await.expect("server starts");
