@@ -6,22 +6,45 @@ mod train_support;
 
 use common::{ADMIN_KEY, KilnProcess, TestDatabase};
 
-async fn run_script(script: &str) {
+/// A real `kiln serve` (with the tiny BERT `kiln-test/tiny-bert` under its models directory
+/// when asked), and what it needs kept alive.
+struct Served {
+    kiln: KilnProcess,
+    dir: tempfile::TempDir,
+    _db: TestDatabase,
+}
+
+const TINY: &str = "kiln-test/tiny-bert";
+
+async fn serve(tiny_model: bool) -> Served {
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    if tiny_model {
+        train_support::tiny_model(&models.join(TINY), kiln::nn::tiny::TinyLayout::Unprefixed);
+    }
     let kiln = KilnProcess::serve(&[
         ("DATABASE_URL", &db.url),
         ("KILN_DATA_DIR", dir.path().to_str().unwrap()),
+        ("KILN_MODELS_DIR", models.to_str().unwrap()),
         ("KILN_ADMIN_KEY", ADMIN_KEY),
     ])
     .await;
+    Served { kiln, dir, _db: db }
+}
+
+/// Runs tests/python/`script` against the server (OPENAI_BASE_URL and OPENAI_API_KEY set,
+/// plus `env` and `args`), asserts it succeeded, then stops the server cleanly.
+async fn python(served: Served, script: &str, env: &[(&str, &str)], args: &[&str]) {
     let output = tokio::process::Command::new("python3")
         .arg(format!(
             "{}/tests/python/{script}",
             env!("CARGO_MANIFEST_DIR")
         ))
-        .env("OPENAI_BASE_URL", format!("{}/v1", kiln.base))
+        .args(args)
+        .env("OPENAI_BASE_URL", format!("{}/v1", served.kiln.base))
         .env("OPENAI_API_KEY", ADMIN_KEY)
+        .envs(env.iter().copied())
         .output()
         .await
         .expect("python3 is needed for the client conformance tests");
@@ -35,12 +58,12 @@ async fn run_script(script: &str) {
         "{script} failed:\nstdout:\n{}\nstderr:\n{stderr}",
         String::from_utf8_lossy(&output.stdout)
     );
-    assert!(kiln.terminate().await.success());
+    assert!(served.kiln.terminate().await.success());
 }
 
 #[tokio::test]
 async fn the_official_client_uploads_lists_downloads_and_deletes_files() {
-    run_script("openai_files.py").await;
+    python(serve(false).await, "openai_files.py", &[], &[]).await;
 }
 
 /// A real `kiln serve` trains a tiny BERT through the jobs API; then the official client lists
@@ -49,22 +72,10 @@ async fn the_official_client_uploads_lists_downloads_and_deletes_files() {
 #[tokio::test]
 async fn the_official_client_lists_retrieves_and_embeds_with_served_models() {
     use serde_json::{Value, json};
-    let db = TestDatabase::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    train_support::tiny_model(
-        &models.join("kiln-test/tiny-bert"),
-        kiln::nn::tiny::TinyLayout::Unprefixed,
-    );
-    let kiln = KilnProcess::serve(&[
-        ("DATABASE_URL", &db.url),
-        ("KILN_DATA_DIR", dir.path().to_str().unwrap()),
-        ("KILN_MODELS_DIR", models.to_str().unwrap()),
-        ("KILN_ADMIN_KEY", ADMIN_KEY),
-    ])
-    .await;
+    let served = serve(true).await;
+    let kiln = &served.kiln;
     let client = reqwest::Client::new();
-    let data = dir.path().join("train.jsonl");
+    let data = served.dir.path().join("train.jsonl");
     train_support::sentiment_jsonl(&data, 60, 4);
     let form = reqwest::multipart::Form::new()
         .text("purpose", "fine-tune")
@@ -103,7 +114,7 @@ async fn the_official_client_lists_retrieves_and_embeds_with_served_models() {
         .post(format!("{}/v1/fine_tuning/jobs", kiln.base))
         .bearer_auth(ADMIN_KEY)
         .json(&json!({
-            "model": "kiln-test/tiny-bert", "training_file": file["id"], "suffix": "client",
+            "model": TINY, "training_file": file["id"], "suffix": "client",
             "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
         }))
         .send()
@@ -136,65 +147,31 @@ async fn the_official_client_lists_retrieves_and_embeds_with_served_models() {
         assert!(std::time::Instant::now() < deadline, "{job}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    let output = tokio::process::Command::new("python3")
-        .arg(format!(
-            "{}/tests/python/openai_models.py",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .args(["--base-url", &kiln.base, "--api-key", ADMIN_KEY])
-        .args([
+    python(
+        served,
+        "openai_models.py",
+        &[],
+        &[
             "--base-model",
-            "kiln-test/tiny-bert",
+            TINY,
             "--fine-tuned-model",
             &ft,
-        ])
-        .args(["--embedding-dim", "32"])
-        .output()
-        .await
-        .expect("python3");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "openai_models.py failed:\nstdout:\n{}\nstderr:\n{stderr}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    assert!(kiln.terminate().await.success());
+            "--embedding-dim",
+            "32",
+        ],
+    )
+    .await;
 }
 
 /// Webhook endpoints through the official client, and real job events (one job trained to
 /// the end, one cancelled) verified by `client.webhooks.unwrap` (tests/python/openai_webhooks.py).
 #[tokio::test]
 async fn the_official_client_manages_webhooks_and_verifies_job_events() {
-    let db = TestDatabase::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    train_support::tiny_model(
-        &models.join("kiln-test/tiny-bert"),
-        kiln::nn::tiny::TinyLayout::Unprefixed,
-    );
-    let kiln = KilnProcess::serve(&[
-        ("DATABASE_URL", &db.url),
-        ("KILN_DATA_DIR", dir.path().to_str().unwrap()),
-        ("KILN_MODELS_DIR", models.to_str().unwrap()),
-        ("KILN_ADMIN_KEY", ADMIN_KEY),
-    ])
+    python(
+        serve(true).await,
+        "openai_webhooks.py",
+        &[("KILN_TEST_MODEL", TINY)],
+        &[],
+    )
     .await;
-    let output = tokio::process::Command::new("python3")
-        .arg(format!(
-            "{}/tests/python/openai_webhooks.py",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .env("OPENAI_BASE_URL", format!("{}/v1", kiln.base))
-        .env("OPENAI_API_KEY", ADMIN_KEY)
-        .env("KILN_TEST_MODEL", "kiln-test/tiny-bert")
-        .output()
-        .await
-        .expect("python3");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "openai_webhooks.py failed:\nstdout:\n{}\nstderr:\n{stderr}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    assert!(kiln.terminate().await.success());
 }

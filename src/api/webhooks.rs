@@ -157,16 +157,12 @@ pub async fn create(
     let event_types = check_event_types(&body.event_types)?;
     let name = body.name.unwrap_or_else(|| body.url.clone());
     check_name(&name)?;
-    let everything = crate::store::files::PageRequest {
-        after: None,
-        limit: MAX_ENDPOINTS,
-        order: Order::Asc,
-    };
-    let (_, full) = state
+    if state
         .store
-        .list_webhook_endpoints(&caller.project_id, &everything)
-        .await?;
-    if full {
+        .count_webhook_endpoints(&caller.project_id)
+        .await?
+        >= MAX_ENDPOINTS
+    {
         return Err(ApiError::bad_request(
             format!(
                 "a project may have at most {MAX_ENDPOINTS} webhook endpoints; delete one first"

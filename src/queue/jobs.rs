@@ -294,7 +294,7 @@ impl Queue {
         metadata_is_null: bool,
         page: &PageRequest,
     ) -> StoreResult<(Vec<JobRow>, bool)> {
-        let mut rows: Vec<JobRow> = sqlx::query_as(&LIST_JOBS)
+        let rows: Vec<JobRow> = sqlx::query_as(&LIST_JOBS)
             .bind(project_id)
             .bind(page.after.as_deref())
             .bind(metadata)
@@ -302,9 +302,7 @@ impl Queue {
             .bind(page.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > page.limit;
-        rows.truncate(page.limit as usize);
-        Ok((rows, has_more))
+        Ok(page.cut(rows))
     }
 
     /// A succeeded job of the project whose fine-tuned model is `model`.
@@ -383,15 +381,13 @@ impl Queue {
              ORDER BY seq DESC
              LIMIT $3"
         );
-        let mut rows: Vec<EventRow> = sqlx::query_as(&sql)
+        let rows: Vec<EventRow> = sqlx::query_as(&sql)
             .bind(job_id)
             .bind(page.after.as_deref())
             .bind(page.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > page.limit;
-        rows.truncate(page.limit as usize);
-        Ok((rows, has_more))
+        Ok(page.cut(rows))
     }
 
     /// A job's events after `seq`, oldest first (for streaming).
@@ -443,15 +439,13 @@ impl Queue {
              ORDER BY c.step DESC
              LIMIT $3"
         );
-        let mut rows: Vec<CheckpointRow> = sqlx::query_as(&sql)
+        let rows: Vec<CheckpointRow> = sqlx::query_as(&sql)
             .bind(job_id)
             .bind(page.after.as_deref())
             .bind(page.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > page.limit;
-        rows.truncate(page.limit as usize);
-        Ok((rows, has_more))
+        Ok(page.cut(rows))
     }
 
     /// The checkpoint a new attempt resumes from: the latest step saved by any attempt.

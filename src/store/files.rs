@@ -47,6 +47,23 @@ pub struct PageRequest {
     pub order: Order,
 }
 
+impl PageRequest {
+    /// The cursor comparison and the sort direction of this page's order.
+    pub fn sql_order(&self) -> (&'static str, &'static str) {
+        match self.order {
+            Order::Asc => (">", "ASC"),
+            Order::Desc => ("<", "DESC"),
+        }
+    }
+
+    /// Rows fetched with `LIMIT limit + 1`, cut to the page, and whether more follow.
+    pub fn cut<T>(&self, mut rows: Vec<T>) -> (Vec<T>, bool) {
+        let has_more = rows.len() as i64 > self.limit;
+        rows.truncate(self.limit as usize);
+        (rows, has_more)
+    }
+}
+
 const FILE_COLUMNS: &str = "id, project_id, filename, purpose, bytes, sha256, storage_key, \
      status, status_details, validation, created_at";
 
@@ -95,10 +112,7 @@ impl Store {
         purpose: Option<&str>,
         page: &PageRequest,
     ) -> StoreResult<(Vec<FileRow>, bool)> {
-        let (cmp, dir) = match page.order {
-            Order::Asc => (">", "ASC"),
-            Order::Desc => ("<", "DESC"),
-        };
+        let (cmp, dir) = page.sql_order();
         let sql = format!(
             "SELECT {FILE_COLUMNS} FROM files
              WHERE project_id = $1
@@ -107,16 +121,14 @@ impl Store {
              ORDER BY id {dir}
              LIMIT $4"
         );
-        let mut rows: Vec<FileRow> = sqlx::query_as(&sql)
+        let rows: Vec<FileRow> = sqlx::query_as(&sql)
             .bind(project_id)
             .bind(purpose)
             .bind(page.after.as_deref())
             .bind(page.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > page.limit;
-        rows.truncate(page.limit as usize);
-        Ok((rows, has_more))
+        Ok(page.cut(rows))
     }
 
     /// Deletes the row and returns it, so the caller can remove the stored bytes.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::files::{Order, PageRequest};
+use super::files::PageRequest;
 use super::{Store, StoreResult, new_id};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -93,13 +93,6 @@ pub fn new_secret() -> String {
     )
 }
 
-fn page_sql(order: Order) -> (&'static str, &'static str) {
-    match order {
-        Order::Asc => (">", "ASC"),
-        Order::Desc => ("<", "DESC"),
-    }
-}
-
 impl Store {
     pub async fn create_webhook_endpoint(
         &self,
@@ -123,6 +116,15 @@ impl Store {
             .await?)
     }
 
+    pub async fn count_webhook_endpoints(&self, project_id: &str) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE project_id = $1")
+                .bind(project_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn get_webhook_endpoint(
         &self,
         project_id: &str,
@@ -143,21 +145,19 @@ impl Store {
         project_id: &str,
         page: &PageRequest,
     ) -> StoreResult<(Vec<EndpointRow>, bool)> {
-        let (cmp, dir) = page_sql(page.order);
+        let (cmp, dir) = page.sql_order();
         let sql = format!(
             "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints
              WHERE project_id = $1 AND ($2::text IS NULL OR id {cmp} $2)
              ORDER BY id {dir} LIMIT $3"
         );
-        let mut rows: Vec<EndpointRow> = sqlx::query_as(&sql)
+        let rows: Vec<EndpointRow> = sqlx::query_as(&sql)
             .bind(project_id)
             .bind(page.after.as_deref())
             .bind(page.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > page.limit;
-        rows.truncate(page.limit as usize);
-        Ok((rows, has_more))
+        Ok(page.cut(rows))
     }
 
     /// Applies the fields given; `updated_at` moves only when something changed.
@@ -231,21 +231,20 @@ impl Store {
         endpoint_id: &str,
         page: &PageRequest,
     ) -> StoreResult<(Vec<(DeliveryRow, Vec<AttemptRow>)>, bool)> {
-        let (cmp, dir) = page_sql(page.order);
+        let (cmp, dir) = page.sql_order();
         let sql = format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries
              WHERE endpoint_id = $1
                AND ($2::text IS NULL OR seq {cmp} (SELECT seq FROM webhook_deliveries WHERE id = $2))
              ORDER BY seq {dir} LIMIT $3"
         );
-        let mut rows: Vec<DeliveryRow> = sqlx::query_as(&sql)
+        let rows: Vec<DeliveryRow> = sqlx::query_as(&sql)
             .bind(endpoint_id)
             .bind(page.after.as_deref())
             .bind(page.limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let has_more = rows.len() as i64 > page.limit;
-        rows.truncate(page.limit as usize);
+        let (rows, has_more) = page.cut(rows);
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         let attempts: Vec<AttemptRow> = sqlx::query_as(
             "SELECT delivery_id, attempt, status_code, error, duration_ms, created_at
