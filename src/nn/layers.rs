@@ -275,6 +275,46 @@ impl Embedding {
     }
 }
 
+/// RMSNorm over the last dimension with a learned scale (Llama, Qwen2, Mistral).
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    /// Checkpoint name of the scale (`...input_layernorm.weight`).
+    pub name: String,
+    /// Scale, `[hidden]`.
+    pub weight: Tensor,
+    /// Added to the mean square.
+    pub eps: f64,
+    /// Use kiln's fused kernel where it applies (CPU f32); primitive ops otherwise.
+    pub fused: bool,
+}
+
+impl RmsNorm {
+    /// Loads the scale `name` (a full tensor name).
+    pub fn load(
+        src: &mut WeightSource,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        trainable: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            name: name.to_string(),
+            weight: src.get(name, &[dim], trainable)?,
+            eps,
+            fused: true,
+        })
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused {
+            ops::rms_norm(x, &self.weight, self.eps)
+        } else {
+            ops::rms_norm_primitive(x, &self.weight, self.eps)
+        }
+    }
+}
+
 thread_local! {
     /// The generator dropout masks come from on this thread, once seeded.
     static DROPOUT_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =

@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod classifier;
+pub mod decoder;
 pub mod layers;
 pub mod lora;
 pub mod ops;

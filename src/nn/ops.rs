@@ -1,8 +1,8 @@
 //! Differentiable building blocks, and fused CPU kernels with a hand-written backward.
 //!
 //! The `*_primitive` functions are compositions of candle ops that all have a backward: they are
-//! the reference. The fused versions ([`layer_norm`], [`gelu_erf`]) run one CPU kernel forward and
-//! one backward; on any other device, dtype or layout they fall back to the primitive version, so
+//! the reference. The fused versions ([`layer_norm`], [`gelu_erf`], [`rms_norm`], [`rope`]) run one
+//! CPU kernel forward and one backward; on any other device, dtype or layout they fall back to the primitive version, so
 //! callers never need to know where they run.
 
 use candle_core::{
@@ -308,6 +308,216 @@ impl CustomOp2 for FusedGeluBwd {
     }
 }
 
+/// RMSNorm over the last dimension from primitive differentiable ops (the reference):
+/// `x / sqrt(mean(x²) + eps) * weight`, as Llama-family models compute it.
+pub fn rms_norm_primitive(xs: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let rstd = (xs.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xs.broadcast_mul(&rstd)?.broadcast_mul(weight)
+}
+
+/// RMSNorm over the last dimension: fused CPU kernel when possible, primitive ops otherwise.
+///
+/// candle's own `rms_norm` has no backward; gradients flow to `xs` and `weight` here in both
+/// paths.
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if fused_ok(xs) && fused_ok(weight) {
+        xs.contiguous()?
+            .apply_op2(&weight.contiguous()?, FusedRmsNorm { eps: eps as f32 })
+    } else {
+        rms_norm_primitive(xs, weight, eps)
+    }
+}
+
+/// Rotary position embedding, Hugging Face's `rotate_half` convention, from primitive
+/// differentiable ops (the reference): `x·cos + rotate_half(x)·sin` with
+/// `rotate_half([x1, x2]) = [-x2, x1]`.
+///
+/// `xs` is `[batch, heads, seq, head_dim]`; `cos` and `sin` are `[seq, head_dim / 2]` (one value
+/// per frequency, the layout candle's `rotary_emb::rope` takes).
+pub fn rope_primitive(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = xs.dim(D::Minus1)? / 2;
+    let x1 = xs.narrow(D::Minus1, 0, half)?;
+    let x2 = xs.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    xs.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// Rotary position embedding (see [`rope_primitive`]): fused CPU kernel when possible,
+/// primitive ops otherwise. candle's `rotary_emb::rope` has no backward; here gradients flow
+/// to `xs` (the tables are constants).
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(xs) && fused_ok(cos) && fused_ok(sin) {
+        xs.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            FusedRope { inverse: false },
+        )
+    } else {
+        rope_primitive(xs, cos, sin)
+    }
+}
+
+/// Fused RMSNorm over the last dimension; inputs `(x, weight)`.
+struct FusedRmsNorm {
+    eps: f32,
+}
+
+/// 1/sqrt(mean(x²) + eps) of one row, accumulated in f64.
+fn row_rstd(xr: &[f32], eps: f32) -> f32 {
+    let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
+    (1.0 / (ms + eps as f64).sqrt()) as f32
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "kiln-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, self.name())?;
+        let w = cpu_f32(s2, l2, self.name())?;
+        let dim = l1.dims().last().copied().unwrap_or(1);
+        if w.len() != dim {
+            candle_core::bail!("rms-norm: weight length {} != hidden {dim}", w.len())
+        }
+        let mut out = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let rstd = row_rstd(xr, self.eps);
+            for i in 0..dim {
+                yr[i] = xr[i] * rstd * w[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dim = x.dim(D::Minus1)?;
+        let mut dx = vec![0f32; x.elem_count()];
+        let mut dw = vec![0f32; dim];
+        with_cpu_f32(x, self.name(), |x| {
+            with_cpu_f32(w, self.name(), |w| {
+                with_cpu_f32(&grad, self.name(), |g| {
+                    let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+                    for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
+                        let rstd = row_rstd(xr, self.eps);
+                        // dx = rstd * (gw - xhat * mean(gw * xhat)), gw = g * w, xhat = x * rstd.
+                        let mut sum_gw_xhat = 0f32;
+                        for i in 0..dim {
+                            let xhat = xr[i] * rstd;
+                            sum_gw_xhat += gr[i] * w[i] * xhat;
+                            dw[i] += gr[i] * xhat;
+                        }
+                        let mean_gw_xhat = sum_gw_xhat / dim as f32;
+                        for i in 0..dim {
+                            let xhat = xr[i] * rstd;
+                            dxr[i] = rstd * (gr[i] * w[i] - xhat * mean_gw_xhat);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, x.shape(), dev)?;
+        let dw = w
+            .track_op()
+            .then(|| Tensor::from_vec(dw, dim, dev))
+            .transpose()?;
+        Ok((Some(dx), dw))
+    }
+}
+
+/// Fused rotary embedding; inputs `(x [b, h, t, d], cos [t, d/2], sin [t, d/2])`. Its backward
+/// is the inverse rotation (`sin` negated), the same kernel.
+struct FusedRope {
+    inverse: bool,
+}
+
+impl CustomOp3 for FusedRope {
+    fn name(&self) -> &'static str {
+        "kiln-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, self.name())?;
+        let cos = cpu_f32(s2, l2, self.name())?;
+        let sin = cpu_f32(s3, l3, self.name())?;
+        let dims = l1.dims();
+        let (t, d) = match dims {
+            [.., t, d] => (*t, *d),
+            _ => candle_core::bail!("rope: input must have rank >= 2, got {dims:?}"),
+        };
+        let half = d / 2;
+        if d % 2 != 0 || cos.len() != t * half || sin.len() != t * half {
+            candle_core::bail!(
+                "rope: head_dim {d} must be even and tables [{t}, {half}], got {} values",
+                cos.len()
+            )
+        }
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        let mut out = vec![0f32; x.len()];
+        for (xs, ys) in x.chunks_exact(t * d).zip(out.chunks_exact_mut(t * d)) {
+            for p in 0..t {
+                let (xr, yr) = (&xs[p * d..(p + 1) * d], &mut ys[p * d..(p + 1) * d]);
+                let (c, s) = (
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+                for i in 0..half {
+                    let (x1, x2, s) = (xr[i], xr[i + half], sign * s[i]);
+                    yr[i] = x1 * c[i] - x2 * s;
+                    yr[i + half] = x2 * c[i] + x1 * s;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // A rotation's transpose is the rotation by the opposite angle.
+        let dx = grad.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &FusedRope {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,5 +667,106 @@ mod tests {
         let s = (&p * &up).unwrap().sum_keepdim(1).unwrap();
         let expected = (&p * up.broadcast_sub(&s).unwrap()).unwrap();
         assert!(max_abs_diff(g, &expected) < 1e-6);
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_primitive_in_values_and_gradients() {
+        let dev = Device::Cpu;
+        let (rows, dim) = (6, 48);
+        let x = Var::from_vec(values(rows * dim, 11, 3.0), (2, 3, dim), &dev).unwrap();
+        let w = Var::from_vec(values(dim, 12, 1.5), dim, &dev).unwrap();
+        let up = Tensor::from_vec(values(rows * dim, 13, 1.0), (2, 3, dim), &dev).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                rms_norm(&x, &w, 1e-6).unwrap()
+            } else {
+                rms_norm_primitive(&x, &w, 1e-6).unwrap()
+            };
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (y, g(&x), g(&w))
+        };
+        let (y1, dx1, dw1) = run(true);
+        let (y0, dx0, dw0) = run(false);
+        assert!(max_abs_diff(&y1, &y0) < 1e-5);
+        assert!(
+            max_abs_diff(&dx1, &dx0) < 1e-4,
+            "dx {}",
+            max_abs_diff(&dx1, &dx0)
+        );
+        assert!(
+            max_abs_diff(&dw1, &dw0) < 1e-4,
+            "dw {}",
+            max_abs_diff(&dw1, &dw0)
+        );
+        // candle's own fused kernel (no backward) agrees on values.
+        let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+        assert!(max_abs_diff(&y1, &theirs) < 1e-5);
+    }
+
+    #[test]
+    fn fused_rms_norm_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let dim = 8;
+        let xv = values(2 * dim, 14, 2.0);
+        let w = Tensor::from_vec(values(dim, 15, 1.5), dim, &dev).unwrap();
+        let up = Tensor::from_vec(values(2 * dim, 16, 1.0), (2, dim), &dev).unwrap();
+        let loss = |xv: &[f32]| -> f32 {
+            let x = Tensor::from_vec(xv.to_vec(), (2, dim), &dev).unwrap();
+            (rms_norm(&x, &w, 1e-6).unwrap() * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let x = Var::from_vec(xv.clone(), (2, dim), &dev).unwrap();
+        let grads = (rms_norm(&x, &w, 1e-6).unwrap() * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let analytic = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+        let analytic = analytic.to_vec1::<f32>().unwrap();
+        let h = 1e-2;
+        for i in 0..xv.len() {
+            let (mut plus, mut minus) = (xv.clone(), xv.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * h);
+            assert!(
+                (numeric - analytic[i]).abs() < 2e-2,
+                "x[{i}]: numeric {numeric}, analytic {}",
+                analytic[i]
+            );
+        }
+    }
+
+    #[test]
+    fn fused_rope_matches_primitive_and_candle_and_has_gradient() {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let n = b * h * t * d;
+        let x = Var::from_vec(values(n, 17, 2.0), (b, h, t, d), &dev).unwrap();
+        let cos = Tensor::from_vec(values(t * d / 2, 18, 1.0), (t, d / 2), &dev).unwrap();
+        let sin = Tensor::from_vec(values(t * d / 2, 19, 1.0), (t, d / 2), &dev).unwrap();
+        let up = Tensor::from_vec(values(n, 20, 1.0), (b, h, t, d), &dev).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                rope(&x, &cos, &sin).unwrap()
+            } else {
+                rope_primitive(&x, &cos, &sin).unwrap()
+            };
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(x.as_tensor()).unwrap().clone())
+        };
+        let (y1, dx1) = run(true);
+        let (y0, dx0) = run(false);
+        assert!(max_abs_diff(&y1, &y0) < 1e-6);
+        assert!(max_abs_diff(&dx1, &dx0) < 1e-6);
+        // The same convention as candle's (non-interleaved) fused rope and HF's rotate_half.
+        let theirs = candle_nn::rotary_emb::rope(x.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_abs_diff(&y1, &theirs) < 1e-6);
     }
 }
