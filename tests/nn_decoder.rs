@@ -5,14 +5,17 @@
 
 use std::path::Path;
 
-use candle_core::Device;
-use candle_nn::VarMap;
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use kiln::nn::NnError;
 use kiln::nn::decoder::{Decoder, DecoderConfig, DecoderLoadOptions};
+use kiln::nn::lora::LoraConfig;
 use kiln::nn::tiny::{
     CHATML_TEMPLATE, TINY_DECODER_SPECIAL_TOKENS, tiny_decoder_config, write_tiny_decoder,
     write_tiny_decoder_with,
 };
+
+const TYPES: [&str; 3] = ["llama", "qwen2", "mistral"];
 
 fn tiny_dir(model_type: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -102,4 +105,940 @@ fn tiny_decoders_write_hub_style_configs_that_load() {
     let mut small = tiny_decoder_config("llama");
     small.vocab_size = 100;
     assert!(write_tiny_decoder_with(tempfile::tempdir().unwrap().path(), &small, 1).is_err());
+}
+
+/// Deterministic token ids in `[0, 256)`.
+fn ids_from(seed: u32, n: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 256)
+        .collect()
+}
+
+/// A batch of 3 right-padded rows of length 9 (real lengths 9, 6, 4), pads = `<|endoftext|>`.
+fn padded_batch(dev: &Device) -> (Tensor, Tensor) {
+    let lens = [9usize, 6, 4];
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    for (row, &len) in lens.iter().enumerate() {
+        let mut real = ids_from(row as u32 + 1, len);
+        real.resize(9, 256);
+        ids.extend(real);
+        mask.extend((0..9).map(|i| u32::from(i < len)));
+    }
+    (
+        Tensor::from_vec(ids, (3, 9), dev).unwrap(),
+        Tensor::from_vec(mask, (3, 9), dev).unwrap(),
+    )
+}
+
+/// Mean next-token cross-entropy over the positions whose next token is real.
+fn causal_lm_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, t, v) = logits.dims3().unwrap();
+    let mask = mask.to_vec2::<u32>().unwrap();
+    let ids = ids.to_vec2::<u32>().unwrap();
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..b {
+        for p in 0..t - 1 {
+            if mask[r][p + 1] == 1 {
+                rows.push((r * t + p) as u32);
+                targets.push(ids[r][p + 1]);
+            }
+        }
+    }
+    let dev = logits.device();
+    let picked = logits
+        .reshape((b * t, v))
+        .unwrap()
+        .index_select(&Tensor::new(rows.as_slice(), dev).unwrap(), 0)
+        .unwrap();
+    candle_nn::loss::cross_entropy(&picked, &Tensor::new(targets.as_slice(), dev).unwrap()).unwrap()
+}
+
+fn grad_norm(grads: &candle_core::backprop::GradStore, v: &Var) -> f32 {
+    grads
+        .get(v.as_tensor())
+        .map(|g| {
+            g.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Names of variables whose gradient is absent or zero.
+fn without_gradient(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[(String, Var)],
+) -> Vec<String> {
+    vars.iter()
+        .filter(|(_, v)| grad_norm(grads, v) == 0.0)
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Weight tensors per layer: 7 projections, their biases, 2 norms.
+fn tensors_per_layer(cfg: &DecoderConfig) -> usize {
+    let biases = match cfg.model_type.as_str() {
+        "qwen2" => 3,
+        "llama" if cfg.attention_bias => 4,
+        _ => 0,
+    };
+    7 + biases + 2
+}
+
+#[test]
+fn every_trainable_variable_receives_a_nonzero_gradient() {
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        let varmap = VarMap::new();
+        let dec = load(dir.path(), &varmap, &DecoderLoadOptions::default());
+        let cfg = dec.config().clone();
+        // Embeddings, layers, final norm, and the LM head unless it is the embedding table.
+        let expected = 1
+            + tensors_per_layer(&cfg) * cfg.num_hidden_layers
+            + 1
+            + usize::from(!cfg.tie_word_embeddings);
+        assert_eq!(dec.named_trainable_vars().len(), expected, "{model_type}");
+        assert_eq!(varmap.all_vars().len(), expected);
+        assert!(dec.named_frozen_tensors().is_empty());
+
+        let logits = dec.forward(&ids, &mask, true).unwrap();
+        assert_eq!(logits.dims(), &[3, 9, cfg.vocab_size]);
+        assert_eq!(logits.dtype(), DType::F32);
+        let loss = causal_lm_loss(&logits, &ids, &mask);
+        // Near-uniform predictions at init: about ln(vocab).
+        let l = loss.to_scalar::<f32>().unwrap();
+        assert!((l - (cfg.vocab_size as f32).ln()).abs() < 0.5, "loss {l}");
+        let grads = loss.backward().unwrap();
+        let missing = without_gradient(&grads, dec.named_trainable_vars());
+        assert!(
+            missing.is_empty(),
+            "{model_type}: no gradient for {missing:?}"
+        );
+    }
+}
+
+#[test]
+fn fused_and_primitive_ops_give_the_same_logits_and_gradients() {
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        let run = |fused: bool| {
+            let mut dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+            dec.set_fused_ops(fused);
+            let logits = dec.forward(&ids, &mask, true).unwrap();
+            let grads = causal_lm_loss(&logits, &ids, &mask).backward().unwrap();
+            let g: Vec<Tensor> = dec
+                .named_trainable_vars()
+                .iter()
+                .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (logits, g)
+        };
+        let (l1, g1) = run(true);
+        let (l0, g0) = run(false);
+        assert!(max_abs_diff(&l1, &l0) < 1e-5);
+        for (a, b) in g1.iter().zip(&g0) {
+            let scale = b.abs().unwrap().max_keepdim(0).unwrap().max_all().unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap().max(1e-6);
+            let diff = max_abs_diff(a, b);
+            assert!(
+                diff / scale < 1e-3,
+                "{model_type}: gradient differs by {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_embeddings_and_layers_are_plain_tensors_without_gradient() {
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        let varmap = VarMap::new();
+        let opts = DecoderLoadOptions {
+            freeze_embeddings: true,
+            freeze_layers: 1,
+            ..DecoderLoadOptions::default()
+        };
+        let dec = load(dir.path(), &varmap, &opts);
+        let cfg = dec.config().clone();
+        let names: Vec<&str> = dec
+            .named_trainable_vars()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert!(!names.contains(&"model.embed_tokens.weight"));
+        assert!(!names.iter().any(|n| n.starts_with("model.layers.0.")));
+        assert!(names.iter().any(|n| n.starts_with("model.layers.1.")));
+        assert!(names.contains(&"model.norm.weight"));
+        // An untied LM head is not an embedding: it still trains.
+        assert_eq!(
+            names.contains(&"lm_head.weight"),
+            !cfg.tie_word_embeddings,
+            "{model_type}"
+        );
+        assert_eq!(varmap.all_vars().len(), names.len());
+        let frozen: Vec<&str> = dec
+            .named_frozen_tensors()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(frozen.len(), 1 + tensors_per_layer(&cfg));
+        assert!(frozen.contains(&"model.embed_tokens.weight"));
+
+        let logits = dec.forward(&ids, &mask, true).unwrap();
+        let grads = causal_lm_loss(&logits, &ids, &mask).backward().unwrap();
+        for (name, t) in dec.named_frozen_tensors() {
+            assert!(grads.get(t).is_none(), "frozen {name} got a gradient");
+        }
+        let missing = without_gradient(&grads, dec.named_trainable_vars());
+        assert!(
+            missing.is_empty(),
+            "{model_type}: no gradient for {missing:?}"
+        );
+    }
+}
+
+fn lora_options(modules: &[&str]) -> DecoderLoadOptions {
+    DecoderLoadOptions {
+        lora: Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            seed: 3,
+            ..LoraConfig::default()
+        }),
+        lora_modules: modules.iter().map(|m| m.to_string()).collect(),
+        ..DecoderLoadOptions::default()
+    }
+}
+
+#[test]
+fn lora_trains_only_adapters_starts_as_the_base_model_and_merges_to_the_same_function() {
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        let base = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+        let base_out = base.forward(&ids, &mask, false).unwrap();
+
+        let varmap = VarMap::new();
+        let mut dec = load(dir.path(), &varmap, &lora_options(&["all-linear"]));
+        assert!(dec.has_lora());
+        let cfg = dec.config().clone();
+        let names: Vec<&String> = dec.named_trainable_vars().iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 2 * 7 * cfg.num_hidden_layers);
+        assert!(
+            names
+                .iter()
+                .all(|n| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))
+        );
+        for expected in [
+            "model.layers.1.self_attn.q_proj.lora_A.weight",
+            "model.layers.0.mlp.down_proj.lora_B.weight",
+        ] {
+            assert!(names.contains(&&expected.to_string()), "{expected}");
+        }
+        assert_eq!(varmap.all_vars().len(), names.len());
+
+        // B = 0: the adapted model is exactly the base model.
+        let out = dec.forward(&ids, &mask, false).unwrap();
+        assert_eq!(max_abs_diff(&out, &base_out), 0.0, "{model_type}");
+
+        // At step 0 only B gets a gradient (A's goes through B = 0); no base weight does.
+        let loss = causal_lm_loss(&dec.forward(&ids, &mask, true).unwrap(), &ids, &mask);
+        let grads = loss.backward().unwrap();
+        for (name, v) in dec.named_trainable_vars() {
+            let norm = grad_norm(&grads, v);
+            if name.contains("lora_B") {
+                assert!(norm > 0.0, "{name} has no gradient at step 0");
+            } else {
+                assert_eq!(norm, 0.0, "{name}");
+            }
+        }
+        for (name, t) in dec.named_frozen_tensors() {
+            assert!(
+                grads.get(t).is_none(),
+                "frozen base weight {name} got a gradient"
+            );
+        }
+
+        // Give B non-zero values (as training would): then every adapter matrix learns, and
+        // the model differs from the base.
+        for (i, (name, v)) in dec.named_trainable_vars().iter().enumerate() {
+            if name.contains("lora_B") {
+                let (o, r) = v.as_tensor().dims2().unwrap();
+                let vals: Vec<f32> = ids_from(i as u32, o * r)
+                    .into_iter()
+                    .map(|x| (x as f32 / 128.0 - 1.0) * 0.2)
+                    .collect();
+                v.set(&Tensor::from_vec(vals, (o, r), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        let loss = causal_lm_loss(&dec.forward(&ids, &mask, true).unwrap(), &ids, &mask);
+        let grads = loss.backward().unwrap();
+        let missing = without_gradient(&grads, dec.named_trainable_vars());
+        assert!(
+            missing.is_empty(),
+            "{model_type}: no gradient for {missing:?}"
+        );
+        let adapted = dec.forward(&ids, &mask, false).unwrap();
+        assert!(max_abs_diff(&adapted, &base_out) > 1e-3);
+
+        // The export (LoRA merged, HF names) reloads as a plain model computing the same thing.
+        let exported = dec.export_weights().unwrap();
+        assert!(exported.keys().all(|k| !k.contains("lora")));
+        assert_eq!(
+            exported.contains_key("lm_head.weight"),
+            !cfg.tie_word_embeddings
+        );
+        let original =
+            kiln::nn::layers::load_safetensors(&dir.path().join("model.safetensors"), &dev)
+                .unwrap();
+        let mut keys: Vec<&String> = exported.keys().collect();
+        let mut original_keys: Vec<&String> = original.keys().collect();
+        keys.sort();
+        original_keys.sort();
+        assert_eq!(keys, original_keys);
+        let out_dir = tempfile::tempdir().unwrap();
+        candle_core::safetensors::save(&exported, out_dir.path().join("model.safetensors"))
+            .unwrap();
+        std::fs::copy(
+            dir.path().join("config.json"),
+            out_dir.path().join("config.json"),
+        )
+        .unwrap();
+        let reloaded = load(
+            out_dir.path(),
+            &VarMap::new(),
+            &DecoderLoadOptions::default(),
+        );
+        let reloaded_out = reloaded.forward(&ids, &mask, false).unwrap();
+        assert!(max_abs_diff(&reloaded_out, &adapted) < 1e-5);
+
+        // Merging in place too.
+        dec.merge_lora().unwrap();
+        assert!(!dec.has_lora());
+        let merged = dec.forward(&ids, &mask, false).unwrap();
+        assert!(max_abs_diff(&merged, &adapted) < 1e-5, "{model_type}");
+    }
+}
+
+#[test]
+fn lora_modules_choose_the_adapted_projections_and_unknown_names_are_rejected() {
+    let dir = tiny_dir("llama");
+    let dec = load(
+        dir.path(),
+        &VarMap::new(),
+        &lora_options(&["v_proj", "gate_proj"]),
+    );
+    let names: Vec<&str> = dec
+        .named_trainable_vars()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(names.len(), 2 * 2 * 2);
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains("v_proj") || n.contains("gate_proj"))
+    );
+    // No modules named: PEFT's default for these models, q_proj and v_proj.
+    let dec = load(dir.path(), &VarMap::new(), &lora_options(&[]));
+    assert!(
+        dec.named_trainable_vars()
+            .iter()
+            .all(|(n, _)| n.contains("q_proj") || n.contains("v_proj"))
+    );
+    for bad in [&["query"][..], &["q_proj", "lm_head"]] {
+        let err = Decoder::load_dir(dir.path(), &VarMap::new(), &Device::Cpu, &lora_options(bad))
+            .err()
+            .unwrap();
+        assert!(matches!(err, NnError::InvalidConfig(_)), "{err}");
+    }
+}
+
+/// A copy of the tiny model in `dir` with weights large enough that attention is far from
+/// uniform and every norm scale matters, so parity checks are sensitive: projections and
+/// embeddings x6 (std ~0.12), norm scales in [0.7, 1.3].
+fn sharpened(dir: &Path) -> tempfile::TempDir {
+    let dev = Device::Cpu;
+    let ckpt = kiln::nn::layers::load_safetensors(&dir.join("model.safetensors"), &dev).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for (i, (name, t)) in ckpt.into_iter().enumerate() {
+        let t = if name.contains("norm") {
+            let n = t.elem_count();
+            let vals: Vec<f32> = ids_from(i as u32, n)
+                .into_iter()
+                .map(|x| 0.7 + 0.6 * x as f32 / 255.0)
+                .collect();
+            Tensor::from_vec(vals, n, &dev).unwrap()
+        } else {
+            (t * 6.0).unwrap()
+        };
+        out.insert(name, t);
+    }
+    let new = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&out, new.path().join("model.safetensors")).unwrap();
+    std::fs::copy(dir.join("config.json"), new.path().join("config.json")).unwrap();
+    new
+}
+
+fn reference_vb(dir: &Path) -> VarBuilder<'static> {
+    unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+}
+
+/// Last-position logits `[b, vocab]` of candle-transformers' implementation of `cfg`.
+fn reference_last_logits(dir: &Path, cfg: &DecoderConfig, ids: &Tensor) -> Tensor {
+    use candle_nn::Activation;
+    use candle_transformers::models::{llama, mistral, qwen2};
+    let vb = reference_vb(dir);
+    match cfg.model_type.as_str() {
+        "llama" => {
+            let raw = std::fs::read_to_string(dir.join("config.json")).unwrap();
+            let lcfg: llama::LlamaConfig = serde_json::from_str(&raw).unwrap();
+            let lcfg = lcfg.into_config(false);
+            let model = llama::Llama::load(vb, &lcfg).unwrap();
+            let mut cache = llama::Cache::new(false, DType::F32, &lcfg, &Device::Cpu).unwrap();
+            model.forward(ids, 0, &mut cache).unwrap()
+        }
+        "qwen2" => {
+            let mut model = qwen2::ModelForCausalLM::new(&qwen2_config(cfg), vb).unwrap();
+            model.forward(ids, 0).unwrap().squeeze(1).unwrap()
+        }
+        "mistral" => {
+            let mcfg = mistral::Config {
+                vocab_size: cfg.vocab_size,
+                hidden_size: cfg.hidden_size,
+                intermediate_size: cfg.intermediate_size,
+                num_hidden_layers: cfg.num_hidden_layers,
+                num_attention_heads: cfg.num_attention_heads,
+                head_dim: cfg.head_dim,
+                num_key_value_heads: cfg.num_key_value_heads,
+                hidden_act: Activation::Silu,
+                max_position_embeddings: cfg.max_position_embeddings,
+                rms_norm_eps: cfg.rms_norm_eps,
+                rope_theta: cfg.rope_theta,
+                sliding_window: cfg.sliding_window,
+                use_flash_attn: false,
+            };
+            let mut model = mistral::Model::new(&mcfg, vb).unwrap();
+            model.forward(ids, 0).unwrap().squeeze(1).unwrap()
+        }
+        other => panic!("no reference for {other}"),
+    }
+}
+
+fn qwen2_config(cfg: &DecoderConfig) -> candle_transformers::models::qwen2::Config {
+    candle_transformers::models::qwen2::Config {
+        vocab_size: cfg.vocab_size,
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_attention_heads: cfg.num_attention_heads,
+        num_key_value_heads: cfg.num_key_value_heads,
+        max_position_embeddings: cfg.max_position_embeddings,
+        sliding_window: cfg.sliding_window.unwrap_or(cfg.max_position_embeddings),
+        max_window_layers: cfg.max_window_layers.unwrap_or(cfg.num_hidden_layers),
+        tie_word_embeddings: cfg.tie_word_embeddings,
+        rope_theta: cfg.rope_theta,
+        rms_norm_eps: cfg.rms_norm_eps,
+        use_sliding_window: cfg.use_sliding_window,
+        hidden_act: candle_nn::Activation::Silu,
+    }
+}
+
+/// Two unpadded rows of 11 tokens.
+fn unpadded_batch(dev: &Device) -> (Tensor, Tensor) {
+    let ids: Vec<u32> = [ids_from(5, 11), ids_from(6, 11)].concat();
+    (
+        Tensor::from_vec(ids, (2, 11), dev).unwrap(),
+        Tensor::ones((2, 11), DType::U32, dev).unwrap(),
+    )
+}
+
+fn assert_last_position_parity(dir: &Path, ids: &Tensor, mask: &Tensor) {
+    let cfg = DecoderConfig::from_file(&dir.join("config.json")).unwrap();
+    let expected = reference_last_logits(dir, &cfg, ids);
+    let dec = load(dir, &VarMap::new(), &DecoderLoadOptions::default());
+    let t = ids.dim(1).unwrap();
+    let got = dec
+        .forward(ids, mask, false)
+        .unwrap()
+        .i((.., t - 1))
+        .unwrap();
+    assert_eq!(got.dims(), expected.dims());
+    let diff = max_abs_diff(&got, &expected);
+    let spread = expected.abs().unwrap().max_all().unwrap();
+    println!(
+        "{}: max abs diff {diff:e} (logits up to {})",
+        cfg.model_type,
+        spread.to_scalar::<f32>().unwrap()
+    );
+    assert!(diff < 1e-4, "{}: max abs diff {diff}", cfg.model_type);
+}
+
+#[test]
+fn last_position_logits_match_candle_transformers() {
+    let dev = Device::Cpu;
+    let (ids, mask) = unpadded_batch(&dev);
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        assert_last_position_parity(sharpened(dir.path()).path(), &ids, &mask);
+        // And with the writer's own (small) weights.
+        assert_last_position_parity(dir.path(), &ids, &mask);
+    }
+}
+
+#[test]
+fn llama3_rope_scaling_matches_candle_transformers() {
+    let dev = Device::Cpu;
+    let mut cfg = tiny_decoder_config("llama");
+    // Short original context so the low, medium and high frequencies of head_dim 16 all occur.
+    cfg.rope_scaling = Some(serde_json::json!({
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_decoder_with(dir.path(), &cfg, 9).unwrap();
+    let ids = Tensor::from_vec(ids_from(8, 40), (1, 40), &dev).unwrap();
+    let mask = Tensor::ones((1, 40), DType::U32, &dev).unwrap();
+    let sharp = sharpened(dir.path());
+    assert_last_position_parity(sharp.path(), &ids, &mask);
+    // The scaling matters: the same weights without it give other logits.
+    let plain = load(sharp.path(), &VarMap::new(), &DecoderLoadOptions::default());
+    let mut unscaled = plain.config().clone();
+    unscaled.rope_scaling = None;
+    let ckpt =
+        kiln::nn::layers::load_safetensors(&sharp.path().join("model.safetensors"), &dev).unwrap();
+    let other = Decoder::from_checkpoint(
+        &unscaled,
+        &ckpt,
+        &VarMap::new(),
+        &dev,
+        &DecoderLoadOptions::default(),
+    )
+    .unwrap();
+    let a = plain.forward(&ids, &mask, false).unwrap();
+    let b = other.forward(&ids, &mask, false).unwrap();
+    assert!(max_abs_diff(&a, &b) > 1e-3);
+}
+
+#[test]
+fn qwen2_full_sequence_hidden_states_and_logits_match_candle_transformers() {
+    let dev = Device::Cpu;
+    let (ids, mask) = unpadded_batch(&dev);
+    let dir = tiny_dir("qwen2");
+    let dir = sharpened(dir.path());
+    let cfg = DecoderConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let mut reference = candle_transformers::models::qwen2::Model::new(
+        &qwen2_config(&cfg),
+        reference_vb(dir.path()),
+    )
+    .unwrap();
+    let expected_hidden = reference.forward(&ids, 0, None).unwrap();
+    let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+    let hidden = dec.hidden_states(&ids, &mask, false).unwrap();
+    assert!(max_abs_diff(&hidden, &expected_hidden) < 1e-4);
+    // The tied head applied to the reference's states gives our logits, at every position.
+    let logits = dec.forward(&ids, &mask, false).unwrap();
+    let embed = reference_vb(dir.path())
+        .get(
+            (cfg.vocab_size, cfg.hidden_size),
+            "model.embed_tokens.weight",
+        )
+        .unwrap();
+    let expected = expected_hidden
+        .broadcast_matmul(&embed.t().unwrap())
+        .unwrap();
+    let diff = max_abs_diff(&logits, &expected);
+    assert!(diff < 1e-4, "max abs diff {diff}");
+}
+
+#[test]
+fn right_padding_does_not_change_the_real_positions() {
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    let lens = [9usize, 6, 4];
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        let dir = sharpened(dir.path());
+        let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+        let batched = dec.forward(&ids, &mask, false).unwrap();
+        for (row, &len) in lens.iter().enumerate() {
+            let alone_ids = ids.i((row..row + 1, ..len)).unwrap();
+            let alone_mask = Tensor::ones((1, len), DType::U32, &dev).unwrap();
+            let alone = dec.forward(&alone_ids, &alone_mask, false).unwrap();
+            let in_batch = batched.i((row..row + 1, ..len)).unwrap();
+            let diff = max_abs_diff(&alone, &in_batch);
+            assert!(diff < 1e-5, "{model_type} row {row}: {diff}");
+        }
+        // Pad positions stay finite (an all-pad row too).
+        let all_pad = Tensor::zeros((1, 4), DType::U32, &dev).unwrap();
+        let out = dec
+            .forward(&ids.i((0..1, ..4)).unwrap(), &all_pad, false)
+            .unwrap();
+        let finite = out
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite());
+        assert!(finite, "{model_type}");
+    }
+}
+
+#[test]
+fn cached_decoding_gives_the_logits_of_a_full_forward() {
+    let dev = Device::Cpu;
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        let dir = sharpened(dir.path());
+        let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+        let seq = ids_from(11, 12);
+        let full_ids = Tensor::from_vec(seq.clone(), (1, 12), &dev).unwrap();
+        let full = dec
+            .forward(
+                &full_ids,
+                &Tensor::ones((1, 12), DType::U32, &dev).unwrap(),
+                false,
+            )
+            .unwrap();
+        // Prefill 5, then one at a time, then a chunk of 3 on top of the cache.
+        let mut cache = dec.new_cache();
+        assert!(cache.is_empty());
+        let mut steps = vec![(0usize, 5usize)];
+        steps.extend((5..9).map(|p| (p, 1)));
+        steps.push((9, 3));
+        for (start, n) in steps {
+            let chunk = Tensor::from_vec(seq[start..start + n].to_vec(), (1, n), &dev).unwrap();
+            let got = dec.forward_cached(&chunk, &mut cache).unwrap();
+            assert_eq!(got.dims(), &[1, dec.config().vocab_size]);
+            let expected = full.i((.., start + n - 1)).unwrap();
+            let diff = max_abs_diff(&got, &expected);
+            assert!(diff < 1e-4, "{model_type} at {}: {diff}", start + n);
+            assert_eq!(cache.len(), start + n);
+        }
+
+        // One prompt's cache repeated for 3 samples, each continued with its own token.
+        let prompt = Tensor::from_vec(seq[..6].to_vec(), (1, 6), &dev).unwrap();
+        let mut cache = dec.new_cache();
+        dec.forward_cached(&prompt, &mut cache).unwrap();
+        let mut batch = cache.repeat(3).unwrap();
+        assert_eq!(batch.batch_size(), Some(3));
+        assert_eq!(batch.len(), 6);
+        let next = [7u32, 100, 258];
+        let got = dec
+            .forward_cached(
+                &Tensor::new(&[[7u32], [100], [258]], &dev).unwrap(),
+                &mut batch,
+            )
+            .unwrap();
+        let rows: Vec<u32> = next
+            .iter()
+            .flat_map(|&n| seq[..6].iter().copied().chain([n]))
+            .collect();
+        let expected = dec
+            .forward(
+                &Tensor::from_vec(rows, (3, 7), &dev).unwrap(),
+                &Tensor::ones((3, 7), DType::U32, &dev).unwrap(),
+                false,
+            )
+            .unwrap()
+            .i((.., 6))
+            .unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-4);
+
+        // A clone is independent of its original.
+        let mut a = cache.clone();
+        let mut b = cache.clone();
+        let la = dec
+            .forward_cached(&Tensor::new(&[[7u32]], &dev).unwrap(), &mut a)
+            .unwrap();
+        let lb = dec
+            .forward_cached(&Tensor::new(&[[100u32]], &dev).unwrap(), &mut b)
+            .unwrap();
+        assert!(max_abs_diff(&la, &expected.i(0..1).unwrap()) < 1e-4);
+        assert!(max_abs_diff(&lb, &expected.i(1..2).unwrap()) < 1e-4);
+        assert_eq!(cache.len(), 6);
+
+        // A batch of the wrong size is refused and leaves the cache as it was.
+        let err = dec
+            .forward_cached(&Tensor::new(&[[1u32], [2]], &dev).unwrap(), &mut batch)
+            .err()
+            .unwrap();
+        assert!(matches!(err, NnError::InvalidInput(_)), "{err}");
+        assert_eq!(batch.len(), 7);
+    }
+}
+
+#[test]
+fn mistral_sliding_window_limits_attention_in_full_and_cached_forwards() {
+    let dev = Device::Cpu;
+    let mut cfg = tiny_decoder_config("mistral");
+    // One layer: position i then depends on tokens i-w+1..=i only, and rotary attention scores
+    // depend only on relative positions, so it equals the window run on its own.
+    cfg.num_hidden_layers = 1;
+    cfg.sliding_window = Some(3);
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_decoder_with(dir.path(), &cfg, 5).unwrap();
+    let dir = sharpened(dir.path());
+    let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+    let seq = ids_from(21, 8);
+    let full = dec
+        .forward(
+            &Tensor::from_vec(seq.clone(), (1, 8), &dev).unwrap(),
+            &Tensor::ones((1, 8), DType::U32, &dev).unwrap(),
+            false,
+        )
+        .unwrap();
+    for i in 2..8 {
+        let window = Tensor::from_vec(seq[i - 2..=i].to_vec(), (1, 3), &dev).unwrap();
+        let alone = dec
+            .forward(
+                &window,
+                &Tensor::ones((1, 3), DType::U32, &dev).unwrap(),
+                false,
+            )
+            .unwrap()
+            .i((.., 2))
+            .unwrap();
+        let diff = max_abs_diff(&alone, &full.i((.., i)).unwrap());
+        assert!(diff < 1e-4, "position {i}: {diff}");
+    }
+    let mut cache = dec.new_cache();
+    dec.forward_cached(
+        &Tensor::from_vec(seq[..4].to_vec(), (1, 4), &dev).unwrap(),
+        &mut cache,
+    )
+    .unwrap();
+    for (i, &tok) in seq.iter().enumerate().skip(4) {
+        let got = dec
+            .forward_cached(&Tensor::new(&[[tok]], &dev).unwrap(), &mut cache)
+            .unwrap();
+        assert!(max_abs_diff(&got, &full.i((.., i)).unwrap()) < 1e-4);
+    }
+}
+
+#[test]
+fn invalid_inputs_are_refused_with_a_reason() {
+    let dev = Device::Cpu;
+    let dir = tiny_dir("llama");
+    let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+    let ids = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
+    let left_padded = Tensor::new(&[[0u32, 1, 1]], &dev).unwrap();
+    let err = dec.forward(&ids, &left_padded, false).err().unwrap();
+    assert!(err.to_string().contains("right-padded"), "{err}");
+    let out_of_vocab = Tensor::new(&[[1u32, 259]], &dev).unwrap();
+    let err = dec
+        .forward(
+            &out_of_vocab,
+            &Tensor::ones((1, 2), DType::U32, &dev).unwrap(),
+            false,
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("vocabulary"), "{err}");
+    let too_long = Tensor::zeros((1, 513), DType::U32, &dev).unwrap();
+    let err = dec
+        .forward(
+            &too_long,
+            &Tensor::ones((1, 513), DType::U32, &dev).unwrap(),
+            false,
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    let err = dec
+        .forward(
+            &ids,
+            &Tensor::ones((1, 2), DType::U32, &dev).unwrap(),
+            false,
+        )
+        .err()
+        .unwrap();
+    assert!(matches!(err, NnError::InvalidInput(_)), "{err}");
+    let mut cache = dec.new_cache();
+    dec.forward_cached(
+        &Tensor::zeros((1, 510), DType::U32, &dev).unwrap(),
+        &mut cache,
+    )
+    .unwrap();
+    let err = dec
+        .forward_cached(
+            &Tensor::zeros((1, 3), DType::U32, &dev).unwrap(),
+            &mut cache,
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    assert_eq!(cache.len(), 510);
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named_in_the_error() {
+    let dev = Device::Cpu;
+    let dir = tiny_dir("qwen2");
+    let cfg = DecoderConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let full =
+        kiln::nn::layers::load_safetensors(&dir.path().join("model.safetensors"), &dev).unwrap();
+    let mut ckpt = full.clone();
+    ckpt.remove("model.layers.1.self_attn.k_proj.bias");
+    let err = Decoder::from_checkpoint(&cfg, &ckpt, &VarMap::new(), &dev, &Default::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, NnError::MissingTensor { name } if name == "model.layers.1.self_attn.k_proj.bias"),
+        "{err}"
+    );
+    let mut untied = cfg.clone();
+    untied.tie_word_embeddings = false;
+    let err = Decoder::from_checkpoint(&untied, &full, &VarMap::new(), &dev, &Default::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("lm_head.weight"), "{err}");
+    let mut wider = cfg.clone();
+    wider.intermediate_size = 130;
+    let err = Decoder::from_checkpoint(&wider, &full, &VarMap::new(), &dev, &Default::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("model.layers.0.mlp.gate_proj.weight"),
+        "{err}"
+    );
+}
+
+/// Writes `json` as a config.json and parses it.
+fn parse_config(json: serde_json::Value) -> kiln::nn::Result<DecoderConfig> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    DecoderConfig::from_file(&path)
+}
+
+#[test]
+fn configs_take_hugging_face_defaults_and_reject_what_kiln_cannot_build() {
+    let base = serde_json::json!({
+        "model_type": "qwen2",
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 128,
+        "eos_token_id": [5, 7],
+        "rope_scaling": null,
+        "sliding_window": null,
+        "hidden_act": "silu"
+    });
+    let cfg = parse_config(base.clone()).unwrap();
+    assert_eq!(cfg.num_key_value_heads, 4);
+    assert!(cfg.attention_bias, "Qwen2 has q/k/v biases by default");
+    assert_eq!(cfg.rope_theta, 10_000.0);
+    assert!(!cfg.tie_word_embeddings);
+    assert_eq!(cfg.eos_token_ids(), vec![5, 7]);
+    assert_eq!(cfg.head_dim(), 16);
+
+    let with = |key: &str, value: serde_json::Value| {
+        let mut v = base.clone();
+        v[key] = value;
+        v
+    };
+    let llama = parse_config(with("model_type", "llama".into())).unwrap();
+    assert!(!llama.attention_bias);
+    // transformers 5 keeps rope settings in rope_parameters.
+    let v5 = parse_config(with(
+        "rope_parameters",
+        serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    ))
+    .unwrap();
+    assert_eq!(v5.rope_theta, 500_000.0);
+    assert!(v5.rope_scaling.is_some());
+
+    assert!(DecoderConfig::is_decoder_type("mistral"));
+    assert!(!DecoderConfig::is_decoder_type("bert"));
+    for bad in [
+        with("model_type", "gemma".into()),
+        with("hidden_act", "gelu".into()),
+        with("num_key_value_heads", 3.into()),
+        with(
+            "rope_scaling",
+            serde_json::json!({"type": "yarn", "factor": 4.0}),
+        ),
+        with(
+            "rope_scaling",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+        ),
+        with("use_sliding_window", true.into()),
+        with("eos_token_id", "</s>".into()),
+    ] {
+        let err = parse_config(bad.clone()).err().unwrap();
+        assert!(matches!(err, NnError::InvalidConfig(_)), "{bad}: {err}");
+    }
+    let linear = parse_config(with(
+        "rope_scaling",
+        serde_json::json!({"type": "linear", "factor": 2.0}),
+    ))
+    .unwrap();
+    assert!(linear.rope_scaling.is_some());
+}
+
+#[test]
+fn loss_decreases_when_training_the_tiny_decoder() {
+    use kiln::train::optim::{AdamW, AdamWConfig};
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    let dir = tiny_dir("qwen2");
+    let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+    let mut opt = AdamW::new(AdamWConfig::default());
+    opt.add_group("all", 1e-2, 0.0, dec.named_trainable_vars().to_vec())
+        .unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..10 {
+        let loss = causal_lm_loss(&dec.forward(&ids, &mask, true).unwrap(), &ids, &mask);
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        opt.step(&loss.backward().unwrap()).unwrap();
+    }
+    assert!(losses[9] < losses[0] * 0.7, "{losses:?}");
+    // Logits of the last step, in a shape the loss used.
+    assert_eq!(
+        dec.forward(&ids, &mask, false).unwrap().dims(),
+        &[3, 9, 259]
+    );
 }
