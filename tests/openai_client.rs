@@ -175,3 +175,48 @@ async fn the_official_client_manages_webhooks_and_verifies_job_events() {
     )
     .await;
 }
+
+/// The generative side through the official client: a tiny decoder fine-tuned on chat data
+/// through the jobs API answers the trained questions exactly, plain and streamed, with `n`,
+/// stop strings and usage; text completions are seeded; bad requests name their field
+/// (tests/python/openai_chat.py).
+#[tokio::test]
+async fn the_official_client_fine_tunes_a_decoder_and_chats_with_it() {
+    const TINY_DECODER: &str = "kiln-test/tiny-qwen2";
+    let served = serve(false).await;
+    kiln::nn::tiny::write_tiny_decoder(
+        &served.dir.path().join("models").join(TINY_DECODER),
+        "qwen2",
+        5,
+    )
+    .unwrap();
+    python(
+        served,
+        "openai_chat.py",
+        &[("KILN_TEST_MODEL", TINY_DECODER)],
+        &[],
+    )
+    .await;
+}
+
+/// Reinforcement fine-tuning through the official client: graders validated and run
+/// (`fine_tuning.alpha.graders`), then a `reinforcement` job with a `string_check` grader
+/// raises a tiny decoder's validation reward (tests/python/openai_rft.py).
+#[tokio::test]
+async fn the_official_client_runs_graders_and_a_reinforcement_job() {
+    const TINY_DECODER: &str = "kiln-test/tiny-qwen2";
+    let served = serve(false).await;
+    kiln::nn::tiny::write_tiny_decoder(
+        &served.dir.path().join("models").join(TINY_DECODER),
+        "qwen2",
+        5,
+    )
+    .unwrap();
+    python(
+        served,
+        "openai_rft.py",
+        &[("KILN_TEST_MODEL", TINY_DECODER)],
+        &[],
+    )
+    .await;
+}

@@ -81,6 +81,19 @@ impl ApiError {
         }
     }
 
+    /// The OpenAI error object, for errors that arrive inside an event stream (the status
+    /// line has gone out already). Internal details stay in the log.
+    pub fn body(&self) -> serde_json::Value {
+        let message = match self {
+            ApiError::Internal(err) => {
+                tracing::error!(error = %err, "error inside a stream");
+                "The server had an error while processing your request.".to_owned()
+            }
+            other => other.to_string(),
+        };
+        json!({"error": {"message": message, "type": self.kind(), "param": self.param(), "code": self.code()}})
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             ApiError::Unauthorized(_) => "authentication_error",

@@ -113,7 +113,7 @@ fn common(fields: &Map<String, Value>, max_inputs: usize) -> Result<Common, ApiE
     })
 }
 
-fn serve_error(e: ServeError) -> ApiError {
+pub(crate) fn serve_error(e: ServeError) -> ApiError {
     match e {
         ServeError::Unsupported(m) => ApiError::BadRequest {
             message: m,

@@ -210,6 +210,63 @@ async fn resolve_model(
     }
 }
 
+/// The data formats each model family trains on in this version of kiln.
+fn formats_for(model_type: &str) -> Option<&'static [&'static str]> {
+    use crate::models::Family;
+    if crate::nn::decoder::DecoderConfig::is_decoder_type(model_type) {
+        return Some(&[
+            "chat",
+            "prompt_completion",
+            "preference",
+            "reinforcement",
+            "domain_text",
+        ]);
+    }
+    match crate::models::family_of(model_type) {
+        Some(Family::Encoder) => Some(&[
+            "text_classification",
+            "multi_label_classification",
+            "domain_text",
+        ]),
+        _ => None,
+    }
+}
+
+/// 400 when the base model's family cannot train on the data's format (a BERT on chat data,
+/// a Llama on labelled text), before anything is queued. Models kiln does not know are left
+/// to the engine.
+async fn check_model_trains(
+    state: &AppState,
+    base_model: &str,
+    format: &str,
+) -> Result<(), ApiError> {
+    let Some(dir) = base_model_dir(&state.models_dir, base_model) else {
+        return Ok(());
+    };
+    let Ok(text) = tokio::fs::read_to_string(dir.join("config.json")).await else {
+        return Ok(());
+    };
+    let model_type = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|c| {
+            c.get("model_type")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    match formats_for(&model_type) {
+        Some(formats) if !formats.contains(&format) => Err(bad_code(
+            format!(
+                "The model's architecture ({model_type}) cannot be fine-tuned on {format} data; it trains on {}.",
+                formats.join(", ")
+            ),
+            Some("training_file"),
+            "invalid_training_file",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A processed fine-tuning file of the project, and its detected format.
 async fn training_data(
     state: &AppState,
@@ -458,6 +515,7 @@ pub async fn create(
             ));
         }
     }
+    check_model_trains(&state, &base_model, format.as_str()).await?;
     let method =
         method::resolve_method(fields.get("method"), fields.get("hyperparameters"), &format)?;
 

@@ -1,11 +1,13 @@
 //! The HTTP layer: routes, extractors, wire types, error mapping and auth.
 //! It knows only handles (Store, Artifacts); it never calls candle or writes SQL.
 
+mod completions;
 mod dashboard;
 mod docs;
 pub mod error;
 pub mod extract;
 mod files;
+mod graders;
 mod inference;
 mod jobs;
 mod keys;
@@ -111,6 +113,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/classifications", post(inference::classify))
         .route("/v1/embeddings", post(inference::embed))
+        .route("/v1/chat/completions", post(completions::chat))
+        .route(
+            "/v1/fine_tuning/alpha/graders/validate",
+            post(graders::validate),
+        )
+        .route("/v1/fine_tuning/alpha/graders/run", post(graders::run))
+        .route("/v1/completions", post(completions::completions))
         .route(
             "/v1/webhook_endpoints",
             get(webhooks::list).post(webhooks::create),

@@ -264,3 +264,57 @@ fn not_an_encoder(id: &str, what: &str) -> ApiError {
         code: Some("model_not_supported"),
     }
 }
+
+/// Resolves a model named in a generation request (`/v1/chat/completions`,
+/// `/v1/completions`) to its files, checking it is a decoder LM.
+pub(crate) async fn resolve_for_generation(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<ModelRef, ApiError> {
+    if id.starts_with("ft:") {
+        let row = state
+            .queue
+            .find_model(&caller.project_id, id)
+            .await?
+            .ok_or_else(|| model_not_found(id))?;
+        // Domain text trains encoders and decoders alike; the engine checks which on load.
+        if !matches!(
+            row.training_format.as_str(),
+            "chat" | "prompt_completion" | "domain_text" | "preference" | "reinforcement"
+        ) {
+            return Err(not_a_decoder(id, task_of_format(&row.training_format)));
+        }
+        return Ok(ModelRef {
+            id: id.to_owned(),
+            location: ModelLocation::Stored(row.storage_key),
+        });
+    }
+    if !models::valid_id(id) {
+        return Err(model_not_found(id));
+    }
+    if state.serving.is_loaded(id) {
+        return Ok(ModelRef {
+            id: id.to_owned(),
+            location: ModelLocation::Dir(state.models_dir.join(id)),
+        });
+    }
+    let m = base_model(state, id).await?;
+    if !crate::nn::decoder::DecoderConfig::is_decoder_type(&m.architecture) {
+        return Err(not_a_decoder(id, &m.architecture));
+    }
+    Ok(ModelRef {
+        id: id.to_owned(),
+        location: ModelLocation::Dir(m.dir),
+    })
+}
+
+fn not_a_decoder(id: &str, what: &str) -> ApiError {
+    ApiError::BadRequest {
+        message: format!(
+            "model '{id}' ({what}) is not a generative model: chat and text completions are served for decoder LMs (Llama, Qwen2, Mistral)"
+        ),
+        param: Some("model".into()),
+        code: Some("model_not_supported"),
+    }
+}

@@ -92,6 +92,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         work_dir,
         model_dir: args.output.clone(),
+        grader: None,
         resume_from: args.resume.clone(),
         device: candle_core::Device::Cpu,
     };

@@ -7,6 +7,7 @@
 //! accepted line ([`MAX_LINE_BYTES`]) or, for zips, by the central directory.
 
 mod archive;
+pub mod chat;
 mod formats;
 mod image;
 mod jsonl;

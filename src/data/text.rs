@@ -53,7 +53,7 @@ fn label_string(v: &Value) -> Option<String> {
     }
 }
 
-fn read_lines(path: &Path) -> Result<Vec<(usize, Value)>, TextDataError> {
+pub(crate) fn read_lines(path: &Path) -> Result<Vec<(usize, Value)>, TextDataError> {
     let io = |source| TextDataError::Io {
         path: path.display().to_string(),
         source,

@@ -11,6 +11,7 @@ pub mod decoder;
 pub mod layers;
 pub mod lora;
 pub mod ops;
+pub mod sampling;
 pub mod tiny;
 
 use std::path::PathBuf;

@@ -8,6 +8,7 @@
 //! arrived while it was busy, sorts the inputs by length and runs them in batches bounded by
 //! padded tokens.
 
+pub mod generate;
 pub mod model;
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use tokio::sync::{OnceCell, oneshot};
 
 use crate::artifacts::Artifacts;
 use crate::data::text::EncodedText;
+pub use generate::{FinishReason, GenEvent, GenerativeModel, Prompt, SamplingParams};
 pub use model::{Classification, EncoderModel, Implementation, Pooling, Purpose, TokenizeError};
 
 /// What the engine may use. Serving and training share a machine: these bound serving's
@@ -130,9 +132,61 @@ struct Inner {
 }
 
 struct CacheEntry {
-    cell: OnceCell<Arc<LoadedModel>>,
+    cell: OnceCell<Loaded>,
     /// Logical time of the last use (for LRU).
     last_used: AtomicU64,
+}
+
+/// A loaded model of either kind.
+#[derive(Clone)]
+enum Loaded {
+    Encoder(Arc<LoadedModel>),
+    Generator(Arc<LoadedGenerator>),
+}
+
+impl Loaded {
+    fn bytes(&self) -> u64 {
+        match self {
+            Loaded::Encoder(m) => m.bytes,
+            Loaded::Generator(m) => m.bytes,
+        }
+    }
+}
+
+/// A decoder with its generation thread. Dropping the last handle ends the thread.
+pub struct LoadedGenerator {
+    pub model: Arc<GenerativeModel>,
+    pub bytes: u64,
+    queue: mpsc::Sender<GenWork>,
+}
+
+/// What one generation request receives: its events in order, or the error that ended it.
+pub type GenReceiver = tokio::sync::mpsc::UnboundedReceiver<Result<GenEvent, ServeError>>;
+
+/// A started generation.
+pub struct Generation {
+    pub model: Arc<LoadedGenerator>,
+    pub prompt_tokens: usize,
+    pub events: GenReceiver,
+}
+
+struct GenWork {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    events: tokio::sync::mpsc::UnboundedSender<Result<GenEvent, ServeError>>,
+    deadline: Instant,
+    timeout: Duration,
+    /// Counts the request as waiting until it is finished.
+    _admission: OwnedAdmission,
+}
+
+/// Counts a request as waiting until dropped, movable across threads.
+struct OwnedAdmission(Arc<Inner>);
+
+impl Drop for OwnedAdmission {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A model with its batching thread. Dropping the last handle ends the thread.
@@ -263,7 +317,15 @@ impl Serving {
         let _admitted = self.admit()?;
         let timeout = self.inner.settings.timeout;
         let deadline = Instant::now() + timeout;
-        let loaded = self.get(model).await?;
+        let loaded = match self.get(model).await? {
+            Loaded::Encoder(m) => m,
+            Loaded::Generator(_) => {
+                return Err(ServeError::Unsupported(format!(
+                    "model '{}' is a generative model (a decoder): use /v1/chat/completions or /v1/completions",
+                    model.id
+                )));
+            }
+        };
         if purpose == Purpose::Classify && !loaded.model.is_classifier() {
             return Err(ServeError::Unsupported(format!(
                 "model '{}' has no classification head; use /v1/embeddings, or fine-tune it on labelled text first",
@@ -324,7 +386,7 @@ impl Serving {
 
     /// The loaded model, loading it (once, however many requests ask at the same time) and
     /// evicting the least recently used others past the memory budget.
-    async fn get(&self, model: &ModelRef) -> Result<Arc<LoadedModel>, ServeError> {
+    async fn get(&self, model: &ModelRef) -> Result<Loaded, ServeError> {
         let entry = {
             let mut cache = self.lock_cache();
             cache
@@ -362,7 +424,7 @@ impl Serving {
         }
     }
 
-    async fn load(&self, model: &ModelRef) -> Result<Arc<LoadedModel>, ServeError> {
+    async fn load(&self, model: &ModelRef) -> Result<Loaded, ServeError> {
         let dir = match &model.location {
             ModelLocation::Dir(dir) => dir.clone(),
             ModelLocation::Stored(key) => {
@@ -391,6 +453,9 @@ impl Serving {
             )));
         }
         self.make_room(&model.id, bytes);
+        if crate::train::is_decoder_dir(&dir) {
+            return self.load_generator(model, dir, bytes).await;
+        }
         let started = Instant::now();
         let settings = self.inner.settings.clone();
         let id = model.id.clone();
@@ -430,11 +495,108 @@ impl Serving {
         tracing::info!(model = %model.id, mib = bytes >> 20, implementation = ?encoder.implementation,
             seconds = started.elapsed().as_secs_f64(), "model loaded for serving");
         metrics::counter!("kiln_serve_model_loads_total").increment(1);
-        Ok(Arc::new(LoadedModel {
+        Ok(Loaded::Encoder(Arc::new(LoadedModel {
             model: encoder,
             bytes,
             queue: tx,
-        }))
+        })))
+    }
+
+    async fn load_generator(
+        &self,
+        model: &ModelRef,
+        dir: PathBuf,
+        bytes: u64,
+    ) -> Result<Loaded, ServeError> {
+        let started = Instant::now();
+        let device = self.inner.settings.device.clone();
+        let id = model.id.clone();
+        let generator = tokio::task::spawn_blocking(move || GenerativeModel::load(&dir, &device))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|e| ServeError::Load(format!("model '{id}' could not be loaded: {e}")))?;
+        let generator = Arc::new(generator);
+        let (tx, rx) = mpsc::channel();
+        let thread_model = generator.clone();
+        let slots = self.inner.slots.clone();
+        std::thread::Builder::new()
+            .name(format!("kiln-gen-{}", short(&model.id)))
+            .spawn(move || run_generator(thread_model, rx, slots))
+            .map_err(|e| {
+                ServeError::Internal(format!("could not start a generation thread: {e}"))
+            })?;
+        tracing::info!(model = %model.id, mib = bytes >> 20,
+            seconds = started.elapsed().as_secs_f64(), "generative model loaded for serving");
+        metrics::counter!("kiln_serve_model_loads_total").increment(1);
+        Ok(Loaded::Generator(Arc::new(LoadedGenerator {
+            model: generator,
+            bytes,
+            queue: tx,
+        })))
+    }
+
+    /// Starts generating from `prompt`; the events arrive on the returned receiver. The
+    /// request counts as waiting (for `KILN_SERVE_MAX_WAITING`) until it is finished, and
+    /// generation stops early when the receiver is dropped (the client went away).
+    pub async fn generate(
+        &self,
+        model: &ModelRef,
+        prompt: Prompt,
+        params: SamplingParams,
+    ) -> Result<Generation, ServeError> {
+        let max = self.inner.settings.max_waiting;
+        let now = self.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let admission = OwnedAdmission(self.inner.clone());
+        if now >= max {
+            metrics::counter!("kiln_serve_rejected_total").increment(1);
+            return Err(ServeError::Overloaded(now));
+        }
+        let timeout = self.inner.settings.timeout;
+        let deadline = Instant::now() + timeout;
+        let loaded = match self.get(model).await? {
+            Loaded::Generator(m) => m,
+            Loaded::Encoder(_) => {
+                return Err(ServeError::Unsupported(format!(
+                    "model '{}' is a text encoder, which does not generate text: use /v1/classifications or /v1/embeddings",
+                    model.id
+                )));
+            }
+        };
+        let encoder = loaded.model.clone();
+        let ids = tokio::task::spawn_blocking(move || encoder.encode(&prompt))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|message| ServeError::BadInput { index: 0, message })?;
+        if ids.len() >= loaded.model.max_positions() {
+            return Err(ServeError::BadInput {
+                index: 0,
+                message: format!(
+                    "the prompt is {} tokens long; this model's context is {} tokens",
+                    ids.len(),
+                    loaded.model.max_positions()
+                ),
+            });
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let prompt_tokens = ids.len();
+        loaded
+            .queue
+            .send(GenWork {
+                prompt: ids,
+                params,
+                events: tx,
+                deadline,
+                timeout,
+                _admission: admission,
+            })
+            .map_err(|_| {
+                ServeError::Internal("the model's generation thread has stopped".into())
+            })?;
+        Ok(Generation {
+            model: loaded,
+            prompt_tokens,
+            events: rx,
+        })
     }
 
     /// Evicts least recently used models until `bytes` more fit in the budget.
@@ -445,7 +607,7 @@ impl Serving {
             let used: u64 = cache
                 .iter()
                 .filter(|(id, _)| id.as_str() != loading)
-                .filter_map(|(_, e)| e.cell.get().map(|m| m.bytes))
+                .filter_map(|(_, e)| e.cell.get().map(Loaded::bytes))
                 .sum();
             if used + bytes <= budget {
                 return;
@@ -522,6 +684,40 @@ async fn wait<T>(
             Err(ServeError::Timeout(timeout))
         }
     }
+}
+
+/// A generative model's thread: one request at a time (its `n` samples as one batch), each
+/// holding an inference slot while it decodes.
+fn run_generator(model: Arc<GenerativeModel>, rx: mpsc::Receiver<GenWork>, slots: Arc<Slots>) {
+    while let Ok(work) = rx.recv() {
+        if work.deadline <= Instant::now() {
+            let _ = work.events.send(Err(ServeError::Timeout(work.timeout)));
+            continue;
+        }
+        if work.events.is_closed() {
+            continue;
+        }
+        let _slot = slots.acquire();
+        let started = Instant::now();
+        let events = &work.events;
+        let mut emit = |e: GenEvent| events.send(Ok(e)).is_ok();
+        let mut step = || Ok::<(), ServeError>(());
+        let result = model.generate(&work.prompt, &work.params, &mut emit, &mut step);
+        let failure = match result {
+            Ok(()) => None,
+            Err(generate::GenerateError::Input(message)) => {
+                Some(ServeError::BadInput { index: 0, message })
+            }
+            Err(generate::GenerateError::Step(e)) => Some(e),
+            Err(generate::GenerateError::Internal(m)) => Some(ServeError::Internal(m)),
+        };
+        if let Some(e) = failure {
+            let _ = work.events.send(Err(e));
+        }
+        metrics::histogram!("kiln_serve_generation_seconds")
+            .record(started.elapsed().as_secs_f64());
+    }
+    tracing::debug!("generation thread stopped (model unloaded)");
 }
 
 /// The longest a model thread waits for the clients of its previous batch to send again.

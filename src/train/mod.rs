@@ -8,12 +8,16 @@
 //!          ─► task (model + tokenised data) ─► Trainer::run (the shared loop) ─► export
 //! ```
 
+mod causal_lm;
 mod classify;
+mod dpo;
 mod estimate;
 mod export;
+pub mod graders;
 mod masked_lm;
 pub mod metrics;
 pub mod optim;
+mod rft;
 pub mod schedule;
 pub mod spec;
 mod trainer;
@@ -28,6 +32,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::data::{self, DatasetFormat};
+pub(crate) use causal_lm::is_decoder_dir;
 pub use estimate::{Estimate, estimate};
 pub use spec::{HyperparameterError, HyperparameterRequest, Hyperparameters, Strategy};
 pub use trainer::CHECKPOINT_MODEL_DIR;
@@ -46,6 +51,8 @@ pub struct TrainingJob {
     pub work_dir: PathBuf,
     /// Where the finished model is written (Hugging Face layout).
     pub model_dir: PathBuf,
+    /// Reinforcement fine-tuning's grader object (OpenAI's shape), as the job gave it.
+    pub grader: Option<Value>,
     /// A checkpoint directory to continue from.
     pub resume_from: Option<PathBuf>,
     pub device: Device,
@@ -97,6 +104,9 @@ pub struct StepProgress {
     pub tokens_per_second: f64,
     pub eta_seconds: f64,
     pub trained_tokens: u64,
+    /// Task-specific figures of this step (reinforcement: `train_reward_mean`, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// Validation figures at a step.
@@ -124,6 +134,8 @@ pub struct CheckpointInfo {
 /// Everything a run reports while it works.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// A handful of events per step: the Started variant's size costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 pub enum TrainEvent {
     Started {
         task: &'static str,
@@ -260,6 +272,7 @@ pub(crate) fn resolve_context(
         num_layers: config.num_hidden_layers,
         max_positions: config.max_position_embeddings.saturating_sub(offset),
         p99_tokens: data::text::length_quantile(&lengths, 0.99),
+        decoder: false,
     })
 }
 
@@ -291,6 +304,20 @@ pub fn run(
     stop: &StopSignal,
 ) -> Result<TrainOutcome, TrainError> {
     let format = detect_format(&job.training_file)?;
+    if causal_lm::is_decoder_dir(&job.base_model) {
+        return match format {
+            DatasetFormat::Chat | DatasetFormat::PromptCompletion | DatasetFormat::DomainText => {
+                causal_lm::run(job, on_event, stop)
+            }
+            DatasetFormat::Preference => dpo::run(job, on_event, stop),
+            DatasetFormat::Reinforcement => rft::run(job, on_event, stop),
+            other => Err(TrainError::Data(format!(
+                "{} data ({}) cannot train a decoder in this version of kiln; use chat, prompt/completion, preference, reinforcement or domain text",
+                other.as_str(),
+                other.task()
+            ))),
+        };
+    }
     match format {
         DatasetFormat::TextClassification | DatasetFormat::MultiLabelClassification => {
             classify::run(job, on_event, stop)

@@ -124,6 +124,20 @@ pub struct HyperparameterRequest {
     pub early_stopping_patience: Option<AutoOr<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub select_metric: Option<AutoOr<String>>,
+    /// DPO's `beta` (a method knob of OpenAI's `dpo` method, not one of kiln's common keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<AutoOr<f64>>,
+    /// Reinforcement's knobs (OpenAI's `reinforcement` method): samples per prompt scale
+    /// with `compute_multiplier`; validation reward every `eval_interval` steps over
+    /// `eval_samples` samples per prompt; `reasoning_effort` is accepted and has no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_multiplier: Option<AutoOr<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_interval: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_samples: Option<AutoOr<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
 }
 
 /// Every key a [`HyperparameterRequest`] accepts, in the order the job object shows them.
@@ -175,6 +189,11 @@ pub const SELECT_METRICS: &[&str] = &[
     "valid_macro_f1",
     "valid_roc_auc",
     "valid_masked_token_accuracy",
+    "valid_mean_token_accuracy",
+    "valid_perplexity",
+    "valid_reward_margin",
+    "valid_reward_accuracy",
+    "valid_reward",
 ];
 
 /// The concrete settings of a run, every `"auto"` replaced.
@@ -206,6 +225,18 @@ pub struct Hyperparameters {
     pub checkpoint_every_steps: Option<u32>,
     pub early_stopping_patience: Option<u32>,
     pub select_metric: String,
+    /// DPO's strength of the pull towards the reference model (DPO runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// Reinforcement runs only (see [`HyperparameterRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_interval: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_samples: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
 }
 
 /// What `resolve` needs to know about the run.
@@ -218,6 +249,8 @@ pub struct ResolveContext {
     pub max_positions: usize,
     /// Token count under which this fraction of training examples falls (for `max_length: auto`).
     pub p99_tokens: usize,
+    /// A decoder LM (LoRA module names, learning rates and lengths differ from encoders').
+    pub decoder: bool,
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
@@ -265,6 +298,17 @@ pub const LORA_MODULES: &[&str] = &[
     "output.dense",
 ];
 
+/// The modules LoRA may adapt in a decoder layer (PEFT's names).
+pub const DECODER_LORA_MODULES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 impl HyperparameterRequest {
     /// Checks every explicit value's range; needs no data. Errors name the key.
     pub fn check(&self) -> Result<(), HyperparameterError> {
@@ -306,12 +350,16 @@ impl HyperparameterRequest {
             if modules.is_empty() {
                 return Err(bad("lora_target_modules", "must name at least one module"));
             }
-            if let Some(m) = modules.iter().find(|m| !LORA_MODULES.contains(&m.as_str())) {
+            let known = |m: &String| {
+                LORA_MODULES.contains(&m.as_str()) || DECODER_LORA_MODULES.contains(&m.as_str())
+            };
+            if let Some(m) = modules.iter().find(|m| !known(m)) {
                 return Err(bad(
                     "lora_target_modules",
                     format!(
-                        "unknown module '{m}'; expected some of {}",
-                        LORA_MODULES.join(", ")
+                        "unknown module '{m}'; expected some of {} (encoders) or {} (decoders)",
+                        LORA_MODULES.join(", "),
+                        DECODER_LORA_MODULES.join(", ")
                     ),
                 ));
             }
@@ -341,6 +389,28 @@ impl HyperparameterRequest {
         }
         if let Some(n) = v(&self.checkpoint_every_steps) {
             in_range("checkpoint_every_steps", n, 1, u32::MAX)?;
+        }
+        if let Some(x) = f(&self.compute_multiplier)
+            && !(x > 0.0 && x <= 100.0)
+        {
+            return Err(bad(
+                "compute_multiplier",
+                format!("must be above 0 and at most 100, got {x}"),
+            ));
+        }
+        if let Some(n) = v(&self.eval_interval) {
+            in_range("eval_interval", n, 1, u32::MAX)?;
+        }
+        if let Some(n) = v(&self.eval_samples) {
+            in_range("eval_samples", n, 1, 10_000)?;
+        }
+        if let Some(b) = f(&self.beta)
+            && !(b > 0.0 && b <= 100.0)
+        {
+            return Err(bad(
+                "beta",
+                format!("must be above 0 and at most 100, got {b}"),
+            ));
         }
         if let Some(n) = v(&self.early_stopping_patience) {
             in_range("early_stopping_patience", n, 1, 1000)?;
@@ -380,6 +450,12 @@ impl HyperparameterRequest {
                 "scratch training is for vision backbones; text encoders are fine-tuned from pretrained weights",
             ));
         }
+        if ctx.decoder && strategy == Strategy::HeadOnly {
+            return Err(bad(
+                "strategy",
+                "head_only trains a new classification head on fixed features; a generative model has no such head: use full, freeze or lora",
+            ));
+        }
         let n = ctx.train_examples.max(1);
 
         let n_epochs = match self.n_epochs.as_ref().and_then(AutoOr::value) {
@@ -415,6 +491,8 @@ impl HyperparameterRequest {
             .unwrap_or(1.0);
         // Pretrained weights move slowly; a fresh head (or LoRA's fresh adapters) faster.
         let (base_lr, head_lr) = match strategy {
+            Strategy::Full | Strategy::Freeze | Strategy::Scratch if ctx.decoder => (2e-5, 1e-3),
+            Strategy::Lora if ctx.decoder => (2e-4, 1e-3),
             Strategy::Full | Strategy::Freeze | Strategy::Scratch => (5e-5, 1e-3),
             Strategy::Lora => (5e-4, 1e-3),
             Strategy::HeadOnly => (0.0, 5e-3),
@@ -465,7 +543,8 @@ impl HyperparameterRequest {
             Some(m) => m,
             None => {
                 let m = ctx.p99_tokens.div_ceil(8).max(1) * 8;
-                let m = m.clamp(8, ctx.max_positions.min(512)) as u32;
+                let cap = if ctx.decoder { 2048 } else { 512 };
+                let m = m.clamp(8, ctx.max_positions.min(cap)) as u32;
                 chose(
                     "max_length",
                     m.to_string(),
@@ -474,11 +553,29 @@ impl HyperparameterRequest {
                 m
             }
         };
-        let lora_target_modules = self
-            .lora_target_modules
-            .as_ref()
-            .and_then(AutoOr::value)
-            .unwrap_or_else(|| vec!["query".to_owned(), "value".to_owned()]);
+        let (family_modules, default_modules) = if ctx.decoder {
+            (DECODER_LORA_MODULES, ["q_proj", "v_proj"])
+        } else {
+            (LORA_MODULES, ["query", "value"])
+        };
+        let lora_target_modules = match self.lora_target_modules.as_ref().and_then(AutoOr::value) {
+            Some(modules) => {
+                if let Some(m) = modules
+                    .iter()
+                    .find(|m| !family_modules.contains(&m.as_str()))
+                {
+                    return Err(bad(
+                        "lora_target_modules",
+                        format!(
+                            "'{m}' is not a module of this model; expected some of {}",
+                            family_modules.join(", ")
+                        ),
+                    ));
+                }
+                modules
+            }
+            None => default_modules.iter().map(|m| (*m).to_owned()).collect(),
+        };
         let hp = Hyperparameters {
             n_epochs,
             batch_size,
@@ -536,6 +633,11 @@ impl HyperparameterRequest {
                 .as_ref()
                 .and_then(AutoOr::value)
                 .unwrap_or_else(|| "valid_loss".to_owned()),
+            beta: self.beta.as_ref().and_then(AutoOr::value),
+            compute_multiplier: self.compute_multiplier.as_ref().and_then(AutoOr::value),
+            eval_interval: self.eval_interval.as_ref().and_then(AutoOr::value),
+            eval_samples: self.eval_samples.as_ref().and_then(AutoOr::value),
+            reasoning_effort: self.reasoning_effort.clone(),
         };
         Ok((hp, notes))
     }
@@ -562,7 +664,7 @@ impl Hyperparameters {
 
 /// Whether a larger value of `metric` is better.
 pub fn higher_is_better(metric: &str) -> bool {
-    !metric.ends_with("loss")
+    !(metric.ends_with("loss") || metric.ends_with("perplexity"))
 }
 
 #[cfg(test)]
@@ -576,6 +678,7 @@ mod tests {
             num_layers: 6,
             max_positions: 512,
             p99_tokens: 37,
+            decoder: false,
         }
     }
 

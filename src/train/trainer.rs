@@ -47,6 +47,11 @@ pub(crate) trait Task {
     fn evaluate(&mut self) -> Result<Option<ValidationResult>, TrainError>;
     /// Writes the finished model in Hugging Face layout.
     fn export(&mut self, dir: &Path) -> Result<(), TrainError>;
+    /// Task-specific figures of the last optimizer step (reinforcement: reward, its spread,
+    /// KL), reported with the step.
+    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
 }
 
 /// The subdirectory of a checkpoint holding the model as of that step.
@@ -271,6 +276,7 @@ impl Trainer<'_> {
                         eta_seconds: (total_steps.saturating_sub(state.step)) as f64
                             * secs_per_step,
                         trained_tokens: state.trained_tokens,
+                        extra: task.step_metrics(),
                     }));
 
                     let epoch_end = state.next_batch >= batches.len();

@@ -349,6 +349,12 @@ fn metrics_event(p: Progress, eta: Option<f64>) -> NewEvent {
     if let Some(loss) = p.metrics.get("valid_loss") {
         message.push_str(&format!(", validation loss={loss:.4}"));
     }
+    if let Some(r) = p.metrics.get("train_reward_mean") {
+        message.push_str(&format!(", mean reward={r:.4}"));
+    }
+    if let Some(r) = p.metrics.get("valid_reward") {
+        message.push_str(&format!(", validation reward={r:.4}"));
+    }
     NewEvent {
         level: "info",
         kind: "metrics",

@@ -79,6 +79,7 @@ impl JobExecutor for EngineExecutor {
             seed: job.seed,
             work_dir: scratch.join("work"),
             model_dir: scratch.join("model"),
+            grader: job.method_config.get("grader").cloned(),
             resume_from: job.resume.as_ref().map(|r| r.dir.clone()),
             device: self.device.clone(),
         };
@@ -122,6 +123,7 @@ impl JobExecutor for EngineExecutor {
                     metrics.insert("learning_rate".into(), p.learning_rate);
                     metrics.insert("grad_norm".into(), p.grad_norm);
                     metrics.insert("tokens_per_second".into(), p.tokens_per_second);
+                    metrics.extend(p.extra.iter().map(|(k, v)| (k.clone(), *v)));
                     ctx.report_progress(Progress {
                         step: p.step,
                         total_steps: p.total_steps,
@@ -203,6 +205,7 @@ pub struct EstimateRequest {
     pub validation_file: Option<std::path::PathBuf>,
     pub hyperparameters: serde_json::Map<String, Value>,
     pub seed: u64,
+    pub grader: Option<Value>,
 }
 
 /// Steps timed by an estimate (after one warm-up step).
@@ -225,6 +228,7 @@ pub async fn estimate(request: EstimateRequest) -> Result<train::Estimate, JobFa
         seed: request.seed,
         work_dir: scratch.join("work"),
         model_dir: scratch.join("model"),
+        grader: request.grader,
         resume_from: None,
         device: candle_core::Device::Cpu,
     };

@@ -137,6 +137,7 @@ pub fn job(
         seed,
         work_dir: work.join("work"),
         model_dir: work.join("model"),
+        grader: None,
         resume_from: None,
         device: candle_core::Device::Cpu,
     }

@@ -83,6 +83,7 @@ pub(super) async fn dry_run_job(state: &AppState, job: &PlannedJob<'_>) -> Resul
         validation_file,
         hyperparameters: requested.clone(),
         seed: job.seed.max(0) as u64,
+        grader: job.method[&kind].get("grader").cloned(),
     })
     .await
     .map_err(|f| match f {

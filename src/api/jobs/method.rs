@@ -291,6 +291,10 @@ pub fn resolve_method(
             "method.reinforcement.grader".into(),
         ));
     }
+    if let Some(grader) = config.get("grader").filter(|_| kind == "reinforcement") {
+        crate::train::graders::Grader::parse(grader, "method.reinforcement.grader")
+            .map_err(|e| bad(e.to_string(), e.path))?;
+    }
     if let Some(unknown) = config
         .keys()
         .find(|k| !matches!(k.as_str(), "hyperparameters" | "grader"))

@@ -1,0 +1,112 @@
+//! `POST /v1/fine_tuning/alpha/graders/validate` and `/run` (OpenAI's shapes): check a grader
+//! object, or score one model sample with it, before a reinforcement job uses it.
+
+use std::time::Instant;
+
+use axum::Json;
+use serde_json::{Map, Value, json};
+
+use super::Caller;
+use super::error::ApiError;
+use super::extract::ApiJson;
+use crate::train::graders::Grader;
+
+fn fields(body: &Value, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("The request body must be a JSON object.", None))?;
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::BadRequest {
+            message: format!("Unrecognized request argument supplied: {k}"),
+            param: Some(k.clone()),
+            code: Some("unknown_parameter"),
+        });
+    }
+    Ok(obj.clone())
+}
+
+fn parse(fields: &Map<String, Value>) -> Result<(Grader, Value), ApiError> {
+    let raw = fields
+        .get("grader")
+        .ok_or_else(|| ApiError::bad_request("Missing required parameter: 'grader'.", "grader"))?;
+    let grader = Grader::parse(raw, "grader").map_err(|e| ApiError::BadRequest {
+        message: e.to_string(),
+        param: Some(e.path.clone()),
+        code: Some("invalid_grader"),
+    })?;
+    Ok((grader, raw.clone()))
+}
+
+/// `POST /v1/fine_tuning/alpha/graders/validate`: the grader back when it is usable.
+pub async fn validate(
+    _caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let fields = fields(&body, &["grader"])?;
+    let (_, raw) = parse(&fields)?;
+    Ok(Json(json!({"grader": raw})))
+}
+
+/// `POST /v1/fine_tuning/alpha/graders/run`: the reward of `model_sample` for `item`.
+pub async fn run(_caller: Caller, ApiJson(body): ApiJson<Value>) -> Result<Json<Value>, ApiError> {
+    let fields = fields(&body, &["grader", "model_sample", "item"])?;
+    let (grader, _) = parse(&fields)?;
+    let sample = match fields.get("model_sample") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'model_sample' must be a string.",
+                "model_sample",
+            ));
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "Missing required parameter: 'model_sample'.",
+                "model_sample",
+            ));
+        }
+    };
+    let item = fields.get("item").cloned().unwrap_or_else(|| json!({}));
+    let started = Instant::now();
+    // A template naming a field the item lacks is the request's mistake: 400, not a reward.
+    let (reward, scores) = grader
+        .grade(&item, &sample)
+        .map_err(|e| ApiError::bad_request(e, "item"))?;
+    let sub_rewards: Map<String, Value> = match &grader {
+        Grader::Multi { graders, .. } => graders
+            .iter()
+            .filter_map(|(n, _)| scores.get(n).map(|s| (n.clone(), json!(s))))
+            .collect(),
+        _ => Map::new(),
+    };
+    let scores: Map<String, Value> = scores.into_iter().map(|(k, v)| (k, json!(v))).collect();
+    Ok(Json(json!({
+        "reward": reward,
+        "sub_rewards": sub_rewards,
+        "model_grader_token_usage_per_model": {},
+        "metadata": {
+            "name": grader.name(),
+            "type": grader.kind(),
+            "execution_time": started.elapsed().as_secs_f64(),
+            "scores": scores,
+            "token_usage": null,
+            "sampled_model_name": null,
+            "errors": {
+                "formula_parse_error": false,
+                "invalid_variable_error": false,
+                "model_grader_parse_error": false,
+                "model_grader_refusal_error": false,
+                "model_grader_server_error": false,
+                "model_grader_server_error_details": null,
+                "other_error": false,
+                "python_grader_runtime_error": false,
+                "python_grader_runtime_error_details": null,
+                "python_grader_server_error": false,
+                "python_grader_server_error_type": null,
+                "sample_parse_error": false,
+                "truncated_observation_error": false,
+                "unresponsive_reward_error": false,
+            },
+        },
+    })))
+}

@@ -1,0 +1,734 @@
+//! OpenAI's grader objects, for reinforcement fine-tuning and `/v1/fine_tuning/alpha/graders`:
+//! `string_check` (`eq`, `ne`, `like`, `ilike`), `text_similarity` (`fuzzy_match`, `bleu`,
+//! `gleu`, `rouge_1`…`rouge_5`, `rouge_l`) and `multi` (sub-graders combined by a formula).
+//! `input` and `reference` are templates over `item.*` (the dataset line) and
+//! `sample.output_text` / `sample.output_json` (the model's reply), rendered with minijinja.
+//!
+//! Not in this version (rejected by [`Grader::parse`] with the reason): `cosine` and `meteor`
+//! similarity, `python`, `score_model` and `label_model` graders.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Value, json};
+
+/// A grader that failed to parse: `path` names the field (`grader.graders.a.operation`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct GraderError {
+    pub path: String,
+    pub message: String,
+}
+
+fn err(path: &str, message: impl Into<String>) -> GraderError {
+    GraderError {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StringOp {
+    Eq,
+    Ne,
+    Like,
+    Ilike,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Similarity {
+    FuzzyMatch,
+    Bleu,
+    Gleu,
+    Rouge(usize),
+    RougeL,
+}
+
+/// A parsed grader.
+#[derive(Debug, Clone)]
+pub enum Grader {
+    StringCheck {
+        name: String,
+        input: String,
+        reference: String,
+        op: StringOp,
+    },
+    TextSimilarity {
+        name: String,
+        input: String,
+        reference: String,
+        metric: Similarity,
+    },
+    Multi {
+        name: String,
+        graders: Vec<(String, Grader)>,
+        formula: Formula,
+    },
+}
+
+fn string_field<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<&'a str, GraderError> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(err(&format!("{path}.{key}"), "must be a string")),
+        None => Err(err(&format!("{path}.{key}"), "is required")),
+    }
+}
+
+/// The rendering environment for templates (strict: an unknown `item` field is an error).
+fn template_env() -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env
+}
+
+fn check_template(template: &str, path: &str) -> Result<(), GraderError> {
+    template_env()
+        .template_from_str(template)
+        .map(|_| ())
+        .map_err(|e| err(path, format!("invalid template: {e}")))
+}
+
+impl Grader {
+    /// Parses and checks a grader object; `path` is where it sits in the request.
+    pub fn parse(value: &Value, path: &str) -> Result<Grader, GraderError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| err(path, "must be an object"))?;
+        let kind = string_field(obj, "type", path)?;
+        let name = match obj.get("name") {
+            Some(Value::String(s)) => s.clone(),
+            None => kind.to_owned(),
+            Some(_) => return Err(err(&format!("{path}.name"), "must be a string")),
+        };
+        match kind {
+            "string_check" => {
+                let input = string_field(obj, "input", path)?.to_owned();
+                let reference = string_field(obj, "reference", path)?.to_owned();
+                check_template(&input, &format!("{path}.input"))?;
+                check_template(&reference, &format!("{path}.reference"))?;
+                let op = match string_field(obj, "operation", path)? {
+                    "eq" => StringOp::Eq,
+                    "ne" => StringOp::Ne,
+                    "like" => StringOp::Like,
+                    "ilike" => StringOp::Ilike,
+                    other => {
+                        return Err(err(
+                            &format!("{path}.operation"),
+                            format!("'{other}' is not one of eq, ne, like, ilike"),
+                        ));
+                    }
+                };
+                Ok(Grader::StringCheck {
+                    name,
+                    input,
+                    reference,
+                    op,
+                })
+            }
+            "text_similarity" => {
+                let input = string_field(obj, "input", path)?.to_owned();
+                let reference = string_field(obj, "reference", path)?.to_owned();
+                check_template(&input, &format!("{path}.input"))?;
+                check_template(&reference, &format!("{path}.reference"))?;
+                let metric_path = format!("{path}.evaluation_metric");
+                let metric = match string_field(obj, "evaluation_metric", path)? {
+                    "fuzzy_match" => Similarity::FuzzyMatch,
+                    "bleu" => Similarity::Bleu,
+                    "gleu" => Similarity::Gleu,
+                    "rouge_l" => Similarity::RougeL,
+                    m @ ("rouge_1" | "rouge_2" | "rouge_3" | "rouge_4" | "rouge_5") => {
+                        Similarity::Rouge(usize::from(m.as_bytes()[6] - b'0'))
+                    }
+                    m @ ("cosine" | "meteor") => {
+                        return Err(err(
+                            &metric_path,
+                            format!(
+                                "'{m}' is not supported by kiln yet; use fuzzy_match, bleu, gleu, rouge_1 to rouge_5 or rouge_l"
+                            ),
+                        ));
+                    }
+                    other => {
+                        return Err(err(
+                            &metric_path,
+                            format!("'{other}' is not an evaluation metric"),
+                        ));
+                    }
+                };
+                Ok(Grader::TextSimilarity {
+                    name,
+                    input,
+                    reference,
+                    metric,
+                })
+            }
+            "multi" => {
+                let graders_path = format!("{path}.graders");
+                let graders = match obj.get("graders") {
+                    // OpenAI's documented form: {name: grader}.
+                    Some(Value::Object(map)) if !map.contains_key("type") => map
+                        .iter()
+                        .map(|(k, g)| {
+                            Ok((k.clone(), Grader::parse(g, &format!("{graders_path}.{k}"))?))
+                        })
+                        .collect::<Result<Vec<_>, GraderError>>()?,
+                    // The client's typed form: one grader, known by its name.
+                    Some(single @ Value::Object(_)) => {
+                        let g = Grader::parse(single, &graders_path)?;
+                        vec![(g.name().to_owned(), g)]
+                    }
+                    _ => return Err(err(&graders_path, "must map names to graders")),
+                };
+                if graders.is_empty() {
+                    return Err(err(&graders_path, "needs at least one grader"));
+                }
+                let formula_path = format!("{path}.calculate_output");
+                let formula = Formula::parse(string_field(obj, "calculate_output", path)?)
+                    .map_err(|m| err(&formula_path, m))?;
+                if let Some(v) = formula
+                    .variables()
+                    .into_iter()
+                    .find(|v| !graders.iter().any(|(n, _)| n == v))
+                {
+                    return Err(err(
+                        &formula_path,
+                        format!("'{v}' is not the name of one of the graders"),
+                    ));
+                }
+                Ok(Grader::Multi {
+                    name,
+                    graders,
+                    formula,
+                })
+            }
+            t @ ("python" | "score_model" | "label_model") => Err(err(
+                &format!("{path}.type"),
+                format!(
+                    "'{t}' graders are not supported by kiln yet; use string_check, text_similarity or multi"
+                ),
+            )),
+            other => Err(err(
+                &format!("{path}.type"),
+                format!("'{other}' is not a grader type"),
+            )),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Grader::StringCheck { name, .. }
+            | Grader::TextSimilarity { name, .. }
+            | Grader::Multi { name, .. } => name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Grader::StringCheck { .. } => "string_check",
+            Grader::TextSimilarity { .. } => "text_similarity",
+            Grader::Multi { .. } => "multi",
+        }
+    }
+
+    /// The reward of `sample` for dataset line `item`, and each sub-grader's score.
+    pub fn grade(
+        &self,
+        item: &Value,
+        sample: &str,
+    ) -> Result<(f64, BTreeMap<String, f64>), String> {
+        let output_json: Value = serde_json::from_str(sample).unwrap_or(Value::Null);
+        let ctx =
+            json!({"item": item, "sample": {"output_text": sample, "output_json": output_json}});
+        let env = template_env();
+        let mut scores = BTreeMap::new();
+        let reward = self.grade_in(&env, &ctx, &mut scores)?;
+        Ok((reward, scores))
+    }
+
+    fn grade_in(
+        &self,
+        env: &minijinja::Environment<'static>,
+        ctx: &Value,
+        scores: &mut BTreeMap<String, f64>,
+    ) -> Result<f64, String> {
+        let render = |t: &str| {
+            env.render_str(t, ctx)
+                .map_err(|e| format!("grader '{}': {e}", self.name()))
+        };
+        let score = match self {
+            Grader::StringCheck {
+                input,
+                reference,
+                op,
+                ..
+            } => {
+                let (a, b) = (render(input)?, render(reference)?);
+                let pass = match op {
+                    StringOp::Eq => a == b,
+                    StringOp::Ne => a != b,
+                    StringOp::Like => a.contains(&b),
+                    StringOp::Ilike => a.to_lowercase().contains(&b.to_lowercase()),
+                };
+                if pass { 1.0 } else { 0.0 }
+            }
+            Grader::TextSimilarity {
+                input,
+                reference,
+                metric,
+                ..
+            } => similarity(*metric, &render(input)?, &render(reference)?),
+            Grader::Multi {
+                graders, formula, ..
+            } => {
+                let mut vars = HashMap::new();
+                for (name, g) in graders {
+                    let s = g.grade_in(env, ctx, scores)?;
+                    vars.insert(name.clone(), s);
+                }
+                formula.eval(&vars)?
+            }
+        };
+        scores.insert(self.name().to_owned(), score);
+        Ok(score)
+    }
+}
+
+/// A similarity in [0, 1].
+pub fn similarity(metric: Similarity, input: &str, reference: &str) -> f64 {
+    match metric {
+        Similarity::FuzzyMatch => {
+            let (a, b): (Vec<char>, Vec<char>) =
+                (input.chars().collect(), reference.chars().collect());
+            if a.is_empty() && b.is_empty() {
+                return 1.0;
+            }
+            2.0 * lcs(&a, &b) as f64 / (a.len() + b.len()) as f64
+        }
+        Similarity::Bleu => bleu(&words(input), &words(reference)),
+        Similarity::Gleu => gleu(&words(input), &words(reference)),
+        Similarity::Rouge(n) => {
+            let (hw, rw) = (words(input), words(reference));
+            let (h, r) = (ngrams(&hw, n), ngrams(&rw, n));
+            f1(overlap(&h, &r), count(&h), count(&r))
+        }
+        Similarity::RougeL => {
+            let (h, r) = (words(input), words(reference));
+            f1(lcs(&h, &r), h.len(), r.len())
+        }
+    }
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace()
+        .map(|w| {
+            w.trim_matches(|c: char| c.is_ascii_punctuation())
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+fn lcs<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    let mut prev = vec![0usize; b.len() + 1];
+    for x in a {
+        let mut cur = vec![0usize; b.len() + 1];
+        for (j, y) in b.iter().enumerate() {
+            cur[j + 1] = if x == y {
+                prev[j] + 1
+            } else {
+                cur[j].max(prev[j + 1])
+            };
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn ngrams(tokens: &[String], n: usize) -> HashMap<&[String], usize> {
+    let mut out = HashMap::new();
+    if n > 0 && tokens.len() >= n {
+        for w in tokens.windows(n) {
+            *out.entry(w).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+fn count(grams: &HashMap<&[String], usize>) -> usize {
+    grams.values().sum()
+}
+
+/// Clipped matches: each n-gram counts at most as often as the reference has it.
+fn overlap(hyp: &HashMap<&[String], usize>, reference: &HashMap<&[String], usize>) -> usize {
+    hyp.iter()
+        .map(|(g, c)| (*c).min(reference.get(g).copied().unwrap_or(0)))
+        .sum()
+}
+
+fn f1(matches: usize, hyp: usize, reference: usize) -> f64 {
+    if matches == 0 || hyp == 0 || reference == 0 {
+        return 0.0;
+    }
+    let p = matches as f64 / hyp as f64;
+    let r = matches as f64 / reference as f64;
+    2.0 * p * r / (p + r)
+}
+
+/// Sentence BLEU-4: geometric mean of clipped n-gram precisions (add-one smoothed for n > 1,
+/// as Lin and Och's sentence-level BLEU) times the brevity penalty.
+fn bleu(hyp: &[String], reference: &[String]) -> f64 {
+    if hyp.is_empty() || reference.is_empty() {
+        return 0.0;
+    }
+    let mut log_sum = 0.0;
+    for n in 1..=4 {
+        let (h, r) = (ngrams(hyp, n), ngrams(reference, n));
+        let (m, total) = (overlap(&h, &r) as f64, count(&h) as f64);
+        let p = if n == 1 {
+            if m == 0.0 {
+                return 0.0;
+            }
+            m / total
+        } else {
+            (m + 1.0) / (total + 1.0)
+        };
+        log_sum += p.ln() / 4.0;
+    }
+    let (c, r) = (hyp.len() as f64, reference.len() as f64);
+    let bp = if c > r { 1.0 } else { (1.0 - r / c).exp() };
+    bp * log_sum.exp()
+}
+
+/// Google-BLEU: matches over all 1- to 4-grams, the smaller of precision and recall.
+fn gleu(hyp: &[String], reference: &[String]) -> f64 {
+    let (mut m, mut h_total, mut r_total) = (0, 0, 0);
+    for n in 1..=4 {
+        let (h, r) = (ngrams(hyp, n), ngrams(reference, n));
+        m += overlap(&h, &r);
+        h_total += count(&h);
+        r_total += count(&r);
+    }
+    if h_total == 0 || r_total == 0 {
+        return 0.0;
+    }
+    (m as f64 / h_total as f64).min(m as f64 / r_total as f64)
+}
+
+/// A multi grader's `calculate_output`: numbers, grader names, `+ - * /`, parentheses and
+/// `min`, `max`, `abs`, `floor`, `ceil`, `exp`, `sqrt`, `log`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Formula {
+    Num(f64),
+    Var(String),
+    Neg(Box<Formula>),
+    Bin(char, Box<Formula>, Box<Formula>),
+    Call(String, Vec<Formula>),
+}
+
+const FUNCTIONS: &[&str] = &["min", "max", "abs", "floor", "ceil", "exp", "sqrt", "log"];
+
+struct Parser<'a> {
+    src: &'a [u8],
+    at: usize,
+}
+
+impl Parser<'_> {
+    fn skip(&mut self) {
+        while self.src.get(self.at).is_some_and(u8::is_ascii_whitespace) {
+            self.at += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.skip();
+        self.src.get(self.at).copied()
+    }
+
+    fn expr(&mut self) -> Result<Formula, String> {
+        let mut left = self.term()?;
+        while let Some(op @ (b'+' | b'-')) = self.peek() {
+            self.at += 1;
+            left = Formula::Bin(op as char, Box::new(left), Box::new(self.term()?));
+        }
+        Ok(left)
+    }
+
+    fn term(&mut self) -> Result<Formula, String> {
+        let mut left = self.unary()?;
+        while let Some(op @ (b'*' | b'/')) = self.peek() {
+            self.at += 1;
+            left = Formula::Bin(op as char, Box::new(left), Box::new(self.unary()?));
+        }
+        Ok(left)
+    }
+
+    fn unary(&mut self) -> Result<Formula, String> {
+        match self.peek() {
+            Some(b'-') => {
+                self.at += 1;
+                Ok(Formula::Neg(Box::new(self.unary()?)))
+            }
+            Some(b'+') => {
+                self.at += 1;
+                self.unary()
+            }
+            _ => self.atom(),
+        }
+    }
+
+    fn atom(&mut self) -> Result<Formula, String> {
+        match self.peek() {
+            Some(b'(') => {
+                self.at += 1;
+                let e = self.expr()?;
+                self.expect(b')')?;
+                Ok(e)
+            }
+            Some(c) if c.is_ascii_digit() || c == b'.' => {
+                let start = self.at;
+                while self
+                    .src
+                    .get(self.at)
+                    .is_some_and(|c| c.is_ascii_digit() || *c == b'.')
+                {
+                    self.at += 1;
+                }
+                let text = String::from_utf8_lossy(&self.src[start..self.at]);
+                text.parse()
+                    .map(Formula::Num)
+                    .map_err(|_| format!("'{text}' is not a number"))
+            }
+            Some(c) if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = self.at;
+                while self
+                    .src
+                    .get(self.at)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+                {
+                    self.at += 1;
+                }
+                let name = String::from_utf8_lossy(&self.src[start..self.at]).into_owned();
+                if self.peek() == Some(b'(') && FUNCTIONS.contains(&name.as_str()) {
+                    self.at += 1;
+                    let mut args = vec![self.expr()?];
+                    while self.peek() == Some(b',') {
+                        self.at += 1;
+                        args.push(self.expr()?);
+                    }
+                    self.expect(b')')?;
+                    let want = if matches!(name.as_str(), "min" | "max") {
+                        None
+                    } else {
+                        Some(1)
+                    };
+                    if want.is_some_and(|w| args.len() != w) {
+                        return Err(format!("{name}() takes one argument"));
+                    }
+                    return Ok(Formula::Call(name, args));
+                }
+                Ok(Formula::Var(name))
+            }
+            Some(c) => Err(format!(
+                "unexpected '{}' at position {}",
+                c as char,
+                self.at + 1
+            )),
+            None => Err("the formula ends too early".into()),
+        }
+    }
+
+    fn expect(&mut self, c: u8) -> Result<(), String> {
+        if self.peek() == Some(c) {
+            self.at += 1;
+            Ok(())
+        } else {
+            Err(format!(
+                "expected '{}' at position {}",
+                c as char,
+                self.at + 1
+            ))
+        }
+    }
+}
+
+impl Formula {
+    pub fn parse(text: &str) -> Result<Formula, String> {
+        let mut p = Parser {
+            src: text.as_bytes(),
+            at: 0,
+        };
+        let f = p.expr()?;
+        match p.peek() {
+            None => Ok(f),
+            Some(c) => Err(format!(
+                "unexpected '{}' at position {}",
+                c as char,
+                p.at + 1
+            )),
+        }
+    }
+
+    pub fn variables(&self) -> Vec<String> {
+        match self {
+            Formula::Num(_) => Vec::new(),
+            Formula::Var(v) => vec![v.clone()],
+            Formula::Neg(e) => e.variables(),
+            Formula::Bin(_, a, b) => [a.variables(), b.variables()].concat(),
+            Formula::Call(_, args) => args.iter().flat_map(Formula::variables).collect(),
+        }
+    }
+
+    pub fn eval(&self, vars: &HashMap<String, f64>) -> Result<f64, String> {
+        Ok(match self {
+            Formula::Num(x) => *x,
+            Formula::Var(v) => *vars
+                .get(v)
+                .ok_or_else(|| format!("unknown variable '{v}'"))?,
+            Formula::Neg(e) => -e.eval(vars)?,
+            Formula::Bin(op, a, b) => {
+                let (a, b) = (a.eval(vars)?, b.eval(vars)?);
+                match op {
+                    '+' => a + b,
+                    '-' => a - b,
+                    '*' => a * b,
+                    _ if b == 0.0 => return Err("division by zero".into()),
+                    _ => a / b,
+                }
+            }
+            Formula::Call(f, args) => {
+                let xs = args
+                    .iter()
+                    .map(|a| a.eval(vars))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let x = xs[0];
+                match f.as_str() {
+                    "min" => xs.iter().copied().fold(f64::INFINITY, f64::min),
+                    "max" => xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    "abs" => x.abs(),
+                    "floor" => x.floor(),
+                    "ceil" => x.ceil(),
+                    "exp" => x.exp(),
+                    "sqrt" => x.sqrt(),
+                    _ => x.ln(),
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grade(g: Value, item: Value, sample: &str) -> f64 {
+        Grader::parse(&g, "grader")
+            .unwrap()
+            .grade(&item, sample)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn string_checks_compare_rendered_templates() {
+        let g = |op: &str| json!({"type": "string_check", "name": "s", "input": "{{ sample.output_text }}", "reference": "{{ item.answer }}", "operation": op});
+        let item = json!({"answer": "Paris"});
+        assert_eq!(grade(g("eq"), item.clone(), "Paris"), 1.0);
+        assert_eq!(grade(g("eq"), item.clone(), "paris"), 0.0);
+        assert_eq!(grade(g("ne"), item.clone(), "Lyon"), 1.0);
+        assert_eq!(grade(g("like"), item.clone(), "It is Paris."), 1.0);
+        assert_eq!(grade(g("like"), item.clone(), "It is PARIS."), 0.0);
+        assert_eq!(grade(g("ilike"), item.clone(), "It is PARIS."), 1.0);
+    }
+
+    #[test]
+    fn similarities_are_one_for_equal_texts_and_fall_with_difference() {
+        for m in [
+            Similarity::FuzzyMatch,
+            Similarity::Bleu,
+            Similarity::Gleu,
+            Similarity::Rouge(1),
+            Similarity::Rouge(2),
+            Similarity::RougeL,
+        ] {
+            let same = similarity(m, "the cat sat on the mat", "the cat sat on the mat");
+            let close = similarity(m, "the cat sat on a mat", "the cat sat on the mat");
+            let far = similarity(m, "dogs bark loudly", "the cat sat on the mat");
+            assert!((same - 1.0).abs() < 1e-9, "{m:?} {same}");
+            assert!(close < same && close > far, "{m:?} {close} {far}");
+        }
+        // rapidfuzz's ratio: 2 * LCS / (|a| + |b|).
+        assert!((similarity(Similarity::FuzzyMatch, "abcd", "abed") - 0.75).abs() < 1e-9);
+        // ROUGE-1 F1: 5 of 6 words shared on each side.
+        let r1 = similarity(
+            Similarity::Rouge(1),
+            "the cat sat on a mat",
+            "the cat sat on the mat",
+        );
+        assert!((r1 - 5.0 / 6.0).abs() < 1e-9, "{r1}");
+    }
+
+    #[test]
+    fn multi_graders_combine_scores_with_a_formula() {
+        let g = json!({
+            "type": "multi", "name": "m",
+            "graders": {
+                "exact": {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}", "reference": "{{ item.a }}", "operation": "eq"},
+                "fuzzy": {"type": "text_similarity", "name": "fuzzy", "input": "{{ sample.output_text }}", "reference": "{{ item.a }}", "evaluation_metric": "fuzzy_match"},
+            },
+            "calculate_output": "0.5 * exact + 0.5 * max(fuzzy, 0) - (1 - 1)",
+        });
+        let grader = Grader::parse(&g, "grader").unwrap();
+        let (r, scores) = grader.grade(&json!({"a": "abcd"}), "abed").unwrap();
+        assert!((r - 0.375).abs() < 1e-9, "{r}");
+        assert_eq!(scores["exact"], 0.0);
+        assert!((scores["fuzzy"] - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bad_graders_name_the_field() {
+        let cases = [
+            (
+                json!({"type": "string_check", "input": "x", "reference": "y", "operation": "contains"}),
+                "grader.operation",
+            ),
+            (
+                json!({"type": "text_similarity", "input": "x", "reference": "y", "evaluation_metric": "meteor"}),
+                "grader.evaluation_metric",
+            ),
+            (
+                json!({"type": "python", "source": "def grade(): pass"}),
+                "grader.type",
+            ),
+            (
+                json!({"type": "string_check", "input": "{{ oops", "reference": "y", "operation": "eq"}),
+                "grader.input",
+            ),
+            (
+                json!({"type": "multi", "graders": {"a": {"type": "string_check", "input": "x", "reference": "y", "operation": "eq"}}, "calculate_output": "a + b"}),
+                "grader.calculate_output",
+            ),
+            (
+                json!({"type": "multi", "graders": {"a": {"type": "string_check", "input": "x", "reference": "y", "operation": "eq"}}, "calculate_output": "a +"}),
+                "grader.calculate_output",
+            ),
+            (
+                json!({"type": "multi", "graders": {"a": {"type": "nope"}}, "calculate_output": "a"}),
+                "grader.graders.a.type",
+            ),
+            (json!("string_check"), "grader"),
+        ];
+        for (g, path) in cases {
+            let e = Grader::parse(&g, "grader").unwrap_err();
+            assert_eq!(e.path, path, "{g}: {e}");
+        }
+        // A template naming a field the item lacks fails when grading, with the grader named.
+        let g = Grader::parse(
+            &json!({"type": "string_check", "name": "s", "input": "{{ item.missing }}", "reference": "y", "operation": "eq"}),
+            "grader",
+        )
+        .unwrap();
+        assert!(g.grade(&json!({}), "x").unwrap_err().contains("grader 's'"));
+    }
+}
