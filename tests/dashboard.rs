@@ -246,6 +246,8 @@ async fn a_person_watches_a_job_train_and_cancels_it_in_a_real_browser() {
     };
     let app = TestApp::spawn_with(|s| {
         train_support::tiny_model(&s.models_dir.join(BASE), TinyLayout::Unprefixed);
+        kiln::nn::tiny::write_tiny_decoder(&s.models_dir.join("kiln-test/tiny-qwen2"), "qwen2", 5)
+            .expect("a tiny decoder");
         s.jobs.poll_interval = Duration::from_millis(300);
     })
     .await;

@@ -1357,10 +1357,12 @@
   // ---------------------------------------------------------------- models
 
   // What the "try it" box can do with a model, from what the server serves today:
-  // classifications for encoder classifiers, embeddings for other encoders.
+  // classifications for encoder classifiers, embeddings for other encoders, chat for decoders.
+  const GENERATIVE_TASKS = ['text_generation', 'chat', 'completion', 'preference', 'reinforcement', 'causal_domain_adaptation'];
   function tryKind(m) {
     if (m.task === 'text_classification' || m.task === 'multi_label_classification') return 'classify';
     if (m.task === 'embeddings' || m.task === 'domain_adaptation') return 'embed';
+    if (GENERATIVE_TASKS.includes(m.task)) return 'chat';
     return null;
   }
 
@@ -1423,16 +1425,17 @@
       tryShownFor = m ? m.id : null;
       if (!m) {
         replace(tryCard, h('div', { class: 'card-head' }, h('h2', null, 'Try a model')),
-          h('div', { class: 'empty' }, 'Choose a model in the list to classify or embed some text with it.'));
+          h('div', { class: 'empty' }, 'Choose a model in the list to classify or embed some text with it, or to chat with it.'));
         return;
       }
       const kind = tryKind(m);
       const headEl = h('div', { class: 'card-head' }, h('h2', null, 'Try it'));
       if (!kind) {
         replace(tryCard, headEl, h('div', { class: 'card-body' }, h('div', { class: 'model-id' }, m.id),
-          h('p', { class: 'muted' }, `kiln does not serve ${m.task ? m.task.replace(/_/g, ' ') : 'this kind of'} model${m.task ? 's' : ''} yet: classifications and embeddings are served for text encoders.`)));
+          h('p', { class: 'muted' }, `kiln does not serve ${m.task ? m.task.replace(/_/g, ' ') : 'this kind of'} model${m.task ? 's' : ''} yet: classifications and embeddings are served for text encoders, chat for decoders.`)));
         return;
       }
+      if (kind === 'chat') { drawChat(m, headEl); return; }
       const input = h('textarea', { class: 'input', id: 'try-input', rows: 4, placeholder: 'One text per line' });
       input.value = kind === 'classify' ? 'what a wonderful film\nthe plot was boring and the actors awful' : 'the film was great\nthe movie was excellent\nthe weather is cold';
       const results = h('div', { id: 'try-results' });
@@ -1461,6 +1464,54 @@
         h('div', { class: 'actions', style: { margin: '10px 0 16px' } }, run,
           h('span', { class: 'muted small' }, kind === 'classify' ? 'POST /v1/classifications' : 'POST /v1/embeddings')),
         results));
+    }
+
+    // A conversation with a decoder through /v1/chat/completions; each turn is kept and sent
+    // back with the next message, as a chat client does.
+    function drawChat(m, headEl) {
+      const turns = [];
+      const log = h('div', { id: 'try-chat' });
+      const input = h('textarea', { class: 'input', id: 'try-input', rows: 3, placeholder: 'Your message' });
+      input.value = 'Hello! What can you do?';
+      const temperature = h('input', { class: 'input', id: 'try-temperature', type: 'number', min: '0', max: '2', step: '0.1', value: '0', style: { width: '80px' } });
+      const run = h('button', { class: 'btn primary', type: 'button', id: 'try-run' }, 'Send');
+      const drawLog = () => replace(log, turns.map((t) => h('div', { class: `result chat-${t.role}` },
+        h('div', { class: 'muted small' }, t.role === 'user' ? 'You' : 'Model'),
+        h('div', { class: 'text', style: { whiteSpace: 'pre-wrap' } }, t.content),
+        t.usage ? h('div', { class: 'muted small' }, `${t.usage.completion_tokens} tokens · ${t.finish_reason}`) : null)));
+      run.addEventListener('click', async () => {
+        const text = input.value.trim();
+        if (!text) { toast('Type a message first.', { error: true }); return; }
+        run.disabled = true;
+        turns.push({ role: 'user', content: text });
+        drawLog();
+        log.append(h('div', { class: 'loading' }, h('span', { class: 'spinner' }), ' first use loads the model'));
+        try {
+          const out = await api('/v1/chat/completions', {
+            method: 'POST',
+            json: { model: m.id, messages: turns.map((t) => ({ role: t.role, content: t.content })), max_tokens: 256, temperature: Number(temperature.value) || 0 },
+            signal: v.signal,
+          });
+          const choice = out.choices[0];
+          turns.push({ role: 'assistant', content: choice.message.content, usage: out.usage, finish_reason: choice.finish_reason });
+          input.value = '';
+          if (!m.loaded) { m.loaded = true; draw(); }
+        } catch (e) {
+          turns.pop();
+          toastError(e, 'The model did not answer');
+        } finally {
+          drawLog();
+          run.disabled = false;
+        }
+      });
+      replace(tryCard, headEl, h('div', { class: 'card-body' },
+        h('div', { class: 'model-id', style: { marginBottom: '12px' } }, m.id),
+        log,
+        h('label', { class: 'field', for: 'try-input' }, 'Message'),
+        input,
+        h('div', { class: 'actions', style: { margin: '10px 0 16px' } }, run,
+          h('label', { class: 'muted small', for: 'try-temperature' }, 'temperature'), temperature,
+          h('span', { class: 'muted small' }, 'POST /v1/chat/completions'))));
     }
 
     function classifyResults(texts, out) {

@@ -60,6 +60,7 @@ impl BaseModel {
                 })
             }
             Some(Family::Encoder) => Some("embeddings"),
+            Some(Family::Decoder) => Some("text_generation"),
             _ => None,
         }
     }

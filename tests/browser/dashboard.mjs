@@ -294,6 +294,17 @@ try {
   check(top.length === 2 && top.every((l) => ['positive', 'negative'].includes(l)), `classification labels: ${top}`);
   await shot('09-models.png');
 
+  log('models: chat with a decoder');
+  await page.click('#models-table tr[data-model="kiln-test/tiny-qwen2"]');
+  await page.waitForSelector('#try-chat', { state: 'attached' });
+  await page.fill('#try-input', 'Hello there');
+  await page.click('#try-run');
+  await page.waitForSelector('#try-chat .chat-assistant', { timeout: 60_000 });
+  const turns = await page.$$eval('#try-chat .result', (rs) => rs.map((r) => r.className));
+  check(turns.length === 2 && turns[0].includes('chat-user') && turns[1].includes('chat-assistant'), `chat turns: ${turns}`);
+  const usage = await page.$eval('#try-chat .chat-assistant .muted.small:last-child', (e) => e.textContent);
+  check(/\d+ tokens · (stop|length)/.test(usage), `chat usage line: ${usage}`);
+
   log('a rejected key sends the user back to sign in');
   await page.evaluate(() => sessionStorage.setItem('kiln.apiKey', 'sk-kiln-revoked'));
   await page.click('.nav a[href="#/jobs"]');
