@@ -488,6 +488,9 @@ fn sharpened(dir: &Path) -> tempfile::TempDir {
     let dev = Device::Cpu;
     let ckpt = kiln::nn::layers::load_safetensors(&dir.join("model.safetensors"), &dev).unwrap();
     let mut out = std::collections::HashMap::new();
+    // Sorted, so each tensor gets the same values in every run.
+    let mut ckpt: Vec<(String, Tensor)> = ckpt.into_iter().collect();
+    ckpt.sort_by(|a, b| a.0.cmp(&b.0));
     for (i, (name, t)) in ckpt.into_iter().enumerate() {
         let t = if name.contains("norm") {
             let n = t.elem_count();
@@ -796,6 +799,28 @@ fn cached_decoding_gives_the_logits_of_a_full_forward() {
         assert!(max_abs_diff(&lb, &expected.i(1..2).unwrap()) < 1e-4);
         assert_eq!(cache.len(), 6);
 
+        // Selecting rows keeps their sequences (here: drop the first sample).
+        let mut kept = batch.select(&[2, 1]).unwrap();
+        assert_eq!((kept.batch_size(), kept.len()), (Some(2), 7));
+        let got = dec
+            .forward_cached(&Tensor::new(&[[3u32], [3]], &dev).unwrap(), &mut kept)
+            .unwrap();
+        let rows: Vec<u32> = [258u32, 100]
+            .iter()
+            .flat_map(|&n| seq[..6].iter().copied().chain([n, 3]))
+            .collect();
+        let expected = dec
+            .forward(
+                &Tensor::from_vec(rows, (2, 8), &dev).unwrap(),
+                &Tensor::ones((2, 8), DType::U32, &dev).unwrap(),
+                false,
+            )
+            .unwrap()
+            .i((.., 7))
+            .unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-4);
+        assert!(batch.select(&[3]).is_err());
+
         // A batch of the wrong size is refused and leaves the cache as it was.
         let err = dec
             .forward_cached(&Tensor::new(&[[1u32], [2]], &dev).unwrap(), &mut batch)
@@ -1041,4 +1066,11 @@ fn loss_decreases_when_training_the_tiny_decoder() {
         dec.forward(&ids, &mask, false).unwrap().dims(),
         &[3, 9, 259]
     );
+}
+
+#[test]
+fn decoder_and_cache_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Decoder>();
+    assert_send_sync::<kiln::nn::decoder::KvCache>();
 }

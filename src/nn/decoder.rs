@@ -568,6 +568,38 @@ impl KvCache {
             len: self.len,
         })
     }
+
+    /// A cache of the chosen rows only, in the order given (e.g. to drop finished sequences
+    /// from a batch).
+    pub fn select(&self, rows: &[usize]) -> Result<KvCache> {
+        let batch = self.batch_size().unwrap_or(0);
+        if let Some(bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(NnError::InvalidInput(format!(
+                "row {bad} is outside the cached batch of {batch}"
+            )));
+        }
+        let layers = match self.layers.iter().flatten().next() {
+            Some((k, _)) => {
+                let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                let index = Tensor::new(index.as_slice(), k.device())?;
+                self.layers
+                    .iter()
+                    .map(|slot| match slot {
+                        Some((k, v)) => Ok(Some((
+                            k.index_select(&index, 0)?,
+                            v.index_select(&index, 0)?,
+                        ))),
+                        None => Ok(None),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            }
+            None => self.layers.clone(),
+        };
+        Ok(KvCache {
+            layers,
+            len: self.len,
+        })
+    }
 }
 
 /// A Llama-family decoder whose trainable weights are candle `Var`s.
@@ -1055,9 +1087,10 @@ impl Decoder {
         };
         let s = k.dim(2)?;
         // The query heads sharing a key/value head are stacked along the sequence axis: one
-        // matmul per key/value head, and no repeated copies of keys and values.
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        // matmul per key/value head, and no repeated copies of keys and values. The 1/sqrt(d)
+        // scale goes on the queries, smaller than the scores by a factor seq / head_dim.
+        let q = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?;
         let scores = match mask {
             Some(m) => scores
                 .reshape((b, nkv, rep, t, s))?
