@@ -62,8 +62,9 @@ pub struct DecoderConfig {
     pub num_attention_heads: usize,
     /// Key/value heads per layer (grouped-query attention); divides `num_attention_heads`.
     pub num_key_value_heads: usize,
-    /// Width of one head; `hidden_size / num_attention_heads` when absent.
-    #[serde(default)]
+    /// Width of one head; `hidden_size / num_attention_heads` when absent. Never written as
+    /// `null`: transformers' Qwen2 would take that for the width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// Only `"silu"` is supported; kept to reject other activations loudly.
     #[serde(default = "default_hidden_act")]
