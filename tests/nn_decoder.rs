@@ -488,6 +488,9 @@ fn sharpened(dir: &Path) -> tempfile::TempDir {
     let dev = Device::Cpu;
     let ckpt = kiln::nn::layers::load_safetensors(&dir.join("model.safetensors"), &dev).unwrap();
     let mut out = std::collections::HashMap::new();
+    // Sorted, so each tensor gets the same values in every run.
+    let mut ckpt: Vec<(String, Tensor)> = ckpt.into_iter().collect();
+    ckpt.sort_by(|a, b| a.0.cmp(&b.0));
     for (i, (name, t)) in ckpt.into_iter().enumerate() {
         let t = if name.contains("norm") {
             let n = t.elem_count();
@@ -796,6 +799,28 @@ fn cached_decoding_gives_the_logits_of_a_full_forward() {
         assert!(max_abs_diff(&lb, &expected.i(1..2).unwrap()) < 1e-4);
         assert_eq!(cache.len(), 6);
 
+        // Selecting rows keeps their sequences (here: drop the first sample).
+        let mut kept = batch.select(&[2, 1]).unwrap();
+        assert_eq!((kept.batch_size(), kept.len()), (Some(2), 7));
+        let got = dec
+            .forward_cached(&Tensor::new(&[[3u32], [3]], &dev).unwrap(), &mut kept)
+            .unwrap();
+        let rows: Vec<u32> = [258u32, 100]
+            .iter()
+            .flat_map(|&n| seq[..6].iter().copied().chain([n, 3]))
+            .collect();
+        let expected = dec
+            .forward(
+                &Tensor::from_vec(rows, (2, 8), &dev).unwrap(),
+                &Tensor::ones((2, 8), DType::U32, &dev).unwrap(),
+                false,
+            )
+            .unwrap()
+            .i((.., 7))
+            .unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-4);
+        assert!(batch.select(&[3]).is_err());
+
         // A batch of the wrong size is refused and leaves the cache as it was.
         let err = dec
             .forward_cached(&Tensor::new(&[[1u32], [2]], &dev).unwrap(), &mut batch)
@@ -1041,4 +1066,118 @@ fn loss_decreases_when_training_the_tiny_decoder() {
         dec.forward(&ids, &mask, false).unwrap().dims(),
         &[3, 9, 259]
     );
+}
+
+#[test]
+fn decoder_and_cache_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Decoder>();
+    assert_send_sync::<kiln::nn::decoder::KvCache>();
+}
+
+/// Whether `python3` can import torch and transformers (the Hugging Face reference).
+fn transformers_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn logits_tokenizer_and_chat_template_match_hugging_face_transformers() {
+    if !transformers_available() {
+        println!(
+            "SKIPPED: python3 with torch and transformers is needed for the transformers \
+             parity test (pip install -r tests/python/requirements.txt)"
+        );
+        return;
+    }
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    // The three families, llama3 rope scaling, and a Mistral window (3) shorter than the
+    // sequence, where implementations have disagreed by one position.
+    let mut dirs = Vec::new();
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        dirs.push((model_type.to_string(), sharpened(dir.path())));
+    }
+    let mut scaled = tiny_decoder_config("llama");
+    scaled.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 4}));
+    let mut windowed = tiny_decoder_config("mistral");
+    windowed.sliding_window = Some(3);
+    for (name, cfg) in [("llama3-scaled", scaled), ("mistral-window-3", windowed)] {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_decoder_with(dir.path(), &cfg, 4).unwrap();
+        dirs.push((name.to_string(), sharpened(dir.path())));
+    }
+    let text = "Hello, wörld!\n  <|im_start|>ok<|im_end|>";
+    let messages = serde_json::json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"}
+    ]);
+    let cases: Vec<serde_json::Value> = dirs
+        .iter()
+        .map(|(_, dir)| {
+            // The sharpened copies have no tokenizer: reuse a tiny model's files.
+            let tok_dir = tiny_dir("qwen2");
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                std::fs::copy(tok_dir.path().join(f), dir.path().join(f)).unwrap();
+            }
+            serde_json::json!({
+                "model_dir": dir.path(),
+                "input_ids": ids.to_vec2::<u32>().unwrap(),
+                "attention_mask": mask.to_vec2::<u32>().unwrap(),
+                "text": text,
+                "messages": messages,
+            })
+        })
+        .collect();
+    let cases_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cases_file.path(), serde_json::to_string(&cases).unwrap()).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/decoder_reference.py"
+    );
+    let out = std::process::Command::new("python3")
+        .args([script, cases_file.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "decoder_reference.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+
+    let tok = tokenizers::Tokenizer::from_file(dirs[0].1.path().join("tokenizer.json")).unwrap();
+    let our_ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+    for ((name, dir), hf) in dirs.iter().zip(&results) {
+        let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+        let ours = dec.forward(&ids, &mask, false).unwrap();
+        let theirs: Vec<Vec<Vec<f32>>> = serde_json::from_value(hf["logits"].clone()).unwrap();
+        let (b, t, v) = ours.dims3().unwrap();
+        let flat: Vec<f32> = theirs.into_iter().flatten().flatten().collect();
+        let theirs = Tensor::from_vec(flat, (b, t, v), &dev).unwrap();
+        // Every position, pads included: both mask pad keys the same way.
+        let diff = max_abs_diff(&ours, &theirs);
+        println!("{name}: max |kiln - transformers| = {diff:e}");
+        assert!(
+            diff < 1e-4,
+            "{name}: logits differ from transformers by {diff}"
+        );
+
+        let hf_ids: Vec<u32> = serde_json::from_value(hf["text_ids"].clone()).unwrap();
+        assert_eq!(hf_ids, our_ids, "transformers tokenizes differently");
+        assert_eq!(hf["decoded"], text);
+        assert_eq!(
+            hf["chat"],
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        assert_eq!(hf["eos_token_id"], 258);
+        assert_eq!(hf["pad_token_id"], 256);
+    }
 }

@@ -62,8 +62,9 @@ pub struct DecoderConfig {
     pub num_attention_heads: usize,
     /// Key/value heads per layer (grouped-query attention); divides `num_attention_heads`.
     pub num_key_value_heads: usize,
-    /// Width of one head; `hidden_size / num_attention_heads` when absent.
-    #[serde(default)]
+    /// Width of one head; `hidden_size / num_attention_heads` when absent. Never written as
+    /// `null`: transformers' Qwen2 would take that for the width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// Only `"silu"` is supported; kept to reject other activations loudly.
     #[serde(default = "default_hidden_act")]
@@ -568,6 +569,38 @@ impl KvCache {
             len: self.len,
         })
     }
+
+    /// A cache of the chosen rows only, in the order given (e.g. to drop finished sequences
+    /// from a batch).
+    pub fn select(&self, rows: &[usize]) -> Result<KvCache> {
+        let batch = self.batch_size().unwrap_or(0);
+        if let Some(bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(NnError::InvalidInput(format!(
+                "row {bad} is outside the cached batch of {batch}"
+            )));
+        }
+        let layers = match self.layers.iter().flatten().next() {
+            Some((k, _)) => {
+                let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                let index = Tensor::new(index.as_slice(), k.device())?;
+                self.layers
+                    .iter()
+                    .map(|slot| match slot {
+                        Some((k, v)) => Ok(Some((
+                            k.index_select(&index, 0)?,
+                            v.index_select(&index, 0)?,
+                        ))),
+                        None => Ok(None),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            }
+            None => self.layers.clone(),
+        };
+        Ok(KvCache {
+            layers,
+            len: self.len,
+        })
+    }
 }
 
 /// A Llama-family decoder whose trainable weights are candle `Var`s.
@@ -1055,9 +1088,10 @@ impl Decoder {
         };
         let s = k.dim(2)?;
         // The query heads sharing a key/value head are stacked along the sequence axis: one
-        // matmul per key/value head, and no repeated copies of keys and values.
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        // matmul per key/value head, and no repeated copies of keys and values. The 1/sqrt(d)
+        // scale goes on the queries, smaller than the scores by a factor seq / head_dim.
+        let q = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?;
         let scores = match mask {
             Some(m) => scores
                 .reshape((b, nkv, rep, t, s))?
