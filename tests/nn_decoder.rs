@@ -1181,3 +1181,81 @@ fn logits_tokenizer_and_chat_template_match_hugging_face_transformers() {
         assert_eq!(hf["pad_token_id"], 256);
     }
 }
+
+/// Prompts of different lengths decode as one left-padded batch: each row's logits, at the
+/// prefill and at every later step, equal those of the prompt decoded alone.
+#[test]
+fn left_padded_rows_decode_as_they_would_alone() {
+    for model_type in TYPES {
+        let dir = tiny_dir(model_type);
+        let varmap = VarMap::new();
+        let model = load(dir.path(), &varmap, &DecoderLoadOptions::default());
+        let dev = Device::Cpu;
+        let prompts = [ids_from(1, 9), ids_from(2, 4), ids_from(3, 6)];
+        let longest = prompts.iter().map(Vec::len).max().unwrap();
+        let follow = [[7u32, 8, 9], [10, 11, 12], [13, 14, 15]];
+        // Alone.
+        let alone: Vec<Vec<Tensor>> = prompts
+            .iter()
+            .zip(&follow)
+            .map(|(p, f)| {
+                let mut cache = model.new_cache();
+                let mut out = vec![
+                    model
+                        .forward_cached(
+                            &Tensor::new(p.as_slice(), &dev)
+                                .unwrap()
+                                .unsqueeze(0)
+                                .unwrap(),
+                            &mut cache,
+                        )
+                        .unwrap(),
+                ];
+                for &t in f {
+                    out.push(
+                        model
+                            .forward_cached(&Tensor::new(&[[t]], &dev).unwrap(), &mut cache)
+                            .unwrap(),
+                    );
+                }
+                out
+            })
+            .collect();
+        // Together, left-padded with a token that must not matter.
+        let starts: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let mut rows = Vec::new();
+        for p in &prompts {
+            rows.extend(std::iter::repeat_n(200u32, longest - p.len()));
+            rows.extend(p);
+        }
+        let mut cache = model.new_cache_left_padded(starts);
+        let mut together = vec![
+            model
+                .forward_cached(
+                    &Tensor::from_vec(rows, (3, longest), &dev).unwrap(),
+                    &mut cache,
+                )
+                .unwrap(),
+        ];
+        for step in 0..3 {
+            let next: Vec<u32> = follow.iter().map(|f| f[step]).collect();
+            together.push(
+                model
+                    .forward_cached(&Tensor::from_vec(next, (3, 1), &dev).unwrap(), &mut cache)
+                    .unwrap(),
+            );
+        }
+        for (step, batch) in together.iter().enumerate() {
+            for (row, alone) in alone.iter().enumerate() {
+                let d = max_abs_diff(&batch.i(row).unwrap(), &alone[step].i(0).unwrap());
+                assert!(d < 1e-4, "{model_type} row {row} step {step}: {d}");
+            }
+        }
+        // Dropping a row keeps the others' padding right.
+        let mut kept = cache.select(&[2, 0]).unwrap();
+        let next = model
+            .forward_cached(&Tensor::new(&[[16u32], [16]], &dev).unwrap(), &mut kept)
+            .unwrap();
+        assert_eq!(next.dims(), &[2, model.config().vocab_size]);
+    }
+}

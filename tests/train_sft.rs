@@ -65,10 +65,7 @@ fn generate(model: &GenerativeModel, prompt: Prompt, max_tokens: usize) -> (Stri
         }
         true
     };
-    model
-        .generate(&ids, &params, &mut emit, &mut || Ok::<(), ()>(()))
-        .map_err(|_| "generation failed")
-        .unwrap();
+    model.generate(&ids, &params, &mut emit).unwrap();
     (text, reason)
 }
 
@@ -407,4 +404,101 @@ fn reinforcement_with_a_string_check_grader_raises_validation_reward() {
             .all(|k| p.extra.contains_key(*k))
     }));
     assert_eq!(s.hyperparameters.compute_multiplier, Some(2.0));
+}
+
+/// Collects one request's text per sample and finish reasons.
+fn collector(n: usize) -> (Vec<String>, Vec<String>) {
+    (vec![String::new(); n], vec![String::new(); n])
+}
+
+fn record(out: &mut (Vec<String>, Vec<String>), e: GenEvent) -> bool {
+    match e {
+        GenEvent::Text { index, text } => out.0[index].push_str(&text),
+        GenEvent::Finished { index, reason, .. } => out.1[index] = reason.as_str().to_owned(),
+    }
+    true
+}
+
+/// Requests of different lengths and settings decoded as one batch get exactly what each
+/// gets alone (greedy, seeded sampling with n = 2, a stop string, a token budget).
+#[test]
+fn batched_requests_generate_what_they_would_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_decoder(dir.path(), "llama");
+    let model = GenerativeModel::load(&base, &candle_core::Device::Cpu).unwrap();
+    let prompts = [
+        model
+            .encode(&chat_prompt("What is the capital of France?"))
+            .unwrap(),
+        model.encode(&Prompt::Text("Once".into())).unwrap(),
+        model.encode(&chat_prompt("Hi")).unwrap(),
+    ];
+    let params = [
+        SamplingParams {
+            max_tokens: 12,
+            temperature: 0.0,
+            top_p: 1.0,
+            n: 1,
+            seed: None,
+            stop: vec![],
+        },
+        SamplingParams {
+            max_tokens: 9,
+            temperature: 1.0,
+            top_p: 0.9,
+            n: 2,
+            seed: Some(4),
+            stop: vec![],
+        },
+        SamplingParams {
+            max_tokens: 20,
+            temperature: 0.7,
+            top_p: 1.0,
+            n: 1,
+            seed: Some(5),
+            stop: vec!["e".into()],
+        },
+    ];
+    let alone: Vec<(Vec<String>, Vec<String>)> = prompts
+        .iter()
+        .zip(&params)
+        .map(|(p, params)| {
+            let mut out = collector(params.n);
+            model
+                .generate(p, params, &mut |e| record(&mut out, e))
+                .unwrap();
+            out
+        })
+        .collect();
+    let mut outs: Vec<(Vec<String>, Vec<String>)> = params.iter().map(|p| collector(p.n)).collect();
+    {
+        let (a, rest) = outs.split_at_mut(1);
+        let (b, c) = rest.split_at_mut(1);
+        let mut ea = |e| record(&mut a[0], e);
+        let mut eb = |e| record(&mut b[0], e);
+        let mut ec = |e| record(&mut c[0], e);
+        let mut requests = [
+            kiln::serve::generate::GenRequest {
+                prompt: &prompts[0],
+                params: &params[0],
+                emit: &mut ea,
+            },
+            kiln::serve::generate::GenRequest {
+                prompt: &prompts[1],
+                params: &params[1],
+                emit: &mut eb,
+            },
+            kiln::serve::generate::GenRequest {
+                prompt: &prompts[2],
+                params: &params[2],
+                emit: &mut ec,
+            },
+        ];
+        for r in model.generate_batch(&mut requests) {
+            r.unwrap();
+        }
+    }
+    assert_eq!(outs, alone);
+    assert!(alone[0].1[0] == "length" || alone[0].1[0] == "stop");
+    assert!(alone[1].0.iter().all(|t| !t.is_empty()));
 }

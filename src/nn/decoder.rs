@@ -517,6 +517,9 @@ impl Layer {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Per row, the first real position: prompts of different lengths share a batch
+    /// left-padded, and a row's padding is never attended to. Empty: no padding.
+    starts: Vec<usize>,
 }
 
 impl KvCache {
@@ -567,6 +570,11 @@ impl KvCache {
         Ok(KvCache {
             layers,
             len: self.len,
+            starts: self
+                .starts
+                .iter()
+                .flat_map(|&s| std::iter::repeat_n(s, n))
+                .collect(),
         })
     }
 
@@ -599,6 +607,11 @@ impl KvCache {
         Ok(KvCache {
             layers,
             len: self.len,
+            starts: if self.starts.is_empty() {
+                Vec::new()
+            } else {
+                rows.iter().map(|&r| self.starts[r]).collect()
+            },
         })
     }
 }
@@ -885,6 +898,18 @@ impl Decoder {
         KvCache {
             layers: vec![None; self.layers.len()],
             len: 0,
+            starts: Vec::new(),
+        }
+    }
+
+    /// A fresh cache for a batch of left-padded rows: row `r`'s real tokens start at
+    /// `starts[r]`, and the padding before them is never attended to. RoPE is relative, so
+    /// a row's attention among its real tokens is the same as without the padding: prompts
+    /// of different lengths decode together and each gets what it would alone.
+    pub fn new_cache_left_padded(&self, starts: Vec<usize>) -> KvCache {
+        KvCache {
+            starts,
+            ..self.new_cache()
         }
     }
 
@@ -911,7 +936,26 @@ impl Decoder {
             )));
         }
         let (cos, sin) = self.rope_tables(offset, t)?;
-        let mask = self.attention_bias(t, offset, &vec![offset + t; b])?;
+        let mut mask = self.attention_bias(t, offset, &vec![offset + t; b])?;
+        if cache.starts.iter().any(|&s| s > 0) {
+            if cache.starts.len() != b {
+                return Err(NnError::InvalidInput(format!(
+                    "the cache has padding for {} rows, the input {b}",
+                    cache.starts.len()
+                )));
+            }
+            let s = offset + t;
+            let left: Vec<f32> = cache
+                .starts
+                .iter()
+                .flat_map(|&start| (0..s).map(move |j| if j < start { f32::MIN } else { 0.0 }))
+                .collect();
+            let left = Tensor::from_vec(left, (b, 1, 1, 1, s), &self.device)?;
+            mask = Some(match mask {
+                Some(m) => m.broadcast_minimum(&left)?,
+                None => left,
+            });
+        }
         let mut slots = cache.layers.clone();
         let mut x = self
             .embed_tokens

@@ -75,6 +75,8 @@ pub struct GenerativeModel {
     tokenizer: DecoderTokenizer,
     stop_ids: Vec<u32>,
     max_positions: usize,
+    /// Fills the left of shorter prompts in a batch (never attended to).
+    pad_id: u32,
 }
 
 /// The token ids that end a reply: the config's and `generation_config.json`'s end-of-sequence
@@ -112,6 +114,7 @@ impl GenerativeModel {
         let decoder = Decoder::load_dir(dir, &varmap, device, &opts).map_err(|e| e.to_string())?;
         let stop_ids = stop_ids(dir, &config, &tokenizer);
         Ok(GenerativeModel {
+            pad_id: tokenizer.pad_id(),
             max_positions: config.max_position_embeddings,
             decoder,
             _varmap: varmap,
@@ -135,96 +138,193 @@ impl GenerativeModel {
         }
     }
 
+    /// New tokens a request may have when its prompt, padded to `padded` positions, shares
+    /// the context: at most `max_tokens`.
+    pub fn budget(&self, padded: usize, max_tokens: usize) -> usize {
+        max_tokens.min(self.max_positions.saturating_sub(padded))
+    }
+
     /// Generates `params.n` samples of `prompt`, calling `emit` as text arrives; stops early
-    /// (without error) when `emit` returns false, and calls `step` before every forward pass
-    /// (the caller's slot and deadline checks: an error there ends the request).
-    pub fn generate<E>(
+    /// (without error) when `emit` returns false.
+    pub fn generate(
         &self,
         prompt: &[u32],
         params: &SamplingParams,
         emit: &mut dyn FnMut(GenEvent) -> bool,
-        step: &mut dyn FnMut() -> Result<(), E>,
-    ) -> Result<(), GenerateError<E>> {
-        let n = params.n.max(1);
-        if prompt.is_empty() {
-            return Err(GenerateError::Input("the prompt is empty".into()));
+    ) -> Result<(), GenerateError> {
+        let mut requests = [GenRequest {
+            prompt,
+            params,
+            emit,
+        }];
+        self.generate_batch(&mut requests).pop().unwrap_or(Ok(()))
+    }
+
+    /// Generates for several requests at once: every sample of every request is a row of
+    /// one batch, prompts left-padded to the longest (each row decodes as it would alone;
+    /// see [`Decoder::new_cache_left_padded`]), finished rows dropped from the cache as they
+    /// end. Each request samples from its own seeded generator, so its text does not depend
+    /// on what it was batched with. One result per request, in order.
+    pub fn generate_batch(
+        &self,
+        requests: &mut [GenRequest<'_>],
+    ) -> Vec<Result<(), GenerateError>> {
+        let mut results: Vec<Result<(), GenerateError>> = requests.iter().map(|_| Ok(())).collect();
+        let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let mut rows: Vec<Row> = Vec::new();
+        let mut starts = Vec::new();
+        let mut ids = Vec::new();
+        let mut budgets = Vec::with_capacity(requests.len());
+        let mut rngs = Vec::with_capacity(requests.len());
+        for (r, req) in requests.iter().enumerate() {
+            let budget = self.budget(longest, req.params.max_tokens);
+            budgets.push(budget);
+            rngs.push(match req.params.seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_os_rng(),
+            });
+            if req.prompt.is_empty() {
+                results[r] = Err(GenerateError::Input("the prompt is empty".into()));
+                continue;
+            }
+            if budget == 0 {
+                results[r] = Err(GenerateError::Input(format!(
+                    "the prompt is {} tokens long; this model's context is {} tokens",
+                    req.prompt.len(),
+                    self.max_positions
+                )));
+                continue;
+            }
+            for _ in 0..req.params.n.max(1) {
+                rows.push(Row {
+                    request: r,
+                    index: rows.iter().filter(|row| row.request == r).count(),
+                    sample: Sample::default(),
+                });
+                starts.push(longest - req.prompt.len());
+                ids.extend(std::iter::repeat_n(self.pad_id, longest - req.prompt.len()));
+                ids.extend_from_slice(req.prompt);
+            }
         }
-        let room = self.max_positions.saturating_sub(prompt.len());
-        if room == 0 {
-            return Err(GenerateError::Input(format!(
-                "the prompt is {} tokens long; this model's context is {} tokens",
-                prompt.len(),
-                self.max_positions
-            )));
+        if rows.is_empty() {
+            return results;
         }
-        let max_tokens = params.max_tokens.min(room);
+        if let Err(e) = self.decode(
+            requests, &mut rows, starts, ids, longest, &budgets, &mut rngs,
+        ) {
+            for (r, result) in results.iter_mut().enumerate() {
+                if result.is_ok() && rows.iter().any(|row| row.request == r) {
+                    *result = Err(GenerateError::Internal(e.clone()));
+                }
+            }
+        }
+        results
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        requests: &mut [GenRequest<'_>],
+        rows: &mut [Row],
+        starts: Vec<usize>,
+        ids: Vec<u32>,
+        longest: usize,
+        budgets: &[usize],
+        rngs: &mut [StdRng],
+    ) -> Result<(), String> {
         let device = self.decoder.device();
-        let mut rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
-        let mut samples: Vec<Sample> = (0..n).map(|_| Sample::default()).collect();
-        let mut cache = self.decoder.new_cache();
-        let rows: Vec<u32> = prompt
-            .iter()
-            .copied()
-            .cycle()
-            .take(n * prompt.len())
-            .collect();
-        let mut input = Tensor::from_vec(rows, (n, prompt.len()), device).map_err(internal)?;
+        let text = |e: candle_core::Error| e.to_string();
+        let mut cache = self.decoder.new_cache_left_padded(starts);
+        let mut input = Tensor::from_vec(ids, (rows.len(), longest), device).map_err(text)?;
+        // Rows still decoding, in cache order.
+        let mut live: Vec<usize> = (0..rows.len()).collect();
+        let mut gone = vec![false; requests.len()];
         loop {
-            step().map_err(GenerateError::Step)?;
             let logits = self
                 .decoder
                 .forward_cached(&input, &mut cache)
-                .map_err(|e| GenerateError::Internal(e.to_string()))?
+                .map_err(|e| e.to_string())?
                 .to_dtype(candle_core::DType::F32)
                 .and_then(|l| l.to_vec2::<f32>())
-                .map_err(internal)?;
-            let mut next = Vec::with_capacity(n);
-            for (index, (sample, row)) in samples.iter_mut().zip(&logits).enumerate() {
-                if sample.finished {
-                    next.push(self.stop_ids.first().copied().unwrap_or(0));
+                .map_err(text)?;
+            let mut keep = Vec::with_capacity(live.len());
+            let mut next = Vec::with_capacity(live.len());
+            for (pos, &ri) in live.iter().enumerate() {
+                let row = &mut rows[ri];
+                let r = row.request;
+                if gone[r] {
                     continue;
                 }
-                let token = sample_token(row, params.temperature, params.top_p, &mut rng);
-                next.push(token);
-                let event = if self.stop_ids.contains(&token) {
-                    sample.finish(self, params, FinishReason::Stop, index)?
+                let params = requests[r].params;
+                let token =
+                    sample_token(&logits[pos], params.temperature, params.top_p, &mut rngs[r]);
+                let events = if self.stop_ids.contains(&token) {
+                    row.sample
+                        .finish(self, params, FinishReason::Stop, row.index)?
                 } else {
-                    sample.ids.push(token);
-                    let mut events = sample.advance(self, params, index)?;
-                    if !sample.finished && sample.ids.len() >= max_tokens {
-                        events.extend(sample.finish(self, params, FinishReason::Length, index)?);
+                    row.sample.ids.push(token);
+                    let mut events = row.sample.advance(self, params, row.index)?;
+                    if !row.sample.finished && row.sample.ids.len() >= budgets[r] {
+                        events.extend(row.sample.finish(
+                            self,
+                            params,
+                            FinishReason::Length,
+                            row.index,
+                        )?);
                     }
                     events
                 };
-                for e in event {
-                    if !emit(e) {
-                        return Ok(());
+                for e in events {
+                    if !(requests[r].emit)(e) {
+                        // The client went away: its other rows stop too.
+                        gone[r] = true;
+                        break;
                     }
                 }
+                if !row.sample.finished && !gone[r] {
+                    keep.push(pos);
+                    next.push(token);
+                }
             }
-            if samples.iter().all(|s| s.finished) {
+            // A request abandoned mid-step may have kept rows before it knew.
+            let (keep, next): (Vec<usize>, Vec<u32>) = keep
+                .into_iter()
+                .zip(next)
+                .filter(|(pos, _)| !gone[rows[live[*pos]].request])
+                .unzip();
+            if keep.is_empty() {
                 return Ok(());
             }
-            input = Tensor::from_vec(next, (n, 1), device).map_err(internal)?;
+            if keep.len() < live.len() {
+                cache = cache.select(&keep).map_err(|e| e.to_string())?;
+                live = keep.iter().map(|&p| live[p]).collect();
+            }
+            input = Tensor::from_vec(next, (live.len(), 1), device).map_err(text)?;
         }
     }
 }
 
-/// Why generation failed.
-#[derive(Debug)]
-pub enum GenerateError<E> {
-    /// The request cannot be served (prompt too long, ...).
-    Input(String),
-    /// The caller's step hook refused (deadline, shutdown).
-    Step(E),
-    Internal(String),
+/// One request of a batch.
+pub struct GenRequest<'a> {
+    pub prompt: &'a [u32],
+    pub params: &'a SamplingParams,
+    /// Receives the request's events; returning false abandons the request.
+    pub emit: &'a mut dyn FnMut(GenEvent) -> bool,
 }
 
-fn internal<E>(e: candle_core::Error) -> GenerateError<E> {
-    GenerateError::Internal(e.to_string())
+/// One sample being decoded: which request and which of its `n`.
+struct Row {
+    request: usize,
+    index: usize,
+    sample: Sample,
+}
+
+/// Why generation failed.
+#[derive(Debug, Clone)]
+pub enum GenerateError {
+    /// The request cannot be served (prompt too long, ...).
+    Input(String),
+    Internal(String),
 }
 
 /// One sample's tokens and how much of its text has been sent.
@@ -236,20 +336,17 @@ struct Sample {
 }
 
 impl Sample {
-    fn text<E>(&self, model: &GenerativeModel) -> Result<String, GenerateError<E>> {
-        model
-            .tokenizer
-            .decode(&self.ids)
-            .map_err(|e| GenerateError::Internal(e.to_string()))
+    fn text(&self, model: &GenerativeModel) -> Result<String, String> {
+        model.tokenizer.decode(&self.ids).map_err(|e| e.to_string())
     }
 
     /// New text that is safe to send, or the end of the sample at a stop string.
-    fn advance<E>(
+    fn advance(
         &mut self,
         model: &GenerativeModel,
         params: &SamplingParams,
         index: usize,
-    ) -> Result<Vec<GenEvent>, GenerateError<E>> {
+    ) -> Result<Vec<GenEvent>, String> {
         let text = self.text(model)?;
         if let Some(at) = params
             .stop
@@ -265,13 +362,13 @@ impl Sample {
         Ok(self.send_upto(&text, safe, index))
     }
 
-    fn finish<E>(
+    fn finish(
         &mut self,
         model: &GenerativeModel,
         params: &SamplingParams,
         reason: FinishReason,
         index: usize,
-    ) -> Result<Vec<GenEvent>, GenerateError<E>> {
+    ) -> Result<Vec<GenEvent>, String> {
         let text = self.text(model)?;
         let end = params
             .stop

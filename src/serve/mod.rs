@@ -686,34 +686,88 @@ async fn wait<T>(
     }
 }
 
-/// A generative model's thread: one request at a time (its `n` samples as one batch), each
-/// holding an inference slot while it decodes.
+/// Samples (rows) decoded together at most.
+const MAX_GENERATION_ROWS: usize = 32;
+
+/// A generative model's thread: takes every request waiting, decodes them as one batch
+/// (their `n` samples all rows of it) while holding an inference slot, and answers each
+/// through its own channel. Requests that arrive meanwhile form the next batch; one is only
+/// batched with others when that leaves its room for new tokens unchanged.
 fn run_generator(model: Arc<GenerativeModel>, rx: mpsc::Receiver<GenWork>, slots: Arc<Slots>) {
-    while let Ok(work) = rx.recv() {
-        if work.deadline <= Instant::now() {
-            let _ = work.events.send(Err(ServeError::Timeout(work.timeout)));
-            continue;
+    let mut pending: std::collections::VecDeque<GenWork> = std::collections::VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(work) => pending.push_back(work),
+                Err(_) => break,
+            }
         }
-        if work.events.is_closed() {
+        while let Ok(work) = rx.try_recv() {
+            pending.push_back(work);
+        }
+        let now = Instant::now();
+        pending.retain(|w| {
+            if w.events.is_closed() {
+                return false;
+            }
+            if w.deadline <= now {
+                let _ = w.events.send(Err(ServeError::Timeout(w.timeout)));
+                return false;
+            }
+            true
+        });
+        let mut batch: Vec<GenWork> = Vec::new();
+        let (mut longest, mut rows) = (0usize, 0usize);
+        let mut later = std::collections::VecDeque::new();
+        while let Some(work) = pending.pop_front() {
+            let padded = longest.max(work.prompt.len());
+            let keeps_room = batch.iter().chain(std::iter::once(&work)).all(|w| {
+                model.budget(padded, w.params.max_tokens)
+                    == model.budget(w.prompt.len(), w.params.max_tokens)
+            });
+            if batch.is_empty() || (keeps_room && rows + work.params.n <= MAX_GENERATION_ROWS) {
+                longest = padded;
+                rows += work.params.n;
+                batch.push(work);
+            } else {
+                later.push_back(work);
+            }
+        }
+        pending = later;
+        if batch.is_empty() {
             continue;
         }
         let _slot = slots.acquire();
         let started = Instant::now();
-        let events = &work.events;
-        let mut emit = |e: GenEvent| events.send(Ok(e)).is_ok();
-        let mut step = || Ok::<(), ServeError>(());
-        let result = model.generate(&work.prompt, &work.params, &mut emit, &mut step);
-        let failure = match result {
-            Ok(()) => None,
-            Err(generate::GenerateError::Input(message)) => {
-                Some(ServeError::BadInput { index: 0, message })
+        let mut emits: Vec<Box<dyn FnMut(GenEvent) -> bool>> = batch
+            .iter()
+            .map(|w| {
+                let events = w.events.clone();
+                Box::new(move |e| events.send(Ok(e)).is_ok()) as Box<dyn FnMut(GenEvent) -> bool>
+            })
+            .collect();
+        let mut requests: Vec<generate::GenRequest<'_>> = batch
+            .iter()
+            .zip(emits.iter_mut())
+            .map(|(w, emit)| generate::GenRequest {
+                prompt: &w.prompt,
+                params: &w.params,
+                emit: emit.as_mut(),
+            })
+            .collect();
+        let results = model.generate_batch(&mut requests);
+        drop(requests);
+        for (work, result) in batch.iter().zip(results) {
+            if let Err(e) = result {
+                let _ = work.events.send(Err(match e {
+                    generate::GenerateError::Input(message) => {
+                        ServeError::BadInput { index: 0, message }
+                    }
+                    generate::GenerateError::Internal(m) => ServeError::Internal(m),
+                }));
             }
-            Err(generate::GenerateError::Step(e)) => Some(e),
-            Err(generate::GenerateError::Internal(m)) => Some(ServeError::Internal(m)),
-        };
-        if let Some(e) = failure {
-            let _ = work.events.send(Err(e));
         }
+        metrics::histogram!("kiln_serve_generation_batch_rows").record(rows as f64);
         metrics::histogram!("kiln_serve_generation_seconds")
             .record(started.elapsed().as_secs_f64());
     }

@@ -106,6 +106,13 @@ def main() -> None:
         assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
+    # Sent at the same time, the requests decode as one batch and each still gets its answer.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(PAIRS)) as pool:
+        replies = list(pool.map(lambda qa: ask(client, ft, qa[0]), PAIRS))
+    assert [r.choices[0].message.content for r in replies] == [a for _, a in PAIRS], replies
+
     # Streamed, the chunks add up to the same answer; usage comes last when asked for.
     q, a = PAIRS[0]
     stream = ask(client, ft, q, stream=True, stream_options={"include_usage": True})
