@@ -597,6 +597,46 @@ mod tests {
         assert!(err.contains("first must be user"), "{err}");
     }
 
+    /// A template in the style of Qwen2.5's: whitespace control, a default system prompt,
+    /// `loop.first`, attribute access to keys a message may lack, and tool calls through
+    /// `tojson`; and one in Llama 3's style with `bos_token` and `.strip()`.
+    #[test]
+    fn hub_style_templates_render_and_locate_assistant_turns() {
+        let qwen = r#"{%- if tools %}{{- '<|im_start|>system\n# Tools\n' }}{%- for tool in tools %}{{- tool | tojson }}{%- endfor %}{{- '<|im_end|>\n' }}{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}{%- endif %}{%- for message in messages %}{%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- elif message.role == "assistant" %}{{- '<|im_start|>assistant' }}{%- for tool_call in message.tool_calls %}{{- '\n<tool_call>\n' + (tool_call.function | tojson) + '\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
+        let t = ChatTemplate::new(Some(qwen.into()), String::new(), "<|im_end|>".into()).unwrap();
+        let msgs = [
+            json!({"role": "user", "content": "2+2?"}),
+            json!({"role": "assistant", "content": "4"}),
+        ];
+        let full = t.render(&msgs, false).unwrap();
+        assert!(
+            full.starts_with("<|im_start|>system\nYou are a helpful assistant."),
+            "{full}"
+        );
+        let spans = t.trained_spans(&msgs, &full).unwrap();
+        assert_eq!(&full[spans[0].clone()], "4<|im_end|>\n");
+        let with_tool = [
+            json!({"role": "user", "content": "weather?"}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}),
+        ];
+        assert!(t.render(&with_tool, false).unwrap().contains("<tool_call>"));
+
+        let llama = "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}";
+        let t = ChatTemplate::new(
+            Some(llama.into()),
+            "<|begin_of_text|>".into(),
+            "<|eot_id|>".into(),
+        )
+        .unwrap();
+        let full = t.render(&msgs, false).unwrap();
+        assert!(
+            full.starts_with("<|begin_of_text|><|start_header_id|>user"),
+            "{full}"
+        );
+        let spans = t.trained_spans(&msgs, &full).unwrap();
+        assert_eq!(&full[spans[0].clone()], "4<|eot_id|>");
+    }
+
     #[test]
     fn the_fallback_closes_assistant_turns_with_eos() {
         let t = ChatTemplate::new(None, "<s>".into(), "</s>".into()).unwrap();
