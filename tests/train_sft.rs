@@ -502,3 +502,51 @@ fn batched_requests_generate_what_they_would_alone() {
     assert!(alone[0].1[0] == "length" || alone[0].1[0] == "stop");
     assert!(alone[1].0.iter().all(|t| !t.is_empty()));
 }
+
+/// Model graders run a base model from the models directory inside the training process;
+/// a grader model that is not there fails the job before any training.
+#[test]
+fn reinforcement_with_a_model_grader_runs_the_grader_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_decoder(dir.path(), "qwen2");
+    let models = dir.path().join("models");
+    kiln::nn::tiny::write_tiny_decoder(&models.join("judge/tiny"), "llama", 9).unwrap();
+    let train = dir.path().join("rft.jsonl");
+    write_jsonl(
+        &train,
+        &rft_lines(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]),
+    );
+    let mut job = train_support::job(
+        &base,
+        &train,
+        Some(&train),
+        &dir.path().join("run"),
+        json!({"n_epochs": 1, "batch_size": 5, "max_length": 40}),
+        3,
+    );
+    let grader = json!({
+        "type": "multi", "name": "both",
+        "graders": {
+            "has": {"type": "string_check", "name": "has", "input": "{{ sample.output_text }}", "reference": "{{ item.target }}", "operation": "like"},
+            "judge": {"type": "label_model", "name": "judge", "model": "judge/tiny",
+                      "input": [{"role": "user", "content": "Is this good? {{ sample.output_text }}"}],
+                      "labels": ["yes", "no"], "passing_labels": ["yes"]},
+        },
+        "calculate_output": "0.5 * has + 0.5 * judge",
+    });
+    job.grader = Some(grader.clone());
+    job.models_dir = Some(models.clone());
+    let run = train_support::run(&job);
+    let s = summary(&run);
+    let reward = s.metrics["valid_reward"];
+    assert!((0.0..=1.0).contains(&reward), "{reward}");
+
+    job.models_dir = Some(dir.path().join("elsewhere"));
+    job.work_dir = dir.path().join("run2");
+    let err = kiln::train::run(&job, &mut |_| {}, &Default::default()).unwrap_err();
+    assert!(err.is_user_error());
+    assert!(
+        err.to_string().contains("no base model 'judge/tiny'"),
+        "{err}"
+    );
+}

@@ -1,15 +1,62 @@
 //! `POST /v1/fine_tuning/alpha/graders/validate` and `/run` (OpenAI's shapes): check a grader
 //! object, or score one model sample with it, before a reinforcement job uses it.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use axum::Json;
+use axum::extract::State;
 use serde_json::{Map, Value, json};
 
-use super::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
-use crate::train::graders::Grader;
+use super::models::resolve_for_generation;
+use super::{AppState, Caller};
+use crate::serve::{GenEvent, ModelRef, Prompt, SamplingParams, Serving};
+use crate::train::graders::{Grader, ModelParams, ModelSampler};
+
+/// Runs grader models through the serving engine (from a blocking thread).
+struct ServedSampler {
+    serving: Serving,
+    models: HashMap<String, ModelRef>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ModelSampler for ServedSampler {
+    fn complete(
+        &self,
+        model: &str,
+        messages: &[Value],
+        params: &ModelParams,
+    ) -> Result<String, String> {
+        let model = self
+            .models
+            .get(model)
+            .ok_or_else(|| format!("model '{model}' was not resolved"))?;
+        let params = SamplingParams {
+            max_tokens: params.max_tokens,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            n: 1,
+            seed: params.seed,
+            stop: Vec::new(),
+        };
+        let mut generation = self
+            .runtime
+            .block_on(
+                self.serving
+                    .generate(model, Prompt::Chat(messages.to_vec()), params),
+            )
+            .map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        while let Some(event) = self.runtime.block_on(generation.events.recv()) {
+            if let GenEvent::Text { text: t, .. } = event.map_err(|e| e.to_string())? {
+                text.push_str(&t);
+            }
+        }
+        Ok(text)
+    }
+}
 
 fn fields(body: &Value, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
     let obj = body
@@ -48,7 +95,11 @@ pub async fn validate(
 }
 
 /// `POST /v1/fine_tuning/alpha/graders/run`: the reward of `model_sample` for `item`.
-pub async fn run(_caller: Caller, ApiJson(body): ApiJson<Value>) -> Result<Json<Value>, ApiError> {
+pub async fn run(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
     let fields = fields(&body, &["grader", "model_sample", "item"])?;
     let (grader, _) = parse(&fields)?;
     let sample = match fields.get("model_sample") {
@@ -68,10 +119,33 @@ pub async fn run(_caller: Caller, ApiJson(body): ApiJson<Value>) -> Result<Json<
     };
     let item = fields.get("item").cloned().unwrap_or_else(|| json!({}));
     let started = Instant::now();
-    // A template naming a field the item lacks is the request's mistake: 400, not a reward.
-    let (reward, scores) = grader
-        .grade(&item, &sample)
-        .map_err(|e| ApiError::bad_request(e, "item"))?;
+    let mut models = HashMap::new();
+    for id in grader.models() {
+        models.insert(
+            id.to_owned(),
+            resolve_for_generation(&state, &caller, id).await?,
+        );
+    }
+    let sampled_model = grader.models().first().map(|m| (*m).to_owned());
+    let sampler = ServedSampler {
+        serving: state.serving.clone(),
+        models,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let graded = grader.clone();
+    let (reward, scores) =
+        tokio::task::spawn_blocking(move || graded.grade_with(&item, &sample, Some(&sampler)))
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?
+            // A template naming a field the item lacks is the request's mistake: 400, not a reward.
+            .map_err(|e| {
+                let param = if e.contains(": model '") {
+                    "grader"
+                } else {
+                    "item"
+                };
+                ApiError::bad_request(e, param)
+            })?;
     let sub_rewards: Map<String, Value> = match &grader {
         Grader::Multi { graders, .. } => graders
             .iter()
@@ -90,7 +164,7 @@ pub async fn run(_caller: Caller, ApiJson(body): ApiJson<Value>) -> Result<Json<
             "execution_time": started.elapsed().as_secs_f64(),
             "scores": scores,
             "token_usage": null,
-            "sampled_model_name": null,
+            "sampled_model_name": sampled_model,
             "errors": {
                 "formula_parse_error": false,
                 "invalid_variable_error": false,

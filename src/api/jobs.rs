@@ -518,6 +518,26 @@ pub async fn create(
     check_model_trains(&state, &base_model, format.as_str()).await?;
     let method =
         method::resolve_method(fields.get("method"), fields.get("hyperparameters"), &format)?;
+    // Grader models are base models the training process loads: they must be here now.
+    if let Some(grader) = method.get("reinforcement").and_then(|r| r.get("grader"))
+        && let Ok(grader) = crate::train::graders::Grader::parse(grader, "grader")
+    {
+        for id in grader.models() {
+            let present = match base_model_dir(&state.models_dir, id) {
+                Some(dir) => tokio::fs::metadata(dir.join("config.json")).await.is_ok(),
+                None => false,
+            };
+            if !present {
+                return Err(bad_code(
+                    format!(
+                        "The grader's model '{id}' is not a base model in the models directory (grader models are base models)."
+                    ),
+                    Some("method.reinforcement.grader"),
+                    "model_not_found",
+                ));
+            }
+        }
+    }
 
     if dry_run {
         let planned = dry_run::PlannedJob {

@@ -93,6 +93,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         work_dir,
         model_dir: args.output.clone(),
         grader: None,
+        models_dir: None,
         resume_from: args.resume.clone(),
         device: candle_core::Device::Cpu,
     };

@@ -4,8 +4,12 @@
 //! `input` and `reference` are templates over `item.*` (the dataset line) and
 //! `sample.output_text` / `sample.output_json` (the model's reply), rendered with minijinja.
 //!
+//! `score_model` and `label_model` ask a decoder (a base model kiln has, by id) through a
+//! [`ModelSampler`]: the first number of its reply, clamped to `range`, is the score; the
+//! label its reply names passes when it is one of `passing_labels`.
+//!
 //! Not in this version (rejected by [`Grader::parse`] with the reason): `cosine` and `meteor`
-//! similarity, `python`, `score_model` and `label_model` graders.
+//! similarity, and `python` graders.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -43,9 +47,42 @@ pub enum Similarity {
     RougeL,
 }
 
+/// Runs a grader model: the reply of `model` to `messages`.
+pub trait ModelSampler {
+    fn complete(
+        &self,
+        model: &str,
+        messages: &[Value],
+        params: &ModelParams,
+    ) -> Result<String, String>;
+}
+
+/// A model grader's `sampling_params`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelParams {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: usize,
+    pub seed: Option<u64>,
+}
+
 /// A parsed grader.
 #[derive(Debug, Clone)]
 pub enum Grader {
+    ScoreModel {
+        name: String,
+        model: String,
+        input: Vec<(String, String)>,
+        range: (f64, f64),
+        params: ModelParams,
+    },
+    LabelModel {
+        name: String,
+        model: String,
+        input: Vec<(String, String)>,
+        labels: Vec<String>,
+        passing: Vec<String>,
+    },
     StringCheck {
         name: String,
         input: String,
@@ -203,10 +240,96 @@ impl Grader {
                     formula,
                 })
             }
-            t @ ("python" | "score_model" | "label_model") => Err(err(
+            "score_model" | "label_model" => {
+                let model = string_field(obj, "model", path)?.to_owned();
+                let input_path = format!("{path}.input");
+                let input = obj
+                    .get("input")
+                    .and_then(Value::as_array)
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| err(&input_path, "must be a non-empty list of messages"))?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let at = format!("{input_path}[{i}]");
+                        let o = m
+                            .as_object()
+                            .ok_or_else(|| err(&at, "must be a message object"))?;
+                        let role = string_field(o, "role", &at)?.to_owned();
+                        let content = string_field(o, "content", &at)?.to_owned();
+                        check_template(&content, &format!("{at}.content"))?;
+                        Ok((role, content))
+                    })
+                    .collect::<Result<Vec<_>, GraderError>>()?;
+                if kind == "score_model" {
+                    let range = match obj.get("range") {
+                        None | Some(Value::Null) => (0.0, 1.0),
+                        Some(Value::Array(r)) if r.len() == 2 => {
+                            match (r[0].as_f64(), r[1].as_f64()) {
+                                (Some(lo), Some(hi)) if lo < hi => (lo, hi),
+                                _ => {
+                                    return Err(err(
+                                        &format!("{path}.range"),
+                                        "must be [low, high] with low < high",
+                                    ));
+                                }
+                            }
+                        }
+                        Some(_) => {
+                            return Err(err(&format!("{path}.range"), "must be [low, high]"));
+                        }
+                    };
+                    let sp = obj.get("sampling_params").cloned().unwrap_or(Value::Null);
+                    let params = ModelParams {
+                        temperature: sp.get("temperature").and_then(Value::as_f64).unwrap_or(0.0),
+                        top_p: sp.get("top_p").and_then(Value::as_f64).unwrap_or(1.0),
+                        max_tokens: sp
+                            .get("max_completions_tokens")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(16)
+                            .clamp(1, 1024) as usize,
+                        seed: sp.get("seed").and_then(Value::as_u64),
+                    };
+                    return Ok(Grader::ScoreModel {
+                        name,
+                        model,
+                        input,
+                        range,
+                        params,
+                    });
+                }
+                let strings = |key: &str| -> Result<Vec<String>, GraderError> {
+                    obj.get(key)
+                        .and_then(Value::as_array)
+                        .filter(|a| !a.is_empty())
+                        .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect())
+                        .ok_or_else(|| {
+                            err(
+                                &format!("{path}.{key}"),
+                                "must be a non-empty list of strings",
+                            )
+                        })
+                };
+                let labels = strings("labels")?;
+                let passing = strings("passing_labels")?;
+                if let Some(p) = passing.iter().find(|p| !labels.contains(p)) {
+                    return Err(err(
+                        &format!("{path}.passing_labels"),
+                        format!("'{p}' is not one of the labels"),
+                    ));
+                }
+                Ok(Grader::LabelModel {
+                    name,
+                    model,
+                    input,
+                    labels,
+                    passing,
+                })
+            }
+            t @ "python" => Err(err(
                 &format!("{path}.type"),
                 format!(
-                    "'{t}' graders are not supported by kiln yet; use string_check, text_similarity or multi"
+                    "'{t}' graders are not supported by kiln yet; use string_check, text_similarity, multi, score_model or label_model"
                 ),
             )),
             other => Err(err(
@@ -220,7 +343,9 @@ impl Grader {
         match self {
             Grader::StringCheck { name, .. }
             | Grader::TextSimilarity { name, .. }
-            | Grader::Multi { name, .. } => name,
+            | Grader::Multi { name, .. }
+            | Grader::ScoreModel { name, .. }
+            | Grader::LabelModel { name, .. } => name,
         }
     }
 
@@ -229,6 +354,17 @@ impl Grader {
             Grader::StringCheck { .. } => "string_check",
             Grader::TextSimilarity { .. } => "text_similarity",
             Grader::Multi { .. } => "multi",
+            Grader::ScoreModel { .. } => "score_model",
+            Grader::LabelModel { .. } => "label_model",
+        }
+    }
+
+    /// The models this grader runs (empty for graders that run none).
+    pub fn models(&self) -> Vec<&str> {
+        match self {
+            Grader::ScoreModel { model, .. } | Grader::LabelModel { model, .. } => vec![model],
+            Grader::Multi { graders, .. } => graders.iter().flat_map(|(_, g)| g.models()).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -238,12 +374,22 @@ impl Grader {
         item: &Value,
         sample: &str,
     ) -> Result<(f64, BTreeMap<String, f64>), String> {
+        self.grade_with(item, sample, None)
+    }
+
+    /// As [`Grader::grade`], running model graders through `sampler`.
+    pub fn grade_with(
+        &self,
+        item: &Value,
+        sample: &str,
+        sampler: Option<&dyn ModelSampler>,
+    ) -> Result<(f64, BTreeMap<String, f64>), String> {
         let output_json: Value = serde_json::from_str(sample).unwrap_or(Value::Null);
         let ctx =
             json!({"item": item, "sample": {"output_text": sample, "output_json": output_json}});
         let env = template_env();
         let mut scores = BTreeMap::new();
-        let reward = self.grade_in(&env, &ctx, &mut scores)?;
+        let reward = self.grade_in(&env, &ctx, sampler, &mut scores)?;
         Ok((reward, scores))
     }
 
@@ -251,6 +397,7 @@ impl Grader {
         &self,
         env: &minijinja::Environment<'static>,
         ctx: &Value,
+        sampler: Option<&dyn ModelSampler>,
         scores: &mut BTreeMap<String, f64>,
     ) -> Result<f64, String> {
         let render = |t: &str| {
@@ -284,15 +431,100 @@ impl Grader {
             } => {
                 let mut vars = HashMap::new();
                 for (name, g) in graders {
-                    let s = g.grade_in(env, ctx, scores)?;
+                    let s = g.grade_in(env, ctx, sampler, scores)?;
                     vars.insert(name.clone(), s);
                 }
                 formula.eval(&vars)?
+            }
+            Grader::ScoreModel {
+                model,
+                input,
+                range,
+                params,
+                ..
+            } => {
+                let reply = self.ask(env, ctx, sampler, model, input, params)?;
+                // The first number of the reply; none is the lowest score.
+                first_number(&reply).map_or(range.0, |x| x.clamp(range.0, range.1))
+            }
+            Grader::LabelModel {
+                model,
+                input,
+                labels,
+                passing,
+                ..
+            } => {
+                let params = ModelParams {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    max_tokens: 16,
+                    seed: None,
+                };
+                let reply = self.ask(env, ctx, sampler, model, input, &params)?;
+                let said = reply.trim().to_lowercase();
+                let label = labels
+                    .iter()
+                    .find(|l| said == l.to_lowercase())
+                    .or_else(|| labels.iter().find(|l| said.contains(&l.to_lowercase())));
+                if label.is_some_and(|l| passing.contains(l)) {
+                    1.0
+                } else {
+                    0.0
+                }
             }
         };
         scores.insert(self.name().to_owned(), score);
         Ok(score)
     }
+}
+
+impl Grader {
+    fn ask(
+        &self,
+        env: &minijinja::Environment<'static>,
+        ctx: &Value,
+        sampler: Option<&dyn ModelSampler>,
+        model: &str,
+        input: &[(String, String)],
+        params: &ModelParams,
+    ) -> Result<String, String> {
+        let sampler = sampler.ok_or_else(|| {
+            format!(
+                "grader '{}' runs model '{model}', which is not available here",
+                self.name()
+            )
+        })?;
+        let messages = input
+            .iter()
+            .map(|(role, content)| {
+                env.render_str(content, ctx)
+                    .map(|c| json!({"role": role, "content": c}))
+                    .map_err(|e| format!("grader '{}': {e}", self.name()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        sampler
+            .complete(model, &messages, params)
+            .map_err(|e| format!("grader '{}': model '{model}': {e}", self.name()))
+    }
+}
+
+/// The first decimal number in `text` (`-1`, `0.75`, `7`).
+fn first_number(text: &str) -> Option<f64> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let digit_at = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_digit);
+        if digit_at(i) || (bytes[i] == b'-' && digit_at(i + 1)) {
+            let start = i;
+            i += 1;
+            while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+                i += 1;
+            }
+            return text[start..i].trim_end_matches('.').parse().ok();
+        }
+        i += 1;
+    }
+    None
 }
 
 /// A similarity in [0, 1].
@@ -686,6 +918,78 @@ mod tests {
         assert!((scores["fuzzy"] - 0.75).abs() < 1e-9);
     }
 
+    /// A grader model that answers from a table, as a served decoder would.
+    struct Canned;
+
+    impl ModelSampler for Canned {
+        fn complete(
+            &self,
+            model: &str,
+            messages: &[Value],
+            _: &ModelParams,
+        ) -> Result<String, String> {
+            assert_eq!(model, "judge/tiny");
+            let asked = messages
+                .last()
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default();
+            Ok(if asked.contains("Paris") {
+                " 0.9 out of 1"
+            } else {
+                "I would say positive"
+            }
+            .to_owned())
+        }
+    }
+
+    #[test]
+    fn model_graders_ask_the_sampler() {
+        let score = Grader::parse(
+            &json!({"type": "score_model", "name": "judge", "model": "judge/tiny", "range": [0, 1],
+                    "input": [{"role": "user", "content": "Rate: {{ sample.output_text }}"}]}),
+            "grader",
+        )
+        .unwrap();
+        assert_eq!(score.models(), vec!["judge/tiny"]);
+        assert_eq!(
+            score
+                .grade_with(&json!({}), "Paris", Some(&Canned))
+                .unwrap()
+                .0,
+            0.9
+        );
+        // No number in the reply: the lowest score.
+        assert_eq!(
+            score
+                .grade_with(&json!({}), "Lyon", Some(&Canned))
+                .unwrap()
+                .0,
+            0.0
+        );
+        assert!(
+            score
+                .grade(&json!({}), "Paris")
+                .unwrap_err()
+                .contains("not available")
+        );
+        let label = Grader::parse(
+            &json!({"type": "label_model", "name": "sentiment", "model": "judge/tiny",
+                    "labels": ["positive", "negative"], "passing_labels": ["positive"],
+                    "input": [{"role": "user", "content": "{{ sample.output_text }}"}]}),
+            "grader",
+        )
+        .unwrap();
+        assert_eq!(
+            label
+                .grade_with(&json!({}), "great", Some(&Canned))
+                .unwrap()
+                .0,
+            1.0
+        );
+        assert_eq!(first_number("score: -2.5."), Some(-2.5));
+        assert_eq!(first_number("none"), None);
+    }
+
     #[test]
     fn bad_graders_name_the_field() {
         let cases = [
@@ -700,6 +1004,18 @@ mod tests {
             (
                 json!({"type": "python", "source": "def grade(): pass"}),
                 "grader.type",
+            ),
+            (
+                json!({"type": "label_model", "model": "m", "input": [{"role": "user", "content": "x"}], "labels": ["a"], "passing_labels": ["b"]}),
+                "grader.passing_labels",
+            ),
+            (
+                json!({"type": "score_model", "model": "m", "input": []}),
+                "grader.input",
+            ),
+            (
+                json!({"type": "score_model", "model": "m", "input": [{"role": "user", "content": "x"}], "range": [1, 0]}),
+                "grader.range",
             ),
             (
                 json!({"type": "string_check", "input": "{{ oops", "reference": "y", "operation": "eq"}),

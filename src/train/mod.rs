@@ -53,6 +53,8 @@ pub struct TrainingJob {
     pub model_dir: PathBuf,
     /// Reinforcement fine-tuning's grader object (OpenAI's shape), as the job gave it.
     pub grader: Option<Value>,
+    /// Where base models are, for graders that run a model (`score_model`, `label_model`).
+    pub models_dir: Option<PathBuf>,
     /// A checkpoint directory to continue from.
     pub resume_from: Option<PathBuf>,
     pub device: Device,

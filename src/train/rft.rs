@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
 use super::causal_lm::{export_decoder, lm_batch, load_options, read_decoder_config};
-use super::graders::Grader;
+use super::graders::{Grader, ModelParams, ModelSampler};
 use super::spec::{Hyperparameters, ResolveContext};
 use super::trainer::{LoopEnd, Task, Trainer, ValidationResult, VarGroup, total_steps};
 use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob};
@@ -30,6 +30,7 @@ use crate::data::chat::{DecoderTokenizer, LmExample};
 use crate::data::text::length_quantile;
 use crate::nn::decoder::{Decoder, DecoderLoadOptions};
 use crate::nn::sampling::sample_token;
+use crate::serve::generate::{GenEvent, GenerativeModel, Prompt as GenPrompt, SamplingParams};
 
 /// Completions sampled per prompt at `compute_multiplier` 1.
 const BASE_GROUP: f64 = 4.0;
@@ -37,6 +38,65 @@ const BASE_GROUP: f64 = 4.0;
 const MAX_COMPLETION_TOKENS: usize = 64;
 /// Weight of the KL penalty.
 const KL_COEF: f64 = 0.04;
+
+/// Runs grader models (`score_model`, `label_model`) in the training process: base models
+/// from the models directory, each loaded once.
+struct LocalSampler {
+    models_dir: PathBuf,
+    device: Device,
+    loaded: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<GenerativeModel>>>,
+}
+
+impl LocalSampler {
+    fn model(&self, id: &str) -> Result<std::rc::Rc<GenerativeModel>, String> {
+        if let Some(m) = self.loaded.borrow().get(id) {
+            return Ok(m.clone());
+        }
+        if !crate::models::valid_id(id) {
+            return Err(format!("'{id}' is not a base model id"));
+        }
+        let dir = self.models_dir.join(id);
+        if !dir.join("config.json").is_file() {
+            return Err(format!(
+                "no base model '{id}' in the models directory (grader models are base models)"
+            ));
+        }
+        let model = std::rc::Rc::new(GenerativeModel::load(&dir, &self.device)?);
+        self.loaded
+            .borrow_mut()
+            .insert(id.to_owned(), model.clone());
+        Ok(model)
+    }
+}
+
+impl ModelSampler for LocalSampler {
+    fn complete(
+        &self,
+        model: &str,
+        messages: &[Value],
+        params: &ModelParams,
+    ) -> Result<String, String> {
+        let m = self.model(model)?;
+        let prompt = m.encode(&GenPrompt::Chat(messages.to_vec()))?;
+        let params = SamplingParams {
+            max_tokens: params.max_tokens,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            n: 1,
+            seed: params.seed,
+            stop: Vec::new(),
+        };
+        let mut text = String::new();
+        m.generate(&prompt, &params, &mut |e| {
+            if let GenEvent::Text { text: t, .. } = e {
+                text.push_str(&t);
+            }
+            true
+        })
+        .map_err(|e| format!("{e:?}"))?;
+        Ok(text)
+    }
+}
 
 /// One prompt: its tokens and the dataset line the grader sees as `item`.
 struct Prompt {
@@ -51,6 +111,7 @@ struct Rft {
     _reference_vars: VarMap,
     tok: DecoderTokenizer,
     grader: Grader,
+    sampler: Option<LocalSampler>,
     train: Vec<Prompt>,
     valid: Vec<Prompt>,
     group: usize,
@@ -143,8 +204,9 @@ impl Rft {
     }
 
     fn reward(&self, item: &Value, text: &str) -> Result<f64, TrainError> {
+        let sampler = self.sampler.as_ref().map(|s| s as &dyn ModelSampler);
         self.grader
-            .grade(item, text)
+            .grade_with(item, text, sampler)
             .map(|(r, _)| r)
             .map_err(TrainError::Data)
     }
@@ -304,6 +366,27 @@ pub(crate) fn run(
     })?;
     let grader = Grader::parse(grader_json, "method.reinforcement.grader")
         .map_err(|e| TrainError::Data(e.to_string()))?;
+    let sampler = if grader.models().is_empty() {
+        None
+    } else {
+        let models_dir = job.models_dir.clone().ok_or_else(|| {
+            TrainError::Data(
+                "this grader runs a model, and no models directory is configured".into(),
+            )
+        })?;
+        let sampler = LocalSampler {
+            models_dir,
+            device: job.device.clone(),
+            loaded: Default::default(),
+        };
+        // Load every grader model now: a missing one fails the job before any training.
+        for id in grader.models() {
+            sampler
+                .model(id)
+                .map_err(|e| TrainError::Data(format!("grader model: {e}")))?;
+        }
+        Some(sampler)
+    };
     let (config, config_json) = read_decoder_config(&job.base_model)?;
     let tok = DecoderTokenizer::load(&job.base_model)?;
     let train = read_prompts(&job.training_file, &tok)?;
@@ -382,6 +465,7 @@ pub(crate) fn run(
         _reference_vars: reference_vars,
         tok,
         grader,
+        sampler,
         train,
         valid,
         group,

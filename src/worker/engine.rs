@@ -42,6 +42,8 @@ pub struct JobSpec {
     /// `method.<type>` as stored: its `hyperparameters` (every knob, `"auto"` where the
     /// engine decides) and method-specific settings such as a grader.
     pub method_config: Value,
+    /// The base models directory (model graders name base models by id).
+    pub models_dir: std::path::PathBuf,
     /// `method.<type>.hyperparameters`.
     pub hyperparameters: Map<String, Value>,
     /// Random seed.

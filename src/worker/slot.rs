@@ -173,6 +173,7 @@ async fn prepare(shared: &Shared, job: &JobRow) -> Result<JobSpec, JobFailure> {
         .cloned()
         .unwrap_or_default();
     Ok(JobSpec {
+        models_dir: shared.models_dir.clone(),
         id: job.id.clone(),
         model: job.model.clone(),
         model_dir,

@@ -80,6 +80,7 @@ impl JobExecutor for EngineExecutor {
             work_dir: scratch.join("work"),
             model_dir: scratch.join("model"),
             grader: job.method_config.get("grader").cloned(),
+            models_dir: Some(job.models_dir.clone()),
             resume_from: job.resume.as_ref().map(|r| r.dir.clone()),
             device: self.device.clone(),
         };
@@ -206,6 +207,7 @@ pub struct EstimateRequest {
     pub hyperparameters: serde_json::Map<String, Value>,
     pub seed: u64,
     pub grader: Option<Value>,
+    pub models_dir: Option<std::path::PathBuf>,
 }
 
 /// Steps timed by an estimate (after one warm-up step).
@@ -229,6 +231,7 @@ pub async fn estimate(request: EstimateRequest) -> Result<train::Estimate, JobFa
         work_dir: scratch.join("work"),
         model_dir: scratch.join("model"),
         grader: request.grader,
+        models_dir: request.models_dir,
         resume_from: None,
         device: candle_core::Device::Cpu,
     };

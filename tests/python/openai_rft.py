@@ -74,6 +74,34 @@ def main() -> None:
     )
     assert abs(r["reward"] - 0.375) < 1e-9 and r["sub_rewards"] == {"exact": 0.0, "close": 0.75}, r
 
+    # Model graders ask a decoder kiln serves (here the tiny base model itself).
+    judge = {
+        "type": "label_model",
+        "name": "judge",
+        "model": MODEL,
+        "input": [{"role": "user", "content": "Is this polite? {{ sample.output_text }}"}],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+    }
+    r = graders.run(grader=judge, model_sample="thank you", item={})
+    assert r.reward in (0.0, 1.0) and r.metadata.type == "label_model", r
+    assert r.metadata.sampled_model_name == MODEL, r
+    score = {
+        "type": "score_model",
+        "name": "score",
+        "model": MODEL,
+        "input": [{"role": "user", "content": "Score 0 to 1: {{ sample.output_text }}"}],
+        "range": [0, 1],
+    }
+    r = graders.run(grader=score, model_sample="fine", item={})
+    assert 0.0 <= r.reward <= 1.0, r
+    try:
+        graders.run(grader={**score, "model": "no/such-model"}, model_sample="x", item={})
+    except openai.NotFoundError as e:
+        assert e.body["param"] == "model", e.body
+    else:
+        raise AssertionError("an unknown grader model was accepted")
+
     # A reinforcement job: the reply must contain the item's target letter.
     train = client.files.create(
         file=("rft.jsonl", lines([f"Say something {i}." for i in range(12)])), purpose="fine-tune"
@@ -83,6 +111,16 @@ def main() -> None:
     )
     for f in (train, valid):
         client.files.wait_for_processing(f.id, poll_interval=0.1, max_wait_seconds=30)
+    try:
+        client.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=train.id,
+            method={"type": "reinforcement", "reinforcement": {"grader": {**score, "model": "no/such-model"}}},
+        )
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "method.reinforcement.grader", e.body
+    else:
+        raise AssertionError("a job with a missing grader model was accepted")
     job = client.fine_tuning.jobs.create(
         model=MODEL,
         training_file=train.id,

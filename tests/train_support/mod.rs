@@ -138,6 +138,7 @@ pub fn job(
         work_dir: work.join("work"),
         model_dir: work.join("model"),
         grader: None,
+        models_dir: None,
         resume_from: None,
         device: candle_core::Device::Cpu,
     }

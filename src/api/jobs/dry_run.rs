@@ -84,6 +84,7 @@ pub(super) async fn dry_run_job(state: &AppState, job: &PlannedJob<'_>) -> Resul
         hyperparameters: requested.clone(),
         seed: job.seed.max(0) as u64,
         grader: job.method[&kind].get("grader").cloned(),
+        models_dir: Some(state.models_dir.as_ref().clone()),
     })
     .await
     .map_err(|f| match f {
