@@ -285,6 +285,9 @@ async fn a_job_whose_process_is_killed_is_finished_by_another_from_its_last_chec
         })
         .await;
     first.kill9().await;
+    // A COMMIT the process sent just before it died still completes in its PostgreSQL
+    // backend: give such a checkpoint row a moment to land before reading the latest one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     let (ckpt_at_kill,): (i64,) =
         sqlx::query_as("SELECT max(step) FROM fine_tuning_job_checkpoints WHERE job_id = $1")
