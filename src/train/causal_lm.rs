@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 
 use super::export::write_model_dir;
 use super::spec::{Hyperparameters, ResolveContext, Strategy};
-use super::trainer::{LoopEnd, Task, Trainer, ValidationResult, VarGroup, total_steps};
-use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob};
+use super::trainer::{SummaryParts, Task, ValidationResult, VarGroup, run_and_export, total_steps};
+use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainingJob};
 use crate::data::chat::{DecoderTokenizer, LmExample, LmRecord, read_lm_records};
 use crate::data::text::length_quantile;
 use crate::nn::decoder::{Decoder, DecoderConfig, DecoderLoadOptions};
@@ -35,6 +35,48 @@ pub(crate) struct LmBatch {
     pub(crate) positions: Vec<u32>,
     pub(crate) labels: Vec<u32>,
     pub(crate) tokens: usize,
+}
+
+/// The model's logits at the batch's scored positions, `[n, vocab]`: only those positions
+/// go through the vocabulary-sized head.
+pub(crate) fn scored_logits(
+    model: &Decoder,
+    batch: &LmBatch,
+    device: &Device,
+    train: bool,
+) -> Result<Tensor, TrainError> {
+    let ids = Tensor::from_vec(batch.input_ids.clone(), batch.shape, device)?;
+    let mask = Tensor::from_vec(batch.attention_mask.clone(), batch.shape, device)?;
+    let hidden = model.hidden_states(&ids, &mask, train)?;
+    let (b, s, h) = hidden.dims3()?;
+    let positions = Tensor::from_vec(batch.positions.clone(), batch.positions.len(), device)?;
+    let picked = hidden.reshape((b * s, h))?.index_select(&positions, 0)?;
+    Ok(model.logits(&picked, train)?)
+}
+
+/// Log-probability of each scored token of `rows`, `[n]`, and the row each belongs to.
+pub(crate) fn token_logps(
+    model: &Decoder,
+    rows: &[&LmExample],
+    pad_id: u32,
+    device: &Device,
+    train: bool,
+) -> Result<(Tensor, Vec<usize>), TrainError> {
+    let batch = lm_batch(rows, pad_id);
+    let n = batch.positions.len();
+    if n == 0 {
+        return Err(TrainError::Data(
+            "a reply has no tokens within max_length".into(),
+        ));
+    }
+    let logp = candle_nn::ops::log_softmax(
+        &scored_logits(model, &batch, device, train)?,
+        candle_core::D::Minus1,
+    )?;
+    let labels = Tensor::from_vec(batch.labels.clone(), (n, 1), device)?;
+    let seq = batch.shape.1;
+    let owners = batch.positions.iter().map(|&p| p as usize / seq).collect();
+    Ok((logp.gather(&labels, 1)?.squeeze(1)?, owners))
 }
 
 pub(crate) fn lm_batch(rows: &[&LmExample], pad_id: u32) -> LmBatch {
@@ -102,11 +144,6 @@ impl CausalLm {
         batch: &LmBatch,
         train: bool,
     ) -> Result<(Tensor, usize, usize), TrainError> {
-        let d = &self.device;
-        let ids = Tensor::from_vec(batch.input_ids.clone(), batch.shape, d)?;
-        let mask = Tensor::from_vec(batch.attention_mask.clone(), batch.shape, d)?;
-        let hidden = self.model.hidden_states(&ids, &mask, train)?;
-        let (b, s, h) = hidden.dims3()?;
         let n = batch.positions.len();
         if n == 0 {
             return Err(TrainError::Data(
@@ -114,11 +151,8 @@ impl CausalLm {
                     .into(),
             ));
         }
-        let positions = Tensor::from_vec(batch.positions.clone(), n, d)?;
-        // Only the positions that are scored go through the vocabulary-sized head.
-        let picked = hidden.reshape((b * s, h))?.index_select(&positions, 0)?;
-        let picked = self.model.logits(&picked, train)?;
-        let labels = Tensor::from_vec(batch.labels.clone(), n, d)?;
+        let picked = scored_logits(&self.model, batch, &self.device, train)?;
+        let labels = Tensor::from_vec(batch.labels.clone(), n, &self.device)?;
         let loss = candle_nn::loss::cross_entropy(&picked, &labels)?;
         let predicted = picked.detach().argmax(1)?.to_vec1::<u32>()?;
         let correct = predicted
@@ -382,45 +416,18 @@ pub(crate) fn run(
     } else {
         None
     };
-    let mut trainer = Trainer {
-        hp: &hp,
-        seed: job.seed,
-        work_dir: &job.work_dir,
+    run_and_export(
+        &mut task,
+        job,
+        hp,
         on_event,
         stop,
-    };
-    let (state, examples_per_second) = match trainer.run(&mut task, job.resume_from.as_deref())? {
-        LoopEnd::Stopped { step, checkpoint } => {
-            return Ok(TrainOutcome::Stopped { step, checkpoint });
-        }
-        LoopEnd::Finished {
-            state,
-            examples_per_second,
-        } => (state, examples_per_second),
-    };
-    let model_dir = job.model_dir.clone();
-    task.export(&model_dir)?;
-    let (metrics, details, selected_step) = match &state.best {
-        Some(b) => (b.metrics.clone(), b.details.clone(), Some(b.step)),
-        None => (
-            state.last_metrics.clone().unwrap_or_default(),
-            Value::Null,
-            None,
-        ),
-    };
-    Ok(TrainOutcome::Finished(Box::new(TrainSummary {
-        task: kind.task(),
-        model_dir,
-        hyperparameters: hp,
-        steps: state.step,
-        selected_step,
-        metrics,
-        details,
-        baseline_metrics: baseline,
-        trained_tokens: state.trained_tokens,
-        train_examples_per_second: examples_per_second,
-        labels: Vec::new(),
-    })))
+        SummaryParts {
+            task: kind.task(),
+            baseline_metrics: baseline,
+            labels: Vec::new(),
+        },
+    )
 }
 
 #[cfg(test)]

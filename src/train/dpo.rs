@@ -9,14 +9,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::{Value, json};
 
-use super::causal_lm::{export_decoder, lm_batch, load_options, read_decoder_config};
+use super::causal_lm::{export_decoder, load_options, read_decoder_config, token_logps};
 use super::spec::{Hyperparameters, ResolveContext};
-use super::trainer::{LoopEnd, Task, Trainer, ValidationResult, VarGroup, total_steps};
-use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob};
+use super::trainer::{SummaryParts, Task, ValidationResult, VarGroup, run_and_export, total_steps};
+use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainingJob};
 use crate::data::chat::{DecoderTokenizer, LmExample, read_preference_pairs};
 use crate::data::text::length_quantile;
 use crate::nn::decoder::Decoder;
@@ -52,30 +52,15 @@ fn sequence_logps(
     device: &Device,
     train: bool,
 ) -> Result<Tensor, TrainError> {
-    let batch = lm_batch(rows, pad_id);
-    let ids = Tensor::from_vec(batch.input_ids.clone(), batch.shape, device)?;
-    let mask = Tensor::from_vec(batch.attention_mask.clone(), batch.shape, device)?;
-    let hidden = model.hidden_states(&ids, &mask, train)?;
-    let (b, s, h) = hidden.dims3()?;
-    let n = batch.positions.len();
-    if n == 0 {
-        return Err(TrainError::Data(
-            "a reply has no tokens within max_length".into(),
-        ));
-    }
-    let positions = Tensor::from_vec(batch.positions.clone(), n, device)?;
-    let picked = hidden.reshape((b * s, h))?.index_select(&positions, 0)?;
-    let picked = model.logits(&picked, train)?;
-    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let labels = Tensor::from_vec(batch.labels.clone(), (n, 1), device)?;
-    let token_logp = logp.gather(&labels, 1)?; // [n, 1]
+    let (token_logp, owners) = token_logps(model, rows, pad_id, device, train)?;
     // Sum per row: a [rows, n] matrix of ones where the token belongs to the row.
+    let n = owners.len();
     let mut owner = vec![0f32; rows.len() * n];
-    for (i, &p) in batch.positions.iter().enumerate() {
-        owner[(p as usize / s) * n + i] = 1.0;
+    for (i, &row) in owners.iter().enumerate() {
+        owner[row * n + i] = 1.0;
     }
     let owner = Tensor::from_vec(owner, (rows.len(), n), device)?;
-    Ok(owner.matmul(&token_logp)?.squeeze(1)?)
+    Ok(owner.matmul(&token_logp.unsqueeze(1)?)?.squeeze(1)?)
 }
 
 impl Dpo {
@@ -285,43 +270,16 @@ pub(crate) fn run(
         )));
     }
     let baseline = task.evaluate()?.map(|(m, _)| m);
-    let mut trainer = Trainer {
-        hp: &hp,
-        seed: job.seed,
-        work_dir: &job.work_dir,
+    run_and_export(
+        &mut task,
+        job,
+        hp,
         on_event,
         stop,
-    };
-    let (state, examples_per_second) = match trainer.run(&mut task, job.resume_from.as_deref())? {
-        LoopEnd::Stopped { step, checkpoint } => {
-            return Ok(TrainOutcome::Stopped { step, checkpoint });
-        }
-        LoopEnd::Finished {
-            state,
-            examples_per_second,
-        } => (state, examples_per_second),
-    };
-    let model_dir = job.model_dir.clone();
-    task.export(&model_dir)?;
-    let (metrics, details, selected_step) = match &state.best {
-        Some(b) => (b.metrics.clone(), b.details.clone(), Some(b.step)),
-        None => (
-            state.last_metrics.clone().unwrap_or_default(),
-            Value::Null,
-            None,
-        ),
-    };
-    Ok(TrainOutcome::Finished(Box::new(TrainSummary {
-        task: "preference",
-        model_dir,
-        hyperparameters: hp,
-        steps: state.step,
-        selected_step,
-        metrics,
-        details,
-        baseline_metrics: baseline,
-        trained_tokens: state.trained_tokens,
-        train_examples_per_second: examples_per_second,
-        labels: Vec::new(),
-    })))
+        SummaryParts {
+            task: "preference",
+            baseline_metrics: baseline,
+            labels: Vec::new(),
+        },
+    )
 }

@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 
 use super::export::write_masked_lm;
 use super::spec::{Hyperparameters, Strategy};
-use super::trainer::{LoopEnd, Task, Trainer, ValidationResult, VarGroup, total_steps};
+use super::trainer::{SummaryParts, Task, ValidationResult, VarGroup, run_and_export, total_steps};
 use super::{
-    StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob, read_base_config,
+    StopSignal, TrainError, TrainEvent, TrainOutcome, TrainingJob, read_base_config,
     resolve_context,
 };
 use crate::data::text::{EncodedText, TextTokenizer, pad_batch, read_domain_text};
@@ -366,43 +366,16 @@ pub(crate) fn run(
                 .unwrap_or(f64::NAN)
         )));
     }
-    let mut trainer = Trainer {
-        hp: &hp,
-        seed: job.seed,
-        work_dir: &job.work_dir,
+    run_and_export(
+        &mut task,
+        job,
+        hp,
         on_event,
         stop,
-    };
-    let (state, examples_per_second) = match trainer.run(&mut task, job.resume_from.as_deref())? {
-        LoopEnd::Stopped { step, checkpoint } => {
-            return Ok(TrainOutcome::Stopped { step, checkpoint });
-        }
-        LoopEnd::Finished {
-            state,
-            examples_per_second,
-        } => (state, examples_per_second),
-    };
-    let model_dir = job.model_dir.clone();
-    task.export(&model_dir)?;
-    let (metrics, details, selected_step) = match &state.best {
-        Some(b) => (b.metrics.clone(), b.details.clone(), Some(b.step)),
-        None => (
-            state.last_metrics.clone().unwrap_or_default(),
-            Value::Null,
-            None,
-        ),
-    };
-    Ok(TrainOutcome::Finished(Box::new(TrainSummary {
-        task: "domain_adaptation",
-        model_dir,
-        hyperparameters: hp,
-        steps: state.step,
-        selected_step,
-        metrics,
-        details,
-        baseline_metrics: baseline,
-        trained_tokens: state.trained_tokens,
-        train_examples_per_second: examples_per_second,
-        labels: Vec::new(),
-    })))
+        SummaryParts {
+            task: "domain_adaptation",
+            baseline_metrics: baseline,
+            labels: Vec::new(),
+        },
+    )
 }

@@ -15,17 +15,17 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
-use super::causal_lm::{export_decoder, lm_batch, load_options, read_decoder_config};
+use super::causal_lm::{export_decoder, load_options, read_decoder_config, token_logps};
 use super::graders::{Grader, ModelParams, ModelSampler};
 use super::spec::{Hyperparameters, ResolveContext};
-use super::trainer::{LoopEnd, Task, Trainer, ValidationResult, VarGroup, total_steps};
-use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainSummary, TrainingJob};
+use super::trainer::{SummaryParts, Task, ValidationResult, VarGroup, run_and_export, total_steps};
+use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainingJob};
 use crate::data::chat::{DecoderTokenizer, LmExample};
 use crate::data::text::length_quantile;
 use crate::nn::decoder::{Decoder, DecoderLoadOptions};
@@ -123,28 +123,6 @@ struct Rft {
     last: BTreeMap<String, f64>,
     config_json: Value,
     base_dir: PathBuf,
-}
-
-/// Per-token log-probabilities of each row's trained tokens, `[n]` in row order.
-fn token_logps(
-    model: &Decoder,
-    rows: &[&LmExample],
-    pad_id: u32,
-    device: &Device,
-    train: bool,
-) -> Result<(Tensor, Vec<usize>), TrainError> {
-    let batch = lm_batch(rows, pad_id);
-    let ids = Tensor::from_vec(batch.input_ids.clone(), batch.shape, device)?;
-    let mask = Tensor::from_vec(batch.attention_mask.clone(), batch.shape, device)?;
-    let hidden = model.hidden_states(&ids, &mask, train)?;
-    let (b, s, h) = hidden.dims3()?;
-    let n = batch.positions.len();
-    let positions = Tensor::from_vec(batch.positions.clone(), n, device)?;
-    let picked = hidden.reshape((b * s, h))?.index_select(&positions, 0)?;
-    let logp = candle_nn::ops::log_softmax(&model.logits(&picked, train)?, D::Minus1)?;
-    let labels = Tensor::from_vec(batch.labels.clone(), (n, 1), device)?;
-    let owners = batch.positions.iter().map(|&p| p as usize / s).collect();
-    Ok((logp.gather(&labels, 1)?.squeeze(1)?, owners))
 }
 
 impl Rft {
@@ -495,43 +473,16 @@ pub(crate) fn run(
             m.get("valid_reward").copied().unwrap_or(f64::NAN)
         )));
     }
-    let mut trainer = Trainer {
-        hp: &hp,
-        seed: job.seed,
-        work_dir: &job.work_dir,
+    run_and_export(
+        &mut task,
+        job,
+        hp,
         on_event,
         stop,
-    };
-    let (state, examples_per_second) = match trainer.run(&mut task, job.resume_from.as_deref())? {
-        LoopEnd::Stopped { step, checkpoint } => {
-            return Ok(TrainOutcome::Stopped { step, checkpoint });
-        }
-        LoopEnd::Finished {
-            state,
-            examples_per_second,
-        } => (state, examples_per_second),
-    };
-    let model_dir = job.model_dir.clone();
-    task.export(&model_dir)?;
-    let (metrics, details, selected_step) = match &state.best {
-        Some(b) => (b.metrics.clone(), b.details.clone(), Some(b.step)),
-        None => (
-            state.last_metrics.clone().unwrap_or_default(),
-            Value::Null,
-            None,
-        ),
-    };
-    Ok(TrainOutcome::Finished(Box::new(TrainSummary {
-        task: "reinforcement",
-        model_dir,
-        hyperparameters: hp,
-        steps: state.step,
-        selected_step,
-        metrics,
-        details,
-        baseline_metrics: baseline,
-        trained_tokens: state.trained_tokens,
-        train_examples_per_second: examples_per_second,
-        labels: Vec::new(),
-    })))
+        SummaryParts {
+            task: "reinforcement",
+            baseline_metrics: baseline,
+            labels: Vec::new(),
+        },
+    )
 }

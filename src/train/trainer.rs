@@ -19,6 +19,7 @@ use super::schedule::lr_factor;
 use super::spec::{Hyperparameters, higher_is_better};
 use super::{
     CheckpointInfo, Evaluation, StepProgress, StopRequest, StopSignal, TrainError, TrainEvent,
+    TrainOutcome, TrainSummary, TrainingJob,
 };
 use crate::nn::layers::{seed_dropout, unseed_dropout};
 
@@ -519,6 +520,65 @@ fn load_checkpoint(
         None
     };
     Ok((state, best))
+}
+
+/// What a task adds to its run's summary.
+pub(crate) struct SummaryParts {
+    pub task: &'static str,
+    /// Metrics before any training, when the task measures them.
+    pub baseline_metrics: Option<BTreeMap<String, f64>>,
+    pub labels: Vec<String>,
+}
+
+/// The end every task shares: runs (or resumes) the loop, exports the finished model to
+/// `job.model_dir`, and reports the selected step's metrics, or the stop.
+pub(crate) fn run_and_export(
+    task: &mut dyn Task,
+    job: &TrainingJob,
+    hp: Hyperparameters,
+    on_event: &mut dyn FnMut(&TrainEvent),
+    stop: &StopSignal,
+    parts: SummaryParts,
+) -> Result<TrainOutcome, TrainError> {
+    let mut trainer = Trainer {
+        hp: &hp,
+        seed: job.seed,
+        work_dir: &job.work_dir,
+        on_event,
+        stop,
+    };
+    let (state, examples_per_second) = match trainer.run(task, job.resume_from.as_deref())? {
+        LoopEnd::Stopped { step, checkpoint } => {
+            return Ok(TrainOutcome::Stopped { step, checkpoint });
+        }
+        LoopEnd::Finished {
+            state,
+            examples_per_second,
+        } => (state, examples_per_second),
+    };
+    let model_dir = job.model_dir.clone();
+    task.export(&model_dir)?;
+    let (metrics, details, selected_step) = match &state.best {
+        Some(b) => (b.metrics.clone(), b.details.clone(), Some(b.step)),
+        None => (
+            state.last_metrics.clone().unwrap_or_default(),
+            state.last_details.clone().unwrap_or(Value::Null),
+            None,
+        ),
+    };
+    Ok(TrainOutcome::Finished(Box::new(TrainSummary {
+        task: parts.task,
+        model_dir,
+        hyperparameters: hp,
+        steps: state.step,
+        selected_step,
+        metrics,
+        details,
+        baseline_metrics: parts.baseline_metrics,
+        trained_tokens: state.trained_tokens,
+        train_examples_per_second: examples_per_second,
+        labels: parts.labels,
+    })))
 }
 
 #[cfg(test)]
