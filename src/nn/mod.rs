@@ -13,6 +13,7 @@ pub mod lora;
 pub mod ops;
 pub mod sampling;
 pub mod tiny;
+pub mod vision;
 
 use std::path::PathBuf;
 
