@@ -14,6 +14,7 @@ pub mod ops;
 pub mod sampling;
 pub mod tiny;
 pub mod vision;
+pub mod vit;
 
 use std::path::PathBuf;
 
