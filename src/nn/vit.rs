@@ -295,13 +295,31 @@ pub struct VitForImageClassification {
 }
 
 /// Renames a checkpoint's tensors to `ViTForImageClassification`'s names: a bare `ViTModel`
-/// (`embeddings.*`, `encoder.*`, `layernorm.*`) gets the `vit.` prefix; the pooler is dropped.
+/// (`embeddings.*`, `encoder.*`, `layernorm.*`) gets the `vit.` prefix; the pooler is dropped;
+/// transformers 5's module names (`layers.N.attention.q_proj`, `mlp.fc1`, ..., written by
+/// `save_pretrained(save_original_format=False)`) are mapped back to the checkpoint names its
+/// default save and every transformers 4 checkpoint use.
 fn canonical_names(ckpt: Checkpoint) -> Checkpoint {
     ckpt.into_iter()
         .filter_map(|(name, t)| {
             let bare = name.strip_prefix("vit.").unwrap_or(&name);
             if bare.starts_with("pooler.") {
                 return None;
+            }
+            if let Some(rest) = bare.strip_prefix("layers.") {
+                let (index, module) = rest.split_once('.')?;
+                let module = [
+                    ("attention.q_proj.", "attention.attention.query."),
+                    ("attention.k_proj.", "attention.attention.key."),
+                    ("attention.v_proj.", "attention.attention.value."),
+                    ("attention.o_proj.", "attention.output.dense."),
+                    ("mlp.fc1.", "intermediate.dense."),
+                    ("mlp.fc2.", "output.dense."),
+                ]
+                .iter()
+                .find_map(|(new, old)| module.strip_prefix(new).map(|p| format!("{old}{p}")))
+                .unwrap_or_else(|| module.to_string());
+                return Some((format!("vit.encoder.layer.{index}.{module}"), t));
             }
             let renamed = if bare.starts_with("embeddings.")
                 || bare.starts_with("encoder.")
@@ -552,7 +570,14 @@ impl VitForImageClassification {
                     true,
                     t,
                 )?,
-                intermediate: load_linear(&mut src, n(LoraTarget::Intermediate), h, inter, true, t)?,
+                intermediate: load_linear(
+                    &mut src,
+                    n(LoraTarget::Intermediate),
+                    h,
+                    inter,
+                    true,
+                    t,
+                )?,
                 output: load_linear(&mut src, n(LoraTarget::Output), inter, h, true, t)?,
             });
         }
@@ -854,18 +879,18 @@ pub fn write_tiny_vit(dir: &Path, config: &VitConfig, seed: u64) -> Result<()> {
         "size": {"height": s, "width": s},
         "image_processor_type": "ViTImageProcessor"
     });
-    std::fs::write(
-        dir.join("preprocessor_config.json"),
-        pretty(&preprocessor)?,
-    )
-    .map_err(io)?;
+    std::fs::write(dir.join("preprocessor_config.json"), pretty(&preprocessor)?).map_err(io)?;
 
     let mut rng = StdRng::seed_from_u64(seed);
     let dev = Device::Cpu;
     let mut shapes = backbone_shapes(config);
     if let Some(labels) = config.labels() {
         let h = config.hidden_size;
-        shapes.push((format!("{HEAD}.weight"), vec![labels.len(), h], Kind::Weight));
+        shapes.push((
+            format!("{HEAD}.weight"),
+            vec![labels.len(), h],
+            Kind::Weight,
+        ));
         shapes.push((format!("{HEAD}.bias"), vec![labels.len()], Kind::Bias));
     }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();

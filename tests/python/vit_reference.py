@@ -10,7 +10,7 @@ INPUT.safetensors: "pixel_values" [batch, channels, size, size] float32, and opt
 OUTPUT.safetensors: "logits" [batch, num_labels] from ViTForImageClassification (float32,
                     eval mode, eager attention); with labels also "loss" (mean cross-entropy,
                     a 1-element tensor) and "grad.<name>" for every parameter, the gradient
-                    of that loss.
+                    of that loss, under the checkpoint's (transformers 4) tensor names.
 
 Prints ONE JSON object on stdout: the loading info of from_pretrained
 ({"missing_keys": [...], "unexpected_keys": [...], "mismatched_keys": [...]}) and "labels",
@@ -22,6 +22,7 @@ Needs: pip install torch transformers safetensors
 
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +32,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import ViTForImageClassification  # noqa: E402
+
+
+# transformers 5 renamed ViT's modules (its loader converts the checkpoint names, and
+# save_pretrained writes the original ones back); gradients are reported under the checkpoint
+# names, which transformers 4 also uses for its parameters.
+NEW_TO_CHECKPOINT = [
+    (r"^vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1."),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]
+
+
+def checkpoint_name(name: str) -> str:
+    for pattern, repl in NEW_TO_CHECKPOINT:
+        name = re.sub(pattern, repl, name)
+    return name
 
 
 def main() -> None:
@@ -49,7 +70,7 @@ def main() -> None:
         result["loss"] = output.loss.detach().reshape(1)
         for name, p in model.named_parameters():
             if p.grad is not None:
-                result[f"grad.{name}"] = p.grad.detach().contiguous()
+                result[f"grad.{checkpoint_name(name)}"] = p.grad.detach().contiguous()
     else:
         with torch.no_grad():
             output = model(pixel_values=pixels)
