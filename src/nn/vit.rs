@@ -518,7 +518,7 @@ impl VitForImageClassification {
         }
         let reuse_head = head_rows == Some(labels.len()) && own_labels.as_ref() == Some(&labels);
         if !reuse_head {
-            let mut rng = StdRng::seed_from_u64(seed ^ 0x4EAD_0F_7177);
+            let mut rng = StdRng::seed_from_u64(seed ^ 0x4EAD_0F71);
             let std = config.initializer_range as f32;
             let w = trunc_normal_vec(labels.len() * h, std, &mut rng);
             ckpt.insert(
