@@ -7,10 +7,12 @@
 
 pub mod bert;
 pub mod classifier;
+pub mod conv;
 pub mod decoder;
 pub mod layers;
 pub mod lora;
 pub mod ops;
+pub mod resnet;
 pub mod sampling;
 pub mod tiny;
 pub mod vision;
