@@ -278,3 +278,195 @@ pub async fn embed(
         "usage": usage(total),
     })))
 }
+
+/// The images of a `/v1/images/classifications` request and the model named.
+struct ImageRequest {
+    model: String,
+    images: Vec<Vec<u8>>,
+}
+
+fn image_from_url(i: usize, url: &str) -> Result<Vec<u8>, ApiError> {
+    if !url.starts_with("data:") {
+        return Err(ApiError::bad_request(
+            format!(
+                "input[{i}] must be a data URL (data:image/png;base64,...); kiln does not fetch remote images."
+            ),
+            "input",
+        ));
+    }
+    crate::data::images::decode_data_url(url)
+        .map_err(|e| ApiError::bad_request(format!("input[{i}]: {e}"), "input"))
+}
+
+fn image_request_from_json(body: &Value, max_inputs: usize) -> Result<ImageRequest, ApiError> {
+    let fields = object_body(body)?;
+    let model = match fields.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'model' must be a non-empty string.",
+                "model",
+            ));
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "Missing required parameter: 'model'.",
+                "model",
+            ));
+        }
+    };
+    let urls: Vec<&Value> = match fields.get("input") {
+        None => {
+            return Err(ApiError::bad_request(
+                "Missing required parameter: 'input'.",
+                "input",
+            ));
+        }
+        Some(Value::Array(items)) => items.iter().collect(),
+        Some(v) => vec![v],
+    };
+    if urls.is_empty() {
+        return Err(ApiError::bad_request(
+            "'input' is an empty list: send at least one image.",
+            "input",
+        ));
+    }
+    if urls.len() > max_inputs {
+        return Err(ApiError::bad_request(
+            format!(
+                "'input' has {} images; at most {max_inputs} are allowed in one request.",
+                urls.len()
+            ),
+            "input",
+        ));
+    }
+    let images = urls
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::String(s) => image_from_url(i, s),
+            // OpenAI's image content part: {"type": "image_url", "image_url": {"url": ...}}.
+            Value::Object(o) => match o
+                .get("image_url")
+                .and_then(|u| u.get("url").or(Some(u)))
+                .and_then(Value::as_str)
+            {
+                Some(url) => image_from_url(i, url),
+                None => Err(ApiError::bad_request(
+                    format!("input[{i}] must be a data URL string or {{\"image_url\": {{\"url\": ...}}}}."),
+                    "input",
+                )),
+            },
+            _ => Err(ApiError::bad_request(
+                format!("input[{i}] must be a data URL string."),
+                "input",
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ImageRequest { model, images })
+}
+
+async fn image_request_from_multipart(
+    mut multipart: axum::extract::Multipart,
+    max_inputs: usize,
+) -> Result<ImageRequest, ApiError> {
+    let malformed = |e: axum::extract::multipart::MultipartError| {
+        ApiError::bad_request(format!("Malformed multipart body: {}", e.body_text()), None)
+    };
+    let mut model = None;
+    let mut images = Vec::new();
+    while let Some(field) = multipart.next_field().await.map_err(malformed)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "model" {
+            model = Some(field.text().await.map_err(malformed)?);
+        } else if field.file_name().is_some()
+            || name == "image"
+            || name == "input"
+            || name == "file"
+        {
+            if images.len() >= max_inputs {
+                return Err(ApiError::bad_request(
+                    format!("at most {max_inputs} images are allowed in one request."),
+                    "input",
+                ));
+            }
+            images.push(field.bytes().await.map_err(malformed)?.to_vec());
+        }
+    }
+    let model = model
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::bad_request("Missing required parameter: 'model'.", "model"))?;
+    if images.is_empty() {
+        return Err(ApiError::bad_request(
+            "No image in the request: send one or more file parts (PNG, JPEG or WebP).",
+            "input",
+        ));
+    }
+    Ok(ImageRequest { model, images })
+}
+
+/// `POST /v1/images/classifications` (kiln): class probabilities per image from an image
+/// classifier, for `{"model", "input": data URL | [data URL]}` or a multipart upload of
+/// image files (a `model` field and one or more files); answers like `/v1/classifications`.
+pub async fn classify_images(
+    State(state): State<AppState>,
+    caller: Caller,
+    request: axum::extract::Request,
+) -> Result<Json<Value>, ApiError> {
+    use axum::extract::FromRequest;
+    let max_inputs = state.serving.settings().max_inputs;
+    let is_multipart = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("multipart/form-data"));
+    let req = if is_multipart {
+        let multipart = axum::extract::Multipart::from_request(request, &state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("Malformed multipart body: {e}"), None))?;
+        image_request_from_multipart(multipart, max_inputs).await?
+    } else {
+        let ApiJson(body) = ApiJson::<Value>::from_request(request, &state).await?;
+        image_request_from_json(&body, max_inputs)?
+    };
+    let model = super::models::resolve_for_images(&state, &caller, &req.model).await?;
+    let (loaded, results) = state
+        .serving
+        .classify_images(&model, req.images)
+        .await
+        .map_err(|e| match e {
+            ServeError::BadInput { index, message } => ApiError::BadRequest {
+                message: format!("input[{index}]: {message}"),
+                param: Some("input".into()),
+                code: Some("invalid_image"),
+            },
+            other => serve_error(other),
+        })?;
+    let labels = &loaded.model.labels;
+    let n = results.len();
+    let data: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, probs)| {
+            let best = crate::train::metrics::argmax(&probs);
+            let scores: Map<String, Value> = labels
+                .iter()
+                .zip(&probs)
+                .map(|(l, s)| (l.clone(), json!(s)))
+                .collect();
+            json!({
+                "object": "classification",
+                "index": index,
+                "label": labels.get(best),
+                "score": probs.get(best),
+                "scores": scores,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "model": model.id,
+        "data": data,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0, "images": n},
+    })))
+}

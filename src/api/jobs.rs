@@ -228,6 +228,7 @@ fn formats_for(model_type: &str) -> Option<&'static [&'static str]> {
             "multi_label_classification",
             "domain_text",
         ]),
+        Some(Family::Vision) => Some(&["image_classification"]),
         _ => None,
     }
 }

@@ -106,13 +106,17 @@ pub fn router(state: AppState) -> Router {
             "/v1/fine_tuning/jobs/{id}/checkpoints",
             get(jobs::checkpoints),
         )
-        .route("/v1/models", get(models::list))
+        .route("/v1/models", get(models::list).post(models::register))
         .route(
             "/v1/models/{*id}",
             get(models::retrieve).delete(models::remove),
         )
         .route("/v1/classifications", post(inference::classify))
         .route("/v1/embeddings", post(inference::embed))
+        .route(
+            "/v1/images/classifications",
+            post(inference::classify_images),
+        )
         .route("/v1/chat/completions", post(completions::chat))
         .route(
             "/v1/fine_tuning/alpha/graders/validate",

@@ -318,3 +318,175 @@ fn not_a_decoder(id: &str, what: &str) -> ApiError {
         code: Some("model_not_supported"),
     }
 }
+
+/// Copies a directory tree (regular files and folders only).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// `POST /v1/models` (kiln): registers a fine-tuned model (or checkpoint) of the project as a
+/// base model under a new id in the models directory, `{"id": "org/name", "model": "ft:..."}`.
+/// Later jobs and inference name it like any base model; this closes the transfer-learning
+/// loop (train a network here from scratch on one set, fine-tune it on another).
+pub async fn register(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let body: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("The request body is not valid JSON: {e}"), "body")
+    })?;
+    let field = |name: &'static str| -> Result<String, ApiError> {
+        match body.get(name) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(_) => Err(ApiError::bad_request(
+                format!("'{name}' must be a non-empty string"),
+                name,
+            )),
+            None => Err(ApiError::bad_request(
+                format!("Missing required parameter: '{name}'."),
+                name,
+            )),
+        }
+    };
+    let id = field("id")?;
+    let source = field("model")?;
+    if !models::valid_id(&id) || id.starts_with("ft:") {
+        return Err(ApiError::bad_request(
+            format!(
+                "'{id}' is not a valid base model id: use a relative path of letters, digits, '-', '_' and '.', such as 'acme/digits-resnet'"
+            ),
+            "id",
+        ));
+    }
+    if !source.starts_with("ft:") {
+        return Err(ApiError::bad_request(
+            format!(
+                "'{source}' is not a fine-tuned model: name an `ft:` model or checkpoint of a succeeded job"
+            ),
+            "model",
+        ));
+    }
+    let row = state
+        .queue
+        .find_model(&caller.project_id, &source)
+        .await?
+        .ok_or_else(|| model_not_found(&source))?;
+    let target = state.models_dir.join(&id);
+    if target.exists() {
+        return Err(ApiError::BadRequest {
+            message: format!("A base model '{id}' already exists in the models directory."),
+            param: Some("id".into()),
+            code: Some("model_exists"),
+        });
+    }
+    let files = state
+        .artifacts
+        .local_dir(&row.storage_key)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let partial = state
+        .models_dir
+        .join(format!(".register-{}", uuid::Uuid::new_v4()));
+    let copy_target = target.clone();
+    let copy_partial = partial.clone();
+    let copied = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let result = copy_tree(&files, &copy_partial).and_then(|()| {
+            if let Some(parent) = copy_target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            // rename refuses to replace a non-empty directory: a racing registration of the
+            // same id fails here rather than mixing two models' files.
+            std::fs::rename(&copy_partial, &copy_target)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&copy_partial);
+        }
+        result
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    if let Err(e) = copied {
+        if target.exists() {
+            return Err(ApiError::BadRequest {
+                message: format!("A base model '{id}' already exists in the models directory."),
+                param: Some("id".into()),
+                code: Some("model_exists"),
+            });
+        }
+        return Err(ApiError::Internal(e.into()));
+    }
+    let m = base_model(&state, &id).await?;
+    tracing::info!(model = %id, from = %source, "registered a fine-tuned model as a base model");
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(base_object(&m, false)),
+    ))
+}
+
+/// Resolves a model named in `/v1/images/classifications` to its files, checking it is an
+/// image classifier.
+pub(crate) async fn resolve_for_images(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<ModelRef, ApiError> {
+    let not_images = |what: &str| ApiError::BadRequest {
+        message: format!(
+            "model '{id}' is not an image classifier ({what}); /v1/images/classifications serves ResNet and ViT classifiers"
+        ),
+        param: Some("model".into()),
+        code: Some("model_not_supported"),
+    };
+    if id.starts_with("ft:") {
+        let row = state
+            .queue
+            .find_model(&caller.project_id, id)
+            .await?
+            .ok_or_else(|| model_not_found(id))?;
+        if row.training_format != "image_classification" {
+            return Err(not_images(task_of_format(&row.training_format)));
+        }
+        return Ok(ModelRef {
+            id: id.to_owned(),
+            location: ModelLocation::Stored(row.storage_key),
+        });
+    }
+    if !models::valid_id(id) {
+        return Err(model_not_found(id));
+    }
+    if state.serving.is_loaded(id) {
+        return Ok(ModelRef {
+            id: id.to_owned(),
+            location: ModelLocation::Dir(state.models_dir.join(id)),
+        });
+    }
+    let m = base_model(state, id).await?;
+    if m.family != Some(Family::Vision) {
+        return Err(not_images(&m.architecture));
+    }
+    if m.labels.is_empty() || m.parameters == 0 {
+        return Err(ApiError::BadRequest {
+            message: format!(
+                "model '{id}' has no trained classification head; fine-tune it on labelled images first"
+            ),
+            param: Some("model".into()),
+            code: Some("model_not_supported"),
+        });
+    }
+    Ok(ModelRef {
+        id: id.to_owned(),
+        location: ModelLocation::Dir(m.dir),
+    })
+}

@@ -215,15 +215,31 @@ fn classify(name: &str) -> EntryName {
     }
 }
 
+/// A zip entry name as `(components, is_dir)`; `None` for ignored or unsafe names.
+pub(crate) fn classify_entry(name: &str) -> Option<(Vec<String>, bool)> {
+    match classify(name) {
+        EntryName::Path { comps, is_dir } => Some((comps, is_dir)),
+        EntryName::Ignored | EntryName::Unsafe(_) => None,
+    }
+}
+
 /// Tracks whether every image sits under one common wrapper folder.
-enum Root {
+pub(crate) enum Root {
     Unknown,
     Common(String),
     None,
 }
 
 impl Root {
-    fn observe(&mut self, comps: &[String]) {
+    /// The wrapper folder every image sits under, if there is one.
+    pub(crate) fn common(self) -> Option<String> {
+        match self {
+            Root::Common(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn observe(&mut self, comps: &[String]) {
         // `dataset/CLASS/img` has 3 components; anything shallower means the
         // first folder is already the class.
         let candidate = match comps {
@@ -307,7 +323,12 @@ pub(crate) mod tests {
             .iter()
             .flat_map(|(c, n)| (0..*n).map(move |i| format!("{c}/{i}.png")))
             .collect();
-        let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), PNG)).collect();
+        // Real (decodable) 2x2 PNGs: the upload validator decodes every image.
+        let mut png = Vec::new();
+        ::image::RgbImage::from_pixel(2, 2, ::image::Rgb([9, 99, 199]))
+            .write_to(&mut Cursor::new(&mut png), ::image::ImageFormat::Png)
+            .unwrap();
+        let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &png[..])).collect();
         build_zip(&entries)
     }
 

@@ -124,7 +124,7 @@ pub(crate) fn check_image_path(path: &str) -> Result<(), String> {
 const B64_CHUNK: usize = 64 * 1024;
 
 /// Standard alphabet, padding optional: encoders disagree about trailing `=`.
-const B64: GeneralPurpose = GeneralPurpose::new(
+pub(crate) const B64: GeneralPurpose = GeneralPurpose::new(
     &alphabet::STANDARD,
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );

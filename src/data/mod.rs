@@ -10,6 +10,7 @@ mod archive;
 pub mod chat;
 mod formats;
 mod image;
+pub mod images;
 mod jsonl;
 pub mod text;
 
@@ -259,11 +260,37 @@ pub fn validate_dataset(path: &Path, filename: &str) -> io::Result<ValidationRep
     let is_zip_name = filename.to_ascii_lowercase().ends_with(".zip");
     // PK\x05\x06 is an empty archive (end-of-central-directory first).
     let is_zip_magic = got == 4 && (magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06");
-    if is_zip_name || is_zip_magic {
-        validate_zip(BufReader::new(file))
+    let mut report = if is_zip_name || is_zip_magic {
+        validate_zip(BufReader::new(file))?
     } else {
-        validate_jsonl(BufReader::with_capacity(256 * 1024, file))
+        validate_jsonl(BufReader::with_capacity(256 * 1024, file))?
+    };
+    // The structural pass only sniffs image headers; a set that passed it has every image
+    // decoded, so a truncated or corrupt one is reported now rather than mid-training.
+    if report.format == Some(DatasetFormat::ImageClassification)
+        && report.total_problems == 0
+        && report.image_paths == 0
+    {
+        match images::decode_problems(path) {
+            Ok(problems) => {
+                for p in problems {
+                    report.total_problems += 1;
+                    if report.problems.len() < MAX_REPORTED_PROBLEMS {
+                        report.problems.push(p);
+                    }
+                }
+            }
+            Err(message) => {
+                report.total_problems += 1;
+                report.problems.push(Problem {
+                    line: None,
+                    file: None,
+                    message,
+                });
+            }
+        }
     }
+    Ok(report)
 }
 
 /// Reads until `buf` is full or EOF; returns the number of bytes read.

@@ -61,6 +61,7 @@ impl BaseModel {
             }
             Some(Family::Encoder) => Some("embeddings"),
             Some(Family::Decoder) => Some("text_generation"),
+            Some(Family::Vision) if !self.labels.is_empty() => Some("image_classification"),
             _ => None,
         }
     }
@@ -175,22 +176,26 @@ pub fn describe(id: &str, dir: &Path) -> Result<BaseModel, ModelError> {
         .map_err(|e| ModelError::Invalid(format!("{}: {e}", config_path.display())))?;
     let config: Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::Invalid(format!("{}: {e}", config_path.display())))?;
-    let architecture = config
-        .get("model_type")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_owned();
+    let architecture = match config.get("model_type").and_then(Value::as_str) {
+        Some(t) => t.to_owned(),
+        // timm checkpoints name the architecture (`resnet50`) and have no model_type.
+        None => match config.get("architecture").and_then(Value::as_str) {
+            Some(a) if a.starts_with("resnet") => "resnet".to_owned(),
+            _ => "unknown".to_owned(),
+        },
+    };
     let family = family_of(&architecture);
     let is_classifier = config
         .get("architectures")
         .and_then(Value::as_array)
         .is_some_and(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .any(|n| n.ends_with("ForSequenceClassification"))
+            a.iter().filter_map(Value::as_str).any(|n| {
+                n.ends_with("ForSequenceClassification") || n.ends_with("ForImageClassification")
+            })
         });
     let weights = weight_files(dir)?;
-    if weights.is_empty() {
+    // A vision architecture may come as config.json alone: it trains from scratch.
+    if weights.is_empty() && family != Some(Family::Vision) {
         return Err(ModelError::Invalid(format!(
             "{} has no .safetensors weights",
             dir.display()

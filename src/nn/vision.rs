@@ -3,12 +3,14 @@
 //! neither needs to know which backbone it holds.
 
 use std::collections::HashMap;
+use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
 use serde_json::Value;
 
-use super::Result;
 use super::lora::LoraConfig;
+use super::{NnError, Result};
 
 /// How a backbone is loaded for a strategy.
 #[derive(Debug, Clone, Default)]
@@ -58,4 +60,89 @@ pub trait ImageClassifier: Send + Sync {
     /// `config.json` of the exported model: the base's keys, with `architectures`,
     /// `id2label` and `label2id` for these labels.
     fn export_config(&self) -> Value;
+}
+
+/// The vision families kiln trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisionFamily {
+    /// transformers' ResNet, or a timm `resnet*` checkpoint.
+    ResNet,
+    /// transformers' ViT (google/vit-*).
+    Vit,
+}
+
+fn read_config(dir: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn family_of(config: &Value) -> Option<VisionFamily> {
+    match config.get("model_type").and_then(Value::as_str) {
+        Some("resnet") => return Some(VisionFamily::ResNet),
+        Some("vit") => return Some(VisionFamily::Vit),
+        Some(_) => return None,
+        None => {}
+    }
+    // timm writes `architecture: "resnet50"` and no model_type.
+    match config.get("architecture").and_then(Value::as_str) {
+        Some(a) if a.starts_with("resnet") => Some(VisionFamily::ResNet),
+        _ => None,
+    }
+}
+
+/// The vision family of the model in `dir`, or `None` when it is not an image classifier.
+pub fn vision_family(dir: &Path) -> Option<VisionFamily> {
+    family_of(&read_config(dir)?)
+}
+
+/// The depth `freeze_layers` counts in (ResNet stages, ViT layers) and the square input
+/// side the model's config implies (ViT's `image_size`; 224 for a ResNet).
+pub fn vision_layers(dir: &Path) -> Result<(usize, usize)> {
+    let config = read_config(dir).ok_or_else(|| {
+        NnError::InvalidConfig(format!("{}: no readable config.json", dir.display()))
+    })?;
+    let get = |k: &str| config.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    match family_of(&config) {
+        Some(VisionFamily::Vit) => Ok((
+            get("num_hidden_layers").unwrap_or(12),
+            get("image_size").unwrap_or(224),
+        )),
+        Some(VisionFamily::ResNet) => Ok((
+            config
+                .get("depths")
+                .and_then(Value::as_array)
+                .map_or(4, Vec::len),
+            224,
+        )),
+        None => Err(NnError::InvalidConfig(format!(
+            "{}: not a ResNet or ViT image classifier",
+            dir.display()
+        ))),
+    }
+}
+
+/// Loads the image classifier in `dir` (ResNet or ViT) for `labels` (`None`: the
+/// checkpoint's own, for inference).
+pub fn load_image_classifier(
+    dir: &Path,
+    labels: Option<Vec<String>>,
+    varmap: &VarMap,
+    device: &Device,
+    opts: &VisionLoadOptions,
+    seed: u64,
+) -> Result<Box<dyn ImageClassifier>> {
+    match vision_family(dir) {
+        Some(VisionFamily::ResNet) => Ok(Box::new(
+            super::resnet::ResNetForImageClassification::from_dir(
+                dir, labels, varmap, device, opts, seed,
+            )?,
+        )),
+        Some(VisionFamily::Vit) => Ok(Box::new(super::vit::VitForImageClassification::from_dir(
+            dir, labels, varmap, device, opts, seed,
+        )?)),
+        None => Err(NnError::InvalidConfig(format!(
+            "{}: not a ResNet or ViT image classifier",
+            dir.display()
+        ))),
+    }
 }

@@ -10,6 +10,7 @@
 
 pub mod generate;
 pub mod model;
+pub mod vision;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use crate::artifacts::Artifacts;
 use crate::data::text::EncodedText;
 pub use generate::{FinishReason, GenEvent, GenerativeModel, Prompt, SamplingParams};
 pub use model::{Classification, EncoderModel, Implementation, Pooling, Purpose, TokenizeError};
+pub use vision::{ImageModel, LoadedImageModel};
 
 /// What the engine may use. Serving and training share a machine: these bound serving's
 /// share (training's is `KILN_WORKERS`).
@@ -142,6 +144,7 @@ struct CacheEntry {
 enum Loaded {
     Encoder(Arc<LoadedModel>),
     Generator(Arc<LoadedGenerator>),
+    Image(Arc<LoadedImageModel>),
 }
 
 impl Loaded {
@@ -149,6 +152,7 @@ impl Loaded {
         match self {
             Loaded::Encoder(m) => m.bytes,
             Loaded::Generator(m) => m.bytes,
+            Loaded::Image(m) => m.bytes,
         }
     }
 }
@@ -325,6 +329,12 @@ impl Serving {
                     model.id
                 )));
             }
+            Loaded::Image(_) => {
+                return Err(ServeError::Unsupported(format!(
+                    "model '{}' is an image classifier: use /v1/images/classifications",
+                    model.id
+                )));
+            }
         };
         if purpose == Purpose::Classify && !loaded.model.is_classifier() {
             return Err(ServeError::Unsupported(format!(
@@ -456,6 +466,9 @@ impl Serving {
         if crate::train::is_decoder_dir(&dir) {
             return self.load_generator(model, dir, bytes).await;
         }
+        if crate::nn::vision::vision_family(&dir).is_some() {
+            return self.load_image(model, dir, bytes).await;
+        }
         let started = Instant::now();
         let settings = self.inner.settings.clone();
         let id = model.id.clone();
@@ -535,6 +548,92 @@ impl Serving {
         })))
     }
 
+    async fn load_image(
+        &self,
+        model: &ModelRef,
+        dir: PathBuf,
+        bytes: u64,
+    ) -> Result<Loaded, ServeError> {
+        let started = Instant::now();
+        let device = self.inner.settings.device.clone();
+        let id = model.id.clone();
+        let loaded = tokio::task::spawn_blocking(move || ImageModel::load(&dir, &device))
+            .await
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .map_err(|e| ServeError::Load(format!("model '{id}' could not be loaded: {e}")))?;
+        let loaded = Arc::new(loaded);
+        let (tx, rx) = mpsc::channel();
+        let thread_model = loaded.clone();
+        let slots = self.inner.slots.clone();
+        std::thread::Builder::new()
+            .name(format!("kiln-img-{}", short(&model.id)))
+            .spawn(move || vision::run_image_model(thread_model, rx, slots))
+            .map_err(|e| {
+                ServeError::Internal(format!("could not start an inference thread: {e}"))
+            })?;
+        tracing::info!(model = %model.id, mib = bytes >> 20,
+            seconds = started.elapsed().as_secs_f64(), "image model loaded for serving");
+        metrics::counter!("kiln_serve_model_loads_total").increment(1);
+        Ok(Loaded::Image(Arc::new(LoadedImageModel {
+            model: loaded,
+            bytes,
+            queue: tx,
+        })))
+    }
+
+    /// Class probabilities for each image (encoded PNG, JPEG or WebP bytes).
+    pub async fn classify_images(
+        &self,
+        model: &ModelRef,
+        images: Vec<Vec<u8>>,
+    ) -> Result<(Arc<LoadedImageModel>, Vec<Vec<f32>>), ServeError> {
+        let _admitted = self.admit()?;
+        let timeout = self.inner.settings.timeout;
+        let deadline = Instant::now() + timeout;
+        let loaded = match self.get(model).await? {
+            Loaded::Image(m) => m,
+            Loaded::Encoder(_) => {
+                return Err(ServeError::Unsupported(format!(
+                    "model '{}' is a text model: use /v1/classifications",
+                    model.id
+                )));
+            }
+            Loaded::Generator(_) => {
+                return Err(ServeError::Unsupported(format!(
+                    "model '{}' is a generative model (a decoder): use /v1/chat/completions",
+                    model.id
+                )));
+            }
+        };
+        let n = images.len();
+        let prep = loaded.model.clone();
+        let pixels = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::with_capacity(n * prep.preprocess.pixels_per_image());
+            for (index, bytes) in images.iter().enumerate() {
+                let px = prep
+                    .prepare(bytes)
+                    .map_err(|message| ServeError::BadInput { index, message })?;
+                all.extend_from_slice(&px);
+            }
+            Ok::<_, ServeError>(all)
+        })
+        .await
+        .map_err(|e| ServeError::Internal(e.to_string()))??;
+        let (reply, rx) = oneshot::channel();
+        loaded
+            .queue
+            .send(vision::ImageWork {
+                pixels,
+                n,
+                reply,
+                deadline,
+                timeout,
+            })
+            .map_err(|_| ServeError::Internal("the model's inference thread has stopped".into()))?;
+        let out = wait(rx, deadline, timeout).await?;
+        Ok((loaded, out))
+    }
+
     /// Starts generating from `prompt`; the events arrive on the returned receiver. The
     /// request counts as waiting (for `KILN_SERVE_MAX_WAITING`) until it is finished, and
     /// generation stops early when the receiver is dropped (the client went away).
@@ -558,6 +657,12 @@ impl Serving {
             Loaded::Encoder(_) => {
                 return Err(ServeError::Unsupported(format!(
                     "model '{}' is a text encoder, which does not generate text: use /v1/classifications or /v1/embeddings",
+                    model.id
+                )));
+            }
+            Loaded::Image(_) => {
+                return Err(ServeError::Unsupported(format!(
+                    "model '{}' is an image classifier, which does not generate text: use /v1/images/classifications",
                     model.id
                 )));
             }

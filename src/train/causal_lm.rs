@@ -351,6 +351,7 @@ pub(crate) fn run(
         max_positions: config.max_position_embeddings,
         p99_tokens: length_quantile(&lengths, 0.99),
         decoder: true,
+        vision: false,
     };
     let (hp, notes) = job.hyperparameters.resolve(&ctx)?;
     let max_length = hp.max_length as usize;

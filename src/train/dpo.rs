@@ -218,6 +218,7 @@ pub(crate) fn run(
         max_positions: config.max_position_embeddings,
         p99_tokens: length_quantile(&lengths, 0.99),
         decoder: true,
+        vision: false,
     };
     let (mut hp, mut notes) = job.hyperparameters.resolve(&ctx)?;
     let beta = match hp.beta {

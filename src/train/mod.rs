@@ -14,6 +14,7 @@ mod dpo;
 mod estimate;
 mod export;
 pub mod graders;
+mod image_classify;
 mod masked_lm;
 pub mod metrics;
 pub mod optim;
@@ -275,6 +276,7 @@ pub(crate) fn resolve_context(
         max_positions: config.max_position_embeddings.saturating_sub(offset),
         p99_tokens: data::text::length_quantile(&lengths, 0.99),
         decoder: false,
+        vision: false,
     })
 }
 
@@ -306,6 +308,16 @@ pub fn run(
     stop: &StopSignal,
 ) -> Result<TrainOutcome, TrainError> {
     let format = detect_format(&job.training_file)?;
+    if crate::nn::vision::vision_family(&job.base_model).is_some() {
+        return match format {
+            DatasetFormat::ImageClassification => image_classify::run(job, on_event, stop),
+            other => Err(TrainError::Data(format!(
+                "{} data ({}) cannot train an image model; use image+label lines or a zip with one folder per class",
+                other.as_str(),
+                other.task()
+            ))),
+        };
+    }
     if causal_lm::is_decoder_dir(&job.base_model) {
         return match format {
             DatasetFormat::Chat | DatasetFormat::PromptCompletion | DatasetFormat::DomainText => {

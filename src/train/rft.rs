@@ -382,6 +382,7 @@ pub(crate) fn run(
         max_positions: config.max_position_embeddings,
         p99_tokens: length_quantile(&lengths, 0.99),
         decoder: true,
+        vision: false,
     };
     let mut request = job.hyperparameters.clone();
     if request.select_metric.is_none() {

@@ -138,6 +138,21 @@ pub struct HyperparameterRequest {
     pub eval_samples: Option<AutoOr<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_effort: Option<String>,
+    /// Image classification's training augmentation (default `crop_flip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<AutoOr<Augmentation>>,
+}
+
+/// Random augmentation of training images (evaluation always center-crops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Augmentation {
+    /// The evaluation transform only.
+    None,
+    /// Random resized crops.
+    Crop,
+    /// Random resized crops and horizontal flips.
+    CropFlip,
 }
 
 /// Every key a [`HyperparameterRequest`] accepts, in the order the job object shows them.
@@ -237,6 +252,9 @@ pub struct Hyperparameters {
     pub eval_samples: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_effort: Option<String>,
+    /// Image classification runs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<Augmentation>,
 }
 
 /// What `resolve` needs to know about the run.
@@ -251,6 +269,8 @@ pub struct ResolveContext {
     pub p99_tokens: usize,
     /// A decoder LM (LoRA module names, learning rates and lengths differ from encoders').
     pub decoder: bool,
+    /// An image classifier (scratch training allowed; `max_length` is the image side).
+    pub vision: bool,
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
@@ -444,7 +464,7 @@ impl HyperparameterRequest {
             .as_ref()
             .and_then(AutoOr::value)
             .unwrap_or(Strategy::Full);
-        if strategy == Strategy::Scratch {
+        if strategy == Strategy::Scratch && !ctx.vision {
             return Err(bad(
                 "strategy",
                 "scratch training is for vision backbones; text encoders are fine-tuned from pretrained weights",
@@ -493,7 +513,10 @@ impl HyperparameterRequest {
         let (base_lr, head_lr) = match strategy {
             Strategy::Full | Strategy::Freeze | Strategy::Scratch if ctx.decoder => (2e-5, 1e-3),
             Strategy::Lora if ctx.decoder => (2e-4, 1e-3),
-            Strategy::Full | Strategy::Freeze | Strategy::Scratch => (5e-5, 1e-3),
+            // A network trained from nothing: one rate for all of it.
+            Strategy::Scratch => (1e-3, 1e-3),
+            Strategy::Full | Strategy::Freeze if ctx.vision => (1e-4, 1e-3),
+            Strategy::Full | Strategy::Freeze => (5e-5, 1e-3),
             Strategy::Lora => (5e-4, 1e-3),
             Strategy::HeadOnly => (0.0, 5e-3),
         };
@@ -531,6 +554,16 @@ impl HyperparameterRequest {
             _ => 0,
         };
         let max_length = match self.max_length.as_ref().and_then(AutoOr::value) {
+            Some(m) if ctx.vision && m as usize != ctx.max_positions => {
+                return Err(bad(
+                    "max_length",
+                    format!(
+                        "images are resized to the model's input side ({} pixels); leave max_length out",
+                        ctx.max_positions
+                    ),
+                ));
+            }
+            None if ctx.vision => ctx.max_positions as u32,
             Some(m) if m as usize > ctx.max_positions => {
                 return Err(bad(
                     "max_length",
@@ -638,6 +671,16 @@ impl HyperparameterRequest {
             eval_interval: self.eval_interval.as_ref().and_then(AutoOr::value),
             eval_samples: self.eval_samples.as_ref().and_then(AutoOr::value),
             reasoning_effort: self.reasoning_effort.clone(),
+            augmentation: if ctx.vision {
+                Some(
+                    self.augmentation
+                        .as_ref()
+                        .and_then(AutoOr::value)
+                        .unwrap_or(Augmentation::CropFlip),
+                )
+            } else {
+                None
+            },
         };
         Ok((hp, notes))
     }
@@ -679,6 +722,7 @@ mod tests {
             max_positions: 512,
             p99_tokens: 37,
             decoder: false,
+            vision: false,
         }
     }
 

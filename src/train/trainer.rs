@@ -53,6 +53,14 @@ pub(crate) trait Task {
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {
         BTreeMap::new()
     }
+    /// State that training changes without the optimizer (BatchNorm running statistics):
+    /// checkpointed, restored on resume and kept with the best weights like the variables.
+    fn buffers(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+    /// A hint that `batch` comes next, at optimizer step `step`: tasks with costly input
+    /// preparation (image decoding and augmentation) start it in the background.
+    fn prefetch(&mut self, _batch: &[usize], _step: u64) {}
 }
 
 /// The subdirectory of a checkpoint holding the model as of that step.
@@ -155,13 +163,16 @@ impl Trainer<'_> {
             }
         }
 
+        // What checkpoints and the best-weights snapshot keep: the variables and the buffers.
+        let mut kept_vars = all_vars.clone();
+        kept_vars.extend(task.buffers());
         let mut state = LoopState {
             train_examples: n,
             ..LoopState::default()
         };
         let mut best_weights: Option<HashMap<String, Tensor>> = None;
         if let Some(dir) = resume {
-            let (s, best) = load_checkpoint(dir, &all_vars, &mut optimizer)?;
+            let (s, best) = load_checkpoint(dir, &kept_vars, &mut optimizer)?;
             if s.train_examples != n {
                 return Err(TrainError::Data(format!(
                     "the checkpoint was trained on {} examples but the data now has {n}",
@@ -196,7 +207,7 @@ impl Trainer<'_> {
                             StopRequest::CheckpointAndStop => Some(self.checkpoint(
                                 task,
                                 &state,
-                                &all_vars,
+                                &kept_vars,
                                 &optimizer,
                                 &best_weights,
                                 &mut last_checkpoint,
@@ -219,7 +230,14 @@ impl Trainer<'_> {
                     let mut loss_sum = 0.0f64;
                     let mut examples = 0usize;
                     let mut tokens = 0usize;
-                    for batch in &batches[state.next_batch..state.next_batch + micro] {
+                    for (j, batch) in batches[state.next_batch..state.next_batch + micro]
+                        .iter()
+                        .enumerate()
+                    {
+                        if let Some(next) = batches.get(state.next_batch + j + 1) {
+                            let next_step = state.step + u64::from(j + 1 == micro);
+                            task.prefetch(next, next_step);
+                        }
                         let (loss, t) = task.loss(batch, state.step)?;
                         loss_sum += f64::from(loss.to_scalar::<f32>()?);
                         let g = (loss / micro as f64)?.backward()?;
@@ -289,7 +307,7 @@ impl Trainer<'_> {
                         && self.evaluate(
                             task,
                             &mut state,
-                            &all_vars,
+                            &kept_vars,
                             &mut best_weights,
                             epoch_progress,
                         )?
@@ -309,7 +327,7 @@ impl Trainer<'_> {
                         self.checkpoint(
                             task,
                             &state,
-                            &all_vars,
+                            &kept_vars,
                             &optimizer,
                             &best_weights,
                             &mut last_checkpoint,
@@ -332,7 +350,7 @@ impl Trainer<'_> {
         }
         // Finish on the best weights, if an evaluation ever chose some.
         if let Some(best) = &best_weights {
-            for (name, var) in &all_vars {
+            for (name, var) in &kept_vars {
                 if let Some(t) = best.get(name) {
                     var.set(t)?;
                 }

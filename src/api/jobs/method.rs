@@ -77,8 +77,17 @@ const REINFORCEMENT: &[Knob] = &[
     },
 ];
 
+/// Image classification's augmentation rides on the supervised method.
+const SUPERVISED: &[Knob] = &[Knob {
+    name: "augmentation",
+    kind: Kind::Choice(&["none", "crop", "crop_flip"]),
+    auto: true,
+    default: auto,
+}];
+
 fn method_knobs(method: &str) -> &'static [Knob] {
     match method {
+        "supervised" => SUPERVISED,
         "dpo" => DPO,
         "reinforcement" => REINFORCEMENT,
         _ => &[],
@@ -164,7 +173,17 @@ fn resolve_hyperparameters(
         }
         // One key at a time, so a type error names its field.
         let one = Value::Object(Map::from_iter([(key.clone(), value.clone())]));
-        if let Err(e) = serde_json::from_value::<HyperparameterRequest>(one) {
+        let parsed = serde_json::from_value::<HyperparameterRequest>(one).and_then(|r| {
+            // Another method's knob (beta under supervised) would otherwise vanish silently.
+            if COMMON.contains(&key.as_str()) {
+                Ok(r)
+            } else {
+                Err(serde::de::Error::custom(format!(
+                    "'{key}' belongs to another method"
+                )))
+            }
+        });
+        if let Err(e) = parsed {
             let message = if COMMON.contains(&key.as_str()) {
                 format!("{key} has an invalid value {value}: expected a valid {key} or \"auto\"")
             } else {
@@ -326,7 +345,19 @@ mod tests {
         let h = &m["supervised"]["hyperparameters"];
         assert_eq!(h["n_epochs"], "auto");
         assert_eq!(h["lr_scheduler"], "auto");
-        assert_eq!(h.as_object().unwrap().len(), COMMON.len());
+        assert_eq!(h["augmentation"], "auto");
+        assert_eq!(
+            h.as_object().unwrap().len(),
+            COMMON.len() + SUPERVISED.len()
+        );
+        // Another method's knob is refused, not dropped.
+        let method =
+            json!({"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}});
+        let err = resolve_method(Some(&method), None, "text_classification").unwrap_err();
+        assert_eq!(
+            param(err).as_deref(),
+            Some("method.supervised.hyperparameters.beta")
+        );
     }
 
     #[test]
