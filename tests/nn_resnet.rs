@@ -722,6 +722,25 @@ fn conv2d_matches_candle_and_finite_differences_for_the_resnet_shapes() {
 }
 
 #[test]
+fn conv2d_gives_the_same_results_one_image_at_a_time_as_all_at_once() {
+    let dev = Device::Cpu;
+    let x = Var::from_vec(values(1, 3 * 9 * 8 * 4), (3, 9, 8, 4), &dev).unwrap();
+    let w = Var::from_vec(values(2, 5 * 4 * 9), (5, 4, 3, 3), &dev).unwrap();
+    let r = Tensor::from_vec(values(3, 3 * 5 * 4 * 5), (3, 5, 4, 5), &dev).unwrap();
+    let run = |floats: usize| {
+        let y = conv::conv2d_chunked(x.as_tensor(), w.as_tensor(), 2, 1, floats).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap().clone();
+        let gw = g.get(w.as_tensor()).unwrap().clone();
+        (y, gx, gw)
+    };
+    let (all, one) = (run(conv::DEFAULT_COLUMN_FLOATS), run(1));
+    assert!(max_abs_diff(&all.0, &one.0) < 1e-5);
+    assert!(max_abs_diff(&all.1, &one.1) < 1e-5);
+    assert!(max_abs_diff(&all.2, &one.2) < 1e-4);
+}
+
+#[test]
 fn batch_norm_backward_in_training_mode_matches_finite_differences() {
     let dev = Device::Cpu;
     let x = Var::from_vec(values(1, 5 * 4), (5, 4), &dev).unwrap();

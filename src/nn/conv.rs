@@ -286,38 +286,41 @@ impl Geom {
             });
     }
 
-    /// The weight `[cout, cin, kh, kw]` rearranged to `[k, cout]` in im2col's column order.
+    /// The weight `[cout, cin, kh, kw]` rearranged to `[k, cout]` in im2col's column order
+    /// (parallel over rows of the result, so writes stay contiguous).
     fn pack_weight(&self, w: &[f32]) -> Vec<f32> {
-        let mut wp = vec![0f32; self.k() * self.cout];
-        for co in 0..self.cout {
-            for ci in 0..self.cin {
-                for ky in 0..self.kh {
-                    for kx in 0..self.kw {
-                        let kk = (ky * self.kw + kx) * self.cin + ci;
-                        wp[kk * self.cout + co] =
-                            w[((co * self.cin + ci) * self.kh + ky) * self.kw + kx];
-                    }
-                }
+        let (cout, khw) = (self.cout, self.kh * self.kw);
+        let mut wp = vec![0f32; self.k() * cout];
+        wp.par_chunks_mut(cout).enumerate().for_each(|(kk, row)| {
+            let (pos, ci) = (kk / self.cin, kk % self.cin);
+            let src = ci * khw + pos;
+            for (co, d) in row.iter_mut().enumerate() {
+                *d = w[co * self.k() + src];
             }
-        }
+        });
         wp
     }
 
     /// The inverse of [`Self::pack_weight`]: `[k, cout]` back to `[cout, cin, kh, kw]`.
     fn unpack_weight(&self, wp: &[f32]) -> Vec<f32> {
-        let mut w = vec![0f32; self.k() * self.cout];
-        for co in 0..self.cout {
-            for ci in 0..self.cin {
-                for ky in 0..self.kh {
-                    for kx in 0..self.kw {
-                        let kk = (ky * self.kw + kx) * self.cin + ci;
-                        w[((co * self.cin + ci) * self.kh + ky) * self.kw + kx] =
-                            wp[kk * self.cout + co];
-                    }
+        let (cout, khw) = (self.cout, self.kh * self.kw);
+        let mut w = vec![0f32; self.k() * cout];
+        w.par_chunks_mut(self.k())
+            .enumerate()
+            .for_each(|(co, row)| {
+                for (src, d) in row.iter_mut().enumerate() {
+                    let (ci, pos) = (src / khw, src % khw);
+                    *d = wp[(pos * self.cin + ci) * cout + co];
                 }
-            }
-        }
+            });
         w
+    }
+
+    /// Images per im2col batch: as many as keep the column buffer within `limit` floats, so
+    /// late stages (few output positions per image) still make one large GEMM.
+    fn images_per_chunk(&self, limit: usize) -> usize {
+        let per_image = (self.rows() * self.k()).max(1);
+        (limit / per_image).clamp(1, self.b.max(1))
     }
 }
 
@@ -331,9 +334,30 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
+    conv2d_chunked(x, weight, stride, padding, DEFAULT_COLUMN_FLOATS)
+}
+
+/// The im2col buffer [`conv2d`] allows itself, in floats (64 MiB).
+pub const DEFAULT_COLUMN_FLOATS: usize = 16 << 20;
+
+/// [`conv2d`] with a chosen bound on the im2col buffer (`column_floats`): images are unfolded
+/// and multiplied in groups that fit it (at least one image at a time).
+pub fn conv2d_chunked(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    column_floats: usize,
+) -> candle_core::Result<Tensor> {
     on_cpu_f32(&[x, weight], |t| {
-        t[0].contiguous()?
-            .apply_op2(&t[1].contiguous()?, Conv2dNhwc { stride, padding })
+        t[0].contiguous()?.apply_op2(
+            &t[1].contiguous()?,
+            Conv2dNhwc {
+                stride,
+                padding,
+                column_floats,
+            },
+        )
     })
 }
 
@@ -341,6 +365,8 @@ pub fn conv2d(
 struct Conv2dNhwc {
     stride: usize,
     padding: usize,
+    /// Bound on the im2col buffer, in floats.
+    column_floats: usize,
 }
 
 impl CustomOp2 for Conv2dNhwc {
@@ -370,13 +396,20 @@ impl CustomOp2 for Conv2dNhwc {
                 false,
             )?;
         } else {
-            let mut cols = vec![0f32; rows * k];
             let img = g.h * g.w * g.cin;
-            for b in 0..g.b {
-                g.im2col(&x[b * img..][..img], &mut cols);
+            let per = g.images_per_chunk(self.column_floats);
+            let mut cols = vec![0f32; per * rows * k];
+            for b0 in (0..g.b).step_by(per) {
+                let nb = per.min(g.b - b0);
+                for i in 0..nb {
+                    g.im2col(
+                        &x[(b0 + i) * img..][..img],
+                        &mut cols[i * rows * k..][..rows * k],
+                    );
+                }
                 sgemm(
-                    (rows, n, k),
-                    &mut out[b * rows * n..][..rows * n],
+                    (nb * rows, n, k),
+                    &mut out[b0 * rows * n..][..nb * rows * n],
                     Mat::rows(&cols, k),
                     Mat::rows(&wp, n),
                     false,
@@ -436,28 +469,37 @@ impl CustomOp2 for Conv2dNhwc {
                         }
                         return Ok(());
                     }
-                    let mut cols = vec![0f32; rows * k];
-                    for b in 0..g.b {
-                        let gb = &gs[b * rows * n..][..rows * n];
+                    let per = g.images_per_chunk(self.column_floats);
+                    let mut cols = vec![0f32; per * rows * k];
+                    for b0 in (0..g.b).step_by(per) {
+                        let nb = per.min(g.b - b0);
+                        let gb = &gs[b0 * rows * n..][..nb * rows * n];
+                        let cols = &mut cols[..nb * rows * k];
                         if want_dw {
-                            g.im2col(&xs[b * img..][..img], &mut cols);
+                            for i in 0..nb {
+                                let xi = &xs[(b0 + i) * img..][..img];
+                                g.im2col(xi, &mut cols[i * rows * k..][..rows * k]);
+                            }
                             sgemm(
-                                (k, n, rows),
+                                (k, n, nb * rows),
                                 &mut dwp,
-                                Mat::transposed(&cols, k),
+                                Mat::transposed(cols, k),
                                 Mat::rows(gb, n),
-                                b > 0,
+                                b0 > 0,
                             )?;
                         }
                         if want_dx {
                             sgemm(
-                                (rows, k, n),
-                                &mut cols,
+                                (nb * rows, k, n),
+                                cols,
                                 Mat::rows(gb, n),
                                 Mat::transposed(&wp, n),
                                 false,
                             )?;
-                            g.col2im(&cols, &mut dx[b * img..][..img]);
+                            for i in 0..nb {
+                                let dxi = &mut dx[(b0 + i) * img..][..img];
+                                g.col2im(&cols[i * rows * k..][..rows * k], dxi);
+                            }
                         }
                     }
                     Ok(())
@@ -484,23 +526,47 @@ pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
         if rows == 0 {
             candle_core::bail!("batch-norm: statistics of an empty batch")
         }
-        let mut sum = vec![0f64; c];
-        for row in xs.chunks_exact(c) {
-            for (s, &v) in sum.iter_mut().zip(row) {
-                *s += v as f64;
-            }
-        }
-        let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
-        let mut sq = vec![0f64; c];
-        for row in xs.chunks_exact(c) {
-            for ((s, &v), m) in sq.iter_mut().zip(row).zip(&mean) {
-                let d = v as f64 - m;
-                *s += d * d;
-            }
-        }
-        let var = sq.iter().map(|s| s / rows as f64).collect();
+        // One parallel pass of sums and squares shifted by the first row (so a large mean
+        // cannot cancel the variance away), combined in f64.
+        let shift: Vec<f32> = xs[..c].to_vec();
+        let (s, ss) = xs
+            .par_chunks(row_chunk(rows) * c)
+            .map(|part| {
+                let mut s = vec![0f64; c];
+                let mut ss = vec![0f64; c];
+                for row in part.chunks_exact(c) {
+                    for i in 0..c {
+                        let d = (row[i] - shift[i]) as f64;
+                        s[i] += d;
+                        ss[i] += d * d;
+                    }
+                }
+                (s, ss)
+            })
+            .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
+        let n = rows as f64;
+        let mean = (0..c).map(|i| shift[i] as f64 + s[i] / n).collect();
+        let var = (0..c)
+            .map(|i| (ss[i] / n - (s[i] / n) * (s[i] / n)).max(0.0))
+            .collect();
         Ok((mean, var))
     })
+}
+
+/// Rows per parallel task for a per-channel reduction over `rows` rows.
+fn row_chunk(rows: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads().max(1))
+        .max(1)
+}
+
+/// Element-wise sum of two pairs of per-channel accumulators.
+fn add_pairs(
+    (mut a, mut b): (Vec<f64>, Vec<f64>),
+    (c, d): (Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>) {
+    a.iter_mut().zip(c).for_each(|(x, y)| *x += y);
+    b.iter_mut().zip(d).for_each(|(x, y)| *x += y);
+    (a, b)
 }
 
 /// The statistics and mode of one [`batch_norm`] call.
@@ -623,49 +689,65 @@ impl CustomOp3 for BatchNormOp {
         let n = x.elem_count();
         let rows = (n / c.max(1)) as f32;
         let mut dx = if want_dx { vec![0f32; n] } else { Vec::new() };
-        let mut sum_g = vec![0f64; c];
-        let mut sum_gx = vec![0f64; c];
+        let mut sums = (vec![0f64; c], vec![0f64; c]);
+        let (mean, rstd, relu) = (&self.mean, &self.rstd, self.relu);
         with_f32(x, name, |xs| {
             with_f32(w, name, |ws| {
                 with_f32(res, name, |ys| {
                     with_f32(grad, name, |gs| {
-                        let gate = |i: usize| -> f32 {
-                            if self.relu && ys[i] <= 0.0 {
-                                0.0
-                            } else {
-                                gs[i]
-                            }
-                        };
-                        for (r, xr) in xs.chunks_exact(c).enumerate() {
-                            for ch in 0..c {
-                                let gv = gate(r * c + ch) as f64;
-                                let xhat = ((xr[ch] - self.mean[ch]) * self.rstd[ch]) as f64;
-                                sum_g[ch] += gv;
-                                sum_gx[ch] += gv * xhat;
-                            }
-                        }
+                        // The gradient through the fused ReLU.
+                        let gate = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
+                        let chunk = row_chunk(xs.len() / c) * c;
+                        sums = xs
+                            .par_chunks(chunk)
+                            .zip(gs.par_chunks(chunk))
+                            .zip(ys.par_chunks(chunk))
+                            .map(|((xp, gp), yp)| {
+                                let mut sg = vec![0f64; c];
+                                let mut sgx = vec![0f64; c];
+                                let rows = xp.chunks_exact(c).zip(gp.chunks_exact(c));
+                                for ((xr, gr), yr) in rows.zip(yp.chunks_exact(c)) {
+                                    for ch in 0..c {
+                                        let gv = gate(gr[ch], yr[ch]);
+                                        let xhat = (xr[ch] - mean[ch]) * rstd[ch];
+                                        sg[ch] += gv as f64;
+                                        sgx[ch] += (gv * xhat) as f64;
+                                    }
+                                }
+                                (sg, sgx)
+                            })
+                            .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
                         if want_dx {
+                            let (sum_g, sum_gx) = &sums;
                             let mg: Vec<f32> = sum_g.iter().map(|&s| s as f32 / rows).collect();
                             let mgx: Vec<f32> = sum_gx.iter().map(|&s| s as f32 / rows).collect();
-                            let k: Vec<f32> = (0..c).map(|i| ws[i] * self.rstd[i]).collect();
+                            let k: Vec<f32> = (0..c).map(|i| ws[i] * rstd[i]).collect();
                             let batch = self.batch_stats;
-                            dx.par_chunks_mut(c).enumerate().for_each(|(r, dr)| {
-                                for ch in 0..c {
-                                    let gv = gate(r * c + ch);
-                                    dr[ch] = if batch {
-                                        let xhat = (xs[r * c + ch] - self.mean[ch]) * self.rstd[ch];
-                                        k[ch] * (gv - mg[ch] - xhat * mgx[ch])
-                                    } else {
-                                        k[ch] * gv
-                                    };
-                                }
-                            });
+                            dx.par_chunks_mut(chunk)
+                                .zip(xs.par_chunks(chunk))
+                                .zip(gs.par_chunks(chunk).zip(ys.par_chunks(chunk)))
+                                .for_each(|((dp, xp), (gp, yp))| {
+                                    let rows = dp.chunks_exact_mut(c).zip(xp.chunks_exact(c));
+                                    let grads = gp.chunks_exact(c).zip(yp.chunks_exact(c));
+                                    for ((dr, xr), (gr, yr)) in rows.zip(grads) {
+                                        for ch in 0..c {
+                                            let gv = gate(gr[ch], yr[ch]);
+                                            dr[ch] = if batch {
+                                                let xhat = (xr[ch] - mean[ch]) * rstd[ch];
+                                                k[ch] * (gv - mg[ch] - xhat * mgx[ch])
+                                            } else {
+                                                k[ch] * gv
+                                            };
+                                        }
+                                    }
+                                });
                         }
                         Ok(())
                     })
                 })
             })
         })?;
+        let (sum_g, sum_gx) = sums;
         let dev = x.device();
         let to_t = |v: &[f64]| Tensor::from_vec(v.iter().map(|&s| s as f32).collect(), c, dev);
         let dx = want_dx

@@ -790,7 +790,7 @@ impl ResNetForImageClassification {
         };
         let reuse_head = !opts.scratch && ckpt_labels.as_ref() == Some(&labels) && head_fits(&ckpt);
         if !reuse_head {
-            let mut rng = StdRng::seed_from_u64(seed ^ 0x004E_AD0F_2E5E);
+            let mut rng = StdRng::seed_from_u64(seed ^ 0x4EAD_0F2E);
             let (w, b) = fresh_head(labels.len(), feat, &mut rng, device)?;
             ckpt.insert("classifier.1.weight".into(), w);
             ckpt.insert("classifier.1.bias".into(), b);
