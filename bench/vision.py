@@ -26,9 +26,10 @@ Data (written once per run into a temporary directory, class-folder zips, kiln's
               inflate). (--steps + --warmup-steps) * batch training images (192 by default),
               8 per class for validation (passed as --validation-file, so kiln holds none out).
   digits      scikit-learn's real 8x8 digits through scripts/digits_zip.py (greyscale PNGs):
-              (--digits-steps + --warmup-steps) * batch / 10 per class for training (800 by
-              default), the next 20 per class (--skip) for validation. Upscaled to 32x32 by the
-              preprocessing on both sides.
+              the first 150 per class (1,500) cycled to (--digits-steps + --warmup-steps) * batch
+              training images (2,432 by default; copies are renamed `-rK`), the next 20 per
+              class (--skip 150) for validation. Upscaled to 32x32 by the preprocessing on both
+              sides.
 
 Every PNG is 8-bit with filter type 0 on every row (what scripts/digits_zip.py writes too), so
 the PyTorch side can decode it with zlib + numpy (Pillow and torchvision are not required).
@@ -110,6 +111,8 @@ EVAL_BATCH = 32  # kiln's EVAL_BATCH (src/train/image_classify.rs)
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# scikit-learn's smallest digit class has 174 images: 150 train + 20 validation per class.
+DIGITS_TRAIN_PER_CLASS = 150
 
 MODELS = {
     # name: (family, input side, classes, default data)
@@ -211,6 +214,20 @@ def make_digits_zip(path: Path, per_class: int, skip: int, seed: int) -> int:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
     with zipfile.ZipFile(path) as z:
         return sum(1 for n in z.namelist() if n.endswith(".png"))
+
+
+def replicate_zip(src: Path, dst: Path, n: int) -> int:
+    """dst holds src's images cycled (in order) to n entries; copies get a `-rK` suffix."""
+    with zipfile.ZipFile(src) as z:
+        names = [x for x in z.namelist() if x.lower().endswith(".png")]
+        data = [z.read(x) for x in names]
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as z:
+        for i in range(n):
+            name = names[i % len(names)]
+            if i >= len(names):
+                name = f"{name[:-4]}-r{i // len(names)}.png"
+            z.writestr(name, data[i % len(names)])
+    return n
 
 
 def read_zip(path: Path) -> tuple[list[bytes], list[str]]:
@@ -600,6 +617,36 @@ def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def busy_jiffies() -> int:
+    """Machine-wide non-idle CPU time (all cores), in clock ticks, from /proc/stat."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(vals[:8]) - vals[3] - vals[4]  # minus idle and iowait
+
+
+def busy_cores(seconds: float) -> float:
+    b0, t0 = busy_jiffies(), time.time()
+    time.sleep(seconds)
+    return (busy_jiffies() - b0) / CLK_TCK / (time.time() - t0)
+
+
+def wait_idle(args) -> tuple[float, float | None]:
+    """Waits (at most --wait-idle seconds) until the machine uses under --idle-below cores over
+    3 s (bench/decoder.py's rule); returns the seconds waited and the last figure."""
+    if args.wait_idle <= 0:
+        return 0.0, None
+    start, said = time.time(), -1e9
+    while True:
+        b = busy_cores(3.0)
+        waited = time.time() - start
+        if b < args.idle_below or waited >= args.wait_idle:
+            if b >= args.idle_below:
+                print(f"the machine is still busy ({b:.2f} cores) after {waited:.0f} s: measuring anyway", file=sys.stderr)
+            return waited, b
+        if waited - said >= 60:
+            print(f"waiting for the machine to be idle ({b:.2f} cores busy, {waited:.0f} s so far)", file=sys.stderr)
+            said = waited
+
+
 def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "")
@@ -622,7 +669,7 @@ def main():
     ap.add_argument("--kiln", type=Path, default=REPO / "target/release/kiln", help="kiln binary [target/release/kiln]")
     ap.add_argument("--models", default="resnet18,vit-tiny,digits", help="comma-separated: " + ",".join(MODELS))
     ap.add_argument("--steps", type=int, default=10, help="timed training steps for the 224 models")
-    ap.add_argument("--digits-steps", type=int, default=48, help="timed training steps for digits")
+    ap.add_argument("--digits-steps", type=int, default=150, help="timed training steps for digits")
     ap.add_argument("--warmup-steps", type=int, default=2, help="steps excluded from timing (both sides)")
     ap.add_argument("--valid-per-class", type=int, default=8, help="validation images per class (224 models)")
     ap.add_argument("--digits-valid-per-class", type=int, default=20)
@@ -635,6 +682,12 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--only", default="", help="semicolon-separated configurations, e.g. 'torch train;torch infer'")
     ap.add_argument("--no-extra", action="store_true", help="skip the diagnostic 'torch train (pre)'")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                    help="before each run wait up to S seconds until the machine uses under --idle-below cores")
+    ap.add_argument("--idle-below", type=float, default=0.3)
+    ap.add_argument("--retries", type=int, default=0,
+                    help="measure a run again when other processes used more than --max-other-cores during it")
+    ap.add_argument("--max-other-cores", type=float, default=0.3)
     ap.add_argument("--keep", type=Path, default=None, help="write models and data here and keep them")
     ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/vision-DATE.json]")
     # Child process arguments.
@@ -695,8 +748,12 @@ def main():
             per_class = math.ceil(steps * bs / k)
             train, valid = d / "train.zip", d / "valid.zip"
             if data == "digits":
-                n_train = make_digits_zip(train, per_class, 0, args.seed)
-                n_valid = make_digits_zip(valid, args.digits_valid_per_class, per_class, args.seed)
+                # The first DIGITS_TRAIN_PER_CLASS of each class (shuffled) cycled to the steps
+                # wanted; the next --digits-valid-per-class for validation.
+                base = d / "digits-base.zip"
+                make_digits_zip(base, DIGITS_TRAIN_PER_CLASS, 0, args.seed)
+                n_train = replicate_zip(base, train, steps * bs)
+                n_valid = make_digits_zip(valid, args.digits_valid_per_class, DIGITS_TRAIN_PER_CLASS, args.seed)
             else:
                 n_train = make_synthetic_zip(train, k, per_class, side, args.seed)
                 n_valid = make_synthetic_zip(valid, k, args.valid_per_class, side, args.seed + 1)
@@ -711,27 +768,54 @@ def main():
                   f"({train.stat().st_size / n_train / 1024:.1f} KiB per PNG), {side}x{side}", file=sys.stderr)
 
         runs: dict[str, dict[str, list[dict]]] = {m["name"]: {c: [] for c in configs} for m in specs}
+        disturbed: list[dict] = []
+        def run_config(m: dict, c: str, rep: int) -> dict:
+            if c == "kiln train":
+                return run_kiln(args, m, "full", work, rep)
+            if c == "kiln infer":
+                return run_kiln(args, m, "head_only", work, rep)
+            if c == "torch train":
+                return run_torch(args, m, "torch-train", "loader", work)
+            if c == "torch train (pre)":
+                return run_torch(args, m, "torch-train", "pre", work)
+            return run_torch(args, m, "torch-infer", "eval", work)
+
+        def measure(m: dict, c: str, rep: int) -> dict:
+            """Waits for an idle machine (--wait-idle), runs the configuration and records the
+            cores other processes used meanwhile (machine-wide busy time from /proc/stat minus
+            the child's own CPU); repeats a disturbed run up to --retries times."""
+            for attempt in range(args.retries + 1):
+                waited, idle_before = wait_idle(args)
+                la0, b0, t0 = loadavg(), busy_jiffies(), time.time()
+                r = run_config(m, c, rep)
+                wall = time.time() - t0
+                busy = (busy_jiffies() - b0) / CLK_TCK / wall
+                other = max(0.0, busy - r["cpu_s"] / wall)
+                r.update(loadavg_before=la0, loadavg_after=loadavg(), machine_busy_cores=round(busy, 3),
+                         other_cores=round(other, 3), waited_for_idle_s=round(waited, 1),
+                         busy_cores_before=idle_before, attempt=attempt + 1)
+                if other <= args.max_other_cores or attempt == args.retries:
+                    return r
+                print(f"{m['name']} {c}: other processes used {other:.2f} cores during the run: measuring again",
+                      file=sys.stderr)
+                disturbed.append(dict(r, model=m["name"], config=c))
+            raise AssertionError("unreachable")
+
         for rep in range(args.repeats):
             for m in specs:
                 for c in configs:
-                    la0 = loadavg()
-                    if c == "kiln train":
-                        r = run_kiln(args, m, "full", work, rep)
-                    elif c == "kiln infer":
-                        r = run_kiln(args, m, "head_only", work, rep)
-                    elif c == "torch train":
-                        r = run_torch(args, m, "torch-train", "loader", work)
-                    elif c == "torch train (pre)":
-                        r = run_torch(args, m, "torch-train", "pre", work)
-                    else:
-                        r = run_torch(args, m, "torch-infer", "eval", work)
-                    r["loadavg_before"], r["loadavg_after"] = la0, loadavg()
+                    r = measure(m, c, rep)
+                    if r.get("step_s"):
+                        # step_s[j] is step j+2's duration: the timed steps are step_s[W-1:].
+                        timed = r["step_s"][args.warmup_steps - 1 :]
+                        r["median_step_s"] = statistics.median(timed)
+                        r["median_step_img_per_s"] = bs / r["median_step_s"]
                     runs[m["name"]][c].append(r)
                     fig = (f"train {fmt(r['train_img_per_s'], 2)} img/s" if "train_img_per_s" in r
                            else f"inference {fmt(r['infer_img_per_s'], 2)} img/s")
                     print(f"[{rep + 1}/{args.repeats}] {m['name']:<9} {c:<18} {fig}, peak RSS "
-                          f"{fmt(r['max_rss_mib'], 0)} MiB, wall {r['wall_s']:.0f} s, load {la0[0]:.2f}",
-                          file=sys.stderr, flush=True)
+                          f"{fmt(r['max_rss_mib'], 0)} MiB, wall {r['wall_s']:.0f} s, load {r['loadavg_before'][0]:.2f}, "
+                          f"other processes {r['other_cores']:.2f} cores", file=sys.stderr, flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -744,10 +828,12 @@ def main():
             s[c] = {
                 "img_per_s": median([r.get(key) for r in rs]),
                 "img_per_s_runs": [round(r[key], 3) for r in rs if r.get(key)],
+                "median_step_img_per_s": median([r.get("median_step_img_per_s") for r in rs]),
                 "max_rss_mib": median([r["max_rss_mib"] for r in rs]),
                 "valid_accuracy": median([(r.get("metrics") or {}).get("valid_accuracy", r.get("valid_accuracy"))
                                           for r in rs]),
                 "loadavg_1m": [r["loadavg_before"][0] for r in rs],
+                "other_cores": [r["other_cores"] for r in rs],
             }
         summary[m["name"]] = s
 
@@ -777,6 +863,17 @@ def main():
         print(f"| {n} | {fmt(kt, 2)} | {fmt(tt, 2)} | {fmt(kt / tt if kt and tt else None, 2)} | {fmt(tp, 2)} | "
               f"{fmt(ki, 2)} | {fmt(ti, 2)} | {fmt(ki / ti if ki and ti else None, 2)} | {fmt(rk, 0)} / {fmt(rt, 0)} |")
     print()
+    print("Training, images/s from the median step time (batch / median step; robust to stalls from other work):")
+    print()
+    print("| model | kiln train | torch train | ratio | torch train (pre-decoded) |")
+    print("|---|---:|---:|---:|---:|")
+    for m in specs:
+        n = m["name"]
+        kt, tt, tp = (summary[n].get(c, {}).get("median_step_img_per_s") for c in ("kiln train", "torch train", "torch train (pre)"))
+        print(f"| {n} | {fmt(kt, 2)} | {fmt(tt, 2)} | {fmt(kt / tt if kt and tt else None, 2)} | {fmt(tp, 2)} |")
+        if kt and tt:
+            ratios[f"{n} train (median step): kiln / torch"] = kt / tt
+    print()
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}")
 
@@ -802,6 +899,7 @@ def main():
         "summary": summary,
         "ratios": ratios,
         "runs": runs,
+        "disturbed_runs": disturbed,
     }
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
