@@ -527,8 +527,10 @@ def run_child(cmd: list[str], env: dict, cwd: Path, on_stderr_line=None) -> dict
 
 
 def fail(what: str, res: dict):
+    # kiln prints "Error: ..." and then a backtrace: show the error first.
+    errors = [l for l in res["stderr"] if l.startswith("Error")]
     tail = "\n".join(res["stderr"][-30:])
-    sys.exit(f"{what} failed (exit {res['rc']}):\n{tail}\n{res['stdout'][-2000:]}")
+    sys.exit(f"{what} failed (exit {res['rc']}):\n{tail}\n{res['stdout'][-2000:]}\n" + "\n".join(errors))
 
 
 def run_kiln(args, m: dict, strategy: str, work: Path, rep: int) -> dict:
