@@ -77,12 +77,13 @@ const REINFORCEMENT: &[Knob] = &[
     },
 ];
 
-/// Image classification's augmentation rides on the supervised method.
+/// Image classification's augmentation rides on the supervised method. Absent unless given:
+/// text jobs never resolve it, and an image job's engine echoes the value it used.
 const SUPERVISED: &[Knob] = &[Knob {
     name: "augmentation",
     kind: Kind::Choice(&["none", "crop", "crop_flip"]),
     auto: true,
-    default: auto,
+    default: || Value::Null,
 }];
 
 fn method_knobs(method: &str) -> &'static [Knob] {
@@ -168,7 +169,10 @@ fn resolve_hyperparameters(
     for (key, value) in given {
         let param = format!("{prefix}.{key}");
         if let Some(knob) = method_knobs(method).iter().find(|k| k.name == key) {
-            out.insert(key.clone(), check(knob, value, &param)?);
+            let value = check(knob, value, &param)?;
+            if !value.is_null() {
+                out.insert(key.clone(), value);
+            }
             continue;
         }
         // One key at a time, so a type error names its field.
@@ -211,7 +215,10 @@ fn resolve_hyperparameters(
         out.insert(name.to_owned(), value.unwrap_or_else(auto));
     }
     for knob in method_knobs(method) {
-        out.entry(knob.name).or_insert_with(knob.default);
+        let default = (knob.default)();
+        if !default.is_null() {
+            out.entry(knob.name).or_insert(default);
+        }
     }
     Ok(out)
 }
@@ -345,11 +352,11 @@ mod tests {
         let h = &m["supervised"]["hyperparameters"];
         assert_eq!(h["n_epochs"], "auto");
         assert_eq!(h["lr_scheduler"], "auto");
-        assert_eq!(h["augmentation"], "auto");
-        assert_eq!(
-            h.as_object().unwrap().len(),
-            COMMON.len() + SUPERVISED.len()
+        assert!(
+            h.get("augmentation").is_none(),
+            "only image jobs resolve it"
         );
+        assert_eq!(h.as_object().unwrap().len(), COMMON.len());
         // Another method's knob is refused, not dropped.
         let method =
             json!({"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}});
