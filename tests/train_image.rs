@@ -108,6 +108,71 @@ impl Fixture {
     }
 }
 
+/// Whether `python3` can import torch and transformers (the export check).
+fn transformers_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Loads a finished job's export in kiln, runs it on a few images, and has
+/// scripts/check_hf_image_export.py check that transformers gives the same logits.
+fn check_export_in_transformers(model_dir: &Path, images: &Path) {
+    if !transformers_available() {
+        println!("SKIPPED: python3 with torch and transformers is needed for the export check");
+        return;
+    }
+    let device = candle_core::Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let model = kiln::nn::vision::load_image_classifier(
+        model_dir,
+        None,
+        &varmap,
+        &device,
+        &kiln::nn::vision::VisionLoadOptions {
+            freeze_backbone: true,
+            ..Default::default()
+        },
+        0,
+    )
+    .unwrap();
+    let pre = kiln::data::images::Preprocess::from_model_dir(model_dir, model.image_size() as u32)
+        .unwrap();
+    let examples = kiln::data::images::read_image_dataset(images).unwrap();
+    let mut pixels = Vec::new();
+    for e in examples.iter().take(4) {
+        pixels.extend(pre.eval(&kiln::data::images::decode_rgb(&e.bytes).unwrap()));
+    }
+    let (h, w) = (pre.crop.0 as usize, pre.crop.1 as usize);
+    let n = pixels.len() / (3 * h * w);
+    let x = candle_core::Tensor::from_vec(pixels.clone(), (n, 3, h, w), &device).unwrap();
+    let logits = model.forward(&x, false).unwrap().to_vec2::<f32>().unwrap();
+    let cases = model_dir.with_extension("cases.json");
+    std::fs::write(
+        &cases,
+        json!({"pixel_values": pixels, "shape": [n, 3, h, w], "logits": logits}).to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(format!(
+            "{}/scripts/check_hf_image_export.py",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg(model_dir)
+        .arg(&cases)
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn accuracy(r: &train_support::Run) -> f64 {
     r.summary().metrics["valid_accuracy"]
 }
@@ -140,6 +205,7 @@ fn resnet_strategies_learn_colours_and_export_a_transformers_layout() {
     )
     .unwrap();
     assert!(weights.keys().any(|k| k.ends_with("running_mean")));
+    check_export_in_transformers(&s.model_dir, &f.p("valid.zip"));
 
     // head_only caches features once; freeze keeps the stem and first stage fixed.
     let head = run(&f.job(
@@ -188,6 +254,8 @@ fn vit_trains_full_and_with_lora() {
         config["architectures"],
         json!(["ViTForImageClassification"])
     );
+    // LoRA merged into the exported weights: transformers computes the same logits.
+    check_export_in_transformers(&lora.summary().model_dir, &f.p("valid.zip"));
 }
 
 #[test]
