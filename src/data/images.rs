@@ -4,16 +4,14 @@
 //! following the model's own `preprocessor_config.json` (resize, crop, mean, std), with
 //! random resized crops and flips for training.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::sync::Arc;
 
 use ::image::imageops::FilterType;
-use ::image::{DynamicImage, ImageReader, Limits, RgbImage};
+use ::image::{ImageReader, Limits, RgbImage};
 use base64::Engine;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -253,29 +251,12 @@ pub fn stratified_split_images(
     fraction: f64,
     seed: u64,
 ) -> (Vec<ImageExample>, Vec<ImageExample>) {
-    let mut by_class: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, e) in examples.iter().enumerate() {
-        by_class.entry(e.label.as_str()).or_default().push(i);
-    }
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED_1AA6_E000_0001);
-    let mut valid = std::collections::BTreeSet::new();
-    for members in by_class.values_mut() {
-        members.shuffle(&mut rng);
-        if members.len() >= 2 {
-            let take =
-                ((members.len() as f64 * fraction).round() as usize).clamp(1, members.len() - 1);
-            valid.extend(members.iter().take(take).copied());
-        }
-    }
-    let (mut t, mut v) = (Vec::new(), Vec::new());
-    for (i, e) in examples.iter().enumerate() {
-        if valid.contains(&i) {
-            v.push(e.clone());
-        } else {
-            t.push(e.clone());
-        }
-    }
-    (t, v)
+    super::text::stratified_split_by(
+        examples,
+        |e| e.label.as_str(),
+        fraction,
+        seed ^ 0x5EED_1AA6_E000_0001,
+    )
 }
 
 /// How an image is resized before cropping.
@@ -562,11 +543,6 @@ pub fn preprocess_batch(
     });
     result?;
     Ok(out)
-}
-
-/// Loads a decoded image from `DynamicImage` (for callers that already decoded).
-pub fn to_rgb(img: DynamicImage) -> RgbImage {
-    img.to_rgb8()
 }
 
 #[cfg(test)]

@@ -203,14 +203,27 @@ pub fn stratified_split(
     fraction: f64,
     seed: u64,
 ) -> (Vec<TextExample>, Vec<TextExample>) {
+    stratified_split_by(
+        examples,
+        |e| e.labels.first().map_or("", String::as_str),
+        fraction,
+        seed ^ SPLIT_SEED_SALT,
+    )
+}
+
+/// [`stratified_split`] for any examples: `label` names each one's class, and `seed` draws
+/// which of each class are held out.
+pub fn stratified_split_by<T: Clone>(
+    examples: &[T],
+    label: impl Fn(&T) -> &str,
+    fraction: f64,
+    seed: u64,
+) -> (Vec<T>, Vec<T>) {
     let mut by_class: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, e) in examples.iter().enumerate() {
-        by_class
-            .entry(e.labels.first().map_or("", String::as_str))
-            .or_default()
-            .push(i);
+        by_class.entry(label(e)).or_default().push(i);
     }
-    let mut rng = StdRng::seed_from_u64(seed ^ SPLIT_SEED_SALT);
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut valid_idx = BTreeSet::new();
     for members in by_class.values_mut() {
         members.shuffle(&mut rng);

@@ -267,7 +267,8 @@ impl Task for Classification {
     }
 }
 
-fn lora_targets(names: &[String]) -> Vec<LoraTarget> {
+/// The adapters named by `lora_target_modules` (BERT's and ViT's module names are the same).
+pub(crate) fn lora_targets(names: &[String]) -> Vec<LoraTarget> {
     names
         .iter()
         .filter_map(|n| match n.as_str() {

@@ -15,6 +15,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde_json::json;
 
+use super::classify::lora_targets;
 use super::export::write_model_dir;
 use super::metrics::classification_report;
 use super::spec::{Augmentation, Hyperparameters, ResolveContext, Strategy};
@@ -24,7 +25,7 @@ use crate::data::images::{
     Augment, ImageExample, Preprocess, preprocess_batch, read_image_dataset,
     stratified_split_images,
 };
-use crate::nn::lora::{LoraConfig, LoraTarget};
+use crate::nn::lora::LoraConfig;
 use crate::nn::vision::{ImageClassifier, VisionLoadOptions, load_image_classifier, vision_layers};
 
 /// Images per forward pass when evaluating or computing features.
@@ -304,21 +305,6 @@ fn top_k_accuracy(probs: &[Vec<f32>], truth: &[usize], k: usize) -> f64 {
         })
         .count();
     hits as f64 / probs.len() as f64
-}
-
-fn lora_targets(names: &[String]) -> Vec<LoraTarget> {
-    names
-        .iter()
-        .filter_map(|n| match n.as_str() {
-            "query" => Some(LoraTarget::Query),
-            "key" => Some(LoraTarget::Key),
-            "value" => Some(LoraTarget::Value),
-            "attention.output.dense" => Some(LoraTarget::AttentionOutput),
-            "intermediate.dense" => Some(LoraTarget::Intermediate),
-            "output.dense" => Some(LoraTarget::Output),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Reads the images, resolves the hyperparameters, builds the model and runs the loop.
