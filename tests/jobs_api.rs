@@ -851,3 +851,167 @@ async fn event_streams_are_capped_and_a_closed_stream_frees_its_place() {
     }
     app.shutdown().await;
 }
+
+async fn delete(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
+    let res = app
+        .client
+        .delete(app.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_file_an_unfinished_job_trains_on_cannot_be_deleted_and_no_job_names_a_deleted_file() {
+    let app = spawn_app(ToyExecutor::new(10000), 1).await;
+    let key = app.key_for("acme").await;
+    let train = upload_processed(&app, &key, 40).await;
+    let valid = upload_processed(&app, &key, 20).await;
+    let (status, job) = post_json(
+        &app,
+        &key,
+        "/v1/fine_tuning/jobs",
+        json!({
+            "model": MODEL, "training_file": train, "validation_file": valid,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 2}}},
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    wait_for(&app, &key, &id, Duration::from_secs(30), |j| {
+        j["status"] == "running"
+    })
+    .await;
+
+    for file in [&train, &valid] {
+        let (status, err) = delete(&app, &key, &format!("/v1/files/{file}")).await;
+        assert_eq!(status, 400, "{err}");
+        let e = assert_error_shape(&err);
+        assert_eq!(e["code"], "file_in_use", "{err}");
+        assert_eq!(e["param"], "file_id", "{err}");
+        assert!(e["message"].as_str().unwrap().contains(&id), "{err}");
+        // Nothing was deleted: the row and the bytes are both still there.
+        let res = app
+            .client
+            .get(app.url(&format!("/v1/files/{file}/content")))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(!res.bytes().await.unwrap().is_empty());
+    }
+
+    // Once the job has ended, its files may go.
+    let (status, _) = post_empty(&app, &key, &format!("/v1/fine_tuning/jobs/{id}/cancel")).await;
+    assert_eq!(status, 200);
+    wait_for(&app, &key, &id, Duration::from_secs(10), |j| {
+        j["status"] == "cancelled"
+    })
+    .await;
+    for file in [&train, &valid] {
+        let (status, body) = delete(&app, &key, &format!("/v1/files/{file}")).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _) = app.get_json(&key, &format!("/v1/files/{file}")).await;
+        assert_eq!(status, 404);
+    }
+
+    // The insert itself locks the job's files and inserts nothing when one is gone (the
+    // request was checked before the delete; the statement ran after it).
+    let live = upload_processed(&app, &key, 20).await;
+    let project = app.store().ensure_project("acme").await.unwrap();
+    let queue = kiln::queue::Queue::new(app.store(), Default::default());
+    let method = json!({"type": "supervised", "supervised": {"hyperparameters": {}}});
+    for (training, validation, missing) in [
+        (train.as_str(), None, "training_file"),
+        (live.as_str(), Some(valid.as_str()), "validation_file"),
+    ] {
+        let job = kiln::queue::NewJob {
+            id: &format!("ftjob-gone-{missing}"),
+            project_id: &project,
+            model: MODEL,
+            base_model: MODEL,
+            training_file: training,
+            validation_file: validation,
+            training_format: "text_classification",
+            suffix: None,
+            seed: 1,
+            metadata: None,
+            integrations: None,
+            method: &method,
+            priority: 0,
+            idempotency: None,
+        };
+        match queue.insert_job(&job).await.unwrap() {
+            kiln::queue::InsertOutcome::FileGone(param) => assert_eq!(param, missing),
+            other => panic!("a job was queued on a deleted file: {other:?}"),
+        }
+        let (status, _) = app
+            .get_json(&key, &format!("/v1/fine_tuning/jobs/ftjob-gone-{missing}"))
+            .await;
+        assert_eq!(status, 404);
+    }
+
+    // A delete racing job creations: either it wins and no job was created from the file,
+    // or a job won and the delete was refused. Never a job naming a file that is gone.
+    for round in 0..3 {
+        let file = upload_processed(&app, &key, 40).await;
+        let creates = (0..8u64).map(|i| {
+            let (app, key, file) = (&app, &key, &file);
+            async move {
+                tokio::time::sleep(Duration::from_millis(2 * i)).await;
+                post_json(
+                    app,
+                    key,
+                    "/v1/fine_tuning/jobs",
+                    json!({
+                        "model": MODEL, "training_file": file, "suffix": format!("r{round}-{i}"),
+                        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}},
+                    }),
+                )
+                .await
+            }
+        });
+        let path = format!("/v1/files/{file}");
+        let (created, (deleted, body)) =
+            tokio::join!(futures_util::future::join_all(creates), async {
+                tokio::time::sleep(Duration::from_millis([0, 6, 40][round])).await;
+                delete(&app, &key, &path).await
+            });
+        let made: Vec<&Value> = created
+            .iter()
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, j)| j)
+            .collect();
+        for (status, err) in created.iter().filter(|(s, _)| *s != 200) {
+            assert_eq!(*status, 400, "{err}");
+            assert_eq!(assert_error_shape(err)["param"], "training_file", "{err}");
+        }
+        eprintln!(
+            "round {round}: delete {deleted}, {} of 8 jobs created",
+            made.len()
+        );
+        match deleted {
+            200 => assert!(made.is_empty(), "jobs were created from a deleted file"),
+            400 => {
+                assert_eq!(assert_error_shape(&body)["code"], "file_in_use", "{body}");
+                assert!(
+                    !made.is_empty(),
+                    "refused, yet no job uses the file: {body}"
+                );
+                let (status, _) = app.get_json(&key, &path).await;
+                assert_eq!(status, 200, "a refused delete keeps the file");
+            }
+            other => panic!("delete answered {other}: {body}"),
+        }
+        for job in made {
+            let id = job["id"].as_str().unwrap();
+            post_empty(&app, &key, &format!("/v1/fine_tuning/jobs/{id}/cancel")).await;
+        }
+    }
+    app.shutdown().await;
+}

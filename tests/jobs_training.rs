@@ -319,3 +319,175 @@ async fn a_dry_run_plans_the_job_without_queueing_it() {
     );
     app.shutdown().await;
 }
+
+/// A small filesystem of its own (tmpfs), unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// Mounts `mib` MiB at `dir`. This needs root (CI runs as root); elsewhere the caller
+    /// skips, except under CI, where skipping would hide the test.
+    fn mount(dir: &std::path::Path, mib: u32) -> Option<SmallDisk> {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "kiln-test"])
+            .arg(dir)
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(SmallDisk(dir.to_owned())),
+            other => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "CI must be able to mount a tmpfs for the disk-full test: {other:?}"
+                );
+                eprintln!("skipped: cannot mount a tmpfs here ({other:?})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes `path` until the filesystem is full.
+fn fill(path: &std::path::Path) -> u64 {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x55u8; 256 * 1024];
+    let mut written = 0;
+    while file.write_all(&chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    // The last partial chunk, byte by byte, until not one more fits.
+    while file.write_all(&chunk[..4096]).is_ok() {
+        written += 4096;
+    }
+    let _ = file.flush();
+    written
+}
+
+async fn checkpoints(app: &TestApp, key: &str, id: &str) -> Vec<Value> {
+    let (status, list) = app
+        .get_json(
+            key,
+            &format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100"),
+        )
+        .await;
+    assert_eq!(status, 200, "{list}");
+    list["data"].as_array().unwrap().clone()
+}
+
+/// The disk filling up mid-job fails that checkpoint and nothing else: the checkpoints
+/// already stored stay whole (and servable), no half-written one is left or recorded, the
+/// attempt is retried as an infrastructure fault, and once there is room again the job
+/// resumes from the latest checkpoint and succeeds.
+#[tokio::test]
+async fn a_full_disk_fails_the_checkpoint_cleanly_and_the_job_resumes_from_the_last_one() {
+    let disk = tempfile::tempdir().unwrap();
+    let Some(_mounted) = SmallDisk::mount(disk.path(), 256) else {
+        return;
+    };
+    let artifacts = disk.path().join("artifacts");
+    let app = TestApp::spawn_with(|s| {
+        train_support::tiny_model(&s.models_dir.join(BASE), TinyLayout::Unprefixed);
+        s.artifacts = Some(artifacts.to_string_lossy().into_owned());
+        s.jobs.poll_interval = Duration::from_millis(300);
+        s.jobs.queue.retry_base = Duration::from_secs(1);
+        s.jobs.queue.retry_max = Duration::from_secs(2);
+        s.jobs.queue.max_attempts = 30;
+    })
+    .await;
+    let key = app.key_for("acme").await;
+    let train = upload(&app, &key, 120, 4).await;
+    let job = create(
+        &app,
+        &key,
+        BASE,
+        &train,
+        None,
+        json!({"n_epochs": 40, "batch_size": 4, "checkpoint_every_steps": 25}),
+    )
+    .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while checkpoints(&app, &key, &id).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no first checkpoint");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let filler = disk.path().join("filler");
+    let filled = fill(&filler);
+    eprintln!("filled the disk with {} MiB", filled >> 20);
+
+    // The next checkpoint cannot be written: the attempt fails and is retried.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let failure = loop {
+        let events = all_events(&app, &key, &id).await;
+        if let Some(e) = events.iter().find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("No space left on device"))
+        }) {
+            break e["message"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no disk-full failure: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("failure event: {failure}");
+    let (_, job) = app
+        .get_json(&key, &format!("/v1/fine_tuning/jobs/{id}"))
+        .await;
+    assert_ne!(job["status"], "failed", "a full disk is retried: {job}");
+
+    // What was stored before is whole: every recorded checkpoint's directory, and nothing
+    // else, is under checkpoints/, and each serves as a model.
+    let stored = checkpoints(&app, &key, &id).await;
+    let dirs = std::fs::read_dir(artifacts.join("checkpoints").join(&id))
+        .unwrap()
+        .count();
+    assert_eq!(
+        dirs,
+        stored.len(),
+        "a half-written checkpoint was left behind"
+    );
+    for c in &stored {
+        let (status, body) = post_json(
+            &app,
+            &key,
+            "/v1/classifications",
+            json!({"model": c["fine_tuned_model_checkpoint"], "input": "a good film"}),
+        )
+        .await;
+        assert_eq!(status, 200, "checkpoint {c}: {body}");
+    }
+    let latest = stored
+        .iter()
+        .map(|c| c["step_number"].as_u64().unwrap())
+        .max()
+        .unwrap();
+
+    // Room again: the job resumes from its latest checkpoint and finishes.
+    std::fs::remove_file(&filler).unwrap();
+    let job = wait_for(&app, &key, &id, Duration::from_secs(240), |j| {
+        j["status"] == "succeeded" || j["status"] == "failed"
+    })
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let events = all_events(&app, &key, &id).await;
+    let resumed = format!("Resumed from the checkpoint at step {latest} ");
+    assert!(
+        events.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(&resumed))),
+        "no '{resumed}' event: {events:?}"
+    );
+    app.shutdown().await;
+}

@@ -243,9 +243,39 @@ async fn a_model_trained_while_the_server_runs_is_served_at_once_and_matches_tra
     assert_eq!(status, 400, "{body}");
     let (status, body) = delete(&app, &other, &model_path(&ft)).await;
     assert_eq!(status, 404, "another project cannot delete it: {body}");
-    let (status, body) = delete(&app, &key, &model_path(&ft)).await;
+    // Deleted while requests are using it: those finish (200); later ones get 404; none 500.
+    let heavy: Vec<String> = (0..64).map(|_| vec!["good movie"; 30].join(" ")).collect();
+    let in_flight = (0..6).map(|_| {
+        post_json(
+            &app,
+            &key,
+            "/v1/classifications",
+            json!({"model": ft, "input": heavy, "truncate": true}),
+        )
+    });
+    let ((status, body), answers) = tokio::join!(
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            delete(&app, &key, &model_path(&ft)).await
+        },
+        futures_util::future::join_all(in_flight)
+    );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"id": ft, "object": "model", "deleted": true}));
+    for (status, answer) in &answers {
+        assert!(
+            *status == 200 || *status == 404,
+            "a request racing the delete got {status}: {answer}"
+        );
+        if *status == 200 {
+            assert_eq!(answer["data"].as_array().unwrap().len(), 64);
+        }
+    }
+    eprintln!(
+        "requests racing the delete: {} answered, {} got 404",
+        answers.iter().filter(|(s, _)| *s == 200).count(),
+        answers.iter().filter(|(s, _)| *s == 404).count()
+    );
     assert!(!exported.exists(), "the model's files are removed");
     let (status, _) = app.get_json(&key, &model_path(&ft)).await;
     assert_eq!(status, 404);

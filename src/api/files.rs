@@ -16,7 +16,7 @@ use super::pagination::{ListParams, list_body};
 use super::{AppState, Caller, unix};
 use crate::artifacts::PendingBlob;
 use crate::datasets::VALIDATED_PURPOSE;
-use crate::store::files::{FileRow, NewFile, Order};
+use crate::store::files::{FileDeletion, FileRow, NewFile, Order};
 use crate::store::new_id;
 
 pub use crate::datasets::FileValidator;
@@ -83,6 +83,12 @@ pub async fn upload(
     if declared.is_some_and(|n| n > limit.saturating_add(MULTIPART_OVERHEAD)) {
         return Err(too_large(limit));
     }
+    // Held until the upload is stored or refused.
+    let Ok(_uploading) = state.limits.uploads.clone().try_acquire_owned() else {
+        return Err(ApiError::TooManyRequests(
+            "Too many uploads are in progress on this server; retry shortly.".into(),
+        ));
+    };
     let mut multipart = multipart.map_err(|e| {
         ApiError::bad_request(
             format!(
@@ -286,17 +292,27 @@ pub async fn content(
         .into_response())
 }
 
-/// `DELETE /v1/files/{id}`: the row goes first, then the bytes.
+/// `DELETE /v1/files/{id}`: the row goes first, then the bytes. A file that an unfinished
+/// job trains on is refused (400 `file_in_use`): a retried or resumed attempt reads it again.
 pub async fn remove(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let row = state
-        .store
-        .delete_file(&caller.project_id, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("file", &id, "file_id"))?;
+    let row = match state.store.delete_file(&caller.project_id, &id).await? {
+        FileDeletion::Deleted(row) => row,
+        FileDeletion::NotFound => return Err(ApiError::not_found("file", &id, "file_id")),
+        FileDeletion::InUse(jobs) => {
+            return Err(ApiError::BadRequest {
+                message: format!(
+                    "File '{id}' is used by unfinished fine-tuning jobs ({}); cancel them or wait for them to finish before deleting it.",
+                    jobs.join(", ")
+                ),
+                param: Some("file_id".into()),
+                code: Some("file_in_use"),
+            });
+        }
+    };
     if let Err(e) = state.artifacts.delete(&row.storage_key).await {
         tracing::warn!(file = %row.id, error = %e, "file row deleted but its bytes could not be removed");
     }

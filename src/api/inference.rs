@@ -134,6 +134,7 @@ pub(crate) fn serve_error(e: ServeError) -> ApiError {
             param: Some("model".into()),
             code: Some("model_too_large"),
         },
+        ServeError::Deleted(id) => super::models::model_not_found(&id),
         ServeError::Load(m) | ServeError::Internal(m) => ApiError::Internal(anyhow::anyhow!(m)),
     }
 }

@@ -584,6 +584,13 @@ pub async fn create(
             Some("Idempotency-Key"),
             "idempotency_key_reused",
         )),
+        InsertOutcome::FileGone(param) => Err(bad_code(
+            format!(
+                "No such file: the file named by '{param}' was deleted while the job was being created."
+            ),
+            Some(param),
+            "invalid_file",
+        )),
     }
 }
 

@@ -199,7 +199,14 @@ pub async fn remove(
         .delete_model(&caller.project_id, &id)
         .await?
         .ok_or_else(|| model_not_found(&id))?;
-    state.serving.evict(&id);
+    // Requests already using the model finish before its files go (new ones get 404).
+    if !state
+        .serving
+        .retire(&id, state.serving.settings().timeout)
+        .await
+    {
+        tracing::warn!(model = %id, "requests were still using a deleted model when its files were removed");
+    }
     if let Err(e) = state
         .artifacts
         .delete_dir(&crate::worker::model_key(&job_id))

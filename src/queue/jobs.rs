@@ -89,6 +89,8 @@ pub enum InsertOutcome {
     Existing(Box<JobRow>),
     /// The idempotency key was used before with a different request.
     KeyReused,
+    /// A file the job names was deleted after the request was checked: the field naming it.
+    FileGone(&'static str),
 }
 
 /// The outcome of an API transition (cancel, pause, resume).
@@ -247,25 +249,38 @@ impl Queue {
                 None => InsertOutcome::KeyReused, // deleted in between: unreachable in practice
             });
         }
-        let Some((key, hash)) = job.idempotency else {
-            return Ok(InsertOutcome::KeyReused);
-        };
-        let existing = sqlx::query(&SELECT_JOB_BY_KEY)
-            .bind(job.project_id)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(existing) = existing else {
-            return Ok(InsertOutcome::KeyReused);
-        };
-        use sqlx::{FromRow, Row};
-        let stored_hash: Option<String> = existing.try_get("request_sha256")?;
-        let row = JobRow::from_row(&existing)?;
-        Ok(if stored_hash.as_deref() == Some(hash) {
-            InsertOutcome::Existing(Box::new(row))
-        } else {
-            InsertOutcome::KeyReused
-        })
+        if let Some((key, hash)) = job.idempotency {
+            let existing = sqlx::query(&SELECT_JOB_BY_KEY)
+                .bind(job.project_id)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(existing) = existing {
+                use sqlx::{FromRow, Row};
+                let stored_hash: Option<String> = existing.try_get("request_sha256")?;
+                let row = JobRow::from_row(&existing)?;
+                return Ok(if stored_hash.as_deref() == Some(hash) {
+                    InsertOutcome::Existing(Box::new(row))
+                } else {
+                    InsertOutcome::KeyReused
+                });
+            }
+        }
+        // No conflict on the key, so a file was missing when the statement locked them.
+        let present: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM files WHERE project_id = $1 AND id IN ($2, $3)")
+                .bind(job.project_id)
+                .bind(job.training_file)
+                .bind(job.validation_file)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(InsertOutcome::FileGone(
+            if present.iter().any(|f| f == job.training_file) {
+                "validation_file"
+            } else {
+                "training_file"
+            },
+        ))
     }
 
     /// One job of the project (None for other projects' jobs too).

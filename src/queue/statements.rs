@@ -22,13 +22,22 @@ pub(crate) const JOB_COLUMNS: &str = "j.id, j.project_id, j.model, j.base_model,
 
 /// Create: a new `queued` job and its first event. With an idempotency key already used in
 /// the project, inserts nothing and returns no row (the caller then reads the existing job).
+/// The job's files are locked (`FOR KEY SHARE`) by the same statement and the job is only
+/// inserted while they all exist: a file deleted in between (`DELETE_FILE_IF_UNUSED` takes
+/// the row lock first) leaves no job naming it.
 pub(crate) const INSERT_JOB: &str = "
-WITH ins AS (
+WITH held AS (
+    SELECT id FROM files
+    WHERE project_id = $2 AND id IN ($5, $6)
+    FOR KEY SHARE
+), ins AS (
     INSERT INTO fine_tuning_jobs AS j
         (id, project_id, model, base_model, training_file, validation_file, training_format,
          suffix, seed, metadata, integrations, method, priority, state, max_attempts,
          idempotency_key, request_sha256)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15, $16)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15, $16
+    WHERE (SELECT count(*) FROM held)
+        = (SELECT count(DISTINCT f) FROM unnest(ARRAY[$5, $6]) AS f)
     ON CONFLICT (project_id, idempotency_key) DO NOTHING
     RETURNING j.id
 ), created AS (

@@ -113,6 +113,9 @@ pub enum ServeError {
     /// The model files are missing or broken.
     #[error("{0}")]
     Load(String),
+    /// The model was deleted while the request was on its way.
+    #[error("model '{0}' was deleted")]
+    Deleted(String),
     /// A failure while running the model.
     #[error("{0}")]
     Internal(String),
@@ -128,6 +131,8 @@ struct Inner {
     settings: ServeSettings,
     artifacts: Artifacts,
     cache: Mutex<HashMap<String, Arc<CacheEntry>>>,
+    /// Models deleted while this process ran: never loaded again (ids are not reused).
+    retired: Mutex<std::collections::HashSet<String>>,
     slots: Arc<Slots>,
     waiting: AtomicUsize,
     clock: AtomicU64,
@@ -137,6 +142,28 @@ struct CacheEntry {
     cell: OnceCell<Loaded>,
     /// Logical time of the last use (for LRU).
     last_used: AtomicU64,
+    /// Requests using the model now (loading it, waiting for or running a pass).
+    in_use: AtomicUsize,
+    /// Woken when `in_use` drops to zero.
+    idle: tokio::sync::Notify,
+}
+
+/// Counts a request as using a cache entry until dropped (see [`Serving::retire`]).
+struct InUse(Arc<CacheEntry>);
+
+impl InUse {
+    fn new(entry: Arc<CacheEntry>) -> InUse {
+        entry.in_use.fetch_add(1, Ordering::SeqCst);
+        InUse(entry)
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if self.0.in_use.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// A loaded model of either kind.
@@ -182,6 +209,8 @@ struct GenWork {
     timeout: Duration,
     /// Counts the request as waiting until it is finished.
     _admission: OwnedAdmission,
+    /// Keeps the model's files from being deleted under the request.
+    _in_use: InUse,
 }
 
 /// Counts a request as waiting until dropped, movable across threads.
@@ -260,6 +289,7 @@ impl Serving {
                 settings,
                 artifacts,
                 cache: Mutex::new(HashMap::new()),
+                retired: Mutex::new(std::collections::HashSet::new()),
                 slots: Arc::new(Slots {
                     free: Mutex::new(slots),
                     freed: Condvar::new(),
@@ -321,7 +351,8 @@ impl Serving {
         let _admitted = self.admit()?;
         let timeout = self.inner.settings.timeout;
         let deadline = Instant::now() + timeout;
-        let loaded = match self.get(model).await? {
+        let (loaded, _in_use) = self.get(model).await?;
+        let loaded = match loaded {
             Loaded::Encoder(m) => m,
             Loaded::Generator(_) => {
                 return Err(ServeError::Unsupported(format!(
@@ -359,10 +390,41 @@ impl Serving {
         Ok((loaded, out.into_iter().zip(lengths).collect()))
     }
 
-    /// Drops a model from the cache (it was deleted). Requests already holding it finish.
-    pub fn evict(&self, id: &str) {
-        let mut cache = self.lock_cache();
-        cache.remove(id);
+    /// Retires a deleted model: it leaves the cache, is never loaded again by this process,
+    /// and the requests already using it (loading it, queued for or in a forward pass, or
+    /// generating) are waited for, up to `within`, so that its files can be removed without
+    /// failing them. Returns whether they all finished in time.
+    pub async fn retire(&self, id: &str, within: Duration) -> bool {
+        let entry = {
+            let mut cache = self.lock_cache();
+            self.inner
+                .retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_owned());
+            cache.remove(id)
+        };
+        let Some(entry) = entry else {
+            return true;
+        };
+        let drained = async {
+            loop {
+                let idle = entry.idle.notified();
+                if entry.in_use.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(within, drained).await.is_ok()
+    }
+
+    fn is_retired(&self, id: &str) -> bool {
+        self.inner
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 
     /// Whether `id` is loaded (or loading) now.
@@ -396,19 +458,28 @@ impl Serving {
 
     /// The loaded model, loading it (once, however many requests ask at the same time) and
     /// evicting the least recently used others past the memory budget.
-    async fn get(&self, model: &ModelRef) -> Result<Loaded, ServeError> {
-        let entry = {
+    async fn get(&self, model: &ModelRef) -> Result<(Loaded, InUse), ServeError> {
+        let in_use = {
             let mut cache = self.lock_cache();
-            cache
+            // Checked under the cache lock, which `retire` holds while it retires a model.
+            if self.is_retired(&model.id) {
+                return Err(ServeError::Deleted(model.id.clone()));
+            }
+            let entry = cache
                 .entry(model.id.clone())
                 .or_insert_with(|| {
                     Arc::new(CacheEntry {
                         cell: OnceCell::new(),
                         last_used: AtomicU64::new(0),
+                        in_use: AtomicUsize::new(0),
+                        idle: tokio::sync::Notify::new(),
                     })
                 })
-                .clone()
+                .clone();
+            // Counted while the cache lock is held, so `retire` cannot miss it.
+            InUse::new(entry)
         };
+        let entry = in_use.0.clone();
         entry.last_used.store(
             self.inner.clock.fetch_add(1, Ordering::Relaxed) + 1,
             Ordering::Relaxed,
@@ -419,7 +490,7 @@ impl Serving {
             .await
             .cloned();
         match result {
-            Ok(loaded) => Ok(loaded),
+            Ok(loaded) => Ok((loaded, in_use)),
             Err(e) => {
                 // Do not keep a failed entry: a later request tries again.
                 let mut cache = self.lock_cache();
@@ -590,7 +661,8 @@ impl Serving {
         let _admitted = self.admit()?;
         let timeout = self.inner.settings.timeout;
         let deadline = Instant::now() + timeout;
-        let loaded = match self.get(model).await? {
+        let (loaded, _in_use) = self.get(model).await?;
+        let loaded = match loaded {
             Loaded::Image(m) => m,
             Loaded::Encoder(_) => {
                 return Err(ServeError::Unsupported(format!(
@@ -652,7 +724,8 @@ impl Serving {
         }
         let timeout = self.inner.settings.timeout;
         let deadline = Instant::now() + timeout;
-        let loaded = match self.get(model).await? {
+        let (loaded, in_use) = self.get(model).await?;
+        let loaded = match loaded {
             Loaded::Generator(m) => m,
             Loaded::Encoder(_) => {
                 return Err(ServeError::Unsupported(format!(
@@ -693,6 +766,7 @@ impl Serving {
                 deadline,
                 timeout,
                 _admission: admission,
+                _in_use: in_use,
             })
             .map_err(|_| {
                 ServeError::Internal("the model's generation thread has stopped".into())
@@ -1055,5 +1129,75 @@ fn run_batches(
                 .ok_or_else(|| ServeError::Internal("an input was not computed".into())),
         };
         let _ = work.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn busy_request(
+        serving: &Serving,
+        model: &ModelRef,
+    ) -> tokio::task::JoinHandle<Result<usize, ServeError>> {
+        let texts: Vec<String> = (0..512).map(|_| "good movie bad ".repeat(30)).collect();
+        let task = {
+            let (serving, model) = (serving.clone(), model.clone());
+            tokio::spawn(async move { serving.embed(&model, texts, true).await.map(|r| r.1.len()) })
+        };
+        // Until the request holds the model (it is loading it, or waiting for its pass).
+        loop {
+            let holding = serving
+                .lock_cache()
+                .get(&model.id)
+                .is_some_and(|e| e.in_use.load(Ordering::SeqCst) > 0);
+            if holding {
+                return task;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retiring_a_model_waits_for_the_requests_using_it_and_refuses_later_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let artifacts = Artifacts::local(tmp.path().join("artifacts"))
+            .await
+            .unwrap();
+        let serving = Serving::new(ServeSettings::default(), artifacts);
+        let mut models = Vec::new();
+        for (i, name) in ["a", "b"].into_iter().enumerate() {
+            let dir = tmp.path().join(name);
+            crate::nn::tiny::write_tiny_bert(&dir, &crate::nn::tiny::tiny_bert_config(), i as u64)
+                .unwrap();
+            crate::nn::tiny::write_tiny_tokenizer(&dir, &["good", "bad", "movie"]).unwrap();
+            models.push(ModelRef {
+                id: name.into(),
+                location: ModelLocation::Dir(dir),
+            });
+        }
+
+        // A deadline shorter than the request: retire reports that it was still in use.
+        let task = busy_request(&serving, &models[0]).await;
+        assert!(!serving.retire("a", Duration::from_millis(1)).await);
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            512,
+            "the request still finishes"
+        );
+
+        // With time enough, it returns once the request is done, and the request succeeded.
+        let task = busy_request(&serving, &models[1]).await;
+        assert!(serving.retire("b", Duration::from_secs(60)).await);
+        assert_eq!(task.await.unwrap().unwrap(), 512);
+
+        // Retired models are not loaded again.
+        for model in &models {
+            match serving.embed(model, vec!["good".into()], true).await {
+                Err(ServeError::Deleted(id)) => assert_eq!(id, model.id),
+                other => panic!("a retired model answered: {:?}", other.map(|r| r.1.len())),
+            }
+            assert!(!serving.is_loaded(&model.id));
+        }
     }
 }

@@ -32,6 +32,17 @@ pub struct NewFile<'a> {
     pub storage_key: &'a str,
 }
 
+/// What [`Store::delete_file`] did.
+#[derive(Debug)]
+pub enum FileDeletion {
+    /// The row is gone; its bytes are the caller's to remove.
+    Deleted(Box<FileRow>),
+    /// No such file in the project.
+    NotFound,
+    /// Unfinished jobs (up to five, oldest first) train on it; nothing was deleted.
+    InUse(Vec<String>),
+}
+
 /// Sort direction of a list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
@@ -131,15 +142,46 @@ impl Store {
         Ok(page.cut(rows))
     }
 
-    /// Deletes the row and returns it, so the caller can remove the stored bytes.
-    pub async fn delete_file(&self, project_id: &str, id: &str) -> StoreResult<Option<FileRow>> {
-        let sql =
-            format!("DELETE FROM files WHERE project_id = $1 AND id = $2 RETURNING {FILE_COLUMNS}");
-        Ok(sqlx::query_as(&sql)
+    /// Deletes the row and returns it, so the caller can remove the stored bytes; refuses
+    /// while an unfinished job (queued, running, paused or waiting for a retry) trains on
+    /// the file, since its next attempt would read the bytes again.
+    ///
+    /// The file row is locked first, so a job being created from the file at the same
+    /// moment either commits before this looks for users (and is seen) or finds the file
+    /// gone (job creation locks its files; see `INSERT_JOB`).
+    pub async fn delete_file(&self, project_id: &str, id: &str) -> StoreResult<FileDeletion> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "SELECT {FILE_COLUMNS} FROM files WHERE project_id = $1 AND id = $2 FOR UPDATE"
+        );
+        let row: Option<FileRow> = sqlx::query_as(&sql)
             .bind(project_id)
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(FileDeletion::NotFound);
+        };
+        // A new statement, so a new snapshot: it sees jobs committed while we waited.
+        let users: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM fine_tuning_jobs
+             WHERE project_id = $1 AND (training_file = $2 OR validation_file = $2)
+               AND state NOT IN ('succeeded', 'failed', 'cancelled')
+             ORDER BY created_at, id LIMIT 5",
+        )
+        .bind(project_id)
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !users.is_empty() {
+            return Ok(FileDeletion::InUse(users));
+        }
+        sqlx::query("DELETE FROM files WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(FileDeletion::Deleted(Box::new(row)))
     }
 
     /// Records the validator's verdict. Only a file still `uploaded` changes, so a verdict
