@@ -109,6 +109,13 @@ pub struct ServeArgs {
     /// Event streams (`?stream=true`) open at once; more get 429.
     #[arg(long, env = "KILN_MAX_STREAMS", default_value_t = 1024)]
     pub max_streams: usize,
+    /// File uploads in progress at once; more get 429.
+    #[arg(long, env = "KILN_MAX_UPLOADS", default_value_t = 16)]
+    pub max_uploads: usize,
+    /// Seconds a client may take to send a request's headers, or each next piece of its
+    /// body, before it is disconnected.
+    #[arg(long, env = "KILN_CLIENT_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub client_timeout_secs: f64,
 }
 
 /// How webhook deliveries are retried.
@@ -128,15 +135,7 @@ pub struct WebhookArgs {
 
 impl WebhookArgs {
     pub fn settings(&self) -> anyhow::Result<crate::webhooks::WebhookSettings> {
-        let seconds = |name: &str, v: f64| {
-            if v.is_finite() && v > 0.0 && v < 1e6 {
-                Ok(std::time::Duration::from_secs_f64(v))
-            } else {
-                Err(anyhow::anyhow!(
-                    "{name} must be a positive number of seconds, got {v}"
-                ))
-            }
-        };
+        let seconds = |name: &str, v: f64| positive_secs(v, name);
         if self.webhook_max_attempts == 0 {
             anyhow::bail!("KILN_WEBHOOK_MAX_ATTEMPTS must be at least 1");
         }
@@ -474,6 +473,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api: server::ApiSettings {
             rate_limit: rate_limit(args.rate_limit)?,
             max_streams: args.max_streams,
+            max_uploads: args.max_uploads,
+            client_timeout: positive_secs(args.client_timeout_secs, "KILN_CLIENT_TIMEOUT_SECS")?,
         },
     };
     let running = match server::start(settings).await {
@@ -498,6 +499,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// `KILN_RATE_LIMIT`: 0 is off; a rate r allows bursts of 2r.
+/// A setting in seconds: positive and finite (under about 11 days).
+fn positive_secs(v: f64, name: &str) -> anyhow::Result<std::time::Duration> {
+    if v.is_finite() && v > 0.0 && v < 1e6 {
+        Ok(std::time::Duration::from_secs_f64(v))
+    } else {
+        anyhow::bail!("{name} must be a positive number of seconds, got {v}")
+    }
+}
+
 fn rate_limit(r: f64) -> anyhow::Result<Option<(f64, u32)>> {
     if r == 0.0 {
         Ok(None)

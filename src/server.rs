@@ -50,6 +50,11 @@ pub struct ApiSettings {
     pub rate_limit: Option<(f64, u32)>,
     /// Event streams open at once; more get 429.
     pub max_streams: usize,
+    /// File uploads in progress at once; more get 429.
+    pub max_uploads: usize,
+    /// Time a client may take to send a request's headers, and to send each next piece of
+    /// a request body; slower clients (slowloris) are disconnected.
+    pub client_timeout: Duration,
 }
 
 impl Default for ApiSettings {
@@ -57,6 +62,8 @@ impl Default for ApiSettings {
         ApiSettings {
             rate_limit: None,
             max_streams: 1024,
+            max_uploads: 16,
+            client_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -153,6 +160,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
                 .rate_limit
                 .map(|(per_second, burst)| api::limits::RateLimiter::new(per_second, burst)),
             streams: Arc::new(tokio::sync::Semaphore::new(settings.api.max_streams.max(1))),
+            uploads: Arc::new(tokio::sync::Semaphore::new(settings.api.max_uploads.max(1))),
         }),
         admin,
         metrics: metrics.clone(),
@@ -161,7 +169,19 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         serving: Serving::new(settings.serve.clone(), artifacts.clone()),
         webhooks: Arc::new(settings.webhooks.clone()),
     };
-    let app = api::router(state);
+    // A body that stops arriving for `client_timeout` fails its request (the handlers see a
+    // read error); the body is then handed on as the plain type the routes expect.
+    let app = api::router(state).layer(
+        tower::ServiceBuilder::new()
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                settings.api.client_timeout,
+            ))
+            .map_request(
+                |req: axum::http::Request<tower_http::timeout::TimeoutBody<axum::body::Body>>| {
+                    req.map(axum::body::Body::new)
+                },
+            ),
+    );
 
     let listener = TcpListener::bind(settings.addr)
         .await
@@ -178,12 +198,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
             upkeep.run_upkeep();
         }
     });
+    let client_timeout = settings.api.client_timeout;
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await
+        let stop = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        serve_http(listener, app, client_timeout, stop).await
     });
     tracing::info!(%addr, "kiln is listening");
     Ok(RunningServer {
@@ -195,6 +215,54 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         workers,
         deliverer,
     })
+}
+
+/// Serves `app` until `stop`, then lets open connections finish: `axum::serve`, plus a
+/// deadline on reading each request's headers, so that clients that trickle them
+/// (slowloris) cannot hold connections open.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 impl RunningServer {

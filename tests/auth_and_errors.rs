@@ -360,3 +360,106 @@ async fn keys_over_their_rate_get_429_with_retry_after() {
     assert_eq!(res.status(), 200);
     app.shutdown().await;
 }
+
+/// Reads until the server closes the connection (or `within` passes); returns what it sent
+/// and how long it took to close.
+async fn until_closed(
+    stream: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<(String, std::time::Duration)> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Some((
+                    String::from_utf8_lossy(&got).into_owned(),
+                    started.elapsed(),
+                ));
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Slow clients (slowloris) cannot hold connections: headers trickled past
+/// `KILN_CLIENT_TIMEOUT_SECS`, or a body that stops arriving, end the connection, while
+/// other clients are served throughout.
+#[tokio::test]
+async fn clients_that_send_too_slowly_are_disconnected() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(|s| s.api.client_timeout = Duration::from_secs(1)).await;
+    let key = app.key_for("acme").await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+
+    // Headers, one byte every 200 ms: the connection is closed after about a second.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let trickle = {
+        let addr = addr.clone();
+        async move {
+            let headers = format!(
+                "GET /v1/files HTTP/1.1\r\nHost: {addr}\r\nX-Slow: {}",
+                "a".repeat(100)
+            );
+            for byte in headers.bytes() {
+                if slow.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if until_closed(&mut slow, Duration::from_millis(1))
+                    .await
+                    .is_some()
+                {
+                    return Some(());
+                }
+            }
+            None
+        }
+    };
+    let started = std::time::Instant::now();
+    let (closed, served) = tokio::join!(trickle, async {
+        // Meanwhile everyone else is served.
+        let mut served = 0;
+        for _ in 0..10 {
+            let (status, _) = app.get_json(&key, "/v1/files").await;
+            assert_eq!(status, 200);
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        served
+    });
+    assert!(
+        closed.is_some(),
+        "a client trickling its headers was never disconnected"
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "disconnected only after {took:?} (timeout 1 s)"
+    );
+    assert_eq!(served, 10);
+
+    // A body that stops arriving: the request fails and the connection ends.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\": "
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let (answer, took) = until_closed(&mut stalled, Duration::from_secs(10))
+        .await
+        .expect("a stalled body was never given up on");
+    assert!(took < Duration::from_secs(5), "gave up only after {took:?}");
+    if !answer.is_empty() {
+        let status: u16 = answer[9..12].parse().unwrap();
+        assert!((400..500).contains(&status), "{answer}");
+    }
+    let (status, _) = app.get_json(&key, "/v1/fine_tuning/jobs").await;
+    assert_eq!(status, 200);
+    app.shutdown().await;
+}

@@ -419,3 +419,234 @@ async fn validation_interrupted_by_a_restart_finishes_at_the_next_start() {
 async fn kiln_pool(url: &str) -> sqlx::PgPool {
     sqlx::PgPool::connect(url).await.unwrap()
 }
+
+/// Writes the start of a multipart upload by hand and then stalls, as a slow client does.
+async fn stalled_upload(app: &TestApp, key: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let boundary = "kilnboundary";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    );
+    let request = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 1000000\r\n\r\n{head}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(&[b'x'; 4096]).await.unwrap();
+    stream.flush().await.unwrap();
+    stream
+}
+
+/// `KILN_MAX_UPLOADS` bounds the uploads in progress: one more gets 429 with `retry-after`
+/// (nothing stored), and a place frees when an upload ends, even one the client abandoned.
+#[tokio::test]
+async fn uploads_in_progress_are_capped_and_an_abandoned_one_frees_its_place() {
+    let app = TestApp::spawn_with(|s| s.api.max_uploads = 1).await;
+    let key = app.key_for("acme").await;
+    let stalled = stalled_upload(&app, &key).await;
+    // The stalled upload holds the only place once its handler runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        let res = app
+            .upload(&key, "fine-tune", "a.jsonl", classification_jsonl(20))
+            .await;
+        if res.status() == 429 {
+            break res;
+        }
+        // The stalled request may not have reached its handler yet: that upload succeeded.
+        assert_eq!(res.status(), 200);
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(refused.headers().get("retry-after").is_some());
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(assert_error_shape(&body)["code"], "overloaded", "{body}");
+    let (_, list) = app.get_json(&key, "/v1/files").await;
+    let stored = list["data"].as_array().unwrap().len();
+
+    // The client goes away: its upload ends, leaves nothing, and the place is free again.
+    drop(stalled);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let res = app
+            .upload(&key, "fine-tune", "b.jsonl", classification_jsonl(20))
+            .await;
+        if res.status() == 200 {
+            break;
+        }
+        assert_eq!(res.status(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_, list) = app.get_json(&key, "/v1/files").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), stored + 1);
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["filename"] != "slow.jsonl"),
+        "the abandoned upload left no row"
+    );
+    assert_eq!(
+        count_files(&app.data_dir.path().join("artifacts").join("tmp")),
+        0,
+        "the abandoned upload left no partial blob"
+    );
+    app.shutdown().await;
+}
+
+/// One generated multipart body: mostly well-formed uploads broken in one or two ways.
+fn hostile_multipart(rng: &mut rand::rngs::StdRng) -> (String, Vec<u8>) {
+    use rand::Rng;
+    let boundary = match rng.random_range(0..10) {
+        0 => "".to_owned(),
+        1 => "x".repeat(200),
+        2 => "b\"q".to_owned(),
+        _ => format!("kiln{}", rng.random::<u32>()),
+    };
+    let filename = match rng.random_range(0..8) {
+        0 => "../../etc/passwd".to_owned(),
+        1 => "a\r\nX-Injected: 1".to_owned(),
+        2 => "\u{0}\u{1}".to_owned(),
+        3 => "C:\\temp\\..\\x.jsonl".to_owned(),
+        4 => "n".repeat(1000),
+        5 => "".to_owned(),
+        _ => "train.jsonl".to_owned(),
+    };
+    let purpose: Vec<u8> = match rng.random_range(0..10) {
+        0 => b"".to_vec(),
+        1 => vec![0xff, 0xfe, b'a'],
+        2 => "p".repeat(10_000).into_bytes(),
+        3 => b"fine-tune\0".to_vec(),
+        4 => b"batch".to_vec(),
+        _ => b"fine-tune".to_vec(),
+    };
+    let content: Vec<u8> = match rng.random_range(0..6) {
+        0 => Vec::new(),
+        5 => vec![b'x'; 70 * 1024], // over the test's 64 KiB limit
+        1 => (0..rng.random_range(0..4096))
+            .map(|_| rng.random())
+            .collect(),
+        2 => format!("--{boundary}\r\n").into_bytes(),
+        _ => classification_jsonl(12),
+    };
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let field = |name: &str, extra: &str, value: &[u8]| {
+        let mut p =
+            format!("Content-Disposition: form-data; name=\"{name}\"{extra}\r\n\r\n").into_bytes();
+        p.extend_from_slice(value);
+        p
+    };
+    if rng.random_bool(0.85) {
+        parts.push(field("purpose", "", &purpose));
+    }
+    let files = if rng.random_bool(0.8) {
+        1
+    } else {
+        rng.random_range(0..3) * 2 // none, or two
+    };
+    for _ in 0..files {
+        parts.push(field(
+            "file",
+            &format!("; filename=\"{filename}\"\r\nContent-Type: application/octet-stream"),
+            &content,
+        ));
+    }
+    if rng.random_bool(0.2) {
+        parts.push(field("unknown", "", b"x"));
+    }
+    if rng.random_bool(0.1) {
+        parts.push(b"No-Disposition: here\r\n\r\nvalue".to_vec());
+    }
+    let mut body = Vec::new();
+    for p in &parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        body.extend_from_slice(p);
+        body.extend_from_slice(b"\r\n");
+    }
+    if rng.random_bool(0.9) {
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    }
+    if rng.random_bool(0.2) {
+        let cut = rng.random_range(0..=body.len());
+        body.truncate(cut);
+    }
+    let content_type = match rng.random_range(0..12) {
+        0 => "multipart/form-data".to_owned(),
+        1 => "application/json".to_owned(),
+        2 => format!("multipart/mixed; boundary={boundary}"),
+        _ => format!("multipart/form-data; boundary={boundary}"),
+    };
+    (content_type, body)
+}
+
+/// Hundreds of generated hostile uploads (bad boundaries, missing or repeated parts,
+/// invalid UTF-8, header injection and traversal in file names, truncated bodies): each is
+/// stored with a clean name or refused with a 4xx in the OpenAI error shape; none is a 5xx,
+/// and a refused upload leaves no row and no partial bytes.
+#[tokio::test]
+async fn generated_hostile_uploads_are_stored_cleanly_or_refused_with_4xx() {
+    use rand::SeedableRng;
+    let app = TestApp::spawn_with(|s| s.max_upload_bytes = 64 * 1024).await;
+    let key = app.key_for("acme").await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b696c6e);
+    let mut stored = 0;
+    let mut statuses = std::collections::BTreeMap::new();
+    for case in 0..300 {
+        let (content_type, body) = hostile_multipart(&mut rng);
+        let res = app
+            .client
+            .post(app.url("/v1/files"))
+            .bearer_auth(&key)
+            .header("content-type", content_type.as_str())
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        *statuses.entry(status).or_insert(0) += 1;
+        let answer: Value = res.json().await.unwrap_or(Value::Null);
+        match status {
+            200 => {
+                stored += 1;
+                let name = answer["filename"].as_str().unwrap();
+                assert!(
+                    !name.contains('/')
+                        && !name.contains('\\')
+                        && !name.chars().any(char::is_control),
+                    "case {case}: unclean stored name {name:?}"
+                );
+            }
+            400 | 413 => {
+                let e = assert_error_shape(&answer);
+                assert!(!e["message"].as_str().unwrap().is_empty(), "case {case}");
+            }
+            other => panic!("case {case}: {content_type}: status {other}: {answer}"),
+        }
+    }
+    eprintln!("hostile uploads by status: {statuses:?}");
+    let (_, list) = app.get_json(&key, "/v1/files?limit=1000").await;
+    assert_eq!(
+        list["data"].as_array().unwrap().len(),
+        stored,
+        "a refused upload left a row"
+    );
+    assert_eq!(
+        count_files(&app.data_dir.path().join("artifacts").join("tmp")),
+        0,
+        "a refused upload left partial bytes"
+    );
+    assert!(
+        stored > 0 && statuses.contains_key(&400) && statuses.contains_key(&413),
+        "the generator covers every outcome: {statuses:?}"
+    );
+    app.shutdown().await;
+}

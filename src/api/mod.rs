@@ -67,6 +67,9 @@ pub struct Limits {
     pub rate: Option<limits::RateLimiter>,
     /// Event streams (`?stream=true`) open at once across all clients.
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// File uploads in progress at once across all clients (`KILN_MAX_UPLOADS`): each holds
+    /// a file being written to disk.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// The `KILN_ADMIN_KEY` from configuration: only its hash is kept, and it acts on the
