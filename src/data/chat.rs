@@ -105,9 +105,21 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
-        env.add_function("strftime_now", |format: String| {
-            chrono::Utc::now().format(&format).to_string()
-        });
+        env.add_function(
+            "strftime_now",
+            |format: String| -> Result<String, minijinja::Error> {
+                // Written, not `to_string()`: an unknown specifier is an error, not a panic.
+                use std::fmt::Write;
+                let mut out = String::new();
+                write!(out, "{}", chrono::Utc::now().format(&format)).map_err(|_| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("strftime_now: invalid format {format:?}"),
+                    )
+                })?;
+                Ok(out)
+            },
+        );
         let from_model = source.is_some();
         let source = source.unwrap_or_else(|| FALLBACK_TEMPLATE.to_owned());
         env.add_template_owned("chat", source)

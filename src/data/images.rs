@@ -199,16 +199,24 @@ fn visit_zip(path: &Path, f: &mut Visitor) -> Result<(), String> {
         let mut entry = archive
             .by_index(i)
             .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
-        if entry.size() > super::MAX_ZIP_ENTRY_BYTES {
+        let declared = entry.size();
+        if declared > super::MAX_ZIP_ENTRY_BYTES {
             return Err(format!("{name}: the image is too large"));
         }
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        // Never more than the header declares (plus one byte, to notice a lie): a bomb
+        // whose headers understate what it inflates to costs no more than an honest entry.
+        let mut bytes = Vec::with_capacity(declared as usize);
         entry
             .by_ref()
-            .take(super::MAX_ZIP_ENTRY_BYTES)
+            .take(declared + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
         drop(entry);
+        if bytes.len() as u64 > declared {
+            return Err(format!(
+                "{name}: the entry inflates to more than the {declared} bytes its header declares (a corrupt archive, or a zip bomb)"
+            ));
+        }
         f(ImageSource::Entry(name), class, bytes)?;
     }
     Ok(())
