@@ -2,7 +2,8 @@
 //! Content-Security-Policy, next to an unchanged API; and used in a real headless Chromium
 //! (tests/browser/dashboard.mjs, Playwright) against a real kiln training a real (tiny) model:
 //! sign in, watch a running job's loss curve grow live, cancel it, read a finished
-//! classifier's confusion matrix, the files' validation results, try the fine-tuned model.
+//! classifier's confusion matrix, the files' validation results, try the fine-tuned model,
+//! chat with a decoder and classify images with an image classifier.
 //!
 //! The browser part needs Node.js, Chromium (`/usr/bin/chromium`, or `CHROMIUM`) and
 //! `npm ci` in tests/browser; `.ci/run` installs them. Without them the test fails when `CI`
@@ -21,6 +22,8 @@ use kiln::nn::tiny::TinyLayout;
 use serde_json::{Value, json};
 
 const BASE: &str = "kiln-test/tiny-bert";
+/// A base image classifier (a tiny ResNet with labels) the browser classifies images with.
+const IMAGE_MODEL: &str = "kiln-test/tiny-resnet";
 const BROWSER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
 
 fn web_file(name: &str) -> Vec<u8> {
@@ -248,10 +251,23 @@ async fn a_person_watches_a_job_train_and_cancels_it_in_a_real_browser() {
         train_support::tiny_model(&s.models_dir.join(BASE), TinyLayout::Unprefixed);
         kiln::nn::tiny::write_tiny_decoder(&s.models_dir.join("kiln-test/tiny-qwen2"), "qwen2", 5)
             .expect("a tiny decoder");
+        kiln::nn::resnet::write_tiny_resnet(
+            &s.models_dir.join(IMAGE_MODEL),
+            &kiln::nn::resnet::tiny_resnet_config(),
+            5,
+        )
+        .expect("a tiny ResNet");
         s.jobs.poll_interval = Duration::from_millis(300);
     })
     .await;
     let key = app.key_for("dashboard").await;
+    // A base ResNet with id2label is an image classifier the server serves as it is.
+    let (status, image_model) = app
+        .get_json(&key, &format!("/v1/models/{IMAGE_MODEL}"))
+        .await;
+    assert_eq!(status, 200, "{image_model}");
+    assert_eq!(image_model["task"], "image_classification", "{image_model}");
+    assert_eq!(image_model["labels"], json!(["cat", "dog", "bird"]));
     let train = sentiment_file(&app, &key, "reviews-train.jsonl", 160, 1).await;
     let valid = sentiment_file(&app, &key, "reviews-valid.jsonl", 40, 2).await;
     // The tiny model trains ~3,000 examples a second on two cores: big batches of a big
@@ -307,6 +323,7 @@ async fn a_person_watches_a_job_train_and_cancels_it_in_a_real_browser() {
         .env("KILN_RUNNING_JOB", &running)
         .env("KILN_DONE_JOB", &done)
         .env("KILN_BROKEN_FILE", broken["id"].as_str().unwrap())
+        .env("KILN_IMAGE_MODEL", IMAGE_MODEL)
         .env("SCREENSHOT_DIR", &shots)
         .env("CHROMIUM", &chromium)
         .kill_on_drop(true)
@@ -340,6 +357,7 @@ async fn a_person_watches_a_job_train_and_cancels_it_in_a_real_browser() {
         "07-job-succeeded.png",
         "08-files.png",
         "09-models.png",
+        "11-models-image.png",
     ] {
         let (width, height) = png_size(&shots.join(name));
         assert_eq!(width, 1440, "{name}");

@@ -1357,13 +1357,70 @@
   // ---------------------------------------------------------------- models
 
   // What the "try it" box can do with a model, from what the server serves today:
-  // classifications for encoder classifiers, embeddings for other encoders, chat for decoders.
+  // classifications for encoder classifiers, embeddings for other encoders, image
+  // classifications for ResNet/ViT classifiers, chat for decoders.
   const GENERATIVE_TASKS = ['text_generation', 'chat', 'completion', 'preference', 'reinforcement', 'causal_domain_adaptation'];
   function tryKind(m) {
     if (m.task === 'text_classification' || m.task === 'multi_label_classification') return 'classify';
+    if (m.task === 'image_classification') return 'images';
     if (m.task === 'embeddings' || m.task === 'domain_adaptation') return 'embed';
     if (GENERATIVE_TASKS.includes(m.task)) return 'chat';
     return null;
+  }
+
+  const IMAGE_TYPES = ['image/png', 'image/jpeg', 'image/webp'];
+  const MAX_TRY_IMAGES = 16;
+  // The server takes JSON bodies up to 2 MiB; what is over is scaled down before sending.
+  const IMAGE_REQUEST_BUDGET = 1_900_000;
+
+  function readDataUrl(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(new Error(`${file.name}: ${reader.error ? reader.error.message : 'cannot be read'}`));
+      reader.readAsDataURL(file);
+    });
+  }
+
+  // A square preview of a decoded image (cropped to fill), sharp on high-density screens.
+  function thumbCanvas(bitmap, size) {
+    const dpr = Math.min(3, window.devicePixelRatio || 1);
+    const c = h('canvas', { class: 'thumb-img', width: Math.round(size * dpr), height: Math.round(size * dpr), style: { width: `${size}px`, height: `${size}px` } });
+    if (!bitmap) { c.classList.add('broken'); c.title = 'The browser cannot show this image; it is sent as it is.'; return c; }
+    const side = Math.min(bitmap.width, bitmap.height);
+    c.getContext('2d').drawImage(bitmap, (bitmap.width - side) / 2, (bitmap.height - side) / 2, side, side, 0, 0, c.width, c.height);
+    return c;
+  }
+
+  // The data URLs to send: the files as they are while they fit in one request, else the
+  // largest ones re-encoded smaller (the model resizes to its own input size anyway).
+  async function fitImageBudget(items) {
+    const urls = items.map((it) => it.url);
+    const sides = items.map((it) => (it.bitmap ? Math.max(it.bitmap.width, it.bitmap.height) : 0));
+    const scaled = items.map(() => null);
+    const total = () => urls.reduce((a, u) => a + u.length + 3, 0);
+    while (total() > IMAGE_REQUEST_BUDGET) {
+      let i = 0;
+      urls.forEach((u, j) => { if (u.length > urls[i].length) i = j; });
+      const it = items[i];
+      if (!it.bitmap || sides[i] <= 96) {
+        throw new Error(items.length > 1
+          ? 'These images are too large for one request (the server takes up to 2 MB): classify fewer at a time.'
+          : `${it.name} is too large to send (the server takes up to 2 MB in one request).`);
+      }
+      sides[i] = urls[i] === it.url ? Math.min(1024, Math.round(sides[i] * 0.7)) : Math.round(sides[i] * 0.7);
+      const scale = sides[i] / Math.max(it.bitmap.width, it.bitmap.height);
+      const c = document.createElement('canvas');
+      c.width = Math.max(1, Math.round(it.bitmap.width * scale));
+      c.height = Math.max(1, Math.round(it.bitmap.height * scale));
+      const ctx = c.getContext('2d');
+      ctx.fillStyle = '#fff';
+      ctx.fillRect(0, 0, c.width, c.height);
+      ctx.drawImage(it.bitmap, 0, 0, c.width, c.height);
+      urls[i] = c.toDataURL('image/jpeg', 0.92);
+      scaled[i] = [c.width, c.height];
+    }
+    return { urls, scaled };
   }
 
   function modelsPage(v, main, params) {
@@ -1425,17 +1482,21 @@
       tryShownFor = m ? m.id : null;
       if (!m) {
         replace(tryCard, h('div', { class: 'card-head' }, h('h2', null, 'Try a model')),
-          h('div', { class: 'empty' }, 'Choose a model in the list to classify or embed some text with it, or to chat with it.'));
+          h('div', { class: 'empty' }, 'Choose a model in the list to classify or embed some text with it, classify images, or chat with it.'));
         return;
       }
       const kind = tryKind(m);
       const headEl = h('div', { class: 'card-head' }, h('h2', null, 'Try it'));
       if (!kind) {
+        const why = m.family === 'vision'
+          ? 'This image model has no classification head: fine-tune it on labelled images, then try the fine-tuned model here.'
+          : `kiln does not serve ${m.task ? m.task.replace(/_/g, ' ') : 'this kind of'} model${m.task ? 's' : ''} yet: classifications and embeddings are served for text encoders, image classifications for ResNet and ViT classifiers, chat for decoders.`;
         replace(tryCard, headEl, h('div', { class: 'card-body' }, h('div', { class: 'model-id' }, m.id),
-          h('p', { class: 'muted' }, `kiln does not serve ${m.task ? m.task.replace(/_/g, ' ') : 'this kind of'} model${m.task ? 's' : ''} yet: classifications and embeddings are served for text encoders, chat for decoders.`)));
+          h('p', { class: 'muted' }, why)));
         return;
       }
       if (kind === 'chat') { drawChat(m, headEl); return; }
+      if (kind === 'images') { drawImages(m, headEl); return; }
       const input = h('textarea', { class: 'input', id: 'try-input', rows: 4, placeholder: 'One text per line' });
       input.value = kind === 'classify' ? 'what a wonderful film\nthe plot was boring and the actors awful' : 'the film was great\nthe movie was excellent\nthe weather is cold';
       const results = h('div', { id: 'try-results' });
@@ -1514,17 +1575,149 @@
           h('span', { class: 'muted small' }, 'POST /v1/chat/completions'))));
     }
 
-    function classifyResults(texts, out) {
-      return out.data.map((r) => {
-        const scores = Object.entries(r.scores || {}).sort((a, b) => b[1] - a[1]);
-        const chosen = new Set(Array.isArray(r.labels) ? r.labels : [r.label]);
-        return h('div', { class: 'result' },
-          h('div', { class: 'text' }, '“', texts[r.index] || '', '”'),
-          h('div', { class: 'scores' }, scores.map(([l, s]) => h('div', { class: chosen.has(l) ? 'best' : null },
-            h('span', null, l),
-            h('div', { class: 'bar' }, h('span', { style: { width: `${(s * 100).toFixed(1)}%` } })),
-            h('span', { class: 'num right' }, `${(s * 100).toFixed(1)}%`)))));
+    // Image classification: files picked or dropped are previewed (decoded into canvases:
+    // the page's CSP allows no data: or blob: images), read as data URLs and sent as JSON.
+    function drawImages(m, headEl) {
+      let items = []; // { file, name, bitmap (null when the browser cannot decode it), url }
+      const picker = h('input', { type: 'file', id: 'try-files', class: 'visually-hidden', accept: IMAGE_TYPES.join(','), multiple: true });
+      const thumbs = h('div', { class: 'thumbs', id: 'try-thumbs' });
+      const results = h('div', { id: 'try-results' });
+      const run = h('button', { class: 'btn primary', type: 'button', id: 'try-run', disabled: true }, 'Classify');
+      const clear = h('button', { class: 'btn ghost small', type: 'button', id: 'try-clear' }, 'Clear');
+      const count = h('span', { class: 'muted small' });
+      const bar = h('div', { class: 'thumbs-bar' }, count, clear);
+      const drop = h('label', { class: 'dropzone', for: 'try-files', id: 'try-drop' },
+        svg('svg', { viewBox: '0 0 24 24', 'aria-hidden': 'true' },
+          svg('rect', { x: 3, y: 4, width: 18, height: 16, rx: 2.5 }),
+          svg('circle', { cx: 9, cy: 9.5, r: 1.8 }),
+          svg('path', { d: 'M4 17.5l5-5 3.5 3.5 2.5-2.5 5 5' })),
+        h('span', null, h('strong', null, 'Choose images'), ' or drop them here'),
+        h('span', { class: 'muted small' }, `PNG, JPEG or WebP · up to ${MAX_TRY_IMAGES} at a time`));
+
+      const drawThumbs = () => {
+        replace(thumbs, items.map((it, i) => h('figure', { class: 'thumb', title: it.name },
+          thumbCanvas(it.bitmap, 64),
+          h('figcaption', null, it.name),
+          h('button', { type: 'button', class: 'remove', 'aria-label': `Remove ${it.name}`, onclick: () => { items.splice(i, 1); drawThumbs(); } }, '×'))));
+        run.disabled = !items.length;
+        bar.hidden = !items.length;
+        count.textContent = `${items.length} image${items.length === 1 ? '' : 's'}`;
+      };
+
+      const add = async (fileList) => {
+        const files = [...fileList];
+        const images = files.filter((f) => IMAGE_TYPES.includes(f.type));
+        if (images.length < files.length) {
+          toast(`Only PNG, JPEG and WebP images can be classified: ${files.length - images.length} file${files.length - images.length === 1 ? ' was' : 's were'} left out.`, { error: true, title: 'Not an image' });
+        }
+        const room = MAX_TRY_IMAGES - items.length;
+        if (images.length > room) toast(`Up to ${MAX_TRY_IMAGES} images at a time: ${images.length - room} left out.`, { error: true, title: 'Too many images' });
+        const chosen = images.slice(0, Math.max(0, room));
+        if (!chosen.length) return;
+        try {
+          const added = await Promise.all(chosen.map(async (file) => ({
+            file, name: file.name, url: await readDataUrl(file), bitmap: await createImageBitmap(file).catch(() => null),
+          })));
+          if (!v.open) return;
+          items = items.concat(added);
+          drawThumbs();
+        } catch (e) {
+          toastError(e, 'Could not read the file');
+        }
+      };
+
+      // Files dropped anywhere on the box are taken (a drop next to it would open the image
+      // in the tab instead).
+      const bodyEl = h('div', { class: 'card-body' });
+      picker.addEventListener('change', () => { add(picker.files); picker.value = ''; });
+      const carriesFiles = (e) => e.dataTransfer && [...e.dataTransfer.types].includes('Files');
+      for (const type of ['dragenter', 'dragover']) {
+        bodyEl.addEventListener(type, (e) => {
+          if (!carriesFiles(e)) return;
+          e.preventDefault();
+          e.dataTransfer.dropEffect = 'copy';
+          drop.classList.add('over');
+        });
+      }
+      bodyEl.addEventListener('dragleave', (e) => { if (!bodyEl.contains(e.relatedTarget)) drop.classList.remove('over'); });
+      bodyEl.addEventListener('drop', (e) => {
+        if (!carriesFiles(e)) return;
+        e.preventDefault();
+        drop.classList.remove('over');
+        add(e.dataTransfer.files);
       });
+      clear.addEventListener('click', () => { items = []; drawThumbs(); replace(results); });
+
+      run.addEventListener('click', async () => {
+        if (!items.length) { toast('Choose an image first.', { error: true }); return; }
+        const sent = items.slice();
+        run.disabled = true;
+        replace(results, h('div', { class: 'loading' }, h('span', { class: 'spinner' }), ' first use loads the model'));
+        try {
+          const { urls, scaled } = await fitImageBudget(sent);
+          const out = await api('/v1/images/classifications', { method: 'POST', json: { model: m.id, input: urls }, signal: v.signal });
+          replace(results, imageResults(sent, scaled, out));
+          if (!m.loaded) { m.loaded = true; draw(); }
+        } catch (e) {
+          replace(results);
+          // The server names a bad image by its place in the request: say which file it is.
+          if (e && typeof e.message === 'string') {
+            e.message = e.message.replace(/^input\[(\d+)\]/, (all, i) => (sent[Number(i)] ? `${sent[Number(i)].name}` : all));
+          }
+          toastError(e, 'Classification failed');
+        } finally {
+          run.disabled = !items.length;
+        }
+      });
+
+      append(bodyEl, [
+        h('div', { class: 'model-id', style: { marginBottom: '12px' } }, m.id),
+        h('label', { class: 'field', for: 'try-files' }, 'Images to classify'),
+        picker, drop, bar, thumbs,
+        h('div', { class: 'actions', style: { margin: '14px 0 16px' } }, run,
+          h('span', { class: 'muted small' }, 'POST /v1/images/classifications')),
+        results]);
+      replace(tryCard, headEl, bodyEl);
+      drawThumbs();
+    }
+
+    function imageResults(sent, scaled, out) {
+      return out.data.map((r) => {
+        const it = sent[r.index] || { name: `image ${r.index + 1}`, bitmap: null };
+        const size = it.bitmap ? `${it.bitmap.width}×${it.bitmap.height}` : null;
+        const s = scaled[r.index];
+        return h('div', { class: 'result image-result' },
+          h('div', { class: 'image-head' }, thumbCanvas(it.bitmap, 48),
+            h('div', { class: 'image-meta' },
+              h('div', { class: 'text', title: it.name }, it.name),
+              h('div', { class: 'muted small', title: s ? 'Scaled down in the browser to fit in one request; the model resizes images to its own input size anyway.' : null },
+                [size, it.file ? fmtBytes(it.file.size) : null, s ? `sent as ${s[0]}×${s[1]}` : null].filter(Boolean).join(' · '))),
+            h('div', { class: 'top-label' }, h('span', { class: 'top' }, r.label), h('span', { class: 'muted small' }, `${(r.score * 100).toFixed(1)}%`))),
+          scoreBars(r));
+      });
+    }
+
+    // One row per label, best first; a model with many labels (ImageNet's 1,000) shows its
+    // top ones and sums up the rest.
+    function scoreBars(r) {
+      const scores = Object.entries(r.scores || {}).sort((a, b) => b[1] - a[1]);
+      const chosen = new Set(Array.isArray(r.labels) ? r.labels : [r.label]);
+      const shown = scores.length > 10 ? scores.filter(([l], i) => i < 5 || chosen.has(l)) : scores;
+      const shownSet = new Set(shown);
+      const rest = scores.filter((x) => !shownSet.has(x));
+      const restSum = rest.reduce((a, [, s]) => a + s, 0);
+      return h('div', { class: 'scores' }, shown.map(([l, s]) => h('div', { class: chosen.has(l) ? 'best' : null },
+        h('span', null, l),
+        h('div', { class: 'bar' }, h('span', { style: { width: `${(s * 100).toFixed(1)}%` } })),
+        h('span', { class: 'num right' }, `${(s * 100).toFixed(1)}%`))),
+      rest.length ? h('div', { class: 'more' }, h('span', { class: 'muted' }, `${rest.length} more labels`), h('span'),
+        h('span', { class: 'num right muted' }, `${(restSum * 100).toFixed(1)}%`)) : null);
+    }
+
+    function classifyResults(texts, out) {
+      return out.data.map((r) => h('div', { class: 'result' },
+        h('div', { class: 'text' }, '“', texts[r.index] || '', '”'),
+        scoreBars(r)));
     }
 
     function embedResults(texts, out) {

@@ -1,6 +1,7 @@
 // Drives kiln's dashboard in headless Chromium, as a person would: sign in, find the running
 // job, watch its loss curve grow without a reload, cancel it, look at a finished job's
-// confusion matrix, the files and the models pages, and try a model. Takes screenshots and
+// confusion matrix, the files and the models pages, and try models (classify text and
+// images, chat). Takes screenshots and
 // checks that they show something. tests/dashboard.rs starts kiln and the jobs, then runs
 // this script with:
 //
@@ -9,6 +10,7 @@
 //   KILN_RUNNING_JOB  a job that is training now (long enough to watch, then cancelled here)
 //   KILN_DONE_JOB     a job of the same project that succeeded (classifier, with evaluations)
 //   KILN_BROKEN_FILE  a file that failed validation
+//   KILN_IMAGE_MODEL  a base image classifier (a tiny ResNet with labels) in the models dir
 //   SCREENSHOT_DIR    where the PNGs go
 //   CHROMIUM          the browser (default /usr/bin/chromium)
 //
@@ -16,7 +18,7 @@
 
 import { mkdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { inflateSync } from 'node:zlib';
+import { deflateSync, inflateSync } from 'node:zlib';
 import { chromium } from 'playwright-core';
 
 const env = (name, fallback) => {
@@ -29,6 +31,7 @@ const KEY = env('KILN_KEY');
 const RUNNING = env('KILN_RUNNING_JOB');
 const DONE = env('KILN_DONE_JOB');
 const BROKEN_FILE = env('KILN_BROKEN_FILE');
+const IMAGE_MODEL = env('KILN_IMAGE_MODEL');
 const SHOTS = env('SCREENSHOT_DIR');
 const CHROMIUM = env('CHROMIUM', '/usr/bin/chromium');
 const ORIGIN = new URL(BASE).origin;
@@ -87,6 +90,40 @@ function decodePng(path) {
     }
   }
   return { width, height, channels, pixels, bytes: buf.length };
+}
+
+// ...and of an encoder, for the images the page is given to classify: 8-bit RGB, one colour
+// with a lighter square in the middle.
+function crc32(buf) {
+  let c = ~0;
+  for (const byte of buf) {
+    c ^= byte;
+    for (let k = 0; k < 8; k++) c = (c >>> 1) ^ (0xedb88320 & -(c & 1));
+  }
+  return ~c >>> 0;
+}
+
+function encodePng(width, height, [r, g, b]) {
+  const raw = Buffer.alloc((width * 3 + 1) * height);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const inner = Math.abs(x - width / 2) < width / 4 && Math.abs(y - height / 2) < height / 4;
+      const at = y * (width * 3 + 1) + 1 + x * 3;
+      raw[at] = inner ? (r + 255) >> 1 : r;
+      raw[at + 1] = inner ? (g + 255) >> 1 : g;
+      raw[at + 2] = inner ? (b + 255) >> 1 : b;
+    }
+  }
+  const chunk = (type, data) => {
+    const len = Buffer.alloc(4); len.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(type, 'ascii'), data]);
+    const crc = Buffer.alloc(4); crc.writeUInt32BE(crc32(body));
+    return Buffer.concat([len, body, crc]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0); ihdr.writeUInt32BE(height, 4);
+  ihdr[8] = 8; ihdr[9] = 2; // 8-bit RGB
+  return Buffer.concat([Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]), chunk('IHDR', ihdr), chunk('IDAT', deflateSync(raw)), chunk('IEND', Buffer.alloc(0))]);
 }
 
 // A screenshot worth keeping: the expected width, a real size on disk, many colours, and no
@@ -305,6 +342,61 @@ try {
   const usage = await page.$eval('#try-chat .chat-assistant .muted.small:last-child', (e) => e.textContent);
   check(/\d+ tokens · (stop|length)/.test(usage), `chat usage line: ${usage}`);
 
+  log('models: classify images with an image classifier');
+  const imageModel = await page.evaluate(async ([id, key]) => {
+    const r = await fetch(`/v1/models/${id}`, { headers: { Authorization: `Bearer ${key}` } });
+    return r.json();
+  }, [IMAGE_MODEL, KEY]);
+  check(imageModel.task === 'image_classification' && imageModel.labels.length >= 2, `the image model: ${JSON.stringify(imageModel)}`);
+  await page.click(`#models-table tr[data-model="${IMAGE_MODEL}"]`);
+  await page.waitForSelector('#try-drop');
+  check(await page.isDisabled('#try-run'), 'Classify waits for an image');
+  const accept = await page.getAttribute('#try-files', 'accept');
+  check(accept === 'image/png,image/jpeg,image/webp' && await page.getAttribute('#try-files', 'multiple') !== null, `the file input: accept=${accept}`);
+  // One image through the file picker...
+  await page.setInputFiles('#try-files', { name: 'orange-square.png', mimeType: 'image/png', buffer: encodePng(48, 48, [234, 88, 12]) });
+  await page.waitForSelector('#try-thumbs .thumb');
+  // ...and two dropped on the box: an image, and a text file it refuses with a toast.
+  const blue = encodePng(64, 40, [37, 99, 235]).toString('base64');
+  await page.evaluate((b64) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], 'blue-landscape.png', { type: 'image/png' }));
+    dt.items.add(new File(['not an image'], 'notes.txt', { type: 'text/plain' }));
+    const zone = document.getElementById('try-drop');
+    for (const type of ['dragenter', 'dragover', 'drop']) zone.dispatchEvent(new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: dt }));
+  }, blue);
+  await page.waitForSelector('.toast.error');
+  check(/PNG, JPEG and WebP/.test(await page.textContent('.toast.error')), 'a dropped text file is refused with a toast');
+  await page.waitForFunction(() => document.querySelectorAll('#try-thumbs .thumb').length === 2);
+  const names = await page.$$eval('#try-thumbs figcaption', (fs) => fs.map((f) => f.textContent));
+  check(names.join() === 'orange-square.png,blue-landscape.png', `thumbnails: ${names}`);
+  // The previews are drawn (canvases: the CSP allows no data: or blob: images).
+  const centre = await page.$$eval('#try-thumbs canvas', (cs) => cs.map((c) => [...c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data.slice(0, 3)]));
+  check(centre.length === 2 && centre[0][0] > 200 && centre[1][2] > 200, `thumbnail pixels: ${JSON.stringify(centre)}`);
+  await page.click('#try-run');
+  await page.waitForSelector('#try-results .image-result .scores', { timeout: 60_000 });
+  const imageResults = await page.$$eval('#try-results .image-result', (rs) => rs.map((r) => ({
+    name: r.querySelector('.image-meta .text').textContent,
+    top: r.querySelector('.top-label .top').textContent,
+    best: r.querySelector('.scores .best > span:first-child').textContent,
+    bars: r.querySelectorAll('.scores .bar').length,
+  })));
+  check(imageResults.length === 2, `one result per image: ${JSON.stringify(imageResults)}`);
+  for (const [i, r] of imageResults.entries()) {
+    check(r.name === names[i], `result ${i} names its file: ${r.name}`);
+    check(imageModel.labels.includes(r.top) && r.best === r.top, `result ${i} has a label of the model: ${JSON.stringify(r)}`);
+    check(r.bars === imageModel.labels.length, `result ${i} has a bar per label: ${r.bars}`);
+  }
+  log(`  ${imageResults.map((r) => `${r.name}: ${r.top}`).join(', ')}`);
+  for (const close of await page.$$('.toast button')) await close.click();
+  await page.waitForTimeout(300);
+  await shot('11-models-image.png');
+  await page.setViewportSize({ width: 1366, height: 768 });
+  await page.waitForTimeout(200);
+  await shot('11-models-image-1366x768.png', { fullPage: false, width: 1366 });
+  await page.setViewportSize({ width: WIDTH, height: HEIGHT });
+
   log('a rejected key sends the user back to sign in');
   await page.evaluate(() => sessionStorage.setItem('kiln.apiKey', 'sk-kiln-revoked'));
   await page.click('.nav a[href="#/jobs"]');
@@ -319,7 +411,7 @@ try {
   // The deliberately wrong keys above produce 401 responses, which Chromium logs.
   const unexpected = consoleErrors.filter((m) => !/status of 401/.test(m));
   check(unexpected.length === 0, `console errors: ${unexpected.join(' | ')}`);
-  for (const name of ['01-sign-in.png', '04-job-running.png', '07-job-succeeded.png', '09-models.png']) {
+  for (const name of ['01-sign-in.png', '04-job-running.png', '07-job-succeeded.png', '09-models.png', '11-models-image.png']) {
     check(statSync(join(SHOTS, name)).size > 0, `${name} written`);
   }
   log('all dashboard checks passed');
