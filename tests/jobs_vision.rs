@@ -297,3 +297,93 @@ async fn a_network_trained_on_digits_0_to_4_transfers_to_5_to_9() {
     assert_eq!(assert_error_shape(&err)["param"], "model");
     app.shutdown().await;
 }
+
+/// A small PNG of one colour with a little noise.
+fn colour_png(rgb: [u8; 3], seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(8, 8, |x, y| {
+        let n = ((x * 7 + y * 13 + seed * 31) % 17) as u8;
+        image::Rgb([
+            rgb[0].saturating_add(n),
+            rgb[1].saturating_add(n),
+            rgb[2].saturating_add(n),
+        ])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// JSONL lines that name images by path: alone, the file cannot reach the images (400 at
+/// job creation, saying what to do); uploaded with them as one zip (the file as its
+/// `metadata.jsonl`), the job trains on the labels the file gives.
+#[tokio::test]
+async fn images_named_by_path_train_from_one_zip_with_their_manifest() {
+    let app = TestApp::spawn_with(|s| {
+        write_architecture(&s.models_dir.join(ARCH));
+        s.jobs.poll_interval = Duration::from_millis(200);
+    })
+    .await;
+    let key = app.key_for("vision").await;
+    let colours = [("red", [220, 20, 20]), ("blue", [20, 20, 220])];
+    let mut manifest = String::new();
+    let mut images = Vec::new();
+    for i in 0..24u32 {
+        let (label, rgb) = colours[(i % 2) as usize];
+        // The folders say nothing about the labels: only the manifest does.
+        let path = format!("photos/batch{}/{i}.png", i % 3);
+        manifest.push_str(&json!({"image": path, "label": label}).to_string());
+        manifest.push('\n');
+        images.push((path, colour_png(rgb, i)));
+    }
+
+    let alone = upload(&app, &key, "labels.jsonl", manifest.clone().into_bytes()).await;
+    let (status, err) = post_json(
+        &app,
+        &key,
+        "/v1/fine_tuning/jobs",
+        json!({"model": ARCH, "training_file": alone,
+               "method": {"type": "supervised", "supervised": {"hyperparameters": {"strategy": "scratch"}}}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    let e = assert_error_shape(&err);
+    assert_eq!(e["param"], "training_file", "{err}");
+    assert!(
+        e["message"].as_str().unwrap().contains("metadata.jsonl"),
+        "{err}"
+    );
+
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    zip.start_file("metadata.jsonl", options).unwrap();
+    std::io::Write::write_all(&mut zip, manifest.as_bytes()).unwrap();
+    for (path, bytes) in &images {
+        zip.start_file(path.as_str(), options).unwrap();
+        std::io::Write::write_all(&mut zip, bytes).unwrap();
+    }
+    let zip = zip.finish().unwrap().into_inner();
+    let file = upload(&app, &key, "photos.zip", zip).await;
+    let (_, described) = app.get_json(&key, &format!("/v1/files/{file}")).await;
+    eprintln!("manifest zip: {}", described["status_details"]);
+    let job = train(
+        &app,
+        &key,
+        ARCH,
+        &file,
+        None,
+        json!({"strategy": "scratch", "n_epochs": 8, "batch_size": 8, "learning_rate": 0.01}),
+    )
+    .await;
+    let model = job["fine_tuned_model"].as_str().unwrap();
+    let (_, got) = app.get_json(&key, &format!("/v1/models/{model}")).await;
+    let mut labels: Vec<String> = got["labels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{got}"))
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    labels.sort();
+    assert_eq!(labels, ["blue", "red"], "the manifest's labels: {got}");
+    app.shutdown().await;
+}

@@ -191,9 +191,13 @@ fn read_everything(path: &Path) {
 }
 
 fn config() -> ProptestConfig {
-    // PROPTEST_CASES overrides this for long runs.
+    // 96 cases in CI; PROPTEST_CASES for long runs.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96);
     ProptestConfig {
-        cases: 96,
+        cases,
         ..ProptestConfig::default()
     }
 }

@@ -323,6 +323,20 @@ async fn training_data(
                 "invalid_file",
             )
         })?;
+    let image_paths = file
+        .validation
+        .as_ref()
+        .and_then(|v| v["image_paths"].as_u64())
+        .unwrap_or(0);
+    if image_paths > 0 {
+        return Err(bad_code(
+            format!(
+                "File '{id}' names {image_paths} images by path, and a JSONL file cannot reach the images of another upload: upload the images and this file together as one zip, with the file as metadata.jsonl at its top (paths relative to it), or embed the images as data URLs."
+            ),
+            Some(param),
+            "invalid_file",
+        ));
+    }
     Ok((file, format))
 }
 

@@ -1,7 +1,12 @@
-//! Zip validation for image classification: one folder per class.
+//! Zip validation for image classification: one folder per class, or a manifest.
 //!
-//! Only the central directory and the first [`SNIFF_LEN`] bytes of each image are
-//! read, so a zip bomb costs nothing: nothing is ever fully decompressed.
+//! A zip with a `metadata.jsonl` at its top (or inside one wrapper folder) is labelled by
+//! that manifest, as Hugging Face's ImageFolder reads it: one line per image,
+//! `{"file_name": "path/in/zip.png", "label": ...}` (`image` is accepted for `file_name`),
+//! paths relative to the manifest's folder. Otherwise every `CLASS/image` is an example.
+//!
+//! Only the central directory, the manifest and the first [`SNIFF_LEN`] bytes of each image
+//! are read, so a zip bomb costs nothing: no image is fully decompressed here.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Seek};
@@ -77,6 +82,15 @@ pub(crate) fn validate_zip_limited<R: Read + Seek>(
             limits.max_entries
         ));
         return Ok(finish(t, false));
+    }
+
+    match read_manifest(&mut archive) {
+        Ok(None) => {}
+        Ok(Some(manifest)) => return Ok(validate_manifest(&mut archive, manifest, limits, t)),
+        Err(message) => {
+            t.problems.in_file(MANIFEST, message);
+            return Ok(finish(t, false));
+        }
     }
 
     // Pass 1 only looks at names, to find a wrapper folder to strip.
@@ -180,6 +194,158 @@ pub(crate) fn validate_zip_limited<R: Read + Seek>(
         t.format = Some(DatasetFormat::ImageClassification);
     }
     Ok(finish(t, true))
+}
+
+/// The manifest's file name (Hugging Face ImageFolder's).
+pub(crate) const MANIFEST: &str = "metadata.jsonl";
+
+/// The largest manifest read.
+const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+
+/// One line of a manifest: where its image is and its label, or why it is unusable.
+pub(crate) struct ManifestRow {
+    /// 1-based line number in the manifest.
+    pub line: u64,
+    /// The image's entry index and name, and its label.
+    pub example: Result<(usize, String, String), String>,
+}
+
+/// A zip's `metadata.jsonl`, read.
+pub(crate) struct Manifest {
+    /// The manifest's own entry name.
+    pub name: String,
+    pub rows: Vec<ManifestRow>,
+}
+
+/// Finds and reads the manifest of a zip (`metadata.jsonl` at the top or inside one
+/// wrapper folder); `Ok(None)` when there is none. Lines are resolved to entries here,
+/// so validation and training read the same examples.
+pub(crate) fn read_manifest<R: Read + Seek>(
+    archive: &mut ZipArchive<R>,
+) -> Result<Option<Manifest>, String> {
+    let mut entries: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut found: Option<(usize, String, Vec<String>)> = None;
+    for i in 0..archive.len() {
+        let Some(name) = archive.name_for_index(i) else {
+            continue;
+        };
+        let EntryName::Path { comps, is_dir } = classify(name) else {
+            continue;
+        };
+        if is_dir {
+            continue;
+        }
+        if comps.last().is_some_and(|c| c == MANIFEST)
+            && comps.len() <= 2
+            && found.as_ref().is_none_or(|(_, _, f)| comps.len() < f.len())
+        {
+            let folder = comps[..comps.len() - 1].to_vec();
+            found = Some((i, name.to_string(), folder));
+        }
+        entries.insert(comps.join("/"), i);
+    }
+    let Some((index, name, folder)) = found else {
+        return Ok(None);
+    };
+    let mut file = archive
+        .by_index(index)
+        .map_err(|e| format!("cannot read the manifest: {e}"))?;
+    if file.size() > MAX_MANIFEST_BYTES {
+        return Err(format!(
+            "the manifest is {} bytes; at most {MAX_MANIFEST_BYTES} are allowed",
+            file.size()
+        ));
+    }
+    let mut text = Vec::new();
+    file.by_ref()
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("cannot read the manifest: {e}"))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err("the manifest inflates to more than its header declares".to_string());
+    }
+    let rows = text
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+        .map(|(i, line)| ManifestRow {
+            line: i as u64 + 1,
+            example: manifest_example(line, &folder, &entries),
+        })
+        .collect();
+    Ok(Some(Manifest { name, rows }))
+}
+
+/// One manifest line: its image's entry (index and name) and its label.
+fn manifest_example(
+    line: &[u8],
+    folder: &[String],
+    entries: &std::collections::HashMap<String, usize>,
+) -> Result<(usize, String, String), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "each line must be a JSON object".to_string())?;
+    let path = match (obj.get("file_name"), obj.get("image")) {
+        (Some(serde_json::Value::String(p)), _) | (None, Some(serde_json::Value::String(p))) => p,
+        (None, None) => return Err("missing key \"file_name\"".to_string()),
+        _ => return Err("\"file_name\" must be a string (a path inside the zip)".to_string()),
+    };
+    let label = match obj.get("label") {
+        Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        Some(serde_json::Value::Bool(b)) => b.to_string(),
+        None => return Err("missing key \"label\"".to_string()),
+        Some(_) => return Err("\"label\" must be a non-empty string or a number".to_string()),
+    };
+    super::image::check_image_path(path)?;
+    let EntryName::Path { comps, .. } = classify(path) else {
+        return Err(format!("\"file_name\": {path:?} is not a usable path"));
+    };
+    let full: Vec<String> = folder.iter().cloned().chain(comps).collect();
+    let key = full.join("/");
+    match entries.get(&key) {
+        Some(&index) => Ok((index, key, label)),
+        None => Err(format!("\"file_name\": no entry {key:?} in the archive")),
+    }
+}
+
+/// Validates the images a manifest names: each problem carries the manifest line.
+fn validate_manifest<R: Read + Seek>(
+    archive: &mut ZipArchive<R>,
+    manifest: Manifest,
+    limits: ZipLimits,
+    mut t: Tally,
+) -> ValidationReport {
+    let mut classes: BTreeMap<String, u64> = BTreeMap::new();
+    for row in manifest.rows {
+        let file = Some(manifest.name.as_str());
+        match row.example {
+            Err(message) => t.problems.push(Some(row.line), file, message),
+            Ok((index, name, label)) => match check_image_entry(archive, index, limits) {
+                Ok(()) => *classes.entry(label).or_insert(0) += 1,
+                Err(message) => t
+                    .problems
+                    .push(Some(row.line), file, format!("{name}: {message}")),
+            },
+        }
+    }
+    for (class, &count) in &classes {
+        t.labels.add(class, count);
+        t.examples += count;
+    }
+    if classes.len() < 2 {
+        t.problems.general(format!(
+            "fewer than 2 labels with images in {} (found {})",
+            manifest.name,
+            classes.len()
+        ));
+    }
+    if t.examples > 0 {
+        t.format = Some(DatasetFormat::ImageClassification);
+    }
+    finish(t, true)
 }
 
 /// How an entry's name is treated.
@@ -620,5 +786,100 @@ pub(crate) mod tests {
         assert_eq!(r.problems.len(), MAX_REPORTED_PROBLEMS);
         // 30 files + empty class + fewer than 2 classes + fewer than 10 examples.
         assert_eq!(r.total_problems, 33);
+    }
+
+    fn real_png() -> Vec<u8> {
+        let mut png = Vec::new();
+        ::image::RgbImage::from_pixel(3, 2, ::image::Rgb([200, 10, 30]))
+            .write_to(&mut Cursor::new(&mut png), ::image::ImageFormat::Png)
+            .unwrap();
+        png
+    }
+
+    #[test]
+    fn a_manifest_labels_the_images_it_names_wherever_they_are() {
+        let png = real_png();
+        for wrapper in ["", "dataset/"] {
+            let mut manifest = String::new();
+            let mut names = Vec::new();
+            for i in 0..12 {
+                let file = format!("imgs/{}/{i}.png", i % 3); // folders say nothing
+                let label = if i % 2 == 0 { "cat" } else { "dog" };
+                manifest.push_str(&format!(
+                    "{{\"file_name\": \"{file}\", \"label\": \"{label}\"}}\n"
+                ));
+                names.push(format!("{wrapper}{file}"));
+            }
+            names.push(format!("{wrapper}imgs/unlisted.png")); // not in the manifest: ignored
+            let manifest_name = format!("{wrapper}metadata.jsonl");
+            let mut entries: Vec<(&str, &[u8])> =
+                vec![(manifest_name.as_str(), manifest.as_bytes())];
+            entries.extend(names.iter().map(|n| (n.as_str(), &png[..])));
+            let bytes = build_zip(&entries);
+            let r = validate(bytes.clone());
+            assert!(r.is_valid(), "{}", r.summary());
+            assert_eq!(r.examples, 12);
+            assert_eq!(
+                r.labels.clone().unwrap(),
+                [("cat".into(), 6), ("dog".into(), 6)].into()
+            );
+            // Training reads the same examples with the manifest's labels.
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("set.zip");
+            std::fs::write(&path, &bytes).unwrap();
+            let examples = crate::data::images::read_image_dataset(&path).unwrap();
+            assert_eq!(examples.len(), 12);
+            assert_eq!(examples[1].label, "dog");
+            assert_eq!(examples[1].source, format!("{wrapper}imgs/1/1.png"));
+        }
+    }
+
+    #[test]
+    fn manifest_problems_carry_their_line() {
+        let png = real_png();
+        let mut manifest = String::new();
+        for i in 0..10 {
+            manifest.push_str(&format!(
+                "{{\"image\": \"a/{i}.png\", \"label\": {}}}\n",
+                i % 2
+            ));
+        }
+        manifest.push_str("{\"file_name\": \"a/missing.png\", \"label\": \"x\"}\n"); // 11
+        manifest.push_str("not json\n"); // 12
+        manifest.push_str("{\"file_name\": \"../../etc/passwd.png\", \"label\": \"x\"}\n"); // 13
+        manifest.push_str("{\"file_name\": \"a/0.png\"}\n"); // 14
+        manifest.push_str("{\"file_name\": \"a/notes.txt\", \"label\": \"x\"}\n"); // 15
+        manifest.push_str("{\"file_name\": \"a/fake.png\", \"label\": \"x\"}\n"); // 16
+        let names: Vec<String> = (0..10).map(|i| format!("a/{i}.png")).collect();
+        let mut entries: Vec<(&str, &[u8])> = vec![("metadata.jsonl", manifest.as_bytes())];
+        entries.extend(names.iter().map(|n| (n.as_str(), &png[..])));
+        entries.push(("a/notes.txt", b"hello"));
+        entries.push(("a/fake.png", b"not an image at all"));
+        let r = validate(build_zip(&entries));
+        assert!(!r.is_valid());
+        assert_eq!(r.examples, 10, "{}", r.summary());
+        let lines: Vec<u64> = r.problems.iter().filter_map(|p| p.line).collect();
+        assert_eq!(lines, [11, 12, 13, 14, 15, 16], "{:?}", r.problems);
+        assert!(
+            r.problems
+                .iter()
+                .all(|p| p.file.as_deref() == Some("metadata.jsonl"))
+        );
+        assert!(
+            r.problems[0].message.contains("no entry \"a/missing.png\""),
+            "{:?}",
+            r.problems[0]
+        );
+        assert!(r.problems[2].message.contains(".."), "{:?}", r.problems[2]);
+        assert!(
+            r.problems[3].message.contains("label"),
+            "{:?}",
+            r.problems[3]
+        );
+        assert!(
+            r.problems[5].message.contains("a/fake.png"),
+            "{:?}",
+            r.problems[5]
+        );
     }
 }

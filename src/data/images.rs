@@ -168,6 +168,16 @@ fn visit_zip(path: &Path, f: &mut Visitor) -> Result<(), String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut archive = ::zip::ZipArchive::new(BufReader::new(file))
         .map_err(|e| format!("not a valid zip archive: {e}"))?;
+    if let Some(manifest) = super::archive::read_manifest(&mut archive)? {
+        for row in manifest.rows {
+            let (index, name, label) = row
+                .example
+                .map_err(|m| format!("{} line {}: {m}", manifest.name, row.line))?;
+            let bytes = read_entry(&mut archive, index, &name)?;
+            f(ImageSource::Entry(name), label, bytes)?;
+        }
+        return Ok(());
+    }
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
     let mut root = Root::Unknown;
     for name in &names {
@@ -196,30 +206,39 @@ fn visit_zip(path: &Path, f: &mut Visitor) -> Result<(), String> {
             continue;
         };
         let class = class.clone();
-        let mut entry = archive
-            .by_index(i)
-            .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
-        let declared = entry.size();
-        if declared > super::MAX_ZIP_ENTRY_BYTES {
-            return Err(format!("{name}: the image is too large"));
-        }
-        // Never more than the header declares (plus one byte, to notice a lie): a bomb
-        // whose headers understate what it inflates to costs no more than an honest entry.
-        let mut bytes = Vec::with_capacity(declared as usize);
-        entry
-            .by_ref()
-            .take(declared + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
-        drop(entry);
-        if bytes.len() as u64 > declared {
-            return Err(format!(
-                "{name}: the entry inflates to more than the {declared} bytes its header declares (a corrupt archive, or a zip bomb)"
-            ));
-        }
+        let bytes = read_entry(&mut archive, i, &name)?;
         f(ImageSource::Entry(name), class, bytes)?;
     }
     Ok(())
+}
+
+/// The bytes of entry `index` (named `name`, for messages), bounded by its declared size.
+fn read_entry<R: Read + std::io::Seek>(
+    archive: &mut ::zip::ZipArchive<R>,
+    index: usize,
+    name: &str,
+) -> Result<Vec<u8>, String> {
+    let mut entry = archive
+        .by_index(index)
+        .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
+    let declared = entry.size();
+    if declared > super::MAX_ZIP_ENTRY_BYTES {
+        return Err(format!("{name}: the image is too large"));
+    }
+    // Never more than the header declares (plus one byte, to notice a lie): a bomb whose
+    // headers understate what it inflates to costs no more than an honest entry.
+    let mut bytes = Vec::with_capacity(declared as usize);
+    entry
+        .by_ref()
+        .take(declared + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
+    if bytes.len() as u64 > declared {
+        return Err(format!(
+            "{name}: the entry inflates to more than the {declared} bytes its header declares (a corrupt archive, or a zip bomb)"
+        ));
+    }
+    Ok(bytes)
 }
 
 fn visit_jsonl(path: &Path, f: &mut Visitor) -> Result<(), String> {
@@ -243,7 +262,7 @@ fn visit_jsonl(path: &Path, f: &mut Visitor) -> Result<(), String> {
         };
         if !image.starts_with("data:") {
             return Err(format!(
-                "line {n}: \"image\" is a path ({image:?}); upload the images as a zip with one folder per class, or embed them as data URLs"
+                "line {n}: \"image\" is a path ({image:?}); upload the images and this file together as one zip, with the file as metadata.jsonl at its top (its paths relative to it), or use a zip with one folder per class, or embed the images as data URLs"
             ));
         }
         let bytes = decode_data_url(image).map_err(|e| format!("line {n}: \"image\": {e}"))?;
