@@ -287,8 +287,9 @@ fn manifest_example(
     let obj = value
         .as_object()
         .ok_or_else(|| "each line must be a JSON object".to_string())?;
-    let path = match (obj.get("file_name"), obj.get("image")) {
-        (Some(serde_json::Value::String(p)), _) | (None, Some(serde_json::Value::String(p))) => p,
+    let (key, path) = match (obj.get("file_name"), obj.get("image")) {
+        (Some(serde_json::Value::String(p)), _) => ("file_name", p),
+        (None, Some(serde_json::Value::String(p))) => ("image", p),
         (None, None) => return Err("missing key \"file_name\"".to_string()),
         _ => return Err("\"file_name\" must be a string (a path inside the zip)".to_string()),
     };
@@ -299,15 +300,16 @@ fn manifest_example(
         None => return Err("missing key \"label\"".to_string()),
         Some(_) => return Err("\"label\" must be a non-empty string or a number".to_string()),
     };
-    super::image::check_image_path(path)?;
+    super::image::check_image_path(path)
+        .map_err(|m| m.replacen("\"image\"", &format!("\"{key}\""), 1))?;
     let EntryName::Path { comps, .. } = classify(path) else {
-        return Err(format!("\"file_name\": {path:?} is not a usable path"));
+        return Err(format!("\"{key}\": {path:?} is not a usable path"));
     };
     let full: Vec<String> = folder.iter().cloned().chain(comps).collect();
-    let key = full.join("/");
-    match entries.get(&key) {
-        Some(&index) => Ok((index, key, label)),
-        None => Err(format!("\"file_name\": no entry {key:?} in the archive")),
+    let entry = full.join("/");
+    match entries.get(&entry) {
+        Some(&index) => Ok((index, entry, label)),
+        None => Err(format!("no entry {entry:?} in the archive")),
     }
 }
 
