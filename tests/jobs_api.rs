@@ -852,18 +852,6 @@ async fn event_streams_are_capped_and_a_closed_stream_frees_its_place() {
     app.shutdown().await;
 }
 
-async fn delete(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
-    let res = app
-        .client
-        .delete(app.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn a_file_an_unfinished_job_trains_on_cannot_be_deleted_and_no_job_names_a_deleted_file() {
     let app = spawn_app(ToyExecutor::new(10000), 1).await;

@@ -671,3 +671,15 @@ fn any_conversation_encodes_or_fails_cleanly() {
         })
         .unwrap();
 }
+
+/// A template that would loop for hours fails within about a second instead (fuel).
+#[test]
+fn a_template_that_never_ends_is_stopped() {
+    let forever =
+        "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+    let t = ChatTemplate::new(Some(forever.into()), String::new(), String::new()).unwrap();
+    let started = std::time::Instant::now();
+    let err = t.render(&[], true).unwrap_err().to_string();
+    eprintln!("stopped after {:?}: {err}", started.elapsed());
+    assert!(err.contains("fuel"), "{err}");
+}

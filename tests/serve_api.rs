@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::{TestApp, assert_error_shape};
-use jobs_support::{post_json, wait_for};
+use jobs_support::{delete, post_json, wait_for};
 use kiln::nn::tiny::TinyLayout;
 use serde_json::{Value, json};
 use serve_support::{embeddings_of, matrix, max_diff, reference, scores_of, write_pooling};
@@ -47,17 +47,6 @@ async fn upload_sentiment(app: &TestApp, key: &str, n: usize, seed: u64) -> Stri
         .to_owned();
     assert_eq!(app.wait_validated(key, &id).await["status"], "processed");
     id
-}
-
-async fn delete(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
-    let res = app
-        .client
-        .delete(app.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    (res.status().as_u16(), res.json().await.unwrap_or_default())
 }
 
 fn model_path(id: &str) -> String {

@@ -21,6 +21,9 @@ use super::text::TextDataError;
 /// closing each assistant turn so the model learns where to stop.
 const FALLBACK_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ message.role }}: {{ message.content }}{% if message.role == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}";
 
+/// Instructions one rendering may run (minijinja's fuel): about a second of work.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// A rendered chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -98,6 +101,9 @@ impl ChatTemplate {
         eos_token: String,
     ) -> Result<ChatTemplate, TextDataError> {
         let mut env = Environment::new();
+        // A template that loops without end (nested `range`s) fails instead of holding a
+        // training or serving thread for ever; real templates use a tiny part of this.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",

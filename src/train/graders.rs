@@ -118,6 +118,8 @@ fn string_field<'a>(
 fn template_env() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    // Grader templates come with the request: one that loops without end is an error.
+    env.set_fuel(Some(1_000_000));
     env
 }
 
@@ -860,6 +862,18 @@ mod tests {
             .grade(&item, sample)
             .unwrap()
             .0
+    }
+
+    #[test]
+    fn a_grader_template_that_never_ends_is_an_error() {
+        let forever =
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
+        let g = json!({"type": "string_check", "name": "s", "input": forever, "reference": "x", "operation": "eq"});
+        let err = Grader::parse(&g, "grader")
+            .unwrap()
+            .grade(&json!({}), "x")
+            .unwrap_err();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]

@@ -273,6 +273,19 @@ pub async fn post_json(app: &TestApp, key: &str, path: &str, body: Value) -> (u1
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
+/// `DELETE path`: the status and the JSON body (null when there is none).
+pub async fn delete(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
+    let res = app
+        .client
+        .delete(app.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
 /// `POST .../{action}` as the OpenAI client sends it: JSON content type, empty body.
 pub async fn post_empty(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
     let res = app
