@@ -193,9 +193,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let upkeep = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
+        for n in 1u64.. {
             tick.tick().await;
             upkeep.run_upkeep();
+            if n % 12 == 0 {
+                let _ = tokio::task::spawn_blocking(release_free_memory).await;
+            }
         }
     });
     let client_timeout = settings.api.client_timeout;
@@ -215,6 +218,18 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         workers,
         deliverer,
     })
+}
+
+/// Hands memory that the allocator holds but nothing uses back to the system, once a minute.
+/// `main` tunes glibc to keep freed memory (training reuses its buffers at once, and fresh
+/// pages cost faults); without this a server's RSS would stay at its largest passing peak,
+/// such as one large list answer, for ever (the soak run saw +110 MiB that never went).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the kernel; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Serves `app` until `stop`, then lets open connections finish: `axum::serve`, plus a

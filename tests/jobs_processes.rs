@@ -305,6 +305,12 @@ async fn a_job_whose_process_is_killed_is_finished_by_another_from_its_last_chec
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempt"], 2);
+    // The killed attempt's scratch space went when the next attempt began.
+    let scratch = dir
+        .path()
+        .join("artifacts/tmp")
+        .join(format!("{id}-attempt-1"));
+    assert!(!scratch.exists(), "{} was left behind", scratch.display());
 
     let attempts = history(&pool, &id).await;
     assert_eq!(attempts.len(), 2);

@@ -64,11 +64,16 @@ pub(crate) async fn run(shared: Arc<Shared>, job: JobRow) {
         clock.clone(),
     ));
 
-    let scratch = shared
-        .artifacts
-        .root()
-        .join("tmp")
-        .join(format!("{}-attempt-{}", job.id, job.attempt));
+    let tmp = shared.artifacts.root().join("tmp");
+    // Earlier attempts of this job are over (a later attempt fences them out); one that was
+    // killed left its scratch space behind.
+    for earlier in 1..job.attempt {
+        let dir = tmp.join(format!("{}-attempt-{earlier}", job.id));
+        if tokio::fs::remove_dir_all(&dir).await.is_ok() {
+            tracing::info!(job = %job.id, attempt = earlier, "removed the scratch space of an earlier attempt");
+        }
+    }
+    let scratch = tmp.join(format!("{}-attempt-{}", job.id, job.attempt));
     let result = match prepare(&shared, &job).await {
         Ok(spec) => match shared.executor.clone() {
             Some(executor) => {
