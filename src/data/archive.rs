@@ -247,23 +247,7 @@ pub(crate) fn read_manifest<R: Read + Seek>(
     let Some((index, name, folder)) = found else {
         return Ok(None);
     };
-    let mut file = archive
-        .by_index(index)
-        .map_err(|e| format!("cannot read the manifest: {e}"))?;
-    if file.size() > MAX_MANIFEST_BYTES {
-        return Err(format!(
-            "the manifest is {} bytes; at most {MAX_MANIFEST_BYTES} are allowed",
-            file.size()
-        ));
-    }
-    let mut text = Vec::new();
-    file.by_ref()
-        .take(MAX_MANIFEST_BYTES + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| format!("cannot read the manifest: {e}"))?;
-    if text.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err("the manifest inflates to more than its header declares".to_string());
-    }
+    let text = read_entry(archive, index, &name, MAX_MANIFEST_BYTES)?;
     let rows = text
         .split(|b| *b == b'\n')
         .enumerate()
@@ -274,6 +258,38 @@ pub(crate) fn read_manifest<R: Read + Seek>(
         })
         .collect();
     Ok(Some(Manifest { name, rows }))
+}
+
+/// The bytes of entry `index` (named `name`, for messages): refused when it declares more
+/// than `max`, and never read past its declared size (plus one byte, to notice a lie), so a
+/// bomb whose headers understate what it inflates to costs no more than an honest entry.
+pub(crate) fn read_entry<R: Read + Seek>(
+    archive: &mut ZipArchive<R>,
+    index: usize,
+    name: &str,
+    max: u64,
+) -> Result<Vec<u8>, String> {
+    let mut entry = archive
+        .by_index(index)
+        .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
+    let declared = entry.size();
+    if declared > max {
+        return Err(format!(
+            "{name}: {declared} bytes uncompressed, more than the {max} allowed"
+        ));
+    }
+    let mut bytes = Vec::with_capacity(declared as usize);
+    entry
+        .by_ref()
+        .take(declared + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
+    if bytes.len() as u64 > declared {
+        return Err(format!(
+            "{name}: the entry inflates to more than the {declared} bytes its header declares (a corrupt archive, or a zip bomb)"
+        ));
+    }
+    Ok(bytes)
 }
 
 /// One manifest line: its image's entry (index and name) and its label.

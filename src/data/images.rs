@@ -4,7 +4,7 @@
 //! following the model's own `preprocessor_config.json` (resize, crop, mean, std), with
 //! random resized crops and flips for training.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use super::archive::{Root, classify_entry};
+use super::archive::{Root, classify_entry, read_entry};
 use super::image::{B64, has_image_extension};
 
 /// Largest image side accepted when decoding (a guard against decompression bombs).
@@ -173,7 +173,7 @@ fn visit_zip(path: &Path, f: &mut Visitor) -> Result<(), String> {
             let (index, name, label) = row
                 .example
                 .map_err(|m| format!("{} line {}: {m}", manifest.name, row.line))?;
-            let bytes = read_entry(&mut archive, index, &name)?;
+            let bytes = read_entry(&mut archive, index, &name, super::MAX_ZIP_ENTRY_BYTES)?;
             f(ImageSource::Entry(name), label, bytes)?;
         }
         return Ok(());
@@ -206,39 +206,10 @@ fn visit_zip(path: &Path, f: &mut Visitor) -> Result<(), String> {
             continue;
         };
         let class = class.clone();
-        let bytes = read_entry(&mut archive, i, &name)?;
+        let bytes = read_entry(&mut archive, i, &name, super::MAX_ZIP_ENTRY_BYTES)?;
         f(ImageSource::Entry(name), class, bytes)?;
     }
     Ok(())
-}
-
-/// The bytes of entry `index` (named `name`, for messages), bounded by its declared size.
-fn read_entry<R: Read + std::io::Seek>(
-    archive: &mut ::zip::ZipArchive<R>,
-    index: usize,
-    name: &str,
-) -> Result<Vec<u8>, String> {
-    let mut entry = archive
-        .by_index(index)
-        .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
-    let declared = entry.size();
-    if declared > super::MAX_ZIP_ENTRY_BYTES {
-        return Err(format!("{name}: the image is too large"));
-    }
-    // Never more than the header declares (plus one byte, to notice a lie): a bomb whose
-    // headers understate what it inflates to costs no more than an honest entry.
-    let mut bytes = Vec::with_capacity(declared as usize);
-    entry
-        .by_ref()
-        .take(declared + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{name}: cannot read entry: {e}"))?;
-    if bytes.len() as u64 > declared {
-        return Err(format!(
-            "{name}: the entry inflates to more than the {declared} bytes its header declares (a corrupt archive, or a zip bomb)"
-        ));
-    }
-    Ok(bytes)
 }
 
 fn visit_jsonl(path: &Path, f: &mut Visitor) -> Result<(), String> {

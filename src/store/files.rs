@@ -163,10 +163,11 @@ impl Store {
             return Ok(FileDeletion::NotFound);
         };
         // A new statement, so a new snapshot: it sees jobs committed while we waited.
+        // Unfinished is `finished_at IS NULL` (the schema ties it to the terminal states).
         let users: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM fine_tuning_jobs
              WHERE project_id = $1 AND (training_file = $2 OR validation_file = $2)
-               AND state NOT IN ('succeeded', 'failed', 'cancelled')
+               AND finished_at IS NULL
              ORDER BY created_at, id LIMIT 5",
         )
         .bind(project_id)
