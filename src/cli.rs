@@ -116,6 +116,11 @@ pub struct ServeArgs {
     /// body, before it is disconnected.
     #[arg(long, env = "KILN_CLIENT_TIMEOUT_SECS", default_value_t = 30.0)]
     pub client_timeout_secs: f64,
+    /// The base encoder (a model id in the models directory, e.g.
+    /// sentence-transformers/all-MiniLM-L6-v2) that `cosine` text-similarity graders embed
+    /// with when they name no `embedding_model`.
+    #[arg(long, env = "KILN_GRADER_EMBEDDING_MODEL")]
+    pub grader_embedding_model: Option<String>,
 }
 
 /// How webhook deliveries are retried.
@@ -475,6 +480,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_streams: args.max_streams,
             max_uploads: args.max_uploads,
             client_timeout: positive_secs(args.client_timeout_secs, "KILN_CLIENT_TIMEOUT_SECS")?,
+            grader_embedding_model: args.grader_embedding_model.clone(),
         },
     };
     let running = match server::start(settings).await {

@@ -55,6 +55,9 @@ pub struct ApiSettings {
     /// Time a client may take to send a request's headers, and to send each next piece of
     /// a request body; slower clients (slowloris) are disconnected.
     pub client_timeout: Duration,
+    /// The base encoder `cosine` graders embed with when they name none
+    /// (`KILN_GRADER_EMBEDDING_MODEL`); none: such graders are refused.
+    pub grader_embedding_model: Option<String>,
 }
 
 impl Default for ApiSettings {
@@ -64,6 +67,7 @@ impl Default for ApiSettings {
             max_streams: 1024,
             max_uploads: 16,
             client_timeout: Duration::from_secs(30),
+            grader_embedding_model: None,
         }
     }
 }
@@ -168,6 +172,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         models_dir: Arc::new(settings.models_dir.clone()),
         serving: Serving::new(settings.serve.clone(), artifacts.clone()),
         webhooks: Arc::new(settings.webhooks.clone()),
+        grader_embedding_model: settings.api.grader_embedding_model.clone().map(Arc::from),
     };
     // A body that stops arriving for `client_timeout` fails its request (the handlers see a
     // read error); the body is then handed on as the plain type the routes expect.

@@ -1003,3 +1003,119 @@ async fn a_file_an_unfinished_job_trains_on_cannot_be_deleted_and_no_job_names_a
     }
     app.shutdown().await;
 }
+
+/// `GET /v1/models` is streamed a page of rows at a time (it grows with every checkpoint):
+/// across several pages every model and checkpoint appears once, newest first, and the
+/// answer is the same list the API gives one object at a time.
+#[tokio::test]
+async fn the_models_list_streams_every_model_and_checkpoint_once_across_pages() {
+    let app = spawn_app(ToyExecutor::new(0), 2).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 160).await;
+    // 2 × 160 steps with a checkpoint at each: 640 checkpoints, several pages of 256.
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let job = create_job(
+            &app,
+            &key,
+            &file,
+            json!({"n_epochs": 2, "batch_size": 1, "checkpoint_every_steps": 1}),
+        )
+        .await;
+        jobs.push(job["id"].as_str().unwrap().to_owned());
+    }
+    let mut expected = std::collections::BTreeSet::new();
+    for id in &jobs {
+        let job = wait_for(&app, &key, id, Duration::from_secs(120), |j| {
+            j["finished_at"].is_number()
+        })
+        .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        expected.insert(job["fine_tuned_model"].as_str().unwrap().to_owned());
+        let mut after: Option<String> = None;
+        loop {
+            let path = match &after {
+                Some(a) => format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100&after={a}"),
+                None => format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100"),
+            };
+            let (status, page) = app.get_json(&key, &path).await;
+            assert_eq!(status, 200, "{page}");
+            for c in page["data"].as_array().unwrap() {
+                expected.insert(
+                    c["fine_tuned_model_checkpoint"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                );
+                after = Some(c["id"].as_str().unwrap().to_owned());
+            }
+            if page["has_more"] != true {
+                break;
+            }
+        }
+    }
+    assert_eq!(expected.len(), 2 + 2 * 320);
+
+    let res = app
+        .client
+        .get(app.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["content-type"],
+        "application/json",
+        "{:?}",
+        res.headers()
+    );
+    assert!(
+        res.headers().get("content-length").is_none(),
+        "streamed, not built whole: {:?}",
+        res.headers()
+    );
+    let list: Value = res.json().await.unwrap();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["has_more"], false);
+    let data = list["data"].as_array().unwrap();
+    let bases = data.iter().take_while(|m| m["kind"] == "base").count();
+    assert!(
+        data[bases..].iter().all(|m| m["kind"] != "base"),
+        "base models first"
+    );
+    let tuned: Vec<&Value> = data.iter().filter(|m| m["kind"] != "base").collect();
+    let ids: Vec<String> = tuned
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(unique.len(), ids.len(), "no model listed twice");
+    assert_eq!(
+        unique, expected,
+        "every model and checkpoint, and nothing else"
+    );
+    let created: Vec<i64> = tuned
+        .iter()
+        .map(|m| m["created"].as_i64().unwrap())
+        .collect();
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    // Each entry is what the API says about that model alone.
+    for m in [tuned[0], tuned[300], tuned[tuned.len() - 1]] {
+        let id = m["id"].as_str().unwrap();
+        let (status, one) = app.get_json(&key, &format!("/v1/models/{id}")).await;
+        assert_eq!(status, 200, "{one}");
+        assert_eq!(&one, m);
+    }
+    // Another project's list holds none of them.
+    let other = app.key_for("globex").await;
+    let (_, list) = app.get_json(&other, "/v1/models").await;
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["kind"] == "base")
+    );
+    app.shutdown().await;
+}

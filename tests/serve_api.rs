@@ -420,6 +420,118 @@ async fn the_real_minilm_embeds_like_sentence_transformers() {
     app.shutdown().await;
 }
 
+/// A `cosine` text-similarity grader embeds both texts with the configured encoder (the real
+/// MiniLM): its reward is the cosine of what `/v1/embeddings` returns for them, and it ranks a
+/// paraphrase above an unrelated sentence.
+#[tokio::test]
+async fn cosine_graders_embed_with_the_configured_encoder() {
+    let Ok(minilm) = std::env::var("KILN_TEST_MINILM") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set KILN_TEST_MINILM"
+        );
+        eprintln!("KILN_TEST_MINILM is not set (scripts/fetch-minilm.sh): skipped");
+        return;
+    };
+    const MINILM: &str = "sentence-transformers/all-MiniLM-L6-v2";
+    let minilm = PathBuf::from(minilm);
+    let app = TestApp::spawn_with(|s| {
+        let dest = s.models_dir.join("sentence-transformers");
+        std::fs::create_dir_all(&dest).unwrap();
+        std::os::unix::fs::symlink(&minilm, dest.join("all-MiniLM-L6-v2")).unwrap();
+        s.api.grader_embedding_model = Some(MINILM.into());
+    })
+    .await;
+    let key = app.key_for("acme").await;
+    let grader = json!({"type": "text_similarity", "name": "cos", "input": "{{ sample.output_text }}",
+                        "reference": "{{ item.answer }}", "evaluation_metric": "cosine"});
+    // Validation names the server's model in the grader it gives back.
+    let (status, valid) = post_json(
+        &app,
+        &key,
+        "/v1/fine_tuning/alpha/graders/validate",
+        json!({"grader": grader}),
+    )
+    .await;
+    assert_eq!(status, 200, "{valid}");
+    assert_eq!(valid["grader"]["embedding_model"], MINILM);
+
+    let answer = "A man is eating food.";
+    let mut rewards = Vec::new();
+    for sample in [
+        "A man is eating a meal.",
+        "The stock market fell sharply today.",
+    ] {
+        let (status, run) = post_json(
+            &app,
+            &key,
+            "/v1/fine_tuning/alpha/graders/run",
+            json!({"grader": grader, "item": {"answer": answer}, "model_sample": sample}),
+        )
+        .await;
+        assert_eq!(status, 200, "{run}");
+        let reward = run["reward"].as_f64().unwrap();
+        let (status, out) = post_json(
+            &app,
+            &key,
+            "/v1/embeddings",
+            json!({"model": MINILM, "input": [sample, answer]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{out}");
+        let e = embeddings_of(&out);
+        let dot: f64 = e[0]
+            .iter()
+            .zip(&e[1])
+            .map(|(a, b)| f64::from(*a * *b))
+            .sum();
+        let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / (norm(&e[0]) * norm(&e[1]));
+        assert!(
+            (reward - cosine).abs() < 1e-5,
+            "{sample}: reward {reward}, cosine of the embeddings {cosine}"
+        );
+        rewards.push(reward);
+    }
+    assert!(
+        rewards[0] > 0.7 && rewards[1] < 0.3,
+        "a paraphrase scores high, an unrelated sentence low: {rewards:?}"
+    );
+
+    // An embedding model that is not here, or not an encoder's metric: 400 naming the field.
+    for (bad, param) in [
+        (
+            json!({"type": "text_similarity", "name": "c", "input": "a", "reference": "b",
+                   "evaluation_metric": "cosine", "embedding_model": "org/missing"}),
+            "grader",
+        ),
+        (
+            json!({"type": "text_similarity", "name": "c", "input": "a", "reference": "b",
+                   "evaluation_metric": "meteor", "embedding_model": MINILM}),
+            "grader.embedding_model",
+        ),
+    ] {
+        for (path, body) in [
+            ("validate", json!({"grader": bad})),
+            (
+                "run",
+                json!({"grader": bad, "item": {}, "model_sample": "x"}),
+            ),
+        ] {
+            let (status, err) = post_json(
+                &app,
+                &key,
+                &format!("/v1/fine_tuning/alpha/graders/{path}"),
+                body,
+            )
+            .await;
+            assert_eq!(status, 400, "{path} {bad}: {err}");
+            assert_eq!(assert_error_shape(&err)["param"], param, "{err}");
+        }
+    }
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_inference_requests_get_clear_errors() {
     let app = TestApp::spawn_with(|s| {

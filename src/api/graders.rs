@@ -10,14 +10,15 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::models::resolve_for_generation;
+use super::models::{resolve_for_generation, resolve_for_inference};
 use super::{AppState, Caller};
 use crate::serve::{GenEvent, ModelRef, Prompt, SamplingParams, Serving};
-use crate::train::graders::{Grader, ModelParams, ModelSampler};
+use crate::train::graders::{Grader, ModelParams, ModelSampler, fill_embedding_model};
 
 /// Runs grader models through the serving engine (from a blocking thread).
 struct ServedSampler {
     serving: Serving,
+    /// Grader models and embedding models, by id.
     models: HashMap<String, ModelRef>,
     runtime: tokio::runtime::Handle,
 }
@@ -56,6 +57,18 @@ impl ModelSampler for ServedSampler {
         }
         Ok(text)
     }
+
+    fn embed(&self, model: &str, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        let model = self
+            .models
+            .get(model)
+            .ok_or_else(|| format!("model '{model}' was not resolved"))?;
+        let (_, out) = self
+            .runtime
+            .block_on(self.serving.embed(model, texts.to_vec(), true))
+            .map_err(|e| e.to_string())?;
+        Ok(out.into_iter().map(|(v, _)| v).collect())
+    }
 }
 
 fn fields(body: &Value, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
@@ -72,25 +85,69 @@ fn fields(body: &Value, allowed: &[&str]) -> Result<Map<String, Value>, ApiError
     Ok(obj.clone())
 }
 
-fn parse(fields: &Map<String, Value>) -> Result<(Grader, Value), ApiError> {
-    let raw = fields
+/// The request's grader, with the server's embedding model named where `cosine` needs one.
+fn parse(state: &AppState, fields: &Map<String, Value>) -> Result<(Grader, Value), ApiError> {
+    let mut raw = fields
         .get("grader")
-        .ok_or_else(|| ApiError::bad_request("Missing required parameter: 'grader'.", "grader"))?;
-    let grader = Grader::parse(raw, "grader").map_err(|e| ApiError::BadRequest {
+        .ok_or_else(|| ApiError::bad_request("Missing required parameter: 'grader'.", "grader"))?
+        .clone();
+    let invalid = |e: crate::train::graders::GraderError| ApiError::BadRequest {
         message: e.to_string(),
         param: Some(e.path.clone()),
         code: Some("invalid_grader"),
-    })?;
-    Ok((grader, raw.clone()))
+    };
+    fill_embedding_model(&mut raw, state.grader_embedding_model.as_deref(), "grader")
+        .map_err(invalid)?;
+    let grader = Grader::parse(&raw, "grader").map_err(invalid)?;
+    Ok((grader, raw))
+}
+
+/// The base encoder a `cosine` grader embeds with, as the serving engine loads it.
+pub(crate) async fn resolve_embedding_model(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    param: &str,
+) -> Result<ModelRef, ApiError> {
+    if id.starts_with("ft:") {
+        return Err(ApiError::BadRequest {
+            message: format!(
+                "The grader's embedding model '{id}' must be a base model (a text encoder in the models directory)."
+            ),
+            param: Some(param.to_owned()),
+            code: Some("model_not_supported"),
+        });
+    }
+    resolve_for_inference(state, caller, id)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound { .. } => ApiError::BadRequest {
+                message: format!(
+                    "The grader's embedding model '{id}' is not a base model in the models directory."
+                ),
+                param: Some(param.to_owned()),
+                code: Some("model_not_found"),
+            },
+            ApiError::BadRequest { message, code, .. } => ApiError::BadRequest {
+                message: format!("The grader's embedding model: {message}"),
+                param: Some(param.to_owned()),
+                code,
+            },
+            other => other,
+        })
 }
 
 /// `POST /v1/fine_tuning/alpha/graders/validate`: the grader back when it is usable.
 pub async fn validate(
-    _caller: Caller,
+    State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let fields = fields(&body, &["grader"])?;
-    let (_, raw) = parse(&fields)?;
+    let (grader, raw) = parse(&state, &fields)?;
+    for id in grader.embedding_models() {
+        resolve_embedding_model(&state, &caller, id, "grader").await?;
+    }
     Ok(Json(json!({"grader": raw})))
 }
 
@@ -101,7 +158,7 @@ pub async fn run(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     let fields = fields(&body, &["grader", "model_sample", "item"])?;
-    let (grader, _) = parse(&fields)?;
+    let (grader, _) = parse(&state, &fields)?;
     let sample = match fields.get("model_sample") {
         Some(Value::String(s)) => s.clone(),
         Some(_) => {
@@ -124,6 +181,12 @@ pub async fn run(
         models.insert(
             id.to_owned(),
             resolve_for_generation(&state, &caller, id).await?,
+        );
+    }
+    for id in grader.embedding_models() {
+        models.insert(
+            id.to_owned(),
+            resolve_embedding_model(&state, &caller, id, "grader").await?,
         );
     }
     let sampled_model = grader.models().first().map(|m| (*m).to_owned());

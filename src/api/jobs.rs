@@ -531,12 +531,34 @@ pub async fn create(
         }
     }
     check_model_trains(&state, &base_model, format.as_str()).await?;
-    let method =
+    let mut method =
         method::resolve_method(fields.get("method"), fields.get("hyperparameters"), &format)?;
+    // A `cosine` grader that names no embedding model gets the server's, stored with the job
+    // so the worker that trains it grades alike.
+    if let Some(grader) = method
+        .get_mut("reinforcement")
+        .and_then(|r| r.get_mut("grader"))
+    {
+        crate::train::graders::fill_embedding_model(
+            grader,
+            state.grader_embedding_model.as_deref(),
+            "method.reinforcement.grader",
+        )
+        .map_err(|e| bad_code(e.to_string(), Some(e.path.as_str()), "invalid_grader"))?;
+    }
     // Grader models are base models the training process loads: they must be here now.
     if let Some(grader) = method.get("reinforcement").and_then(|r| r.get("grader"))
         && let Ok(grader) = crate::train::graders::Grader::parse(grader, "grader")
     {
+        for id in grader.embedding_models() {
+            super::graders::resolve_embedding_model(
+                &state,
+                &caller,
+                id,
+                "method.reinforcement.grader",
+            )
+            .await?;
+        }
         for id in grader.models() {
             let present = match base_model_dir(&state.models_dir, id) {
                 Some(dir) => tokio::fs::metadata(dir.join("config.json")).await.is_ok(),

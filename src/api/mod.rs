@@ -55,6 +55,8 @@ pub struct AppState {
     pub serving: Serving,
     /// How webhook deliveries are sent (test events go out from the API).
     pub webhooks: Arc<crate::webhooks::WebhookSettings>,
+    /// The base encoder of `cosine` graders that name none (`KILN_GRADER_EMBEDDING_MODEL`).
+    pub grader_embedding_model: Option<Arc<str>>,
 }
 
 /// Request size and rate limits.

@@ -4,8 +4,14 @@
 //! Base ids contain `/` and fine-tuned ids contain `:`, so the routes take the id as a
 //! wildcard (`/v1/models/{*id}`); clients may also percent-encode it.
 
+use std::collections::HashSet;
+
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
@@ -123,22 +129,92 @@ fn is_loaded(state: &AppState, id: &str) -> bool {
     state.serving.is_loaded(id)
 }
 
+/// Rows of fine-tuned models and checkpoints read (and written out) at a time by
+/// `GET /v1/models`.
+const LIST_PAGE: i64 = 256;
+
 /// `GET /v1/models`: base models, then the project's fine-tuned models and checkpoints
-/// (newest first).
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    let loaded = state.serving.loaded();
-    let mut data: Vec<Value> = base_models(&state)
-        .await?
-        .iter()
-        .map(|m| base_object(m, loaded.contains(&m.id)))
-        .collect();
-    for row in state.queue.list_models(&caller.project_id).await? {
-        let is_loaded = loaded.contains(&row.id);
-        data.push(fine_tuned_object(&row, is_loaded));
+/// (newest first). The list is unpaginated, like OpenAI's, and grows with every job and
+/// checkpoint, so it is streamed: read from the database a page at a time and written out as
+/// it is read, never held whole in memory. The first page is read before the answer starts, so
+/// a database that is down still gets a proper error; a failure later cuts the answer short
+/// (the client sees a truncated body, never a complete-looking wrong list).
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    let loaded: HashSet<String> = state.serving.loaded().into_iter().collect();
+    let mut head = br#"{"object":"list","data":["#.to_vec();
+    let mut first = true;
+    for m in base_models(&state).await? {
+        write_item(
+            &mut head,
+            &mut first,
+            &base_object(&m, loaded.contains(&m.id)),
+        );
     }
-    Ok(Json(
-        json!({"object": "list", "data": data, "has_more": false}),
-    ))
+    let page = state
+        .queue
+        .list_models_page(&caller.project_id, None, LIST_PAGE)
+        .await?;
+    let listing = Listing {
+        queue: state.queue.clone(),
+        project_id: caller.project_id.clone(),
+        loaded,
+        buf: head,
+        first,
+        page: Some(page),
+        after: None,
+        done: false,
+    };
+    let body = Body::from_stream(futures_util::stream::try_unfold(listing, Listing::next));
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Where a streamed `GET /v1/models` is.
+struct Listing {
+    queue: crate::queue::Queue,
+    project_id: String,
+    loaded: HashSet<String>,
+    /// What goes out with the next chunk before its rows (the list's head, at first).
+    buf: Vec<u8>,
+    first: bool,
+    /// A page already read (the first), else the next is read after `after`.
+    page: Option<Vec<ModelRow>>,
+    after: Option<(chrono::DateTime<chrono::Utc>, String)>,
+    done: bool,
+}
+
+impl Listing {
+    async fn next(mut self) -> Result<Option<(Bytes, Listing)>, crate::store::StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let rows = match self.page.take() {
+            Some(rows) => rows,
+            None => self
+                .queue
+                .list_models_page(&self.project_id, self.after.as_ref(), LIST_PAGE)
+                .await
+                .inspect_err(|e| tracing::error!(error = %e, "GET /v1/models cut short"))?,
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        for row in &rows {
+            let object = fine_tuned_object(row, self.loaded.contains(&row.id));
+            write_item(&mut buf, &mut self.first, &object);
+        }
+        if rows.len() < LIST_PAGE as usize {
+            buf.extend_from_slice(br#"],"has_more":false}"#);
+            self.done = true;
+        }
+        self.after = rows.last().map(|r| (r.created_at, r.id.clone()));
+        Ok(Some((Bytes::from(buf), self)))
+    }
+}
+
+fn write_item(buf: &mut Vec<u8>, first: &mut bool, item: &Value) {
+    if !std::mem::take(first) {
+        buf.push(b',');
+    }
+    // Writing a `Value` into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, item);
 }
 
 /// `GET /v1/models/{id}`.

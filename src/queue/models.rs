@@ -34,7 +34,9 @@ pub struct ModelRow {
 }
 
 /// The rows of both kinds, newest first; `$1` the project, `$2` one id or NULL for all, `$3`
-/// the job that id names (so one lookup reads one job's rows, by primary key).
+/// the job that id names (so one lookup reads one job's rows, by primary key); `$4`, `$5` the
+/// `(created_at, id)` of the last row of the previous page (NULL for the first) and `$6` the
+/// page's size.
 const MODELS: &str = "
 SELECT * FROM (
     SELECT j.fine_tuned_model AS id, 'fine_tuned' AS kind, j.id AS job_id, p.name AS owner,
@@ -54,16 +56,27 @@ SELECT * FROM (
     JOIN projects p ON p.id = j.project_id
     WHERE j.project_id = $1 AND ($3::text IS NULL OR j.id = $3)
 ) m
-WHERE $2::text IS NULL OR m.id = $2
-ORDER BY m.created_at DESC, m.id";
+WHERE ($2::text IS NULL OR m.id = $2)
+  AND ($4::timestamptz IS NULL OR m.created_at < $4 OR (m.created_at = $4 AND m.id > $5::text))
+ORDER BY m.created_at DESC, m.id
+LIMIT $6";
 
 impl Queue {
-    /// The project's fine-tuned models and checkpoints, newest first.
-    pub async fn list_models(&self, project_id: &str) -> StoreResult<Vec<ModelRow>> {
+    /// One page of the project's fine-tuned models and checkpoints, newest first: at most
+    /// `limit` rows after `after` (the `(created_at, id)` of the previous page's last row).
+    pub async fn list_models_page(
+        &self,
+        project_id: &str,
+        after: Option<&(DateTime<Utc>, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<ModelRow>> {
         Ok(sqlx::query_as(MODELS)
             .bind(project_id)
             .bind(None::<String>)
             .bind(None::<String>)
+            .bind(after.map(|a| a.0))
+            .bind(after.map(|a| a.1.as_str()))
+            .bind(limit)
             .fetch_all(&self.pool)
             .await?)
     }
@@ -82,6 +95,9 @@ impl Queue {
             .bind(project_id)
             .bind(id)
             .bind(job)
+            .bind(None::<DateTime<Utc>>)
+            .bind(None::<String>)
+            .bind(1_i64)
             .fetch_optional(&self.pool)
             .await?)
     }

@@ -1,6 +1,7 @@
 //! OpenAI's grader objects, for reinforcement fine-tuning and `/v1/fine_tuning/alpha/graders`:
 //! `string_check` (`eq`, `ne`, `like`, `ilike`), `text_similarity` (`fuzzy_match`, `bleu`,
-//! `gleu`, `rouge_1`…`rouge_5`, `rouge_l`) and `multi` (sub-graders combined by a formula).
+//! `gleu`, `meteor`, `rouge_1`…`rouge_5`, `rouge_l`, `cosine`) and `multi` (sub-graders
+//! combined by a formula).
 //! `input` and `reference` are templates over `item.*` (the dataset line) and
 //! `sample.output_text` / `sample.output_json` (the model's reply), rendered with minijinja.
 //!
@@ -8,8 +9,13 @@
 //! [`ModelSampler`]: the first number of its reply, clamped to `range`, is the score; the
 //! label its reply names passes when it is one of `passing_labels`.
 //!
-//! Not in this version (rejected by [`Grader::parse`] with the reason): `cosine` and `meteor`
-//! similarity, and `python` graders.
+//! `meteor` is NLTK's sentence METEOR (alpha 0.9, beta 3, gamma 0.5) over exact and
+//! Snowball-stem matches; WordNet synonyms are not matched. `cosine` is the cosine of the two
+//! texts' sentence embeddings from a base encoder: the grader's `embedding_model` (a kiln
+//! extension) or the server's `KILN_GRADER_EMBEDDING_MODEL` ([`fill_embedding_model`]),
+//! computed through the [`ModelSampler`].
+//!
+//! Not in this version (rejected by [`Grader::parse`] with the reason): `python` graders.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -45,6 +51,9 @@ pub enum Similarity {
     Gleu,
     Rouge(usize),
     RougeL,
+    Meteor,
+    /// Needs embeddings: graded through [`ModelSampler::embed`], never by [`similarity`].
+    Cosine,
 }
 
 /// Runs a grader model: the reply of `model` to `messages`.
@@ -55,6 +64,12 @@ pub trait ModelSampler {
         messages: &[Value],
         params: &ModelParams,
     ) -> Result<String, String>;
+
+    /// Sentence embeddings of `texts` from base encoder `model` (`cosine` similarity).
+    fn embed(&self, model: &str, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        let _ = texts;
+        Err(format!("embedding model '{model}' is not available here"))
+    }
 }
 
 /// A model grader's `sampling_params`.
@@ -94,6 +109,8 @@ pub enum Grader {
         input: String,
         reference: String,
         metric: Similarity,
+        /// The base encoder of `cosine` (None until [`fill_embedding_model`] names one).
+        embedding_model: Option<String>,
     },
     Multi {
         name: String,
@@ -181,14 +198,8 @@ impl Grader {
                     m @ ("rouge_1" | "rouge_2" | "rouge_3" | "rouge_4" | "rouge_5") => {
                         Similarity::Rouge(usize::from(m.as_bytes()[6] - b'0'))
                     }
-                    m @ ("cosine" | "meteor") => {
-                        return Err(err(
-                            &metric_path,
-                            format!(
-                                "'{m}' is not supported by kiln yet; use fuzzy_match, bleu, gleu, rouge_1 to rouge_5 or rouge_l"
-                            ),
-                        ));
-                    }
+                    "meteor" => Similarity::Meteor,
+                    "cosine" => Similarity::Cosine,
                     other => {
                         return Err(err(
                             &metric_path,
@@ -196,11 +207,33 @@ impl Grader {
                         ));
                     }
                 };
+                let embedding_model = match obj.get("embedding_model") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(m)) if metric == Similarity::Cosine => {
+                        if !crate::models::valid_id(m) {
+                            return Err(err(
+                                &format!("{path}.embedding_model"),
+                                format!("'{m}' is not a base model id"),
+                            ));
+                        }
+                        Some(m.clone())
+                    }
+                    Some(Value::String(_)) => {
+                        return Err(err(
+                            &format!("{path}.embedding_model"),
+                            "is only used by the 'cosine' evaluation metric",
+                        ));
+                    }
+                    Some(_) => {
+                        return Err(err(&format!("{path}.embedding_model"), "must be a string"));
+                    }
+                };
                 Ok(Grader::TextSimilarity {
                     name,
                     input,
                     reference,
                     metric,
+                    embedding_model,
                 })
             }
             "multi" => {
@@ -370,6 +403,24 @@ impl Grader {
         }
     }
 
+    /// The base encoders this grader embeds with (`cosine`), each once.
+    pub fn embedding_models(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = match self {
+            Grader::TextSimilarity {
+                embedding_model: Some(m),
+                ..
+            } => vec![m],
+            Grader::Multi { graders, .. } => graders
+                .iter()
+                .flat_map(|(_, g)| g.embedding_models())
+                .collect(),
+            _ => Vec::new(),
+        };
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The reward of `sample` for dataset line `item`, and each sub-grader's score.
     pub fn grade(
         &self,
@@ -421,6 +472,40 @@ impl Grader {
                     StringOp::Ilike => a.to_lowercase().contains(&b.to_lowercase()),
                 };
                 if pass { 1.0 } else { 0.0 }
+            }
+            Grader::TextSimilarity {
+                input,
+                reference,
+                metric: Similarity::Cosine,
+                embedding_model,
+                ..
+            } => {
+                let model = embedding_model.as_deref().ok_or_else(|| {
+                    format!(
+                        "grader '{}': 'cosine' needs an embedding model (`embedding_model`, or the server's KILN_GRADER_EMBEDDING_MODEL)",
+                        self.name()
+                    )
+                })?;
+                let sampler = sampler.ok_or_else(|| {
+                    format!(
+                        "grader '{}' embeds with '{model}', which is not available here",
+                        self.name()
+                    )
+                })?;
+                let texts = [render(input)?, render(reference)?];
+                let vectors = sampler
+                    .embed(model, &texts)
+                    .map_err(|e| format!("grader '{}': model '{model}': {e}", self.name()))?;
+                match vectors.as_slice() {
+                    [a, b] => cosine(a, b),
+                    _ => {
+                        return Err(format!(
+                            "grader '{}': model '{model}' gave {} embeddings for 2 texts",
+                            self.name(),
+                            vectors.len()
+                        ));
+                    }
+                }
             }
             Grader::TextSimilarity {
                 input,
@@ -532,6 +617,9 @@ fn first_number(text: &str) -> Option<f64> {
 /// A similarity in [0, 1].
 pub fn similarity(metric: Similarity, input: &str, reference: &str) -> f64 {
     match metric {
+        Similarity::Meteor => meteor(&words(input), &words(reference)),
+        // Embeddings are compared in `Grader::grade_with`; here there are none.
+        Similarity::Cosine => f64::NAN,
         Similarity::FuzzyMatch => {
             let (a, b): (Vec<char>, Vec<char>) =
                 (input.chars().collect(), reference.chars().collect());
@@ -552,6 +640,125 @@ pub fn similarity(metric: Similarity, input: &str, reference: &str) -> f64 {
             f1(lcs(&h, &r), h.len(), r.len())
         }
     }
+}
+
+/// The cosine of two vectors (0 when either is all zeros).
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let (na, nb) = (norm(a), norm(b));
+    if na == 0.0 || nb == 0.0 || a.len() != b.len() {
+        return 0.0;
+    }
+    (dot / (na * nb)).clamp(-1.0, 1.0)
+}
+
+/// Aligns what is left of `hyp` and `reference` (position, form) on equal forms: from the
+/// last hypothesis word back, each takes the latest unused reference word of its form (NLTK's
+/// order). Matched pairs of positions go to `matches`; the unmatched words stay.
+fn align_stage(
+    hyp: &mut Vec<(usize, String)>,
+    reference: &mut Vec<(usize, String)>,
+    matches: &mut Vec<(usize, usize)>,
+) {
+    let mut positions: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (j, (_, w)) in reference.iter().enumerate() {
+        positions.entry(w.as_str()).or_default().push(j);
+    }
+    let mut hyp_used = vec![false; hyp.len()];
+    let mut ref_used = vec![false; reference.len()];
+    for (i, (_, w)) in hyp.iter().enumerate().rev() {
+        if let Some(j) = positions.get_mut(w.as_str()).and_then(Vec::pop) {
+            hyp_used[i] = true;
+            ref_used[j] = true;
+            matches.push((hyp[i].0, reference[j].0));
+        }
+    }
+    let mut keep = hyp_used.iter().map(|u| !u);
+    hyp.retain(|_| keep.next().unwrap_or(true));
+    let mut keep = ref_used.iter().map(|u| !u);
+    reference.retain(|_| keep.next().unwrap_or(true));
+}
+
+/// Sentence METEOR (Lavie and Agarwal 2007, NLTK's `single_meteor_score`): exact matches,
+/// then Snowball-stem matches of the rest; `Fmean = P·R / (0.9·P + 0.1·R)` times
+/// `1 − 0.5·(chunks / matches)³`.
+fn meteor(hyp: &[String], reference: &[String]) -> f64 {
+    if hyp.is_empty() || reference.is_empty() {
+        return 0.0;
+    }
+    let mut h: Vec<(usize, String)> = hyp.iter().cloned().enumerate().collect();
+    let mut r: Vec<(usize, String)> = reference.iter().cloned().enumerate().collect();
+    let mut matches = Vec::new();
+    align_stage(&mut h, &mut r, &mut matches);
+    let stemmer = rust_stemmers::Stemmer::create(rust_stemmers::Algorithm::English);
+    let mut h: Vec<(usize, String)> = h
+        .into_iter()
+        .map(|(i, w)| (i, stemmer.stem(&w).into_owned()))
+        .collect();
+    let mut r: Vec<(usize, String)> = r
+        .into_iter()
+        .map(|(j, w)| (j, stemmer.stem(&w).into_owned()))
+        .collect();
+    align_stage(&mut h, &mut r, &mut matches);
+    if matches.is_empty() {
+        return 0.0;
+    }
+    matches.sort_unstable_by_key(|m| m.0);
+    let chunks = 1 + matches
+        .windows(2)
+        .filter(|w| !(w[1].0 == w[0].0 + 1 && w[1].1 == w[0].1 + 1))
+        .count();
+    let m = matches.len() as f64;
+    let (precision, recall) = (m / hyp.len() as f64, m / reference.len() as f64);
+    let fmean = precision * recall / (0.9 * precision + 0.1 * recall);
+    let penalty = 0.5 * (chunks as f64 / m).powi(3);
+    (1.0 - penalty) * fmean
+}
+
+/// Names the base encoder of every `cosine` grader in `grader` (a grader object as a request
+/// gives it, `multi` graders included) that names none: `default`, the server's
+/// `KILN_GRADER_EMBEDDING_MODEL`. Without a default such a grader is an error at its
+/// `evaluation_metric`. Jobs store the filled object, so every process grades alike.
+pub fn fill_embedding_model(
+    grader: &mut Value,
+    default: Option<&str>,
+    path: &str,
+) -> Result<(), GraderError> {
+    let Some(obj) = grader.as_object_mut() else {
+        return Ok(());
+    };
+    match obj.get("type").and_then(Value::as_str) {
+        Some("text_similarity")
+            if obj.get("evaluation_metric").and_then(Value::as_str) == Some("cosine")
+                && obj.get("embedding_model").is_none_or(Value::is_null) =>
+        {
+            let model = default.ok_or_else(|| {
+                err(
+                    &format!("{path}.evaluation_metric"),
+                    "'cosine' needs an embedding model: give `embedding_model` (a base encoder's id, e.g. sentence-transformers/all-MiniLM-L6-v2) or set KILN_GRADER_EMBEDDING_MODEL on the server",
+                )
+            })?;
+            obj.insert("embedding_model".into(), Value::String(model.to_owned()));
+        }
+        Some("multi") => match obj.get_mut("graders") {
+            Some(Value::Object(map)) if !map.contains_key("type") => {
+                for (k, g) in map.iter_mut() {
+                    fill_embedding_model(g, default, &format!("{path}.graders.{k}"))?;
+                }
+            }
+            Some(single @ Value::Object(_)) => {
+                fill_embedding_model(single, default, &format!("{path}.graders"))?;
+            }
+            _ => {}
+        },
+        _ => {}
+    }
+    Ok(())
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -916,6 +1123,77 @@ mod tests {
     }
 
     #[test]
+    fn meteor_matches_exact_words_then_stems_and_penalises_fragments() {
+        // "cats" meets "cat" by stem: 3 matches in one chunk, P = R = 1.
+        let one_chunk = similarity(Similarity::Meteor, "the cats sat", "the cat sat");
+        assert!((one_chunk - (1.0 - 0.5 / 27.0)).abs() < 1e-9, "{one_chunk}");
+        // The same words out of order: "the cats" stays one chunk, "sat" another.
+        let shuffled = similarity(Similarity::Meteor, "sat the cats", "the cat sat");
+        assert!(
+            (shuffled - (1.0 - 0.5 * 8.0 / 27.0)).abs() < 1e-9,
+            "{shuffled}"
+        );
+        // Half the reference recalled: P = 1, R = 1/2, one chunk of 2.
+        let half = similarity(Similarity::Meteor, "the cat", "the cat sat down");
+        let fmean = 0.5 / (0.9 + 0.05);
+        assert!((half - fmean * (1.0 - 0.5 / 8.0)).abs() < 1e-9, "{half}");
+        assert_eq!(similarity(Similarity::Meteor, "dogs bark", "the cat"), 0.0);
+        assert_eq!(similarity(Similarity::Meteor, "", "the cat"), 0.0);
+    }
+
+    /// Embeds each text as its counts of a few words.
+    struct BagOfWords;
+
+    impl ModelSampler for BagOfWords {
+        fn complete(&self, _: &str, _: &[Value], _: &ModelParams) -> Result<String, String> {
+            Err("no generation here".into())
+        }
+
+        fn embed(&self, model: &str, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+            assert_eq!(model, "org/encoder");
+            Ok(texts
+                .iter()
+                .map(|t| {
+                    ["cat", "dog", "sat"]
+                        .iter()
+                        .map(|w| t.split_whitespace().filter(|x| x == w).count() as f32)
+                        .collect()
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn cosine_compares_the_embedding_models_vectors() {
+        let mut g = json!({"type": "text_similarity", "name": "cos", "input": "{{ sample.output_text }}",
+                           "reference": "{{ item.ref }}", "evaluation_metric": "cosine"});
+        let err = fill_embedding_model(&mut g.clone(), None, "grader").unwrap_err();
+        assert_eq!(err.path, "grader.evaluation_metric");
+        // Inside a multi grader, the path names it.
+        let mut multi = json!({"type": "multi", "name": "m", "graders": {"a": g.clone()}, "calculate_output": "a"});
+        let err = fill_embedding_model(&mut multi, None, "grader").unwrap_err();
+        assert_eq!(err.path, "grader.graders.a.evaluation_metric");
+        fill_embedding_model(&mut multi, Some("org/encoder"), "grader").unwrap();
+        assert_eq!(multi["graders"]["a"]["embedding_model"], "org/encoder");
+        fill_embedding_model(&mut g, Some("org/encoder"), "grader").unwrap();
+        let grader = Grader::parse(&g, "grader").unwrap();
+        assert_eq!(grader.embedding_models(), vec!["org/encoder"]);
+        let item = json!({"ref": "cat sat"});
+        let (same, _) = grader
+            .grade_with(&item, "sat cat", Some(&BagOfWords))
+            .unwrap();
+        assert!((same - 1.0).abs() < 1e-9, "{same}");
+        let (part, _) = grader
+            .grade_with(&item, "cat dog", Some(&BagOfWords))
+            .unwrap();
+        assert!((part - 0.5).abs() < 1e-6, "{part}");
+        let (none, _) = grader.grade_with(&item, "dog", Some(&BagOfWords)).unwrap();
+        assert_eq!(none, 0.0);
+        // Without a sampler there is nothing to embed with: an error, not a score.
+        assert!(grader.grade(&item, "cat").is_err());
+    }
+
+    #[test]
     fn multi_graders_combine_scores_with_a_formula() {
         let g = json!({
             "type": "multi", "name": "m",
@@ -1012,7 +1290,15 @@ mod tests {
                 "grader.operation",
             ),
             (
-                json!({"type": "text_similarity", "input": "x", "reference": "y", "evaluation_metric": "meteor"}),
+                json!({"type": "text_similarity", "input": "x", "reference": "y", "evaluation_metric": "meteor", "embedding_model": "org/enc"}),
+                "grader.embedding_model",
+            ),
+            (
+                json!({"type": "text_similarity", "input": "x", "reference": "y", "evaluation_metric": "cosine", "embedding_model": "../etc"}),
+                "grader.embedding_model",
+            ),
+            (
+                json!({"type": "text_similarity", "input": "x", "reference": "y", "evaluation_metric": "cosine_ish"}),
                 "grader.evaluation_metric",
             ),
             (

@@ -31,6 +31,7 @@ use crate::data::text::length_quantile;
 use crate::nn::decoder::{Decoder, DecoderLoadOptions};
 use crate::nn::sampling::sample_token;
 use crate::serve::generate::{GenEvent, GenerativeModel, Prompt as GenPrompt, SamplingParams};
+use crate::serve::model::{EncoderModel, Implementation, Purpose};
 
 /// Completions sampled per prompt at `compute_multiplier` 1.
 const BASE_GROUP: f64 = 4.0;
@@ -39,12 +40,13 @@ const MAX_COMPLETION_TOKENS: usize = 64;
 /// Weight of the KL penalty.
 const KL_COEF: f64 = 0.04;
 
-/// Runs grader models (`score_model`, `label_model`) in the training process: base models
-/// from the models directory, each loaded once.
+/// Runs grader models (`score_model`, `label_model`) and embedding models (`cosine`) in the
+/// training process: base models from the models directory, each loaded once.
 struct LocalSampler {
     models_dir: PathBuf,
     device: Device,
     loaded: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<GenerativeModel>>>,
+    encoders: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<EncoderModel>>>,
 }
 
 impl LocalSampler {
@@ -67,9 +69,43 @@ impl LocalSampler {
             .insert(id.to_owned(), model.clone());
         Ok(model)
     }
+
+    fn encoder(&self, id: &str) -> Result<std::rc::Rc<EncoderModel>, String> {
+        if let Some(m) = self.encoders.borrow().get(id) {
+            return Ok(m.clone());
+        }
+        if !crate::models::valid_id(id) {
+            return Err(format!("'{id}' is not a base model id"));
+        }
+        let dir = self.models_dir.join(id);
+        if !dir.join("config.json").is_file() {
+            return Err(format!(
+                "no base model '{id}' in the models directory (embedding models are base encoders)"
+            ));
+        }
+        let model = std::rc::Rc::new(
+            EncoderModel::load(&dir, &self.device, Implementation::Auto)
+                .map_err(|e| e.to_string())?,
+        );
+        self.encoders
+            .borrow_mut()
+            .insert(id.to_owned(), model.clone());
+        Ok(model)
+    }
 }
 
 impl ModelSampler for LocalSampler {
+    fn embed(&self, model: &str, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        let m = self.encoder(model)?;
+        let rows = texts
+            .iter()
+            .map(|t| m.tokenize(t, Purpose::Embed, true))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let refs: Vec<_> = rows.iter().collect();
+        m.embed(&refs).map_err(|e| e.to_string())
+    }
+
     fn complete(
         &self,
         model: &str,
@@ -344,7 +380,7 @@ pub(crate) fn run(
     })?;
     let grader = Grader::parse(grader_json, "method.reinforcement.grader")
         .map_err(|e| TrainError::Data(e.to_string()))?;
-    let sampler = if grader.models().is_empty() {
+    let sampler = if grader.models().is_empty() && grader.embedding_models().is_empty() {
         None
     } else {
         let models_dir = job.models_dir.clone().ok_or_else(|| {
@@ -356,12 +392,18 @@ pub(crate) fn run(
             models_dir,
             device: job.device.clone(),
             loaded: Default::default(),
+            encoders: Default::default(),
         };
         // Load every grader model now: a missing one fails the job before any training.
         for id in grader.models() {
             sampler
                 .model(id)
                 .map_err(|e| TrainError::Data(format!("grader model: {e}")))?;
+        }
+        for id in grader.embedding_models() {
+            sampler
+                .encoder(id)
+                .map_err(|e| TrainError::Data(format!("grader embedding model: {e}")))?;
         }
         Some(sampler)
     };
