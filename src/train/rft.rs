@@ -45,52 +45,59 @@ const KL_COEF: f64 = 0.04;
 struct LocalSampler {
     models_dir: PathBuf,
     device: Device,
-    loaded: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<GenerativeModel>>>,
-    encoders: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<EncoderModel>>>,
+    loaded: Loaded<GenerativeModel>,
+    encoders: Loaded<EncoderModel>,
+}
+
+type Loaded<M> = std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<M>>>;
+
+/// The model `id` from `cache`, loaded from the models directory on first use.
+fn load_once<M>(
+    cache: &Loaded<M>,
+    models_dir: &Path,
+    id: &str,
+    what: &str,
+    load: impl FnOnce(&Path) -> Result<M, String>,
+) -> Result<std::rc::Rc<M>, String> {
+    if let Some(m) = cache.borrow().get(id) {
+        return Ok(m.clone());
+    }
+    if !crate::models::valid_id(id) {
+        return Err(format!("'{id}' is not a base model id"));
+    }
+    let dir = models_dir.join(id);
+    if !dir.join("config.json").is_file() {
+        return Err(format!(
+            "no base model '{id}' in the models directory ({what})"
+        ));
+    }
+    let model = std::rc::Rc::new(load(&dir)?);
+    cache.borrow_mut().insert(id.to_owned(), model.clone());
+    Ok(model)
 }
 
 impl LocalSampler {
     fn model(&self, id: &str) -> Result<std::rc::Rc<GenerativeModel>, String> {
-        if let Some(m) = self.loaded.borrow().get(id) {
-            return Ok(m.clone());
-        }
-        if !crate::models::valid_id(id) {
-            return Err(format!("'{id}' is not a base model id"));
-        }
-        let dir = self.models_dir.join(id);
-        if !dir.join("config.json").is_file() {
-            return Err(format!(
-                "no base model '{id}' in the models directory (grader models are base models)"
-            ));
-        }
-        let model = std::rc::Rc::new(GenerativeModel::load(&dir, &self.device)?);
-        self.loaded
-            .borrow_mut()
-            .insert(id.to_owned(), model.clone());
-        Ok(model)
+        load_once(
+            &self.loaded,
+            &self.models_dir,
+            id,
+            "grader models are base models",
+            |dir| GenerativeModel::load(dir, &self.device),
+        )
     }
 
     fn encoder(&self, id: &str) -> Result<std::rc::Rc<EncoderModel>, String> {
-        if let Some(m) = self.encoders.borrow().get(id) {
-            return Ok(m.clone());
-        }
-        if !crate::models::valid_id(id) {
-            return Err(format!("'{id}' is not a base model id"));
-        }
-        let dir = self.models_dir.join(id);
-        if !dir.join("config.json").is_file() {
-            return Err(format!(
-                "no base model '{id}' in the models directory (embedding models are base encoders)"
-            ));
-        }
-        let model = std::rc::Rc::new(
-            EncoderModel::load(&dir, &self.device, Implementation::Auto)
-                .map_err(|e| e.to_string())?,
-        );
-        self.encoders
-            .borrow_mut()
-            .insert(id.to_owned(), model.clone());
-        Ok(model)
+        load_once(
+            &self.encoders,
+            &self.models_dir,
+            id,
+            "embedding models are base encoders",
+            |dir| {
+                EncoderModel::load(dir, &self.device, Implementation::Auto)
+                    .map_err(|e| e.to_string())
+            },
+        )
     }
 }
 
