@@ -406,6 +406,78 @@ fn reinforcement_with_a_string_check_grader_raises_validation_reward() {
     assert_eq!(s.hyperparameters.compute_multiplier, Some(2.0));
 }
 
+/// A `cosine` grader embeds in the training process with the base encoder it names: the
+/// rewards are cosines (within [-1, 1], not zero), and an encoder that is not in the
+/// models directory fails the run before any training.
+#[test]
+fn reinforcement_with_a_cosine_grader_embeds_with_its_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_decoder(dir.path(), "qwen2");
+    let models = dir.path().join("models");
+    train_support::tiny_model(
+        &models.join("kiln-test/tiny-bert"),
+        kiln::nn::tiny::TinyLayout::Unprefixed,
+    );
+    let train = dir.path().join("rft.jsonl");
+    write_jsonl(
+        &train,
+        &rft_lines(&[
+            "Say something.",
+            "Write a word.",
+            "Go on.",
+            "Tell me.",
+            "Answer now.",
+            "Reply.",
+            "Speak.",
+            "Begin.",
+            "Type.",
+            "Write.",
+        ]),
+    );
+    let mut job = train_support::job(
+        &base,
+        &train,
+        Some(&train),
+        &dir.path().join("run"),
+        json!({"n_epochs": 1, "batch_size": 5, "max_length": 48, "eval_interval": 2}),
+        3,
+    );
+    job.models_dir = Some(models);
+    let grader = |encoder: &str| {
+        json!({
+            "type": "text_similarity", "name": "close", "evaluation_metric": "cosine",
+            "input": "{{ sample.output_text }}", "reference": "a great film",
+            "embedding_model": encoder,
+        })
+    };
+    job.grader = Some(grader("kiln-test/tiny-bert"));
+    let run = train_support::run(&job);
+    let rewards: Vec<f64> = run
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step(p) => p.extra.get("train_reward_mean").copied(),
+            _ => None,
+        })
+        .collect();
+    assert!(!rewards.is_empty());
+    assert!(
+        rewards
+            .iter()
+            .all(|r| r.is_finite() && (-1.0..=1.0).contains(r) && *r != 0.0),
+        "{rewards:?}"
+    );
+    let s = summary(&run);
+    assert!(s.metrics["valid_reward"].is_finite(), "{:?}", s.metrics);
+
+    job.grader = Some(grader("kiln-test/missing"));
+    job.work_dir = dir.path().join("run2/work");
+    job.model_dir = dir.path().join("run2/model");
+    let stop = kiln::train::StopSignal::default();
+    let err = kiln::train::run(&job, &mut |_| {}, &stop).unwrap_err();
+    assert!(err.to_string().contains("grader embedding model"), "{err}");
+}
+
 /// Collects one request's text per sample and finish reasons.
 fn collector(n: usize) -> (Vec<String>, Vec<String>) {
     (vec![String::new(); n], vec![String::new(); n])
