@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kiln::nn::NnError;
 use kiln::nn::bert::{BertConfig, BertEncoder, LoadOptions, cls_pool, mean_pool};
@@ -250,6 +250,15 @@ fn assert_parity(dir: &Path, ids: &Tensor, types: &Tensor, mask: &Tensor, tol: f
         let diff = max_abs_diff(&got, &expected);
         println!("fused={} max abs diff {diff:e}", opts.fused_ops);
         assert!(diff < tol, "fused={}: max abs diff {diff}", opts.fused_ops);
+        // The first-token path (the last layer for token 0 alone) gives the same [CLS] state.
+        let first = enc.forward_first_token(ids, Some(types), mask).unwrap();
+        let expected_first = expected.i((.., 0, ..)).unwrap().contiguous().unwrap();
+        let diff = max_abs_diff(&first, &expected_first);
+        assert!(
+            diff < tol,
+            "fused={}: first token differs by {diff}",
+            opts.fused_ops
+        );
     }
 }
 

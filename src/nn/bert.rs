@@ -515,6 +515,32 @@ impl BertEncoder {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        self.run(input_ids, token_type_ids, attention_mask, train, false)
+    }
+
+    /// Inference for what reads only the first token (`[CLS]` pooling, sequence
+    /// classification): the last hidden state of token 0, `[batch, hidden]`, equal to
+    /// `forward(..)[:, 0]`. The last layer computes attention and the feed-forward block for
+    /// that token alone, since no other position's output is read.
+    pub fn forward_first_token(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .run(input_ids, token_type_ids, attention_mask, false, true)?
+            .squeeze(1)?)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+        train: bool,
+        first_token_only: bool,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2().map_err(|_| {
             NnError::InvalidInput(format!(
                 "input_ids must be [batch, seq], got {:?}",
@@ -562,27 +588,41 @@ impl BertEncoder {
         let mask = attention_mask.to_dtype(DType::F32)?;
         let mask_bias = ((1.0 - mask)? * f32::MIN as f64)?.reshape((b, 1, 1, s))?;
 
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &mask_bias, train)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let queries = (first_token_only && i == last).then_some(1);
+            x = self.layer_forward(layer, &x, &mask_bias, train, queries)?;
+        }
+        if first_token_only && self.layers.is_empty() {
+            x = x.narrow(1, 0, 1)?;
         }
         Ok(x)
     }
 
+    /// One encoder layer; `queries: Some(n)` computes the outputs of the first `n` positions
+    /// only (all positions are still attended to).
     fn layer_forward(
         &self,
         l: &Layer,
         x: &Tensor,
         mask_bias: &Tensor,
         train: bool,
+        queries: Option<usize>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, s, h) = x.dims3()?;
         let nh = cfg.num_attention_heads;
         let dh = cfg.head_dim();
         let heads = |t: Tensor| -> candle_core::Result<Tensor> {
+            let s = t.dim(1)?;
             t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(l.query.forward_t(x, train)?)?;
+        let xq = match queries {
+            Some(n) => x.narrow(1, 0, n.min(s))?.contiguous()?,
+            None => x.clone(),
+        };
+        let sq = xq.dim(1)?;
+        let q = heads(l.query.forward_t(&xq, train)?)?;
         let k = heads(l.key.forward_t(x, train)?)?;
         let v = heads(l.value.forward_t(x, train)?)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
@@ -593,13 +633,13 @@ impl BertEncoder {
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b, s, h))?;
+            .reshape((b, sq, h))?;
         let attn = dropout(
             &l.attn_out.forward_t(&ctx, train)?,
             cfg.hidden_dropout_prob,
             train,
         )?;
-        let x = l.attn_ln.forward(&(attn + x)?)?;
+        let x = l.attn_ln.forward(&(attn + xq)?)?;
 
         let inter = self.activation(&l.intermediate.forward_t(&x, train)?, l.out_ln.fused)?;
         let out = dropout(

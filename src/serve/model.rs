@@ -446,14 +446,29 @@ impl EncoderModel {
         Ok((hidden, mask))
     }
 
+    /// The last hidden state of each row's first token, `[batch, hidden]` (what a
+    /// classification head reads): kiln's encoder computes the last layer for that token only.
+    fn first_token(&self, batch: &EncodedBatch) -> Result<Tensor, ModelError> {
+        let shape = (batch.batch, batch.seq_len);
+        let ids = Tensor::from_slice(&batch.input_ids, shape, &self.device)?;
+        let types = Tensor::from_slice(&batch.token_type_ids, shape, &self.device)?;
+        let mask = Tensor::from_slice(&batch.attention_mask, shape, &self.device)?;
+        match &self.transformer {
+            Transformer::Kiln(enc) => Ok(enc.forward_first_token(&ids, Some(&types), &mask)?),
+            Transformer::Candle(_) => {
+                let (hidden, _) = self.hidden(batch)?;
+                Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
+            }
+        }
+    }
+
     /// Label probabilities for a batch of tokenised inputs.
     pub fn classify(&self, rows: &[&EncodedText]) -> Result<Vec<Classification>, ModelError> {
         let head = self.head.as_ref().ok_or_else(|| {
             ModelError::Unsupported("this model has no classification head".into())
         })?;
         let batch = pad_batch(rows, self.tokenizer.pad_id());
-        let (hidden, _) = self.hidden(&batch)?;
-        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+        let first = self.first_token(&batch)?;
         let logits = head.forward(&first, false)?;
         let probs = if self.multi_label {
             candle_nn::ops::sigmoid(&logits)?
