@@ -211,10 +211,13 @@ async fn a_network_trained_on_digits_0_to_4_transfers_to_5_to_9() {
     println!(
         "held-out digits 5-9 (200 images), 10 training images per class: transfer (head_only from digits 0-4) {t:.3}, from scratch {s:.3}"
     );
-    // Both learn digits 5-9 from fifty images. Which wins is the measurement, printed above:
-    // on these 8x8 digits this small network trained from scratch has matched or beaten its
-    // 0-4 features so far (0.855 against 0.945 at 10 epochs of pretraining; full fine-tuning
-    // 0.935), so the comparison is reported rather than asserted.
+    // Both learn digits 5-9 from fifty images. Which wins is the measurement, printed above,
+    // and on these 8x8 digits scratch wins: 0.91-0.97 over seeds and architectures against
+    // 0.74-0.91 for head_only on the 0-4 features (21 recipes tried: pretraining epochs,
+    // augmentation, learning rates, widths, depths, input sizes). The data explains it: a
+    // logistic regression on the raw pixels of the same fifty images already scores 0.94, and
+    // frozen random features 0.89-0.905, above the trained 0-4 features (0.855-0.865): 5-class
+    // training specialises them. So the comparison is reported rather than asserted.
     assert!(t > 0.7, "transfer: {}", transfer["metrics"]);
     assert!(s > 0.7, "scratch: {}", scratch["metrics"]);
 
