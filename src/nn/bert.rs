@@ -586,12 +586,18 @@ impl BertEncoder {
 
         // Additive mask [b, 1, 1, s]: 0 for tokens, f32::MIN for pads (as transformers does).
         let mask = attention_mask.to_dtype(DType::F32)?;
+        // Inference on the CPU runs attention as one fused kernel, which reads the 0/1 mask.
+        let mask_host = if !train && self.device.is_cpu() {
+            Some(mask.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
         let mask_bias = ((1.0 - mask)? * f32::MIN as f64)?.reshape((b, 1, 1, s))?;
 
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let queries = (first_token_only && i == last).then_some(1);
-            x = self.layer_forward(layer, &x, &mask_bias, train, queries)?;
+            x = self.layer_forward(layer, &x, &mask_bias, mask_host.as_deref(), train, queries)?;
         }
         if first_token_only && self.layers.is_empty() {
             x = x.narrow(1, 0, 1)?;
@@ -600,12 +606,14 @@ impl BertEncoder {
     }
 
     /// One encoder layer; `queries: Some(n)` computes the outputs of the first `n` positions
-    /// only (all positions are still attended to).
+    /// only (all positions are still attended to). With `mask_host` (inference on the CPU)
+    /// and the fused kernels on, attention is [`ops::attention_inference`].
     fn layer_forward(
         &self,
         l: &Layer,
         x: &Tensor,
         mask_bias: &Tensor,
+        mask_host: Option<&[f32]>,
         train: bool,
         queries: Option<usize>,
     ) -> Result<Tensor> {
@@ -622,18 +630,33 @@ impl BertEncoder {
             None => x.clone(),
         };
         let sq = xq.dim(1)?;
-        let q = heads(l.query.forward_t(&xq, train)?)?;
-        let k = heads(l.key.forward_t(x, train)?)?;
-        let v = heads(l.value.forward_t(x, train)?)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
-        let scores = scores.broadcast_add(mask_bias)?;
-        let probs = ops::softmax_last_dim(&scores)?;
-        let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, sq, h))?;
+        let (q, k, v) = (
+            l.query.forward_t(&xq, train)?,
+            l.key.forward_t(x, train)?,
+            l.value.forward_t(x, train)?,
+        );
+        let scale = 1.0 / (dh as f64).sqrt();
+        let fused = match mask_host {
+            Some(mask) if l.attn_ln.fused && !train => {
+                ops::attention_inference(&q, &k, &v, mask, nh, scale as f32)?
+            }
+            _ => None,
+        };
+        let ctx = match fused {
+            Some(ctx) => ctx,
+            None => {
+                let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                let scores = scores.broadcast_add(mask_bias)?;
+                let probs = ops::softmax_last_dim(&scores)?;
+                let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, sq, h))?
+            }
+        };
         let attn = dropout(
             &l.attn_out.forward_t(&ctx, train)?,
             cfg.hidden_dropout_prob,

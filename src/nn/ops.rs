@@ -47,6 +47,134 @@ fn fused_ok(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
+/// Multi-head attention for inference, fused (no backward): `q` `[batch, sq, hidden]`, `k` and
+/// `v` `[batch, s, hidden]` with the heads side by side in the last dimension (as the
+/// projections give them, so no head transposes are copied), `mask` the `[batch, s]` 0/1
+/// attention mask on the host. Softmax of `scale · q·k` over the real tokens, times `v`:
+/// `[batch, sq, hidden]`. `None` off the CPU, for other dtypes, or when a gradient is tracked
+/// through any input (the caller's primitive path then runs). Equal to adding `f32::MIN` at pads before the softmax, where `exp` gives them
+/// exactly zero weight.
+pub fn attention_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &[f32],
+    heads: usize,
+    scale: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    // No backward: only where no gradient is tracked (frozen weights, as when serving).
+    if !(fused_ok(q) && fused_ok(k) && fused_ok(v)) || q.track_op() || k.track_op() || v.track_op()
+    {
+        return Ok(None);
+    }
+    let (b, s, h) = k.dims3()?;
+    if v.dims() != [b, s, h] || q.dim(0)? != b || q.dim(2)? != h || mask.len() != b * s {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?}, mask of {}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            mask.len()
+        )
+    }
+    if heads == 0 || h % heads != 0 {
+        candle_core::bail!("attention: hidden {h} is not a multiple of {heads} heads")
+    }
+    let op = FusedAttention {
+        mask: mask.to_vec(),
+        heads,
+        scale,
+    };
+    Ok(Some(q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &op,
+    )?))
+}
+
+struct FusedAttention {
+    mask: Vec<f32>,
+    heads: usize,
+    scale: f32,
+}
+
+/// `a · b`, with eight partial sums so it vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "kiln-attention-inference"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let q = cpu_f32(s1, l1, self.name())?;
+        let k = cpu_f32(s2, l2, self.name())?;
+        let v = cpu_f32(s3, l3, self.name())?;
+        let (b, sq, h) = l1.shape().dims3()?;
+        let s = l2.shape().dims3()?.1;
+        let dh = h / self.heads;
+        let mut out = vec![0f32; b * sq * h];
+        out.par_chunks_mut(sq * h.max(1))
+            .enumerate()
+            .for_each(|(bi, out)| {
+                let mask = &self.mask[bi * s..(bi + 1) * s];
+                // The real tokens (all of them for a row of pads only, as the additive mask
+                // would weigh them alike).
+                let mut keys: Vec<usize> = (0..s).filter(|&j| mask[j] != 0.0).collect();
+                if keys.is_empty() {
+                    keys = (0..s).collect();
+                }
+                let mut weights = vec![0f32; keys.len()];
+                for i in 0..sq {
+                    let qrow = &q[(bi * sq + i) * h..][..h];
+                    for head in 0..self.heads {
+                        let off = head * dh;
+                        let qh = &qrow[off..off + dh];
+                        let mut max = f32::NEG_INFINITY;
+                        for (w, &j) in weights.iter_mut().zip(&keys) {
+                            *w = self.scale * dot(qh, &k[(bi * s + j) * h + off..][..dh]);
+                            max = max.max(*w);
+                        }
+                        let mut sum = 0f32;
+                        for w in weights.iter_mut() {
+                            *w = (*w - max).exp();
+                            sum += *w;
+                        }
+                        let o = &mut out[i * h + off..i * h + off + dh];
+                        for (w, &j) in weights.iter().zip(&keys) {
+                            let p = w / sum;
+                            let vrow = &v[(bi * s + j) * h + off..][..dh];
+                            for (o, x) in o.iter_mut().zip(vrow) {
+                                *o += p * x;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// LayerNorm over the last dimension: fused CPU kernel when possible, primitive ops otherwise.
 ///
 /// Gradients flow to `xs`, `weight` and `bias` in both paths.
@@ -522,6 +650,66 @@ impl CustomOp3 for FusedRope {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_attention_matches_masked_softmax_attention() {
+        let dev = Device::Cpu;
+        let (b, s, heads, dh) = (3, 7, 4, 8);
+        let h = heads * dh;
+        let t = |seed| Tensor::from_vec(values(b * s * h, seed, 2.0), (b, s, h), &dev).unwrap();
+        let (q, k, v) = (t(1), t(2), t(3));
+        // Row 0 full, row 1 with three pads, row 2 with one real token.
+        let lens = [7usize, 4, 1];
+        let mask: Vec<f32> = lens
+            .iter()
+            .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
+            .collect();
+        let scale = 1.0 / (dh as f64).sqrt();
+        let split = |x: &Tensor| {
+            x.reshape((b, x.dim(1).unwrap(), heads, dh))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let bias = ((1.0 - Tensor::from_vec(mask.clone(), (b, 1, 1, s), &dev).unwrap()).unwrap()
+            * f32::MIN as f64)
+            .unwrap();
+        for sq in [s, 1] {
+            let qs = q.narrow(1, 0, sq).unwrap();
+            let scores = (split(&qs).matmul(&split(&k).t().unwrap()).unwrap() * scale).unwrap();
+            let probs = softmax_last_dim(&scores.broadcast_add(&bias).unwrap()).unwrap();
+            let want = probs
+                .matmul(&split(&v))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, sq, h))
+                .unwrap();
+            let got = attention_inference(&qs, &k, &v, &mask, heads, scale as f32)
+                .unwrap()
+                .expect("the fused kernel runs on CPU f32");
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "queries {sq}: differs by {diff}");
+        }
+        // A tracked input (training) is left to the differentiable path.
+        let var = Var::from_tensor(&q).unwrap();
+        assert!(
+            attention_inference(var.as_tensor(), &k, &v, &mask, heads, scale as f32)
+                .unwrap()
+                .is_none()
+        );
+    }
 
     /// Deterministic pseudo-random values in [-scale, scale] (no RNG state needed).
     fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {

@@ -1029,6 +1029,24 @@ fn run_model(
     tracing::debug!(model = %id, "inference thread stopped (model unloaded)");
 }
 
+/// `n` one-thread rayon pools for the parts of a batch (made once per process; None if the
+/// threads cannot be started, and the parts then share the global pool).
+fn part_pools(n: usize) -> Option<&'static [rayon::ThreadPool]> {
+    static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pools = POOLS.get_or_init(|| {
+        (0..n)
+            .map_while(|i| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("kiln-serve-part-{i}"))
+                    .build()
+                    .ok()
+            })
+            .collect()
+    });
+    (pools.len() >= n).then_some(pools.as_slice())
+}
+
 fn run_batches(
     model: &EncoderModel,
     works: Vec<Work>,
@@ -1076,27 +1094,43 @@ fn run_batches(
     }
     let next = AtomicUsize::new(0);
     type Computed = Result<Vec<Output>, String>;
+    let workers = threads.clamp(1, ranges.len().max(1));
+    // Parts running side by side each keep their matrix products on their own core (a
+    // one-thread rayon pool): sharing the global pool, the parts' products oversubscribe the
+    // cores and spend their time waking and parking each other's threads. A lone part keeps
+    // the global pool, whose products use every core.
+    let pools = (workers > 1).then(|| part_pools(workers)).flatten();
     let results: Vec<(std::ops::Range<usize>, Computed)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads.clamp(1, ranges.len().max(1)))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(range) = ranges.get(i) else { break };
-                        let rows: Vec<&EncodedText> =
-                            items[range.clone()].iter().map(|i| i.row).collect();
-                        let out = match purpose {
-                            Purpose::Classify => model
-                                .classify(&rows)
-                                .map(|v| v.into_iter().map(Output::Classify).collect()),
-                            Purpose::Embed => model
-                                .embed(&rows)
-                                .map(|v| v.into_iter().map(Output::Embed).collect()),
-                        };
-                        done.push((range.clone(), out.map_err(|e| e.to_string())));
+        let workers: Vec<_> = (0..workers)
+            .map(|w| {
+                let pool = pools.and_then(|p| p.get(w));
+                let next = &next;
+                let ranges = &ranges;
+                let items = &items;
+                scope.spawn(move || {
+                    let run = || {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(range) = ranges.get(i) else { break };
+                            let rows: Vec<&EncodedText> =
+                                items[range.clone()].iter().map(|i| i.row).collect();
+                            let out = match purpose {
+                                Purpose::Classify => model
+                                    .classify(&rows)
+                                    .map(|v| v.into_iter().map(Output::Classify).collect()),
+                                Purpose::Embed => model
+                                    .embed(&rows)
+                                    .map(|v| v.into_iter().map(Output::Embed).collect()),
+                            };
+                            done.push((range.clone(), out.map_err(|e| e.to_string())));
+                        }
+                        done
+                    };
+                    match pool {
+                        Some(pool) => pool.install(run),
+                        None => run(),
                     }
-                    done
                 })
             })
             .collect();
