@@ -330,6 +330,22 @@ fn dpo_raises_the_margin_of_preferred_answers_on_held_out_pairs() {
     );
 }
 
+/// Prompts of the reinforcement runs (the model is to reply with the item's target).
+const RFT_PROMPTS: &[&str] = &[
+    "Say something.",
+    "Write a word.",
+    "Go on.",
+    "Tell me.",
+    "Answer now.",
+    "Reply.",
+    "Speak.",
+    "Begin.",
+    "Type.",
+    "Write.",
+    "Say it.",
+    "Once more.",
+];
+
 fn rft_lines(prompts: &[&str]) -> Vec<Value> {
     prompts
         .iter()
@@ -343,23 +359,7 @@ fn reinforcement_with_a_string_check_grader_raises_validation_reward() {
     let base = tiny_decoder(dir.path(), "qwen2");
     let train = dir.path().join("rft.jsonl");
     let valid = dir.path().join("rft_valid.jsonl");
-    write_jsonl(
-        &train,
-        &rft_lines(&[
-            "Say something.",
-            "Write a word.",
-            "Go on.",
-            "Tell me.",
-            "Answer now.",
-            "Reply.",
-            "Speak.",
-            "Begin.",
-            "Type.",
-            "Write.",
-            "Say it.",
-            "Once more.",
-        ]),
-    );
+    write_jsonl(&train, &rft_lines(RFT_PROMPTS));
     write_jsonl(
         &valid,
         &rft_lines(&["Talk.", "Say more.", "Next.", "Continue."]),
@@ -419,21 +419,7 @@ fn reinforcement_with_a_cosine_grader_embeds_with_its_encoder() {
         kiln::nn::tiny::TinyLayout::Unprefixed,
     );
     let train = dir.path().join("rft.jsonl");
-    write_jsonl(
-        &train,
-        &rft_lines(&[
-            "Say something.",
-            "Write a word.",
-            "Go on.",
-            "Tell me.",
-            "Answer now.",
-            "Reply.",
-            "Speak.",
-            "Begin.",
-            "Type.",
-            "Write.",
-        ]),
-    );
+    write_jsonl(&train, &rft_lines(&RFT_PROMPTS[..10]));
     let mut job = train_support::job(
         &base,
         &train,

@@ -587,7 +587,8 @@ impl BertEncoder {
         // Additive mask [b, 1, 1, s]: 0 for tokens, f32::MIN for pads (as transformers does).
         let mask = attention_mask.to_dtype(DType::F32)?;
         // Inference on the CPU runs attention as one fused kernel, which reads the 0/1 mask.
-        let mask_host = if !train && self.device.is_cpu() {
+        let fused_attention = self.layers.iter().any(|l| l.attn_ln.fused);
+        let mask_host = if !train && fused_attention && self.device.is_cpu() {
             Some(mask.flatten_all()?.to_vec1::<f32>()?)
         } else {
             None
