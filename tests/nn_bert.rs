@@ -99,6 +99,68 @@ fn both_fused_settings() -> [LoadOptions; 2] {
 }
 
 #[test]
+fn fused_kernels_give_the_primitive_ops_gradients() {
+    // Dropout off: both paths then compute the same function, so every gradient must agree
+    // (the fused attention, linear, LayerNorm and GELU kernels against candle's own ops).
+    let dev = Device::Cpu;
+    let dir = tiny_dir(&tiny_bert_config(), TinyLayout::Prefixed);
+    let mut runs = Vec::new();
+    for opts in both_fused_settings() {
+        let varmap = VarMap::new();
+        let enc = BertEncoder::load_dir(dir.path(), &varmap, &dev, &opts).unwrap();
+        // A fixed linear read-out of every position's state (a fresh head would be random).
+        let (ids, types, mask) = batch(&dev);
+        let hidden = enc.forward(&ids, Some(&types), &mask, false).unwrap();
+        let n = hidden.elem_count();
+        let weights: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0)
+            .collect();
+        let weights = Tensor::from_vec(weights, hidden.shape(), &dev).unwrap();
+        let loss = (hidden * weights)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let all = enc.named_trainable_vars().to_vec();
+        let by_name: std::collections::BTreeMap<String, Tensor> = all
+            .iter()
+            .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+            .collect();
+        runs.push((loss.to_scalar::<f32>().unwrap(), by_name));
+    }
+    let ((loss_fused, fused), (loss_plain, plain)) = (&runs[0], &runs[1]);
+    assert!(
+        (loss_fused - loss_plain).abs() < 1e-5,
+        "{loss_fused} vs {loss_plain}"
+    );
+    assert_eq!(fused.len(), plain.len());
+    for (name, g) in fused {
+        let want = &plain[name];
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (g - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "{name}: fused gradient differs by {diff} (scale {scale})"
+        );
+    }
+}
+
+#[test]
 fn every_trainable_variable_receives_a_nonzero_gradient() {
     let dev = Device::Cpu;
     let mut cfg = tiny_bert_config();

@@ -170,7 +170,9 @@ fn freeze_keeps_the_embeddings_and_lowest_layers_fixed() {
 #[test]
 fn lora_trains_adapters_only_and_exports_them_merged() {
     let f = Fixture::new(TinyLayout::Unprefixed);
-    let run = run(&f.job(json!({"strategy": "lora", "lora_rank": 8, "n_epochs": 10, "batch_size": 8, "learning_rate": 1e-2, "head_learning_rate": 3e-3}), 1, "a"));
+    // 20 epochs: at 10 the held-out accuracy of seeds 1-8 spread over 0.50-0.85 (under-trained,
+    // so any change to the dropout draws moved it across the bar); at 20 it is 0.875-0.975.
+    let run = run(&f.job(json!({"strategy": "lora", "lora_rank": 8, "n_epochs": 20, "batch_size": 8, "learning_rate": 1e-2, "head_learning_rate": 3e-3}), 1, "a"));
     let s = run.summary();
     assert!(s.metrics["valid_accuracy"] >= 0.75, "{:?}", s.metrics);
     let base = load(&f.p("base/model.safetensors"));

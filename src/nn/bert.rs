@@ -11,7 +11,10 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Checkpoint, Embedding, LayerNorm, Linear, WeightSource, dropout};
+use super::attention::{self, AttentionSpec};
+use super::layers::{
+    Checkpoint, Embedding, LayerNorm, Linear, WeightSource, dropout, dropout_seed,
+};
 use super::lora::{LoraAdapter, LoraConfig, LoraTarget, lora_rng};
 use super::{NnError, Result, ops};
 
@@ -586,9 +589,10 @@ impl BertEncoder {
 
         // Additive mask [b, 1, 1, s]: 0 for tokens, f32::MIN for pads (as transformers does).
         let mask = attention_mask.to_dtype(DType::F32)?;
-        // Inference on the CPU runs attention as one fused kernel, which reads the 0/1 mask.
+        // On the CPU attention runs as one fused kernel (inference's, or training's with its
+        // backward), which reads the 0/1 mask.
         let fused_attention = self.layers.iter().any(|l| l.attn_ln.fused);
-        let mask_host = if !train && fused_attention && self.device.is_cpu() {
+        let mask_host = if fused_attention && self.device.is_cpu() {
             Some(mask.flatten_all()?.to_vec1::<f32>()?)
         } else {
             None
@@ -607,8 +611,9 @@ impl BertEncoder {
     }
 
     /// One encoder layer; `queries: Some(n)` computes the outputs of the first `n` positions
-    /// only (all positions are still attended to). With `mask_host` (inference on the CPU)
-    /// and the fused kernels on, attention is [`ops::attention_inference`].
+    /// only (all positions are still attended to). With `mask_host` (on the CPU) and the
+    /// fused kernels on, attention is one kernel: [`ops::attention_inference`] where no
+    /// gradient is needed, [`attention::attention`] (with its backward) in training.
     fn layer_forward(
         &self,
         l: &Layer,
@@ -638,8 +643,29 @@ impl BertEncoder {
         );
         let scale = 1.0 / (dh as f64).sqrt();
         let fused = match mask_host {
-            Some(mask) if l.attn_ln.fused && !train => {
-                ops::attention_inference(&q, &k, &v, mask, nh, scale as f32)?
+            Some(mask) if l.attn_ln.fused => {
+                let inference = if train {
+                    None
+                } else {
+                    ops::attention_inference(&q, &k, &v, mask, nh, scale as f32)?
+                };
+                match inference {
+                    Some(ctx) => Some(ctx),
+                    None => {
+                        let p = if train {
+                            cfg.attention_probs_dropout_prob as f32
+                        } else {
+                            0.0
+                        };
+                        let spec = AttentionSpec {
+                            key_mask: Some(mask.to_vec()),
+                            dropout: p,
+                            seed: if p > 0.0 { dropout_seed() } else { 0 },
+                            ..AttentionSpec::new(nh, nh, scale as f32)
+                        };
+                        attention::attention(&q, &k, &v, spec)?
+                    }
+                }
             }
             _ => None,
         };

@@ -21,6 +21,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, La
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
+use super::gemm::{Mat, Threads};
+
 /// Runs `f` on copies of `inputs` on the CPU in f32 when any is elsewhere, moving the result
 /// back; calls it directly otherwise. Both moves have a backward, so gradients flow either way.
 fn on_cpu_f32(
@@ -75,92 +77,15 @@ fn with_f32<R>(
     }
 }
 
-/// A dense matrix view for [`sgemm`]: data, row stride, column stride.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// Row-major `[rows, cols]`.
-    fn rows(data: &'a [f32], cols: usize) -> Self {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// The transpose of a row-major `[rows, cols]` matrix, i.e. `[cols, rows]`.
-    fn transposed(data: &'a [f32], cols: usize) -> Self {
-        Mat {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    }
-
-    /// Whether a `[r, c]` matrix with these strides fits in the data.
-    fn fits(&self, r: usize, c: usize) -> bool {
-        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst[m, n] = a[m, k] · b[k, n]` (`+=` when `accumulate`), `dst` row-major, with the `gemm`
-/// crate (the one candle's CPU matmul uses), multi-threaded like candle.
+/// `dst[m, n] = a[m, k] · b[k, n]` (`+=` when `accumulate`), `dst` row-major, on every core.
 fn sgemm(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     a: Mat,
     b: Mat,
     accumulate: bool,
 ) -> candle_core::Result<()> {
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if dst.len() < m * n || !a.fits(m, k) || !b.fits(k, n) {
-        candle_core::bail!("sgemm: operands too small for [{m}, {k}] x [{k}, {n}]")
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return Ok(());
-    }
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the bounds of every operand were checked above against its strides; the three
-    // slices cannot alias (dst is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
+    super::gemm::sgemm(dims, dst, dims.1, a, b, 1.0, accumulate, Threads::All)
 }
 
 /// The shapes of one convolution.

@@ -19,9 +19,30 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::attention::{self, AttentionSpec};
 use super::layers::{Checkpoint, Embedding, Linear, RmsNorm, WeightSource, load_model_weights};
 use super::lora::{LoraAdapter, LoraConfig, lora_rng};
 use super::{NnError, Result, ops};
+
+/// How a layer's attention hides keys.
+#[derive(Clone, Copy)]
+struct Masks<'a> {
+    /// The additive mask (`f32::MIN` where hidden), when anything is hidden.
+    bias: Option<&'a Tensor>,
+    /// Training and scoring: the real length of each right-padded row, so the fused kernel
+    /// can build its own causal and padding masks.
+    lengths: Option<&'a [usize]>,
+}
+
+impl<'a> Masks<'a> {
+    /// The additive mask alone (decoding with a cache).
+    fn bias(bias: Option<&'a Tensor>) -> Self {
+        Masks {
+            bias,
+            lengths: None,
+        }
+    }
+}
 
 fn default_rope_theta() -> f64 {
     10_000.0
@@ -883,7 +904,11 @@ impl Decoder {
             .embed_tokens
             .forward(&input_ids.to_dtype(DType::U32)?)?;
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, (&cos, &sin), mask.as_ref(), None, train)?;
+            let masks = Masks {
+                bias: mask.as_ref(),
+                lengths: Some(&lengths),
+            };
+            x = self.layer_forward(layer, &x, (&cos, &sin), masks, None, train)?;
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -965,7 +990,14 @@ impl Decoder {
             // Detaching between layers lets each layer's autograd bookkeeping (the weights
             // may be Vars) be freed as soon as the layer is done.
             x = self
-                .layer_forward(layer, &x, (&cos, &sin), mask.as_ref(), Some(slot), false)?
+                .layer_forward(
+                    layer,
+                    &x,
+                    (&cos, &sin),
+                    Masks::bias(mask.as_ref()),
+                    Some(slot),
+                    false,
+                )?
                 .detach();
         }
         let last = self.norm.forward(&x.narrow(1, t - 1, 1)?)?;
@@ -1073,16 +1105,21 @@ impl Decoder {
         l: &Layer,
         x: &Tensor,
         rope: (&Tensor, &Tensor),
-        mask: Option<&Tensor>,
+        mask: Masks,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Result<Tensor> {
         let h = l.input_layernorm.forward(x)?;
         let x = (x + self.attention(l, &h, rope, mask, cache, train)?)?;
         let h = l.post_attention_layernorm.forward(&x)?;
-        let gate = l.gate_proj.forward_t(&h, train)?.silu()?;
+        let gate = l.gate_proj.forward_t(&h, train)?;
         let up = l.up_proj.forward_t(&h, train)?;
-        let mlp = l.down_proj.forward_t(&(gate * up)?, train)?;
+        let act = if self.fused {
+            ops::silu_mul(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        let mlp = l.down_proj.forward_t(&act, train)?;
         Ok((x + mlp)?)
     }
 
@@ -1091,7 +1128,7 @@ impl Decoder {
         l: &Layer,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        mask: Option<&Tensor>,
+        masks: Masks,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Result<Tensor> {
@@ -1103,6 +1140,28 @@ impl Decoder {
             cfg.head_dim(),
         );
         let rep = nh / nkv;
+        // Without a cache, on the CPU: kiln's fused attention, straight on the projections'
+        // layout (RoPE applied there too), with its own backward.
+        if let (None, Some(lengths), true) = (&cache, masks.lengths, self.fused) {
+            let q = ops::rope_seq_major(&l.q_proj.forward_t(x, train)?, cos, sin, nh)?;
+            let k = ops::rope_seq_major(&l.k_proj.forward_t(x, train)?, cos, sin, nkv)?;
+            let v = l.v_proj.forward_t(x, train)?;
+            let spec = AttentionSpec {
+                causal: true,
+                window: cfg.attention_window(),
+                key_mask: lengths.iter().any(|&n| n < t).then(|| {
+                    lengths
+                        .iter()
+                        .flat_map(|&n| (0..t).map(move |j| if j < n { 1.0 } else { 0.0 }))
+                        .collect()
+                }),
+                ..AttentionSpec::new(nh, nkv, 1.0 / (hd as f32).sqrt())
+            };
+            if let Some(ctx) = attention::attention(&q, &k, &v, spec)? {
+                return Ok(l.o_proj.forward_t(&ctx, train)?);
+            }
+        }
+        let mask = masks.bias;
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };

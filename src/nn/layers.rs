@@ -183,15 +183,22 @@ impl Linear {
     }
 
     /// Applies the base layer only (no adapter) to `[.., in]`. Inputs of rank > 2 are flattened
-    /// to one 2-D matmul because candle's broadcast matmul is far slower, in backward especially.
+    /// to one 2-D product because candle's broadcast matmul is far slower, in backward
+    /// especially; on the CPU in f32 that product is kiln's fused [`ops::linear`].
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let x = x.reshape((rows, in_dim))?;
+        let y = match ops::linear(&x, &self.weight, self.bias.as_ref())? {
+            Some(y) => y,
+            None => {
+                let y = x.matmul(&self.weight.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
@@ -329,6 +336,17 @@ thread_local! {
 pub fn seed_dropout(seed: u64) {
     use rand::SeedableRng;
     DROPOUT_RNG.with(|r| *r.borrow_mut() = Some(rand::rngs::StdRng::seed_from_u64(seed)));
+}
+
+/// A seed for a kernel that draws its own dropout masks (kiln's fused attention): from the
+/// thread's seeded generator when there is one (so runs and resumptions repeat), random
+/// otherwise.
+pub fn dropout_seed() -> u64 {
+    use rand::Rng;
+    DROPOUT_RNG.with(|r| match r.borrow_mut().as_mut() {
+        Some(rng) => rng.random(),
+        None => rand::random(),
+    })
 }
 
 /// Forgets the seed: dropout on this thread goes back to candle's generator.

@@ -5,10 +5,12 @@
 //! from differentiable pieces, or from kiln's fused ops in [`ops`] that carry a hand-written
 //! backward, and loads the same safetensors names as Hugging Face.
 
+pub mod attention;
 pub mod bert;
 pub mod classifier;
 pub mod conv;
 pub mod decoder;
+mod gemm;
 pub mod layers;
 pub mod lora;
 pub mod ops;

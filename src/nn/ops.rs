@@ -8,6 +8,7 @@
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
 };
+use rayon::prelude::*;
 
 /// Softmax over the last dimension, built from ops that all have a backward.
 ///
@@ -126,7 +127,6 @@ impl CustomOp3 for FusedAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let q = cpu_f32(s1, l1, self.name())?;
         let k = cpu_f32(s2, l2, self.name())?;
         let v = cpu_f32(s3, l3, self.name())?;
@@ -208,7 +208,7 @@ pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The contiguous f32 slice behind a CPU storage, or an error naming `op`.
-fn cpu_f32<'a>(
+pub(super) fn cpu_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &'static str,
@@ -224,7 +224,7 @@ fn cpu_f32<'a>(
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_cpu_f32<R>(
+pub(super) fn with_cpu_f32<R>(
     t: &Tensor,
     op: &'static str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
@@ -233,6 +233,207 @@ fn with_cpu_f32<R>(
     match &*storage {
         Storage::Cpu(cpu) => f(cpu_f32(cpu, layout, op)?),
         _ => candle_core::bail!("{op}: fused kernel only runs on the CPU"),
+    }
+}
+
+/// A dense layer `x · wᵀ + b` on a 2-D `x` `[rows, in]` with the PyTorch weight layout
+/// `w` `[out, in]`: one gemm forward with the bias added in its output, and in backward one
+/// gemm per operand that needs a gradient and a parallel column sum for the bias. `None` off
+/// the CPU or for other dtypes (the caller's primitive path then runs).
+///
+/// candle's `x.matmul(&w.t())` + `broadcast_add` is the same function, but its backward
+/// writes the weight gradient transposed and copies it back through a fresh zero tensor, sums
+/// the bias gradient over a non-last dimension on one core, and computes gradients for frozen
+/// weights only to drop them.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
+    if !(fused_ok(x) && fused_ok(w) && b.is_none_or(fused_ok)) {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(Some(match b {
+        Some(b) => x.apply_op3_arc(
+            &w,
+            &b.contiguous()?,
+            std::sync::Arc::new(Box::new(FusedLinear)),
+        )?,
+        None => x.apply_op2_arc(&w, std::sync::Arc::new(Box::new(FusedLinear)))?,
+    }))
+}
+
+/// [`linear`]'s kernel: inputs `(x, w)` or `(x, w, b)`.
+struct FusedLinear;
+
+impl FusedLinear {
+    fn forward(
+        x: &[f32],
+        xl: &Layout,
+        w: &[f32],
+        wl: &Layout,
+        b: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, wk) = wl.shape().dims2()?;
+        if wk != k || b.is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "linear: x [{m}, {k}], w [{n}, {wk}], bias of {:?}",
+                b.map(<[f32]>::len)
+            )
+        }
+        let mut y = match b {
+            Some(b) => b.repeat(m),
+            None => vec![0f32; m * n],
+        };
+        super::gemm::sgemm(
+            (m, n, k),
+            &mut y,
+            n,
+            super::gemm::Mat::rows(x, k),
+            super::gemm::Mat::transposed(w, k),
+            1.0,
+            b.is_some(),
+            super::gemm::Threads::All,
+        )?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    /// Gradients of `x`, `w` and (when given) the bias, each only where it is tracked.
+    fn backward(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use super::gemm::{Mat, Threads, sgemm};
+        let grad = grad.contiguous()?;
+        let (m, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        let dev = x.device();
+        let name = "kiln-linear";
+        with_cpu_f32(&grad, name, |g| {
+            let dx = if x.track_op() {
+                let mut dx = vec![0f32; m * k];
+                with_cpu_f32(w, name, |w| {
+                    // dx [m, k] = g [m, n] · w [n, k]
+                    sgemm(
+                        (m, k, n),
+                        &mut dx,
+                        k,
+                        Mat::rows(g, n),
+                        Mat::rows(w, k),
+                        1.0,
+                        false,
+                        Threads::All,
+                    )
+                })?;
+                Some(Tensor::from_vec(dx, (m, k), dev)?)
+            } else {
+                None
+            };
+            let dw = if w.track_op() {
+                let mut dw = vec![0f32; n * k];
+                with_cpu_f32(x, name, |x| {
+                    // dw [n, k] = gᵀ [n, m] · x [m, k]
+                    sgemm(
+                        (n, k, m),
+                        &mut dw,
+                        k,
+                        Mat::transposed(g, n),
+                        Mat::rows(x, k),
+                        1.0,
+                        false,
+                        Threads::All,
+                    )
+                })?;
+                Some(Tensor::from_vec(dw, (n, k), dev)?)
+            } else {
+                None
+            };
+            let db = match b {
+                Some(b) if b.track_op() => {
+                    let rows_per_task = m.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+                    let db = g
+                        .par_chunks(rows_per_task * n.max(1))
+                        .map(|part| {
+                            let mut sum = vec![0f32; n];
+                            for row in part.chunks_exact(n.max(1)) {
+                                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                            }
+                            sum
+                        })
+                        .reduce(
+                            || vec![0f32; n],
+                            |mut a, b| {
+                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                                a
+                            },
+                        );
+                    Some(Tensor::from_vec(db, n, dev)?)
+                }
+                _ => None,
+            };
+            Ok((dx, dw, db))
+        })
+    }
+}
+
+impl CustomOp2 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "kiln-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, "kiln-linear")?;
+        let w = cpu_f32(s2, l2, "kiln-linear")?;
+        Self::forward(x, l1, w, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::backward(x, w, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "kiln-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, "kiln-linear")?;
+        let w = cpu_f32(s2, l2, "kiln-linear")?;
+        let b = cpu_f32(s3, l3, "kiln-linear")?;
+        Self::forward(x, l1, w, l2, Some(b))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Self::backward(x, w, Some(b), grad)
     }
 }
 
@@ -263,12 +464,17 @@ impl CustomOp3 for FusedLayerNorm {
             candle_core::bail!("layer-norm: weight/bias length {} != hidden {dim}", w.len())
         }
         let mut out = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-            let (mean, rstd) = row_stats(xr, self.eps);
-            for i in 0..dim {
-                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-            }
-        }
+        let chunk = rows_per_task(x.len() / dim.max(1), dim) * dim.max(1);
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(out, x)| {
+                for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    for i in 0..dim {
+                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -284,33 +490,45 @@ impl CustomOp3 for FusedLayerNorm {
         let dim = x.dim(D::Minus1)?;
         let n = x.elem_count();
         let mut dx = vec![0f32; n];
-        let mut dw = vec![0f32; dim];
-        let mut db = vec![0f32; dim];
-        with_cpu_f32(x, self.name(), |x| {
+        let chunk = rows_per_task(n / dim.max(1), dim) * dim.max(1);
+        let (dw, db) = with_cpu_f32(x, self.name(), |x| {
             with_cpu_f32(w, self.name(), |w| {
                 with_cpu_f32(&grad, self.name(), |g| {
-                    let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
-                    for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
-                        let (mean, rstd) = row_stats(xr, self.eps);
-                        // dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w.
-                        let mut sum_gw = 0f32;
-                        let mut sum_gw_xhat = 0f32;
-                        for i in 0..dim {
-                            let xhat = (xr[i] - mean) * rstd;
-                            let gw = gr[i] * w[i];
-                            sum_gw += gw;
-                            sum_gw_xhat += gw * xhat;
-                            dw[i] += gr[i] * xhat;
-                            db[i] += gr[i];
-                        }
-                        let mean_gw = sum_gw / dim as f32;
-                        let mean_gw_xhat = sum_gw_xhat / dim as f32;
-                        for i in 0..dim {
-                            let xhat = (xr[i] - mean) * rstd;
-                            dxr[i] = rstd * (gr[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
-                        }
-                    }
-                    Ok(())
+                    let parts = dx
+                        .par_chunks_mut(chunk)
+                        .zip(x.par_chunks(chunk))
+                        .zip(g.par_chunks(chunk))
+                        .map(|((dx, x), g)| {
+                            let mut dw = vec![0f32; dim];
+                            let mut db = vec![0f32; dim];
+                            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+                            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
+                                let (mean, rstd) = row_stats(xr, self.eps);
+                                // dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w.
+                                let mut sum_gw = 0f32;
+                                let mut sum_gw_xhat = 0f32;
+                                for i in 0..dim {
+                                    let xhat = (xr[i] - mean) * rstd;
+                                    let gw = gr[i] * w[i];
+                                    sum_gw += gw;
+                                    sum_gw_xhat += gw * xhat;
+                                    dw[i] += gr[i] * xhat;
+                                    db[i] += gr[i];
+                                }
+                                let mean_gw = sum_gw / dim as f32;
+                                let mean_gw_xhat = sum_gw_xhat / dim as f32;
+                                for i in 0..dim {
+                                    let xhat = (xr[i] - mean) * rstd;
+                                    dxr[i] = rstd * (gr[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
+                                }
+                            }
+                            (dw, db)
+                        })
+                        .reduce(
+                            || (vec![0f32; dim], vec![0f32; dim]),
+                            |(aw, ab), (bw, bb)| (add_columns(aw, bw), add_columns(ab, bb)),
+                        );
+                    Ok(parts)
                 })
             })
         })?;
@@ -327,6 +545,20 @@ impl CustomOp3 for FusedLayerNorm {
             .transpose()?;
         Ok((Some(dx), dw, db))
     }
+}
+
+/// Rows per parallel task for a row-wise kernel over `rows` rows of `dim` values: a few tasks
+/// per core, none smaller than about 16k values (below that a task costs more than it saves).
+fn rows_per_task(rows: usize, dim: usize) -> usize {
+    let by_cores = rows.div_ceil(4 * rayon::current_num_threads().max(1));
+    by_cores.max((1 << 14) / dim.max(1)).max(1)
+}
+
+/// Per-column sums of the parts, added together (the weight and bias gradients of a row-wise
+/// kernel, reduced over its parallel tasks).
+fn add_columns(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+    a
 }
 
 /// Mean and 1/std of one row, accumulated in f64 so long rows do not lose precision.
@@ -385,7 +617,8 @@ impl CustomOp1 for FusedGelu {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(storage, layout, self.name())?;
         let out: Vec<f32> = x
-            .iter()
+            .par_iter()
+            .with_min_len(1 << 14)
             .map(|&v| 0.5 * v * (1.0 + erf_f32(v * FRAC_1_SQRT_2)))
             .collect();
         Ok((CpuStorage::F32(out), layout.shape().clone()))
@@ -424,7 +657,8 @@ impl CustomOp2 for FusedGeluBwd {
             candle_core::bail!("gelu bwd: {} values but {} gradients", x.len(), g.len())
         }
         let out: Vec<f32> = x
-            .iter()
+            .par_iter()
+            .with_min_len(1 << 14)
             .zip(g)
             .map(|(&v, &g)| {
                 let cdf = 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
@@ -433,6 +667,92 @@ impl CustomOp2 for FusedGeluBwd {
             })
             .collect();
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `silu(gate) · up`, the gated activation of Llama-family MLPs: one parallel CPU kernel
+/// forward and one backward (candle's `silu` and its backward are half a dozen single-threaded
+/// passes); primitive ops off the CPU or for other dtypes.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(gate) && fused_ok(up) && gate.dims() == up.dims() {
+        gate.contiguous()?
+            .apply_op2(&up.contiguous()?, FusedSiluMul)
+    } else {
+        gate.silu()? * up
+    }
+}
+
+/// [`silu_mul`]'s kernel: inputs `(gate, up)`.
+struct FusedSiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for FusedSiluMul {
+    fn name(&self) -> &'static str {
+        "kiln-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let gate = cpu_f32(s1, l1, self.name())?;
+        let up = cpu_f32(s2, l2, self.name())?;
+        if gate.len() != up.len() {
+            candle_core::bail!(
+                "silu-mul: {} gate values, {} up values",
+                gate.len(),
+                up.len()
+            )
+        }
+        let out: Vec<f32> = gate
+            .par_iter()
+            .with_min_len(1 << 14)
+            .zip(up)
+            .map(|(&g, &u)| g * sigmoid(g) * u)
+            .collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let n = gate.elem_count();
+        let mut dgate = vec![0f32; n];
+        let mut dup = vec![0f32; n];
+        with_cpu_f32(gate, self.name(), |g| {
+            with_cpu_f32(up, self.name(), |u| {
+                with_cpu_f32(&grad, self.name(), |d| {
+                    dgate
+                        .par_iter_mut()
+                        .with_min_len(1 << 14)
+                        .zip(dup.par_iter_mut())
+                        .zip(g.par_iter().zip(u).zip(d))
+                        .for_each(|((dg, du), ((&g, &u), &d))| {
+                            let sig = sigmoid(g);
+                            *du = d * g * sig;
+                            // silu'(g) = sig · (1 + g · (1 − sig))
+                            *dg = d * u * sig * (1.0 + g * (1.0 - sig));
+                        });
+                    Ok(())
+                })
+            })
+        })?;
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(dgate, gate.shape(), dev)?),
+            Some(Tensor::from_vec(dup, up.shape(), dev)?),
+        ))
     }
 }
 
@@ -482,10 +802,42 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tens
         xs.contiguous()?.apply_op3(
             &cos.contiguous()?,
             &sin.contiguous()?,
-            FusedRope { inverse: false },
+            FusedRope {
+                inverse: false,
+                heads: 1,
+            },
         )
     } else {
         rope_primitive(xs, cos, sin)
+    }
+}
+
+/// [`rope`] on `xs` `[batch, seq, heads · head_dim]`, the heads side by side as a projection
+/// gives them (no transposes): the layout kiln's fused attention takes.
+pub fn rope_seq_major(
+    xs: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, t, width) = xs.dims3()?;
+    if heads == 0 || width % heads != 0 {
+        candle_core::bail!("rope: width {width} is not a multiple of {heads} heads")
+    }
+    if fused_ok(xs) && fused_ok(cos) && fused_ok(sin) {
+        xs.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            FusedRope {
+                inverse: false,
+                heads,
+            },
+        )
+    } else {
+        let split = xs.reshape((b, t, heads, width / heads))?.transpose(1, 2)?;
+        rope_primitive(&split, cos, sin)?
+            .transpose(1, 2)?
+            .reshape((b, t, width))
     }
 }
 
@@ -519,12 +871,17 @@ impl CustomOp2 for FusedRmsNorm {
             candle_core::bail!("rms-norm: weight length {} != hidden {dim}", w.len())
         }
         let mut out = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-            let rstd = row_rstd(xr, self.eps);
-            for i in 0..dim {
-                yr[i] = xr[i] * rstd * w[i];
-            }
-        }
+        let chunk = rows_per_task(x.len() / dim.max(1), dim) * dim.max(1);
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(out, x)| {
+                for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+                    let rstd = row_rstd(xr, self.eps);
+                    for i in 0..dim {
+                        yr[i] = xr[i] * rstd * w[i];
+                    }
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -538,27 +895,36 @@ impl CustomOp2 for FusedRmsNorm {
         let grad = grad.contiguous()?;
         let dim = x.dim(D::Minus1)?;
         let mut dx = vec![0f32; x.elem_count()];
-        let mut dw = vec![0f32; dim];
-        with_cpu_f32(x, self.name(), |x| {
+        let chunk = rows_per_task(x.elem_count() / dim.max(1), dim) * dim.max(1);
+        let dw = with_cpu_f32(x, self.name(), |x| {
             with_cpu_f32(w, self.name(), |w| {
                 with_cpu_f32(&grad, self.name(), |g| {
-                    let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
-                    for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
-                        let rstd = row_rstd(xr, self.eps);
-                        // dx = rstd * (gw - xhat * mean(gw * xhat)), gw = g * w, xhat = x * rstd.
-                        let mut sum_gw_xhat = 0f32;
-                        for i in 0..dim {
-                            let xhat = xr[i] * rstd;
-                            sum_gw_xhat += gr[i] * w[i] * xhat;
-                            dw[i] += gr[i] * xhat;
-                        }
-                        let mean_gw_xhat = sum_gw_xhat / dim as f32;
-                        for i in 0..dim {
-                            let xhat = xr[i] * rstd;
-                            dxr[i] = rstd * (gr[i] * w[i] - xhat * mean_gw_xhat);
-                        }
-                    }
-                    Ok(())
+                    let dw = dx
+                        .par_chunks_mut(chunk)
+                        .zip(x.par_chunks(chunk))
+                        .zip(g.par_chunks(chunk))
+                        .map(|((dx, x), g)| {
+                            let mut dw = vec![0f32; dim];
+                            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+                            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
+                                let rstd = row_rstd(xr, self.eps);
+                                // dx = rstd * (gw - xhat * mean(gw * xhat)), gw = g * w, xhat = x * rstd.
+                                let mut sum_gw_xhat = 0f32;
+                                for i in 0..dim {
+                                    let xhat = xr[i] * rstd;
+                                    sum_gw_xhat += gr[i] * w[i] * xhat;
+                                    dw[i] += gr[i] * xhat;
+                                }
+                                let mean_gw_xhat = sum_gw_xhat / dim as f32;
+                                for i in 0..dim {
+                                    let xhat = xr[i] * rstd;
+                                    dxr[i] = rstd * (gr[i] * w[i] - xhat * mean_gw_xhat);
+                                }
+                            }
+                            dw
+                        })
+                        .reduce(|| vec![0f32; dim], add_columns);
+                    Ok(dw)
                 })
             })
         })?;
@@ -572,10 +938,12 @@ impl CustomOp2 for FusedRmsNorm {
     }
 }
 
-/// Fused rotary embedding; inputs `(x [b, h, t, d], cos [t, d/2], sin [t, d/2])`. Its backward
-/// is the inverse rotation (`sin` negated), the same kernel.
+/// Fused rotary embedding; inputs `(x, cos [t, d/2], sin [t, d/2])` with `x` `[.., t, d]`
+/// when `heads` is 1 and `[b, t, heads · d]` otherwise. Its backward is the inverse rotation
+/// (`sin` negated), the same kernel.
 struct FusedRope {
     inverse: bool,
+    heads: usize,
 }
 
 impl CustomOp3 for FusedRope {
@@ -596,9 +964,11 @@ impl CustomOp3 for FusedRope {
         let cos = cpu_f32(s2, l2, self.name())?;
         let sin = cpu_f32(s3, l3, self.name())?;
         let dims = l1.dims();
+        let heads = self.heads.max(1);
         let (t, d) = match dims {
-            [.., t, d] => (*t, *d),
-            _ => candle_core::bail!("rope: input must have rank >= 2, got {dims:?}"),
+            [_, t, w] if heads > 1 && w % heads == 0 => (*t, w / heads),
+            [.., t, d] if heads == 1 => (*t, *d),
+            _ => candle_core::bail!("rope: input {dims:?} does not hold {heads} heads"),
         };
         let half = d / 2;
         if d % 2 != 0 || cos.len() != t * half || sin.len() != t * half {
@@ -609,17 +979,20 @@ impl CustomOp3 for FusedRope {
         }
         let sign = if self.inverse { -1f32 } else { 1f32 };
         let mut out = vec![0f32; x.len()];
-        for (xs, ys) in x.chunks_exact(t * d).zip(out.chunks_exact_mut(t * d)) {
+        let row = heads * d;
+        for (xs, ys) in x.chunks_exact(t * row).zip(out.chunks_exact_mut(t * row)) {
             for p in 0..t {
-                let (xr, yr) = (&xs[p * d..(p + 1) * d], &mut ys[p * d..(p + 1) * d]);
                 let (c, s) = (
                     &cos[p * half..(p + 1) * half],
                     &sin[p * half..(p + 1) * half],
                 );
-                for i in 0..half {
-                    let (x1, x2, s) = (xr[i], xr[i + half], sign * s[i]);
-                    yr[i] = x1 * c[i] - x2 * s;
-                    yr[i + half] = x2 * c[i] + x1 * s;
+                let (xp, yp) = (&xs[p * row..(p + 1) * row], &mut ys[p * row..(p + 1) * row]);
+                for (xr, yr) in xp.chunks_exact(d).zip(yp.chunks_exact_mut(d)) {
+                    for i in 0..half {
+                        let (x1, x2, s) = (xr[i], xr[i + half], sign * s[i]);
+                        yr[i] = x1 * c[i] - x2 * s;
+                        yr[i + half] = x2 * c[i] + x1 * s;
+                    }
                 }
             }
         }
@@ -640,6 +1013,7 @@ impl CustomOp3 for FusedRope {
             sin,
             &FusedRope {
                 inverse: !self.inverse,
+                heads: self.heads,
             },
         )?;
         Ok((Some(dx), None, None))
@@ -751,6 +1125,87 @@ mod tests {
             worst = worst.max((erf_f32(x) - candle_erf(x)).abs());
         }
         assert!(worst < 1e-6, "max |erf error| {worst}");
+    }
+
+    #[test]
+    fn fused_silu_mul_matches_primitive_in_values_and_gradients() {
+        let dev = Device::Cpu;
+        let gate = Var::from_vec(values(6 * 50, 5, 6.0), (2, 3, 50), &dev).unwrap();
+        let up = Var::from_vec(values(6 * 50, 6, 2.0), (2, 3, 50), &dev).unwrap();
+        let w = Tensor::from_vec(values(6 * 50, 7, 1.0), (2, 3, 50), &dev).unwrap();
+        let fused = silu_mul(&gate, &up).unwrap();
+        let want = (gate.silu().unwrap() * up.as_tensor()).unwrap();
+        assert!(max_abs_diff(&fused, &want) < 1e-5);
+        let gf = (&fused * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gw = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&gate, &up] {
+            let diff = max_abs_diff(gf.get(var).unwrap(), gw.get(var).unwrap());
+            assert!(diff < 1e-5, "gradient differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn fused_linear_matches_matmul_and_bias_in_values_and_gradients() {
+        let dev = Device::Cpu;
+        let (m, k, n) = (13, 24, 10);
+        let x = Var::from_vec(values(m * k, 1, 2.0), (m, k), &dev).unwrap();
+        let w = Var::from_vec(values(n * k, 2, 1.0), (n, k), &dev).unwrap();
+        let b = Var::from_vec(values(n, 3, 1.0), n, &dev).unwrap();
+        let loss_w = Tensor::from_vec(values(m * n, 4, 1.0), (m, n), &dev).unwrap();
+        let primitive = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        for bias in [true, false] {
+            let fused = linear(&x, &w, bias.then_some(b.as_tensor()))
+                .unwrap()
+                .unwrap();
+            let want = if bias {
+                primitive.clone()
+            } else {
+                x.matmul(&w.t().unwrap()).unwrap()
+            };
+            assert!(max_abs_diff(&fused, &want) < 1e-5);
+            let g_fused = (&fused * &loss_w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_want = (&want * &loss_w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for var in [&x, &w] {
+                let (a, b) = (g_fused.get(var).unwrap(), g_want.get(var).unwrap());
+                assert!(
+                    max_abs_diff(a, b) < 1e-4,
+                    "gradient differs by {}",
+                    max_abs_diff(a, b)
+                );
+            }
+            if bias {
+                let diff = max_abs_diff(g_fused.get(&b).unwrap(), g_want.get(&b).unwrap());
+                assert!(diff < 1e-4, "bias gradient differs by {diff}");
+            }
+        }
+        // A frozen weight (a plain tensor) gets no gradient computed; the input still does.
+        let frozen = w.as_tensor().detach();
+        let y = linear(&x, &frozen, None).unwrap().unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&frozen).is_none());
+        assert!(grads.get(&x).is_some());
+        // Off the fused path (f64 here), the caller's primitive path runs.
+        let x64 = x.as_tensor().to_dtype(DType::F64).unwrap();
+        assert!(linear(&x64, &x64, None).unwrap().is_none());
     }
 
     #[test]
@@ -956,5 +1411,45 @@ mod tests {
         // The same convention as candle's (non-interleaved) fused rope and HF's rotate_half.
         let theirs = candle_nn::rotary_emb::rope(x.as_tensor(), &cos, &sin).unwrap();
         assert!(max_abs_diff(&y1, &theirs) < 1e-6);
+
+        // The same rotation with the heads side by side in the last dimension, [b, t, h·d].
+        let xs = Var::from_tensor(
+            &x.as_tensor()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap(),
+        )
+        .unwrap();
+        let ups = up
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, t, h * d))
+            .unwrap();
+        let to_seq_major = |y: &Tensor| {
+            y.transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap()
+        };
+        let ys = rope_seq_major(&xs, &cos, &sin, h).unwrap();
+        assert!(max_abs_diff(&ys, &to_seq_major(&y0)) < 1e-6);
+        let grads = (&ys * &ups).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_abs_diff(grads.get(xs.as_tensor()).unwrap(), &to_seq_major(&dx0)) < 1e-6);
+        // Off the fused path (f64), the primitive path gives the same rotation.
+        let ys64 = rope_seq_major(
+            &xs.as_tensor().to_dtype(DType::F64).unwrap(),
+            &cos.to_dtype(DType::F64).unwrap(),
+            &sin.to_dtype(DType::F64).unwrap(),
+            h,
+        )
+        .unwrap();
+        assert!(max_abs_diff(&ys64.to_dtype(DType::F32).unwrap(), &ys) < 1e-6);
     }
 }

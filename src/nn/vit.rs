@@ -24,8 +24,11 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::attention::{self, AttentionSpec};
 use super::bert::HiddenAct;
-use super::layers::{Checkpoint, LayerNorm, Linear, WeightSource, dropout, load_model_weights};
+use super::layers::{
+    Checkpoint, LayerNorm, Linear, WeightSource, dropout, dropout_seed, load_model_weights,
+};
 use super::lora::{LoraAdapter, LoraTarget, lora_rng};
 use super::vision::{ImageClassifier, VisionLoadOptions};
 use super::{NnError, Result, ops};
@@ -661,17 +664,42 @@ impl VitForImageClassification {
             t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()
         };
         let normed = l.ln_before.forward(x)?;
-        // Scaling q (b·s·h values) is cheaper than scaling the scores (b·nh·s·s).
-        let q = heads((l.query.forward_t(&normed, train)? * (1.0 / (dh as f64).sqrt()))?)?;
-        let k = heads(l.key.forward_t(&normed, train)?)?;
-        let v = heads(l.value.forward_t(&normed, train)?)?;
-        let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, s, h))?;
+        let (q, k, v) = (
+            l.query.forward_t(&normed, train)?,
+            l.key.forward_t(&normed, train)?,
+            l.value.forward_t(&normed, train)?,
+        );
+        let scale = 1.0 / (dh as f64).sqrt();
+        // On the CPU, kiln's fused attention (with its own backward) on the projections' layout.
+        let fused = if l.ln_before.fused {
+            let p = if train {
+                cfg.attention_probs_dropout_prob as f32
+            } else {
+                0.0
+            };
+            let spec = AttentionSpec {
+                dropout: p,
+                seed: if p > 0.0 { dropout_seed() } else { 0 },
+                ..AttentionSpec::new(nh, nh, scale as f32)
+            };
+            attention::attention(&q, &k, &v, spec)?
+        } else {
+            None
+        };
+        let ctx = match fused {
+            Some(ctx) => ctx,
+            None => {
+                // Scaling q (b·s·h values) is cheaper than scaling the scores (b·nh·s·s).
+                let (q, k, v) = (heads((q * scale)?)?, heads(k)?, heads(v)?);
+                let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+                let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, s, h))?
+            }
+        };
         let attn = dropout(
             &l.attn_out.forward_t(&ctx, train)?,
             cfg.hidden_dropout_prob,

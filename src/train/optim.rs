@@ -454,9 +454,10 @@ fn sum_squares(t: &Tensor) -> Result<f64> {
         if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
             (&*storage, layout.contiguous_offsets())
         {
+            use rayon::prelude::*;
             return Ok(data[start..end]
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
+                .par_chunks(PAR_CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
                 .sum());
         }
     }
@@ -482,8 +483,26 @@ struct UpdateConsts {
     grad_scale: f32,
 }
 
-/// The fused AdamW update over one parameter's elements.
+/// Elements per parallel task of the optimizer's passes: large tensors (the word embeddings)
+/// split over every core, small ones stay on one.
+const PAR_CHUNK: usize = 1 << 15;
+
+/// The fused AdamW update over one parameter's elements, in parallel chunks.
 fn adamw_kernel(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    use rayon::prelude::*;
+    if theta.len() <= PAR_CHUNK {
+        return adamw_chunk(k, theta, grad, m, v);
+    }
+    theta
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(grad.par_chunks(PAR_CHUNK))
+        .zip(m.par_chunks_mut(PAR_CHUNK))
+        .zip(v.par_chunks_mut(PAR_CHUNK))
+        .for_each(|(((theta, grad), m), v)| adamw_chunk(k, theta, grad, m, v));
+}
+
+/// The AdamW update over a run of elements.
+fn adamw_chunk(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     let (b1, b2) = (k.beta1, k.beta2);
     let (c1, c2) = (1.0 - b1, 1.0 - b2);
     for (((p, &g), m), v) in theta

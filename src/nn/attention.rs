@@ -1,0 +1,708 @@
+//! Multi-head attention as one CPU kernel forward and one backward, for training.
+//!
+//! candle computes attention as a dozen separate ops (head transposes, batched matrix
+//! products, the masked softmax, dropout), each a fresh buffer written by one core, twice as
+//! many in backward, and keeps `[batch, heads, seq, seq]` tensors alive between the two. Here
+//! the batch rows run in parallel; each head's products go through gemm on strided views of
+//! `q`, `k` and `v` as the projections give them (`[batch, seq, heads · head_dim]`, heads side
+//! by side), so nothing is transposed; and the backward recomputes the probabilities from `q`
+//! and `k` instead of keeping them. Padding, causal and sliding-window masks, grouped-query
+//! heads and attention dropout are all handled inside the kernel.
+//!
+//! The masks mean what the additive `f32::MIN` masks of the primitive path mean: a masked key
+//! gets exactly zero weight, and a query that sees no key at all (a row of pure padding)
+//! weighs every key alike.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{Mat, Threads, sgemm};
+use super::ops::{cpu_f32, with_cpu_f32};
+
+/// What one attention call computes, besides its inputs.
+#[derive(Clone, Debug)]
+pub struct AttentionSpec {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; `heads` is a multiple of it (equal without grouped-query attention).
+    pub kv_heads: usize,
+    /// Multiplies `q·k` (usually `1/sqrt(head_dim)`).
+    pub scale: f32,
+    /// Query `i` (at position `s - sq + i` of the `s` keys) sees no later key.
+    pub causal: bool,
+    /// With `causal`, the number of positions a query sees, itself included (Mistral's
+    /// sliding window).
+    pub window: Option<usize>,
+    /// Per batch row and key, `0` for a key nobody attends to (padding): `[batch · s]`.
+    pub key_mask: Option<Vec<f32>>,
+    /// Dropout probability on the attention weights (training only; 0 for none).
+    pub dropout: f32,
+    /// Seed of the dropout masks: the same seed gives the same masks, forward and backward.
+    pub seed: u64,
+}
+
+impl AttentionSpec {
+    /// Plain attention over every key: `heads` query and key/value heads, no mask, no dropout.
+    pub fn new(heads: usize, kv_heads: usize, scale: f32) -> Self {
+        AttentionSpec {
+            heads,
+            kv_heads,
+            scale,
+            causal: false,
+            window: None,
+            key_mask: None,
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+
+    /// The factor dropout leaves on weight `(batch row, head, query, key)`: `0` when dropped,
+    /// `1 / (1 - p)` when kept. A hash of the seed and the position, so the backward draws the
+    /// same masks and the batch rows can draw theirs in parallel.
+    pub fn dropout_factor(
+        &self,
+        (bi, head, i, j): (usize, usize, usize, usize),
+        sq: usize,
+        s: usize,
+    ) -> f32 {
+        if self.dropout <= 0.0 {
+            return 1.0;
+        }
+        let index = (((bi * self.heads + head) * sq + i) * s + j) as u64;
+        let bits = splitmix64(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 - self.dropout as f64;
+        if ((bits >> 32) as f64) < keep * 4_294_967_296.0 {
+            (1.0 / keep) as f32
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A well-mixed 64-bit hash of `x` (the SplitMix64 finaliser).
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Attention of `q` `[batch, sq, heads · head_dim]` over `k` and `v` `[batch, s, kv_heads ·
+/// head_dim]`: `[batch, sq, heads · head_dim]`, differentiable in all three. `None` off the CPU
+/// or for other dtypes (the caller's primitive path then runs).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: AttentionSpec,
+) -> candle_core::Result<Option<Tensor>> {
+    let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(native(q) && native(k) && native(v)) {
+        return Ok(None);
+    }
+    let g = Geometry::new(q.dims(), k.dims(), &spec)?;
+    if v.dims() != k.dims() {
+        candle_core::bail!("attention: v is {:?}, k is {:?}", v.dims(), k.dims())
+    }
+    if let Some(mask) = &spec.key_mask
+        && mask.len() != g.b * g.s
+    {
+        candle_core::bail!(
+            "attention: key mask of {} for [{}, {}]",
+            mask.len(),
+            g.b,
+            g.s
+        )
+    }
+    if !(0.0..1.0).contains(&spec.dropout) {
+        candle_core::bail!("attention: dropout {} is not in [0, 1)", spec.dropout)
+    }
+    let op = FusedAttention { spec };
+    Ok(Some(q.contiguous()?.apply_op3_arc(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        std::sync::Arc::new(Box::new(op)),
+    )?))
+}
+
+/// The sizes of one call.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    b: usize,
+    sq: usize,
+    s: usize,
+    dh: usize,
+    /// Query row width, `heads · dh`.
+    hq: usize,
+    /// Key/value row width, `kv_heads · dh`.
+    hk: usize,
+}
+
+impl Geometry {
+    fn new(q: &[usize], k: &[usize], spec: &AttentionSpec) -> candle_core::Result<Self> {
+        let ([b, sq, hq], [kb, s, hk]) = (q, k) else {
+            candle_core::bail!("attention: q {q:?} and k {k:?} must be [batch, seq, width]")
+        };
+        let (heads, kv) = (spec.heads, spec.kv_heads);
+        if heads == 0 || kv == 0 || heads % kv != 0 || hq % heads != 0 {
+            candle_core::bail!("attention: {heads} heads over {kv} key/value heads, width {hq}")
+        }
+        let dh = hq / heads;
+        if kb != b || *hk != kv * dh || (spec.causal && sq > s) {
+            candle_core::bail!("attention: q {q:?} does not fit k {k:?} ({kv} key/value heads)")
+        }
+        Ok(Geometry {
+            b: *b,
+            sq: *sq,
+            s: *s,
+            dh,
+            hq: *hq,
+            hk: *hk,
+        })
+    }
+}
+
+struct FusedAttention {
+    spec: AttentionSpec,
+}
+
+/// One head of one batch row: where its operands start in the row's `q`, `k`, `v`.
+#[derive(Clone, Copy)]
+struct Head {
+    bi: usize,
+    head: usize,
+    /// Offset of the query head in a row of `q` (and of the output).
+    qo: usize,
+    /// Offset of its key/value head in a row of `k` and `v`.
+    ko: usize,
+}
+
+impl FusedAttention {
+    /// Whether query `i` of batch row `bi` sees key `j`.
+    fn visible(&self, g: &Geometry, bi: usize, i: usize, j: usize) -> bool {
+        let spec = &self.spec;
+        if let Some(mask) = &spec.key_mask
+            && mask[bi * g.s + j] == 0.0
+        {
+            return false;
+        }
+        if spec.causal {
+            let pos = g.s - g.sq + i;
+            if j > pos || spec.window.is_some_and(|w| pos - j >= w) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The attention weights of one head, before dropout, into `p` `[sq, s]`; `dead[i]` is set
+    /// for a query that sees no key (its weights are uniform and do not depend on the scores).
+    fn probs(
+        &self,
+        g: &Geometry,
+        h: Head,
+        (q, k): (&[f32], &[f32]),
+        p: &mut [f32],
+        dead: &mut [bool],
+    ) -> candle_core::Result<()> {
+        let (sq, s) = (g.sq, g.s);
+        sgemm(
+            (sq, s, g.dh),
+            p,
+            s,
+            Mat {
+                data: &q[h.qo..],
+                rs: g.hq,
+                cs: 1,
+            },
+            Mat {
+                data: &k[h.ko..],
+                rs: 1,
+                cs: g.hk,
+            },
+            self.spec.scale,
+            false,
+            Threads::One,
+        )?;
+        let plain = self.spec.key_mask.is_none() && !self.spec.causal;
+        for (i, (row, dead)) in p.chunks_exact_mut(s).zip(dead.iter_mut()).enumerate() {
+            let mut max = f32::NEG_INFINITY;
+            for (j, x) in row.iter_mut().enumerate() {
+                if plain || self.visible(g, h.bi, i, j) {
+                    max = max.max(*x);
+                } else {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            *dead = max == f32::NEG_INFINITY;
+            if *dead {
+                row.fill(1.0 / s as f32);
+                continue;
+            }
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        Ok(())
+    }
+
+    /// Multiplies `p` `[sq, s]` by the dropout factors of head `h`.
+    fn apply_dropout(&self, g: &Geometry, h: Head, p: &mut [f32]) {
+        if self.spec.dropout <= 0.0 {
+            return;
+        }
+        for (i, row) in p.chunks_exact_mut(g.s).enumerate() {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x *= self.spec.dropout_factor((h.bi, h.head, i, j), g.sq, g.s);
+            }
+        }
+    }
+
+    fn heads(&self, g: &Geometry, bi: usize) -> impl Iterator<Item = Head> {
+        let rep = self.spec.heads / self.spec.kv_heads;
+        let dh = g.dh;
+        (0..self.spec.heads).map(move |head| Head {
+            bi,
+            head,
+            qo: head * dh,
+            ko: (head / rep) * dh,
+        })
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "kiln-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(l1.dims(), l2.dims(), &self.spec)?;
+        let q = cpu_f32(s1, l1, self.name())?;
+        let k = cpu_f32(s2, l2, self.name())?;
+        let v = cpu_f32(s3, l3, self.name())?;
+        let mut out = vec![0f32; g.b * g.sq * g.hq];
+        out.par_chunks_mut((g.sq * g.hq).max(1))
+            .enumerate()
+            .try_for_each(|(bi, out)| -> candle_core::Result<()> {
+                let (q, k, v) = (
+                    &q[bi * g.sq * g.hq..][..g.sq * g.hq],
+                    &k[bi * g.s * g.hk..][..g.s * g.hk],
+                    &v[bi * g.s * g.hk..][..g.s * g.hk],
+                );
+                let mut p = vec![0f32; g.sq * g.s];
+                let mut dead = vec![false; g.sq];
+                for h in self.heads(&g, bi) {
+                    self.probs(&g, h, (q, k), &mut p, &mut dead)?;
+                    self.apply_dropout(&g, h, &mut p);
+                    // out_h [sq, dh] = p [sq, s] · v_h [s, dh]
+                    sgemm(
+                        (g.sq, g.dh, g.s),
+                        &mut out[h.qo..],
+                        g.hq,
+                        Mat::rows(&p, g.s),
+                        Mat {
+                            data: &v[h.ko..],
+                            rs: g.hk,
+                            cs: 1,
+                        },
+                        1.0,
+                        false,
+                        Threads::One,
+                    )?;
+                }
+                Ok(())
+            })?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Geometry::new(q.dims(), k.dims(), &self.spec)?;
+        let grad = grad.contiguous()?;
+        let (qn, kn) = (g.sq * g.hq, g.s * g.hk);
+        let mut dq = vec![0f32; g.b * qn];
+        let mut dk = vec![0f32; g.b * kn];
+        let mut dv = vec![0f32; g.b * kn];
+        let name = self.name();
+        with_cpu_f32(q, name, |q| {
+            with_cpu_f32(k, name, |k| {
+                with_cpu_f32(v, name, |v| {
+                    with_cpu_f32(&grad, name, |go| {
+                        dq.par_chunks_mut(qn.max(1))
+                            .zip(dk.par_chunks_mut(kn.max(1)))
+                            .zip(dv.par_chunks_mut(kn.max(1)))
+                            .enumerate()
+                            .try_for_each(|(bi, ((dq, dk), dv))| {
+                                let rows = (
+                                    &q[bi * qn..][..qn],
+                                    &k[bi * kn..][..kn],
+                                    &v[bi * kn..][..kn],
+                                    &go[bi * qn..][..qn],
+                                );
+                                self.backward_row(&g, bi, rows, (dq, dk, dv))
+                            })
+                    })
+                })
+            })
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+impl FusedAttention {
+    /// The gradients of one batch row: `rows` are its `q`, `k`, `v` and output gradient;
+    /// `dq` is written, `dk` and `dv` (zeroed by the caller) accumulate over the query heads
+    /// that share each key/value head.
+    fn backward_row(
+        &self,
+        g: &Geometry,
+        bi: usize,
+        (q, k, v, go): (&[f32], &[f32], &[f32], &[f32]),
+        (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    ) -> candle_core::Result<()> {
+        let (sq, s) = (g.sq, g.s);
+        let mut p = vec![0f32; sq * s];
+        let mut pd = vec![0f32; sq * s];
+        let mut dp = vec![0f32; sq * s];
+        let mut dead = vec![false; sq];
+        let go_head = |h: Head| Mat {
+            data: &go[h.qo..],
+            rs: g.hq,
+            cs: 1,
+        };
+        for h in self.heads(g, bi) {
+            self.probs(g, h, (q, k), &mut p, &mut dead)?;
+            pd.copy_from_slice(&p);
+            self.apply_dropout(g, h, &mut pd);
+            // dv_h [s, dh] += pdᵀ [s, sq] · go_h [sq, dh]
+            sgemm(
+                (s, g.dh, sq),
+                &mut dv[h.ko..],
+                g.hk,
+                Mat::transposed(&pd, s),
+                go_head(h),
+                1.0,
+                true,
+                Threads::One,
+            )?;
+            // d(pd) [sq, s] = go_h [sq, dh] · v_hᵀ [dh, s]
+            sgemm(
+                (sq, s, g.dh),
+                &mut dp,
+                s,
+                go_head(h),
+                Mat {
+                    data: &v[h.ko..],
+                    rs: 1,
+                    cs: g.hk,
+                },
+                1.0,
+                false,
+                Threads::One,
+            )?;
+            self.apply_dropout(g, h, &mut dp);
+            // Softmax backward: d(scores) = p ∘ (dp − Σ_j dp·p); zero where the weights did not
+            // depend on the scores.
+            for ((prow, dprow), &dead) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)).zip(&dead) {
+                if dead {
+                    dprow.fill(0.0);
+                    continue;
+                }
+                let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                for (d, &pj) in dprow.iter_mut().zip(prow) {
+                    *d = pj * (*d - dot);
+                }
+            }
+            // dq_h [sq, dh] = scale · ds [sq, s] · k_h [s, dh]
+            sgemm(
+                (sq, g.dh, s),
+                &mut dq[h.qo..],
+                g.hq,
+                Mat::rows(&dp, s),
+                Mat {
+                    data: &k[h.ko..],
+                    rs: g.hk,
+                    cs: 1,
+                },
+                self.spec.scale,
+                false,
+                Threads::One,
+            )?;
+            // dk_h [s, dh] += scale · dsᵀ [s, sq] · q_h [sq, dh]
+            sgemm(
+                (s, g.dh, sq),
+                &mut dk[h.ko..],
+                g.hk,
+                Mat::transposed(&dp, s),
+                Mat {
+                    data: &q[h.qo..],
+                    rs: g.hq,
+                    cs: 1,
+                },
+                self.spec.scale,
+                true,
+                Threads::One,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The same attention from candle's differentiable primitives (the reference the kernel is
+/// tested against, and the path on other devices): heads split out, `f32::MIN` added where a
+/// key is hidden, softmax, dropout with the kernel's own factors, heads joined again.
+pub fn attention_primitive(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttentionSpec,
+) -> candle_core::Result<Tensor> {
+    let (b, sq, hq) = q.dims3()?;
+    let s = k.dim(1)?;
+    let (nh, nkv) = (spec.heads, spec.kv_heads);
+    let dh = hq / nh;
+    let rep = nh / nkv;
+    let split = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+        let t = x.dim(1)?;
+        x.reshape((b, t, n, dh))?.transpose(1, 2)?.contiguous()
+    };
+    let expand = |x: Tensor| -> candle_core::Result<Tensor> {
+        if rep == 1 {
+            return Ok(x);
+        }
+        x.unsqueeze(2)?
+            .repeat((1, 1, rep, 1, 1))?
+            .reshape((b, nh, s, dh))
+    };
+    let (qh, kh, vh) = (
+        split(q, nh)?,
+        expand(split(k, nkv)?)?,
+        expand(split(v, nkv)?)?,
+    );
+    let scores = (qh.matmul(&kh.t()?)? * spec.scale as f64)?;
+    let op = FusedAttention { spec: spec.clone() };
+    let g = Geometry {
+        b,
+        sq,
+        s,
+        dh,
+        hq,
+        hk: nkv * dh,
+    };
+    let mut bias = vec![0f32; b * sq * s];
+    let mut factors = vec![1f32; b * nh * sq * s];
+    for bi in 0..b {
+        for i in 0..sq {
+            for j in 0..s {
+                if !op.visible(&g, bi, i, j) {
+                    bias[(bi * sq + i) * s + j] = f32::MIN;
+                }
+                for head in 0..nh {
+                    factors[((bi * nh + head) * sq + i) * s + j] =
+                        spec.dropout_factor((bi, head, i, j), sq, s);
+                }
+            }
+        }
+    }
+    let bias = Tensor::from_vec(bias, (b, 1, sq, s), q.device())?;
+    let probs = super::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?;
+    let probs = if spec.dropout > 0.0 {
+        (probs * Tensor::from_vec(factors, (b, nh, sq, s), q.device())?)?
+    } else {
+        probs
+    };
+    probs
+        .matmul(&vh)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, sq, hq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = splitmix64(seed.wrapping_mul(1_000_003) + i as u64) >> 40;
+                (x as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Output and the gradients of `q`, `k`, `v` under a random linear loss.
+    fn run(
+        spec: &AttentionSpec,
+        (b, sq, s, dh): (usize, usize, usize, usize),
+        fused: bool,
+    ) -> Vec<Tensor> {
+        let dev = Device::Cpu;
+        let q = Var::from_vec(
+            values(b * sq * spec.heads * dh, 1, 1.5),
+            (b, sq, spec.heads * dh),
+            &dev,
+        )
+        .unwrap();
+        let k = Var::from_vec(
+            values(b * s * spec.kv_heads * dh, 2, 1.5),
+            (b, s, spec.kv_heads * dh),
+            &dev,
+        )
+        .unwrap();
+        let v = Var::from_vec(
+            values(b * s * spec.kv_heads * dh, 3, 1.0),
+            (b, s, spec.kv_heads * dh),
+            &dev,
+        )
+        .unwrap();
+        let out = if fused {
+            attention(&q, &k, &v, spec.clone()).unwrap().unwrap()
+        } else {
+            attention_primitive(&q, &k, &v, spec).unwrap()
+        };
+        let w = Tensor::from_vec(values(out.elem_count(), 4, 1.0), out.shape(), &dev).unwrap();
+        let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut all = vec![out.detach()];
+        for var in [&q, &k, &v] {
+            all.push(grads.get(var).expect("every input gets a gradient").clone());
+        }
+        all
+    }
+
+    fn assert_matches(spec: AttentionSpec, dims: (usize, usize, usize, usize)) {
+        let fused = run(&spec, dims, true);
+        let reference = run(&spec, dims, false);
+        for (name, (a, b)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.iter().zip(&reference))
+        {
+            let diff = max_diff(a, b);
+            assert!(diff < 2e-5, "{spec:?} {dims:?}: {name} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn matches_the_primitive_path_with_padding_and_dropout() {
+        let (b, s) = (3, 7);
+        // Row 0 full, row 1 with three pads, row 2 with one real token.
+        let lens = [7usize, 4, 1];
+        let mask = lens
+            .iter()
+            .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
+            .collect();
+        let mut spec = AttentionSpec::new(4, 4, 0.35);
+        spec.key_mask = Some(mask);
+        assert_matches(spec.clone(), (b, s, s, 8));
+        spec.dropout = 0.3;
+        spec.seed = 99;
+        assert_matches(spec, (b, s, s, 8));
+    }
+
+    #[test]
+    fn a_query_that_sees_no_key_weighs_every_key_alike() {
+        let dev = Device::Cpu;
+        let (s, dh) = (5, 4);
+        let q = Var::from_vec(values(s * 2 * dh, 1, 1.0), (1, s, 2 * dh), &dev).unwrap();
+        let k = Tensor::from_vec(values(s * 2 * dh, 2, 1.0), (1, s, 2 * dh), &dev).unwrap();
+        let v = Tensor::from_vec(values(s * 2 * dh, 3, 1.0), (1, s, 2 * dh), &dev).unwrap();
+        let mut spec = AttentionSpec::new(2, 2, 0.5);
+        spec.key_mask = Some(vec![0.0; s]);
+        let out = attention(&q, &k, &v, spec).unwrap().unwrap();
+        let mean = v
+            .mean_keepdim(1)
+            .unwrap()
+            .broadcast_as(out.shape())
+            .unwrap();
+        assert!(max_diff(&out, &mean) < 1e-6);
+        // The weights do not depend on the scores, so q gets a zero gradient.
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let dq = grads.get(&q).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(dq.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn matches_the_primitive_path_causal_grouped_and_windowed() {
+        let mut spec = AttentionSpec::new(6, 2, 0.25);
+        spec.causal = true;
+        assert_matches(spec.clone(), (2, 9, 9, 4));
+        // Fewer queries than keys: the last queries of a longer sequence.
+        assert_matches(spec.clone(), (2, 3, 9, 4));
+        spec.window = Some(3);
+        spec.key_mask = Some((0..18).map(|j| if j % 9 < 8 { 1.0 } else { 0.0 }).collect());
+        assert_matches(spec, (2, 9, 9, 4));
+    }
+
+    #[test]
+    fn dropout_keeps_about_the_right_share_and_depends_on_the_seed() {
+        let mut spec = AttentionSpec::new(2, 2, 1.0);
+        spec.dropout = 0.25;
+        spec.seed = 7;
+        let n = 40_000;
+        let factors: Vec<f32> = (0..n)
+            .map(|j| spec.dropout_factor((0, 1, 0, j), 1, n))
+            .collect();
+        let kept = factors.iter().filter(|&&f| f > 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.75).abs() < 0.01, "kept {kept}");
+        assert!(
+            factors
+                .iter()
+                .all(|&f| f == 0.0 || (f - 1.0 / 0.75).abs() < 1e-6)
+        );
+        spec.seed = 8;
+        let other: Vec<f32> = (0..n)
+            .map(|j| spec.dropout_factor((0, 1, 0, j), 1, n))
+            .collect();
+        assert_ne!(factors, other);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((2, 3, 6), DType::F32, &dev).unwrap();
+        assert!(attention(&q, &k, &k, AttentionSpec::new(2, 2, 1.0)).is_err());
+        let k = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+        let mut spec = AttentionSpec::new(2, 2, 1.0);
+        spec.key_mask = Some(vec![1.0; 5]);
+        assert!(attention(&q, &k, &k, spec).is_err());
+        assert!(attention(&q, &k, &k, AttentionSpec::new(3, 3, 1.0)).is_err());
+    }
+}
