@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod cli;
 pub mod data;
 pub mod datasets;
+pub mod device;
 pub mod embedded_pg;
 pub mod models;
 pub mod nn;
