@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{Mat, Threads, sgemm};
-use super::ops::{cpu_f32, with_cpu_f32};
+use super::ops::{cpu_f32, exp_f32, with_cpu_f32};
 
 /// What one attention call computes, besides its inputs.
 #[derive(Clone, Debug)]
@@ -77,6 +77,53 @@ impl AttentionSpec {
             0.0
         }
     }
+}
+
+/// Sum of `xs` in eight lanes, so it vectorises (a single running sum cannot be reordered).
+fn sum_f32(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `a · b` in eight lanes.
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Largest of `xs` (`-inf` when empty) in eight lanes.
+fn max_f32(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
 /// A well-mixed 64-bit hash of `x` (the SplitMix64 finaliser).
@@ -224,30 +271,47 @@ impl FusedAttention {
             false,
             Threads::One,
         )?;
-        let plain = self.spec.key_mask.is_none() && !self.spec.causal;
+        let keys = self
+            .spec
+            .key_mask
+            .as_ref()
+            .map(|m| &m[h.bi * s..(h.bi + 1) * s]);
         for (i, (row, dead)) in p.chunks_exact_mut(s).zip(dead.iter_mut()).enumerate() {
-            let mut max = f32::NEG_INFINITY;
-            for (j, x) in row.iter_mut().enumerate() {
-                if plain || self.visible(g, h.bi, i, j) {
-                    max = max.max(*x);
-                } else {
-                    *x = f32::NEG_INFINITY;
+            // The causal window is a range of keys; the padding mask picks within it.
+            let (lo, hi) = self.window(g, i);
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let seen = &mut row[lo..hi];
+            if let Some(keys) = keys {
+                for (x, &k) in seen.iter_mut().zip(&keys[lo..hi]) {
+                    if k == 0.0 {
+                        *x = f32::NEG_INFINITY;
+                    }
                 }
             }
+            let max = max_f32(seen);
             *dead = max == f32::NEG_INFINITY;
             if *dead {
                 row.fill(1.0 / s as f32);
                 continue;
             }
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|x| *x *= inv);
+            // Separate passes so each vectorises (a running sum would serialise the exps).
+            // exp_f32 gives exactly 0 for a hidden key's -inf.
+            seen.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+            let inv = 1.0 / sum_f32(seen);
+            seen.iter_mut().for_each(|x| *x *= inv);
         }
         Ok(())
+    }
+
+    /// The keys query `i` may see before padding: `lo..hi` (all of them without `causal`).
+    fn window(&self, g: &Geometry, i: usize) -> (usize, usize) {
+        if !self.spec.causal {
+            return (0, g.s);
+        }
+        let pos = g.s - g.sq + i;
+        let lo = self.spec.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        (lo, pos + 1)
     }
 
     /// Multiplies `p` `[sq, s]` by the dropout factors of head `h`.
@@ -260,6 +324,13 @@ impl FusedAttention {
                 *x *= self.spec.dropout_factor((h.bi, h.head, i, j), g.sq, g.s);
             }
         }
+    }
+
+    /// The dropout factors of head `h` into `f` `[sq, s]` (drawn once for the two uses in
+    /// backward).
+    fn dropout_factors(&self, g: &Geometry, h: Head, f: &mut [f32]) {
+        f.fill(1.0);
+        self.apply_dropout(g, h, f);
     }
 
     fn heads(&self, g: &Geometry, bi: usize) -> impl Iterator<Item = Head> {
@@ -388,6 +459,12 @@ impl FusedAttention {
         let mut pd = vec![0f32; sq * s];
         let mut dp = vec![0f32; sq * s];
         let mut dead = vec![false; sq];
+        let dropout = self.spec.dropout > 0.0;
+        let mut factors = if dropout {
+            vec![0f32; sq * s]
+        } else {
+            Vec::new()
+        };
         let go_head = |h: Head| Mat {
             data: &go[h.qo..],
             rs: g.hq,
@@ -396,7 +473,10 @@ impl FusedAttention {
         for h in self.heads(g, bi) {
             self.probs(g, h, (q, k), &mut p, &mut dead)?;
             pd.copy_from_slice(&p);
-            self.apply_dropout(g, h, &mut pd);
+            if dropout {
+                self.dropout_factors(g, h, &mut factors);
+                pd.iter_mut().zip(&factors).for_each(|(x, f)| *x *= f);
+            }
             // dv_h [s, dh] += pdᵀ [s, sq] · go_h [sq, dh]
             sgemm(
                 (s, g.dh, sq),
@@ -423,7 +503,9 @@ impl FusedAttention {
                 false,
                 Threads::One,
             )?;
-            self.apply_dropout(g, h, &mut dp);
+            if dropout {
+                dp.iter_mut().zip(&factors).for_each(|(x, f)| *x *= f);
+            }
             // Softmax backward: d(scores) = p ∘ (dp − Σ_j dp·p); zero where the weights did not
             // depend on the scores.
             for ((prow, dprow), &dead) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)).zip(&dead) {
@@ -431,7 +513,7 @@ impl FusedAttention {
                     dprow.fill(0.0);
                     continue;
                 }
-                let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                let dot = dot_f32(prow, dprow);
                 for (d, &pj) in dprow.iter_mut().zip(prow) {
                     *d = pj * (*d - dot);
                 }
