@@ -37,7 +37,7 @@ impl<'a> Mat<'a> {
 /// How many threads a product may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Threads {
-    /// candle's thread count (a product that is the only work in flight).
+    /// Every thread of the current rayon pool (a product that is the only work in flight).
     All,
     /// The calling thread only (products inside an already parallel loop).
     One,
@@ -72,9 +72,12 @@ pub(crate) fn sgemm(
         }
         return Ok(());
     }
+    // The threads of the rayon pool this runs in (a serving part's one-thread pool runs its
+    // products on its own core): asking gemm for more than the pool has only splits the work
+    // into parts that run one after another, each packing its operands again.
     let par = match threads {
-        Threads::All if candle_core::utils::get_num_threads() > 1 => {
-            gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+        Threads::All if rayon::current_num_threads() > 1 => {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
         }
         _ => gemm::Parallelism::None,
     };
