@@ -731,103 +731,107 @@ fn cached_decoding_gives_the_logits_of_a_full_forward() {
     for model_type in TYPES {
         let dir = tiny_dir(model_type);
         let dir = sharpened(dir.path());
-        let dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
-        let seq = ids_from(11, 12);
-        let full_ids = Tensor::from_vec(seq.clone(), (1, 12), &dev).unwrap();
-        let full = dec
-            .forward(
-                &full_ids,
-                &Tensor::ones((1, 12), DType::U32, &dev).unwrap(),
-                false,
-            )
-            .unwrap();
-        // Prefill 5, then one at a time, then a chunk of 3 on top of the cache.
-        let mut cache = dec.new_cache();
-        assert!(cache.is_empty());
-        let mut steps = vec![(0usize, 5usize)];
-        steps.extend((5..9).map(|p| (p, 1)));
-        steps.push((9, 3));
-        for (start, n) in steps {
-            let chunk = Tensor::from_vec(seq[start..start + n].to_vec(), (1, n), &dev).unwrap();
-            let got = dec.forward_cached(&chunk, &mut cache).unwrap();
-            assert_eq!(got.dims(), &[1, dec.config().vocab_size]);
-            let expected = full.i((.., start + n - 1)).unwrap();
-            let diff = max_abs_diff(&got, &expected);
-            assert!(diff < 1e-4, "{model_type} at {}: {diff}", start + n);
-            assert_eq!(cache.len(), start + n);
+        let mut dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+        // Both cache layouts: the fused kernel's and the primitive ops'.
+        for fused in [true, false] {
+            dec.set_fused_ops(fused);
+            let seq = ids_from(11, 12);
+            let full_ids = Tensor::from_vec(seq.clone(), (1, 12), &dev).unwrap();
+            let full = dec
+                .forward(
+                    &full_ids,
+                    &Tensor::ones((1, 12), DType::U32, &dev).unwrap(),
+                    false,
+                )
+                .unwrap();
+            // Prefill 5, then one at a time, then a chunk of 3 on top of the cache.
+            let mut cache = dec.new_cache();
+            assert!(cache.is_empty());
+            let mut steps = vec![(0usize, 5usize)];
+            steps.extend((5..9).map(|p| (p, 1)));
+            steps.push((9, 3));
+            for (start, n) in steps {
+                let chunk = Tensor::from_vec(seq[start..start + n].to_vec(), (1, n), &dev).unwrap();
+                let got = dec.forward_cached(&chunk, &mut cache).unwrap();
+                assert_eq!(got.dims(), &[1, dec.config().vocab_size]);
+                let expected = full.i((.., start + n - 1)).unwrap();
+                let diff = max_abs_diff(&got, &expected);
+                assert!(diff < 1e-4, "{model_type} at {}: {diff}", start + n);
+                assert_eq!(cache.len(), start + n);
+            }
+
+            // One prompt's cache repeated for 3 samples, each continued with its own token.
+            let prompt = Tensor::from_vec(seq[..6].to_vec(), (1, 6), &dev).unwrap();
+            let mut cache = dec.new_cache();
+            dec.forward_cached(&prompt, &mut cache).unwrap();
+            let mut batch = cache.repeat(3).unwrap();
+            assert_eq!(batch.batch_size(), Some(3));
+            assert_eq!(batch.len(), 6);
+            let next = [7u32, 100, 258];
+            let got = dec
+                .forward_cached(
+                    &Tensor::new(&[[7u32], [100], [258]], &dev).unwrap(),
+                    &mut batch,
+                )
+                .unwrap();
+            let rows: Vec<u32> = next
+                .iter()
+                .flat_map(|&n| seq[..6].iter().copied().chain([n]))
+                .collect();
+            let expected = dec
+                .forward(
+                    &Tensor::from_vec(rows, (3, 7), &dev).unwrap(),
+                    &Tensor::ones((3, 7), DType::U32, &dev).unwrap(),
+                    false,
+                )
+                .unwrap()
+                .i((.., 6))
+                .unwrap();
+            assert!(max_abs_diff(&got, &expected) < 1e-4);
+
+            // A clone is independent of its original.
+            let mut a = cache.clone();
+            let mut b = cache.clone();
+            let la = dec
+                .forward_cached(&Tensor::new(&[[7u32]], &dev).unwrap(), &mut a)
+                .unwrap();
+            let lb = dec
+                .forward_cached(&Tensor::new(&[[100u32]], &dev).unwrap(), &mut b)
+                .unwrap();
+            assert!(max_abs_diff(&la, &expected.i(0..1).unwrap()) < 1e-4);
+            assert!(max_abs_diff(&lb, &expected.i(1..2).unwrap()) < 1e-4);
+            assert_eq!(cache.len(), 6);
+
+            // Selecting rows keeps their sequences (here: drop the first sample).
+            let mut kept = batch.select(&[2, 1]).unwrap();
+            assert_eq!((kept.batch_size(), kept.len()), (Some(2), 7));
+            let got = dec
+                .forward_cached(&Tensor::new(&[[3u32], [3]], &dev).unwrap(), &mut kept)
+                .unwrap();
+            let rows: Vec<u32> = [258u32, 100]
+                .iter()
+                .flat_map(|&n| seq[..6].iter().copied().chain([n, 3]))
+                .collect();
+            let expected = dec
+                .forward(
+                    &Tensor::from_vec(rows, (2, 8), &dev).unwrap(),
+                    &Tensor::ones((2, 8), DType::U32, &dev).unwrap(),
+                    false,
+                )
+                .unwrap()
+                .i((.., 7))
+                .unwrap();
+            assert!(max_abs_diff(&got, &expected) < 1e-4);
+            assert!(batch.select(&[3]).is_err());
+
+            // A batch of the wrong size is refused and leaves the cache as it was.
+            let err = dec
+                .forward_cached(&Tensor::new(&[[1u32], [2]], &dev).unwrap(), &mut batch)
+                .err()
+                .unwrap();
+            assert!(matches!(err, NnError::InvalidInput(_)), "{err}");
+            assert_eq!(batch.len(), 7);
         }
-
-        // One prompt's cache repeated for 3 samples, each continued with its own token.
-        let prompt = Tensor::from_vec(seq[..6].to_vec(), (1, 6), &dev).unwrap();
-        let mut cache = dec.new_cache();
-        dec.forward_cached(&prompt, &mut cache).unwrap();
-        let mut batch = cache.repeat(3).unwrap();
-        assert_eq!(batch.batch_size(), Some(3));
-        assert_eq!(batch.len(), 6);
-        let next = [7u32, 100, 258];
-        let got = dec
-            .forward_cached(
-                &Tensor::new(&[[7u32], [100], [258]], &dev).unwrap(),
-                &mut batch,
-            )
-            .unwrap();
-        let rows: Vec<u32> = next
-            .iter()
-            .flat_map(|&n| seq[..6].iter().copied().chain([n]))
-            .collect();
-        let expected = dec
-            .forward(
-                &Tensor::from_vec(rows, (3, 7), &dev).unwrap(),
-                &Tensor::ones((3, 7), DType::U32, &dev).unwrap(),
-                false,
-            )
-            .unwrap()
-            .i((.., 6))
-            .unwrap();
-        assert!(max_abs_diff(&got, &expected) < 1e-4);
-
-        // A clone is independent of its original.
-        let mut a = cache.clone();
-        let mut b = cache.clone();
-        let la = dec
-            .forward_cached(&Tensor::new(&[[7u32]], &dev).unwrap(), &mut a)
-            .unwrap();
-        let lb = dec
-            .forward_cached(&Tensor::new(&[[100u32]], &dev).unwrap(), &mut b)
-            .unwrap();
-        assert!(max_abs_diff(&la, &expected.i(0..1).unwrap()) < 1e-4);
-        assert!(max_abs_diff(&lb, &expected.i(1..2).unwrap()) < 1e-4);
-        assert_eq!(cache.len(), 6);
-
-        // Selecting rows keeps their sequences (here: drop the first sample).
-        let mut kept = batch.select(&[2, 1]).unwrap();
-        assert_eq!((kept.batch_size(), kept.len()), (Some(2), 7));
-        let got = dec
-            .forward_cached(&Tensor::new(&[[3u32], [3]], &dev).unwrap(), &mut kept)
-            .unwrap();
-        let rows: Vec<u32> = [258u32, 100]
-            .iter()
-            .flat_map(|&n| seq[..6].iter().copied().chain([n, 3]))
-            .collect();
-        let expected = dec
-            .forward(
-                &Tensor::from_vec(rows, (2, 8), &dev).unwrap(),
-                &Tensor::ones((2, 8), DType::U32, &dev).unwrap(),
-                false,
-            )
-            .unwrap()
-            .i((.., 7))
-            .unwrap();
-        assert!(max_abs_diff(&got, &expected) < 1e-4);
-        assert!(batch.select(&[3]).is_err());
-
-        // A batch of the wrong size is refused and leaves the cache as it was.
-        let err = dec
-            .forward_cached(&Tensor::new(&[[1u32], [2]], &dev).unwrap(), &mut batch)
-            .err()
-            .unwrap();
-        assert!(matches!(err, NnError::InvalidInput(_)), "{err}");
-        assert_eq!(batch.len(), 7);
     }
 }
 
@@ -1189,73 +1193,76 @@ fn left_padded_rows_decode_as_they_would_alone() {
     for model_type in TYPES {
         let dir = tiny_dir(model_type);
         let varmap = VarMap::new();
-        let model = load(dir.path(), &varmap, &DecoderLoadOptions::default());
+        let mut model = load(dir.path(), &varmap, &DecoderLoadOptions::default());
         let dev = Device::Cpu;
-        let prompts = [ids_from(1, 9), ids_from(2, 4), ids_from(3, 6)];
-        let longest = prompts.iter().map(Vec::len).max().unwrap();
-        let follow = [[7u32, 8, 9], [10, 11, 12], [13, 14, 15]];
-        // Alone.
-        let alone: Vec<Vec<Tensor>> = prompts
-            .iter()
-            .zip(&follow)
-            .map(|(p, f)| {
-                let mut cache = model.new_cache();
-                let mut out = vec![
-                    model
-                        .forward_cached(
-                            &Tensor::new(p.as_slice(), &dev)
-                                .unwrap()
-                                .unsqueeze(0)
-                                .unwrap(),
-                            &mut cache,
-                        )
-                        .unwrap(),
-                ];
-                for &t in f {
-                    out.push(
+        for fused in [true, false] {
+            model.set_fused_ops(fused);
+            let prompts = [ids_from(1, 9), ids_from(2, 4), ids_from(3, 6)];
+            let longest = prompts.iter().map(Vec::len).max().unwrap();
+            let follow = [[7u32, 8, 9], [10, 11, 12], [13, 14, 15]];
+            // Alone.
+            let alone: Vec<Vec<Tensor>> = prompts
+                .iter()
+                .zip(&follow)
+                .map(|(p, f)| {
+                    let mut cache = model.new_cache();
+                    let mut out = vec![
                         model
-                            .forward_cached(&Tensor::new(&[[t]], &dev).unwrap(), &mut cache)
+                            .forward_cached(
+                                &Tensor::new(p.as_slice(), &dev)
+                                    .unwrap()
+                                    .unsqueeze(0)
+                                    .unwrap(),
+                                &mut cache,
+                            )
                             .unwrap(),
-                    );
-                }
-                out
-            })
-            .collect();
-        // Together, left-padded with a token that must not matter.
-        let starts: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-        let mut rows = Vec::new();
-        for p in &prompts {
-            rows.extend(std::iter::repeat_n(200u32, longest - p.len()));
-            rows.extend(p);
-        }
-        let mut cache = model.new_cache_left_padded(starts);
-        let mut together = vec![
-            model
-                .forward_cached(
-                    &Tensor::from_vec(rows, (3, longest), &dev).unwrap(),
-                    &mut cache,
-                )
-                .unwrap(),
-        ];
-        for step in 0..3 {
-            let next: Vec<u32> = follow.iter().map(|f| f[step]).collect();
-            together.push(
-                model
-                    .forward_cached(&Tensor::from_vec(next, (3, 1), &dev).unwrap(), &mut cache)
-                    .unwrap(),
-            );
-        }
-        for (step, batch) in together.iter().enumerate() {
-            for (row, alone) in alone.iter().enumerate() {
-                let d = max_abs_diff(&batch.i(row).unwrap(), &alone[step].i(0).unwrap());
-                assert!(d < 1e-4, "{model_type} row {row} step {step}: {d}");
+                    ];
+                    for &t in f {
+                        out.push(
+                            model
+                                .forward_cached(&Tensor::new(&[[t]], &dev).unwrap(), &mut cache)
+                                .unwrap(),
+                        );
+                    }
+                    out
+                })
+                .collect();
+            // Together, left-padded with a token that must not matter.
+            let starts: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+            let mut rows = Vec::new();
+            for p in &prompts {
+                rows.extend(std::iter::repeat_n(200u32, longest - p.len()));
+                rows.extend(p);
             }
+            let mut cache = model.new_cache_left_padded(starts);
+            let mut together = vec![
+                model
+                    .forward_cached(
+                        &Tensor::from_vec(rows, (3, longest), &dev).unwrap(),
+                        &mut cache,
+                    )
+                    .unwrap(),
+            ];
+            for step in 0..3 {
+                let next: Vec<u32> = follow.iter().map(|f| f[step]).collect();
+                together.push(
+                    model
+                        .forward_cached(&Tensor::from_vec(next, (3, 1), &dev).unwrap(), &mut cache)
+                        .unwrap(),
+                );
+            }
+            for (step, batch) in together.iter().enumerate() {
+                for (row, alone) in alone.iter().enumerate() {
+                    let d = max_abs_diff(&batch.i(row).unwrap(), &alone[step].i(0).unwrap());
+                    assert!(d < 1e-4, "{model_type} row {row} step {step}: {d}");
+                }
+            }
+            // Dropping a row keeps the others' padding right.
+            let mut kept = cache.select(&[2, 0]).unwrap();
+            let next = model
+                .forward_cached(&Tensor::new(&[[16u32], [16]], &dev).unwrap(), &mut kept)
+                .unwrap();
+            assert_eq!(next.dims(), &[2, model.config().vocab_size]);
         }
-        // Dropping a row keeps the others' padding right.
-        let mut kept = cache.select(&[2, 0]).unwrap();
-        let next = model
-            .forward_cached(&Tensor::new(&[[16u32], [16]], &dev).unwrap(), &mut kept)
-            .unwrap();
-        assert_eq!(next.dims(), &[2, model.config().vocab_size]);
     }
 }

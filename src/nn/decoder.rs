@@ -32,16 +32,8 @@ struct Masks<'a> {
     /// Training and scoring: the real length of each right-padded row, so the fused kernel
     /// can build its own causal and padding masks.
     lengths: Option<&'a [usize]>,
-}
-
-impl<'a> Masks<'a> {
-    /// The additive mask alone (decoding with a cache).
-    fn bias(bias: Option<&'a Tensor>) -> Self {
-        Masks {
-            bias,
-            lengths: None,
-        }
-    }
+    /// Decoding with a cache of left-padded rows: where each row's real tokens start.
+    starts: Option<&'a [usize]>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -907,6 +899,7 @@ impl Decoder {
             let masks = Masks {
                 bias: mask.as_ref(),
                 lengths: Some(&lengths),
+                starts: None,
             };
             x = self.layer_forward(layer, &x, (&cos, &sin), masks, None, train)?;
         }
@@ -961,14 +954,20 @@ impl Decoder {
             )));
         }
         let (cos, sin) = self.rope_tables(offset, t)?;
-        let mut mask = self.attention_bias(t, offset, &vec![offset + t; b])?;
-        if cache.starts.iter().any(|&s| s > 0) {
-            if cache.starts.len() != b {
-                return Err(NnError::InvalidInput(format!(
-                    "the cache has padding for {} rows, the input {b}",
-                    cache.starts.len()
-                )));
-            }
+        // The fused attention builds its own masks from the cache's starts.
+        let mut mask = if self.fused_attention() {
+            None
+        } else {
+            self.attention_bias(t, offset, &vec![offset + t; b])?
+        };
+        let padded = cache.starts.iter().any(|&s| s > 0);
+        if padded && cache.starts.len() != b {
+            return Err(NnError::InvalidInput(format!(
+                "the cache has padding for {} rows, the input {b}",
+                cache.starts.len()
+            )));
+        }
+        if padded && !self.fused_attention() {
             let s = offset + t;
             let left: Vec<f32> = cache
                 .starts
@@ -981,6 +980,7 @@ impl Decoder {
                 None => left,
             });
         }
+        let starts = cache.starts.clone();
         let mut slots = cache.layers.clone();
         let mut x = self
             .embed_tokens
@@ -994,7 +994,11 @@ impl Decoder {
                     layer,
                     &x,
                     (&cos, &sin),
-                    Masks::bias(mask.as_ref()),
+                    Masks {
+                        bias: mask.as_ref(),
+                        lengths: None,
+                        starts: Some(&starts),
+                    },
                     Some(slot),
                     false,
                 )?
@@ -1100,6 +1104,11 @@ impl Decoder {
         Ok(Some(mask.reshape((rows, 1, 1, t, s))?))
     }
 
+    /// Whether attention runs as kiln's fused CPU kernel (see [`Decoder::set_fused_ops`]).
+    fn fused_attention(&self) -> bool {
+        self.fused && self.device.is_cpu()
+    }
+
     fn layer_forward(
         &self,
         l: &Layer,
@@ -1140,26 +1149,54 @@ impl Decoder {
             cfg.head_dim(),
         );
         let rep = nh / nkv;
-        // Without a cache, on the CPU: kiln's fused attention, straight on the projections'
-        // layout (RoPE applied there too), with its own backward.
-        if let (None, Some(lengths), true) = (&cache, masks.lengths, self.fused) {
+        // On the CPU: kiln's fused attention, straight on the projections' layout (RoPE
+        // applied there too), with its own backward in training. Its cache holds keys and
+        // values in that layout as well, `[b, s, kv_heads · head_dim]`.
+        if self.fused_attention() && x.dtype() == DType::F32 {
             let q = ops::rope_seq_major(&l.q_proj.forward_t(x, train)?, cos, sin, nh)?;
             let k = ops::rope_seq_major(&l.k_proj.forward_t(x, train)?, cos, sin, nkv)?;
             let v = l.v_proj.forward_t(x, train)?;
+            let (k, v) = match cache {
+                None => (k, v),
+                Some(slot) => {
+                    let (k, v) = match slot.take() {
+                        None => (k.detach(), v.detach()),
+                        Some((pk, pv)) => (
+                            Tensor::cat(&[&pk, &k.detach()], 1)?,
+                            Tensor::cat(&[&pv, &v.detach()], 1)?,
+                        ),
+                    };
+                    *slot = Some((k.clone(), v.clone()));
+                    (k, v)
+                }
+            };
+            let s = k.dim(1)?;
+            // Keys nobody attends to: right padding in training, left padding in a cache.
+            let key_mask = match (masks.lengths, masks.starts) {
+                (Some(lengths), _) if lengths.iter().any(|&n| n < s) => Some(
+                    lengths
+                        .iter()
+                        .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
+                        .collect(),
+                ),
+                (_, Some(starts)) if starts.iter().any(|&n| n > 0) => Some(
+                    starts
+                        .iter()
+                        .flat_map(|&n| (0..s).map(move |j| if j < n { 0.0 } else { 1.0 }))
+                        .collect(),
+                ),
+                _ => None,
+            };
             let spec = AttentionSpec {
                 causal: true,
                 window: cfg.attention_window(),
-                key_mask: lengths.iter().any(|&n| n < t).then(|| {
-                    lengths
-                        .iter()
-                        .flat_map(|&n| (0..t).map(move |j| if j < n { 1.0 } else { 0.0 }))
-                        .collect()
-                }),
+                key_mask,
                 ..AttentionSpec::new(nh, nkv, 1.0 / (hd as f32).sqrt())
             };
-            if let Some(ctx) = attention::attention(&q, &k, &v, spec)? {
-                return Ok(l.o_proj.forward_t(&ctx, train)?);
-            }
+            let ctx = attention::attention(&q, &k, &v, spec)?.ok_or_else(|| {
+                NnError::InvalidInput("fused attention refused CPU f32 inputs".into())
+            })?;
+            return Ok(l.o_proj.forward_t(&ctx, train)?);
         }
         let mask = masks.bias;
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
