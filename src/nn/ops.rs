@@ -781,6 +781,106 @@ impl CustomOp2 for FusedSiluMul {
     }
 }
 
+/// `log softmax(logits)[i, labels[i]]` for each row of `logits` `[n, vocab]`: the
+/// log-probability of each label, `[n]` (the negated terms of a cross-entropy). One parallel
+/// CPU kernel forward, and one backward, `g · (onehot − softmax)`, that recomputes the softmax
+/// from the logits: no vocabulary-sized temporaries beyond the gradient itself (candle's
+/// `log_softmax` + `gather` keep several, a real cost with 150k-token vocabularies).
+/// Primitive ops off the CPU or for other dtypes.
+pub fn label_log_probs(logits: &Tensor, labels: &[u32]) -> candle_core::Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    if labels.len() != n {
+        candle_core::bail!("label-log-probs: {} labels for {n} rows", labels.len())
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l as usize >= vocab) {
+        candle_core::bail!("label-log-probs: label {bad} outside a vocabulary of {vocab}")
+    }
+    if fused_ok(logits) {
+        logits
+            .contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(LabelLogProbs {
+                labels: labels.to_vec(),
+            })))
+    } else {
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let index = Tensor::from_vec(labels.to_vec(), (n, 1), logits.device())?;
+        logp.gather(&index, 1)?.squeeze(1)
+    }
+}
+
+/// [`label_log_probs`]'s kernel.
+struct LabelLogProbs {
+    labels: Vec<u32>,
+}
+
+/// Largest value and `ln Σ exp(x − max)` of a row.
+fn row_log_sum_exp(row: &[f32]) -> (f32, f32) {
+    let max = row
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let mut acc = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&x| exp_f32(x - max)).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += exp_f32(c[i] - max);
+        }
+    }
+    (max, (acc.iter().sum::<f32>() + tail).ln())
+}
+
+impl CustomOp1 for LabelLogProbs {
+    fn name(&self) -> &'static str {
+        "kiln-label-log-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(storage, layout, self.name())?;
+        let (n, vocab) = layout.shape().dims2()?;
+        let out: Vec<f32> = x
+            .par_chunks(vocab.max(1))
+            .zip(self.labels.par_iter())
+            .map(|(row, &label)| {
+                let (max, lse) = row_log_sum_exp(row);
+                row[label as usize] - max - lse
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, vocab) = logits.dims2()?;
+        let grad = grad.contiguous()?;
+        let mut dx = vec![0f32; n * vocab];
+        with_cpu_f32(logits, self.name(), |x| {
+            with_cpu_f32(&grad, self.name(), |g| {
+                dx.par_chunks_mut(vocab.max(1))
+                    .zip(x.par_chunks(vocab.max(1)))
+                    .zip(g.par_iter().zip(self.labels.par_iter()))
+                    .for_each(|((d, row), (&g, &label))| {
+                        let (max, lse) = row_log_sum_exp(row);
+                        let shift = max + lse;
+                        for (d, &x) in d.iter_mut().zip(row) {
+                            *d = -g * exp_f32(x - shift);
+                        }
+                        d[label as usize] += g;
+                    });
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, (n, vocab), logits.device())?))
+    }
+}
+
 /// RMSNorm over the last dimension from primitive differentiable ops (the reference):
 /// `x / sqrt(mean(x²) + eps) * weight`, as Llama-family models compute it.
 pub fn rms_norm_primitive(xs: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -1187,6 +1287,42 @@ mod tests {
             let diff = max_abs_diff(gf.get(var).unwrap(), gw.get(var).unwrap());
             assert!(diff < 1e-5, "gradient differs by {diff}");
         }
+    }
+
+    #[test]
+    fn fused_label_log_probs_match_log_softmax_and_gather() {
+        let dev = Device::Cpu;
+        let (n, vocab) = (7, 300);
+        let logits = Var::from_vec(values(n * vocab, 9, 8.0), (n, vocab), &dev).unwrap();
+        let labels: Vec<u32> = (0..n as u32).map(|i| (i * 41) % vocab as u32).collect();
+        let w = Tensor::from_vec(values(n, 10, 1.0), n, &dev).unwrap();
+        let fused = label_log_probs(&logits, &labels).unwrap();
+        let index = Tensor::from_vec(labels.clone(), (n, 1), &dev).unwrap();
+        let want = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .gather(&index, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        assert!(max_abs_diff(&fused, &want) < 1e-5);
+        let gf = (&fused * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gw = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff = max_abs_diff(gf.get(&logits).unwrap(), gw.get(&logits).unwrap());
+        assert!(diff < 1e-6, "gradient differs by {diff}");
+        // The primitive path (f64) agrees, and a label outside the vocabulary is an error.
+        let l64 = logits.as_tensor().to_dtype(DType::F64).unwrap();
+        let p64 = label_log_probs(&l64, &labels)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert!(max_abs_diff(&p64, &fused) < 1e-5);
+        assert!(label_log_probs(&logits, &[0, 1, 2, 3, 4, 5, 300]).is_err());
+        assert!(label_log_probs(&logits, &[0]).is_err());
     }
 
     #[test]

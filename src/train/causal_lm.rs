@@ -20,6 +20,7 @@ use crate::data::chat::{DecoderTokenizer, LmExample, LmRecord, read_lm_records};
 use crate::data::text::length_quantile;
 use crate::nn::decoder::{Decoder, DecoderConfig, DecoderLoadOptions};
 use crate::nn::lora::LoraConfig;
+use crate::nn::ops;
 
 const EVAL_BATCH: usize = 16;
 
@@ -69,14 +70,10 @@ pub(crate) fn token_logps(
             "a reply has no tokens within max_length".into(),
         ));
     }
-    let logp = candle_nn::ops::log_softmax(
-        &scored_logits(model, &batch, device, train)?,
-        candle_core::D::Minus1,
-    )?;
-    let labels = Tensor::from_vec(batch.labels.clone(), (n, 1), device)?;
+    let logp = ops::label_log_probs(&scored_logits(model, &batch, device, train)?, &batch.labels)?;
     let seq = batch.shape.1;
     let owners = batch.positions.iter().map(|&p| p as usize / seq).collect();
-    Ok((logp.gather(&labels, 1)?.squeeze(1)?, owners))
+    Ok((logp, owners))
 }
 
 pub(crate) fn lm_batch(rows: &[&LmExample], pad_id: u32) -> LmBatch {
@@ -152,8 +149,10 @@ impl CausalLm {
             ));
         }
         let picked = scored_logits(&self.model, batch, &self.device, train)?;
-        let labels = Tensor::from_vec(batch.labels.clone(), n, &self.device)?;
-        let loss = candle_nn::loss::cross_entropy(&picked, &labels)?;
+        // Mean cross-entropy over the trained tokens.
+        let loss = ops::label_log_probs(&picked, &batch.labels)?
+            .mean_all()?
+            .neg()?;
         let predicted = picked.detach().argmax(1)?.to_vec1::<u32>()?;
         let correct = predicted
             .iter()

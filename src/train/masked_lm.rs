@@ -123,8 +123,9 @@ impl MaskedLm {
         // Only the masked positions go through the vocabulary-sized decoder.
         let picked = hidden.reshape((b * s, h))?.index_select(&positions, 0)?;
         let logits = self.encoder.mlm_logits(&picked)?;
-        let labels = Tensor::from_vec(batch.labels.clone(), batch.labels.len(), d)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let loss = crate::nn::ops::label_log_probs(&logits, &batch.labels)?
+            .mean_all()?
+            .neg()?;
         let predicted = logits.detach().argmax(1)?.to_vec1::<u32>()?;
         let correct = predicted
             .iter()
