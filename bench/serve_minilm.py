@@ -335,6 +335,26 @@ def request_json(server: Server, key: str, method: str, path: str, body=None, ti
         conn.close()
 
 
+def batch_metrics(server: Server, key: str) -> dict | None:
+    """The server's own inference-batch counters from GET /metrics (Prometheus text): number of
+    batches, inputs and seconds spent computing them, summed over its lifetime."""
+    status, text = request_json(server, key, "GET", "/metrics")
+    if status != 200 or not isinstance(text, str):
+        return None
+    want = {
+        "kiln_serve_batch_seconds_sum": "seconds",
+        "kiln_serve_batch_seconds_count": "batches",
+        "kiln_serve_batch_inputs_sum": "inputs",
+    }
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].split("{")[0] in want:
+            name = want[parts[0].split("{")[0]]
+            out[name] = out.get(name, 0.0) + float(parts[1])
+    return out if len(out) == len(want) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # kiln: load generation
 
@@ -413,8 +433,10 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
     # CPU of the server and of this process (the client) over the measured window only.
     time.sleep(max(0.0, window["start"] - time.perf_counter()))
     server_cpu0, client_cpu0, wall0 = proc_cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+    batches0 = batch_metrics(server, key)
     time.sleep(max(0.0, window["end"] - time.perf_counter()))
     server_cpu1, client_cpu1, wall1 = proc_cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+    batches1 = batch_metrics(server, key)
     for t in threads:
         t.join(timeout=180)
     if any(t.is_alive() for t in threads):
@@ -437,6 +459,17 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
         "server_rss_mib": proc_rss_mib(server.pid),
         "load_1min_before": round(load_before, 2),
     }
+    if batches0 and batches1 and batches1["batches"] > batches0["batches"]:
+        # What the model threads did in the window: how full each batch was, how long it took,
+        # and the share of the window spent computing (the rest: waiting for requests).
+        n = batches1["batches"] - batches0["batches"]
+        busy = batches1["seconds"] - batches0["seconds"]
+        level["server_batches"] = {
+            "batches": int(n),
+            "inputs_per_batch": round((batches1["inputs"] - batches0["inputs"]) / n, 2),
+            "ms_per_batch": round(busy / n * 1000, 3),
+            "computing_share": round(busy / (wall1 - wall0), 3),
+        }
     lat = level["latency"]
     if lat["p50_ms"]:
         level["p99_over_p50"] = round(lat["p99_ms"] / lat["p50_ms"], 3)
@@ -445,6 +478,12 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
         f"p99 {lat['p99_ms']} ms  errors {level['errors']}  server cores {level['server_cores_used']}  "
         f"client cores {level['client_cores_used']}"
     )
+    if "server_batches" in level:
+        b = level["server_batches"]
+        log(
+            f"       {b['batches']} batches, {b['inputs_per_batch']} inputs and {b['ms_per_batch']} ms each, "
+            f"computing {b['computing_share'] * 100:.0f} % of the window"
+        )
     return level
 
 
