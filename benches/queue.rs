@@ -306,6 +306,7 @@ async fn claim_throughput(url: &str, _models: &Path) -> anyhow::Result<()> {
                 method: &method,
                 priority: (1 + i % 10) as i16,
                 idempotency: None,
+                device_memory: None,
             })
             .await?;
     }

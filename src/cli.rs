@@ -100,6 +100,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KILN_WORKERS", default_value_t = 1)]
     pub workers: usize,
     #[command(flatten)]
+    pub devices: DeviceArgs,
+    #[command(flatten)]
     pub inference: InferenceArgs,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
@@ -182,10 +184,31 @@ pub struct InferenceArgs {
     /// Threads that run parts of one inference batch side by side (0: one per core).
     #[arg(long, env = "KILN_SERVE_THREADS", default_value_t = 0)]
     pub serve_threads: usize,
+    /// The device models are served on, `cpu` or `cuda:N` [default: the first of
+    /// KILN_DEVICES].
+    #[arg(long, env = "KILN_SERVE_DEVICE")]
+    pub serve_device: Option<crate::device::DeviceSpec>,
 }
 
 impl InferenceArgs {
-    pub fn settings(&self) -> anyhow::Result<crate::serve::ServeSettings> {
+    /// The engine's settings; `training` are the opened training devices (the serving
+    /// device defaults to the first of them, and reuses it when it is one of them).
+    pub fn settings(
+        &self,
+        training: &[crate::worker::SlotDevice],
+    ) -> anyhow::Result<crate::serve::ServeSettings> {
+        let device = match self.serve_device {
+            None => training
+                .first()
+                .map(|d| d.device.clone())
+                .unwrap_or(candle_core::Device::Cpu),
+            Some(spec) => match training.iter().find(|d| d.spec == spec) {
+                Some(d) => d.device.clone(),
+                None => spec
+                    .open()
+                    .map_err(|e| anyhow::anyhow!("KILN_SERVE_DEVICE={spec}: {e}"))?,
+            },
+        };
         if !(self.serve_timeout_secs.is_finite() && self.serve_timeout_secs > 0.0) {
             anyhow::bail!("KILN_SERVE_TIMEOUT_SECS must be a positive number of seconds");
         }
@@ -197,7 +220,7 @@ impl InferenceArgs {
             max_batch_tokens: self.serve_batch_tokens.max(1),
             max_inputs: self.serve_max_inputs.max(1),
             implementation: self.serve_impl,
-            device: candle_core::Device::Cpu,
+            device,
             threads: self.serve_threads,
         })
     }
@@ -243,6 +266,43 @@ pub struct WorkerArgs {
     /// Training slots (jobs this process trains at once).
     #[arg(long, env = "KILN_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
+}
+
+/// The devices this process trains on.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// Devices the training slots use: `cpu`, `cuda` (every GPU), or a list such as
+    /// `cuda:0,cuda:1`. Slot i trains on device i mod their number, so KILN_WORKERS equal to
+    /// the number of GPUs gives one job per GPU. A GPU needs a build with `--features cuda`.
+    #[arg(long = "devices", env = "KILN_DEVICES", default_value = "cpu")]
+    pub devices: crate::device::Devices,
+    /// Memory the jobs training on one device may need together, e.g. `40GiB`; a job is
+    /// claimed only where its `device_memory_gb` (stated or estimated) fits in what is left
+    /// [default: a GPU's own memory; no limit on the CPU].
+    #[arg(long, env = "KILN_DEVICE_MEMORY", value_parser = parse_bytes)]
+    pub device_memory: Option<u64>,
+}
+
+impl DeviceArgs {
+    /// Opens every device, or says which one cannot be used and why.
+    pub fn open(&self) -> anyhow::Result<Vec<crate::worker::SlotDevice>> {
+        let opened = self
+            .devices
+            .open()
+            .map_err(|e| anyhow::anyhow!("KILN_DEVICES={}: {e}", self.devices))?;
+        Ok(opened
+            .into_iter()
+            .map(|(spec, device)| crate::worker::SlotDevice {
+                memory_bytes: self
+                    .device_memory
+                    .or_else(|| crate::device::total_memory(&device)),
+                spec,
+                device,
+            })
+            .collect())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -376,7 +436,7 @@ pub fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            return runtime.block_on(run(command));
+            return runtime.block_on(run(*command));
         }
     };
     // A client's output may go to `head`: end quietly when the pipe closes, as Unix tools do
@@ -401,7 +461,7 @@ pub fn main() -> anyhow::Result<()> {
 /// A parsed command: a request to a server (the client), or work this process does itself.
 enum Dispatch {
     Client(client::Request),
-    Local(Command),
+    Local(Box<Command>),
 }
 
 fn dispatch(command: Command) -> Dispatch {
@@ -419,9 +479,9 @@ fn dispatch(command: Command) -> Dispatch {
             } => client::Request::ModelsList(client::ModelsListArgs { server }),
             ModelsCommand::Get(args) => client::Request::ModelsGet(args),
             ModelsCommand::Rm(args) => client::Request::ModelsRm(args),
-            local => return Dispatch::Local(Command::Models { command: local }),
+            local => return Dispatch::Local(Box::new(Command::Models { command: local })),
         },
-        other => return Dispatch::Local(other),
+        other => return Dispatch::Local(Box::new(other)),
     })
 }
 
@@ -449,6 +509,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Devices first: a GPU that cannot be used is a configuration error, found before
+    // anything else starts.
+    let devices = args.devices.open()?;
+    let serve_settings = args.inference.settings(&devices)?;
     let data_dir = absolute(&args.db.data_dir)?;
     tokio::fs::create_dir_all(&data_dir)
         .await
@@ -471,9 +535,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         artifacts: args.artifacts.clone(),
         jobs: WorkerSettings {
             slots: args.workers,
+            devices: devices.clone(),
             ..WorkerSettings::default()
         },
-        serve: args.inference.settings()?,
+        serve: serve_settings,
         webhooks: args.webhooks.settings()?,
         api: server::ApiSettings {
             rate_limit: rate_limit(args.rate_limit)?,
@@ -525,6 +590,7 @@ fn rate_limit(r: f64) -> anyhow::Result<Option<(f64, u32)>> {
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let devices = args.devices.open()?;
     let data_dir = absolute(&args.db.data_dir)?;
     tokio::fs::create_dir_all(&data_dir)
         .await
@@ -542,6 +608,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| data_dir.join("models"));
     let jobs = WorkerSettings {
         slots: args.workers.max(1),
+        devices: devices.clone(),
         ..WorkerSettings::default()
     };
     let running = match server::start_workers_with(
@@ -561,9 +628,10 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let shutdown = server::shutdown_signal();
     println!(
-        "kiln worker {} running {} slot(s)",
+        "kiln worker {} running {} slot(s) on {}",
         running.worker_id(),
-        args.workers.max(1)
+        args.workers.max(1),
+        args.devices.devices
     );
     shutdown.await;
     tracing::info!("shutting down: checkpointing and requeueing running jobs");

@@ -249,6 +249,20 @@ pub fn compute_capability(device: &Device) -> Option<(u32, u32)> {
     None
 }
 
+/// A GPU's memory in bytes, as its driver reports it; `None` for the CPU (or when the driver
+/// does not answer).
+pub fn total_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        cuda.cuda_stream().context().bind_to_thread().ok()?;
+        let (_free, total) = mem_get_info().ok()?;
+        return Some(total as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// Whether the device computes in bf16 natively: GPUs of compute capability 8.0 (Ampere) or
 /// newer. candle's own `Device::supports_bf16` answers true for every CUDA device, though
 /// older GPUs have no bf16 arithmetic. On the CPU candle's bf16 is converted element by

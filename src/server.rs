@@ -173,6 +173,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
         serving: Serving::new(settings.serve.clone(), artifacts.clone()),
         webhooks: Arc::new(settings.webhooks.clone()),
         grader_embedding_model: settings.api.grader_embedding_model.clone().map(Arc::from),
+        estimate_device: settings
+            .jobs
+            .devices
+            .first()
+            .cloned()
+            .unwrap_or_else(crate::worker::SlotDevice::cpu),
     };
     // A body that stops arriving for `client_timeout` fails its request (the handlers see a
     // read error); the body is then handed on as the plain type the routes expect.

@@ -169,6 +169,98 @@ async fn serve_without_postgres_binaries_fails_at_once_and_says_what_to_do() {
     }
 }
 
+/// Devices are opened before anything else starts: a GPU this binary cannot use, or a
+/// `KILN_DEVICES` that does not parse, stops `serve`, `worker` and `train` at once with the
+/// reason, and no data directory or database is touched.
+#[tokio::test]
+async fn devices_that_cannot_be_used_stop_the_start_with_the_reason() {
+    let dir = open_tempdir();
+    let data = dir.path().join("data");
+    let run = |args: &'static [&'static str], env: &'static [(&'static str, &'static str)]| {
+        let data = data.clone();
+        async move {
+            let mut cmd = kiln();
+            cmd.args(args)
+                .env("KILN_DATA_DIR", &data)
+                .env("KILN_ADDR", "127.0.0.1:0")
+                .env_remove("KILN_DEVICES")
+                .env_remove("KILN_SERVE_DEVICE");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+                .await
+                .expect("kiln exits at once")
+                .unwrap();
+            assert!(!out.status.success(), "{args:?} {env:?} must fail");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
+    if !kiln::device::CUDA_BUILT {
+        for command in [&["serve"][..], &["worker"][..]] {
+            for devices in ["cuda:0", "cpu,cuda:1", "cuda"] {
+                let env: &'static [(&str, &str)] = match devices {
+                    "cuda:0" => &[("KILN_DEVICES", "cuda:0")],
+                    "cpu,cuda:1" => &[("KILN_DEVICES", "cpu,cuda:1")],
+                    _ => &[("KILN_DEVICES", "cuda")],
+                };
+                let stderr = run(command, env).await;
+                for hint in [
+                    "KILN_DEVICES",
+                    "built without CUDA support",
+                    "--features cuda",
+                ] {
+                    assert!(
+                        stderr.contains(hint),
+                        "{command:?} {devices}: {hint}: {stderr}"
+                    );
+                }
+            }
+        }
+        let stderr = run(&["serve"], &[("KILN_SERVE_DEVICE", "cuda:0")]).await;
+        assert!(
+            stderr.contains("KILN_SERVE_DEVICE") && stderr.contains("built without CUDA support"),
+            "{stderr}"
+        );
+        let stderr = run(
+            &[
+                "train",
+                "--model",
+                "/nonexistent",
+                "--training-file",
+                "/nonexistent.jsonl",
+                "--output",
+                "/tmp/kiln-never-written",
+                "--device",
+                "cuda:0",
+            ],
+            &[],
+        )
+        .await;
+        assert!(
+            stderr.contains("--device") && stderr.contains("built without CUDA support"),
+            "{stderr}"
+        );
+    }
+    for (value, reason) in [
+        ("gpu", "expected `cpu`, `cuda` (every GPU) or `cuda:N`"),
+        ("cuda:x", "must be a number"),
+        ("cpu,cpu", "listed twice"),
+    ] {
+        let env: &'static [(&str, &str)] = match value {
+            "gpu" => &[("KILN_DEVICES", "gpu")],
+            "cuda:x" => &[("KILN_DEVICES", "cuda:x")],
+            _ => &[("KILN_DEVICES", "cpu,cpu")],
+        };
+        let stderr = run(&["serve"], env).await;
+        assert!(
+            stderr.contains("--devices") && stderr.contains(reason),
+            "{value}: {stderr}"
+        );
+    }
+    assert!(!data.join("pg").exists(), "no database was started");
+}
+
 #[tokio::test]
 async fn migrate_and_keys_work_against_database_url() {
     let db = TestDatabase::create().await;

@@ -702,6 +702,128 @@ async fn higher_priority_jobs_are_claimed_first() {
     app.shutdown().await;
 }
 
+/// Scheduling by device memory: a job states what it needs (`device_memory_gb`), and a
+/// worker whose device has `memory_bytes` claims it only while it fits in what the jobs
+/// already running there leave free. A job larger than the device stays queued while smaller
+/// ones behind it run.
+#[tokio::test]
+async fn workers_claim_only_jobs_that_fit_in_their_free_device_memory() {
+    let executor = ToyExecutor::new(200);
+    let app = spawn_app(executor.clone(), 0).await;
+    let key = app.key_for("acme").await;
+    let file = upload_processed(&app, &key, 12).await;
+    let create = |gb: Value| {
+        let (app, key, file) = (&app, &key, &file);
+        async move {
+            post_json(
+                app,
+                key,
+                "/v1/fine_tuning/jobs",
+                json!({"model": MODEL, "training_file": file, "device_memory_gb": gb,
+                       "hyperparameters": {"n_epochs": 4}}),
+            )
+            .await
+        }
+    };
+    for bad in [
+        json!(0),
+        json!(-2),
+        json!("8"),
+        json!(true),
+        json!(1e6),
+        json!([1]),
+    ] {
+        let (status, err) = create(bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert_eq!(err["error"]["param"], "device_memory_gb", "{err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("gigabytes"),
+            "{err}"
+        );
+    }
+    let (_, list) = app.get_json(&key, "/v1/fine_tuning/jobs").await;
+    assert_eq!(list["data"], json!([]), "refused requests queue nothing");
+
+    let mut ids = Vec::new();
+    for gb in [30.0, 20.0, 50.0, 5.0] {
+        let (status, job) = create(json!(gb)).await;
+        assert_eq!(status, 200, "{job}");
+        assert_eq!(job["device_memory_gb"], gb, "{job}");
+        assert_eq!(job["device_memory_estimated"], false, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    let (big, other, huge, small) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+
+    // One device with 40 GB and two slots: 30 + 5 fit together, 30 + 20 do not, 50 never.
+    let workers = kiln::server::start_workers(
+        &app.db.url,
+        app.data_dir.path(),
+        app.data_dir.path().join("models"),
+        kiln::worker::WorkerSettings {
+            slots: 2,
+            devices: vec![kiln::worker::SlotDevice {
+                memory_bytes: Some(40_000_000_000),
+                ..kiln::worker::SlotDevice::cpu()
+            }],
+            executor: Some(executor),
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for id in [big, other, small] {
+        wait_for(&app, &key, id, Duration::from_secs(120), |j| {
+            j["status"] == "succeeded"
+        })
+        .await;
+    }
+    // Give the worker a few more polls: the 50 GB job must still be waiting.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, job) = app
+        .get_json(&key, &format!("/v1/fine_tuning/jobs/{huge}"))
+        .await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert_eq!(job["attempt"], 0, "never claimed: {job}");
+
+    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+    let span = |id: &str| {
+        let pool = pool.clone();
+        let id = id.to_owned();
+        async move {
+            let (started, finished): (
+                chrono::DateTime<chrono::Utc>,
+                chrono::DateTime<chrono::Utc>,
+            ) = sqlx::query_as(
+                "SELECT started_at, finished_at FROM fine_tuning_jobs WHERE id = $1",
+            )
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (started, finished)
+        }
+    };
+    let (big_span, other_span, small_span) =
+        (span(big).await, span(other).await, span(small).await);
+    // The 20 GB job is behind the 30 GB one in the queue and did not fit beside it: it
+    // started only once the 30 GB job had finished.
+    assert!(
+        other_span.0 >= big_span.1,
+        "30 + 20 GB ran at once on a 40 GB device: {big_span:?} {other_span:?}"
+    );
+    // The 5 GB job, queued last, did not wait for the 20 GB one: it fitted beside the 30.
+    assert!(
+        small_span.0 < other_span.0,
+        "the small job waited behind one that did not fit: {small_span:?} {other_span:?}"
+    );
+    workers.shutdown().await;
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn infrastructure_faults_are_retried_and_user_errors_are_not() {
     let flaky = Arc::new(ToyExecutor {
@@ -933,6 +1055,7 @@ async fn a_file_an_unfinished_job_trains_on_cannot_be_deleted_and_no_job_names_a
             method: &method,
             priority: 0,
             idempotency: None,
+            device_memory: None,
         };
         match queue.insert_job(&job).await.unwrap() {
             kiln::queue::InsertOutcome::FileGone(param) => assert_eq!(param, missing),

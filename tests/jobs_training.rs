@@ -281,6 +281,29 @@ async fn a_dry_run_plans_the_job_without_queueing_it() {
         assert_ne!(v, "auto", "{k} unresolved: {hp}");
     }
     assert!(hp["learning_rate"].as_f64().unwrap() > 0.0, "{hp}");
+    // The device memory the job would be scheduled by: kiln's estimate, with its parts.
+    let memory = &estimate["device_memory"];
+    assert_eq!(memory["estimated"], true, "{memory}");
+    assert_eq!(plan["device_memory_estimated"], true, "{plan}");
+    assert_eq!(plan["device_memory_gb"], memory["gb"], "{plan}");
+    assert_eq!(memory["batch_size"], 8, "{memory}");
+    let part = |k: &str| memory[k].as_u64().unwrap();
+    assert!(
+        part("weights_bytes") > 0 && part("activations_bytes") > 0,
+        "{memory}"
+    );
+    // Full fine-tuning: gradients and two moments per weight, three times the weights.
+    assert_eq!(
+        part("gradients_and_optimizer_bytes"),
+        3 * part("weights_bytes"),
+        "{memory}"
+    );
+    assert!(
+        part("bytes") > part("weights_bytes") * 4 + part("activations_bytes"),
+        "{memory}"
+    );
+    assert!((memory["gb"].as_f64().unwrap() - part("bytes") as f64 / 1e9).abs() < 1e-3);
+    assert_eq!(estimate["device"], "cpu", "{estimate}");
 
     // Nothing was queued.
     let (_, jobs) = app.get_json(&key, "/v1/fine_tuning/jobs").await;
@@ -309,6 +332,8 @@ async fn a_dry_run_plans_the_job_without_queueing_it() {
     .await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["trained_tokens"], estimate["trained_tokens"], "{done}");
+    assert_eq!(done["device_memory_gb"], plan["device_memory_gb"], "{done}");
+    assert_eq!(done["device_memory_estimated"], true, "{done}");
     assert_eq!(
         done["method"]["supervised"]["hyperparameters"]["learning_rate"],
         hp["learning_rate"]

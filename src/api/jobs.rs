@@ -33,7 +33,7 @@ use crate::store::files::{FileRow, Order};
 use crate::store::new_id;
 
 /// Fields a create request may carry.
-const CREATE_FIELDS: [&str; 11] = [
+const CREATE_FIELDS: [&str; 12] = [
     "model",
     "training_file",
     "validation_file",
@@ -45,6 +45,7 @@ const CREATE_FIELDS: [&str; 11] = [
     "integrations",
     "priority",
     "dry_run",
+    "device_memory_gb",
 ];
 const DEFAULT_PRIORITY: i64 = 5;
 
@@ -106,7 +107,119 @@ pub fn job_object(row: &JobRow) -> Value {
         "attempt": row.attempt,
         "metrics": row.current_metrics,
         "progress": progress,
+        "device_memory_gb": row.device_memory_bytes.map(gigabytes),
+        "device_memory_estimated": row.device_memory_estimated,
     })
+}
+
+/// Bytes as (decimal) gigabytes, to three decimals.
+fn gigabytes(bytes: i64) -> f64 {
+    (bytes as f64 / 1e6).round() / 1e3
+}
+
+/// Largest `device_memory_gb` a request may state.
+const MAX_DEVICE_MEMORY_GB: f64 = 100_000.0;
+
+/// The device memory a job needs: `device_memory_gb` as requested, else kiln's estimate from
+/// the base model, the method and the training file (`train::memory`). `Ok(None)` when the
+/// base model cannot be read to estimate (the job then fits anywhere).
+async fn device_memory(
+    state: &AppState,
+    requested: Option<&Value>,
+    base_model: &str,
+    method: &Value,
+    train_row: &FileRow,
+) -> Result<Option<DeviceMemory>, ApiError> {
+    match requested {
+        None | Some(Value::Null) => {}
+        Some(v) => {
+            return match v.as_f64() {
+                Some(gb) if gb.is_finite() && gb > 0.0 && gb <= MAX_DEVICE_MEMORY_GB => {
+                    Ok(Some(DeviceMemory {
+                        bytes: ((gb * 1e9).round() as i64).max(1),
+                        estimate: None,
+                    }))
+                }
+                _ => Err(bad(
+                    format!(
+                        "device_memory_gb must be a number of gigabytes above 0 and at most \
+                         {MAX_DEVICE_MEMORY_GB}, got {v}"
+                    ),
+                    "device_memory_gb",
+                )),
+            };
+        }
+    }
+    let Some(dir) = base_model_dir(&state.models_dir, base_model) else {
+        return Ok(None);
+    };
+    let id = base_model.to_owned();
+    let described = tokio::task::spawn_blocking(move || {
+        let model = crate::models::describe(&id, &dir).ok()?;
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
+        Some((model, config))
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some((model, config)) = described else {
+        return Ok(None);
+    };
+    let Some(family) = model.family else {
+        return Ok(None);
+    };
+    let kind = method["type"].as_str().unwrap_or("supervised");
+    let hyperparameters = method[kind]["hyperparameters"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let estimate = crate::train::memory::estimate(&crate::train::memory::MemoryInputs {
+        parameters: model.parameters,
+        config: &config,
+        family,
+        method: kind,
+        hyperparameters: &hyperparameters,
+        train_examples: train_row
+            .validation
+            .as_ref()
+            .and_then(|v| v["examples"].as_u64())
+            .unwrap_or(1),
+        train_bytes: train_row.bytes.max(0) as u64,
+    });
+    Ok(Some(DeviceMemory {
+        bytes: estimate.total_bytes.min(i64::MAX as u64).max(1) as i64,
+        estimate: Some(estimate),
+    }))
+}
+
+/// What a job needs on its device, and the estimate's parts when kiln estimated it.
+pub(super) struct DeviceMemory {
+    pub(super) bytes: i64,
+    pub(super) estimate: Option<crate::train::memory::MemoryEstimate>,
+}
+
+impl DeviceMemory {
+    fn column(&self) -> (i64, bool) {
+        (self.bytes, self.estimate.is_some())
+    }
+
+    /// The dry run's account of it.
+    pub(super) fn describe(&self) -> Value {
+        match &self.estimate {
+            None => json!({"gb": gigabytes(self.bytes), "bytes": self.bytes, "estimated": false}),
+            Some(e) => json!({
+                "gb": gigabytes(self.bytes),
+                "bytes": self.bytes,
+                "estimated": true,
+                "weights_bytes": e.weights_bytes,
+                "gradients_and_optimizer_bytes": e.optimizer_bytes,
+                "activations_bytes": e.activation_bytes,
+                "batch_size": e.batch_size,
+                "sequence_length": e.sequence_length,
+            }),
+        }
+    }
 }
 
 fn event_object(e: &EventRow) -> Value {
@@ -576,8 +689,18 @@ pub async fn create(
         }
     }
 
+    let memory = device_memory(
+        &state,
+        fields.get("device_memory_gb"),
+        &base_model,
+        &method,
+        &train_row,
+    )
+    .await?;
+
     if dry_run {
         let planned = dry_run::PlannedJob {
+            device_memory: memory.as_ref(),
             project_id: &caller.project_id,
             model,
             training_file: &train_row,
@@ -608,6 +731,7 @@ pub async fn create(
         method: &method,
         priority: priority as i16,
         idempotency: key.as_deref().map(|k| (k, hash.as_str())),
+        device_memory: memory.as_ref().map(DeviceMemory::column),
     };
     match state.queue.insert_job(&new).await? {
         InsertOutcome::Created(row) => {

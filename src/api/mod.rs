@@ -57,6 +57,8 @@ pub struct AppState {
     pub webhooks: Arc<crate::webhooks::WebhookSettings>,
     /// The base encoder of `cosine` graders that name none (`KILN_GRADER_EMBEDDING_MODEL`).
     pub grader_embedding_model: Option<Arc<str>>,
+    /// Where dry runs time their few steps: the first training device (`KILN_DEVICES`).
+    pub estimate_device: crate::worker::SlotDevice,
 }
 
 /// Request size and rate limits.

@@ -46,6 +46,9 @@ pub struct TrainArgs {
     /// Print progress as JSON lines on stderr instead of a progress bar.
     #[arg(long)]
     pub json_progress: bool,
+    /// The device to train on: `cpu` or `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
 }
 
 /// Parses `--set KEY=VALUE` pairs into the hyperparameters object.
@@ -75,6 +78,10 @@ fn resolve_model(args: &TrainArgs) -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let device = args
+        .device
+        .open()
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let base_model = resolve_model(&args)?;
     let hyperparameters = hyperparameters_from_pairs(&args.set)?;
     hyperparameters
@@ -95,7 +102,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         grader: None,
         models_dir: None,
         resume_from: args.resume.clone(),
-        device: candle_core::Device::Cpu,
+        device,
     };
     let stop = StopSignal::default();
     {

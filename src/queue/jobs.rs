@@ -78,6 +78,8 @@ pub struct NewJob<'a> {
     pub priority: i16,
     /// `Idempotency-Key` header, with the hash of the request it came with.
     pub idempotency: Option<(&'a str, &'a str)>,
+    /// Device memory the job needs, and whether that is kiln's estimate.
+    pub device_memory: Option<(i64, bool)>,
 }
 
 /// Result of [`Queue::insert_job`].
@@ -240,6 +242,8 @@ impl Queue {
             .bind(self.config.max_attempts)
             .bind(job.idempotency.map(|(k, _)| k))
             .bind(job.idempotency.map(|(_, h)| h))
+            .bind(job.device_memory.map(|(bytes, _)| bytes))
+            .bind(job.device_memory.is_some_and(|(_, estimated)| estimated))
             .fetch_optional(&self.pool)
             .await?;
         if let Some(id) = inserted {
@@ -482,10 +486,22 @@ impl Queue {
 
     /// Claims up to `limit` claimable jobs for `worker_id`, most urgent first.
     pub async fn claim_jobs(&self, worker_id: &str, limit: i64) -> StoreResult<Vec<JobRow>> {
+        self.claim_jobs_fitting(worker_id, limit, None).await
+    }
+
+    /// Claims up to `limit` claimable jobs that need at most `free_bytes` of device memory
+    /// (`None`: any), most urgent first.
+    pub async fn claim_jobs_fitting(
+        &self,
+        worker_id: &str,
+        limit: i64,
+        free_bytes: Option<i64>,
+    ) -> StoreResult<Vec<JobRow>> {
         Ok(sqlx::query_as(&CLAIM_JOBS)
             .bind(worker_id)
             .bind(limit)
             .bind(secs(self.config.lease))
+            .bind(free_bytes)
             .fetch_all(&self.pool)
             .await?)
     }

@@ -123,6 +123,11 @@ pub struct JobRow {
     pub progress: Option<Value>,
     /// The selected checkpoint's metrics when finished, else the latest checkpoint's.
     pub current_metrics: Option<Value>,
+    /// Device memory the job needs (workers claim it only where it fits); `None` for jobs
+    /// queued before kiln scheduled by memory.
+    pub device_memory_bytes: Option<i64>,
+    /// Whether `device_memory_bytes` is kiln's estimate rather than the request's.
+    pub device_memory_estimated: bool,
 }
 
 impl JobRow {

@@ -14,7 +14,8 @@ pub(crate) const JOB_COLUMNS: &str = "j.id, j.project_id, j.model, j.base_model,
     j.integrations, j.method, j.priority, j.state, j.attempt, j.failed_attempts, \
     j.max_attempts, j.scheduled_at, j.worker_id, j.lease_expires_at, j.started_at, \
     j.finished_at, j.cancel_requested_at, j.pause_requested_at, j.error, j.fine_tuned_model, \
-    j.result_files, j.trained_tokens, j.created_at, \
+    j.result_files, j.trained_tokens, j.created_at, j.device_memory_bytes, \
+    j.device_memory_estimated, \
     (SELECT e.data FROM fine_tuning_job_events e \
       WHERE e.job_id = j.id AND e.type = 'metrics' ORDER BY e.seq DESC LIMIT 1) AS progress, \
     coalesce(j.metrics, (SELECT c.metrics FROM fine_tuning_job_checkpoints c \
@@ -34,8 +35,9 @@ WITH held AS (
     INSERT INTO fine_tuning_jobs AS j
         (id, project_id, model, base_model, training_file, validation_file, training_format,
          suffix, seed, metadata, integrations, method, priority, state, max_attempts,
-         idempotency_key, request_sha256)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15, $16
+         idempotency_key, request_sha256, device_memory_bytes, device_memory_estimated)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'queued', $14, $15, $16,
+           $17, $18
     WHERE (SELECT count(*) FROM held)
         = (SELECT count(DISTINCT f) FROM unnest(ARRAY[$5, $6]) AS f)
     ON CONFLICT (project_id, idempotency_key) DO NOTHING
@@ -46,12 +48,15 @@ WITH held AS (
 )
 SELECT id FROM ins";
 
-/// Claim: the most urgent claimable jobs, skipping rows other workers hold, become
-/// `running` under this worker with a new attempt and a fresh lease. Commits at once.
+/// Claim: the most urgent claimable jobs that fit in `$4` bytes of device memory (NULL: no
+/// limit), skipping rows other workers hold, become `running` under this worker with a new
+/// attempt and a fresh lease. Commits at once. A job too large for this worker's free memory
+/// stays queued for another worker (or until memory frees up); smaller jobs behind it go on.
 pub(crate) const CLAIM_JOBS: &str = "
 WITH next AS (
     SELECT id FROM fine_tuning_jobs
     WHERE state = 'queued' AND scheduled_at <= now()
+      AND ($4::bigint IS NULL OR coalesce(device_memory_bytes, 0) <= $4)
     ORDER BY priority, created_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED

@@ -16,6 +16,7 @@ mod export;
 pub mod graders;
 mod image_classify;
 mod masked_lm;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 mod rft;

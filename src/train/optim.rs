@@ -97,8 +97,56 @@ struct ParamState {
     /// Updates applied to this parameter (PyTorch keeps the step per parameter too, so a
     /// parameter that had no gradient on some steps gets the right bias correction).
     step: u64,
+    /// The moments on the host: the CPU path updates them in place; on other devices they
+    /// are what was loaded or last synced (see `on_device`).
     m: Vec<f32>,
     v: Vec<f32>,
+    /// The moments as tensors on the parameter's device, for devices other than the CPU
+    /// (and the CPU when tensor ops are forced): made from `m`/`v` at the first step and
+    /// authoritative from then on; `save` reads them back.
+    on_device: Option<(Tensor, Tensor)>,
+}
+
+impl ParamState {
+    /// The moments as host vectors, from the device copy where there is one.
+    fn host_moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match &self.on_device {
+            Some((m, v)) => Ok((
+                m.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            None => Ok((self.m.clone(), self.v.clone())),
+        }
+    }
+
+    /// One AdamW update as tensor operations on the parameter's own device: no copy to the
+    /// host, the same arithmetic as [`adamw_chunk`].
+    fn step_with_tensor_ops(&mut self, k: &UpdateConsts, grad: &Tensor) -> Result<()> {
+        let (m, v) = match self.on_device.take() {
+            Some(moments) => moments,
+            None => {
+                let device = self.var.device();
+                let shape = self.var.shape();
+                (
+                    Tensor::from_slice(&self.m, shape, device)?,
+                    Tensor::from_slice(&self.v, shape, device)?,
+                )
+            }
+        };
+        let g = if k.grad_scale == 1.0 {
+            grad.clone()
+        } else {
+            grad.affine(k.grad_scale as f64, 0.0)?
+        };
+        let m = ((m * k.beta1 as f64)? + (&g * (1.0 - k.beta1) as f64)?)?;
+        let v = ((v * k.beta2 as f64)? + (g.sqr()? * (1.0 - k.beta2) as f64)?)?;
+        let denom = v.sqrt()?.affine(k.inv_sqrt_bc2 as f64, k.eps as f64)?;
+        let update = (&m / denom)?.affine(k.step_size as f64, 0.0)?;
+        let theta = (self.var.as_tensor().affine(k.decay as f64, 0.0)? - update)?;
+        self.var.set(&theta)?;
+        self.on_device = Some((m, v));
+        Ok(())
+    }
 }
 
 /// Parameters with their names (names key the saved state and pick the decay group).
@@ -127,6 +175,8 @@ pub struct AdamW {
     params: Vec<ParamState>,
     /// Scale from the last [`AdamW::clip_grad_norm`], folded into the next step.
     pending_grad_scale: Option<f32>,
+    /// Update CPU parameters with tensor ops too (the path GPUs take), so CPU tests cover it.
+    force_tensor_ops: bool,
 }
 
 const FORMAT: &str = "kiln-adamw-v1";
@@ -148,7 +198,15 @@ impl AdamW {
             groups: Vec::new(),
             params: Vec::new(),
             pending_grad_scale: None,
+            force_tensor_ops: false,
         }
+    }
+
+    /// Updates parameters with candle tensor operations even on the CPU, the path every
+    /// other device takes (moments kept on the device). For tests: the fused CPU kernel is
+    /// faster there.
+    pub fn force_tensor_ops(&mut self, on: bool) {
+        self.force_tensor_ops = on;
     }
 
     /// The shared hyperparameters.
@@ -197,6 +255,7 @@ impl AdamW {
                 step: 0,
                 m: vec![0.0; n],
                 v: vec![0.0; n],
+                on_device: None,
             });
         }
         self.groups.push(ParamGroup {
@@ -246,10 +305,23 @@ impl AdamW {
     /// L2 norm of all gradients of this optimizer's parameters, taken together.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut sum_sq = 0f64;
+        // Off the CPU the per-tensor sums stay on the device and are read back once.
+        let mut on_device: Option<Tensor> = None;
         for p in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                sum_sq += sum_squares(g)?;
+                if g.device().is_cpu() {
+                    sum_sq += sum_squares(g)?;
+                } else {
+                    let s = g.sqr()?.sum_all()?;
+                    on_device = Some(match on_device {
+                        Some(acc) => (acc + s)?,
+                        None => s,
+                    });
+                }
             }
+        }
+        if let Some(s) = on_device {
+            sum_sq += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
         Ok(sum_sq.sqrt())
     }
@@ -301,7 +373,7 @@ impl AdamW {
                 grad_scale,
             };
             let grad = grad.contiguous()?;
-            if p.var.device().is_cpu() {
+            if p.var.device().is_cpu() && !self.force_tensor_ops {
                 let op = FusedAdamW {
                     k,
                     m: Mutex::new(&mut p.m),
@@ -309,12 +381,7 @@ impl AdamW {
                 };
                 p.var.as_tensor().inplace_op2(&grad, &op)?;
             } else {
-                // Host round trip: correct on any device; a device kernel can replace it.
-                let mut theta = p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                let g = grad.flatten_all()?.to_vec1::<f32>()?;
-                adamw_kernel(&k, &mut theta, &g, &mut p.m, &mut p.v);
-                let new = Tensor::from_vec(theta, p.var.shape(), p.var.device())?;
-                p.var.set(&new)?;
+                p.step_with_tensor_ops(&k, &grad)?;
             }
         }
         Ok(())
@@ -337,17 +404,13 @@ impl AdamW {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .params
-            .iter()
-            .flat_map(|p| {
-                let shape = p.var.dims().to_vec();
-                [
-                    (format!("m.{}", p.name), shape.clone(), f32_bytes(&p.m)),
-                    (format!("v.{}", p.name), shape, f32_bytes(&p.v)),
-                ]
-            })
-            .collect();
+        let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for p in &self.params {
+            let shape = p.var.dims().to_vec();
+            let (m, v) = p.host_moments()?;
+            bytes.push((format!("m.{}", p.name), shape.clone(), f32_bytes(&m)));
+            bytes.push((format!("v.{}", p.name), shape, f32_bytes(&v)));
+        }
         let views = bytes
             .iter()
             .map(|(name, shape, data)| {
@@ -430,6 +493,7 @@ impl AdamW {
             p.step = step;
             p.m = m;
             p.v = v;
+            p.on_device = None;
         }
         for saved in meta.groups {
             if let Some(g) = self.groups.iter_mut().find(|g| g.name == saved.name) {

@@ -52,6 +52,28 @@ pub struct JobSpec {
     pub attempt: u32,
     /// The checkpoint to resume from, if an earlier attempt saved one.
     pub resume: Option<ResumeFrom>,
+    /// The device of the slot that runs this attempt (`KILN_DEVICES`).
+    pub device: SlotDevice,
+}
+
+/// A device a worker slot trains on: its `KILN_DEVICES` name and the opened candle device.
+#[derive(Debug, Clone)]
+pub struct SlotDevice {
+    pub spec: crate::device::DeviceSpec,
+    pub device: candle_core::Device,
+    /// Memory the jobs on this device may need together (`KILN_DEVICE_MEMORY`, or a GPU's
+    /// size); `None`: no limit.
+    pub memory_bytes: Option<u64>,
+}
+
+impl SlotDevice {
+    pub fn cpu() -> SlotDevice {
+        SlotDevice {
+            spec: crate::device::DeviceSpec::Cpu,
+            device: candle_core::Device::Cpu,
+            memory_bytes: None,
+        }
+    }
 }
 
 /// A checkpoint to continue from.

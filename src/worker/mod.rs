@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::artifacts::Artifacts;
@@ -27,7 +27,7 @@ use crate::store::Store;
 
 pub use engine::{
     JobContext, JobExecutor, JobFailure, JobOutcome, JobSpec, Level, Metrics, Progress, ResumeFrom,
-    StopReason,
+    SlotDevice, StopReason,
 };
 pub(crate) use slot::model_key;
 pub use training::{EngineExecutor, EstimateRequest, estimate};
@@ -37,6 +37,10 @@ pub use training::{EngineExecutor, EstimateRequest, estimate};
 pub struct WorkerSettings {
     /// Training slots (jobs run at once by this process); 0 runs none.
     pub slots: usize,
+    /// The devices the slots train on (`KILN_DEVICES`): slot i uses device i mod their
+    /// number, so `KILN_WORKERS` equal to the number of GPUs gives one slot per GPU, and
+    /// a multiple of it several jobs per GPU. Empty means the CPU.
+    pub devices: Vec<SlotDevice>,
     /// The training engine (kiln's own by default). `None`: every job fails with "no
     /// training engine configured".
     pub executor: Option<Arc<dyn JobExecutor>>,
@@ -54,7 +58,8 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
             slots: 1,
-            executor: Some(Arc::new(EngineExecutor::cpu())),
+            devices: vec![SlotDevice::cpu()],
+            executor: Some(Arc::new(EngineExecutor)),
             queue: QueueConfig::default(),
             poll_interval: Duration::from_secs(2),
             reap_interval: Duration::from_secs(5),
@@ -67,6 +72,10 @@ impl fmt::Debug for WorkerSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerSettings")
             .field("slots", &self.slots)
+            .field(
+                "devices",
+                &self.devices.iter().map(|d| d.spec).collect::<Vec<_>>(),
+            )
             .field("executor", &self.executor.as_ref().map(|_| "configured"))
             .field("queue", &self.queue)
             .field("poll_interval", &self.poll_interval)
@@ -189,37 +198,126 @@ async fn reap_forever(queue: Queue, every: Duration, mut stop: watch::Receiver<b
     }
 }
 
+/// The slots of this process: each one's device, which are free, and how much of each
+/// device's memory the running jobs were said to need.
+struct SlotTable {
+    devices: Vec<SlotDevice>,
+    busy: Vec<bool>,
+    /// Bytes held on each device (by its `KILN_DEVICES` name) by running jobs.
+    used: HashMap<crate::device::DeviceSpec, u64>,
+}
+
+impl SlotTable {
+    /// Slot i trains on device i mod their number (the CPU when none are given).
+    fn new(devices: &[SlotDevice], slots: usize) -> SlotTable {
+        let devices: Vec<SlotDevice> = if devices.is_empty() {
+            vec![SlotDevice::cpu(); slots]
+        } else {
+            (0..slots)
+                .map(|i| devices[i % devices.len()].clone())
+                .collect()
+        };
+        SlotTable {
+            busy: vec![false; devices.len()],
+            devices,
+            used: HashMap::new(),
+        }
+    }
+
+    /// Where a job could start now: for each device with a free slot, its lowest free slot
+    /// and the device memory left there (`None`: no limit). Devices in slot order, so one
+    /// job on a two-GPU machine lands on the first GPU and a second job on the other.
+    fn candidates(&self) -> Vec<(usize, Option<i64>)> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for (i, device) in self.devices.iter().enumerate() {
+            if self.busy[i] || seen.contains(&device.spec) {
+                continue;
+            }
+            seen.push(device.spec);
+            let used = self.used.get(&device.spec).copied().unwrap_or(0);
+            let free = device
+                .memory_bytes
+                .map(|cap| cap.saturating_sub(used).min(i64::MAX as u64) as i64);
+            out.push((i, free));
+        }
+        out
+    }
+
+    fn occupy(&mut self, slot: usize, bytes: u64) {
+        self.busy[slot] = true;
+        *self.used.entry(self.devices[slot].spec).or_default() += bytes;
+    }
+
+    fn release(&mut self, slot: usize, bytes: u64) {
+        self.busy[slot] = false;
+        if let Some(used) = self.used.get_mut(&self.devices[slot].spec) {
+            *used = used.saturating_sub(bytes);
+        }
+    }
+}
+
+fn lock(table: &Mutex<SlotTable>) -> std::sync::MutexGuard<'_, SlotTable> {
+    table.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Claims one job for the first of `candidates` that has one fitting its free memory.
+async fn claim_for_a_slot(
+    shared: &Shared,
+    candidates: Vec<(usize, Option<i64>)>,
+) -> Result<Option<(usize, crate::queue::JobRow)>, crate::store::StoreError> {
+    for (slot, free) in candidates {
+        if let Some(job) = shared
+            .queue
+            .claim_jobs_fitting(&shared.worker_id, 1, free)
+            .await?
+            .pop()
+        {
+            return Ok(Some((slot, job)));
+        }
+    }
+    Ok(None)
+}
+
 async fn dispatch(
     shared: Arc<Shared>,
     settings: WorkerSettings,
     mut notices: mpsc::Receiver<Notice>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(settings.slots));
+    let table = Arc::new(Mutex::new(SlotTable::new(
+        &settings.devices,
+        settings.slots,
+    )));
     let freed = Arc::new(Notify::new());
     let mut slots = JoinSet::new();
     let mut tick = tokio::time::interval(settings.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut listening = true;
     loop {
-        // Claim while there are free slots and claimable jobs.
+        // Claim while there are free slots and claimable jobs that fit.
         while !*stop.borrow() {
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let candidates = lock(&table).candidates();
+            if candidates.is_empty() {
                 break;
-            };
-            match shared.queue.claim_jobs(&shared.worker_id, 1).await {
-                Ok(mut jobs) => match jobs.pop() {
-                    Some(job) => {
-                        tracing::info!(job = %job.id, attempt = job.attempt, "claimed job");
-                        let (shared, freed) = (shared.clone(), freed.clone());
-                        slots.spawn(async move {
-                            slot::run(shared.clone(), job).await;
-                            drop(permit);
-                            freed.notify_one();
-                        });
-                    }
-                    None => break,
-                },
+            }
+            match claim_for_a_slot(&shared, candidates).await {
+                Ok(Some((slot, job))) => {
+                    let bytes = job.device_memory_bytes.unwrap_or(0).max(0) as u64;
+                    let device = {
+                        let mut t = lock(&table);
+                        t.occupy(slot, bytes);
+                        t.devices[slot].clone()
+                    };
+                    tracing::info!(job = %job.id, attempt = job.attempt, device = %device.spec, "claimed job");
+                    let (shared, freed, table) = (shared.clone(), freed.clone(), table.clone());
+                    slots.spawn(async move {
+                        slot::run(shared.clone(), job, device).await;
+                        lock(&table).release(slot, bytes);
+                        freed.notify_one();
+                    });
+                }
+                Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "could not claim jobs");
                     break;
@@ -261,5 +359,55 @@ async fn dispatch(
         tracing::warn!(
             "running jobs did not stop within the shutdown grace period; their leases will expire"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DeviceSpec;
+
+    fn labelled(spec: DeviceSpec, memory_bytes: Option<u64>) -> SlotDevice {
+        // Only the labels and sizes matter to the assignment; the CPU stands in for the GPUs.
+        SlotDevice {
+            spec,
+            device: candle_core::Device::Cpu,
+            memory_bytes,
+        }
+    }
+
+    #[test]
+    fn slots_spread_over_the_devices_and_claims_go_where_memory_is_free() {
+        let gb = 1_000_000_000u64;
+        let gpus = [
+            labelled(DeviceSpec::Cuda(0), Some(80 * gb)),
+            labelled(DeviceSpec::Cuda(1), Some(40 * gb)),
+        ];
+        let mut t = SlotTable::new(&gpus, 4);
+        let specs: Vec<DeviceSpec> = t.devices.iter().map(|d| d.spec).collect();
+        assert_eq!(specs, [0, 1, 0, 1].map(DeviceSpec::Cuda));
+        // One candidate per device, lowest slot first, with the whole memory free.
+        assert_eq!(
+            t.candidates(),
+            [(0, Some(80e9 as i64)), (1, Some(40e9 as i64))]
+        );
+        // A 50 GB job on GPU 0 leaves 30 GB there; GPU 0's next slot is slot 2.
+        t.occupy(0, 50 * gb);
+        assert_eq!(
+            t.candidates(),
+            [(1, Some(40e9 as i64)), (2, Some(30e9 as i64))]
+        );
+        t.occupy(1, 40 * gb);
+        assert_eq!(t.candidates(), [(2, Some(30e9 as i64)), (3, Some(0))]);
+        t.occupy(2, 30 * gb);
+        t.occupy(3, 0);
+        assert!(t.candidates().is_empty(), "every slot is busy");
+        t.release(0, 50 * gb);
+        assert_eq!(t.candidates(), [(0, Some(50e9 as i64))]);
+
+        // Without a memory limit (the CPU by default) any job fits; no devices means the CPU.
+        let cpu = SlotTable::new(&[], 2);
+        assert_eq!(cpu.candidates(), [(0, None)]);
+        assert_eq!(cpu.devices.len(), 2);
     }
 }

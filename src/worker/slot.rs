@@ -37,7 +37,7 @@ impl LeaseClock {
 }
 
 /// Runs one claimed job to the end of this attempt.
-pub(crate) async fn run(shared: Arc<Shared>, job: JobRow) {
+pub(crate) async fn run(shared: Arc<Shared>, job: JobRow, device: super::SlotDevice) {
     let lease = Lease {
         job_id: job.id.clone(),
         attempt: job.attempt,
@@ -74,7 +74,7 @@ pub(crate) async fn run(shared: Arc<Shared>, job: JobRow) {
         }
     }
     let scratch = tmp.join(format!("{}-attempt-{}", job.id, job.attempt));
-    let result = match prepare(&shared, &job).await {
+    let result = match prepare(&shared, &job, device).await {
         Ok(spec) => match shared.executor.clone() {
             Some(executor) => {
                 execute(&shared, &lease, &control, &clock, executor, spec, &scratch).await
@@ -92,7 +92,11 @@ pub(crate) async fn run(shared: Arc<Shared>, job: JobRow) {
 }
 
 /// Resolves files, model and resume point to local paths.
-async fn prepare(shared: &Shared, job: &JobRow) -> Result<JobSpec, JobFailure> {
+async fn prepare(
+    shared: &Shared,
+    job: &JobRow,
+    device: super::SlotDevice,
+) -> Result<JobSpec, JobFailure> {
     let infra = |e: StoreError| JobFailure::Infrastructure(format!("database: {e}"));
     let local_file = |id: String| async move {
         let row = shared
@@ -191,6 +195,7 @@ async fn prepare(shared: &Shared, job: &JobRow) -> Result<JobSpec, JobFailure> {
         seed: job.seed.max(0) as u64,
         attempt: job.attempt.max(0) as u32,
         resume,
+        device,
     })
 }
 

@@ -15,24 +15,9 @@ use crate::train::{
     TrainingJob,
 };
 
-/// Trains jobs with kiln's engine on the device chosen at start.
-pub struct EngineExecutor {
-    device: candle_core::Device,
-}
-
-impl EngineExecutor {
-    pub fn cpu() -> EngineExecutor {
-        EngineExecutor {
-            device: candle_core::Device::Cpu,
-        }
-    }
-}
-
-impl Default for EngineExecutor {
-    fn default() -> Self {
-        Self::cpu()
-    }
-}
+/// Trains jobs with kiln's engine, each on the device of the slot that claimed it.
+#[derive(Debug, Default)]
+pub struct EngineExecutor;
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
@@ -64,6 +49,33 @@ fn failure(e: TrainError) -> JobFailure {
     }
 }
 
+/// Whether an engine error is the device running out of memory: CUDA's allocator
+/// (`CUDA_ERROR_OUT_OF_MEMORY`) or cuBLAS failing to allocate its workspace.
+fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_uppercase();
+    m.contains("OUT_OF_MEMORY") || m.contains("OUT OF MEMORY") || m.contains("ALLOC_FAILED")
+}
+
+/// A job's failure, with running out of device memory told as what it is and what to change.
+/// It fails the job rather than retrying: the same batch on the same device would run out
+/// again.
+fn job_failure(job: &JobSpec, e: TrainError) -> JobFailure {
+    let text = e.to_string();
+    if !is_out_of_memory(&text) {
+        return failure(e);
+    }
+    let batch = match job.hyperparameters.get("batch_size") {
+        Some(Value::Number(n)) => format!("batch size {n}"),
+        _ => "the automatically chosen batch size".to_owned(),
+    };
+    JobFailure::UserError(format!(
+        "{} ran out of memory training this job at {batch}: lower `batch_size` and raise \
+         `gradient_accumulation_steps` to keep the same effective batch, or lower \
+         `max_length`. ({text})",
+        job.device.spec
+    ))
+}
+
 impl JobExecutor for EngineExecutor {
     fn execute(&self, job: &JobSpec, ctx: &mut JobContext) -> Result<JobOutcome, JobFailure> {
         // kiln's knobs next to OpenAI's; the API checked them when the job was created.
@@ -82,7 +94,7 @@ impl JobExecutor for EngineExecutor {
             grader: job.method_config.get("grader").cloned(),
             models_dir: Some(job.models_dir.clone()),
             resume_from: job.resume.as_ref().map(|r| r.dir.clone()),
-            device: self.device.clone(),
+            device: job.device.device.clone(),
         };
         let stop = StopSignal::default();
         let mut checkpoint_failure: Option<JobFailure> = None;
@@ -110,7 +122,7 @@ impl JobExecutor for EngineExecutor {
                     };
                     ctx.log(
                         Level::Info,
-                        format!("Training {task}: {train_examples} training and {valid_examples} validation examples, {total_steps} steps{labels}."),
+                        format!("Training {task} on {}: {train_examples} training and {valid_examples} validation examples, {total_steps} steps{labels}.", job.device.spec),
                     );
                     for note in notes {
                         ctx.log(Level::Info, format!("Chose {note}."));
@@ -168,7 +180,7 @@ impl JobExecutor for EngineExecutor {
         if let Some(f) = checkpoint_failure {
             return Err(f);
         }
-        match outcome.map_err(failure)? {
+        match outcome.map_err(|e| job_failure(job, e))? {
             TrainOutcome::Finished(summary) => {
                 let mut metrics = summary.metrics.clone();
                 if let Some(base) = &summary.baseline_metrics {
@@ -208,6 +220,8 @@ pub struct EstimateRequest {
     pub seed: u64,
     pub grader: Option<Value>,
     pub models_dir: Option<std::path::PathBuf>,
+    /// The device the steps are timed on.
+    pub device: candle_core::Device,
 }
 
 /// Steps timed by an estimate (after one warm-up step).
@@ -233,7 +247,7 @@ pub async fn estimate(request: EstimateRequest) -> Result<train::Estimate, JobFa
         grader: request.grader,
         models_dir: request.models_dir,
         resume_from: None,
-        device: candle_core::Device::Cpu,
+        device: request.device,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -249,5 +263,24 @@ pub async fn estimate(request: EstimateRequest) -> Result<train::Estimate, JobFa
         Err(_) => Err(JobFailure::Infrastructure(
             "the estimate thread stopped without an answer".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_engine_errors() {
+        for text in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "cublas: CUBLAS_STATUS_ALLOC_FAILED",
+            "CUDA out of memory",
+        ] {
+            assert!(is_out_of_memory(text), "{text}");
+        }
+        for text in ["shape mismatch in matmul", "the loss became NaN", ""] {
+            assert!(!is_out_of_memory(text), "{text}");
+        }
     }
 }

@@ -20,6 +20,7 @@ pub(super) struct PlannedJob<'a> {
     pub(super) metadata: Option<&'a Value>,
     pub(super) method: &'a Value,
     pub(super) priority: i64,
+    pub(super) device_memory: Option<&'a super::DeviceMemory>,
 }
 
 /// Estimates run one at a time per process: each trains for a few steps.
@@ -85,6 +86,7 @@ pub(super) async fn dry_run_job(state: &AppState, job: &PlannedJob<'_>) -> Resul
         seed: job.seed.max(0) as u64,
         grader: job.method[&kind].get("grader").cloned(),
         models_dir: Some(state.models_dir.as_ref().clone()),
+        device: state.estimate_device.device.clone(),
     })
     .await
     .map_err(|f| match f {
@@ -105,6 +107,25 @@ pub(super) async fn dry_run_job(state: &AppState, job: &PlannedJob<'_>) -> Resul
     method[&kind]["hyperparameters"] = Value::Object(resolved.clone());
     let now = Utc::now().timestamp();
     metrics::counter!("kiln_job_dry_runs_total").increment(1);
+    let estimate_object = json!({
+        "task": estimate.task,
+        "train_examples": estimate.train_examples,
+        "valid_examples": estimate.valid_examples,
+        "labels": estimate.labels,
+        "total_steps": estimate.total_steps,
+        "train_tokens_per_epoch": estimate.train_tokens_per_epoch,
+        "trained_tokens": estimate.trained_tokens,
+        "notes": estimate.notes,
+        "measured_steps": estimate.measured_steps,
+        "seconds_per_step": estimate.seconds_per_step,
+        "setup_seconds": estimate.setup_seconds,
+        "evaluations": estimate.evaluations,
+        "evaluation_seconds": estimate.evaluation_seconds,
+        "estimated_seconds": estimate.estimated_seconds,
+        "ran_to_completion": estimate.ran_to_completion,
+        "device": state.estimate_device.spec.to_string(),
+        "device_memory": job.device_memory.map(super::DeviceMemory::describe),
+    });
     Ok(json!({
         "id": "ftjob-dry-run",
         "object": "fine_tuning.job",
@@ -131,24 +152,9 @@ pub(super) async fn dry_run_job(state: &AppState, job: &PlannedJob<'_>) -> Resul
         "metadata": job.metadata,
         "user_provided_suffix": job.suffix,
         "priority": job.priority,
+        "device_memory_gb": job.device_memory.map(|m| super::gigabytes(m.bytes)),
+        "device_memory_estimated": job.device_memory.is_some_and(|m| m.estimate.is_some()),
         "dry_run": true,
-        "estimate": {
-            "task": estimate.task,
-            "train_examples": estimate.train_examples,
-            "valid_examples": estimate.valid_examples,
-            "labels": estimate.labels,
-            "total_steps": estimate.total_steps,
-            "train_tokens_per_epoch": estimate.train_tokens_per_epoch,
-            "trained_tokens": estimate.trained_tokens,
-            "notes": estimate.notes,
-            "measured_steps": estimate.measured_steps,
-            "seconds_per_step": estimate.seconds_per_step,
-            "setup_seconds": estimate.setup_seconds,
-            "evaluations": estimate.evaluations,
-            "evaluation_seconds": estimate.evaluation_seconds,
-            "estimated_seconds": estimate.estimated_seconds,
-            "ran_to_completion": estimate.ran_to_completion,
-            "device": "cpu",
-        },
+        "estimate": estimate_object,
     }))
 }

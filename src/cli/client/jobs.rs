@@ -9,7 +9,7 @@ use super::{Server, ServerArgs, check_id, watch};
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Create a fine-tuning job.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List jobs, newest first.
     List {
         /// At most this many jobs.
@@ -79,6 +79,10 @@ pub struct CreateArgs {
     /// Queue priority, 1 (most urgent) to 10.
     #[arg(long)]
     pub priority: Option<i64>,
+    /// Device memory the job needs, in GB (workers claim it only where it fits); without it
+    /// the server estimates it.
+    #[arg(long, value_name = "GB")]
+    pub device_memory_gb: Option<f64>,
     /// Metadata, repeatable: `--metadata team=search`.
     #[arg(long, value_name = "KEY=VALUE")]
     pub metadata: Vec<String>,
@@ -106,7 +110,7 @@ const STATUSES: [&str; 7] = [
 
 pub async fn run(command: JobsCommand) -> anyhow::Result<()> {
     match command {
-        JobsCommand::Create(args) => create(args).await,
+        JobsCommand::Create(args) => create(*args).await,
         JobsCommand::List {
             limit,
             status,
@@ -184,6 +188,9 @@ fn create_body(args: &CreateArgs) -> anyhow::Result<Value> {
     }
     if let Some(p) = args.priority {
         body.insert("priority".into(), json!(p));
+    }
+    if let Some(gb) = args.device_memory_gb {
+        body.insert("device_memory_gb".into(), json!(gb));
     }
     if args.dry_run {
         body.insert("dry_run".into(), json!(true));
