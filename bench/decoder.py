@@ -61,6 +61,21 @@ during it (machine-wide busy time from /proc/stat minus the run's own CPU).
 Every figure, every run, the load average and the other processes' CPU around each run, the
 machine, the git head and the kiln binary's SHA-256 go to bench/results/decoder-<YYYY-MM-DD>.json.
 Nothing asserts on timings.
+
+LoRA (--strategy lora, default full): kiln gets `--set strategy=lora` with --lora-rank (8),
+--lora-alpha (16), --lora-dropout (0.1) and --lora-modules (q_proj,v_proj), kiln's defaults;
+PyTorch freezes every weight and wraps the same nn.Linear modules as kiln's adapters do
+(y = W x + b + alpha/r * B(A dropout(x)), A uniform +-1/sqrt(in), B zeros; what PEFT's LoraLayer
+computes) and trains only A and B, with the same optimizer settings.
+
+On a GPU (issue 9): --device cuda (or cuda:N) runs the SFT half there (generation stays on the
+CPU benchmark: --only sft is implied). kiln gets `--device cuda:N`; PyTorch moves the model and
+batches to the GPU and synchronises before each timer read, in f32 with TF32 off to match kiln
+(torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False);
+--torch-tf32 adds "torch (best, tf32)". The MFU lines (also on the CPU with --flops) use the
+training FLOPs of bench/gpu_util.py's docstring over the training data's real token counts,
+against the card's dense FP32/TF32 peaks (n/a for a card not in its table). bench/gpu.sh runs
+this with its GPU settings (a larger model shape).
 """
 
 from __future__ import annotations
@@ -87,6 +102,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_util  # noqa: E402
+
 MODEL_ID = "bench/decoder"
 JEMALLOC_CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -95,6 +112,7 @@ JEMALLOC_CANDIDATES = [
     "/usr/lib/libjemalloc.so.2",
 ]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CHILD_TIMEOUT: float | None = None  # --timeout: kill a child that runs longer (0/None: no limit)
 
 # The tokenizer of src/nn/tiny.rs: 256 byte symbols, then these specials.
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -293,7 +311,13 @@ def run_child(cmd: list[str], env: dict, on_stderr_line=None) -> dict:
     th = [threading.Thread(target=read_err), threading.Thread(target=read_out)]
     for x in th:
         x.start()
+    killer = threading.Timer(CHILD_TIMEOUT, p.kill) if CHILD_TIMEOUT else None
+    if killer:
+        killer.daemon = True
+        killer.start()
     _, status, ru = os.wait4(p.pid, 0)
+    if killer:
+        killer.cancel()
     p.returncode = os.waitstatus_to_exitcode(status)
     for x in th:
         x.join()
@@ -311,9 +335,21 @@ class BenchError(Exception):
     pass
 
 
+def error_tail(lines: list[str]) -> str:
+    """What to show of a failed child's stderr: from the first error line (`Error: ...` of
+    anyhow, `panicked at`, a Python traceback) when there is one, since a backtrace
+    (RUST_BACKTRACE=1) would push the message out of a plain tail; else the last 30 lines."""
+    i = next((k for k, l in enumerate(lines)
+              if l.startswith(("Error:", "Traceback")) or "panicked at" in l), None)
+    if i is None:
+        return "\n".join(lines[-30:])
+    shown = lines[i:i + 30]
+    return "\n".join(shown + ([f"... ({len(lines) - i - 30} more lines)"] if len(lines) > i + 30 else []))
+
+
 def check(what: str, res: dict) -> None:
     if res["rc"] != 0:
-        tail = "\n".join(res["stderr"][-30:])
+        tail = error_tail(res["stderr"])
         raise BenchError(f"{what} failed (exit {res['rc']}):\n{tail}\n{res['stdout'][-2000:]}")
 
 
@@ -349,9 +385,20 @@ def worker_cmd(args, worker: str, *extra: str) -> list[str]:
 # SFT: kiln
 
 
+def lora_settings(args) -> list[str]:
+    if args.strategy != "lora":
+        return []
+    return [
+        "--set", f"lora_rank={args.lora_rank}",
+        "--set", f"lora_alpha={args.lora_alpha}",
+        "--set", f"lora_dropout={args.lora_dropout}",
+        "--set", "lora_target_modules=" + json.dumps(args.lora_modules.split(",")),
+    ]  # fmt: skip
+
+
 def sft_settings(args) -> list[str]:
     return [
-        "--set", "strategy=full",
+        "--set", f"strategy={args.strategy}",
         "--set", "n_epochs=1",
         "--set", f"batch_size={args.batch_size}",
         "--set", f"max_length={args.max_length}",
@@ -360,6 +407,7 @@ def sft_settings(args) -> list[str]:
         "--set", "weight_decay=0.01",
         "--set", "max_grad_norm=1.0",
         "--set", "lr_scheduler=linear",
+        *lora_settings(args),
     ]  # fmt: skip
 
 
@@ -379,6 +427,7 @@ def run_kiln_sft(args, model: Path, train: Path, work: Path, rep: int) -> dict:
         "--seed", str(args.seed),
         "--json-progress",
         *sft_settings(args),
+        *gpu_util.kiln_device_args(args.device),
     ]  # fmt: skip
     steps: dict[int, dict] = {}
     events: list[tuple[float, dict]] = []
@@ -460,6 +509,8 @@ def sft_worker(args) -> None:
 
     transformers.logging.set_verbosity_error()
     best = args.variant == "best"
+    dev, dinfo = gpu_util.setup_torch(torch, args.device, args.tf32)
+    cuda = dev.type == "cuda"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -467,6 +518,11 @@ def sft_worker(args) -> None:
     data = [encode_chat(tok, r["messages"], args.max_length) for r in rows]
     pad = tok.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.strategy == "lora":
+        n_adapted = add_lora(torch, model, args.lora_modules.split(","), args.lora_rank, args.lora_alpha,
+                             args.lora_dropout)
+    if cuda:
+        model.to(dev)
     model.train()
 
     def batch(items):
@@ -478,9 +534,12 @@ def sft_worker(args) -> None:
             ids_t[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
             labels[i, : len(ids)] = torch.tensor([t if m else -100 for t, m in zip(ids, tr)])
+        if cuda:
+            ids_t, mask, labels = ids_t.to(dev), mask.to(dev), labels.to(dev)
         return ids_t, mask, labels, sum(len(ids) for ids, _ in items), len(items) * n
 
-    named = list(model.named_parameters())  # tied lm_head appears once (as embed_tokens)
+    # tied lm_head appears once (as embed_tokens); LoRA: the adapters only
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if not is_no_decay(n)], "weight_decay": 0.01},
         {"params": [p for n, p in named if is_no_decay(n)], "weight_decay": 0.0},
@@ -507,10 +566,17 @@ def sft_worker(args) -> None:
         value = loss.item()
         real += n_real
         padded += n_padded
+        gpu_util.sync(torch, dev)
         marks.append((time.perf_counter(), time.process_time(), real, padded, value))
     w = args.warmup_steps
     a, b = marks[w - 1], marks[-1]
     dt_ = b[0] - a[0]
+    extra = {}
+    if args.strategy == "lora":
+        extra.update(strategy="lora", lora_modules_adapted=n_adapted,
+                     trainable_parameters=sum(p.numel() for _, p in named))
+    if cuda:
+        extra.update(dinfo, **gpu_util.gpu_memory(torch, dev))
     print(json.dumps({
         "side": "torch",
         "variant": args.variant,
@@ -532,18 +598,72 @@ def sft_worker(args) -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkl": torch.backends.mkl.is_available(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        **extra,
     }))  # fmt: skip
 
 
-def run_torch_sft(args, model: Path, train: Path, variant: str) -> dict:
+def add_lora(torch, model, modules: list[str], rank: int, alpha: float, dropout: float) -> int:
+    """Freezes every weight and wraps each nn.Linear named in `modules` (q_proj, v_proj, ...;
+    all-linear: every projection of the layers) with a LoRA adapter as kiln's (src/nn/lora.rs):
+    y = W x + b + alpha/rank * B(A dropout(x)), A: [rank, in] uniform +-1/sqrt(in), B: [out, rank]
+    zeros. Returns how many linears were wrapped."""
+    nn = torch.nn
+    all_linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    wanted = all_linear if "all-linear" in modules else set(modules)
+
+    class LoraLinear(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+            bound = 1.0 / math.sqrt(base.in_features)
+            nn.init.uniform_(self.lora_A.weight, -bound, bound)
+            nn.init.zeros_(self.lora_B.weight)
+            self.scale = alpha / rank
+            self.drop = nn.Dropout(dropout)
+
+        def forward(self, x):
+            return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [(parent, name) for _, parent in model.named_modules() for name, child in parent.named_children()
+               if name in wanted and isinstance(child, nn.Linear)]
+    for parent, name in targets:
+        setattr(parent, name, LoraLinear(getattr(parent, name)))
+    if not targets:
+        raise SystemExit(f"LoRA: no nn.Linear named {sorted(wanted)} in the model")
+    return len(targets)
+
+
+def sft_lengths(model: Path, rows: list[dict], max_length: int) -> list[int]:
+    """Real tokens of each training conversation (after the template, truncated), as the SFT
+    workers encode them: for the FLOPs of the MFU lines."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(str(model))
+    return [len(encode_chat(tok, r["messages"], max_length)[0]) for r in rows]
+
+
+def run_torch_sft(args, model: Path, train: Path, variant: str, tf32: bool = False) -> dict:
     env, allocator = torch_env(args, variant == "best")
     cmd = worker_cmd(
         args, "sft", "--variant", variant, "--model-dir", str(model), "--training-file", str(train),
         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
         "--learning-rate", str(args.learning_rate), "--warmup-steps", str(args.warmup_steps),
     )  # fmt: skip
+    if args.strategy != "full":
+        cmd += ["--strategy", args.strategy, "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
+                "--lora-dropout", str(args.lora_dropout), "--lora-modules", args.lora_modules]
+    if args.device != "cpu":
+        cmd += ["--device", args.device]
+    if tf32:
+        cmd += ["--tf32"]
     res = run_child(cmd, env)
-    check(f"torch sft ({variant})", res)
+    check(f"torch sft ({variant}{', tf32' if tf32 else ''})", res)
     r = last_json(res)
     r.update(allocator=allocator, max_rss_mib=res["max_rss_mib"], wall_s=res["wall_s"], cpu_s=res["cpu_s"],
              own_cpu_s=res["cpu_s"])
@@ -770,6 +890,14 @@ def run_torch_generation(args, model: Path, prompts: list[str]) -> dict:
 # Driver
 
 
+def git_output(*a: str) -> str:
+    """`git -C REPO ...`'s output; "" where there is no git (a GPU machine with a copied tree)."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -878,6 +1006,19 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-other-cores", type=float, default=0.3)
     ap.add_argument("--database-url", default=os.environ.get("KILN_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/decoder-DATE.json]")
+    ap.add_argument("--strategy", choices=["full", "lora"], default="full", help="what SFT trains (both sides)")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-dropout", type=float, default=0.1)
+    ap.add_argument("--lora-modules", default="q_proj,v_proj", help="comma-separated (or all-linear)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda / cuda:N: SFT on the GPU for both sides (implies --only sft)")
+    ap.add_argument("--torch-tf32", action="store_true",
+                    help="on a GPU, also run 'torch (best, tf32)': PyTorch with TF32 matmuls")
+    ap.add_argument("--flops", action="store_true", help="print the FLOP/s and MFU lines on the CPU too")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="an SFT configuration that fails is recorded under 'errors' and the others still run")
+    ap.add_argument("--timeout", type=float, default=0.0, help="kill a child process after this many seconds (0: never)")
     # model shape
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -896,7 +1037,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model-dir", dest="model", help=argparse.SUPPRESS)
     ap.add_argument("--training-file", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    ap.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.device != "cpu" and not gpu_util.is_cuda(args.device):
+        ap.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if gpu_util.is_cuda(args.device) and args.worker is None:
+        if args.only == "generation":
+            ap.error("--device cuda runs the SFT half only (generation is measured on the CPU)")
+        args.only = "sft"
+    return args
 
 
 def main() -> int:
@@ -907,11 +1056,14 @@ def main() -> int:
         return sft_worker(args)
     if args.worker == "generate":
         return generate_worker(args)
+    global CHILD_TIMEOUT
+    CHILD_TIMEOUT = args.timeout or None
+    cuda = gpu_util.is_cuda(args.device)
     if not args.kiln.is_file():
         sys.exit(f"{args.kiln} not found: run `cargo build --release --bin kiln` first (or pass --kiln)")
 
     started = dt.datetime.now()
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    git = git_output
     doc: dict = {
         "benchmark": "decoder",
         "started": started.isoformat(timespec="seconds"),
@@ -926,13 +1078,16 @@ def main() -> int:
             "sha256": hashlib.sha256(args.kiln.read_bytes()).hexdigest(),
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("worker", "variant", "model_out", "model", "training_file", "prompts")},
+                     if k not in ("worker", "variant", "model_out", "model", "training_file", "prompts", "tf32")},
         "loadavg_start": loadavg(),
     }
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-decoder-"))
     disturbed: list[dict] = []
     doc["disturbed_runs"] = disturbed
     measure = make_measure(args, disturbed)
+    errors: list[dict] = []
+    if cuda:
+        doc["gpu"] = gpu_util.nvidia_smi()
     try:
         model = tmp / "model"
         env, _ = torch_env(args, False)
@@ -953,10 +1108,22 @@ def main() -> int:
                 ("torch (default)", lambda rep: run_torch_sft(args, model, train, "default")),
                 ("torch (best)", lambda rep: run_torch_sft(args, model, train, "best")),
             ]
+            if cuda and args.torch_tf32:
+                configs.append(("torch (best, tf32)", lambda rep: run_torch_sft(args, model, train, "best", tf32=True)))
+            if cuda or args.flops:
+                doc["sft_lengths"] = sft_lengths(model, rows, args.max_length)
             runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
             for rep in range(args.repeats):
                 for name, fn in configs:
-                    r = measure(f"SFT {name} [{rep + 1}]", lambda: fn(rep))
+                    try:
+                        r = measure(f"SFT {name} [{rep + 1}]", lambda: fn(rep))
+                    except Exception as e:  # noqa: BLE001
+                        if not args.keep_going:
+                            raise
+                        msg = str(e) if isinstance(e, BenchError) else traceback.format_exc()
+                        errors.append({"config": name, "repeat": rep + 1, "error": msg[:6000]})
+                        log(f"[{rep + 1}/{args.repeats}] SFT {name:<16} FAILED (--keep-going): {msg[:3000]}")
+                        continue
                     runs[name].append(r)
                     log(f"[{rep + 1}/{args.repeats}] SFT {name:<16} {fmt(r['train_tokens_per_s'])} tokens/s, "
                         f"cores {fmt(r.get('cores_used'), 2)}, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, "
@@ -968,7 +1135,7 @@ def main() -> int:
                     "train_tokens_per_s_runs": [round(r["train_tokens_per_s"], 1) for r in rs],
                     "cores_used": median([r.get("cores_used") for r in rs]),
                     "max_rss_mib": median([r["max_rss_mib"] for r in rs]),
-                    "train_tokens_epoch": rs[0].get("train_tokens_epoch"),
+                    "train_tokens_epoch": rs[0].get("train_tokens_epoch") if rs else None,
                     "loadavg_1m": [r["loadavg_before"][0] for r in rs],
                     "other_cores": [r["other_cores"] for r in rs],
                 } for name, rs in runs.items()
@@ -1034,7 +1201,7 @@ def main() -> int:
     print()
     print(f"Decoder: Qwen2 shape, {doc['model']['parameters']:,} parameters (hidden {args.hidden_size}, "
           f"{args.layers} layers, {args.heads}/{args.kv_heads} heads, vocab {args.vocab_size}), "
-          f"{args.threads} threads")
+          f"{args.threads} threads" + (f", device {args.device}" if cuda else ""))
     if disturbed:
         print(f"\n{len(disturbed)} run(s) measured again because other processes used the CPU: "
               + ", ".join(f"{d['label']} ({d['other_cores']:.2f} cores)" for d in disturbed))
@@ -1042,13 +1209,14 @@ def main() -> int:
         s = doc["sft"]["summary"]
         print()
         print(f"SFT: {args.train_examples} chat examples, batch {args.batch_size}, max_length {args.max_length}, "
-              f"steps 1..{args.warmup_steps} excluded, median of {args.repeats}")
+              f"steps 1..{args.warmup_steps} excluded, median of {args.repeats}"
+              + (f"; LoRA rank {args.lora_rank} on {args.lora_modules}" if args.strategy == "lora" else ""))
         print()
         print("| configuration | train tokens/s (runs) | cores used | peak RSS MiB | other processes, cores | kiln / this |")
         print("|---|---:|---:|---:|---|---:|")
         k = s["kiln"]["train_tokens_per_s"]
         for name, x in s.items():
-            ratio = k / x["train_tokens_per_s"] if name != "kiln" else None
+            ratio = k / x["train_tokens_per_s"] if name != "kiln" and k and x["train_tokens_per_s"] else None
             if ratio is not None:
                 ratios[f"sft train tokens/s: kiln / {name}"] = ratio
             print(f"| {name} | {fmt(x['train_tokens_per_s'])} ({', '.join(fmt(v) for v in x['train_tokens_per_s_runs'])}) | "
@@ -1084,13 +1252,32 @@ def main() -> int:
         for a in doc["generation"]["greedy_agreement"]:
             print(f"greedy prompt {a['prompt']}: kiln {a['kiln_tokens']} tokens ({a['kiln_finish']}), PyTorch "
                   f"{a['torch_tokens']} ({a['torch_finish']}), same text: {a['identical']}")
+    lengths = doc.pop("sft_lengths", None)
+    if lengths and "sft" in doc:
+        gpu_name = next((r.get("device_name") for rs in doc["sft"]["runs"].values() for r in rs
+                         if r.get("device_name")), None)
+        if cuda and not gpu_name and doc.get("gpu"):
+            gpu_name = doc["gpu"].get("name")
+        lora = args.strategy == "lora"
+        shape = gpu_util.decoder_shape(doc["model"]["config"], args.lora_modules.split(",") if lora else None,
+                                       args.lora_rank)
+        mfu = gpu_util.mfu_block(
+            gpu_name if cuda else None, gpu_util.train_flops(shape, lengths, lora=lora) / sum(lengths),
+            {name: x["train_tokens_per_s"] for name, x in doc["sft"]["summary"].items()}, "token",
+            gpu_util.LORA_FORMULA if lora else gpu_util.FULL_FORMULA, shape, tf32_configs=("torch (best, tf32)",))
+        mfu.update(strategy=args.strategy, examples=len(lengths), mean_tokens_per_example=sum(lengths) / len(lengths))
+        doc["mfu"] = mfu
+        gpu_util.print_mfu(mfu)
+    if errors:
+        doc["errors"] = errors
+        print(f"\n{len(errors)} run(s) FAILED: " + "; ".join(f"{e['config']} [{e['repeat']}]" for e in errors))
     print()
     doc["ratios"] = ratios
     out = args.out or REPO / "bench/results" / f"decoder-{started:%Y-%m-%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,17 @@ PyTorch it is the same pass, run cold at the start of the head_only process like
 second, warm pass is recorded in the JSON too).
 
 Peak RSS is the child's ru_maxrss from wait4 (whole process: model, data, optimizer, runtime).
+
+On a GPU (issue 9): --device cuda (or cuda:N) trains both sides there: kiln gets
+`--device cuda:N`, PyTorch moves the model and every batch to the GPU and synchronises before
+each timer read. kiln trains in f32, so PyTorch runs in f32 with TF32 off
+(torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False);
+--torch-tf32 adds a "torch full (best, tf32)" configuration with TF32 on. The diagnostic
+configurations (allocator tuning) are skipped on a GPU. Peak RSS is still the host process's;
+PyTorch's peak GPU memory goes to the JSON. The MFU lines (full configurations only; also on the
+CPU with --flops) take the training FLOPs of bench/gpu_util.py's docstring over the training
+file's real token counts, against the card's dense FP32/TF32 peaks (n/a for a card not in its
+table). bench/gpu.sh runs this with its GPU settings.
 """
 
 from __future__ import annotations
@@ -69,6 +80,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_util  # noqa: E402
 JEMALLOC_CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -77,6 +90,7 @@ JEMALLOC_CANDIDATES = [
 ]
 EVAL_BATCH = 64  # kiln's EVAL_BATCH (src/train/classify.rs)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CHILD_TIMEOUT: float | None = None  # --timeout: kill a child that runs longer (0/None: no limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +110,16 @@ def make_data(work: Path, n_train: int) -> tuple[Path, Path]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def token_lengths(model: str, train: Path, max_length: int) -> list[int]:
+    """Real tokens ([CLS] ... [SEP], truncated to max_length) of each training example, for the
+    FLOPs of the MFU lines."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    enc = tok([r["text"] for r in read_jsonl(train)], truncation=True, max_length=max_length)
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +155,13 @@ def run_child(cmd: list[str], env: dict, on_stderr_line=None) -> dict:
     th = [threading.Thread(target=read_err), threading.Thread(target=read_out)]
     for x in th:
         x.start()
+    killer = threading.Timer(CHILD_TIMEOUT, p.kill) if CHILD_TIMEOUT else None
+    if killer:
+        killer.daemon = True
+        killer.start()
     _, status, ru = os.wait4(p.pid, 0)
+    if killer:
+        killer.cancel()
     p.returncode = os.waitstatus_to_exitcode(status)
     for x in th:
         x.join()
@@ -145,8 +175,20 @@ def run_child(cmd: list[str], env: dict, on_stderr_line=None) -> dict:
     }
 
 
+def error_tail(lines: list[str]) -> str:
+    """What to show of a failed child's stderr: from the first error line (`Error: ...` of
+    anyhow, `panicked at`, a Python traceback) when there is one, since a backtrace
+    (RUST_BACKTRACE=1) would push the message out of a plain tail; else the last 30 lines."""
+    i = next((k for k, l in enumerate(lines)
+              if l.startswith(("Error:", "Traceback")) or "panicked at" in l), None)
+    if i is None:
+        return "\n".join(lines[-30:])
+    shown = lines[i:i + 30]
+    return "\n".join(shown + ([f"... ({len(lines) - i - 30} more lines)"] if len(lines) > i + 30 else []))
+
+
 def fail(what: str, res: dict):
-    tail = "\n".join(res["stderr"][-30:])
+    tail = error_tail(res["stderr"])
     sys.exit(f"{what} failed (exit {res['rc']}):\n{tail}\n{res['stdout'][-2000:]}")
 
 
@@ -181,6 +223,7 @@ def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int
         "--set", f"n_epochs={args.epochs if strategy == 'full' else args.head_epochs}",
         "--set", f"batch_size={args.batch_size}",
         "--set", f"max_length={args.max_length}",
+        *gpu_util.kiln_device_args(args.device),
     ]
     steps: dict[int, tuple[float, float | None]] = {}
     events: list[tuple[float, dict]] = []
@@ -265,6 +308,8 @@ def torch_worker(args) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     best = args.variant in ("best", "fused")
+    dev, dinfo = gpu_util.setup_torch(torch, args.device, args.tf32)
+    cuda = dev.type == "cuda"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_rows = read_jsonl(Path(args.training_file))
@@ -291,12 +336,18 @@ def torch_worker(args) -> None:
             types[i, : len(b)] = torch.tensor(b)
             mask[i, : len(a)] = 1
         y = torch.tensor([r[2] for r in rows], dtype=torch.long)
+        if cuda:
+            return ids.to(dev), types.to(dev), mask.to(dev), y.to(dev)
         return ids, types, mask, y
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(labels))
+    if cuda:
+        model.to(dev)
     bert = model.bert
     result: dict = {"side": "torch", "variant": args.variant, "strategy": args.strategy,
                     "torch": torch.__version__, "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    if cuda:
+        result.update(dinfo)
     no_grad = torch.inference_mode if best else torch.no_grad
 
     def infer_pass() -> float:
@@ -308,6 +359,7 @@ def torch_worker(args) -> None:
                     ids, types, mask, _ = batch(rows[i : i + EVAL_BATCH])
                     h = bert(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
                     h[:, 0].clone()
+        gpu_util.sync(torch, dev)
         return time.perf_counter() - t0
 
     if args.strategy == "head_only":
@@ -377,6 +429,7 @@ def torch_worker(args) -> None:
             loss.item()
             step += 1
             examples += len(rows)
+            gpu_util.sync(torch, dev)
             marks.append((time.perf_counter(), time.process_time(), examples))
     w = args.warmup_steps
     last = min(len(marks), steps_per_epoch)
@@ -396,10 +449,11 @@ def torch_worker(args) -> None:
             ids, types, mask, y = batch(valid[i : i + EVAL_BATCH])
             correct += int((model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.argmax(-1) == y).sum())
     result["valid_accuracy"] = correct / len(valid)
+    result.update(gpu_util.gpu_memory(torch, dev))
     print(json.dumps(result))
 
 
-def run_torch(args, variant: str, strategy: str, train: Path, valid: Path, rep: int) -> dict:
+def run_torch(args, variant: str, strategy: str, train: Path, valid: Path, rep: int, tf32: bool = False) -> dict:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[k] = str(args.threads)
@@ -420,17 +474,29 @@ def run_torch(args, variant: str, strategy: str, train: Path, valid: Path, rep: 
         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
         "--threads", str(args.threads), "--seed", str(args.seed), "--warmup-steps", str(args.warmup_steps),
     ]
+    if args.device != "cpu":
+        cmd += ["--device", args.device]
+    if tf32:
+        cmd += ["--tf32"]
     res = run_child(cmd, env)
     if res["rc"] != 0:
-        fail(f"torch {variant} {strategy}", res)
+        fail(f"torch {variant} {strategy}" + (" tf32" if tf32 else ""), res)
     r = json.loads(res["stdout"].strip().splitlines()[-1])
-    r.update(config=f"torch {strategy} ({variant})", allocator=allocator,
+    r.update(config=f"torch {strategy} ({variant}{', tf32' if tf32 else ''})", allocator=allocator,
              max_rss_mib=res["max_rss_mib"], wall_s=res["wall_s"], cpu_s=res["cpu_s"])
     return r
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
+
+
+def git_output(*a: str) -> str:
+    """`git -C REPO ...`'s output; "" where there is no git (a GPU machine with a copied tree)."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def loadavg() -> list[float]:
@@ -475,14 +541,28 @@ def main():
     ap.add_argument("--no-extra", action="store_true",
                     help="skip the diagnostic configurations 'kiln full (glibc tuned)' and 'torch full (fused, glibc)'")
     ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/train-minilm-DATE.json]")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda / cuda:N: both sides train there (kiln: --device cuda:N)")
+    ap.add_argument("--torch-tf32", action="store_true",
+                    help="on a GPU, also run 'torch full (best, tf32)': PyTorch with TF32 matmuls")
+    ap.add_argument("--flops", action="store_true", help="print the FLOP/s and MFU lines on the CPU too")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a configuration that fails is recorded under 'errors' and the others still run")
+    ap.add_argument("--timeout", type=float, default=0.0, help="kill a child process after this many seconds (0: never)")
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=["default", "best", "fused"], help=argparse.SUPPRESS)
     ap.add_argument("--strategy", choices=["full", "head_only"], help=argparse.SUPPRESS)
     ap.add_argument("--training-file", help=argparse.SUPPRESS)
     ap.add_argument("--validation-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device != "cpu" and not gpu_util.is_cuda(args.device):
+        ap.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
     if args.worker == "torch":
         return torch_worker(args)
+    global CHILD_TIMEOUT
+    CHILD_TIMEOUT = args.timeout or None
+    cuda = gpu_util.is_cuda(args.device)
 
     if not args.kiln.is_file():
         sys.exit(f"{args.kiln} not found: run `cargo build --release` first (or pass --kiln)")
@@ -494,8 +574,10 @@ def main():
         ("torch head_only (default)", lambda w, t, v, r: run_torch(args, "default", "head_only", t, v, r)),
         ("torch head_only (best)", lambda w, t, v, r: run_torch(args, "best", "head_only", t, v, r)),
     ]
-    if not args.no_extra:
-        # Where the allocator and the optimizer account for the differences.
+    if cuda and args.torch_tf32:
+        configs.insert(4, ("torch full (best, tf32)", lambda w, t, v, r: run_torch(args, "best", "full", t, v, r, tf32=True)))
+    if not args.no_extra and not cuda:
+        # Where the allocator and the optimizer account for the differences (host-side: not on a GPU).
         configs.insert(1, ("kiln full (glibc tuned)", lambda w, t, v, r: run_kiln(args, "full", t, v, w, r, tuned=True)))
         configs.insert(5, ("torch full (fused, glibc)", lambda w, t, v, r: run_torch(args, "fused", "full", t, v, r)))
     if args.only:
@@ -503,13 +585,26 @@ def main():
         configs = [c for c in configs if c[0] in want]
     started = dt.datetime.now()
     runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    errors: list[dict] = []
+    lengths = None
     with tempfile.TemporaryDirectory(prefix="kiln-bench-train-") as tmp:
         work = Path(tmp)
         train, valid = make_data(work, args.train_examples)
+        if cuda or args.flops:
+            lengths = token_lengths(args.model, train, args.max_length)
         for rep in range(args.repeats):
             for name, fn in configs:
                 la0 = loadavg()
-                r = fn(work, train, valid, rep)
+                try:
+                    r = fn(work, train, valid, rep)
+                except (SystemExit, Exception) as e:
+                    if not args.keep_going:
+                        raise
+                    msg = str(e.code) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+                    errors.append({"config": name, "repeat": rep + 1, "error": msg[:6000]})
+                    print(f"[{rep + 1}/{args.repeats}] {name:<27} FAILED (--keep-going): {msg[:3000]}",
+                          file=sys.stderr, flush=True)
+                    continue
                 r["loadavg_before"] = la0
                 r["loadavg_after"] = loadavg()
                 runs[name].append(r)
@@ -539,6 +634,7 @@ def main():
     for k_name, t_name, key in [
         ("kiln full", "torch full (default)", "train_ex_per_s"),
         ("kiln full", "torch full (best)", "train_ex_per_s"),
+        ("kiln full", "torch full (best, tf32)", "train_ex_per_s"),
         ("kiln head_only", "torch head_only (default)", "train_ex_per_s"),
         ("kiln head_only", "torch head_only (best)", "train_ex_per_s"),
         ("kiln head_only", "torch head_only (default)", "infer_ex_per_s"),
@@ -566,7 +662,8 @@ def main():
     print()
     print(f"all-MiniLM-L6-v2, {args.train_examples} training examples, batch {args.batch_size}, "
           f"max_length {args.max_length} (dynamic padding), {args.threads} threads, "
-          f"median of {args.repeats}; steps 1..{args.warmup_steps} excluded")
+          + (f"device {args.device}, " if cuda else "")
+          + f"median of {args.repeats}; steps 1..{args.warmup_steps} excluded")
     print()
     print(f"| {'configuration':<27} | train ex/s | cores used | inference ex/s | peak RSS MiB | load (1 min) |")
     print(f"|{'-' * 29}|-----------:|-----------:|---------------:|-------------:|--------------|")
@@ -581,9 +678,26 @@ def main():
         print(f"  kiln head_only feature cache: {kh['infer_s']:.2f} s for "
               f"{args.train_examples} + {len(read_jsonl(REPO / 'tests/data/topics-valid.jsonl'))} examples (median)")
 
+    gpu = gpu_util.nvidia_smi() if cuda else None
+    mfu = None
+    if lengths:
+        gpu_name = next((r.get("device_name") for rs in runs.values() for r in rs if r.get("device_name")), None)
+        if cuda and not gpu_name and gpu:
+            gpu_name = gpu.get("name")
+        n_labels = len({r["label"] for r in read_jsonl(REPO / "tests/data/topics-train.jsonl")})
+        shape = gpu_util.bert_shape(args.model, n_labels)
+        mfu = gpu_util.mfu_block(
+            gpu_name if cuda else None, gpu_util.train_flops(shape, lengths) / len(lengths),
+            {name: s["train_ex_per_s"] for name, s in summary.items() if "full" in name},
+            "example", gpu_util.FULL_FORMULA, shape, tf32_configs=("torch full (best, tf32)",))
+        mfu["mean_tokens_per_example"] = sum(lengths) / len(lengths)
+        gpu_util.print_mfu(mfu)
+    if errors:
+        print(f"\n{len(errors)} run(s) FAILED: " + "; ".join(f"{e['config']} [{e['repeat']}]" for e in errors))
+
     out = args.out or REPO / "bench/results" / f"train-minilm-{started:%Y-%m-%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    git = git_output
     doc = {
         "benchmark": "train_minilm",
         "started": started.isoformat(timespec="seconds"),
@@ -592,14 +706,22 @@ def main():
         "git_head": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("worker", "variant", "strategy", "training_file", "validation_file")},
+                     if k not in ("worker", "variant", "strategy", "training_file", "validation_file", "tf32")},
         "loadavg_end": loadavg(),
         "summary": summary,
         "ratios": ratios,
         "runs": runs,
     }
+    if cuda:
+        doc["gpu"] = gpu
+    if mfu:
+        doc["mfu"] = mfu
+    if errors:
+        doc["errors"] = errors
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    if errors:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
