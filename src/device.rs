@@ -254,9 +254,7 @@ pub fn compute_capability(device: &Device) -> Option<(u32, u32)> {
 pub fn total_memory(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
-        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
-        cuda.cuda_stream().context().bind_to_thread().ok()?;
-        let (_free, total) = mem_get_info().ok()?;
+        let total = cuda.cuda_stream().context().total_mem().ok()?;
         return Some(total as u64);
     }
     let _ = device;

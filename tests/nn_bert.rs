@@ -540,3 +540,171 @@ fn write_tiny_bert_default_layout_is_loadable() {
     .unwrap();
     assert_eq!(enc.prefix(), "bert.");
 }
+
+/// Mixed precision (half-precision layers from f32 master weights): the same function as f32
+/// within half precision, every trainable variable (LoRA adapters included) still gets an f32
+/// gradient pointing the same way as f32's, and the outputs come back in the half dtype.
+/// GPUs train in bf16; candle's CPU matmul has no bf16, so the CPU runs the same casts with
+/// f16 (the code path is the dtype's, not bf16's).
+#[test]
+fn mixed_precision_follows_f32_and_every_variable_gets_an_f32_gradient() {
+    let dev = Device::Cpu;
+    let dir = tiny_dir(&tiny_bert_config(), TinyLayout::Prefixed);
+    let lora = LoadOptions {
+        lora: Some(kiln::nn::lora::LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec![
+                kiln::nn::lora::LoraTarget::Query,
+                kiln::nn::lora::LoraTarget::Value,
+            ],
+            seed: 7,
+        }),
+        ..LoadOptions::default()
+    };
+    for opts in [LoadOptions::default(), lora] {
+        let mut runs = Vec::new();
+        for dtype in [DType::F32, DType::F16] {
+            let varmap = VarMap::new();
+            let mut enc = BertEncoder::load_dir(dir.path(), &varmap, &dev, &opts).unwrap();
+            if opts.lora.is_some() {
+                // Adapters start at zero (B = 0): move them so their gradients are not trivial.
+                for (name, v) in enc.named_trainable_vars() {
+                    if name.contains("lora_B") {
+                        let t = (v.as_tensor().ones_like().unwrap() * 0.05).unwrap();
+                        v.set(&t).unwrap();
+                    }
+                }
+            }
+            enc.set_compute_dtype(dtype);
+            let (ids, types, mask) = batch(&dev);
+            let hidden = enc.forward(&ids, Some(&types), &mask, false).unwrap();
+            assert_eq!(hidden.dtype(), dtype);
+            let hidden = hidden.to_dtype(DType::F32).unwrap();
+            let n = hidden.elem_count();
+            let weights: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0)
+                .collect();
+            let weights = Tensor::from_vec(weights, hidden.shape(), &dev).unwrap();
+            let loss = (&hidden * weights)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let vars = enc.named_trainable_vars().to_vec();
+            assert!(!vars.is_empty());
+            assert_eq!(without_gradient(&grads, &vars), Vec::<String>::new());
+            let by_name: Vec<(String, Vec<f32>)> = vars
+                .iter()
+                .map(|(name, v)| {
+                    let g = grads.get(v.as_tensor()).unwrap();
+                    assert_eq!(g.dtype(), DType::F32, "{name}: master gradients are f32");
+                    (
+                        name.clone(),
+                        g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    )
+                })
+                .collect();
+            runs.push((hidden, loss.to_scalar::<f32>().unwrap(), by_name));
+        }
+        let ((h32, loss32, g32), (h16, loss16, g16)) = (&runs[0], &runs[1]);
+        let scale = h32
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(h32, h16);
+        assert!(
+            diff <= 0.05 * scale,
+            "hidden states differ by {diff} (scale {scale})"
+        );
+        assert!(
+            (loss32 - loss16).abs() <= 0.03 * loss32.abs(),
+            "loss {loss32} (f32) vs {loss16} (half)"
+        );
+        // Each variable's gradient points the same way as f32's (cosine similarity).
+        for ((name, a), (_, b)) in g32.iter().zip(g16) {
+            let dot: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (*x as f64) * (*y as f64))
+                .sum();
+            let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            // A key bias moves every score of a query alike, which the softmax ignores: its
+            // gradient is zero up to rounding, and its direction is noise in both runs.
+            if name.ends_with("key.bias") || name.ends_with("k_proj.bias") {
+                continue;
+            }
+            let cosine = dot / (na * nb).max(1e-30);
+            assert!(
+                cosine > 0.98,
+                "{name}: gradient cosine {cosine} between f32 and half"
+            );
+        }
+    }
+}
+
+/// Training under mixed precision tracks f32 training: the same AdamW steps from the same
+/// weights give a loss curve within half precision's noise of f32's (f16 on the CPU, as above).
+#[test]
+fn mixed_precision_training_tracks_the_f32_loss_curve() {
+    use kiln::train::optim::{AdamW, AdamWConfig};
+    let dev = Device::Cpu;
+    let dir = tiny_dir(&tiny_bert_config(), TinyLayout::Prefixed);
+    let (ids, types, mask) = batch(&dev);
+    let mut curves = Vec::new();
+    for dtype in [DType::F32, DType::F16] {
+        let varmap = VarMap::new();
+        let mut enc =
+            BertEncoder::load_dir(dir.path(), &varmap, &dev, &LoadOptions::default()).unwrap();
+        enc.set_compute_dtype(dtype);
+        let mut opt = AdamW::new(AdamWConfig::default());
+        opt.add_group("all", 1e-3, 0.01, enc.named_trainable_vars().to_vec())
+            .unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..25 {
+            let hidden = enc
+                .forward(&ids, Some(&types), &mask, false)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            // Pull every position's state towards a fixed target pattern.
+            let target = Tensor::arange(0f32, hidden.elem_count() as f32, &dev)
+                .unwrap()
+                .reshape(hidden.shape())
+                .unwrap()
+                .affine(0.37, 0.0)
+                .unwrap()
+                .sin()
+                .unwrap();
+            let loss = (hidden - target)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            losses.push(loss.to_scalar::<f32>().unwrap());
+            let grads = loss.backward().unwrap();
+            opt.clip_grad_norm(&grads, 1.0).unwrap();
+            opt.step(&grads).unwrap();
+        }
+        curves.push(losses);
+    }
+    let (f32_curve, half_curve) = (&curves[0], &curves[1]);
+    assert!(
+        f32_curve[24] < 0.8 * f32_curve[0],
+        "the loss must fall: {f32_curve:?}"
+    );
+    for (step, (a, b)) in f32_curve.iter().zip(half_curve).enumerate() {
+        assert!(
+            (a - b).abs() <= 0.02 * a.abs().max(1e-3),
+            "step {step}: f32 {a} vs half {b}\n{f32_curve:?}\n{half_curve:?}"
+        );
+    }
+}

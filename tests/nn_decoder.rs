@@ -1266,3 +1266,91 @@ fn left_padded_rows_decode_as_they_would_alone() {
         }
     }
 }
+
+/// Mixed precision (half-precision layers from f32 master weights) for every decoder family,
+/// full and LoRA: f32 logits close to f32 training's, the same loss within half precision,
+/// and an f32 gradient for every trainable variable pointing the same way as f32's. GPUs train
+/// in bf16; candle's CPU matmul has no bf16, so the CPU runs the same casts with f16.
+#[test]
+fn mixed_precision_follows_f32_and_every_variable_gets_an_f32_gradient() {
+    let dev = Device::Cpu;
+    let (ids, mask) = padded_batch(&dev);
+    for model_type in TYPES {
+        let dir = sharpened(tiny_dir(model_type).path());
+        for opts in [
+            DecoderLoadOptions::default(),
+            lora_options(&["q_proj", "v_proj", "down_proj"]),
+        ] {
+            let mut runs = Vec::new();
+            for dtype in [DType::F32, DType::F16] {
+                let varmap = VarMap::new();
+                let mut dec = load(dir.path(), &varmap, &opts);
+                for (name, v) in dec.named_trainable_vars() {
+                    if name.contains("lora_B") {
+                        let t = (v.as_tensor().ones_like().unwrap() * 0.05).unwrap();
+                        v.set(&t).unwrap();
+                    }
+                }
+                dec.set_compute_dtype(dtype);
+                let logits = dec.forward(&ids, &mask, true).unwrap();
+                assert_eq!(logits.dtype(), DType::F32, "logits come back in f32");
+                let loss = causal_lm_loss(&logits, &ids, &mask);
+                let grads = loss.backward().unwrap();
+                let vars = dec.named_trainable_vars().to_vec();
+                let missing = without_gradient(&grads, &vars);
+                assert!(
+                    missing.is_empty(),
+                    "{model_type} {dtype:?}: no gradient for {missing:?}"
+                );
+                let by_name: Vec<(String, Vec<f32>)> = vars
+                    .iter()
+                    .map(|(name, v)| {
+                        let g = grads.get(v.as_tensor()).unwrap();
+                        assert_eq!(g.dtype(), DType::F32, "{name}");
+                        (
+                            name.clone(),
+                            g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        )
+                    })
+                    .collect();
+                runs.push((logits, loss.to_scalar::<f32>().unwrap(), by_name));
+            }
+            let ((l32, loss32, g32), (l16, loss16, g16)) = (&runs[0], &runs[1]);
+            let scale = l32
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(l32, l16);
+            assert!(
+                diff <= 0.05 * scale,
+                "{model_type}: logits differ by {diff} (scale {scale})"
+            );
+            assert!(
+                (loss32 - loss16).abs() <= 0.03 * loss32.abs(),
+                "{model_type}: loss {loss32} (f32) vs {loss16} (half)"
+            );
+            for ((name, a), (_, b)) in g32.iter().zip(g16) {
+                let dot: f64 = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (*x as f64) * (*y as f64))
+                    .sum();
+                let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                // A key bias moves every score of a query alike, which the softmax ignores: its
+                // gradient is zero up to rounding, and its direction is noise in both runs.
+                if name.ends_with("key.bias") || name.ends_with("k_proj.bias") {
+                    continue;
+                }
+                let cosine = dot / (na * nb).max(1e-30);
+                assert!(
+                    cosine > 0.98,
+                    "{model_type} {name}: gradient cosine {cosine}"
+                );
+            }
+        }
+    }
+}

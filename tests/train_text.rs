@@ -523,3 +523,36 @@ fn sharded_checkpoints_load_like_single_files() {
     let run = run(&f.job(json!({"n_epochs": 1, "batch_size": 16}), 1, "a"));
     assert_eq!(run.summary().steps, 8);
 }
+
+/// `mixed_precision`: `auto` is fp32 on the CPU and the run records it; `bf16` on a device
+/// without native bf16 (the CPU) is refused as a user error naming the setting, before any
+/// step (the bf16 arithmetic itself is specified in tests/nn_bert.rs and nn_decoder.rs).
+#[test]
+fn mixed_precision_is_fp32_on_the_cpu_and_bf16_is_refused_there() {
+    let f = Fixture::new(TinyLayout::Unprefixed);
+    let hp = |precision: &str| {
+        json!({"n_epochs": 1, "batch_size": 8, "learning_rate": 3e-3, "head_learning_rate": 3e-3,
+               "mixed_precision": precision})
+    };
+    let auto = run(&f.job(hp("auto"), 1, "auto"));
+    let recorded = auto
+        .events
+        .iter()
+        .find_map(|e| match e {
+            TrainEvent::Started {
+                hyperparameters, ..
+            } => Some(hyperparameters.mixed_precision),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(recorded, Some(kiln::train::spec::Precision::Fp32));
+    let stop = kiln::train::StopSignal::default();
+    let err = kiln::train::run(&f.job(hp("bf16"), 1, "bf16"), &mut |_| {}, &stop).unwrap_err();
+    assert!(err.is_user_error(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("mixed_precision") && text.contains("bf16"),
+        "{text}"
+    );
+    assert!(!f.p("bf16/model").exists(), "nothing was written");
+}

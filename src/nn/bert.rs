@@ -263,6 +263,9 @@ pub struct BertEncoder {
     trainable: Vec<(String, Var)>,
     frozen: Vec<(String, Tensor)>,
     device: Device,
+    /// The dtype the layers compute in: f32, or bf16 under mixed precision (the weights stay
+    /// f32 masters; embeddings and norms run in f32).
+    compute_dtype: DType,
 }
 
 /// Prefixes tried, in order, to find `embeddings.word_embeddings.weight`.
@@ -440,7 +443,20 @@ impl BertEncoder {
             trainable,
             frozen,
             device: device.clone(),
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// Mixed precision: the transformer layers compute in `dtype` (bf16) from the f32 master
+    /// weights; embeddings, norms and attention's softmax stay f32, and the outputs come back
+    /// in `dtype`. Gradients reach the f32 weights through the casts. `F32` turns it off.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
+    }
+
+    /// The dtype the layers compute in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// The config the encoder was built from.
@@ -585,7 +601,7 @@ impl BertEncoder {
         let x = ((e.word.forward(&input_ids)? + e.token_type.forward(&token_type_ids)?)?
             + e.position.forward(&position_ids)?)?;
         let x = e.layer_norm.forward(&x)?;
-        let mut x = dropout(&x, cfg.hidden_dropout_prob, train)?;
+        let mut x = dropout(&x, cfg.hidden_dropout_prob, train)?.to_dtype(self.compute_dtype)?;
 
         // Additive mask [b, 1, 1, s]: 0 for tokens, f32::MIN for pads (as transformers does).
         let mask = attention_mask.to_dtype(DType::F32)?;
@@ -674,8 +690,9 @@ impl BertEncoder {
             None => {
                 let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
                 let scores = (q.matmul(&k.t()?)? * scale)?;
-                let scores = scores.broadcast_add(mask_bias)?;
-                let probs = ops::softmax_last_dim(&scores)?;
+                // The softmax in f32 whatever the activations' dtype (mixed precision).
+                let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask_bias)?;
+                let probs = ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
                 let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
                 probs
                     .matmul(&v)?
@@ -804,7 +821,8 @@ impl BertEncoder {
             bias: Some(head.bias.clone()),
             lora: None,
         };
-        Ok(decoder.forward(&t)?)
+        // f32 logits whatever the layers computed in: the loss is taken in f32.
+        Ok(decoder.forward(&t)?.to_dtype(DType::F32)?)
     }
 }
 

@@ -642,6 +642,8 @@ pub struct Decoder {
     trainable: Vec<(String, Var)>,
     frozen: Vec<(String, Tensor)>,
     device: Device,
+    /// The dtype the layers compute in during training: f32, or bf16 under mixed precision.
+    compute_dtype: DType,
 }
 
 /// `model.` for `*ForCausalLM` checkpoints, nothing for bare `*Model` ones.
@@ -817,7 +819,16 @@ impl Decoder {
             trainable,
             frozen,
             device: device.clone(),
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// Mixed precision for [`Decoder::forward`] and [`Decoder::hidden_states`]: the layers
+    /// compute in `dtype` (bf16) from the f32 master weights; embeddings, RMSNorm and the
+    /// attention softmax stay f32 and the logits come back in f32. `F32` turns it off.
+    /// Cached decoding (serving) always computes in f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
     }
 
     /// The config the decoder was built from.
@@ -894,7 +905,8 @@ impl Decoder {
         let mask = self.attention_bias(t, 0, &lengths)?;
         let mut x = self
             .embed_tokens
-            .forward(&input_ids.to_dtype(DType::U32)?)?;
+            .forward(&input_ids.to_dtype(DType::U32)?)?
+            .to_dtype(self.compute_dtype)?;
         for layer in &self.layers {
             let masks = Masks {
                 bias: mask.as_ref(),
@@ -908,7 +920,11 @@ impl Decoder {
 
     /// Applies the LM head to hidden states `[.., hidden]`: logits `[.., vocab]`.
     pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.lm_head.forward_t(hidden, train)?)
+        // f32 logits whatever the layers computed in: the loss is taken in f32.
+        Ok(self
+            .lm_head
+            .forward_t(hidden, train)?
+            .to_dtype(DType::F32)?)
     }
 
     /// A fresh, empty cache for [`Decoder::forward_cached`].
@@ -1202,6 +1218,8 @@ impl Decoder {
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
+        // The tables in the activations' dtype (bf16 under mixed precision).
+        let (cos, sin) = (&cos.to_dtype(x.dtype())?, &sin.to_dtype(x.dtype())?);
         let rope = |y: &Tensor| {
             if self.fused {
                 ops::rope(y, cos, sin)
@@ -1231,7 +1249,8 @@ impl Decoder {
         // matmul per key/value head, and no repeated copies of keys and values. The 1/sqrt(d)
         // scale goes on the queries, smaller than the scores by a factor seq / head_dim.
         let q = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?;
+        // The softmax in f32 whatever the activations' dtype (mixed precision).
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let scores = match mask {
             Some(m) => scores
                 .reshape((b, nkv, rep, t, s))?
@@ -1239,7 +1258,7 @@ impl Decoder {
                 .reshape((b, nkv, rep * t, s))?,
             None => scores,
         };
-        let probs = ops::softmax_last_dim(&scores)?;
+        let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let ctx = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?

@@ -75,39 +75,134 @@ pub(crate) fn sgemm(
     // The threads of the rayon pool this runs in (a serving part's one-thread pool runs its
     // products on its own core): asking gemm for more than the pool has only splits the work
     // into parts that run one after another, each packing its operands again.
+    let pool = rayon::current_num_threads();
+    if threads == Threads::All && pool > 1 && m < SMALL_ROWS && n >= 2 * COLUMN_BLOCK {
+        // Few rows: gemm's own split of such a product is poor (the threads mostly wait), so
+        // the columns are cut into one block per thread, each a one-thread product.
+        return split_columns((m, n, k), dst, dst_rs, a, b, scale, accumulate, pool);
+    }
     let par = match threads {
-        Threads::All if rayon::current_num_threads() > 1 => {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        }
+        Threads::All if pool > 1 => gemm::Parallelism::Rayon(pool),
         _ => gemm::Parallelism::None,
     };
+    // A product with few rows (one short text being served) is computed as its transpose,
+    // `dstᵀ = bᵀ · aᵀ` (only the strides change): gemm's micro-kernels cover rows in blocks
+    // of up to 48 with AVX-512, so 20 rows would be padded to 48, while the wide side is a
+    // multiple of the block and the few rows become the kernel's narrow side.
+    let transposed = m < SMALL_ROWS && n > m;
     // SAFETY: the bounds of every operand were checked above against its strides; the three
-    // slices cannot alias (dst is borrowed mutably).
+    // slices cannot alias (dst is borrowed mutably). The transposed call reads and writes the
+    // same elements through swapped strides.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
+        if transposed {
+            gemm::gemm(
+                n,
+                m,
+                k,
+                dst.as_mut_ptr(),
+                dst_rs as isize,
+                1,
+                accumulate,
+                b.data.as_ptr(),
+                b.rs as isize,
+                b.cs as isize,
+                a.data.as_ptr(),
+                a.rs as isize,
+                a.cs as isize,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                par,
+            );
+        } else {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                dst_rs as isize,
+                accumulate,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
     }
     Ok(())
 }
+
+/// Columns per block (a multiple of every micro-kernel's width) when products with few rows
+/// are split over threads by columns.
+const COLUMN_BLOCK: usize = 16;
+
+/// The destination's address, shared by threads that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: each thread writes only its own block of columns (see `split_columns`).
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+impl DstPtr {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `sgemm` with the columns cut into `threads` blocks computed side by side on the pool.
+#[allow(clippy::too_many_arguments)]
+fn split_columns(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    accumulate: bool,
+    threads: usize,
+) -> candle_core::Result<()> {
+    use rayon::prelude::*;
+    let per = n.div_ceil(threads).div_ceil(COLUMN_BLOCK) * COLUMN_BLOCK;
+    let blocks: Vec<(usize, usize)> = (0..n).step_by(per).map(|j| (j, (j + per).min(n))).collect();
+    let len = dst.len();
+    let base = DstPtr(dst.as_mut_ptr());
+    blocks.into_par_iter().try_for_each(|(j0, j1)| {
+        // SAFETY: block [j0, j1) of every row: rows are dst_rs apart and blocks are disjoint
+        // column ranges, so no two threads touch the same element; the view is in bounds
+        // (sgemm checked `(m - 1) * dst_rs + n <= len`).
+        let dst = unsafe { std::slice::from_raw_parts_mut(base.get().add(j0), len - j0) };
+        let b = Mat {
+            data: &b.data[j0 * b.cs..],
+            rs: b.rs,
+            cs: b.cs,
+        };
+        sgemm(
+            (m, j1 - j0, k),
+            dst,
+            dst_rs,
+            a,
+            b,
+            scale,
+            accumulate,
+            Threads::One,
+        )
+    })
+}
+
+/// Products with fewer rows than this (and more columns) run transposed (see [`sgemm`]).
+const SMALL_ROWS: usize = 48;
 
 #[cfg(test)]
 mod tests {
@@ -125,20 +220,27 @@ mod tests {
 
     #[test]
     fn strided_products_match_the_naive_product() {
-        let (m, n, k) = (5, 3, 4);
+        // Few rows and many columns run transposed; many rows as they are.
+        for (m, n, k) in [(5, 3, 4), (3, 70, 9), (1, 5, 2), (60, 80, 7)] {
+            strided_product(m, n, k);
+        }
+    }
+
+    fn strided_product(m: usize, n: usize, k: usize) {
         let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.71).cos()).collect();
         let want = naive(m, n, k, &a, &b);
         // b given as its transpose [n, k]; dst a column block of a [m, 7] matrix; scaled and
         // accumulated onto ones.
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-        let mut dst = vec![1f32; m * 7];
+        let w = n + 4;
+        let mut dst = vec![1f32; m * w];
         for threads in [Threads::All, Threads::One] {
             dst.fill(1.0);
             sgemm(
                 (m, n, k),
                 &mut dst[2..],
-                7,
+                w,
                 Mat::rows(&a, k),
                 Mat::transposed(&bt, k),
                 0.5,
@@ -147,13 +249,17 @@ mod tests {
             )
             .unwrap();
             for i in 0..m {
-                for j in 0..7 {
+                for j in 0..w {
                     let expect = if (2..2 + n).contains(&j) {
                         1.0 + 0.5 * want[i * n + j - 2]
                     } else {
                         1.0
                     };
-                    assert!((dst[i * 7 + j] - expect).abs() < 1e-5, "{i},{j}");
+                    assert!(
+                        (dst[i * w + j] - expect).abs() < 1e-4,
+                        "[{m}, {n}, {k}] {i},{j}: {} vs {expect}",
+                        dst[i * w + j]
+                    );
                 }
             }
         }

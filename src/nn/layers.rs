@@ -190,11 +190,24 @@ impl Linear {
         let in_dim = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
         let x = x.reshape((rows, in_dim))?;
-        let y = match ops::linear(&x, &self.weight, self.bias.as_ref())? {
+        // Mixed precision: the f32 master weights are cast to the activations' dtype (bf16),
+        // and the cast's backward brings their gradients back to f32.
+        let (weight, bias) = if x.dtype() != self.weight.dtype() {
+            (
+                self.weight.to_dtype(x.dtype())?,
+                self.bias
+                    .as_ref()
+                    .map(|b| b.to_dtype(x.dtype()))
+                    .transpose()?,
+            )
+        } else {
+            (self.weight.clone(), self.bias.clone())
+        };
+        let y = match ops::linear(&x, &weight, bias.as_ref())? {
             Some(y) => y,
             None => {
-                let y = x.matmul(&self.weight.t()?)?;
-                match &self.bias {
+                let y = x.matmul(&weight.t()?)?;
+                match &bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
                 }
@@ -251,8 +264,14 @@ impl LayerNorm {
         })
     }
 
-    /// Normalises `x` over its last dimension.
+    /// Normalises `x` over its last dimension. Activations in another dtype than the weights
+    /// (bf16 under mixed precision) are normalised in the weights' f32 and cast back.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() != self.weight.dtype() {
+            return self
+                .forward(&x.to_dtype(self.weight.dtype())?)?
+                .to_dtype(x.dtype());
+        }
         if self.fused {
             ops::layer_norm(x, &self.weight, &self.bias, self.eps)
         } else {
@@ -312,8 +331,13 @@ impl RmsNorm {
         })
     }
 
-    /// Normalises `x` over its last dimension.
+    /// Normalises `x` over its last dimension (in f32 for bf16 activations, as LayerNorm).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() != self.weight.dtype() {
+            return self
+                .forward(&x.to_dtype(self.weight.dtype())?)?
+                .to_dtype(x.dtype());
+        }
         if self.fused {
             ops::rms_norm(x, &self.weight, self.eps)
         } else {

@@ -133,7 +133,8 @@ impl LoraAdapter {
         let in_dim = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
         let x = dropout(&x.reshape((rows, in_dim))?, self.dropout, train)?;
-        let y = (x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?;
+        let (a, b) = (self.a.to_dtype(x.dtype())?, self.b.to_dtype(x.dtype())?);
+        let y = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.b.dim(0)?;

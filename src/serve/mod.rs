@@ -953,8 +953,17 @@ fn run_generator(model: Arc<GenerativeModel>, rx: mpsc::Receiver<GenWork>, slots
     tracing::debug!("generation thread stopped (model unloaded)");
 }
 
-/// The longest a model thread waits for the clients of its previous batch to send again.
-const BATCH_WAIT: Duration = Duration::from_millis(2);
+/// How long a model thread waits for the clients of its previous batch to send again: a
+/// quarter of the time the previous batch took, within these bounds. While a batch computes,
+/// the requests of the clients it answered last are still being read and tokenised on the
+/// same cores, so they arrive late; waiting a fraction of the compute time for them costs
+/// little latency and keeps batches full.
+const BATCH_WAIT_MIN: Duration = Duration::from_millis(1);
+const BATCH_WAIT_MAX: Duration = Duration::from_millis(8);
+
+fn batch_wait(previous_batch: Duration) -> Duration {
+    (previous_batch / 4).clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX)
+}
 
 /// One input of a batch, and where its answer goes.
 struct Item<'a> {
@@ -974,15 +983,16 @@ fn run_model(
     threads: usize,
 ) {
     // Requests in the previous batch: when as many clients are active, the ones whose answers
-    // just went out are about to send again. Waiting a moment for them (never more than
-    // BATCH_WAIT) keeps batches full instead of alternating full and near-empty ones.
+    // just went out are about to send again. Waiting a moment for them (`batch_wait`) keeps
+    // batches full instead of alternating full and near-empty ones. A lone client never waits.
     let mut previous = 1usize;
+    let mut previous_took = Duration::ZERO;
     while let Ok(first) = rx.recv() {
         let mut works = vec![first];
         while let Ok(more) = rx.try_recv() {
             works.push(more);
         }
-        let until = Instant::now() + BATCH_WAIT;
+        let until = Instant::now() + batch_wait(previous_took);
         while works.len() < previous {
             let left = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
@@ -1023,8 +1033,9 @@ fn run_model(
         if !embed.is_empty() {
             run_batches(&model, embed, max_batch_tokens, threads, Purpose::Embed);
         }
+        previous_took = started.elapsed();
         metrics::histogram!("kiln_serve_batch_inputs").record(inputs as f64);
-        metrics::histogram!("kiln_serve_batch_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("kiln_serve_batch_seconds").record(previous_took.as_secs_f64());
     }
     tracing::debug!(model = %id, "inference thread stopped (model unloaded)");
 }

@@ -351,6 +351,7 @@ pub(crate) fn run(
         p99_tokens: length_quantile(&lengths, 0.99),
         decoder: true,
         vision: false,
+        bf16_native: crate::device::supports_bf16(&job.device),
     };
     let (hp, notes) = job.hyperparameters.resolve(&ctx)?;
     let max_length = hp.max_length as usize;
@@ -364,7 +365,8 @@ pub(crate) fn run(
 
     let opts = load_options(&hp, job.seed);
     let varmap = VarMap::new();
-    let model = Decoder::load_dir(&job.base_model, &varmap, &job.device, &opts)?;
+    let mut model = Decoder::load_dir(&job.base_model, &varmap, &job.device, &opts)?;
+    model.set_compute_dtype(hp.compute_dtype());
     let train_tokens: u64 = train.iter().map(|e| e.ids.len() as u64).sum();
     let mut task = CausalLm {
         model,

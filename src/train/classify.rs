@@ -144,7 +144,7 @@ impl Classification {
                 .model
                 .encoder
                 .forward(&ids, Some(&types), &mask, false)?;
-            parts.push(cls_pool(&hidden)?.detach());
+            parts.push(cls_pool(&hidden)?.to_dtype(DType::F32)?.detach());
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
@@ -167,8 +167,11 @@ impl Classification {
         }
         let refs: Vec<&EncodedText> = idx.iter().map(|&i| &split.texts[i]).collect();
         let (ids, types, mask, tokens) = self.batch_tensors(&refs)?;
+        // f32 logits under mixed precision too: the loss is taken in f32.
         Ok((
-            self.model.forward(&ids, Some(&types), &mask, train)?,
+            self.model
+                .forward(&ids, Some(&types), &mask, train)?
+                .to_dtype(DType::F32)?,
             tokens,
         ))
     }
@@ -311,7 +314,7 @@ pub(crate) fn run(
     }
 
     let texts: Vec<&str> = train_examples.iter().map(|e| e.text.as_str()).collect();
-    let ctx = resolve_context(&config, &job.base_model, &texts)?;
+    let ctx = resolve_context(&config, &job.base_model, &texts, &job.device)?;
     let (hp, notes) = job.hyperparameters.resolve(&ctx)?;
     let tokenizer = TextTokenizer::load(&job.base_model, hp.max_length as usize)?;
     let encode = |examples: &[TextExample]| -> Result<(Vec<EncodedText>, usize), TrainError> {
@@ -351,7 +354,7 @@ pub(crate) fn run(
         },
     };
     let varmap = VarMap::new();
-    let model = SequenceClassifier::from_base(
+    let mut model = SequenceClassifier::from_base(
         &job.base_model,
         labels.names().to_vec(),
         &varmap,
@@ -359,6 +362,7 @@ pub(crate) fn run(
         &opts,
         job.seed,
     )?;
+    model.encoder.set_compute_dtype(hp.compute_dtype());
     let multi = data.multi_label;
     let mut task = Classification {
         train: Split {

@@ -219,6 +219,7 @@ pub(crate) fn run(
         p99_tokens: length_quantile(&lengths, 0.99),
         decoder: true,
         vision: false,
+        bf16_native: crate::device::supports_bf16(&job.device),
     };
     let (mut hp, mut notes) = job.hyperparameters.resolve(&ctx)?;
     let beta = match hp.beta {
@@ -230,12 +231,13 @@ pub(crate) fn run(
     };
     hp.beta = Some(beta);
     let varmap = VarMap::new();
-    let model = Decoder::load_dir(
+    let mut model = Decoder::load_dir(
         &job.base_model,
         &varmap,
         &job.device,
         &load_options(&hp, job.seed),
     )?;
+    model.set_compute_dtype(hp.compute_dtype());
     let max_length = hp.max_length as usize;
     let (train, truncated) = encode_pairs(&train_pairs, &tok, &model, max_length, &job.device)?;
     let (valid, _) = encode_pairs(&valid_pairs, &tok, &model, max_length, &job.device)?;

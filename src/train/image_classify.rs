@@ -340,6 +340,7 @@ pub(crate) fn run(
         p99_tokens: pre.crop.0 as usize,
         decoder: false,
         vision: true,
+        bf16_native: crate::device::supports_bf16(&job.device),
     };
     let (hp, notes) = job.hyperparameters.resolve(&ctx)?;
     let opts = VisionLoadOptions {

@@ -275,7 +275,7 @@ pub(crate) fn run(
         ));
     }
     let refs: Vec<&str> = train_texts.iter().map(String::as_str).collect();
-    let ctx = resolve_context(&config, &job.base_model, &refs)?;
+    let ctx = resolve_context(&config, &job.base_model, &refs, &job.device)?;
     let (hp, notes) = job.hyperparameters.resolve(&ctx)?;
     if hp.strategy == Strategy::HeadOnly {
         return Err(TrainError::Data("strategy head_only has no head to train in domain adaptation; use full, freeze or lora".into()));
@@ -315,7 +315,8 @@ pub(crate) fn run(
         ..LoadOptions::default()
     };
     let varmap = VarMap::new();
-    let encoder = BertEncoder::from_checkpoint(&config, &ckpt, &varmap, &job.device, &opts)?;
+    let mut encoder = BertEncoder::from_checkpoint(&config, &ckpt, &varmap, &job.device, &opts)?;
+    encoder.set_compute_dtype(hp.compute_dtype());
     drop(ckpt);
     let vocab = tokenizer.vocab_size().min(config.vocab_size) as u32;
     let mut valid_rng = StdRng::seed_from_u64(job.seed ^ 0xE7A1);

@@ -263,6 +263,7 @@ pub(crate) fn resolve_context(
     config: &crate::nn::bert::BertConfig,
     model_dir: &Path,
     texts: &[&str],
+    device: &candle_core::Device,
 ) -> Result<spec::ResolveContext, TrainError> {
     let lengths = data::text::TextTokenizer::load(model_dir, usize::MAX)?.lengths(texts)?;
     // RoBERTa-style positions start after the padding id.
@@ -278,6 +279,7 @@ pub(crate) fn resolve_context(
         p99_tokens: data::text::length_quantile(&lengths, 0.99),
         decoder: false,
         vision: false,
+        bf16_native: crate::device::supports_bf16(device),
     })
 }
 

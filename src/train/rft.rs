@@ -432,6 +432,7 @@ pub(crate) fn run(
         p99_tokens: length_quantile(&lengths, 0.99),
         decoder: true,
         vision: false,
+        bf16_native: crate::device::supports_bf16(&job.device),
     };
     let mut request = job.hyperparameters.clone();
     if request.select_metric.is_none() {
@@ -464,14 +465,15 @@ pub(crate) fn run(
     let max_new = (max_length - longest_prompt).min(MAX_COMPLETION_TOKENS);
 
     let varmap = VarMap::new();
-    let policy = Decoder::load_dir(
+    let mut policy = Decoder::load_dir(
         &job.base_model,
         &varmap,
         &job.device,
         &load_options(&hp, job.seed),
     )?;
+    policy.set_compute_dtype(hp.compute_dtype());
     let reference_vars = VarMap::new();
-    let reference = Decoder::load_dir(
+    let mut reference = Decoder::load_dir(
         &job.base_model,
         &reference_vars,
         &job.device,
@@ -481,6 +483,7 @@ pub(crate) fn run(
             ..DecoderLoadOptions::default()
         },
     )?;
+    reference.set_compute_dtype(hp.compute_dtype());
     let mut stop_ids = config.eos_token_ids();
     stop_ids.extend(tok.eos_id());
     stop_ids.sort_unstable();

@@ -141,6 +141,29 @@ pub struct HyperparameterRequest {
     /// Image classification's training augmentation (default `crop_flip`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augmentation: Option<AutoOr<Augmentation>>,
+    /// The precision text models compute in: `bf16` (mixed precision: bf16 activations and
+    /// products, f32 master weights, optimizer state, norms, softmax and loss) or `fp32`;
+    /// `auto` is bf16 on GPUs that compute it natively and fp32 elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed_precision: Option<AutoOr<Precision>>,
+}
+
+/// The precision of the forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype activations and matrix products use.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::Fp32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 /// Random augmentation of training images (evaluation always center-crops).
@@ -255,6 +278,18 @@ pub struct Hyperparameters {
     /// Image classification runs only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augmentation: Option<Augmentation>,
+    /// Text runs only (encoders and decoders); image runs compute in f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed_precision: Option<Precision>,
+}
+
+impl Hyperparameters {
+    /// The dtype the model's layers compute in.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        self.mixed_precision
+            .unwrap_or(Precision::Fp32)
+            .compute_dtype()
+    }
 }
 
 /// What `resolve` needs to know about the run.
@@ -271,6 +306,9 @@ pub struct ResolveContext {
     pub decoder: bool,
     /// An image classifier (scratch training allowed; `max_length` is the image side).
     pub vision: bool,
+    /// The training device computes bf16 natively (a GPU of compute capability 8.0 or newer):
+    /// `mixed_precision: auto` is bf16 there.
+    pub bf16_native: bool,
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
@@ -609,6 +647,37 @@ impl HyperparameterRequest {
             }
             None => default_modules.iter().map(|m| (*m).to_owned()).collect(),
         };
+        let requested_precision = self.mixed_precision.as_ref().and_then(AutoOr::value);
+        let mixed_precision = if ctx.vision {
+            if requested_precision == Some(Precision::Bf16) {
+                return Err(bad(
+                    "mixed_precision",
+                    "image models train in fp32 in this version of kiln; leave mixed_precision out",
+                ));
+            }
+            None
+        } else {
+            Some(match requested_precision {
+                Some(Precision::Bf16) if !ctx.bf16_native => {
+                    return Err(bad(
+                        "mixed_precision",
+                        "bf16 needs a GPU that computes bf16 natively (compute capability 8.0 or \
+                         newer, e.g. A100, H100), and this job's training device does not; \
+                         leave mixed_precision as auto or fp32",
+                    ));
+                }
+                Some(p) => p,
+                None if ctx.bf16_native => {
+                    chose(
+                        "mixed_precision",
+                        "bf16".into(),
+                        "the GPU computes bf16 natively; weights and optimizer stay f32",
+                    );
+                    Precision::Bf16
+                }
+                None => Precision::Fp32,
+            })
+        };
         let hp = Hyperparameters {
             n_epochs,
             batch_size,
@@ -681,6 +750,7 @@ impl HyperparameterRequest {
             } else {
                 None
             },
+            mixed_precision,
         };
         Ok((hp, notes))
     }
@@ -723,6 +793,7 @@ mod tests {
             p99_tokens: 37,
             decoder: false,
             vision: false,
+            bf16_native: false,
         }
     }
 

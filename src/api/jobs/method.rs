@@ -63,7 +63,16 @@ fn auto() -> Value {
     json!("auto")
 }
 
-const DPO: &[Knob] = &[float("beta", 0.0, 100.0)];
+/// Mixed precision, for every method: absent unless given; the engine echoes what it used
+/// (`auto` is bf16 on GPUs that compute it natively).
+const MIXED_PRECISION: Knob = Knob {
+    name: "mixed_precision",
+    kind: Kind::Choice(&["fp32", "bf16"]),
+    auto: true,
+    default: || Value::Null,
+};
+
+const DPO: &[Knob] = &[float("beta", 0.0, 100.0), MIXED_PRECISION];
 
 const REINFORCEMENT: &[Knob] = &[
     float("compute_multiplier", 0.0, 100.0),
@@ -75,16 +84,20 @@ const REINFORCEMENT: &[Knob] = &[
         auto: false,
         default: || json!("default"),
     },
+    MIXED_PRECISION,
 ];
 
 /// Image classification's augmentation rides on the supervised method. Absent unless given:
 /// text jobs never resolve it, and an image job's engine echoes the value it used.
-const SUPERVISED: &[Knob] = &[Knob {
-    name: "augmentation",
-    kind: Kind::Choice(&["none", "crop", "crop_flip"]),
-    auto: true,
-    default: || Value::Null,
-}];
+const SUPERVISED: &[Knob] = &[
+    Knob {
+        name: "augmentation",
+        kind: Kind::Choice(&["none", "crop", "crop_flip"]),
+        auto: true,
+        default: || Value::Null,
+    },
+    MIXED_PRECISION,
+];
 
 fn method_knobs(method: &str) -> &'static [Knob] {
     match method {
