@@ -51,8 +51,12 @@ pub struct ServeSettings {
 }
 
 impl ServeSettings {
+    /// Parts of a batch computed side by side: one per core on the CPU (`KILN_SERVE_THREADS`
+    /// overrides); a GPU takes each batch whole, since parts would only queue on its stream.
     fn batch_threads(&self) -> usize {
-        if self.threads > 0 {
+        if !self.device.is_cpu() {
+            1
+        } else if self.threads > 0 {
             self.threads
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
