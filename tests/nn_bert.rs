@@ -708,3 +708,54 @@ fn mixed_precision_training_tracks_the_f32_loss_curve() {
         );
     }
 }
+
+/// Weights packed for inference (`pack_for_inference`, used by serving on AVX-512 CPUs) give
+/// the same hidden states as the general path, for the full sequence and the first token;
+/// training (a tracked gradient) keeps the general path and still gets every gradient.
+#[test]
+fn packed_inference_weights_give_the_same_outputs() {
+    let dev = Device::Cpu;
+    let dir = tiny_dir(&tiny_bert_config(), TinyLayout::Prefixed);
+    let (ids, types, mask) = batch(&dev);
+    let opts = LoadOptions {
+        freeze_embeddings: true,
+        freeze_layers: tiny_bert_config().num_hidden_layers,
+        ..LoadOptions::default()
+    };
+    let plain = BertEncoder::load_dir(dir.path(), &VarMap::new(), &dev, &opts).unwrap();
+    let mut packed = BertEncoder::load_dir(dir.path(), &VarMap::new(), &dev, &opts).unwrap();
+    let bytes = packed.pack_for_inference().unwrap();
+    if kiln::nn::packed::PackedWeight::available() {
+        assert!(bytes > 0, "AVX-512 is here: the layers must be packed");
+    } else {
+        assert_eq!(bytes, 0, "no AVX-512: nothing is packed");
+    }
+    let a = plain.forward(&ids, Some(&types), &mask, false).unwrap();
+    let b = packed.forward(&ids, Some(&types), &mask, false).unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{}", max_abs_diff(&a, &b));
+    let a = plain
+        .forward_first_token(&ids, Some(&types), &mask)
+        .unwrap();
+    let b = packed
+        .forward_first_token(&ids, Some(&types), &mask)
+        .unwrap();
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{}", max_abs_diff(&a, &b));
+
+    // A trainable encoder packed anyway still trains through the general path.
+    let varmap = VarMap::new();
+    let mut trainable =
+        BertEncoder::load_dir(dir.path(), &varmap, &dev, &LoadOptions::default()).unwrap();
+    trainable.pack_for_inference().unwrap();
+    let hidden = trainable.forward(&ids, Some(&types), &mask, true).unwrap();
+    let grads = hidden
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        without_gradient(&grads, trainable.named_trainable_vars()),
+        Vec::<String>::new()
+    );
+}

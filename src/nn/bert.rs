@@ -213,9 +213,24 @@ struct Layer {
     intermediate: Linear,
     output: Linear,
     out_ln: LayerNorm,
+    /// The six linears' weights packed for inference (`BertEncoder::pack_for_inference`),
+    /// in [`Layer::linears`] order.
+    packed: Option<[std::sync::Arc<crate::nn::packed::PackedWeight>; 6]>,
 }
 
 impl Layer {
+    /// Applies linear `index` (of [`Layer::linears`]): from the packed weights where they
+    /// exist and no gradient is tracked, the general path otherwise.
+    fn project(&self, index: usize, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train
+            && let Some(packed) = &self.packed
+            && let Some(y) = packed[index].apply(x)?
+        {
+            return Ok(y);
+        }
+        self.linears()[index].forward_t(x, train)
+    }
+
     fn linear_mut(&mut self, target: LoraTarget) -> &mut Linear {
         match target {
             LoraTarget::Query => &mut self.query,
@@ -379,6 +394,7 @@ impl BertEncoder {
                     fused,
                     t,
                 )?,
+                packed: None,
             });
         }
 
@@ -457,6 +473,43 @@ impl BertEncoder {
     /// The dtype the layers compute in.
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
+    }
+
+    /// Packs every layer's linear weights for inference (`nn::packed`): later forward passes
+    /// that track no gradient multiply against the packed copies (the originals stay for
+    /// training and export). Only on the CPU with AVX-512, for f32 layers without LoRA
+    /// adapters; returns the bytes the packed copies take (0 when nothing was packed).
+    pub fn pack_for_inference(&mut self) -> Result<u64> {
+        use crate::nn::packed::PackedWeight;
+        if !(self.device.is_cpu() && PackedWeight::available() && !self.has_lora()) {
+            return Ok(0);
+        }
+        let mut bytes = 0u64;
+        for layer in &mut self.layers {
+            let mut packed = Vec::with_capacity(6);
+            for lin in layer.linears() {
+                let (n, k) = lin.weight.dims2()?;
+                let w = lin
+                    .weight
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let b = match &lin.bias {
+                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                    None => None,
+                };
+                let Some(p) = PackedWeight::pack(&w, b.as_deref(), n, k) else {
+                    return Ok(0);
+                };
+                bytes += (n.div_ceil(32) * 32 * k * 4) as u64;
+                packed.push(p);
+            }
+            let Ok(packed) = <[_; 6]>::try_from(packed) else {
+                return Ok(0);
+            };
+            layer.packed = Some(packed);
+        }
+        Ok(bytes)
     }
 
     /// The config the encoder was built from.
@@ -653,9 +706,9 @@ impl BertEncoder {
         };
         let sq = xq.dim(1)?;
         let (q, k, v) = (
-            l.query.forward_t(&xq, train)?,
-            l.key.forward_t(x, train)?,
-            l.value.forward_t(x, train)?,
+            l.project(0, &xq, train)?,
+            l.project(1, x, train)?,
+            l.project(2, x, train)?,
         );
         let scale = 1.0 / (dh as f64).sqrt();
         let fused = match mask_host {
@@ -701,16 +754,12 @@ impl BertEncoder {
                     .reshape((b, sq, h))?
             }
         };
-        let attn = dropout(
-            &l.attn_out.forward_t(&ctx, train)?,
-            cfg.hidden_dropout_prob,
-            train,
-        )?;
+        let attn = dropout(&l.project(3, &ctx, train)?, cfg.hidden_dropout_prob, train)?;
         let x = l.attn_ln.forward(&(attn + xq)?)?;
 
-        let inter = self.activation(&l.intermediate.forward_t(&x, train)?, l.out_ln.fused)?;
+        let inter = self.activation(&l.project(4, &x, train)?, l.out_ln.fused)?;
         let out = dropout(
-            &l.output.forward_t(&inter, train)?,
+            &l.project(5, &inter, train)?,
             cfg.hidden_dropout_prob,
             train,
         )?;

@@ -14,6 +14,7 @@ mod gemm;
 pub mod layers;
 pub mod lora;
 pub mod ops;
+pub mod packed;
 pub mod resnet;
 pub mod sampling;
 pub mod tiny;

@@ -345,13 +345,11 @@ impl EncoderModel {
                     freeze_layers: config.num_hidden_layers,
                     ..LoadOptions::default()
                 };
-                Transformer::Kiln(Box::new(BertEncoder::from_checkpoint(
-                    &config,
-                    &ckpt,
-                    &VarMap::new(),
-                    device,
-                    &opts,
-                )?))
+                let mut encoder =
+                    BertEncoder::from_checkpoint(&config, &ckpt, &VarMap::new(), device, &opts)?;
+                // Serving multiplies the same weights again and again: pack them once.
+                encoder.pack_for_inference()?;
+                Transformer::Kiln(Box::new(encoder))
             }
         };
         let position_limit = if config.roberta_positions() {

@@ -1,0 +1,252 @@
+//! Inference-only matrix products against weights packed once, at load: `y = x · Wᵀ + b`.
+//!
+//! A general gemm packs both operands on every call; serving multiplies the same weights by
+//! a few short texts at a time, where that packing is a quarter of the work. Here `W`
+//! (`[n, k]`, PyTorch's layout) is rearranged once into panels of 16 output columns, each
+//! stored k-major (`[k][16]`), so the kernel streams a panel with one vector load per step
+//! while broadcasting the activations straight from their rows. The micro-kernel keeps a
+//! tile of up to 6 rows × 32 columns in AVX-512 registers. It is used only on CPUs with
+//! AVX-512 (`PackedWeight::available`); elsewhere callers keep the general path.
+
+use std::sync::Arc;
+
+/// Output columns per panel (one 512-bit vector of f32).
+const NR: usize = 16;
+/// Rows per micro-tile.
+const MR: usize = 6;
+/// Products with more rows than this go to the general gemm (measured on MiniLM serving:
+/// the packed kernel is ahead up to a few hundred rows, behind at 800).
+const MAX_ROWS: usize = 256;
+
+/// A weight `[n, k]` (and its bias) packed for [`PackedWeight::matmul`].
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    /// `panels` panels (an even number: a zero panel pads an odd count) of `k × NR` values.
+    data: Vec<f32>,
+    panels: usize,
+    bias: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight[{}, {}]", self.n, self.k)
+    }
+}
+
+impl PackedWeight {
+    /// Whether this CPU runs the packed kernel (AVX-512F).
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Packs a row-major `[n, k]` weight and its bias.
+    pub fn pack(w: &[f32], bias: Option<&[f32]>, n: usize, k: usize) -> Option<Arc<PackedWeight>> {
+        if w.len() != n * k || n == 0 || k == 0 || bias.is_some_and(|b| b.len() != n) {
+            return None;
+        }
+        let panels = n.div_ceil(NR).next_multiple_of(2);
+        let mut data = vec![0f32; panels * k * NR];
+        for j in 0..n {
+            let (p, c) = (j / NR, j % NR);
+            let row = &w[j * k..(j + 1) * k];
+            let panel = &mut data[p * k * NR..(p + 1) * k * NR];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * NR + c] = v;
+            }
+        }
+        Some(Arc::new(PackedWeight {
+            n,
+            k,
+            data,
+            panels,
+            bias: bias.map(<[f32]>::to_vec),
+        }))
+    }
+
+    /// `x · Wᵀ + b` for a tensor `[.., k]` on the CPU in f32 that tracks no gradient:
+    /// `Ok(None)` for anything else (or without AVX-512), and the caller's general path runs.
+    pub fn apply(
+        &self,
+        x: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        use candle_core::{CpuStorage, DType, Storage};
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || x.track_op() {
+            return Ok(None);
+        }
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            return Ok(None);
+        }
+        let m = x.elem_count() / self.k;
+        if m > MAX_ROWS {
+            // Many rows: a general gemm's cache blocking wins over this kernel.
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let y = {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+                return Ok(None);
+            };
+            let start = layout.start_offset();
+            match self.matmul(&data[start..start + m * self.k], m, true) {
+                Some(y) => y,
+                None => return Ok(None),
+            }
+        };
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = self.n;
+        }
+        Ok(Some(candle_core::Tensor::from_vec(y, out, x.device())?))
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
+    /// `y[m, n] = x[m, k] · Wᵀ (+ bias)`, `x` and `y` row-major. `parallel` spreads the column
+    /// blocks over the current rayon pool. `None` when the CPU lacks AVX-512 or `x` does not
+    /// have `m` rows of `k`.
+    pub fn matmul(&self, x: &[f32], m: usize, parallel: bool) -> Option<Vec<f32>> {
+        if !Self::available() || x.len() != m * self.k {
+            return None;
+        }
+        let mut y = vec![0f32; m * self.n];
+        if m == 0 {
+            return Some(y);
+        }
+        let blocks = self.panels / 2;
+        let out = OutPtr(y.as_mut_ptr());
+        let run = |block: usize| {
+            for i0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - i0);
+                // SAFETY: AVX-512F was detected above; `x` holds rows i0..i0+rows of k values;
+                // the panels of this block hold 2·k·NR values; each block writes only its own
+                // columns of `y`.
+                unsafe { self.tile(x, i0, rows, block, out) };
+            }
+        };
+        if parallel && rayon::current_num_threads() > 1 && blocks > 1 {
+            use rayon::prelude::*;
+            (0..blocks).into_par_iter().for_each(run);
+        } else {
+            (0..blocks).for_each(run);
+        }
+        Some(y)
+    }
+
+    /// One tile: rows `i0..i0 + rows` × the 32 columns of column block `block`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile(&self, x: &[f32], i0: usize, rows: usize, block: usize, out: OutPtr) {
+        // SAFETY: the caller (`matmul`) checked AVX-512F and the sizes: rows i0..i0+rows of
+        // x exist, the block's two panels hold 2·k·NR values, and the columns written are
+        // this block's, inside row i0 + r of y.
+        unsafe {
+            use std::arch::x86_64::*;
+            let k = self.k;
+            let p0 = self.data.as_ptr().add(2 * block * k * NR);
+            let p1 = p0.add(k * NR);
+            let xr = x.as_ptr().add(i0 * k);
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for kk in 0..k {
+                let w0 = _mm512_loadu_ps(p0.add(kk * NR));
+                let w1 = _mm512_loadu_ps(p1.add(kk * NR));
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                    let xv = _mm512_set1_ps(*xr.add(r * k + kk));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+            let mut tile = [[0f32; 2 * NR]; MR];
+            for (r, a) in acc.iter().enumerate().take(rows) {
+                _mm512_storeu_ps(tile[r].as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(tile[r].as_mut_ptr().add(NR), a[1]);
+            }
+            let j0 = block * 2 * NR;
+            let cols = (2 * NR).min(self.n.saturating_sub(j0));
+            for (r, t) in tile.iter().enumerate().take(rows) {
+                let dst = out.0.add((i0 + r) * self.n + j0);
+                for (c, v) in t.iter().enumerate().take(cols) {
+                    let b = self.bias.as_ref().map_or(0.0, |b| b[j0 + c]);
+                    *dst.add(c) = v + b;
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn tile(&self, _x: &[f32], _i0: usize, _rows: usize, _block: usize, _out: OutPtr) {
+        unreachable!("PackedWeight::available is false off x86_64")
+    }
+}
+
+/// The output's address, shared by threads that write disjoint column blocks of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each column block is written by one thread only (`PackedWeight::matmul`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_products_match_the_naive_product() {
+        if !PackedWeight::available() {
+            eprintln!("no AVX-512 here: the packed kernel is not used on this CPU");
+            return;
+        }
+        // Odd panel counts, partial panels and tiles, one row, many rows.
+        for (m, n, k) in [
+            (1, 5, 3),
+            (7, 33, 17),
+            (13, 64, 40),
+            (6, 16, 1),
+            (20, 100, 384),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.71).cos()).collect();
+            let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.2).collect();
+            for parallel in [false, true] {
+                for bias in [None, Some(b.as_slice())] {
+                    let packed = PackedWeight::pack(&w, bias, n, k).unwrap();
+                    let y = packed.matmul(&x, m, parallel).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f32 =
+                                (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum::<f32>()
+                                    + bias.map_or(0.0, |b| b[j]);
+                            let got = y[i * n + j];
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "[{m}, {n}, {k}] ({i}, {j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(PackedWeight::pack(&[1.0; 5], None, 2, 3).is_none());
+        assert!(PackedWeight::pack(&[1.0; 6], Some(&[0.0]), 2, 3).is_none());
+        let p = PackedWeight::pack(&[1.0; 6], None, 2, 3).unwrap();
+        assert!(
+            p.matmul(&[1.0; 4], 2, false).is_none(),
+            "x of the wrong size"
+        );
+    }
+}
