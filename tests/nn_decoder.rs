@@ -1354,3 +1354,56 @@ fn mixed_precision_follows_f32_and_every_variable_gets_an_f32_gradient() {
         }
     }
 }
+
+/// Weights packed for inference (`pack_for_inference`, used by serving on AVX-512 CPUs) give
+/// the logits of the general path, for a full forward and for cached decoding, in every
+/// family (biases included); a decoder with LoRA adapters is left unpacked.
+#[test]
+fn packed_inference_weights_give_the_same_logits() {
+    let dev = Device::Cpu;
+    let frozen = |cfg: &DecoderConfig| DecoderLoadOptions {
+        freeze_embeddings: true,
+        freeze_layers: cfg.num_hidden_layers,
+        ..DecoderLoadOptions::default()
+    };
+    for model_type in TYPES {
+        let dir = sharpened(tiny_dir(model_type).path());
+        let cfg = DecoderConfig::from_file(&dir.path().join("config.json")).unwrap();
+        let plain = load(dir.path(), &VarMap::new(), &frozen(&cfg));
+        let mut packed = load(dir.path(), &VarMap::new(), &frozen(&cfg));
+        let bytes = packed.pack_for_inference().unwrap();
+        assert_eq!(
+            bytes > 0,
+            kiln::nn::packed::PackedWeight::available(),
+            "{model_type}: packed exactly when the CPU has AVX-512"
+        );
+        let seq = ids_from(5, 10);
+        let ids = Tensor::from_vec(seq.clone(), (1, 10), &dev).unwrap();
+        let mask = Tensor::ones((1, 10), DType::U32, &dev).unwrap();
+        let a = plain.forward(&ids, &mask, false).unwrap();
+        let b = packed.forward(&ids, &mask, false).unwrap();
+        assert!(
+            max_abs_diff(&a, &b) < 1e-4,
+            "{model_type}: {}",
+            max_abs_diff(&a, &b)
+        );
+        let (mut ca, mut cb) = (plain.new_cache(), packed.new_cache());
+        for (start, n) in [(0usize, 6usize), (6, 1), (7, 3)] {
+            let chunk = Tensor::from_vec(seq[start..start + n].to_vec(), (1, n), &dev).unwrap();
+            let a = plain.forward_cached(&chunk, &mut ca).unwrap();
+            let b = packed.forward_cached(&chunk, &mut cb).unwrap();
+            assert!(
+                max_abs_diff(&a, &b) < 1e-4,
+                "{model_type} at {start}: {}",
+                max_abs_diff(&a, &b)
+            );
+        }
+    }
+    let dir = tiny_dir("qwen2");
+    let mut with_lora = load(dir.path(), &VarMap::new(), &lora_options(&["q_proj"]));
+    assert_eq!(
+        with_lora.pack_for_inference().unwrap(),
+        0,
+        "LoRA layers stay unpacked"
+    );
+}

@@ -491,9 +491,24 @@ struct Layer {
     down_proj: Linear,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
+    /// The seven linears packed for inference (`Decoder::pack_for_inference`), in
+    /// [`LORA_MODULES`] order.
+    packed: Option<Vec<std::sync::Arc<crate::nn::packed::PackedWeight>>>,
 }
 
 impl Layer {
+    /// Applies linear `index` (of [`Layer::linears`]): from the packed weights where they
+    /// exist and no gradient is tracked, the general path otherwise.
+    fn project(&self, index: usize, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train
+            && let Some(packed) = &self.packed
+            && let Some(y) = packed[index].apply(x)?
+        {
+            return Ok(y);
+        }
+        self.linears()[index].forward_t(x, train)
+    }
+
     /// The linears in [`LORA_MODULES`] order.
     fn linears(&self) -> [&Linear; 7] {
         [
@@ -644,6 +659,8 @@ pub struct Decoder {
     device: Device,
     /// The dtype the layers compute in during training: f32, or bf16 under mixed precision.
     compute_dtype: DType,
+    /// The LM head packed for inference (`Decoder::pack_for_inference`).
+    packed_head: Option<std::sync::Arc<crate::nn::packed::PackedWeight>>,
 }
 
 /// `model.` for `*ForCausalLM` checkpoints, nothing for bare `*Model` ones.
@@ -771,6 +788,7 @@ impl Decoder {
                     eps,
                     t,
                 )?,
+                packed: None,
             });
         }
         let norm = RmsNorm::load(
@@ -820,7 +838,54 @@ impl Decoder {
             frozen,
             device: device.clone(),
             compute_dtype: DType::F32,
+            packed_head: None,
         })
+    }
+
+    /// Packs every layer's linear weights and the LM head for inference (`nn::packed`):
+    /// later passes that track no gradient (serving's prompt pass and decoding) multiply
+    /// against the packed copies. Only on the CPU with AVX-512 and without LoRA adapters;
+    /// returns the bytes the packed copies take (0 when nothing was packed).
+    pub fn pack_for_inference(&mut self) -> Result<u64> {
+        use crate::nn::packed::PackedWeight;
+        if !(self.device.is_cpu() && PackedWeight::available() && !self.has_lora()) {
+            return Ok(0);
+        }
+        let pack = |lin: &Linear| -> Result<Option<std::sync::Arc<PackedWeight>>> {
+            let (n, k) = lin.weight.dims2()?;
+            let w = lin
+                .weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let b = match &lin.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            Ok(PackedWeight::pack(&w, b.as_deref(), n, k))
+        };
+        let mut bytes = 0u64;
+        let mut all = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let mut packed = Vec::with_capacity(7);
+            for lin in layer.linears() {
+                let Some(p) = pack(lin)? else {
+                    return Ok(0);
+                };
+                bytes += (p.out_features().div_ceil(32) * 32 * p.in_features() * 4) as u64;
+                packed.push(p);
+            }
+            all.push(packed);
+        }
+        let Some(head) = pack(&self.lm_head)? else {
+            return Ok(0);
+        };
+        bytes += (head.out_features().div_ceil(32) * 32 * head.in_features() * 4) as u64;
+        for (layer, packed) in self.layers.iter_mut().zip(all) {
+            layer.packed = Some(packed);
+        }
+        self.packed_head = Some(head);
+        Ok(bytes)
     }
 
     /// Mixed precision for [`Decoder::forward`] and [`Decoder::hidden_states`]: the layers
@@ -920,6 +985,12 @@ impl Decoder {
 
     /// Applies the LM head to hidden states `[.., hidden]`: logits `[.., vocab]`.
     pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+        if !train
+            && let Some(head) = &self.packed_head
+            && let Some(y) = head.apply(hidden)?
+        {
+            return Ok(y);
+        }
         // f32 logits whatever the layers computed in: the loss is taken in f32.
         Ok(self
             .lm_head
@@ -1137,14 +1208,14 @@ impl Decoder {
         let h = l.input_layernorm.forward(x)?;
         let x = (x + self.attention(l, &h, rope, mask, cache, train)?)?;
         let h = l.post_attention_layernorm.forward(&x)?;
-        let gate = l.gate_proj.forward_t(&h, train)?;
-        let up = l.up_proj.forward_t(&h, train)?;
+        let gate = l.project(4, &h, train)?;
+        let up = l.project(5, &h, train)?;
         let act = if self.fused {
             ops::silu_mul(&gate, &up)?
         } else {
             (gate.silu()? * up)?
         };
-        let mlp = l.down_proj.forward_t(&act, train)?;
+        let mlp = l.project(6, &act, train)?;
         Ok((x + mlp)?)
     }
 
@@ -1169,9 +1240,9 @@ impl Decoder {
         // applied there too), with its own backward in training. Its cache holds keys and
         // values in that layout as well, `[b, s, kv_heads · head_dim]`.
         if self.fused_attention() && x.dtype() == DType::F32 {
-            let q = ops::rope_seq_major(&l.q_proj.forward_t(x, train)?, cos, sin, nh)?;
-            let k = ops::rope_seq_major(&l.k_proj.forward_t(x, train)?, cos, sin, nkv)?;
-            let v = l.v_proj.forward_t(x, train)?;
+            let q = ops::rope_seq_major(&l.project(0, x, train)?, cos, sin, nh)?;
+            let k = ops::rope_seq_major(&l.project(1, x, train)?, cos, sin, nkv)?;
+            let v = l.project(2, x, train)?;
             let (k, v) = match cache {
                 None => (k, v),
                 Some(slot) => {
@@ -1212,7 +1283,7 @@ impl Decoder {
             let ctx = attention::attention(&q, &k, &v, spec)?.ok_or_else(|| {
                 NnError::InvalidInput("fused attention refused CPU f32 inputs".into())
             })?;
-            return Ok(l.o_proj.forward_t(&ctx, train)?);
+            return Ok(l.project(3, &ctx, train)?);
         }
         let mask = masks.bias;
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -1227,9 +1298,9 @@ impl Decoder {
                 ops::rope_primitive(y, cos, sin)
             }
         };
-        let q = rope(&heads(l.q_proj.forward_t(x, train)?, nh)?)?;
-        let k = rope(&heads(l.k_proj.forward_t(x, train)?, nkv)?)?;
-        let v = heads(l.v_proj.forward_t(x, train)?, nkv)?;
+        let q = rope(&heads(l.project(0, x, train)?, nh)?)?;
+        let k = rope(&heads(l.project(1, x, train)?, nkv)?)?;
+        let v = heads(l.project(2, x, train)?, nkv)?;
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -1264,7 +1335,7 @@ impl Decoder {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok(l.o_proj.forward_t(&ctx, train)?)
+        Ok(l.project(3, &ctx, train)?)
     }
 
     /// Folds every LoRA adapter into its base weight (`W += scale·B·A`) and removes the

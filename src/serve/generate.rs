@@ -111,7 +111,10 @@ impl GenerativeModel {
             freeze_layers: config.num_hidden_layers,
             ..DecoderLoadOptions::default()
         };
-        let decoder = Decoder::load_dir(dir, &varmap, device, &opts).map_err(|e| e.to_string())?;
+        let mut decoder =
+            Decoder::load_dir(dir, &varmap, device, &opts).map_err(|e| e.to_string())?;
+        // Serving multiplies the same weights again and again: pack them once.
+        decoder.pack_for_inference().map_err(|e| e.to_string())?;
         let stop_ids = stop_ids(dir, &config, &tokenizer);
         Ok(GenerativeModel {
             pad_id: tokenizer.pad_id(),
