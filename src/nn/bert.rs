@@ -215,20 +215,15 @@ struct Layer {
     out_ln: LayerNorm,
     /// The six linears' weights packed for inference (`BertEncoder::pack_for_inference`),
     /// in [`Layer::linears`] order.
-    packed: Option<[std::sync::Arc<crate::nn::packed::PackedWeight>; 6]>,
+    packed: Option<Vec<std::sync::Arc<crate::nn::packed::PackedWeight>>>,
 }
 
 impl Layer {
     /// Applies linear `index` (of [`Layer::linears`]): from the packed weights where they
     /// exist and no gradient is tracked, the general path otherwise.
     fn project(&self, index: usize, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if !train
-            && let Some(packed) = &self.packed
-            && let Some(y) = packed[index].apply(x)?
-        {
-            return Ok(y);
-        }
-        self.linears()[index].forward_t(x, train)
+        let packed = self.packed.as_ref().map(|p| &*p[index]);
+        crate::nn::packed::project(packed, self.linears()[index], x, train)
     }
 
     fn linear_mut(&mut self, target: LoraTarget) -> &mut Linear {
@@ -484,29 +479,15 @@ impl BertEncoder {
         if !(self.device.is_cpu() && PackedWeight::available() && !self.has_lora()) {
             return Ok(0);
         }
-        let mut bytes = 0u64;
-        for layer in &mut self.layers {
-            let mut packed = Vec::with_capacity(6);
-            for lin in layer.linears() {
-                let (n, k) = lin.weight.dims2()?;
-                let w = lin
-                    .weight
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let b = match &lin.bias {
-                    Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                    None => None,
-                };
-                let Some(p) = PackedWeight::pack(&w, b.as_deref(), n, k) else {
-                    return Ok(0);
-                };
-                bytes += (n.div_ceil(32) * 32 * k * 4) as u64;
-                packed.push(p);
+        let mut all = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            match PackedWeight::pack_all(&layer.linears())? {
+                Some(packed) => all.push(packed),
+                None => return Ok(0),
             }
-            let Ok(packed) = <[_; 6]>::try_from(packed) else {
-                return Ok(0);
-            };
+        }
+        let bytes = all.iter().flatten().map(|p| p.bytes()).sum();
+        for (layer, packed) in self.layers.iter_mut().zip(all) {
             layer.packed = Some(packed);
         }
         Ok(bytes)

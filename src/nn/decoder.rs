@@ -500,13 +500,8 @@ impl Layer {
     /// Applies linear `index` (of [`Layer::linears`]): from the packed weights where they
     /// exist and no gradient is tracked, the general path otherwise.
     fn project(&self, index: usize, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if !train
-            && let Some(packed) = &self.packed
-            && let Some(y) = packed[index].apply(x)?
-        {
-            return Ok(y);
-        }
-        self.linears()[index].forward_t(x, train)
+        let packed = self.packed.as_ref().map(|p| &*p[index]);
+        crate::nn::packed::project(packed, self.linears()[index], x, train)
     }
 
     /// The linears in [`LORA_MODULES`] order.
@@ -661,6 +656,28 @@ pub struct Decoder {
     compute_dtype: DType,
     /// The LM head packed for inference (`Decoder::pack_for_inference`).
     packed_head: Option<std::sync::Arc<crate::nn::packed::PackedWeight>>,
+}
+
+/// This step's keys and values appended (detached) to a layer's cache along the sequence
+/// `axis`, and the whole of them returned; without a cache, the step's own.
+fn through_cache(
+    cache: Option<&mut Option<(Tensor, Tensor)>>,
+    k: Tensor,
+    v: Tensor,
+    axis: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let Some(slot) = cache else {
+        return Ok((k, v));
+    };
+    let (k, v) = match slot.take() {
+        None => (k.detach(), v.detach()),
+        Some((pk, pv)) => (
+            Tensor::cat(&[&pk, &k.detach()], axis)?,
+            Tensor::cat(&[&pv, &v.detach()], axis)?,
+        ),
+    };
+    *slot = Some((k.clone(), v.clone()));
+    Ok((k, v))
 }
 
 /// `model.` for `*ForCausalLM` checkpoints, nothing for bare `*Model` ones.
@@ -851,36 +868,17 @@ impl Decoder {
         if !(self.device.is_cpu() && PackedWeight::available() && !self.has_lora()) {
             return Ok(0);
         }
-        let pack = |lin: &Linear| -> Result<Option<std::sync::Arc<PackedWeight>>> {
-            let (n, k) = lin.weight.dims2()?;
-            let w = lin
-                .weight
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let b = match &lin.bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => None,
-            };
-            Ok(PackedWeight::pack(&w, b.as_deref(), n, k))
-        };
-        let mut bytes = 0u64;
         let mut all = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let mut packed = Vec::with_capacity(7);
-            for lin in layer.linears() {
-                let Some(p) = pack(lin)? else {
-                    return Ok(0);
-                };
-                bytes += (p.out_features().div_ceil(32) * 32 * p.in_features() * 4) as u64;
-                packed.push(p);
+            match PackedWeight::pack_all(&layer.linears())? {
+                Some(packed) => all.push(packed),
+                None => return Ok(0),
             }
-            all.push(packed);
         }
-        let Some(head) = pack(&self.lm_head)? else {
+        let Some(head) = PackedWeight::from_linear(&self.lm_head)? else {
             return Ok(0);
         };
-        bytes += (head.out_features().div_ceil(32) * 32 * head.in_features() * 4) as u64;
+        let bytes = all.iter().flatten().map(|p| p.bytes()).sum::<u64>() + head.bytes();
         for (layer, packed) in self.layers.iter_mut().zip(all) {
             layer.packed = Some(packed);
         }
@@ -985,17 +983,9 @@ impl Decoder {
 
     /// Applies the LM head to hidden states `[.., hidden]`: logits `[.., vocab]`.
     pub fn logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
-        if !train
-            && let Some(head) = &self.packed_head
-            && let Some(y) = head.apply(hidden)?
-        {
-            return Ok(y);
-        }
         // f32 logits whatever the layers computed in: the loss is taken in f32.
-        Ok(self
-            .lm_head
-            .forward_t(hidden, train)?
-            .to_dtype(DType::F32)?)
+        let head = self.packed_head.as_deref();
+        Ok(crate::nn::packed::project(head, &self.lm_head, hidden, train)?.to_dtype(DType::F32)?)
     }
 
     /// A fresh, empty cache for [`Decoder::forward_cached`].
@@ -1243,20 +1233,7 @@ impl Decoder {
             let q = ops::rope_seq_major(&l.project(0, x, train)?, cos, sin, nh)?;
             let k = ops::rope_seq_major(&l.project(1, x, train)?, cos, sin, nkv)?;
             let v = l.project(2, x, train)?;
-            let (k, v) = match cache {
-                None => (k, v),
-                Some(slot) => {
-                    let (k, v) = match slot.take() {
-                        None => (k.detach(), v.detach()),
-                        Some((pk, pv)) => (
-                            Tensor::cat(&[&pk, &k.detach()], 1)?,
-                            Tensor::cat(&[&pv, &v.detach()], 1)?,
-                        ),
-                    };
-                    *slot = Some((k.clone(), v.clone()));
-                    (k, v)
-                }
-            };
+            let (k, v) = through_cache(cache, k, v, 1)?;
             let s = k.dim(1)?;
             // Keys nobody attends to: right padding in training, left padding in a cache.
             let key_mask = match (masks.lengths, masks.starts) {
@@ -1301,20 +1278,7 @@ impl Decoder {
         let q = rope(&heads(l.project(0, x, train)?, nh)?)?;
         let k = rope(&heads(l.project(1, x, train)?, nkv)?)?;
         let v = heads(l.project(2, x, train)?, nkv)?;
-        let (k, v) = match cache {
-            None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    None => (k.detach(), v.detach()),
-                    Some((pk, pv)) => (
-                        Tensor::cat(&[&pk, &k.detach()], 2)?,
-                        Tensor::cat(&[&pv, &v.detach()], 2)?,
-                    ),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-        };
+        let (k, v) = through_cache(cache, k, v, 2)?;
         let s = k.dim(2)?;
         // The query heads sharing a key/value head are stacked along the sequence axis: one
         // matmul per key/value head, and no repeated copies of keys and values. The 1/sqrt(d)

@@ -90,55 +90,38 @@ pub(crate) fn sgemm(
     // of up to 48 with AVX-512, so 20 rows would be padded to 48, while the wide side is a
     // multiple of the block and the few rows become the kernel's narrow side.
     let transposed = m < SMALL_ROWS && n > m;
+    // (rows, cols, dst column and row strides, lhs with its column and row strides, rhs
+    // likewise), in gemm's argument order.
+    let (rows, cols, dst_cs, dst_rs, lhs, rhs) = if transposed {
+        (n, m, dst_rs, 1, (b.data, b.rs, b.cs), (a.data, a.rs, a.cs))
+    } else {
+        (m, n, 1, dst_rs, (a.data, a.cs, a.rs), (b.data, b.cs, b.rs))
+    };
     // SAFETY: the bounds of every operand were checked above against its strides; the three
     // slices cannot alias (dst is borrowed mutably). The transposed call reads and writes the
     // same elements through swapped strides.
     unsafe {
-        if transposed {
-            gemm::gemm(
-                n,
-                m,
-                k,
-                dst.as_mut_ptr(),
-                dst_rs as isize,
-                1,
-                accumulate,
-                b.data.as_ptr(),
-                b.rs as isize,
-                b.cs as isize,
-                a.data.as_ptr(),
-                a.rs as isize,
-                a.cs as isize,
-                1.0,
-                scale,
-                false,
-                false,
-                false,
-                par,
-            );
-        } else {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                dst_rs as isize,
-                accumulate,
-                a.data.as_ptr(),
-                a.cs as isize,
-                a.rs as isize,
-                b.data.as_ptr(),
-                b.cs as isize,
-                b.rs as isize,
-                1.0,
-                scale,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        gemm::gemm(
+            rows,
+            cols,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.1 as isize,
+            lhs.2 as isize,
+            rhs.0.as_ptr(),
+            rhs.1 as isize,
+            rhs.2 as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
     }
     Ok(())
 }

@@ -10,6 +10,10 @@
 
 use std::sync::Arc;
 
+use candle_core::DType;
+
+use crate::nn::layers::Linear;
+
 /// Output columns per panel (one 512-bit vector of f32).
 const NR: usize = 16;
 /// Rows per micro-tile.
@@ -77,7 +81,7 @@ impl PackedWeight {
         &self,
         x: &candle_core::Tensor,
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        use candle_core::{CpuStorage, DType, Storage};
+        use candle_core::{CpuStorage, Storage};
         if !x.device().is_cpu() || x.dtype() != DType::F32 || x.track_op() {
             return Ok(None);
         }
@@ -107,6 +111,39 @@ impl PackedWeight {
             *last = self.n;
         }
         Ok(Some(candle_core::Tensor::from_vec(y, out, x.device())?))
+    }
+
+    /// Packs a dense layer's weight `[out, in]` and bias, read as f32. `None` when the
+    /// layer's sizes cannot be packed.
+    pub fn from_linear(lin: &Linear) -> candle_core::Result<Option<Arc<PackedWeight>>> {
+        let (n, k) = lin.weight.dims2()?;
+        let w = lin
+            .weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = match &lin.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Self::pack(&w, b.as_deref(), n, k))
+    }
+
+    /// Packs every layer, or none (`None`) if one of them cannot be packed.
+    pub fn pack_all(linears: &[&Linear]) -> candle_core::Result<Option<Vec<Arc<PackedWeight>>>> {
+        let mut out = Vec::with_capacity(linears.len());
+        for lin in linears {
+            match Self::from_linear(lin)? {
+                Some(p) => out.push(p),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Bytes the packed copy takes.
+    pub fn bytes(&self) -> u64 {
+        (self.data.len() * std::mem::size_of::<f32>()) as u64
     }
 
     pub fn out_features(&self) -> usize {
@@ -192,6 +229,23 @@ impl PackedWeight {
     unsafe fn tile(&self, _x: &[f32], _i0: usize, _rows: usize, _block: usize, _out: OutPtr) {
         unreachable!("PackedWeight::available is false off x86_64")
     }
+}
+
+/// `lin` applied to `x` (its LoRA adapter included): from its packed copy where there is one
+/// and no gradient is tracked, the general path otherwise.
+pub fn project(
+    packed: Option<&PackedWeight>,
+    lin: &Linear,
+    x: &candle_core::Tensor,
+    train: bool,
+) -> candle_core::Result<candle_core::Tensor> {
+    if !train
+        && let Some(packed) = packed
+        && let Some(y) = packed.apply(x)?
+    {
+        return Ok(y);
+    }
+    lin.forward_t(x, train)
 }
 
 /// The output's address, shared by threads that write disjoint column blocks of it.
