@@ -363,7 +363,7 @@ impl CustomOp3 for FusedAttention {
         let q = cpu_f32(s1, l1, self.name())?;
         let k = cpu_f32(s2, l2, self.name())?;
         let v = cpu_f32(s3, l3, self.name())?;
-        let mut out = vec![0f32; g.b * g.sq * g.hq];
+        let mut out = super::gemm::zeroed(g.b * g.sq * g.hq);
         out.par_chunks_mut((g.sq * g.hq).max(1))
             .enumerate()
             .try_for_each(|(bi, out)| -> candle_core::Result<()> {
@@ -409,9 +409,9 @@ impl CustomOp3 for FusedAttention {
         let g = Geometry::new(q.dims(), k.dims(), &self.spec)?;
         let grad = grad.contiguous()?;
         let (qn, kn) = (g.sq * g.hq, g.s * g.hk);
-        let mut dq = vec![0f32; g.b * qn];
-        let mut dk = vec![0f32; g.b * kn];
-        let mut dv = vec![0f32; g.b * kn];
+        let mut dq = super::gemm::zeroed(g.b * qn);
+        let mut dk = super::gemm::zeroed(g.b * kn);
+        let mut dv = super::gemm::zeroed(g.b * kn);
         let name = self.name();
         with_cpu_f32(q, name, |q| {
             with_cpu_f32(k, name, |k| {

@@ -311,7 +311,7 @@ impl CustomOp2 for Conv2dNhwc {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let wp = g.pack_weight(w);
         let (rows, k, n) = (g.rows(), g.k(), g.cout);
-        let mut out = vec![0f32; g.b * rows * n];
+        let mut out = super::gemm::zeroed(g.b * rows * n);
         if g.pointwise() {
             sgemm(
                 (g.b * rows, n, k),
@@ -323,7 +323,7 @@ impl CustomOp2 for Conv2dNhwc {
         } else {
             let img = g.h * g.w * g.cin;
             let per = g.images_per_chunk(self.column_floats);
-            let mut cols = vec![0f32; per * rows * k];
+            let mut cols = super::gemm::zeroed(per * rows * k);
             for b0 in (0..g.b).step_by(per) {
                 let nb = per.min(g.b - b0);
                 for i in 0..nb {
@@ -356,12 +356,12 @@ impl CustomOp2 for Conv2dNhwc {
         let (rows, k, n) = (g.rows(), g.k(), g.cout);
         let img = g.h * g.w * g.cin;
         let mut dx = if want_dx {
-            vec![0f32; g.b * img]
+            super::gemm::zeroed(g.b * img)
         } else {
             Vec::new()
         };
         let mut dwp = if want_dw {
-            vec![0f32; k * n]
+            super::gemm::zeroed(k * n)
         } else {
             Vec::new()
         };
@@ -395,7 +395,7 @@ impl CustomOp2 for Conv2dNhwc {
                         return Ok(());
                     }
                     let per = g.images_per_chunk(self.column_floats);
-                    let mut cols = vec![0f32; per * rows * k];
+                    let mut cols = super::gemm::zeroed(per * rows * k);
                     for b0 in (0..g.b).step_by(per) {
                         let nb = per.min(g.b - b0);
                         let gb = &gs[b0 * rows * n..][..nb * rows * n];
@@ -585,7 +585,7 @@ impl CustomOp3 for BatchNormOp {
         }
         let scale: Vec<f32> = (0..c).map(|i| self.rstd[i] * w[i]).collect();
         let shift: Vec<f32> = (0..c).map(|i| b[i] - self.mean[i] * scale[i]).collect();
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::gemm::zeroed(x.len());
         let relu = self.relu;
         out.par_chunks_mut(c * 64)
             .zip(x.par_chunks(c * 64))
@@ -613,7 +613,11 @@ impl CustomOp3 for BatchNormOp {
         let (want_dx, want_dw, want_db) = (x.track_op(), w.track_op(), b.track_op());
         let n = x.elem_count();
         let rows = (n / c.max(1)) as f32;
-        let mut dx = if want_dx { vec![0f32; n] } else { Vec::new() };
+        let mut dx = if want_dx {
+            super::gemm::zeroed(n)
+        } else {
+            Vec::new()
+        };
         let mut sums = (vec![0f64; c], vec![0f64; c]);
         let (mean, rstd, relu) = (&self.mean, &self.rstd, self.relu);
         with_f32(x, name, |xs| {
@@ -763,7 +767,7 @@ impl CustomOp1 for MaxPool {
         let g = self.geom(l.dims())?;
         let c = g.cin;
         let img = g.h * g.w * c;
-        let mut out = vec![0f32; g.b * g.rows() * c];
+        let mut out = super::gemm::zeroed(g.b * g.rows() * c);
         out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
             let (b, p) = (r / g.rows(), r % g.rows());
             let (oy, ox) = (p / g.wo, p % g.wo);
@@ -794,7 +798,7 @@ impl CustomOp1 for MaxPool {
         let g = self.geom(arg.dims())?;
         let c = g.cin;
         let img = g.h * g.w * c;
-        let mut dx = vec![0f32; arg.elem_count()];
+        let mut dx = super::gemm::zeroed(arg.elem_count());
         with_f32(arg, self.name(), |xs| {
             with_f32(grad, self.name(), |gs| {
                 // Parallel over images: each owns its slice of dx.

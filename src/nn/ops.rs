@@ -133,7 +133,7 @@ impl CustomOp3 for FusedAttention {
         let (b, sq, h) = l1.shape().dims3()?;
         let s = l2.shape().dims3()?.1;
         let dh = h / self.heads;
-        let mut out = vec![0f32; b * sq * h];
+        let mut out = super::gemm::zeroed(b * sq * h);
         out.par_chunks_mut(sq * h.max(1))
             .enumerate()
             .for_each(|(bi, out)| {
@@ -280,8 +280,8 @@ impl FusedLinear {
             )
         }
         let mut y = match b {
-            Some(b) => b.repeat(m),
-            None => vec![0f32; m * n],
+            Some(b) => super::gemm::repeated(b, m),
+            None => super::gemm::zeroed(m * n),
         };
         super::gemm::sgemm(
             (m, n, k),
@@ -311,7 +311,7 @@ impl FusedLinear {
         let name = "kiln-linear";
         with_cpu_f32(&grad, name, |g| {
             let dx = if x.track_op() {
-                let mut dx = vec![0f32; m * k];
+                let mut dx = super::gemm::zeroed(m * k);
                 with_cpu_f32(w, name, |w| {
                     // dx [m, k] = g [m, n] · w [n, k]
                     sgemm(
@@ -330,7 +330,7 @@ impl FusedLinear {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![0f32; n * k];
+                let mut dw = super::gemm::zeroed(n * k);
                 with_cpu_f32(x, name, |x| {
                     // dw [n, k] = gᵀ [n, m] · x [m, k]
                     sgemm(
@@ -463,7 +463,7 @@ impl CustomOp3 for FusedLayerNorm {
         if w.len() != dim || b.len() != dim {
             candle_core::bail!("layer-norm: weight/bias length {} != hidden {dim}", w.len())
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::gemm::zeroed(x.len());
         let chunk = rows_per_task(x.len() / dim.max(1), dim) * dim.max(1);
         out.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
@@ -489,7 +489,7 @@ impl CustomOp3 for FusedLayerNorm {
         let grad = grad.contiguous()?;
         let dim = x.dim(D::Minus1)?;
         let n = x.elem_count();
-        let mut dx = vec![0f32; n];
+        let mut dx = super::gemm::zeroed(n);
         let chunk = rows_per_task(n / dim.max(1), dim) * dim.max(1);
         let (dw, db) = with_cpu_f32(x, self.name(), |x| {
             with_cpu_f32(w, self.name(), |w| {
@@ -753,8 +753,8 @@ impl CustomOp2 for FusedSiluMul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let n = gate.elem_count();
-        let mut dgate = vec![0f32; n];
-        let mut dup = vec![0f32; n];
+        let mut dgate = super::gemm::zeroed(n);
+        let mut dup = super::gemm::zeroed(n);
         with_cpu_f32(gate, self.name(), |g| {
             with_cpu_f32(up, self.name(), |u| {
                 with_cpu_f32(&grad, self.name(), |d| {
@@ -860,7 +860,7 @@ impl CustomOp1 for LabelLogProbs {
     ) -> candle_core::Result<Option<Tensor>> {
         let (n, vocab) = logits.dims2()?;
         let grad = grad.contiguous()?;
-        let mut dx = vec![0f32; n * vocab];
+        let mut dx = super::gemm::zeroed(n * vocab);
         with_cpu_f32(logits, self.name(), |x| {
             with_cpu_f32(&grad, self.name(), |g| {
                 dx.par_chunks_mut(vocab.max(1))
@@ -995,7 +995,7 @@ impl CustomOp2 for FusedRmsNorm {
         if w.len() != dim {
             candle_core::bail!("rms-norm: weight length {} != hidden {dim}", w.len())
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::gemm::zeroed(x.len());
         let chunk = rows_per_task(x.len() / dim.max(1), dim) * dim.max(1);
         out.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
@@ -1019,7 +1019,7 @@ impl CustomOp2 for FusedRmsNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dim = x.dim(D::Minus1)?;
-        let mut dx = vec![0f32; x.elem_count()];
+        let mut dx = super::gemm::zeroed(x.elem_count());
         let chunk = rows_per_task(x.elem_count() / dim.max(1), dim) * dim.max(1);
         let dw = with_cpu_f32(x, self.name(), |x| {
             with_cpu_f32(w, self.name(), |w| {
@@ -1103,7 +1103,7 @@ impl CustomOp3 for FusedRope {
             )
         }
         let sign = if self.inverse { -1f32 } else { 1f32 };
-        let mut out = vec![0f32; x.len()];
+        let mut out = super::gemm::zeroed(x.len());
         let row = heads * d;
         for (xs, ys) in x.chunks_exact(t * row).zip(out.chunks_exact_mut(t * row)) {
             for p in 0..t {
