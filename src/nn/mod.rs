@@ -13,6 +13,7 @@ pub mod decoder;
 mod gemm;
 pub mod layers;
 pub mod lora;
+pub mod mlp;
 pub mod ops;
 pub mod packed;
 pub mod resnet;

@@ -31,7 +31,7 @@ use super::layers::{
 };
 use super::lora::{LoraAdapter, LoraTarget, lora_rng};
 use super::vision::{ImageClassifier, VisionLoadOptions};
-use super::{NnError, Result, ops};
+use super::{NnError, Result, mlp, ops};
 
 fn default_model_type() -> String {
     "vit".to_string()
@@ -706,7 +706,18 @@ impl VitForImageClassification {
             train,
         )?;
         let x = (attn + x)?;
-        let inter = l.intermediate.forward_t(&l.ln_after.forward(&x)?, train)?;
+        let normed = l.ln_after.forward(&x)?;
+        // On the CPU, the feed-forward block and its residual in one kernel (exact GELU, no
+        // dropout to apply, no adapters; `residual_mlp` says None otherwise).
+        let dropout_applies = train && cfg.hidden_dropout_prob > 0.0;
+        if l.ln_after.fused
+            && matches!(cfg.hidden_act, HiddenAct::Gelu)
+            && !dropout_applies
+            && let Some(y) = mlp::residual_mlp(&normed, &x, &l.intermediate, &l.output)?
+        {
+            return Ok(y);
+        }
+        let inter = l.intermediate.forward_t(&normed, train)?;
         let inter = match cfg.hidden_act {
             HiddenAct::Gelu => ops::gelu_erf(&inter)?,
             HiddenAct::GeluTanh => inter.gelu()?,

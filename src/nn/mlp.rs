@@ -1,0 +1,489 @@
+//! A transformer's feed-forward block and its residual as one CPU kernel:
+//! `y = r + gelu(x · w1ᵀ + b1) · w2ᵀ + b2` ([`residual_mlp`]).
+//!
+//! Why one op: candle's backward gives every input of every op a fresh zero tensor and adds
+//! the gradient into it, on the thread that drives the step while the pool waits. The
+//! primitive block (two linears, the GELU, the add) hands it four inputs of the block's size,
+//! two of them the width of the inner layer; this op hands it two of the hidden width (`x` and
+//! `r`) and one of the parameters' size. In ViT-tiny training that accumulation was ~12% of
+//! the samples, half of it this block's.
+//!
+//! The forward keeps the pre-activation (`x · w1ᵀ + b1`) for the backward when a gradient is
+//! tracked: the primitive path keeps it and the GELU's output, so this holds less. The
+//! backward recomputes the GELU from it.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{Mat, Threads, repeated, sgemm, zeroed};
+use super::layers::Linear;
+use super::ops::{cpu_f32, erf_f32, exp_f32, with_cpu_f32};
+
+/// `r + fc2(gelu(fc1(x)))` (exact, erf GELU) over the last dimension of `x` `[.., in]`, with `r`
+/// of the output's shape `[.., out]`: one fused CPU kernel forward and one backward. `None`
+/// where it does not apply (off the CPU, not f32, a layer without a bias or with a LoRA
+/// adapter): the caller's primitive path then runs. Gradients flow to `x`, `r` and the four
+/// parameters, each where it is tracked.
+pub fn residual_mlp(
+    x: &Tensor,
+    r: &Tensor,
+    fc1: &Linear,
+    fc2: &Linear,
+) -> candle_core::Result<Option<Tensor>> {
+    let (Some(b1), Some(b2)) = (&fc1.bias, &fc2.bias) else {
+        return Ok(None);
+    };
+    let tensors = [x, r, &fc1.weight, b1, &fc2.weight, b2];
+    let native = tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !native || fc1.lora.is_some() || fc2.lora.is_some() {
+        return Ok(None);
+    }
+    let (inner, hidden) = fc1.weight.dims2()?;
+    let (out, inner2) = fc2.weight.dims2()?;
+    let x_dims = x.dims().to_vec();
+    let mut out_dims = x_dims.clone();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
+    if inner2 != inner || x_dims.last() != Some(&hidden) || r.dims() != out_dims {
+        candle_core::bail!(
+            "residual mlp: x {x_dims:?}, fc1 [{inner}, {hidden}], fc2 [{out}, {inner2}], \
+             residual {:?}",
+            r.dims()
+        )
+    }
+    let rows = x.elem_count() / hidden.max(1);
+    let x2 = x.reshape((rows, hidden))?.contiguous()?;
+    let r2 = r.reshape((rows, out))?.contiguous()?;
+    let params = Tensor::cat(
+        &[
+            &fc1.weight.flatten_all()?,
+            b1,
+            &fc2.weight.flatten_all()?,
+            b2,
+        ],
+        0,
+    )?;
+    let op = ResidualMlp {
+        hidden,
+        inner,
+        out,
+        keep: x.track_op() || params.track_op(),
+        pre: Mutex::new(None),
+    };
+    let y = x2.apply_op3_arc(&r2, &params, std::sync::Arc::new(Box::new(op)))?;
+    Ok(Some(y.reshape(out_dims)?))
+}
+
+/// [`residual_mlp`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
+/// parameters flat in the order `w1 [inner, hidden]`, `b1`, `w2 [out, inner]`, `b2`.
+struct ResidualMlp {
+    hidden: usize,
+    inner: usize,
+    out: usize,
+    /// Whether the forward keeps the pre-activation for a backward.
+    keep: bool,
+    /// The pre-activation `[rows, inner]` of the forward, taken by the backward.
+    pre: Mutex<Option<Vec<f32>>>,
+}
+
+/// The four parameters' slices of the flat parameter vector.
+struct Params<'a> {
+    w1: &'a [f32],
+    b1: &'a [f32],
+    w2: &'a [f32],
+    b2: &'a [f32],
+}
+
+impl ResidualMlp {
+    fn param_len(&self) -> usize {
+        self.inner * self.hidden + self.inner + self.out * self.inner + self.out
+    }
+
+    fn split<'a, T>(&self, p: &'a mut [T]) -> (&'a mut [T], &'a mut [T], &'a mut [T], &'a mut [T]) {
+        let (w1, rest) = p.split_at_mut(self.inner * self.hidden);
+        let (b1, rest) = rest.split_at_mut(self.inner);
+        let (w2, b2) = rest.split_at_mut(self.out * self.inner);
+        (w1, b1, w2, b2)
+    }
+
+    fn params<'a>(&self, p: &'a [f32]) -> candle_core::Result<Params<'a>> {
+        if p.len() != self.param_len() {
+            candle_core::bail!(
+                "residual mlp: {} parameters, {} expected",
+                p.len(),
+                self.param_len()
+            )
+        }
+        let (w1, rest) = p.split_at(self.inner * self.hidden);
+        let (b1, rest) = rest.split_at(self.inner);
+        let (w2, b2) = rest.split_at(self.out * self.inner);
+        Ok(Params { w1, b1, w2, b2 })
+    }
+
+    /// `x · w1ᵀ + b1`, `[rows, inner]`.
+    fn pre_activation(&self, x: &[f32], p: &Params) -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / self.hidden.max(1);
+        let mut pre = repeated(p.b1, rows);
+        sgemm(
+            (rows, self.inner, self.hidden),
+            &mut pre,
+            self.inner,
+            Mat::rows(x, self.hidden),
+            Mat::transposed(p.w1, self.hidden),
+            1.0,
+            true,
+            Threads::All,
+        )?;
+        Ok(pre)
+    }
+}
+
+/// Elements per parallel task of the element-wise passes.
+const TASK: usize = 1 << 14;
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1/sqrt(2π), the normal density's constant.
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// GELU (erf form) of every element.
+fn gelu(pre: &[f32]) -> Vec<f32> {
+    let mut act = zeroed(pre.len());
+    act.par_chunks_mut(TASK)
+        .zip(pre.par_chunks(TASK))
+        .for_each(|(a, p)| {
+            for (a, &v) in a.iter_mut().zip(p) {
+                *a = 0.5 * v * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
+            }
+        });
+    act
+}
+
+/// Per-column sums of a row-major `[rows, n]` matrix, over the pool.
+fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let rows = g.len() / n.max(1);
+    let rows_per_task = rows
+        .div_ceil(4 * rayon::current_num_threads().max(1))
+        .max(1);
+    g.par_chunks(rows_per_task * n.max(1))
+        .map(|part| {
+            let mut sum = vec![0f32; n];
+            for row in part.chunks_exact(n.max(1)) {
+                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            sum
+        })
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+impl CustomOp3 for ResidualMlp {
+    fn name(&self) -> &'static str {
+        "kiln-residual-mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, self.name())?;
+        let r = cpu_f32(s2, l2, self.name())?;
+        let p = self.params(cpu_f32(s3, l3, self.name())?)?;
+        let rows = x.len() / self.hidden.max(1);
+        if r.len() != rows * self.out {
+            candle_core::bail!("residual mlp: {} residual values for {rows} rows", r.len())
+        }
+        let pre = self.pre_activation(x, &p)?;
+        let act = gelu(&pre);
+        // y = r + b2, then += act · w2ᵀ.
+        let mut y = zeroed(rows * self.out);
+        let chunk = TASK.div_ceil(self.out.max(1)) * self.out.max(1);
+        y.par_chunks_mut(chunk)
+            .zip(r.par_chunks(chunk))
+            .for_each(|(y, r)| {
+                for (yr, rr) in y.chunks_exact_mut(self.out).zip(r.chunks_exact(self.out)) {
+                    for ((y, r), b) in yr.iter_mut().zip(rr).zip(p.b2) {
+                        *y = r + b;
+                    }
+                }
+            });
+        sgemm(
+            (rows, self.out, self.inner),
+            &mut y,
+            self.out,
+            Mat::rows(&act, self.inner),
+            Mat::transposed(p.w2, self.inner),
+            1.0,
+            true,
+            Threads::All,
+        )?;
+        if self.keep
+            && let Ok(mut slot) = self.pre.lock()
+        {
+            *slot = Some(pre);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, self.out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (want_x, want_p) = (x.track_op(), params.track_op());
+        let dev = x.device();
+        let name = self.name();
+        let (hidden, inner, out) = (self.hidden, self.inner, self.out);
+        let kept = self.pre.lock().ok().and_then(|mut slot| slot.take());
+        let (dx, dp) = with_cpu_f32(x, name, |x| {
+            with_cpu_f32(params, name, |pflat| {
+                with_cpu_f32(&grad, name, |g| {
+                    let p = self.params(pflat)?;
+                    let rows = x.len() / hidden.max(1);
+                    let mut pre = match kept {
+                        Some(pre) if pre.len() == rows * inner => pre,
+                        _ => self.pre_activation(x, &p)?,
+                    };
+                    let mut dp = if want_p {
+                        zeroed(self.param_len())
+                    } else {
+                        Vec::new()
+                    };
+                    if want_p {
+                        let (_, _, dw2, db2) = self.split(&mut dp);
+                        // dw2 [out, inner] = gᵀ · gelu(pre); db2 = column sums of g.
+                        let act = gelu(&pre);
+                        sgemm(
+                            (out, inner, rows),
+                            dw2,
+                            inner,
+                            Mat::transposed(g, out),
+                            Mat::rows(&act, inner),
+                            1.0,
+                            false,
+                            Threads::All,
+                        )?;
+                        db2.copy_from_slice(&column_sums(g, out));
+                    }
+                    if !(want_x || want_p) {
+                        return Ok((None, Some(dp).filter(|_| want_p)));
+                    }
+                    // d(pre) = (g · w2) ⊙ gelu'(pre), written over `pre`.
+                    let mut dpre = zeroed(rows * inner);
+                    sgemm(
+                        (rows, inner, out),
+                        &mut dpre,
+                        inner,
+                        Mat::rows(g, out),
+                        Mat::rows(p.w2, inner),
+                        1.0,
+                        false,
+                        Threads::All,
+                    )?;
+                    pre.par_chunks_mut(TASK)
+                        .zip(dpre.par_chunks(TASK))
+                        .for_each(|(pre, d)| {
+                            for (v, &d) in pre.iter_mut().zip(d) {
+                                let cdf = 0.5 * (1.0 + erf_f32(*v * FRAC_1_SQRT_2));
+                                let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * *v * *v);
+                                *v = d * (cdf + *v * pdf);
+                            }
+                        });
+                    drop(dpre);
+                    let dpre = pre;
+                    if want_p {
+                        let (dw1, db1, _, _) = self.split(&mut dp);
+                        // dw1 [inner, hidden] = dpreᵀ · x; db1 = column sums of dpre.
+                        sgemm(
+                            (inner, hidden, rows),
+                            dw1,
+                            hidden,
+                            Mat::transposed(&dpre, inner),
+                            Mat::rows(x, hidden),
+                            1.0,
+                            false,
+                            Threads::All,
+                        )?;
+                        db1.copy_from_slice(&column_sums(&dpre, inner));
+                    }
+                    let dx = if want_x {
+                        // dx [rows, hidden] = dpre · w1.
+                        let mut dx = zeroed(rows * hidden);
+                        sgemm(
+                            (rows, hidden, inner),
+                            &mut dx,
+                            hidden,
+                            Mat::rows(&dpre, inner),
+                            Mat::rows(p.w1, hidden),
+                            1.0,
+                            false,
+                            Threads::All,
+                        )?;
+                        Some(dx)
+                    } else {
+                        None
+                    };
+                    Ok((dx, Some(dp).filter(|_| want_p)))
+                })
+            })
+        })?;
+        let dx = dx
+            .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+            .transpose()?;
+        let dp = dp
+            .map(|dp| Tensor::from_vec(dp, params.shape(), dev))
+            .transpose()?;
+        // The residual's gradient is the output's, as it is.
+        let dr = r.track_op().then(|| grad.clone());
+        Ok((dx, dr, dp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn linear(
+        name: &str,
+        out: usize,
+        inp: usize,
+        seed: f32,
+        trainable: bool,
+    ) -> (Linear, Vec<Var>) {
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i as f32 + seed) * 0.37).sin() * 0.3)
+            .collect();
+        let b: Vec<f32> = (0..out)
+            .map(|i| ((i as f32 + seed) * 0.91).cos() * 0.1)
+            .collect();
+        let w = Tensor::from_vec(w, (out, inp), &dev).unwrap();
+        let b = Tensor::from_vec(b, out, &dev).unwrap();
+        if trainable {
+            let (w, b) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+            let layer = Linear {
+                name: name.into(),
+                weight: w.as_tensor().clone(),
+                bias: Some(b.as_tensor().clone()),
+                lora: None,
+            };
+            (layer, vec![w, b])
+        } else {
+            let layer = Linear {
+                name: name.into(),
+                weight: w,
+                bias: Some(b),
+                lora: None,
+            };
+            (layer, vec![])
+        }
+    }
+
+    /// The same block from candle's primitive ops (and their backward).
+    fn primitive(x: &Tensor, r: &Tensor, fc1: &Linear, fc2: &Linear) -> Tensor {
+        let h = x
+            .broadcast_matmul(&fc1.weight.t().unwrap())
+            .unwrap()
+            .broadcast_add(fc1.bias.as_ref().unwrap())
+            .unwrap()
+            .gelu_erf()
+            .unwrap();
+        let y = h
+            .broadcast_matmul(&fc2.weight.t().unwrap())
+            .unwrap()
+            .broadcast_add(fc2.bias.as_ref().unwrap())
+            .unwrap();
+        (y + r).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, what: &str) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len(), "{what}");
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{what}: differs by {worst}");
+    }
+
+    #[test]
+    fn fused_block_matches_primitive_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        for trainable in [true, false] {
+            let (b, s, h, inner) = (2, 5, 8, 12);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
+            let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
+            let (fc1, mut vars) = linear("fc1", inner, h, 1.0, trainable);
+            let (fc2, v2) = linear("fc2", h, inner, 2.0, trainable);
+            vars.extend(v2);
+            // A loss that weighs every output differently.
+            let weights = Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap();
+            let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2)
+                .unwrap()
+                .expect("CPU f32 takes the fused kernel");
+            let reference = primitive(x.as_tensor(), r.as_tensor(), &fc1, &fc2);
+            close(&fused, &reference, "output");
+            let g1 = (fused * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (reference * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
+                close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
+            }
+            for (i, v) in vars.iter().enumerate() {
+                let got = g1
+                    .get(v.as_tensor())
+                    .expect("every parameter gets a gradient");
+                close(
+                    got,
+                    g2.get(v.as_tensor()).unwrap(),
+                    &format!("parameter {i}"),
+                );
+            }
+            if !trainable {
+                assert!(
+                    g1.get(&fc1.weight).is_none() && g1.get(&fc2.bias.clone().unwrap()).is_none()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_layer_with_an_adapter_or_without_a_bias_takes_the_primitive_path() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        let (fc1, _) = linear("fc1", 6, 4, 1.0, false);
+        let (mut fc2, _) = linear("fc2", 4, 6, 2.0, false);
+        fc2.bias = None;
+        assert!(residual_mlp(&x, &x, &fc1, &fc2).unwrap().is_none());
+    }
+}
