@@ -100,8 +100,38 @@ fn both_fused_settings() -> [LoadOptions; 2] {
 
 #[test]
 fn fused_kernels_give_the_primitive_ops_gradients() {
+    fused_and_primitive_gradients_agree(batch(&Device::Cpu), false);
+}
+
+#[test]
+fn long_batches_take_the_fused_feed_forward_block_with_the_same_gradients() {
+    // 6 × 24 rows, over 4× the hidden width: the feed-forward block runs as one kernel
+    // (nn::mlp); in train mode, which the tiny config's zero dropout leaves deterministic.
+    let dev = Device::Cpu;
+    let (n, len) = (6usize, 24usize);
+    let ids: Vec<u32> = (0..n * len)
+        .map(|i| {
+            if i % len == 0 {
+                2
+            } else {
+                4 + (i * 37 % 90) as u32
+            }
+        })
+        .collect();
+    let types: Vec<u32> = (0..n * len)
+        .map(|i| u32::from(i % len >= len / 2))
+        .collect();
+    let mask: Vec<u32> = (0..n * len)
+        .map(|i| u32::from(i % len < len - (i / len) * 2))
+        .collect();
+    let t = |v: Vec<u32>| Tensor::from_vec(v, (n, len), &dev).unwrap();
+    fused_and_primitive_gradients_agree((t(ids), t(types), t(mask)), true);
+}
+
+fn fused_and_primitive_gradients_agree((ids, types, mask): (Tensor, Tensor, Tensor), train: bool) {
     // Dropout off: both paths then compute the same function, so every gradient must agree
-    // (the fused attention, linear, LayerNorm and GELU kernels against candle's own ops).
+    // (the fused attention, linear, LayerNorm, GELU and feed-forward kernels against
+    // candle's own ops).
     let dev = Device::Cpu;
     let dir = tiny_dir(&tiny_bert_config(), TinyLayout::Prefixed);
     let mut runs = Vec::new();
@@ -109,8 +139,7 @@ fn fused_kernels_give_the_primitive_ops_gradients() {
         let varmap = VarMap::new();
         let enc = BertEncoder::load_dir(dir.path(), &varmap, &dev, &opts).unwrap();
         // A fixed linear read-out of every position's state (a fresh head would be random).
-        let (ids, types, mask) = batch(&dev);
-        let hidden = enc.forward(&ids, Some(&types), &mask, false).unwrap();
+        let hidden = enc.forward(&ids, Some(&types), &mask, train).unwrap();
         let n = hidden.elem_count();
         let weights: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0)

@@ -16,7 +16,7 @@ use super::layers::{
     Checkpoint, Embedding, LayerNorm, Linear, WeightSource, dropout, dropout_seed,
 };
 use super::lora::{LoraAdapter, LoraConfig, LoraTarget, lora_rng};
-use super::{NnError, Result, ops};
+use super::{NnError, Result, mlp, ops};
 
 /// The activation of the feed-forward block (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -738,6 +738,17 @@ impl BertEncoder {
         let attn = dropout(&l.project(3, &ctx, train)?, cfg.hidden_dropout_prob, train)?;
         let x = l.attn_ln.forward(&(attn + xq)?)?;
 
+        // On the CPU, the feed-forward block, its dropout and its residual in one kernel
+        // (exact GELU, no adapters, enough rows; `residual_mlp` says None otherwise). Served
+        // models keep their packed weights' path.
+        let p = if train { cfg.hidden_dropout_prob } else { 0.0 };
+        if l.out_ln.fused
+            && l.packed.is_none()
+            && matches!(cfg.hidden_act, HiddenAct::Gelu)
+            && let Some(z) = mlp::residual_mlp(&x, &x, &l.intermediate, &l.output, p as f32)?
+        {
+            return Ok(l.out_ln.forward(&z)?);
+        }
         let inter = self.activation(&l.project(4, &x, train)?, l.out_ln.fused)?;
         let out = dropout(
             &l.project(5, &inter, train)?,

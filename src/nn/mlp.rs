@@ -1,5 +1,5 @@
 //! A transformer's feed-forward block and its residual as one CPU kernel:
-//! `y = r + gelu(x · w1ᵀ + b1) · w2ᵀ + b2` ([`residual_mlp`]).
+//! `y = r + dropout(gelu(x · w1ᵀ + b1) · w2ᵀ + b2)` ([`residual_mlp`]).
 //!
 //! Why one op: candle's backward gives every input of every op a fresh zero tensor and adds
 //! the gradient into it, on the thread that drives the step while the pool waits. The
@@ -8,9 +8,12 @@
 //! `r`) and one of the parameters' size. In ViT-tiny training that accumulation was ~12% of
 //! the samples, half of it this block's.
 //!
-//! The forward keeps the pre-activation (`x · w1ᵀ + b1`) for the backward when a gradient is
-//! tracked: the primitive path keeps it and the GELU's output, so this holds less. The
-//! backward recomputes the GELU from it.
+//! The forward keeps the pre-activation (`x · w1ᵀ + b1`) and the GELU's output for the
+//! backward when a gradient is tracked, as the primitive path does (recomputing the GELU
+//! instead cost MiniLM's short rows more than it saved). The backward recomputes the dropout
+//! mask from its seed (each element's
+//! keep-or-drop is a hash of the seed and its index, so the mask is never stored and is
+//! drawn in parallel).
 
 use std::sync::Mutex;
 
@@ -21,16 +24,18 @@ use super::gemm::{Mat, Threads, repeated, sgemm, zeroed};
 use super::layers::Linear;
 use super::ops::{cpu_f32, erf_f32, exp_f32, with_cpu_f32};
 
-/// `r + fc2(gelu(fc1(x)))` (exact, erf GELU) over the last dimension of `x` `[.., in]`, with `r`
-/// of the output's shape `[.., out]`: one fused CPU kernel forward and one backward. `None`
+/// `r + dropout(fc2(gelu(fc1(x))), p)` (exact, erf GELU; inverted dropout, none when `p` is 0)
+/// over the last dimension of `x` `[.., in]`, with `r` of the output's shape `[.., out]`: one
+/// fused CPU kernel forward and one backward. `None`
 /// where it does not apply (off the CPU, not f32, a layer without a bias or with a LoRA
-/// adapter): the caller's primitive path then runs. Gradients flow to `x`, `r` and the four
+/// adapter, fewer rows than 4× the hidden width): the caller's primitive path then runs. Gradients flow to `x`, `r` and the four
 /// parameters, each where it is tracked.
 pub fn residual_mlp(
     x: &Tensor,
     r: &Tensor,
     fc1: &Linear,
     fc2: &Linear,
+    p: f32,
 ) -> candle_core::Result<Option<Tensor>> {
     let (Some(b1), Some(b2)) = (&fc1.bias, &fc2.bias) else {
         return Ok(None);
@@ -57,6 +62,13 @@ pub fn residual_mlp(
         )
     }
     let rows = x.elem_count() / hidden.max(1);
+    // The parameters travel as one flat tensor (a custom op takes three inputs), copied into
+    // it forward and their gradients out of it backward: about 8·hidden² values per pass
+    // against the ~9·rows·hidden the fusion saves. Short batches (MiniLM at 16 × 32 tokens,
+    // rows ≈ hidden) measured no gain; ViT-tiny's 16 × 197 rows, 16× hidden, gained 20%.
+    if rows < 4 * hidden.max(out) {
+        return Ok(None);
+    }
     let x2 = x.reshape((rows, hidden))?.contiguous()?;
     let r2 = r.reshape((rows, out))?.contiguous()?;
     let params = Tensor::cat(
@@ -73,7 +85,8 @@ pub fn residual_mlp(
         inner,
         out,
         keep: x.track_op() || params.track_op(),
-        pre: Mutex::new(None),
+        kept: Mutex::new(None),
+        dropout: Dropout::new(p),
     };
     let y = x2.apply_op3_arc(&r2, &params, std::sync::Arc::new(Box::new(op)))?;
     Ok(Some(y.reshape(out_dims)?))
@@ -87,9 +100,56 @@ struct ResidualMlp {
     out: usize,
     /// Whether the forward keeps the pre-activation for a backward.
     keep: bool,
-    /// The pre-activation `[rows, inner]` of the forward, taken by the backward.
-    pre: Mutex<Option<Vec<f32>>>,
+    /// The pre-activation and the activation `[rows, inner]` of the forward, taken by the
+    /// backward.
+    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    dropout: Option<Dropout>,
 }
+
+/// Inverted dropout with a hashed mask: element `i` is kept when the top 32 bits of
+/// `splitmix64(seed ^ i·φ)` fall below `keep · 2³²`, and scaled by `1 / keep`.
+#[derive(Clone, Copy)]
+struct Dropout {
+    seed: u64,
+    threshold: u64,
+    scale: f32,
+}
+
+impl Dropout {
+    /// `None` for `p` 0 (or not a probability below 1).
+    fn new(p: f32) -> Option<Self> {
+        if !(p > 0.0 && p < 1.0) {
+            return None;
+        }
+        let keep = 1.0 - p as f64;
+        Some(Dropout {
+            seed: super::layers::dropout_seed(),
+            threshold: (keep * 4_294_967_296.0) as u64,
+            scale: (1.0 / keep) as f32,
+        })
+    }
+
+    /// The factor of element `i`: `1 / keep` or 0.
+    #[inline(always)]
+    fn factor(&self, i: usize) -> f32 {
+        let bits = super::attention::splitmix64(self.seed ^ (i as u64).wrapping_mul(PHI));
+        if (bits >> 32) < self.threshold {
+            self.scale
+        } else {
+            0.0
+        }
+    }
+
+    /// Multiplies every element of `v` (element 0 being index `offset`) by its factor.
+    fn apply(&self, v: &mut [f32], offset: usize) {
+        for (i, v) in v.iter_mut().enumerate() {
+            *v *= self.factor(offset + i);
+        }
+    }
+}
+
+/// 2⁶⁴ / φ, the multiplier that spreads consecutive indices over the hash's input.
+const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The four parameters' slices of the flat parameter vector.
 struct Params<'a> {
@@ -209,18 +269,8 @@ impl CustomOp3 for ResidualMlp {
         }
         let pre = self.pre_activation(x, &p)?;
         let act = gelu(&pre);
-        // y = r + b2, then += act · w2ᵀ.
-        let mut y = zeroed(rows * self.out);
-        let chunk = TASK.div_ceil(self.out.max(1)) * self.out.max(1);
-        y.par_chunks_mut(chunk)
-            .zip(r.par_chunks(chunk))
-            .for_each(|(y, r)| {
-                for (yr, rr) in y.chunks_exact_mut(self.out).zip(r.chunks_exact(self.out)) {
-                    for ((y, r), b) in yr.iter_mut().zip(rr).zip(p.b2) {
-                        *y = r + b;
-                    }
-                }
-            });
+        // z = act · w2ᵀ + b2; y = r + dropout(z).
+        let mut y = repeated(p.b2, rows);
         sgemm(
             (rows, self.out, self.inner),
             &mut y,
@@ -231,10 +281,21 @@ impl CustomOp3 for ResidualMlp {
             true,
             Threads::All,
         )?;
+        y.par_chunks_mut(TASK)
+            .zip(r.par_chunks(TASK))
+            .enumerate()
+            .for_each(|(c, (y, r))| {
+                if let Some(d) = &self.dropout {
+                    d.apply(y, c * TASK);
+                }
+                for (y, r) in y.iter_mut().zip(r) {
+                    *y += r;
+                }
+            });
         if self.keep
-            && let Ok(mut slot) = self.pre.lock()
+            && let Ok(mut slot) = self.kept.lock()
         {
-            *slot = Some(pre);
+            *slot = Some((pre, act));
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, self.out))))
     }
@@ -248,19 +309,34 @@ impl CustomOp3 for ResidualMlp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        // The gradient through the dropout (the residual's is `grad` itself).
+        let gz = match &self.dropout {
+            Some(d) => {
+                let mut gz = grad.flatten_all()?.to_vec1::<f32>()?;
+                gz.par_chunks_mut(TASK)
+                    .enumerate()
+                    .for_each(|(c, g)| d.apply(g, c * TASK));
+                Tensor::from_vec(gz, grad.shape(), grad.device())?
+            }
+            None => grad.clone(),
+        };
         let (want_x, want_p) = (x.track_op(), params.track_op());
         let dev = x.device();
         let name = self.name();
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
-        let kept = self.pre.lock().ok().and_then(|mut slot| slot.take());
+        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
         let (dx, dp) = with_cpu_f32(x, name, |x| {
             with_cpu_f32(params, name, |pflat| {
-                with_cpu_f32(&grad, name, |g| {
+                with_cpu_f32(&gz, name, |g| {
                     let p = self.params(pflat)?;
                     let rows = x.len() / hidden.max(1);
-                    let mut pre = match kept {
-                        Some(pre) if pre.len() == rows * inner => pre,
-                        _ => self.pre_activation(x, &p)?,
+                    let (mut pre, act) = match kept {
+                        Some((pre, act)) if pre.len() == rows * inner => (pre, act),
+                        _ => {
+                            let pre = self.pre_activation(x, &p)?;
+                            let act = gelu(&pre);
+                            (pre, act)
+                        }
                     };
                     let mut dp = if want_p {
                         zeroed(self.param_len())
@@ -270,7 +346,6 @@ impl CustomOp3 for ResidualMlp {
                     if want_p {
                         let (_, _, dw2, db2) = self.split(&mut dp);
                         // dw2 [out, inner] = gᵀ · gelu(pre); db2 = column sums of g.
-                        let act = gelu(&pre);
                         sgemm(
                             (out, inner, rows),
                             dw2,
@@ -283,6 +358,7 @@ impl CustomOp3 for ResidualMlp {
                         )?;
                         db2.copy_from_slice(&column_sums(g, out));
                     }
+                    drop(act);
                     if !(want_x || want_p) {
                         return Ok((None, Some(dp).filter(|_| want_p)));
                     }
@@ -431,7 +507,7 @@ mod tests {
     fn fused_block_matches_primitive_ops_forward_and_backward() {
         let dev = Device::Cpu;
         for trainable in [true, false] {
-            let (b, s, h, inner) = (2, 5, 8, 12);
+            let (b, s, h, inner) = (4, 9, 8, 12);
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
             let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
             let (fc1, mut vars) = linear("fc1", inner, h, 1.0, trainable);
@@ -439,7 +515,7 @@ mod tests {
             vars.extend(v2);
             // A loss that weighs every output differently.
             let weights = Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap();
-            let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2)
+            let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.0)
                 .unwrap()
                 .expect("CPU f32 takes the fused kernel");
             let reference = primitive(x.as_tensor(), r.as_tensor(), &fc1, &fc2);
@@ -478,12 +554,94 @@ mod tests {
     }
 
     #[test]
+    fn dropout_drops_some_outputs_scales_the_rest_and_backpropagates_through_the_same_mask() {
+        let dev = Device::Cpu;
+        let (rows, h, inner) = (64, 16, 24);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
+        let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
+        let (fc1, mut vars) = linear("fc1", inner, h, 1.0, true);
+        let (fc2, v2) = linear("fc2", h, inner, 2.0, true);
+        vars.extend(v2);
+        let weights = Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap();
+        let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.5)
+            .unwrap()
+            .unwrap();
+        // The block without its residual, from primitive ops.
+        let zero = Tensor::zeros((rows, h), DType::F32, &dev).unwrap();
+        let z = primitive(x.as_tensor(), &zero, &fc1, &fc2);
+        // Every element is dropped (y = r) or kept and doubled (y = r + 2z), both often.
+        let delta: Vec<f32> = (&fused - r.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let zv: Vec<f32> = z.flatten_all().unwrap().to_vec1().unwrap();
+        let mask: Vec<f32> = delta
+            .iter()
+            .zip(&zv)
+            .map(|(d, z)| {
+                if d.abs() < 1e-6 {
+                    0.0
+                } else {
+                    assert!((d - 2.0 * z).abs() < 1e-4, "kept {d} is not 2 x {z}");
+                    2.0
+                }
+            })
+            .collect();
+        let kept = mask.iter().filter(|m| **m > 0.0).count();
+        assert!((400..624).contains(&kept), "{kept} of 1024 kept at p = 0.5");
+        // The same mask on primitive ops gives the same gradients.
+        let mask = Tensor::from_vec(mask, (rows, h), &dev).unwrap();
+        let reference = ((z * mask).unwrap() + r.as_tensor()).unwrap();
+        close(&fused, &reference, "output");
+        let g1 = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
+            close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
+        }
+        for (i, v) in vars.iter().enumerate() {
+            close(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+                &format!("parameter {i}"),
+            );
+        }
+    }
+
+    #[test]
     fn a_layer_with_an_adapter_or_without_a_bias_takes_the_primitive_path() {
         let dev = Device::Cpu;
-        let x = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        let x = Tensor::zeros((32, 4), DType::F32, &dev).unwrap();
         let (fc1, _) = linear("fc1", 6, 4, 1.0, false);
         let (mut fc2, _) = linear("fc2", 4, 6, 2.0, false);
+        assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_some());
+        // Too few rows for the fusion to pay.
+        let short = x.narrow(0, 0, 8).unwrap();
+        assert!(
+            residual_mlp(&short, &short, &fc1, &fc2, 0.0)
+                .unwrap()
+                .is_none()
+        );
         fc2.bias = None;
-        assert!(residual_mlp(&x, &x, &fc1, &fc2).unwrap().is_none());
+        assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_none());
+        let (mut fc2, _) = linear("fc2", 4, 6, 2.0, false);
+        fc2.lora = Some(crate::nn::lora::LoraAdapter {
+            a: Tensor::zeros((2, 6), DType::F32, &dev).unwrap(),
+            b: Tensor::zeros((4, 2), DType::F32, &dev).unwrap(),
+            scale: 1.0,
+            dropout: 0.0,
+        });
+        assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_none());
     }
 }

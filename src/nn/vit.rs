@@ -707,13 +707,12 @@ impl VitForImageClassification {
         )?;
         let x = (attn + x)?;
         let normed = l.ln_after.forward(&x)?;
-        // On the CPU, the feed-forward block and its residual in one kernel (exact GELU, no
-        // dropout to apply, no adapters; `residual_mlp` says None otherwise).
-        let dropout_applies = train && cfg.hidden_dropout_prob > 0.0;
+        // On the CPU, the feed-forward block, its dropout and its residual in one kernel
+        // (exact GELU, no adapters; `residual_mlp` says None otherwise).
+        let p = if train { cfg.hidden_dropout_prob } else { 0.0 };
         if l.ln_after.fused
             && matches!(cfg.hidden_act, HiddenAct::Gelu)
-            && !dropout_applies
-            && let Some(y) = mlp::residual_mlp(&normed, &x, &l.intermediate, &l.output)?
+            && let Some(y) = mlp::residual_mlp(&normed, &x, &l.intermediate, &l.output, p as f32)?
         {
             return Ok(y);
         }
