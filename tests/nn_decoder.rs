@@ -116,18 +116,23 @@ fn ids_from(seed: u32, n: usize) -> Vec<u32> {
 
 /// A batch of 3 right-padded rows of length 9 (real lengths 9, 6, 4), pads = `<|endoftext|>`.
 fn padded_batch(dev: &Device) -> (Tensor, Tensor) {
-    let lens = [9usize, 6, 4];
+    padded_batch_of(&[9, 6, 4], dev)
+}
+
+/// Rows of these real lengths, right-padded to the longest.
+fn padded_batch_of(lens: &[usize], dev: &Device) -> (Tensor, Tensor) {
+    let width = lens.iter().copied().max().unwrap_or(0);
     let mut ids = Vec::new();
     let mut mask = Vec::new();
     for (row, &len) in lens.iter().enumerate() {
         let mut real = ids_from(row as u32 + 1, len);
-        real.resize(9, 256);
+        real.resize(width, 256);
         ids.extend(real);
-        mask.extend((0..9).map(|i| u32::from(i < len)));
+        mask.extend((0..width).map(|i| u32::from(i < len)));
     }
     (
-        Tensor::from_vec(ids, (3, 9), dev).unwrap(),
-        Tensor::from_vec(mask, (3, 9), dev).unwrap(),
+        Tensor::from_vec(ids, (lens.len(), width), dev).unwrap(),
+        Tensor::from_vec(mask, (lens.len(), width), dev).unwrap(),
     )
 }
 
@@ -240,7 +245,18 @@ fn every_trainable_variable_receives_a_nonzero_gradient() {
 #[test]
 fn fused_and_primitive_ops_give_the_same_logits_and_gradients() {
     let dev = Device::Cpu;
-    let (ids, mask) = padded_batch(&dev);
+    fused_and_primitive_agree(padded_batch(&dev));
+}
+
+#[test]
+fn long_batches_take_the_fused_gated_feed_forward_block_with_the_same_gradients() {
+    // 8 × 40 rows, over 4× the hidden width: the gated feed-forward block runs as one kernel
+    // (nn::mlp::residual_swiglu).
+    let dev = Device::Cpu;
+    fused_and_primitive_agree(padded_batch_of(&[40, 37, 33, 30, 26, 21, 17, 12], &dev));
+}
+
+fn fused_and_primitive_agree((ids, mask): (Tensor, Tensor)) {
     for model_type in TYPES {
         let dir = tiny_dir(model_type);
         let run = |fused: bool| {

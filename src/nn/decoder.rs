@@ -22,7 +22,7 @@ use serde_json::Value;
 use super::attention::{self, AttentionSpec};
 use super::layers::{Checkpoint, Embedding, Linear, RmsNorm, WeightSource, load_model_weights};
 use super::lora::{LoraAdapter, LoraConfig, lora_rng};
-use super::{NnError, Result, ops};
+use super::{NnError, Result, mlp, ops};
 
 /// How a layer's attention hides keys.
 #[derive(Clone, Copy)]
@@ -1198,6 +1198,15 @@ impl Decoder {
         let h = l.input_layernorm.forward(x)?;
         let x = (x + self.attention(l, &h, rope, mask, cache, train)?)?;
         let h = l.post_attention_layernorm.forward(&x)?;
+        // On the CPU in f32, the gated feed-forward block and its residual in one kernel (no
+        // biases, no adapters, enough rows; `residual_swiglu` says None otherwise). Served
+        // models keep their packed weights' path.
+        if self.fused
+            && l.packed.is_none()
+            && let Some(y) = mlp::residual_swiglu(&h, &x, &l.gate_proj, &l.up_proj, &l.down_proj)?
+        {
+            return Ok(y);
+        }
         let gate = l.project(4, &h, train)?;
         let up = l.project(5, &h, train)?;
         let act = if self.fused {

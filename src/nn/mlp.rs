@@ -433,6 +433,320 @@ impl CustomOp3 for ResidualMlp {
     }
 }
 
+/// `r + down(silu(gate(x)) ⊙ up(x))`, the gated feed-forward block of Llama/Qwen-family
+/// decoders, with its residual: one fused CPU kernel forward and one backward, as
+/// [`residual_mlp`]. `None` where it does not apply (off the CPU, not f32, a projection with a
+/// bias or a LoRA adapter, fewer rows than 4× the hidden width).
+pub fn residual_swiglu(
+    x: &Tensor,
+    r: &Tensor,
+    gate: &Linear,
+    up: &Linear,
+    down: &Linear,
+) -> candle_core::Result<Option<Tensor>> {
+    let layers = [gate, up, down];
+    if layers.iter().any(|l| l.bias.is_some() || l.lora.is_some()) {
+        return Ok(None);
+    }
+    let native = [x, r, &gate.weight, &up.weight, &down.weight]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !native {
+        return Ok(None);
+    }
+    let (inner, hidden) = gate.weight.dims2()?;
+    let (out, inner2) = down.weight.dims2()?;
+    let x_dims = x.dims().to_vec();
+    let mut out_dims = x_dims.clone();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
+    if up.weight.dims() != [inner, hidden]
+        || inner2 != inner
+        || x_dims.last() != Some(&hidden)
+        || r.dims() != out_dims
+    {
+        candle_core::bail!(
+            "residual swiglu: x {x_dims:?}, gate [{inner}, {hidden}], up {:?}, down [{out}, \
+             {inner2}], residual {:?}",
+            up.weight.dims(),
+            r.dims()
+        )
+    }
+    let rows = x.elem_count() / hidden.max(1);
+    // As in `residual_mlp`: the flat parameters cost ~3·hidden·inner values a pass.
+    if rows < 4 * hidden.max(out) {
+        return Ok(None);
+    }
+    let x2 = x.reshape((rows, hidden))?.contiguous()?;
+    let r2 = r.reshape((rows, out))?.contiguous()?;
+    let params = Tensor::cat(
+        &[
+            &gate.weight.flatten_all()?,
+            &up.weight.flatten_all()?,
+            &down.weight.flatten_all()?,
+        ],
+        0,
+    )?;
+    let op = ResidualSwiglu {
+        hidden,
+        inner,
+        out,
+        keep: x.track_op() || params.track_op(),
+        kept: Mutex::new(None),
+    };
+    let y = x2.apply_op3_arc(&r2, &params, std::sync::Arc::new(Box::new(op)))?;
+    Ok(Some(y.reshape(out_dims)?))
+}
+
+/// [`residual_swiglu`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
+/// parameters flat in the order `gate [inner, hidden]`, `up [inner, hidden]`, `down [out,
+/// inner]`.
+struct ResidualSwiglu {
+    hidden: usize,
+    inner: usize,
+    out: usize,
+    keep: bool,
+    /// The gate's and the up projection's outputs `[rows, inner]` and the activation, kept by
+    /// the forward for the backward.
+    kept: Mutex<Option<SwigluSaved>>,
+}
+
+/// What [`ResidualSwiglu`]'s backward needs of its forward.
+struct SwigluSaved {
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + exp_f32(-v))
+}
+
+impl ResidualSwiglu {
+    fn param_len(&self) -> usize {
+        2 * self.inner * self.hidden + self.out * self.inner
+    }
+
+    /// `(gate, up, down)` slices of the flat parameters.
+    fn params<'a>(&self, p: &'a [f32]) -> candle_core::Result<(&'a [f32], &'a [f32], &'a [f32])> {
+        if p.len() != self.param_len() {
+            candle_core::bail!(
+                "residual swiglu: {} parameters, {} expected",
+                p.len(),
+                self.param_len()
+            )
+        }
+        let (wg, rest) = p.split_at(self.inner * self.hidden);
+        let (wu, wd) = rest.split_at(self.inner * self.hidden);
+        Ok((wg, wu, wd))
+    }
+
+    /// `x · wᵀ` for one of the two input projections, `[rows, inner]`.
+    fn project(&self, x: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / self.hidden.max(1);
+        let mut y = zeroed(rows * self.inner);
+        sgemm(
+            (rows, self.inner, self.hidden),
+            &mut y,
+            self.inner,
+            Mat::rows(x, self.hidden),
+            Mat::transposed(w, self.hidden),
+            1.0,
+            false,
+            Threads::All,
+        )?;
+        Ok(y)
+    }
+
+    fn forward_parts(&self, x: &[f32], wg: &[f32], wu: &[f32]) -> candle_core::Result<SwigluSaved> {
+        let gate = self.project(x, wg)?;
+        let up = self.project(x, wu)?;
+        let mut act = zeroed(gate.len());
+        act.par_chunks_mut(TASK)
+            .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))
+            .for_each(|(a, (g, u))| {
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g * sigmoid(g) * u;
+                }
+            });
+        Ok(SwigluSaved { gate, up, act })
+    }
+}
+
+impl CustomOp3 for ResidualSwiglu {
+    fn name(&self) -> &'static str {
+        "kiln-residual-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, self.name())?;
+        let r = cpu_f32(s2, l2, self.name())?;
+        let (wg, wu, wd) = self.params(cpu_f32(s3, l3, self.name())?)?;
+        let rows = x.len() / self.hidden.max(1);
+        if r.len() != rows * self.out {
+            candle_core::bail!(
+                "residual swiglu: {} residual values for {rows} rows",
+                r.len()
+            )
+        }
+        let saved = self.forward_parts(x, wg, wu)?;
+        let mut y = zeroed(r.len());
+        y.par_chunks_mut(TASK)
+            .zip(r.par_chunks(TASK))
+            .for_each(|(y, r)| y.copy_from_slice(r));
+        sgemm(
+            (rows, self.out, self.inner),
+            &mut y,
+            self.out,
+            Mat::rows(&saved.act, self.inner),
+            Mat::transposed(wd, self.inner),
+            1.0,
+            true,
+            Threads::All,
+        )?;
+        if self.keep
+            && let Ok(mut slot) = self.kept.lock()
+        {
+            *slot = Some(saved);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, self.out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (want_x, want_p) = (x.track_op(), params.track_op());
+        let dev = x.device();
+        let name = self.name();
+        let (hidden, inner, out) = (self.hidden, self.inner, self.out);
+        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+        let (dx, dp) = with_cpu_f32(x, name, |x| {
+            with_cpu_f32(params, name, |pflat| {
+                with_cpu_f32(&grad, name, |g| {
+                    let (wg, wu, wd) = self.params(pflat)?;
+                    let rows = x.len() / hidden.max(1);
+                    let SwigluSaved { gate, up, act } = match kept {
+                        Some(saved) if saved.gate.len() == rows * inner => saved,
+                        _ => self.forward_parts(x, wg, wu)?,
+                    };
+                    let mut dp = if want_p {
+                        zeroed(self.param_len())
+                    } else {
+                        Vec::new()
+                    };
+                    if want_p {
+                        // d(down) [out, inner] = gᵀ · act.
+                        let dwd = &mut dp[2 * inner * hidden..];
+                        sgemm(
+                            (out, inner, rows),
+                            dwd,
+                            inner,
+                            Mat::transposed(g, out),
+                            Mat::rows(&act, inner),
+                            1.0,
+                            false,
+                            Threads::All,
+                        )?;
+                    }
+                    drop(act);
+                    if !(want_x || want_p) {
+                        return Ok((None, Some(dp).filter(|_| want_p)));
+                    }
+                    // d(act) = g · down; then d(gate) = d(act) ⊙ up ⊙ silu'(gate) and
+                    // d(up) = d(act) ⊙ silu(gate), written over `gate` and `up`.
+                    let mut dact = zeroed(rows * inner);
+                    sgemm(
+                        (rows, inner, out),
+                        &mut dact,
+                        inner,
+                        Mat::rows(g, out),
+                        Mat::rows(wd, inner),
+                        1.0,
+                        false,
+                        Threads::All,
+                    )?;
+                    let (mut dgate, mut dup) = (gate, up);
+                    dgate
+                        .par_chunks_mut(TASK)
+                        .zip(dup.par_chunks_mut(TASK))
+                        .zip(dact.par_chunks(TASK))
+                        .for_each(|((gs, us), ds)| {
+                            for ((g, u), &d) in gs.iter_mut().zip(us.iter_mut()).zip(ds) {
+                                let s = sigmoid(*g);
+                                let silu = *g * s;
+                                let dsilu = s * (1.0 + *g * (1.0 - s));
+                                let uv = *u;
+                                *g = d * uv * dsilu;
+                                *u = d * silu;
+                            }
+                        });
+                    drop(dact);
+                    if want_p {
+                        let (dwg, rest) = dp.split_at_mut(inner * hidden);
+                        let dwu = &mut rest[..inner * hidden];
+                        for (dw, d) in [(dwg, &dgate), (dwu, &dup)] {
+                            // d(w) [inner, hidden] = dᵀ · x.
+                            sgemm(
+                                (inner, hidden, rows),
+                                dw,
+                                hidden,
+                                Mat::transposed(d, inner),
+                                Mat::rows(x, hidden),
+                                1.0,
+                                false,
+                                Threads::All,
+                            )?;
+                        }
+                    }
+                    let dx = if want_x {
+                        // dx = d(gate) · gate_w + d(up) · up_w.
+                        let mut dx = zeroed(rows * hidden);
+                        for (i, (d, w)) in [(&dgate, wg), (&dup, wu)].into_iter().enumerate() {
+                            sgemm(
+                                (rows, hidden, inner),
+                                &mut dx,
+                                hidden,
+                                Mat::rows(d, inner),
+                                Mat::rows(w, hidden),
+                                1.0,
+                                i > 0,
+                                Threads::All,
+                            )?;
+                        }
+                        Some(dx)
+                    } else {
+                        None
+                    };
+                    Ok((dx, Some(dp).filter(|_| want_p)))
+                })
+            })
+        })?;
+        let dx = dx
+            .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+            .transpose()?;
+        let dp = dp
+            .map(|dp| Tensor::from_vec(dp, params.shape(), dev))
+            .transpose()?;
+        let dr = r.track_op().then(|| grad.clone());
+        Ok((dx, dr, dp))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -617,6 +931,75 @@ mod tests {
                 &format!("parameter {i}"),
             );
         }
+    }
+
+    fn no_bias(l: Linear) -> Linear {
+        Linear { bias: None, ..l }
+    }
+
+    #[test]
+    fn fused_gated_block_matches_primitive_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        for trainable in [true, false] {
+            let (rows, h, inner) = (40, 8, 20);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
+            let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
+            let (gate, mut vars) = linear("gate", inner, h, 1.0, trainable);
+            let (up, v) = linear("up", inner, h, 2.0, trainable);
+            vars.extend(v);
+            let (down, v) = linear("down", h, inner, 3.0, trainable);
+            vars.extend(v);
+            // The bias Vars are not used (Llama-family projections have none).
+            let vars: Vec<Var> = vars.into_iter().step_by(2).collect();
+            let (gate, up, down) = (no_bias(gate), no_bias(up), no_bias(down));
+            let weights = Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap();
+            let fused = residual_swiglu(x.as_tensor(), r.as_tensor(), &gate, &up, &down)
+                .unwrap()
+                .expect("CPU f32 takes the fused kernel");
+            let xt = x.as_tensor();
+            let act = (xt
+                .matmul(&gate.weight.t().unwrap())
+                .unwrap()
+                .silu()
+                .unwrap()
+                * xt.matmul(&up.weight.t().unwrap()).unwrap())
+            .unwrap();
+            let reference =
+                (act.matmul(&down.weight.t().unwrap()).unwrap() + r.as_tensor()).unwrap();
+            close(&fused, &reference, "output");
+            let g1 = (fused * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (reference * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
+                close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
+            }
+            for (i, v) in vars.iter().enumerate() {
+                let got = g1.get(v.as_tensor()).expect("every weight gets a gradient");
+                close(got, g2.get(v.as_tensor()).unwrap(), &format!("weight {i}"));
+            }
+            if !trainable {
+                assert!(g1.get(&gate.weight).is_none());
+            }
+        }
+        // A projection with a bias takes the primitive path.
+        let x = Tensor::zeros((40, 8), DType::F32, &dev).unwrap();
+        let (gate, _) = linear("gate", 20, 8, 1.0, false);
+        let (up, _) = linear("up", 20, 8, 2.0, false);
+        let (down, _) = linear("down", 8, 20, 3.0, false);
+        assert!(
+            residual_swiglu(&x, &x, &gate, &no_bias(up), &no_bias(down))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
