@@ -172,6 +172,286 @@ pub fn attention(
     )?))
 }
 
+/// `r + o(attention(q(n), k(n), v(n)))`, a transformer's self-attention block and its
+/// residual, as one CPU op with its own backward (the projections, [`attention`]'s kernel and
+/// the residual add): candle's backward then gives fresh zero tensors to two inputs of the
+/// hidden width instead of eight (see `nn::mlp` for why that matters). `n` and `r` are
+/// `[batch, seq, hidden]`; the four projections are `[hidden, hidden]` with biases (no
+/// grouped-query heads). `None` where it does not apply (off the CPU, not f32, an adapter, a
+/// projection without a bias or of another shape, fewer rows than 4× the hidden width): the
+/// caller's separate ops then run.
+pub fn residual_attention(
+    n: &Tensor,
+    r: &Tensor,
+    [q, k, v, o]: [&super::layers::Linear; 4],
+    spec: AttentionSpec,
+) -> candle_core::Result<Option<Tensor>> {
+    let layers = [q, k, v, o];
+    let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let Ok((b, s, h)) = n.dims3() else {
+        return Ok(None);
+    };
+    let fits = layers.iter().all(|l| {
+        l.lora.is_none()
+            && native(&l.weight)
+            && l.weight.dims() == [h, h]
+            && l.bias
+                .as_ref()
+                .is_some_and(|b| native(b) && b.dims() == [h])
+    });
+    if !fits || !native(n) || !native(r) || spec.heads != spec.kv_heads || b * s < 4 * h {
+        return Ok(None);
+    }
+    if r.dims() != n.dims() {
+        candle_core::bail!(
+            "residual attention: n {:?}, residual {:?}",
+            n.dims(),
+            r.dims()
+        )
+    }
+    let g = Geometry::new(n.dims(), n.dims(), &spec)?;
+    if let Some(mask) = &spec.key_mask
+        && mask.len() != g.b * g.s
+    {
+        candle_core::bail!(
+            "attention: key mask of {} for [{}, {}]",
+            mask.len(),
+            g.b,
+            g.s
+        )
+    }
+    if !(0.0..1.0).contains(&spec.dropout) {
+        candle_core::bail!("attention: dropout {} is not in [0, 1)", spec.dropout)
+    }
+    let mut flat = Vec::with_capacity(8);
+    for l in layers {
+        flat.push(l.weight.flatten_all()?);
+        if let Some(bias) = &l.bias {
+            flat.push(bias.clone());
+        }
+    }
+    let params = Tensor::cat(&flat, 0)?;
+    let op = ResidualAttention {
+        attn: FusedAttention { spec },
+        g,
+        keep: n.track_op() || params.track_op(),
+        kept: std::sync::Mutex::new(None),
+    };
+    Ok(Some(n.contiguous()?.apply_op3_arc(
+        &r.contiguous()?,
+        &params,
+        std::sync::Arc::new(Box::new(op)),
+    )?))
+}
+
+/// [`residual_attention`]'s kernel: inputs `(n, r, params)`, the parameters flat as the four
+/// projections' `(weight [h, h], bias [h])` in the order q, k, v, o.
+struct ResidualAttention {
+    attn: FusedAttention,
+    g: Geometry,
+    keep: bool,
+    /// `q`, `k`, `v` and the attention's output, kept by the forward for the backward.
+    kept: std::sync::Mutex<Option<[Vec<f32>; 4]>>,
+}
+
+impl ResidualAttention {
+    /// Projection `i`'s (weight, bias) in the flat parameters.
+    fn projection<'a>(&self, p: &'a [f32], i: usize) -> (&'a [f32], &'a [f32]) {
+        let h = self.g.hq;
+        let at = i * (h * h + h);
+        (&p[at..at + h * h], &p[at + h * h..at + h * h + h])
+    }
+
+    /// `n · wᵀ + b`.
+    fn project(&self, n: &[f32], (w, b): (&[f32], &[f32])) -> candle_core::Result<Vec<f32>> {
+        let h = self.g.hq;
+        let rows = n.len() / h.max(1);
+        let mut y = super::gemm::repeated(b, rows);
+        sgemm(
+            (rows, h, h),
+            &mut y,
+            h,
+            Mat::rows(n, h),
+            Mat::transposed(w, h),
+            1.0,
+            true,
+            Threads::All,
+        )?;
+        Ok(y)
+    }
+
+    /// `q`, `k`, `v` and the attention's output for `n`.
+    fn inner(&self, n: &[f32], p: &[f32]) -> candle_core::Result<[Vec<f32>; 4]> {
+        let q = self.project(n, self.projection(p, 0))?;
+        let k = self.project(n, self.projection(p, 1))?;
+        let v = self.project(n, self.projection(p, 2))?;
+        let ctx = self.attn.forward(&self.g, &q, &k, &v)?;
+        Ok([q, k, v, ctx])
+    }
+}
+
+impl CustomOp3 for ResidualAttention {
+    fn name(&self) -> &'static str {
+        "kiln-residual-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = cpu_f32(s1, l1, self.name())?;
+        let r = cpu_f32(s2, l2, self.name())?;
+        let p = cpu_f32(s3, l3, self.name())?;
+        let h = self.g.hq;
+        if p.len() != 4 * (h * h + h) || n.len() != r.len() {
+            candle_core::bail!("residual attention: {} parameters for width {h}", p.len())
+        }
+        let saved = self.inner(n, p)?;
+        let (wo, bo) = self.projection(p, 3);
+        // y = r + bo, then += ctx · woᵀ.
+        let mut y = super::gemm::zeroed(r.len());
+        y.par_chunks_mut(h * 64)
+            .zip(r.par_chunks(h * 64))
+            .for_each(|(y, r)| {
+                for (yr, rr) in y.chunks_exact_mut(h).zip(r.chunks_exact(h)) {
+                    for ((y, r), b) in yr.iter_mut().zip(rr).zip(bo) {
+                        *y = r + b;
+                    }
+                }
+            });
+        let rows = n.len() / h.max(1);
+        sgemm(
+            (rows, h, h),
+            &mut y,
+            h,
+            Mat::rows(&saved[3], h),
+            Mat::transposed(wo, h),
+            1.0,
+            true,
+            Threads::All,
+        )?;
+        if self.keep
+            && let Ok(mut slot) = self.kept.lock()
+        {
+            *slot = Some(saved);
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        n: &Tensor,
+        r: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (want_n, want_p) = (n.track_op(), params.track_op());
+        let name = self.name();
+        let h = self.g.hq;
+        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+        let (dn, dp) = with_cpu_f32(n, name, |n| {
+            with_cpu_f32(params, name, |p| {
+                with_cpu_f32(&grad, name, |g| {
+                    let rows = n.len() / h.max(1);
+                    let [q, k, v, ctx] = match kept {
+                        Some(saved) if saved[0].len() == rows * h => saved,
+                        _ => self.inner(n, p)?,
+                    };
+                    let mut dp = if want_p {
+                        super::gemm::zeroed(p.len())
+                    } else {
+                        Vec::new()
+                    };
+                    // Projection i's (weight, bias) gradients from its output's gradient `d`
+                    // and its input `x`: dW = dᵀ · x, db = column sums of d.
+                    let param_grads = |dp: &mut [f32],
+                                       i: usize,
+                                       d: &[f32],
+                                       x: &[f32]|
+                     -> candle_core::Result<()> {
+                        let at = i * (h * h + h);
+                        let (dw, db) = dp[at..at + h * h + h].split_at_mut(h * h);
+                        sgemm(
+                            (h, h, rows),
+                            dw,
+                            h,
+                            Mat::transposed(d, h),
+                            Mat::rows(x, h),
+                            1.0,
+                            false,
+                            Threads::All,
+                        )?;
+                        db.copy_from_slice(&super::mlp::column_sums(d, h));
+                        Ok(())
+                    };
+                    if want_p {
+                        param_grads(&mut dp, 3, g, &ctx)?;
+                    }
+                    if !(want_n || want_p) {
+                        return Ok((None, None));
+                    }
+                    // d(ctx) = g · wo, then through the attention.
+                    let mut dctx = super::gemm::zeroed(rows * h);
+                    sgemm(
+                        (rows, h, h),
+                        &mut dctx,
+                        h,
+                        Mat::rows(g, h),
+                        Mat::rows(self.projection(p, 3).0, h),
+                        1.0,
+                        false,
+                        Threads::All,
+                    )?;
+                    drop(ctx);
+                    let (dq, dk, dv) = self.attn.backward(&self.g, (&q, &k, &v), &dctx)?;
+                    drop((q, k, v, dctx));
+                    if want_p {
+                        for (i, d) in [&dq, &dk, &dv].into_iter().enumerate() {
+                            param_grads(&mut dp, i, d, n)?;
+                        }
+                    }
+                    let dn = if want_n {
+                        // dn = dq · wq + dk · wk + dv · wv.
+                        let mut dn = super::gemm::zeroed(rows * h);
+                        for (i, d) in [&dq, &dk, &dv].into_iter().enumerate() {
+                            sgemm(
+                                (rows, h, h),
+                                &mut dn,
+                                h,
+                                Mat::rows(d, h),
+                                Mat::rows(self.projection(p, i).0, h),
+                                1.0,
+                                i > 0,
+                                Threads::All,
+                            )?;
+                        }
+                        Some(dn)
+                    } else {
+                        None
+                    };
+                    Ok((dn, Some(dp).filter(|_| want_p)))
+                })
+            })
+        })?;
+        let dev = n.device();
+        let dn = dn
+            .map(|d| Tensor::from_vec(d, n.shape(), dev))
+            .transpose()?;
+        let dp = dp
+            .map(|d| Tensor::from_vec(d, params.shape(), dev))
+            .transpose()?;
+        let dr = r.track_op().then(|| grad.clone());
+        Ok((dn, dr, dp))
+    }
+}
+
 /// The sizes of one call.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -363,6 +643,46 @@ impl CustomOp3 for FusedAttention {
         let q = cpu_f32(s1, l1, self.name())?;
         let k = cpu_f32(s2, l2, self.name())?;
         let v = cpu_f32(s3, l3, self.name())?;
+        let out = self.forward(&g, q, k, v)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Geometry::new(q.dims(), k.dims(), &self.spec)?;
+        let grad = grad.contiguous()?;
+        let name = self.name();
+        let (dq, dk, dv) = with_cpu_f32(q, name, |q| {
+            with_cpu_f32(k, name, |k| {
+                with_cpu_f32(v, name, |v| {
+                    with_cpu_f32(&grad, name, |go| self.backward(&g, (q, k, v), go))
+                })
+            })
+        })?;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+impl FusedAttention {
+    /// The output `[b, sq, hq]` for `q`, `k`, `v` of geometry `g`.
+    fn forward(
+        &self,
+        g: &Geometry,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
         let mut out = super::gemm::zeroed(g.b * g.sq * g.hq);
         out.par_chunks_mut((g.sq * g.hq).max(1))
             .enumerate()
@@ -374,9 +694,9 @@ impl CustomOp3 for FusedAttention {
                 );
                 let mut p = vec![0f32; g.sq * g.s];
                 let mut dead = vec![false; g.sq];
-                for h in self.heads(&g, bi) {
-                    self.probs(&g, h, (q, k), &mut p, &mut dead)?;
-                    self.apply_dropout(&g, h, &mut p);
+                for h in self.heads(g, bi) {
+                    self.probs(g, h, (q, k), &mut p, &mut dead)?;
+                    self.apply_dropout(g, h, &mut p);
                     // out_h [sq, dh] = p [sq, s] · v_h [s, dh]
                     sgemm(
                         (g.sq, g.dh, g.s),
@@ -395,55 +715,36 @@ impl CustomOp3 for FusedAttention {
                 }
                 Ok(())
             })?;
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(out)
     }
 
-    fn bwd(
+    /// The gradients of `q`, `k` and `v` given the output's, `go`.
+    fn backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = Geometry::new(q.dims(), k.dims(), &self.spec)?;
-        let grad = grad.contiguous()?;
+        g: &Geometry,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        go: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (qn, kn) = (g.sq * g.hq, g.s * g.hk);
         let mut dq = super::gemm::zeroed(g.b * qn);
         let mut dk = super::gemm::zeroed(g.b * kn);
         let mut dv = super::gemm::zeroed(g.b * kn);
-        let name = self.name();
-        with_cpu_f32(q, name, |q| {
-            with_cpu_f32(k, name, |k| {
-                with_cpu_f32(v, name, |v| {
-                    with_cpu_f32(&grad, name, |go| {
-                        dq.par_chunks_mut(qn.max(1))
-                            .zip(dk.par_chunks_mut(kn.max(1)))
-                            .zip(dv.par_chunks_mut(kn.max(1)))
-                            .enumerate()
-                            .try_for_each(|(bi, ((dq, dk), dv))| {
-                                let rows = (
-                                    &q[bi * qn..][..qn],
-                                    &k[bi * kn..][..kn],
-                                    &v[bi * kn..][..kn],
-                                    &go[bi * qn..][..qn],
-                                );
-                                self.backward_row(&g, bi, rows, (dq, dk, dv))
-                            })
-                    })
-                })
-            })
-        })?;
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        dq.par_chunks_mut(qn.max(1))
+            .zip(dk.par_chunks_mut(kn.max(1)))
+            .zip(dv.par_chunks_mut(kn.max(1)))
+            .enumerate()
+            .try_for_each(|(bi, ((dq, dk), dv))| {
+                let rows = (
+                    &q[bi * qn..][..qn],
+                    &k[bi * kn..][..kn],
+                    &v[bi * kn..][..kn],
+                    &go[bi * qn..][..qn],
+                );
+                self.backward_row(g, bi, rows, (dq, dk, dv))
+            })?;
+        Ok((dq, dk, dv))
     }
-}
 
-impl FusedAttention {
     /// The gradients of one batch row: `rows` are its `q`, `k`, `v` and output gradient;
     /// `dq` is written, `dk` and `dv` (zeroed by the caller) accumulate over the query heads
     /// that share each key/value head.
@@ -786,5 +1087,89 @@ mod tests {
         spec.key_mask = Some(vec![1.0; 5]);
         assert!(attention(&q, &k, &k, spec).is_err());
         assert!(attention(&q, &k, &k, AttentionSpec::new(3, 3, 1.0)).is_err());
+    }
+
+    #[test]
+    fn the_fused_block_matches_projections_attention_and_residual_as_separate_ops() {
+        use crate::nn::layers::Linear;
+        let dev = Device::Cpu;
+        let (b, s, h, heads) = (3, 12, 8, 2);
+        let var = |n: usize, seed: u64, shape: &[usize]| {
+            Var::from_vec(values(n, seed, 0.5), shape, &dev).unwrap()
+        };
+        let mut vars = Vec::new();
+        let mut layers = Vec::new();
+        for i in 0..4u64 {
+            let (w, bias) = (var(h * h, 10 + i, &[h, h]), var(h, 20 + i, &[h]));
+            layers.push(Linear {
+                name: format!("p{i}"),
+                weight: w.as_tensor().clone(),
+                bias: Some(bias.as_tensor().clone()),
+                lora: None,
+            });
+            vars.extend([w, bias]);
+        }
+        let n = var(b * s * h, 1, &[b, s, h]);
+        let r = var(b * s * h, 2, &[b, s, h]);
+        let loss_weights = Tensor::from_vec(values(b * s * h, 3, 1.0), (b, s, h), &dev).unwrap();
+        let mut mask = vec![1f32; b * s];
+        mask[s - 3..s].fill(0.0);
+        for (dropout, key_mask) in [(0.0, None), (0.3, Some(mask))] {
+            let spec = AttentionSpec {
+                dropout,
+                seed: 7,
+                key_mask,
+                ..AttentionSpec::new(heads, heads, 0.5)
+            };
+            let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
+            let fused = residual_attention(n.as_tensor(), r.as_tensor(), ls, spec.clone())
+                .unwrap()
+                .expect("CPU f32 with enough rows takes the fused block");
+            let proj = |l: &Linear| {
+                l.forward(n.as_tensor())
+                    .unwrap()
+                    .reshape((b, s, h))
+                    .unwrap()
+            };
+            let ctx = attention(&proj(ls[0]), &proj(ls[1]), &proj(ls[2]), spec)
+                .unwrap()
+                .unwrap();
+            let separate =
+                (ls[3].forward(&ctx).unwrap().reshape((b, s, h)).unwrap() + r.as_tensor()).unwrap();
+            assert!(
+                max_diff(&fused, &separate) < 1e-5,
+                "dropout {dropout}: outputs differ"
+            );
+            let g1 = (fused * &loss_weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (separate * &loss_weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let all: Vec<&Var> = vars.iter().chain([&n, &r]).collect();
+            for (i, v) in all.into_iter().enumerate() {
+                let (a, e) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                let d = max_diff(a, e);
+                assert!(d < 1e-4, "dropout {dropout}: gradient {i} differs by {d}");
+            }
+        }
+        // Too few rows for the fusion to pay: the separate ops run.
+        let short = n.as_tensor().narrow(1, 0, 2).unwrap();
+        let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
+        let spec = AttentionSpec::new(heads, heads, 0.5);
+        assert!(
+            residual_attention(&short, &short, ls, spec)
+                .unwrap()
+                .is_none()
+        );
     }
 }

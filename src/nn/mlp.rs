@@ -224,7 +224,7 @@ fn gelu(pre: &[f32]) -> Vec<f32> {
 }
 
 /// Per-column sums of a row-major `[rows, n]` matrix, over the pool.
-fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+pub(super) fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
     let rows = g.len() / n.max(1);
     let rows_per_task = rows
         .div_ceil(4 * rayon::current_num_threads().max(1))

@@ -664,48 +664,63 @@ impl VitForImageClassification {
             t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()
         };
         let normed = l.ln_before.forward(x)?;
-        let (q, k, v) = (
-            l.query.forward_t(&normed, train)?,
-            l.key.forward_t(&normed, train)?,
-            l.value.forward_t(&normed, train)?,
-        );
         let scale = 1.0 / (dh as f64).sqrt();
-        // On the CPU, kiln's fused attention (with its own backward) on the projections' layout.
-        let fused = if l.ln_before.fused {
-            let p = if train {
-                cfg.attention_probs_dropout_prob as f32
-            } else {
-                0.0
-            };
-            let spec = AttentionSpec {
-                dropout: p,
-                seed: if p > 0.0 { dropout_seed() } else { 0 },
-                ..AttentionSpec::new(nh, nh, scale as f32)
-            };
-            attention::attention(&q, &k, &v, spec)?
+        let p = if train {
+            cfg.attention_probs_dropout_prob as f32
+        } else {
+            0.0
+        };
+        let spec = AttentionSpec {
+            dropout: p,
+            seed: if p > 0.0 { dropout_seed() } else { 0 },
+            ..AttentionSpec::new(nh, nh, scale as f32)
+        };
+        // On the CPU, the whole attention block and its residual in one kernel where it
+        // applies (no dropout after the output projection, no adapters, enough rows).
+        let block = if l.ln_before.fused && !(train && cfg.hidden_dropout_prob > 0.0) {
+            let projections = [&l.query, &l.key, &l.value, &l.attn_out];
+            attention::residual_attention(&normed, x, projections, spec.clone())?
         } else {
             None
         };
-        let ctx = match fused {
-            Some(ctx) => ctx,
+        let x = match block {
+            Some(y) => y,
             None => {
-                // Scaling q (b·s·h values) is cheaper than scaling the scores (b·nh·s·s).
-                let (q, k, v) = (heads((q * scale)?)?, heads(k)?, heads(v)?);
-                let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-                let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
-                probs
-                    .matmul(&v)?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((b, s, h))?
+                let (q, k, v) = (
+                    l.query.forward_t(&normed, train)?,
+                    l.key.forward_t(&normed, train)?,
+                    l.value.forward_t(&normed, train)?,
+                );
+                // On the CPU, kiln's fused attention (with its own backward) on the
+                // projections' layout.
+                let fused = if l.ln_before.fused {
+                    attention::attention(&q, &k, &v, spec)?
+                } else {
+                    None
+                };
+                let ctx = match fused {
+                    Some(ctx) => ctx,
+                    None => {
+                        // Scaling q (b·s·h values) is cheaper than scaling the scores
+                        // (b·nh·s·s).
+                        let (q, k, v) = (heads((q * scale)?)?, heads(k)?, heads(v)?);
+                        let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+                        let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
+                        probs
+                            .matmul(&v)?
+                            .transpose(1, 2)?
+                            .contiguous()?
+                            .reshape((b, s, h))?
+                    }
+                };
+                let attn = dropout(
+                    &l.attn_out.forward_t(&ctx, train)?,
+                    cfg.hidden_dropout_prob,
+                    train,
+                )?;
+                (attn + x)?
             }
         };
-        let attn = dropout(
-            &l.attn_out.forward_t(&ctx, train)?,
-            cfg.hidden_dropout_prob,
-            train,
-        )?;
-        let x = (attn + x)?;
         let normed = l.ln_after.forward(&x)?;
         // On the CPU, the feed-forward block, its dropout and its residual in one kernel
         // (exact GELU, no adapters; `residual_mlp` says None otherwise).
