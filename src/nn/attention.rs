@@ -151,19 +151,7 @@ pub fn attention(
     if v.dims() != k.dims() {
         candle_core::bail!("attention: v is {:?}, k is {:?}", v.dims(), k.dims())
     }
-    if let Some(mask) = &spec.key_mask
-        && mask.len() != g.b * g.s
-    {
-        candle_core::bail!(
-            "attention: key mask of {} for [{}, {}]",
-            mask.len(),
-            g.b,
-            g.s
-        )
-    }
-    if !(0.0..1.0).contains(&spec.dropout) {
-        candle_core::bail!("attention: dropout {} is not in [0, 1)", spec.dropout)
-    }
+    g.check(&spec)?;
     let op = FusedAttention { spec };
     Ok(Some(q.contiguous()?.apply_op3_arc(
         &k.contiguous()?,
@@ -210,19 +198,7 @@ pub fn residual_attention(
         )
     }
     let g = Geometry::new(n.dims(), n.dims(), &spec)?;
-    if let Some(mask) = &spec.key_mask
-        && mask.len() != g.b * g.s
-    {
-        candle_core::bail!(
-            "attention: key mask of {} for [{}, {}]",
-            mask.len(),
-            g.b,
-            g.s
-        )
-    }
-    if !(0.0..1.0).contains(&spec.dropout) {
-        candle_core::bail!("attention: dropout {} is not in [0, 1)", spec.dropout)
-    }
+    g.check(&spec)?;
     let mut flat = Vec::with_capacity(8);
     for l in layers {
         flat.push(l.weight.flatten_all()?);
@@ -388,7 +364,7 @@ impl CustomOp3 for ResidualAttention {
                             false,
                             Threads::All,
                         )?;
-                        db.copy_from_slice(&super::mlp::column_sums(d, h));
+                        db.copy_from_slice(&super::ops::column_sums(d, h));
                         Ok(())
                     };
                     if want_p {
@@ -466,6 +442,24 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// Whether the spec's key mask and dropout fit this call.
+    fn check(&self, spec: &AttentionSpec) -> candle_core::Result<()> {
+        if let Some(mask) = &spec.key_mask
+            && mask.len() != self.b * self.s
+        {
+            candle_core::bail!(
+                "attention: key mask of {} for [{}, {}]",
+                mask.len(),
+                self.b,
+                self.s
+            )
+        }
+        if !(0.0..1.0).contains(&spec.dropout) {
+            candle_core::bail!("attention: dropout {} is not in [0, 1)", spec.dropout)
+        }
+        Ok(())
+    }
+
     fn new(q: &[usize], k: &[usize], spec: &AttentionSpec) -> candle_core::Result<Self> {
         let ([b, sq, hq], [kb, s, hk]) = (q, k) else {
             candle_core::bail!("attention: q {q:?} and k {k:?} must be [batch, seq, width]")

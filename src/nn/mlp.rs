@@ -22,7 +22,9 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, Threads, repeated, sgemm, zeroed};
 use super::layers::Linear;
-use super::ops::{cpu_f32, erf_f32, exp_f32, with_cpu_f32};
+use super::ops::{
+    FRAC_1_SQRT_2, FRAC_1_SQRT_2PI, column_sums, cpu_f32, erf_f32, exp_f32, with_cpu_f32,
+};
 
 /// `r + dropout(fc2(gelu(fc1(x))), p)` (exact, erf GELU; inverted dropout, none when `p` is 0)
 /// over the last dimension of `x` `[.., in]`, with `r` of the output's shape `[.., out]`: one
@@ -49,28 +51,16 @@ pub fn residual_mlp(
     }
     let (inner, hidden) = fc1.weight.dims2()?;
     let (out, inner2) = fc2.weight.dims2()?;
-    let x_dims = x.dims().to_vec();
-    let mut out_dims = x_dims.clone();
-    if let Some(last) = out_dims.last_mut() {
-        *last = out;
+    if inner2 != inner {
+        candle_core::bail!("residual mlp: fc1 [{inner}, {hidden}], fc2 [{out}, {inner2}]")
     }
-    if inner2 != inner || x_dims.last() != Some(&hidden) || r.dims() != out_dims {
-        candle_core::bail!(
-            "residual mlp: x {x_dims:?}, fc1 [{inner}, {hidden}], fc2 [{out}, {inner2}], \
-             residual {:?}",
-            r.dims()
-        )
-    }
-    let rows = x.elem_count() / hidden.max(1);
     // The parameters travel as one flat tensor (a custom op takes three inputs), copied into
     // it forward and their gradients out of it backward: about 8·hidden² values per pass
     // against the ~9·rows·hidden the fusion saves. Short batches (MiniLM at 16 × 32 tokens,
     // rows ≈ hidden) measured no gain; ViT-tiny's 16 × 197 rows, 16× hidden, gained 20%.
-    if rows < 4 * hidden.max(out) {
+    let Some((x2, r2, out_dims)) = block_rows(x, r, hidden, out)? else {
         return Ok(None);
-    }
-    let x2 = x.reshape((rows, hidden))?.contiguous()?;
-    let r2 = r.reshape((rows, out))?.contiguous()?;
+    };
     let params = Tensor::cat(
         &[
             &fc1.weight.flatten_all()?,
@@ -90,6 +80,35 @@ pub fn residual_mlp(
     };
     let y = x2.apply_op3_arc(&r2, &params, std::sync::Arc::new(Box::new(op)))?;
     Ok(Some(y.reshape(out_dims)?))
+}
+
+/// A block's input `x` `[.., hidden]` and residual `r` `[.., out]` as contiguous `[rows, ·]`
+/// matrices, with the output's dims `[.., out]`; `None` with fewer rows than 4× the wider
+/// width, where the fused blocks cost more than they save.
+fn block_rows(
+    x: &Tensor,
+    r: &Tensor,
+    hidden: usize,
+    out: usize,
+) -> candle_core::Result<Option<(Tensor, Tensor, Vec<usize>)>> {
+    let mut out_dims = x.dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
+    if x.dims().last() != Some(&hidden) || r.dims() != out_dims {
+        candle_core::bail!(
+            "residual block: x {:?} for width {hidden}, residual {:?} for width {out}",
+            x.dims(),
+            r.dims()
+        )
+    }
+    let rows = x.elem_count() / hidden.max(1);
+    if rows < 4 * hidden.max(out) {
+        return Ok(None);
+    }
+    let x2 = x.reshape((rows, hidden))?.contiguous()?;
+    let r2 = r.reshape((rows, out))?.contiguous()?;
+    Ok(Some((x2, r2, out_dims)))
 }
 
 /// [`residual_mlp`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
@@ -206,10 +225,6 @@ impl ResidualMlp {
 /// Elements per parallel task of the element-wise passes.
 const TASK: usize = 1 << 14;
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-/// 1/sqrt(2π), the normal density's constant.
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
 /// GELU (erf form) of every element.
 fn gelu(pre: &[f32]) -> Vec<f32> {
     let mut act = zeroed(pre.len());
@@ -221,29 +236,6 @@ fn gelu(pre: &[f32]) -> Vec<f32> {
             }
         });
     act
-}
-
-/// Per-column sums of a row-major `[rows, n]` matrix, over the pool.
-pub(super) fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
-    let rows = g.len() / n.max(1);
-    let rows_per_task = rows
-        .div_ceil(4 * rayon::current_num_threads().max(1))
-        .max(1);
-    g.par_chunks(rows_per_task * n.max(1))
-        .map(|part| {
-            let mut sum = vec![0f32; n];
-            for row in part.chunks_exact(n.max(1)) {
-                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-            }
-            sum
-        })
-        .reduce(
-            || vec![0f32; n],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
 }
 
 impl CustomOp3 for ResidualMlp {
@@ -456,30 +448,16 @@ pub fn residual_swiglu(
     }
     let (inner, hidden) = gate.weight.dims2()?;
     let (out, inner2) = down.weight.dims2()?;
-    let x_dims = x.dims().to_vec();
-    let mut out_dims = x_dims.clone();
-    if let Some(last) = out_dims.last_mut() {
-        *last = out;
-    }
-    if up.weight.dims() != [inner, hidden]
-        || inner2 != inner
-        || x_dims.last() != Some(&hidden)
-        || r.dims() != out_dims
-    {
+    if up.weight.dims() != [inner, hidden] || inner2 != inner {
         candle_core::bail!(
-            "residual swiglu: x {x_dims:?}, gate [{inner}, {hidden}], up {:?}, down [{out}, \
-             {inner2}], residual {:?}",
-            up.weight.dims(),
-            r.dims()
+            "residual swiglu: gate [{inner}, {hidden}], up {:?}, down [{out}, {inner2}]",
+            up.weight.dims()
         )
     }
-    let rows = x.elem_count() / hidden.max(1);
     // As in `residual_mlp`: the flat parameters cost ~3·hidden·inner values a pass.
-    if rows < 4 * hidden.max(out) {
+    let Some((x2, r2, out_dims)) = block_rows(x, r, hidden, out)? else {
         return Ok(None);
-    }
-    let x2 = x.reshape((rows, hidden))?.contiguous()?;
-    let r2 = r.reshape((rows, out))?.contiguous()?;
+    };
     let params = Tensor::cat(
         &[
             &gate.weight.flatten_all()?,

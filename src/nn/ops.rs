@@ -349,26 +349,7 @@ impl FusedLinear {
                 None
             };
             let db = match b {
-                Some(b) if b.track_op() => {
-                    let rows_per_task = m.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
-                    let db = g
-                        .par_chunks(rows_per_task * n.max(1))
-                        .map(|part| {
-                            let mut sum = vec![0f32; n];
-                            for row in part.chunks_exact(n.max(1)) {
-                                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-                            }
-                            sum
-                        })
-                        .reduce(
-                            || vec![0f32; n],
-                            |mut a, b| {
-                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                                a
-                            },
-                        );
-                    Some(Tensor::from_vec(db, n, dev)?)
-                }
+                Some(b) if b.track_op() => Some(Tensor::from_vec(column_sums(g, n), n, dev)?),
                 _ => None,
             };
             Ok((dx, dw, db))
@@ -547,6 +528,29 @@ impl CustomOp3 for FusedLayerNorm {
     }
 }
 
+/// Per-column sums of a row-major `[rows, n]` matrix, over the pool.
+pub(super) fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let rows = g.len() / n.max(1);
+    let rows_per_task = rows
+        .div_ceil(4 * rayon::current_num_threads().max(1))
+        .max(1);
+    g.par_chunks(rows_per_task * n.max(1))
+        .map(|part| {
+            let mut sum = vec![0f32; n];
+            for row in part.chunks_exact(n.max(1)) {
+                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            sum
+        })
+        .reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
 /// Rows per parallel task for a row-wise kernel over `rows` rows of `dim` values: a few tasks
 /// per core, none smaller than about 16k values (below that a task costs more than it saves).
 fn rows_per_task(rows: usize, dim: usize) -> usize {
@@ -623,9 +627,9 @@ pub fn exp_f32(x: f32) -> f32 {
     if x < -87.3 { 0.0 } else { scaled }
 }
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+pub(super) const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/sqrt(2*pi), the normal density's constant.
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+pub(super) const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// Fused GELU (erf form).
 struct FusedGelu;
