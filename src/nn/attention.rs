@@ -416,15 +416,7 @@ impl CustomOp3 for ResidualAttention {
                 })
             })
         })?;
-        let dev = n.device();
-        let dn = dn
-            .map(|d| Tensor::from_vec(d, n.shape(), dev))
-            .transpose()?;
-        let dp = dp
-            .map(|d| Tensor::from_vec(d, params.shape(), dev))
-            .transpose()?;
-        let dr = r.track_op().then(|| grad.clone());
-        Ok((dn, dr, dp))
+        super::mlp::block_gradients((n, r, params), &grad, dn, dp)
     }
 }
 

@@ -111,6 +111,25 @@ fn block_rows(
     Ok(Some((x2, r2, out_dims)))
 }
 
+/// A fused block's gradients as tensors: its input's (`dx`) and parameters' (`dp`) where
+/// computed, and its residual's, which is the output's gradient as it is.
+pub(super) fn block_gradients(
+    (x, r, params): (&Tensor, &Tensor, &Tensor),
+    grad: &Tensor,
+    dx: Option<Vec<f32>>,
+    dp: Option<Vec<f32>>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let dev = x.device();
+    let dx = dx
+        .map(|d| Tensor::from_vec(d, x.shape(), dev))
+        .transpose()?;
+    let dp = dp
+        .map(|d| Tensor::from_vec(d, params.shape(), dev))
+        .transpose()?;
+    let dr = r.track_op().then(|| grad.clone());
+    Ok((dx, dr, dp))
+}
+
 /// [`residual_mlp`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
 /// parameters flat in the order `w1 [inner, hidden]`, `b1`, `w2 [out, inner]`, `b2`.
 struct ResidualMlp {
@@ -313,7 +332,6 @@ impl CustomOp3 for ResidualMlp {
             None => grad.clone(),
         };
         let (want_x, want_p) = (x.track_op(), params.track_op());
-        let dev = x.device();
         let name = self.name();
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
         let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
@@ -413,15 +431,7 @@ impl CustomOp3 for ResidualMlp {
                 })
             })
         })?;
-        let dx = dx
-            .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
-            .transpose()?;
-        let dp = dp
-            .map(|dp| Tensor::from_vec(dp, params.shape(), dev))
-            .transpose()?;
-        // The residual's gradient is the output's, as it is.
-        let dr = r.track_op().then(|| grad.clone());
-        Ok((dx, dr, dp))
+        block_gradients((x, r, params), &grad, dx, dp)
     }
 }
 
@@ -609,7 +619,6 @@ impl CustomOp3 for ResidualSwiglu {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (want_x, want_p) = (x.track_op(), params.track_op());
-        let dev = x.device();
         let name = self.name();
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
         let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
@@ -714,14 +723,7 @@ impl CustomOp3 for ResidualSwiglu {
                 })
             })
         })?;
-        let dx = dx
-            .map(|dx| Tensor::from_vec(dx, x.shape(), dev))
-            .transpose()?;
-        let dp = dp
-            .map(|dp| Tensor::from_vec(dp, params.shape(), dev))
-            .transpose()?;
-        let dr = r.track_op().then(|| grad.clone());
-        Ok((dx, dr, dp))
+        block_gradients((x, r, params), &grad, dx, dp)
     }
 }
 
