@@ -16,6 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::block::{BlockInput, BlockKernel, Gradients};
 use super::gemm::{Mat, Threads, sgemm};
 use super::ops::{cpu_f32, exp_f32, with_cpu_f32};
 
@@ -161,152 +162,305 @@ pub fn attention(
 }
 
 /// `r + o(attention(q(n), k(n), v(n)))`, a transformer's self-attention block and its
-/// residual, as one CPU op with its own backward (the projections, [`attention`]'s kernel and
-/// the residual add): candle's backward then gives fresh zero tensors to two inputs of the
-/// hidden width instead of eight (see `nn::mlp` for why that matters). `n` and `r` are
-/// `[batch, seq, hidden]`; the four projections are `[hidden, hidden]` with biases (no
-/// grouped-query heads). `None` where it does not apply (off the CPU, not f32, an adapter, a
-/// projection without a bias or of another shape, fewer rows than 4× the hidden width): the
-/// caller's separate ops then run.
+/// residual, as one CPU op with its own backward (the projections, rotary embeddings where
+/// given, [`attention`]'s kernel and the residual add): candle's backward then gives fresh
+/// zero tensors to two inputs of the hidden width instead of eight or more (see `nn::mlp` for
+/// why that matters). `n` and `r` are `[batch, seq, hidden]` (with [`BlockInput::RmsNormed`],
+/// `n` is the RMSNorm of `x` inside the op and `r` is `x`); the projections are `q`
+/// `[heads · head_dim, hidden]`, `k` and `v` `[kv_heads · head_dim, hidden]`, `o`
+/// `[hidden, heads · head_dim]`, each with or without a bias. `rope` is the rotary tables
+/// `(cos, sin)`, `[seq, head_dim / 2]` each, applied to the queries and keys at positions
+/// `0..seq` (decoders). `None` where it does not apply (off the CPU, not f32, an adapter,
+/// fewer rows than 4× the hidden width): the caller's separate ops then run.
 pub fn residual_attention(
-    n: &Tensor,
-    r: &Tensor,
+    input: &BlockInput,
     [q, k, v, o]: [&super::layers::Linear; 4],
     spec: AttentionSpec,
+    rope: Option<(&Tensor, &Tensor)>,
 ) -> candle_core::Result<Option<Tensor>> {
     let layers = [q, k, v, o];
     let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    let Ok((b, s, h)) = n.dims3() else {
+    let Ok((b, s, h)) = input.input().dims3() else {
         return Ok(None);
     };
-    let fits = layers.iter().all(|l| {
-        l.lora.is_none()
-            && native(&l.weight)
-            && l.weight.dims() == [h, h]
-            && l.bias
-                .as_ref()
-                .is_some_and(|b| native(b) && b.dims() == [h])
-    });
-    if !fits || !native(n) || !native(r) || spec.heads != spec.kv_heads || b * s < 4 * h {
+    let fused_ok = layers
+        .iter()
+        .all(|l| l.lora.is_none() && native(&l.weight) && l.bias.as_ref().is_none_or(native));
+    if !fused_ok || !input.native() || b * s < 4 * h {
         return Ok(None);
     }
-    if r.dims() != n.dims() {
-        candle_core::bail!(
-            "residual attention: n {:?}, residual {:?}",
-            n.dims(),
-            r.dims()
-        )
-    }
-    let g = Geometry::new(n.dims(), n.dims(), &spec)?;
+    input.check(h, h)?;
+    let hq = q.weight.dim(0)?;
+    let hk = k.weight.dim(0)?;
+    let g = Geometry::new(&[b, s, hq], &[b, s, hk], &spec)?;
     g.check(&spec)?;
+    let shapes = Projections::shapes(h, hq, hk);
     let mut flat = Vec::with_capacity(8);
-    for l in layers {
+    let mut bias = [false; 4];
+    for (i, l) in layers.iter().enumerate() {
+        let (out, inp) = shapes[i];
+        if l.weight.dims() != [out, inp] {
+            candle_core::bail!(
+                "residual attention: projection {i} is {:?}, expected [{out}, {inp}]",
+                l.weight.dims()
+            )
+        }
         flat.push(l.weight.flatten_all()?);
-        if let Some(bias) = &l.bias {
-            flat.push(bias.clone());
+        if let Some(b) = &l.bias {
+            if b.dims() != [out] {
+                candle_core::bail!("residual attention: bias {i} is {:?}", b.dims())
+            }
+            flat.push(b.clone());
+            bias[i] = true;
         }
     }
+    let rope = match rope {
+        Some((cos, sin)) => {
+            let half = g.dh / 2;
+            let (cos, sin) = (cos.flatten_all()?, sin.flatten_all()?);
+            if g.dh % 2 != 0 || cos.elem_count() != s * half || sin.elem_count() != s * half {
+                candle_core::bail!(
+                    "residual attention: rotary tables of {} for {s} positions, head_dim {}",
+                    cos.elem_count(),
+                    g.dh
+                )
+            }
+            let table = |t: Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
+            Some(Rotary {
+                cos: table(cos)?,
+                sin: table(sin)?,
+            })
+        }
+        None => None,
+    };
     let params = Tensor::cat(&flat, 0)?;
-    let op = ResidualAttention {
+    let kernel = ResidualAttention {
         attn: FusedAttention { spec },
         g,
-        keep: n.track_op() || params.track_op(),
+        p: Projections::new(shapes, bias),
+        rope,
+        keep: input.tracked(&params),
         kept: std::sync::Mutex::new(None),
     };
-    Ok(Some(n.contiguous()?.apply_op3_arc(
-        &r.contiguous()?,
-        &params,
-        std::sync::Arc::new(Box::new(op)),
-    )?))
+    Ok(Some(input.apply(kernel, &params)?))
 }
 
-/// [`residual_attention`]'s kernel: inputs `(n, r, params)`, the parameters flat as the four
-/// projections' `(weight [h, h], bias [h])` in the order q, k, v, o.
-struct ResidualAttention {
-    attn: FusedAttention,
-    g: Geometry,
-    keep: bool,
-    /// `q`, `k`, `v` and the attention's output, kept by the forward for the backward.
-    kept: std::sync::Mutex<Option<[Vec<f32>; 4]>>,
+/// Where the four projections' weights and biases lie in the flat parameters.
+struct Projections {
+    /// `(out, in)` of q, k, v, o.
+    shapes: [(usize, usize); 4],
+    /// Offset of each weight; its bias (where it has one) follows it.
+    at: [usize; 4],
+    bias: [bool; 4],
+    len: usize,
 }
 
-impl ResidualAttention {
-    /// Projection `i`'s (weight, bias) in the flat parameters.
-    fn projection<'a>(&self, p: &'a [f32], i: usize) -> (&'a [f32], &'a [f32]) {
-        let h = self.g.hq;
-        let at = i * (h * h + h);
-        (&p[at..at + h * h], &p[at + h * h..at + h * h + h])
+impl Projections {
+    fn shapes(h: usize, hq: usize, hk: usize) -> [(usize, usize); 4] {
+        [(hq, h), (hk, h), (hk, h), (h, hq)]
     }
 
-    /// `n · wᵀ + b`.
-    fn project(&self, n: &[f32], (w, b): (&[f32], &[f32])) -> candle_core::Result<Vec<f32>> {
-        let h = self.g.hq;
-        let rows = n.len() / h.max(1);
-        let mut y = super::gemm::repeated(b, rows);
+    fn new(shapes: [(usize, usize); 4], bias: [bool; 4]) -> Self {
+        let mut at = [0; 4];
+        let mut len = 0;
+        for i in 0..4 {
+            at[i] = len;
+            let (out, inp) = shapes[i];
+            len += out * inp + if bias[i] { out } else { 0 };
+        }
+        Projections {
+            shapes,
+            at,
+            bias,
+            len,
+        }
+    }
+
+    /// Projection `i`'s weight `[out, in]` and bias in `p` (or in its gradient).
+    fn get<'a>(&self, p: &'a [f32], i: usize) -> (&'a [f32], Option<&'a [f32]>) {
+        let (out, inp) = self.shapes[i];
+        let w = &p[self.at[i]..self.at[i] + out * inp];
+        let b = self.bias[i].then(|| &p[self.at[i] + out * inp..self.at[i] + out * inp + out]);
+        (w, b)
+    }
+
+    fn get_mut<'a>(&self, p: &'a mut [f32], i: usize) -> (&'a mut [f32], Option<&'a mut [f32]>) {
+        let (out, inp) = self.shapes[i];
+        let end = self.at[i] + out * inp + if self.bias[i] { out } else { 0 };
+        let (w, b) = p[self.at[i]..end].split_at_mut(out * inp);
+        (w, self.bias[i].then_some(b))
+    }
+
+    /// `x · wᵀ + b` for projection `i`, `x` being `[rows, in]`.
+    fn apply(&self, p: &[f32], i: usize, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (out, inp) = self.shapes[i];
+        let rows = x.len() / inp.max(1);
+        let (w, b) = self.get(p, i);
+        let mut y = match b {
+            Some(b) => super::gemm::repeated(b, rows),
+            None => super::gemm::zeroed(rows * out),
+        };
         sgemm(
-            (rows, h, h),
+            (rows, out, inp),
             &mut y,
-            h,
-            Mat::rows(n, h),
-            Mat::transposed(w, h),
+            out,
+            Mat::rows(x, inp),
+            Mat::transposed(w, inp),
             1.0,
-            true,
+            b.is_some(),
             Threads::All,
         )?;
         Ok(y)
     }
 
-    /// `q`, `k`, `v` and the attention's output for `n`.
+    /// Projection `i`'s weight and bias gradients into `dp`, from its output's gradient `d`
+    /// `[rows, out]` and its input `x` `[rows, in]`: dW = dᵀ · x, db = column sums of d.
+    fn gradients(&self, dp: &mut [f32], i: usize, d: &[f32], x: &[f32]) -> candle_core::Result<()> {
+        let (out, inp) = self.shapes[i];
+        let rows = x.len() / inp.max(1);
+        let (dw, db) = self.get_mut(dp, i);
+        sgemm(
+            (out, inp, rows),
+            dw,
+            inp,
+            Mat::transposed(d, out),
+            Mat::rows(x, inp),
+            1.0,
+            false,
+            Threads::All,
+        )?;
+        if let Some(db) = db {
+            db.copy_from_slice(&super::ops::column_sums(d, out));
+        }
+        Ok(())
+    }
+
+    /// `Σ dᵢ · wᵢ` over projections `is` (the gradient of their shared input).
+    fn input_gradient(
+        &self,
+        p: &[f32],
+        ds: &[(usize, &[f32])],
+        rows: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let inp = ds.first().map_or(0, |&(i, _)| self.shapes[i].1);
+        let mut dx = super::gemm::zeroed(rows * inp);
+        for (j, &(i, d)) in ds.iter().enumerate() {
+            let (out, _) = self.shapes[i];
+            sgemm(
+                (rows, inp, out),
+                &mut dx,
+                inp,
+                Mat::rows(d, out),
+                Mat::rows(self.get(p, i).0, inp),
+                1.0,
+                j > 0,
+                Threads::All,
+            )?;
+        }
+        Ok(dx)
+    }
+}
+
+/// Rotary tables for positions `0..seq`, `[seq, head_dim / 2]` each.
+struct Rotary {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rotary {
+    /// Rotates every head of `x` (`[batch, seq, width]`, heads of `dh` side by side) by its
+    /// position's angles, or by their opposites (`inverse`, the rotation's transpose).
+    fn rotate(&self, x: &mut [f32], seq: usize, width: usize, dh: usize, inverse: bool) {
+        let half = dh / 2;
+        let sign = if inverse { -1f32 } else { 1f32 };
+        x.par_chunks_mut(width * 16)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (ri, row) in rows.chunks_exact_mut(width).enumerate() {
+                    let pos = (c * 16 + ri) % seq.max(1);
+                    let (cos, sin) = (
+                        &self.cos[pos * half..(pos + 1) * half],
+                        &self.sin[pos * half..(pos + 1) * half],
+                    );
+                    for head in row.chunks_exact_mut(dh) {
+                        let (x1, x2) = head.split_at_mut(half);
+                        for i in 0..half {
+                            let (a, b, s) = (x1[i], x2[i], sign * sin[i]);
+                            x1[i] = a * cos[i] - b * s;
+                            x2[i] = b * cos[i] + a * s;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// [`residual_attention`]'s kernel: inputs `(n, r, params)`, the parameters flat as the four
+/// projections' weights (and biases, where they have them) in the order q, k, v, o.
+struct ResidualAttention {
+    attn: FusedAttention,
+    g: Geometry,
+    p: Projections,
+    rope: Option<Rotary>,
+    keep: bool,
+    /// `q`, `k` (rotated), `v` and the attention's output, kept by the forward for the backward.
+    kept: std::sync::Mutex<Option<[Vec<f32>; 4]>>,
+}
+
+impl ResidualAttention {
+    /// `q`, `k` (both rotated), `v` and the attention's output for `n`.
     fn inner(&self, n: &[f32], p: &[f32]) -> candle_core::Result<[Vec<f32>; 4]> {
-        let q = self.project(n, self.projection(p, 0))?;
-        let k = self.project(n, self.projection(p, 1))?;
-        let v = self.project(n, self.projection(p, 2))?;
-        let ctx = self.attn.forward(&self.g, &q, &k, &v)?;
+        let g = &self.g;
+        let mut q = self.p.apply(p, 0, n)?;
+        let mut k = self.p.apply(p, 1, n)?;
+        let v = self.p.apply(p, 2, n)?;
+        if let Some(rope) = &self.rope {
+            rope.rotate(&mut q, g.sq, g.hq, g.dh, false);
+            rope.rotate(&mut k, g.s, g.hk, g.dh, false);
+        }
+        let ctx = self.attn.forward(g, &q, &k, &v)?;
         Ok([q, k, v, ctx])
     }
 }
 
-impl CustomOp3 for ResidualAttention {
+impl BlockKernel for ResidualAttention {
     fn name(&self) -> &'static str {
         "kiln-residual-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = cpu_f32(s1, l1, self.name())?;
-        let r = cpu_f32(s2, l2, self.name())?;
-        let p = cpu_f32(s3, l3, self.name())?;
-        let h = self.g.hq;
-        if p.len() != 4 * (h * h + h) || n.len() != r.len() {
+    fn widths(&self) -> (usize, usize) {
+        let h = self.p.shapes[3].0;
+        (h, h)
+    }
+
+    fn forward(&self, n: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let h = self.p.shapes[3].0;
+        if p.len() != self.p.len || n.len() != r.len() {
             candle_core::bail!("residual attention: {} parameters for width {h}", p.len())
         }
         let saved = self.inner(n, p)?;
-        let (wo, bo) = self.projection(p, 3);
-        // y = r + bo, then += ctx · woᵀ.
+        // y = r (+ bo), then += ctx · woᵀ.
+        let (wo, bo) = self.p.get(p, 3);
         let mut y = super::gemm::zeroed(r.len());
         y.par_chunks_mut(h * 64)
             .zip(r.par_chunks(h * 64))
-            .for_each(|(y, r)| {
-                for (yr, rr) in y.chunks_exact_mut(h).zip(r.chunks_exact(h)) {
-                    for ((y, r), b) in yr.iter_mut().zip(rr).zip(bo) {
-                        *y = r + b;
+            .for_each(|(y, r)| match bo {
+                Some(bo) => {
+                    for (yr, rr) in y.chunks_exact_mut(h).zip(r.chunks_exact(h)) {
+                        for ((y, r), b) in yr.iter_mut().zip(rr).zip(bo) {
+                            *y = r + b;
+                        }
                     }
                 }
+                None => y.copy_from_slice(r),
             });
         let rows = n.len() / h.max(1);
         sgemm(
-            (rows, h, h),
+            (rows, h, self.g.hq),
             &mut y,
             h,
-            Mat::rows(&saved[3], h),
-            Mat::transposed(wo, h),
+            Mat::rows(&saved[3], self.g.hq),
+            Mat::transposed(wo, self.g.hq),
             1.0,
             true,
             Threads::All,
@@ -316,107 +470,59 @@ impl CustomOp3 for ResidualAttention {
         {
             *slot = Some(saved);
         }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok(y)
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        n: &Tensor,
-        r: &Tensor,
-        params: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (want_n, want_p) = (n.track_op(), params.track_op());
-        let name = self.name();
-        let h = self.g.hq;
+        n: &[f32],
+        p: &[f32],
+        g: &[f32],
+        want_n: bool,
+        want_p: bool,
+    ) -> candle_core::Result<Gradients> {
+        let att = &self.g;
+        let h = self.p.shapes[3].0;
         let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
-        let (dn, dp) = with_cpu_f32(n, name, |n| {
-            with_cpu_f32(params, name, |p| {
-                with_cpu_f32(&grad, name, |g| {
-                    let rows = n.len() / h.max(1);
-                    let [q, k, v, ctx] = match kept {
-                        Some(saved) if saved[0].len() == rows * h => saved,
-                        _ => self.inner(n, p)?,
-                    };
-                    let mut dp = if want_p {
-                        super::gemm::zeroed(p.len())
-                    } else {
-                        Vec::new()
-                    };
-                    // Projection i's (weight, bias) gradients from its output's gradient `d`
-                    // and its input `x`: dW = dᵀ · x, db = column sums of d.
-                    let param_grads = |dp: &mut [f32],
-                                       i: usize,
-                                       d: &[f32],
-                                       x: &[f32]|
-                     -> candle_core::Result<()> {
-                        let at = i * (h * h + h);
-                        let (dw, db) = dp[at..at + h * h + h].split_at_mut(h * h);
-                        sgemm(
-                            (h, h, rows),
-                            dw,
-                            h,
-                            Mat::transposed(d, h),
-                            Mat::rows(x, h),
-                            1.0,
-                            false,
-                            Threads::All,
-                        )?;
-                        db.copy_from_slice(&super::ops::column_sums(d, h));
-                        Ok(())
-                    };
-                    if want_p {
-                        param_grads(&mut dp, 3, g, &ctx)?;
-                    }
-                    if !(want_n || want_p) {
-                        return Ok((None, None));
-                    }
-                    // d(ctx) = g · wo, then through the attention.
-                    let mut dctx = super::gemm::zeroed(rows * h);
-                    sgemm(
-                        (rows, h, h),
-                        &mut dctx,
-                        h,
-                        Mat::rows(g, h),
-                        Mat::rows(self.projection(p, 3).0, h),
-                        1.0,
-                        false,
-                        Threads::All,
-                    )?;
-                    drop(ctx);
-                    let (dq, dk, dv) = self.attn.backward(&self.g, (&q, &k, &v), &dctx)?;
-                    drop((q, k, v, dctx));
-                    if want_p {
-                        for (i, d) in [&dq, &dk, &dv].into_iter().enumerate() {
-                            param_grads(&mut dp, i, d, n)?;
-                        }
-                    }
-                    let dn = if want_n {
-                        // dn = dq · wq + dk · wk + dv · wv.
-                        let mut dn = super::gemm::zeroed(rows * h);
-                        for (i, d) in [&dq, &dk, &dv].into_iter().enumerate() {
-                            sgemm(
-                                (rows, h, h),
-                                &mut dn,
-                                h,
-                                Mat::rows(d, h),
-                                Mat::rows(self.projection(p, i).0, h),
-                                1.0,
-                                i > 0,
-                                Threads::All,
-                            )?;
-                        }
-                        Some(dn)
-                    } else {
-                        None
-                    };
-                    Ok((dn, Some(dp).filter(|_| want_p)))
-                })
-            })
-        })?;
-        super::mlp::block_gradients((n, r, params), &grad, dn, dp)
+        let rows = n.len() / h.max(1);
+        let [q, k, v, ctx] = match kept {
+            Some(saved) if saved[3].len() == rows * att.hq => saved,
+            _ => self.inner(n, p)?,
+        };
+        let mut dp = if want_p {
+            super::gemm::zeroed(p.len())
+        } else {
+            Vec::new()
+        };
+        if want_p {
+            self.p.gradients(&mut dp, 3, g, &ctx)?;
+        }
+        if !(want_n || want_p) {
+            return Ok((None, None));
+        }
+        drop(ctx);
+        // d(ctx) = g · wo, then through the attention and the rotations.
+        let dctx = self.p.input_gradient(p, &[(3, g)], rows)?;
+        let (mut dq, mut dk, dv) = self.attn.backward(att, (&q, &k, &v), &dctx)?;
+        drop((q, k, v, dctx));
+        if let Some(rope) = &self.rope {
+            rope.rotate(&mut dq, att.sq, att.hq, att.dh, true);
+            rope.rotate(&mut dk, att.s, att.hk, att.dh, true);
+        }
+        if want_p {
+            for (i, d) in [&dq, &dk, &dv].into_iter().enumerate() {
+                self.p.gradients(&mut dp, i, d, n)?;
+            }
+        }
+        let dn = if want_n {
+            Some(
+                self.p
+                    .input_gradient(p, &[(0, &dq), (1, &dk), (2, &dv)], rows)?,
+            )
+        } else {
+            None
+        };
+        Ok((dn, Some(dp).filter(|_| want_p)))
     }
 }
 
@@ -508,28 +614,32 @@ impl FusedAttention {
         true
     }
 
-    /// The attention weights of one head, before dropout, into `p` `[sq, s]`; `dead[i]` is set
-    /// for a query that sees no key (its weights are uniform and do not depend on the scores).
+    /// The attention weights of one head for query block `t`, before dropout, into `p`
+    /// `[t.rows, t.keys]` (only the block's keys: every other key has weight 0 for these
+    /// queries); `dead[i]` is set for a query that sees no key (its weights are uniform and do
+    /// not depend on the scores; its block then spans every key).
     fn probs(
         &self,
         g: &Geometry,
         h: Head,
+        t: &Tile,
         (q, k): (&[f32], &[f32]),
         p: &mut [f32],
         dead: &mut [bool],
     ) -> candle_core::Result<()> {
-        let (sq, s) = (g.sq, g.s);
+        let (rows, w) = (t.rows.len(), t.keys.len());
+        let (p, dead) = (&mut p[..rows * w], &mut dead[..rows]);
         sgemm(
-            (sq, s, g.dh),
+            (rows, w, g.dh),
             p,
-            s,
+            w,
             Mat {
-                data: &q[h.qo..],
+                data: &q[t.rows.start * g.hq + h.qo..],
                 rs: g.hq,
                 cs: 1,
             },
             Mat {
-                data: &k[h.ko..],
+                data: &k[t.keys.start * g.hk + h.ko..],
                 rs: 1,
                 cs: g.hk,
             },
@@ -541,10 +651,18 @@ impl FusedAttention {
             .spec
             .key_mask
             .as_ref()
-            .map(|m| &m[h.bi * s..(h.bi + 1) * s]);
-        for (i, (row, dead)) in p.chunks_exact_mut(s).zip(dead.iter_mut()).enumerate() {
+            .map(|m| &m[h.bi * g.s + t.keys.start..h.bi * g.s + t.keys.end]);
+        for (i, (row, dead)) in p
+            .chunks_exact_mut(w.max(1))
+            .zip(dead.iter_mut())
+            .enumerate()
+        {
             // The causal window is a range of keys; the padding mask picks within it.
-            let (lo, hi) = self.window(g, i);
+            let (lo, hi) = self.window(g, t.rows.start + i);
+            let (lo, hi) = (
+                lo.clamp(t.keys.start, t.keys.end) - t.keys.start,
+                hi.clamp(t.keys.start, t.keys.end) - t.keys.start,
+            );
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
             let seen = &mut row[lo..hi];
@@ -558,7 +676,7 @@ impl FusedAttention {
             let max = max_f32(seen);
             *dead = max == f32::NEG_INFINITY;
             if *dead {
-                row.fill(1.0 / s as f32);
+                row.fill(1.0 / g.s as f32);
                 continue;
             }
             // Separate passes so each vectorises (a running sum would serialise the exps).
@@ -580,23 +698,69 @@ impl FusedAttention {
         (lo, pos + 1)
     }
 
-    /// Multiplies `p` `[sq, s]` by the dropout factors of head `h`.
-    fn apply_dropout(&self, g: &Geometry, h: Head, p: &mut [f32]) {
+    /// Batch row `bi`'s queries in blocks, each with the range of keys any of its queries
+    /// sees: causal blocks skip the keys after their last query (half the products of a
+    /// causal sequence), and keys hidden from the whole block (padding at either end) are
+    /// skipped too. A block with a query that sees no key at all spans every key (such a
+    /// query weighs them all alike).
+    fn tiles(&self, g: &Geometry, bi: usize) -> Vec<Tile> {
+        let mask = self
+            .spec
+            .key_mask
+            .as_ref()
+            .map(|m| &m[bi * g.s..(bi + 1) * g.s]);
+        let shown = |j: usize| mask.is_none_or(|m| m[j] != 0.0);
+        // Visible keys before position j, to tell a query that sees nothing.
+        let mut before = vec![0usize; g.s + 1];
+        for j in 0..g.s {
+            before[j + 1] = before[j] + usize::from(shown(j));
+        }
+        let block = if self.spec.causal {
+            TILE_ROWS
+        } else {
+            g.sq.max(1)
+        };
+        (0..g.sq)
+            .step_by(block)
+            .map(|i0| {
+                let rows = i0..(i0 + block).min(g.sq);
+                let sees_nothing = rows.clone().any(|i| {
+                    let (lo, hi) = self.window(g, i);
+                    before[hi] == before[lo]
+                });
+                if sees_nothing {
+                    return Tile { rows, keys: 0..g.s };
+                }
+                let (mut lo, mut hi) = (self.window(g, i0).0, self.window(g, rows.end - 1).1);
+                while lo < hi && !shown(lo) {
+                    lo += 1;
+                }
+                while hi > lo && !shown(hi - 1) {
+                    hi -= 1;
+                }
+                Tile { rows, keys: lo..hi }
+            })
+            .collect()
+    }
+
+    /// Multiplies `p` `[t.rows, t.keys]` by the dropout factors of head `h`.
+    fn apply_dropout(&self, g: &Geometry, h: Head, t: &Tile, p: &mut [f32]) {
         if self.spec.dropout <= 0.0 {
             return;
         }
-        for (i, row) in p.chunks_exact_mut(g.s).enumerate() {
-            for (j, x) in row.iter_mut().enumerate() {
+        let w = t.keys.len();
+        for (i, row) in t.rows.clone().zip(p.chunks_exact_mut(w.max(1))) {
+            for (j, x) in t.keys.clone().zip(row.iter_mut()) {
                 *x *= self.spec.dropout_factor((h.bi, h.head, i, j), g.sq, g.s);
             }
         }
     }
 
-    /// The dropout factors of head `h` into `f` `[sq, s]` (drawn once for the two uses in
+    /// The dropout factors of head `h` for tile `t` into `f` (drawn once for the two uses in
     /// backward).
-    fn dropout_factors(&self, g: &Geometry, h: Head, f: &mut [f32]) {
+    fn dropout_factors(&self, g: &Geometry, h: Head, t: &Tile, f: &mut [f32]) {
         f.fill(1.0);
-        self.apply_dropout(g, h, f);
+        self.apply_dropout(g, h, t, f);
     }
 
     fn heads(&self, g: &Geometry, bi: usize) -> impl Iterator<Item = Head> {
@@ -678,26 +842,31 @@ impl FusedAttention {
                     &k[bi * g.s * g.hk..][..g.s * g.hk],
                     &v[bi * g.s * g.hk..][..g.s * g.hk],
                 );
-                let mut p = vec![0f32; g.sq * g.s];
+                let tiles = self.tiles(g, bi);
+                let mut p = vec![0f32; Tile::largest(&tiles)];
                 let mut dead = vec![false; g.sq];
                 for h in self.heads(g, bi) {
-                    self.probs(g, h, (q, k), &mut p, &mut dead)?;
-                    self.apply_dropout(g, h, &mut p);
-                    // out_h [sq, dh] = p [sq, s] · v_h [s, dh]
-                    sgemm(
-                        (g.sq, g.dh, g.s),
-                        &mut out[h.qo..],
-                        g.hq,
-                        Mat::rows(&p, g.s),
-                        Mat {
-                            data: &v[h.ko..],
-                            rs: g.hk,
-                            cs: 1,
-                        },
-                        1.0,
-                        false,
-                        Threads::One,
-                    )?;
+                    for t in &tiles {
+                        let (rows, w) = (t.rows.len(), t.keys.len());
+                        self.probs(g, h, t, (q, k), &mut p, &mut dead)?;
+                        let p = &mut p[..rows * w];
+                        self.apply_dropout(g, h, t, p);
+                        // out_h [rows, dh] = p [rows, w] · v_h [w, dh]
+                        sgemm(
+                            (rows, g.dh, w),
+                            &mut out[t.rows.start * g.hq + h.qo..],
+                            g.hq,
+                            Mat::rows(p, w),
+                            Mat {
+                                data: &v[t.keys.start * g.hk + h.ko..],
+                                rs: g.hk,
+                                cs: 1,
+                            },
+                            1.0,
+                            false,
+                            Threads::One,
+                        )?;
+                    }
                 }
                 Ok(())
             })?;
@@ -741,102 +910,132 @@ impl FusedAttention {
         (q, k, v, go): (&[f32], &[f32], &[f32], &[f32]),
         (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     ) -> candle_core::Result<()> {
-        let (sq, s) = (g.sq, g.s);
-        let mut p = vec![0f32; sq * s];
-        let mut pd = vec![0f32; sq * s];
-        let mut dp = vec![0f32; sq * s];
-        let mut dead = vec![false; sq];
+        let tiles = self.tiles(g, bi);
+        let size = Tile::largest(&tiles);
+        let mut p = vec![0f32; size];
+        let mut pd = vec![0f32; size];
+        let mut dp = vec![0f32; size];
+        let mut dead = vec![false; g.sq];
         let dropout = self.spec.dropout > 0.0;
         let mut factors = if dropout {
-            vec![0f32; sq * s]
+            vec![0f32; size]
         } else {
             Vec::new()
         };
-        let go_head = |h: Head| Mat {
-            data: &go[h.qo..],
-            rs: g.hq,
-            cs: 1,
-        };
         for h in self.heads(g, bi) {
-            self.probs(g, h, (q, k), &mut p, &mut dead)?;
-            pd.copy_from_slice(&p);
-            if dropout {
-                self.dropout_factors(g, h, &mut factors);
-                pd.iter_mut().zip(&factors).for_each(|(x, f)| *x *= f);
-            }
-            // dv_h [s, dh] += pdᵀ [s, sq] · go_h [sq, dh]
-            sgemm(
-                (s, g.dh, sq),
-                &mut dv[h.ko..],
-                g.hk,
-                Mat::transposed(&pd, s),
-                go_head(h),
-                1.0,
-                true,
-                Threads::One,
-            )?;
-            // d(pd) [sq, s] = go_h [sq, dh] · v_hᵀ [dh, s]
-            sgemm(
-                (sq, s, g.dh),
-                &mut dp,
-                s,
-                go_head(h),
-                Mat {
-                    data: &v[h.ko..],
-                    rs: 1,
-                    cs: g.hk,
-                },
-                1.0,
-                false,
-                Threads::One,
-            )?;
-            if dropout {
-                dp.iter_mut().zip(&factors).for_each(|(x, f)| *x *= f);
-            }
-            // Softmax backward: d(scores) = p ∘ (dp − Σ_j dp·p); zero where the weights did not
-            // depend on the scores.
-            for ((prow, dprow), &dead) in p.chunks_exact(s).zip(dp.chunks_exact_mut(s)).zip(&dead) {
-                if dead {
-                    dprow.fill(0.0);
-                    continue;
+            for t in &tiles {
+                let (rows, w) = (t.rows.len(), t.keys.len());
+                let (qo, ko) = (t.rows.start * g.hq + h.qo, t.keys.start * g.hk + h.ko);
+                // This head's query-block rows of `q` and the output's gradient, and its
+                // key-block rows of `k`.
+                let at_q = |m| strided(m, qo, g.hq);
+                let at_k = |m| strided(m, ko, g.hk);
+                self.probs(g, h, t, (q, k), &mut p, &mut dead)?;
+                let (p, pd, dp) = (&p[..rows * w], &mut pd[..rows * w], &mut dp[..rows * w]);
+                pd.copy_from_slice(p);
+                if dropout {
+                    let factors = &mut factors[..rows * w];
+                    self.dropout_factors(g, h, t, factors);
+                    pd.iter_mut().zip(&*factors).for_each(|(x, f)| *x *= f);
                 }
-                let dot = dot_f32(prow, dprow);
-                for (d, &pj) in dprow.iter_mut().zip(prow) {
-                    *d = pj * (*d - dot);
+                // dv_h [w, dh] += pdᵀ [w, rows] · go_h [rows, dh]
+                sgemm(
+                    (w, g.dh, rows),
+                    &mut dv[ko..],
+                    g.hk,
+                    Mat::transposed(pd, w),
+                    at_q(go),
+                    1.0,
+                    true,
+                    Threads::One,
+                )?;
+                // d(pd) [rows, w] = go_h [rows, dh] · v_hᵀ [dh, w]
+                sgemm(
+                    (rows, w, g.dh),
+                    dp,
+                    w,
+                    at_q(go),
+                    Mat {
+                        data: &v[ko..],
+                        rs: 1,
+                        cs: g.hk,
+                    },
+                    1.0,
+                    false,
+                    Threads::One,
+                )?;
+                if dropout {
+                    dp.iter_mut().zip(&factors).for_each(|(x, f)| *x *= f);
                 }
+                // Softmax backward: d(scores) = p ∘ (dp − Σ_j dp·p); zero where the weights
+                // did not depend on the scores.
+                let rows_of = p.chunks_exact(w.max(1)).zip(dp.chunks_exact_mut(w.max(1)));
+                for ((prow, dprow), &dead) in rows_of.zip(&dead[..rows]) {
+                    if dead {
+                        dprow.fill(0.0);
+                        continue;
+                    }
+                    let dot = dot_f32(prow, dprow);
+                    for (d, &pj) in dprow.iter_mut().zip(prow) {
+                        *d = pj * (*d - dot);
+                    }
+                }
+                // dq_h [rows, dh] = scale · ds [rows, w] · k_h [w, dh]; every tile of a
+                // query block is the same block, so this writes it once.
+                sgemm(
+                    (rows, g.dh, w),
+                    &mut dq[qo..],
+                    g.hq,
+                    Mat::rows(dp, w),
+                    at_k(k),
+                    self.spec.scale,
+                    false,
+                    Threads::One,
+                )?;
+                // dk_h [w, dh] += scale · dsᵀ [w, rows] · q_h [rows, dh]
+                sgemm(
+                    (w, g.dh, rows),
+                    &mut dk[ko..],
+                    g.hk,
+                    Mat::transposed(dp, w),
+                    at_q(q),
+                    self.spec.scale,
+                    true,
+                    Threads::One,
+                )?;
             }
-            // dq_h [sq, dh] = scale · ds [sq, s] · k_h [s, dh]
-            sgemm(
-                (sq, g.dh, s),
-                &mut dq[h.qo..],
-                g.hq,
-                Mat::rows(&dp, s),
-                Mat {
-                    data: &k[h.ko..],
-                    rs: g.hk,
-                    cs: 1,
-                },
-                self.spec.scale,
-                false,
-                Threads::One,
-            )?;
-            // dk_h [s, dh] += scale · dsᵀ [s, sq] · q_h [sq, dh]
-            sgemm(
-                (s, g.dh, sq),
-                &mut dk[h.ko..],
-                g.hk,
-                Mat::transposed(&dp, s),
-                Mat {
-                    data: &q[h.qo..],
-                    rs: g.hq,
-                    cs: 1,
-                },
-                self.spec.scale,
-                true,
-                Threads::One,
-            )?;
         }
         Ok(())
+    }
+}
+
+/// `[.., cols]` rows of `m` from element `at` on, with row stride `rs`.
+fn strided(m: &[f32], at: usize, rs: usize) -> Mat<'_> {
+    Mat {
+        data: &m[at..],
+        rs,
+        cs: 1,
+    }
+}
+
+/// Queries per block in causal attention: small enough that skipping the keys after a
+/// block's last query saves most of the upper triangle, large enough for efficient products.
+const TILE_ROWS: usize = 64;
+
+/// A block of queries (`rows`) and the keys any of them sees (`keys`).
+struct Tile {
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+}
+
+impl Tile {
+    /// The largest `rows × keys` of `tiles` (the scratch size the blocks need).
+    fn largest(tiles: &[Tile]) -> usize {
+        tiles
+            .iter()
+            .map(|t| t.rows.len() * t.keys.len())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -1040,6 +1239,44 @@ mod tests {
     }
 
     #[test]
+    fn long_causal_sequences_in_query_blocks_match_the_primitive_path() {
+        // 150 positions: causal queries run in blocks of TILE_ROWS (the last one partial),
+        // each over the keys its queries see. Right padding of several lengths (one ending on
+        // a block's edge), left padding with fewer queries than keys, a sliding window
+        // (whose blocks start after the first key too), dropout. (Queries that see no key at all are `a_query_that_sees_no_key...`'s case:
+        // the primitive path gives their scores a gradient, the kernel does not.)
+        let (b, s) = (4, 150);
+        let right = [150usize, 97, 30, 64];
+        let right: Vec<f32> = right
+            .iter()
+            .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
+            .collect();
+        let left = [0usize, 70, 75, 5];
+        let left: Vec<f32> = left
+            .iter()
+            .flat_map(|&n| (0..s).map(move |j| if j < n { 0.0 } else { 1.0 }))
+            .collect();
+        let mut spec = AttentionSpec::new(4, 2, 0.3);
+        spec.causal = true;
+        assert_matches(spec.clone(), (b, s, s, 4));
+        spec.key_mask = Some(right.clone());
+        assert_matches(spec.clone(), (b, s, s, 4));
+        spec.key_mask = Some(left);
+        assert_matches(spec.clone(), (b, 70, s, 4));
+        spec.key_mask = None;
+        spec.window = Some(40);
+        assert_matches(spec.clone(), (b, s, s, 4));
+        spec.window = None;
+        spec.key_mask = Some(right);
+        spec.dropout = 0.2;
+        spec.seed = 5;
+        assert_matches(spec.clone(), (b, s, s, 4));
+        // Not causal: one block, the keys trimmed to what the padding leaves.
+        spec.causal = false;
+        assert_matches(spec, (b, s, s, 4));
+    }
+
+    #[test]
     fn dropout_keeps_about_the_right_share_and_depends_on_the_seed() {
         let mut spec = AttentionSpec::new(2, 2, 1.0);
         spec.dropout = 0.25;
@@ -1108,7 +1345,11 @@ mod tests {
                 ..AttentionSpec::new(heads, heads, 0.5)
             };
             let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
-            let fused = residual_attention(n.as_tensor(), r.as_tensor(), ls, spec.clone())
+            let input = BlockInput::Residual {
+                n: n.as_tensor().clone(),
+                r: r.as_tensor().clone(),
+            };
+            let fused = residual_attention(&input, ls, spec.clone(), None)
                 .unwrap()
                 .expect("CPU f32 with enough rows takes the fused block");
             let proj = |l: &Linear| {
@@ -1153,9 +1394,122 @@ mod tests {
         let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
         let spec = AttentionSpec::new(heads, heads, 0.5);
         assert!(
-            residual_attention(&short, &short, ls, spec)
-                .unwrap()
-                .is_none()
+            residual_attention(
+                &BlockInput::Residual {
+                    n: short.clone(),
+                    r: short
+                },
+                ls,
+                spec,
+                None
+            )
+            .unwrap()
+            .is_none()
         );
+    }
+
+    #[test]
+    fn the_fused_block_with_grouped_heads_rotary_embeddings_and_some_biases_matches_separate_ops() {
+        // A decoder's attention: 4 query heads over 2 key/value heads, RoPE on q and k, causal
+        // with right padding, biases on q/k/v only (Qwen2) or on none (Llama).
+        use crate::nn::layers::Linear;
+        use crate::nn::ops::rope_seq_major;
+        let dev = Device::Cpu;
+        let (b, s, h, heads, kv, dh) = (3, 12, 8, 4, 2, 4);
+        let (hq, hk) = (heads * dh, kv * dh);
+        let half = dh / 2;
+        let angle = |p: usize, i: usize| p as f32 / 10f32.powf(i as f32 / half as f32);
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = (0..s * half)
+                .map(|x| f(angle(x / half, x % half)))
+                .collect();
+            Tensor::from_vec(v, (s, half), &dev).unwrap()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let var = |n: usize, seed: u64, shape: &[usize]| {
+            Var::from_vec(values(n, seed, 0.5), shape, &dev).unwrap()
+        };
+        let shapes = [(hq, h), (hk, h), (hk, h), (h, hq)];
+        for biased in [[true, true, true, false], [false; 4]] {
+            let mut vars = Vec::new();
+            let mut layers = Vec::new();
+            for (i, &(out, inp)) in shapes.iter().enumerate() {
+                let w = var(out * inp, 10 + i as u64, &[out, inp]);
+                let bias = biased[i].then(|| var(out, 20 + i as u64, &[out]));
+                layers.push(Linear {
+                    name: format!("p{i}"),
+                    weight: w.as_tensor().clone(),
+                    bias: bias.as_ref().map(|b| b.as_tensor().clone()),
+                    lora: None,
+                });
+                vars.push(w);
+                vars.extend(bias);
+            }
+            let n = var(b * s * h, 1, &[b, s, h]);
+            let r = var(b * s * h, 2, &[b, s, h]);
+            let weights = Tensor::from_vec(values(b * s * h, 3, 1.0), (b, s, h), &dev).unwrap();
+            let lengths = [s, s - 4, 5];
+            let mask: Vec<f32> = lengths
+                .iter()
+                .flat_map(|&len| (0..s).map(move |j| if j < len { 1.0 } else { 0.0 }))
+                .collect();
+            let spec = AttentionSpec {
+                causal: true,
+                key_mask: Some(mask),
+                ..AttentionSpec::new(heads, kv, 0.5)
+            };
+            let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
+            let input = BlockInput::Residual {
+                n: n.as_tensor().clone(),
+                r: r.as_tensor().clone(),
+            };
+            let fused = residual_attention(&input, ls, spec.clone(), Some((&cos, &sin)))
+                .unwrap()
+                .expect("CPU f32 with enough rows takes the fused block");
+            let proj = |l: &Linear, width: usize| {
+                l.forward(n.as_tensor())
+                    .unwrap()
+                    .reshape((b, s, width))
+                    .unwrap()
+            };
+            let q = rope_seq_major(&proj(ls[0], hq), &cos, &sin, heads).unwrap();
+            let k = rope_seq_major(&proj(ls[1], hk), &cos, &sin, kv).unwrap();
+            let ctx = attention(&q, &k, &proj(ls[2], hk), spec).unwrap().unwrap();
+            let out = ls[3].forward(&ctx).unwrap().reshape((b, s, h)).unwrap();
+            let separate = (out + r.as_tensor()).unwrap();
+            assert!(
+                max_diff(&fused, &separate) < 1e-5,
+                "{biased:?}: outputs differ"
+            );
+            let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
+            let (g1, g2) = (
+                loss(fused).backward().unwrap(),
+                loss(separate).backward().unwrap(),
+            );
+            for (i, v) in vars.iter().chain([&n, &r]).enumerate() {
+                let (a, e) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                let d = max_diff(a, e);
+                assert!(d < 1e-4, "{biased:?}: gradient {i} differs by {d}");
+            }
+        }
+        // Rotary tables that do not cover the sequence are an error, not a silent misuse.
+        let layers: Vec<Linear> = shapes
+            .iter()
+            .map(|&(out, inp)| Linear {
+                name: "p".into(),
+                weight: Tensor::zeros((out, inp), DType::F32, &dev).unwrap(),
+                bias: None,
+                lora: None,
+            })
+            .collect();
+        let x = Tensor::zeros((b, s, h), DType::F32, &dev).unwrap();
+        let short = cos.narrow(0, 0, s - 1).unwrap();
+        let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
+        let spec = AttentionSpec::new(heads, kv, 0.5);
+        let input = BlockInput::Residual { n: x.clone(), r: x };
+        assert!(residual_attention(&input, ls, spec, Some((&short, &short))).is_err());
     }
 }

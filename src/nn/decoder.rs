@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::attention::{self, AttentionSpec};
+use super::block::BlockInput;
 use super::layers::{Checkpoint, Embedding, Linear, RmsNorm, WeightSource, load_model_weights};
 use super::lora::{LoraAdapter, LoraConfig, lora_rng};
 use super::{NnError, Result, mlp, ops};
@@ -965,7 +966,12 @@ impl Decoder {
         }
         let lengths = right_padded_lengths(attention_mask)?;
         let (cos, sin) = self.rope_tables(0, t)?;
-        let mask = self.attention_bias(t, 0, &lengths)?;
+        // The fused kernel builds its own masks from the lengths.
+        let mask = if self.fused_attention() && self.compute_dtype == DType::F32 {
+            None
+        } else {
+            self.attention_bias(t, 0, &lengths)?
+        };
         let mut x = self
             .embed_tokens
             .forward(&input_ids.to_dtype(DType::U32)?)?
@@ -1186,6 +1192,37 @@ impl Decoder {
         self.fused && self.device.is_cpu()
     }
 
+    /// The fused kernel's spec for `s` keys: causal, the model's sliding window, and the keys
+    /// nobody attends to (right padding in training, left padding in a cache).
+    fn attention_spec(&self, masks: Masks, s: usize) -> AttentionSpec {
+        let cfg = &self.config;
+        let key_mask = match (masks.lengths, masks.starts) {
+            (Some(lengths), _) if lengths.iter().any(|&n| n < s) => Some(
+                lengths
+                    .iter()
+                    .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
+                    .collect(),
+            ),
+            (_, Some(starts)) if starts.iter().any(|&n| n > 0) => Some(
+                starts
+                    .iter()
+                    .flat_map(|&n| (0..s).map(move |j| if j < n { 0.0 } else { 1.0 }))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        AttentionSpec {
+            causal: true,
+            window: cfg.attention_window(),
+            key_mask,
+            ..AttentionSpec::new(
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                1.0 / (cfg.head_dim() as f32).sqrt(),
+            )
+        }
+    }
+
     fn layer_forward(
         &self,
         l: &Layer,
@@ -1195,18 +1232,38 @@ impl Decoder {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Result<Tensor> {
-        let h = l.input_layernorm.forward(x)?;
-        let x = (x + self.attention(l, &h, rope, mask, cache, train)?)?;
-        let h = l.post_attention_layernorm.forward(&x)?;
-        // On the CPU in f32, the gated feed-forward block and its residual in one kernel (no
-        // biases, no adapters, enough rows; `residual_swiglu` says None otherwise). Served
-        // models keep their packed weights' path.
-        if self.fused
-            && l.packed.is_none()
-            && let Some(y) = mlp::residual_swiglu(&h, &x, &l.gate_proj, &l.up_proj, &l.down_proj)?
-        {
-            return Ok(y);
+        // On the CPU in f32, each half of the layer as one kernel with its RMSNorm and
+        // residual (`nn::block`): the attention half without a cache (training, scoring), and
+        // the gated feed-forward half. `None` where they do not apply (adapters, biases on the
+        // feed-forward, too few rows, another dtype); served models keep their packed path.
+        let normed = |norm: &RmsNorm, x: &Tensor| BlockInput::RmsNormed {
+            x: x.clone(),
+            weight: norm.weight.clone(),
+            eps: norm.eps,
+        };
+        let block = match &cache {
+            None if self.fused_attention() && l.packed.is_none() && l.input_layernorm.fused => {
+                let projections = [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj];
+                let spec = self.attention_spec(mask, x.dim(1)?);
+                let input = normed(&l.input_layernorm, x);
+                attention::residual_attention(&input, projections, spec, Some(rope))?
+            }
+            _ => None,
+        };
+        let x = match block {
+            Some(y) => y,
+            None => {
+                let h = l.input_layernorm.forward(x)?;
+                (x + self.attention(l, &h, rope, mask, cache, train)?)?
+            }
+        };
+        if self.fused && l.packed.is_none() && l.post_attention_layernorm.fused {
+            let input = normed(&l.post_attention_layernorm, &x);
+            if let Some(y) = mlp::residual_swiglu(&input, &l.gate_proj, &l.up_proj, &l.down_proj)? {
+                return Ok(y);
+            }
         }
+        let h = l.post_attention_layernorm.forward(&x)?;
         let gate = l.project(4, &h, train)?;
         let up = l.project(5, &h, train)?;
         let act = if self.fused {
@@ -1243,29 +1300,7 @@ impl Decoder {
             let k = ops::rope_seq_major(&l.project(1, x, train)?, cos, sin, nkv)?;
             let v = l.project(2, x, train)?;
             let (k, v) = through_cache(cache, k, v, 1)?;
-            let s = k.dim(1)?;
-            // Keys nobody attends to: right padding in training, left padding in a cache.
-            let key_mask = match (masks.lengths, masks.starts) {
-                (Some(lengths), _) if lengths.iter().any(|&n| n < s) => Some(
-                    lengths
-                        .iter()
-                        .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
-                        .collect(),
-                ),
-                (_, Some(starts)) if starts.iter().any(|&n| n > 0) => Some(
-                    starts
-                        .iter()
-                        .flat_map(|&n| (0..s).map(move |j| if j < n { 0.0 } else { 1.0 }))
-                        .collect(),
-                ),
-                _ => None,
-            };
-            let spec = AttentionSpec {
-                causal: true,
-                window: cfg.attention_window(),
-                key_mask,
-                ..AttentionSpec::new(nh, nkv, 1.0 / (hd as f32).sqrt())
-            };
+            let spec = self.attention_spec(masks, k.dim(1)?);
             let ctx = attention::attention(&q, &k, &v, spec)?.ok_or_else(|| {
                 NnError::InvalidInput("fused attention refused CPU f32 inputs".into())
             })?;

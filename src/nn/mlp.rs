@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::block::{BlockInput, BlockKernel, Gradients, block_gradients};
 use super::gemm::{Mat, Threads, repeated, sgemm, zeroed};
 use super::layers::Linear;
 use super::ops::{
@@ -109,25 +110,6 @@ fn block_rows(
     let x2 = x.reshape((rows, hidden))?.contiguous()?;
     let r2 = r.reshape((rows, out))?.contiguous()?;
     Ok(Some((x2, r2, out_dims)))
-}
-
-/// A fused block's gradients as tensors: its input's (`dx`) and parameters' (`dp`) where
-/// computed, and its residual's, which is the output's gradient as it is.
-pub(super) fn block_gradients(
-    (x, r, params): (&Tensor, &Tensor, &Tensor),
-    grad: &Tensor,
-    dx: Option<Vec<f32>>,
-    dp: Option<Vec<f32>>,
-) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let dev = x.device();
-    let dx = dx
-        .map(|d| Tensor::from_vec(d, x.shape(), dev))
-        .transpose()?;
-    let dp = dp
-        .map(|d| Tensor::from_vec(d, params.shape(), dev))
-        .transpose()?;
-    let dr = r.track_op().then(|| grad.clone());
-    Ok((dx, dr, dp))
 }
 
 /// [`residual_mlp`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
@@ -435,13 +417,13 @@ impl CustomOp3 for ResidualMlp {
     }
 }
 
-/// `r + down(silu(gate(x)) ⊙ up(x))`, the gated feed-forward block of Llama/Qwen-family
-/// decoders, with its residual: one fused CPU kernel forward and one backward, as
+/// `r + down(silu(gate(n)) ⊙ up(n))`, the gated feed-forward block of Llama/Qwen-family
+/// decoders, with its residual (and, for [`BlockInput::RmsNormed`], the RMSNorm before it:
+/// `x + down(..(rms_norm(x)))`): one fused CPU kernel forward and one backward, as
 /// [`residual_mlp`]. `None` where it does not apply (off the CPU, not f32, a projection with a
 /// bias or a LoRA adapter, fewer rows than 4× the hidden width).
 pub fn residual_swiglu(
-    x: &Tensor,
-    r: &Tensor,
+    input: &BlockInput,
     gate: &Linear,
     up: &Linear,
     down: &Linear,
@@ -450,10 +432,10 @@ pub fn residual_swiglu(
     if layers.iter().any(|l| l.bias.is_some() || l.lora.is_some()) {
         return Ok(None);
     }
-    let native = [x, r, &gate.weight, &up.weight, &down.weight]
+    let native = [&gate.weight, &up.weight, &down.weight]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-    if !native {
+    if !native || !input.native() {
         return Ok(None);
     }
     let (inner, hidden) = gate.weight.dims2()?;
@@ -464,10 +446,12 @@ pub fn residual_swiglu(
             up.weight.dims()
         )
     }
+    input.check(hidden, out)?;
     // As in `residual_mlp`: the flat parameters cost ~3·hidden·inner values a pass.
-    let Some((x2, r2, out_dims)) = block_rows(x, r, hidden, out)? else {
+    let rows = input.input().elem_count() / hidden.max(1);
+    if rows < 4 * hidden.max(out) {
         return Ok(None);
-    };
+    }
     let params = Tensor::cat(
         &[
             &gate.weight.flatten_all()?,
@@ -476,19 +460,23 @@ pub fn residual_swiglu(
         ],
         0,
     )?;
-    let op = ResidualSwiglu {
+    let kernel = ResidualSwiglu {
         hidden,
         inner,
         out,
-        keep: x.track_op() || params.track_op(),
+        keep: input.tracked(&params),
         kept: Mutex::new(None),
     };
-    let y = x2.apply_op3_arc(&r2, &params, std::sync::Arc::new(Box::new(op)))?;
+    let mut out_dims = input.input().dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
+    let y = input.rows(hidden, out)?.apply(kernel, &params)?;
     Ok(Some(y.reshape(out_dims)?))
 }
 
-/// [`residual_swiglu`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
-/// parameters flat in the order `gate [inner, hidden]`, `up [inner, hidden]`, `down [out,
+/// [`residual_swiglu`]'s kernel on rows `[rows, hidden]` (see `nn::block`), the parameters
+/// flat in the order `gate [inner, hidden]`, `up [inner, hidden]`, `down [out,
 /// inner]`.
 struct ResidualSwiglu {
     hidden: usize,
@@ -562,23 +550,17 @@ impl ResidualSwiglu {
     }
 }
 
-impl CustomOp3 for ResidualSwiglu {
+impl BlockKernel for ResidualSwiglu {
     fn name(&self) -> &'static str {
         "kiln-residual-swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s1, l1, self.name())?;
-        let r = cpu_f32(s2, l2, self.name())?;
-        let (wg, wu, wd) = self.params(cpu_f32(s3, l3, self.name())?)?;
+    fn widths(&self) -> (usize, usize) {
+        (self.hidden, self.out)
+    }
+
+    fn forward(&self, x: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (wg, wu, wd) = self.params(p)?;
         let rows = x.len() / self.hidden.max(1);
         if r.len() != rows * self.out {
             candle_core::bail!(
@@ -606,124 +588,114 @@ impl CustomOp3 for ResidualSwiglu {
         {
             *slot = Some(saved);
         }
-        Ok((CpuStorage::F32(y), Shape::from((rows, self.out))))
+        Ok(y)
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        r: &Tensor,
-        params: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (want_x, want_p) = (x.track_op(), params.track_op());
-        let name = self.name();
+        x: &[f32],
+        p: &[f32],
+        g: &[f32],
+        want_x: bool,
+        want_p: bool,
+    ) -> candle_core::Result<Gradients> {
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
         let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
-        let (dx, dp) = with_cpu_f32(x, name, |x| {
-            with_cpu_f32(params, name, |pflat| {
-                with_cpu_f32(&grad, name, |g| {
-                    let (wg, wu, wd) = self.params(pflat)?;
-                    let rows = x.len() / hidden.max(1);
-                    let SwigluSaved { gate, up, act } = match kept {
-                        Some(saved) if saved.gate.len() == rows * inner => saved,
-                        _ => self.forward_parts(x, wg, wu)?,
-                    };
-                    let mut dp = if want_p {
-                        zeroed(self.param_len())
-                    } else {
-                        Vec::new()
-                    };
-                    if want_p {
-                        // d(down) [out, inner] = gᵀ · act.
-                        let dwd = &mut dp[2 * inner * hidden..];
-                        sgemm(
-                            (out, inner, rows),
-                            dwd,
-                            inner,
-                            Mat::transposed(g, out),
-                            Mat::rows(&act, inner),
-                            1.0,
-                            false,
-                            Threads::All,
-                        )?;
-                    }
-                    drop(act);
-                    if !(want_x || want_p) {
-                        return Ok((None, Some(dp).filter(|_| want_p)));
-                    }
-                    // d(act) = g · down; then d(gate) = d(act) ⊙ up ⊙ silu'(gate) and
-                    // d(up) = d(act) ⊙ silu(gate), written over `gate` and `up`.
-                    let mut dact = zeroed(rows * inner);
-                    sgemm(
-                        (rows, inner, out),
-                        &mut dact,
-                        inner,
-                        Mat::rows(g, out),
-                        Mat::rows(wd, inner),
-                        1.0,
-                        false,
-                        Threads::All,
-                    )?;
-                    let (mut dgate, mut dup) = (gate, up);
-                    dgate
-                        .par_chunks_mut(TASK)
-                        .zip(dup.par_chunks_mut(TASK))
-                        .zip(dact.par_chunks(TASK))
-                        .for_each(|((gs, us), ds)| {
-                            for ((g, u), &d) in gs.iter_mut().zip(us.iter_mut()).zip(ds) {
-                                let s = sigmoid(*g);
-                                let silu = *g * s;
-                                let dsilu = s * (1.0 + *g * (1.0 - s));
-                                let uv = *u;
-                                *g = d * uv * dsilu;
-                                *u = d * silu;
-                            }
-                        });
-                    drop(dact);
-                    if want_p {
-                        let (dwg, rest) = dp.split_at_mut(inner * hidden);
-                        let dwu = &mut rest[..inner * hidden];
-                        for (dw, d) in [(dwg, &dgate), (dwu, &dup)] {
-                            // d(w) [inner, hidden] = dᵀ · x.
-                            sgemm(
-                                (inner, hidden, rows),
-                                dw,
-                                hidden,
-                                Mat::transposed(d, inner),
-                                Mat::rows(x, hidden),
-                                1.0,
-                                false,
-                                Threads::All,
-                            )?;
-                        }
-                    }
-                    let dx = if want_x {
-                        // dx = d(gate) · gate_w + d(up) · up_w.
-                        let mut dx = zeroed(rows * hidden);
-                        for (i, (d, w)) in [(&dgate, wg), (&dup, wu)].into_iter().enumerate() {
-                            sgemm(
-                                (rows, hidden, inner),
-                                &mut dx,
-                                hidden,
-                                Mat::rows(d, inner),
-                                Mat::rows(w, hidden),
-                                1.0,
-                                i > 0,
-                                Threads::All,
-                            )?;
-                        }
-                        Some(dx)
-                    } else {
-                        None
-                    };
-                    Ok((dx, Some(dp).filter(|_| want_p)))
-                })
-            })
-        })?;
-        block_gradients((x, r, params), &grad, dx, dp)
+        let (wg, wu, wd) = self.params(p)?;
+        let rows = x.len() / hidden.max(1);
+        let SwigluSaved { gate, up, act } = match kept {
+            Some(saved) if saved.gate.len() == rows * inner => saved,
+            _ => self.forward_parts(x, wg, wu)?,
+        };
+        let mut dp = if want_p {
+            zeroed(self.param_len())
+        } else {
+            Vec::new()
+        };
+        if want_p {
+            // d(down) [out, inner] = gᵀ · act.
+            let dwd = &mut dp[2 * inner * hidden..];
+            sgemm(
+                (out, inner, rows),
+                dwd,
+                inner,
+                Mat::transposed(g, out),
+                Mat::rows(&act, inner),
+                1.0,
+                false,
+                Threads::All,
+            )?;
+        }
+        drop(act);
+        if !(want_x || want_p) {
+            return Ok((None, Some(dp).filter(|_| want_p)));
+        }
+        // d(act) = g · down; then d(gate) = d(act) ⊙ up ⊙ silu'(gate) and
+        // d(up) = d(act) ⊙ silu(gate), written over `gate` and `up`.
+        let mut dact = zeroed(rows * inner);
+        sgemm(
+            (rows, inner, out),
+            &mut dact,
+            inner,
+            Mat::rows(g, out),
+            Mat::rows(wd, inner),
+            1.0,
+            false,
+            Threads::All,
+        )?;
+        let (mut dgate, mut dup) = (gate, up);
+        dgate
+            .par_chunks_mut(TASK)
+            .zip(dup.par_chunks_mut(TASK))
+            .zip(dact.par_chunks(TASK))
+            .for_each(|((gs, us), ds)| {
+                for ((g, u), &d) in gs.iter_mut().zip(us.iter_mut()).zip(ds) {
+                    let s = sigmoid(*g);
+                    let silu = *g * s;
+                    let dsilu = s * (1.0 + *g * (1.0 - s));
+                    let uv = *u;
+                    *g = d * uv * dsilu;
+                    *u = d * silu;
+                }
+            });
+        drop(dact);
+        if want_p {
+            let (dwg, rest) = dp.split_at_mut(inner * hidden);
+            let dwu = &mut rest[..inner * hidden];
+            for (dw, d) in [(dwg, &dgate), (dwu, &dup)] {
+                // d(w) [inner, hidden] = dᵀ · x.
+                sgemm(
+                    (inner, hidden, rows),
+                    dw,
+                    hidden,
+                    Mat::transposed(d, inner),
+                    Mat::rows(x, hidden),
+                    1.0,
+                    false,
+                    Threads::All,
+                )?;
+            }
+        }
+        let dx = if want_x {
+            // dx = d(gate) · gate_w + d(up) · up_w.
+            let mut dx = zeroed(rows * hidden);
+            for (i, (d, w)) in [(&dgate, wg), (&dup, wu)].into_iter().enumerate() {
+                sgemm(
+                    (rows, hidden, inner),
+                    &mut dx,
+                    hidden,
+                    Mat::rows(d, inner),
+                    Mat::rows(w, hidden),
+                    1.0,
+                    i > 0,
+                    Threads::All,
+                )?;
+            }
+            Some(dx)
+        } else {
+            None
+        };
+        Ok((dx, Some(dp).filter(|_| want_p)))
     }
 }
 
@@ -933,7 +905,11 @@ mod tests {
             let vars: Vec<Var> = vars.into_iter().step_by(2).collect();
             let (gate, up, down) = (no_bias(gate), no_bias(up), no_bias(down));
             let weights = Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap();
-            let fused = residual_swiglu(x.as_tensor(), r.as_tensor(), &gate, &up, &down)
+            let input = BlockInput::Residual {
+                n: x.as_tensor().clone(),
+                r: r.as_tensor().clone(),
+            };
+            let fused = residual_swiglu(&input, &gate, &up, &down)
                 .unwrap()
                 .expect("CPU f32 takes the fused kernel");
             let xt = x.as_tensor();
@@ -975,11 +951,76 @@ mod tests {
         let (gate, _) = linear("gate", 20, 8, 1.0, false);
         let (up, _) = linear("up", 20, 8, 2.0, false);
         let (down, _) = linear("down", 8, 20, 3.0, false);
+        let input = BlockInput::Residual {
+            n: x.clone(),
+            r: x.clone(),
+        };
         assert!(
-            residual_swiglu(&x, &x, &gate, &no_bias(up), &no_bias(down))
+            residual_swiglu(&input, &gate, &no_bias(up), &no_bias(down))
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn the_gated_block_with_its_rms_norm_inside_matches_norm_block_and_residual_as_separate_ops() {
+        // A pre-norm decoder's feed-forward half: x + swiglu(rms_norm(x) · w), the norm's scale
+        // and the projections trainable or frozen, the input always tracked.
+        let dev = Device::Cpu;
+        let (rows, h, inner, eps) = (40, 8, 20, 1e-5);
+        for trainable in [true, false] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
+            let scale = Tensor::randn(1f32, 0.2, h, &dev).unwrap();
+            let scale_var = Var::from_tensor(&scale).unwrap();
+            let norm_w = if trainable {
+                scale_var.as_tensor().clone()
+            } else {
+                scale
+            };
+            let (gate, mut vars) = linear("gate", inner, h, 1.0, trainable);
+            let (up, v) = linear("up", inner, h, 2.0, trainable);
+            vars.extend(v);
+            let (down, v) = linear("down", h, inner, 3.0, trainable);
+            vars.extend(v);
+            let mut vars: Vec<Var> = vars.into_iter().step_by(2).collect();
+            if trainable {
+                vars.push(scale_var);
+            }
+            let (gate, up, down) = (no_bias(gate), no_bias(up), no_bias(down));
+            let weights = Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap();
+            let input = BlockInput::RmsNormed {
+                x: x.as_tensor().clone(),
+                weight: norm_w.clone(),
+                eps,
+            };
+            let fused = residual_swiglu(&input, &gate, &up, &down)
+                .unwrap()
+                .expect("CPU f32 takes the fused kernel");
+            let n = super::super::ops::rms_norm_primitive(x.as_tensor(), &norm_w, eps).unwrap();
+            let act = (n.matmul(&gate.weight.t().unwrap()).unwrap().silu().unwrap()
+                * n.matmul(&up.weight.t().unwrap()).unwrap())
+            .unwrap();
+            let reference =
+                (act.matmul(&down.weight.t().unwrap()).unwrap() + x.as_tensor()).unwrap();
+            close(&fused, &reference, "output");
+            let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
+            let (g1, g2) = (
+                loss(fused).backward().unwrap(),
+                loss(reference).backward().unwrap(),
+            );
+            close(
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+                "x",
+            );
+            for (i, v) in vars.iter().enumerate() {
+                let got = g1.get(v.as_tensor()).expect("every weight gets a gradient");
+                close(got, g2.get(v.as_tensor()).unwrap(), &format!("weight {i}"));
+            }
+            if !trainable {
+                assert!(g1.get(&gate.weight).is_none() && g1.get(&norm_w).is_none());
+            }
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod bert;
+pub mod block;
 pub mod classifier;
 pub mod conv;
 pub mod decoder;

@@ -970,6 +970,61 @@ pub fn rope_seq_major(
     }
 }
 
+/// RMSNorm of the rows of `x` (`[rows, w.len()]`) scaled by `w`, on the pool.
+pub(super) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len().max(1);
+    let mut out = super::gemm::zeroed(x.len());
+    let chunk = rows_per_task(x.len() / dim, dim) * dim;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(out, x)| {
+            for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+                let rstd = row_rstd(xr, eps);
+                for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
+                    *y = x * rstd * w;
+                }
+            }
+        });
+    out
+}
+
+/// [`rms_norm_rows`]'s backward for the output's gradient `g`: adds the input's gradient into
+/// `dx` and returns the scale's.
+pub(super) fn rms_norm_rows_backward(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    g: &[f32],
+    dx: &mut [f32],
+) -> Vec<f32> {
+    let dim = w.len().max(1);
+    let chunk = rows_per_task(x.len() / dim, dim) * dim;
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(g.par_chunks(chunk))
+        .map(|((dx, x), g)| {
+            let mut dw = vec![0f32; dim];
+            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
+                let rstd = row_rstd(xr, eps);
+                // dx = rstd * (gw - xhat * mean(gw * xhat)), gw = g * w, xhat = x * rstd.
+                let mut sum_gw_xhat = 0f32;
+                for i in 0..dim {
+                    let xhat = xr[i] * rstd;
+                    sum_gw_xhat += gr[i] * w[i] * xhat;
+                    dw[i] += gr[i] * xhat;
+                }
+                let mean_gw_xhat = sum_gw_xhat / dim as f32;
+                for i in 0..dim {
+                    let xhat = xr[i] * rstd;
+                    dxr[i] += rstd * (gr[i] * w[i] - xhat * mean_gw_xhat);
+                }
+            }
+            dw
+        })
+        .reduce(|| vec![0f32; dim], add_columns)
+}
+
 /// Fused RMSNorm over the last dimension; inputs `(x, weight)`.
 struct FusedRmsNorm {
     eps: f32,
@@ -999,18 +1054,7 @@ impl CustomOp2 for FusedRmsNorm {
         if w.len() != dim {
             candle_core::bail!("rms-norm: weight length {} != hidden {dim}", w.len())
         }
-        let mut out = super::gemm::zeroed(x.len());
-        let chunk = rows_per_task(x.len() / dim.max(1), dim) * dim.max(1);
-        out.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(out, x)| {
-                for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-                    let rstd = row_rstd(xr, self.eps);
-                    for i in 0..dim {
-                        yr[i] = xr[i] * rstd * w[i];
-                    }
-                }
-            });
+        let out = rms_norm_rows(x, w, self.eps);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1024,36 +1068,10 @@ impl CustomOp2 for FusedRmsNorm {
         let grad = grad.contiguous()?;
         let dim = x.dim(D::Minus1)?;
         let mut dx = super::gemm::zeroed(x.elem_count());
-        let chunk = rows_per_task(x.elem_count() / dim.max(1), dim) * dim.max(1);
         let dw = with_cpu_f32(x, self.name(), |x| {
             with_cpu_f32(w, self.name(), |w| {
                 with_cpu_f32(&grad, self.name(), |g| {
-                    let dw = dx
-                        .par_chunks_mut(chunk)
-                        .zip(x.par_chunks(chunk))
-                        .zip(g.par_chunks(chunk))
-                        .map(|((dx, x), g)| {
-                            let mut dw = vec![0f32; dim];
-                            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
-                            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
-                                let rstd = row_rstd(xr, self.eps);
-                                // dx = rstd * (gw - xhat * mean(gw * xhat)), gw = g * w, xhat = x * rstd.
-                                let mut sum_gw_xhat = 0f32;
-                                for i in 0..dim {
-                                    let xhat = xr[i] * rstd;
-                                    sum_gw_xhat += gr[i] * w[i] * xhat;
-                                    dw[i] += gr[i] * xhat;
-                                }
-                                let mean_gw_xhat = sum_gw_xhat / dim as f32;
-                                for i in 0..dim {
-                                    let xhat = xr[i] * rstd;
-                                    dxr[i] = rstd * (gr[i] * w[i] - xhat * mean_gw_xhat);
-                                }
-                            }
-                            dw
-                        })
-                        .reduce(|| vec![0f32; dim], add_columns);
-                    Ok(dw)
+                    Ok(rms_norm_rows_backward(x, w, self.eps, g, &mut dx))
                 })
             })
         })?;

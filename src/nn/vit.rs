@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 
 use super::attention::{self, AttentionSpec};
 use super::bert::HiddenAct;
+use super::block::BlockInput;
 use super::layers::{
     Checkpoint, LayerNorm, Linear, WeightSource, dropout, dropout_seed, load_model_weights,
 };
@@ -679,7 +680,13 @@ impl VitForImageClassification {
         // applies (no dropout after the output projection, no adapters, enough rows).
         let block = if l.ln_before.fused && !(train && cfg.hidden_dropout_prob > 0.0) {
             let projections = [&l.query, &l.key, &l.value, &l.attn_out];
-            attention::residual_attention(&normed, x, projections, spec.clone())?
+            {
+                let input = BlockInput::Residual {
+                    n: normed.clone(),
+                    r: x.clone(),
+                };
+                attention::residual_attention(&input, projections, spec.clone(), None)?
+            }
         } else {
             None
         };

@@ -1,0 +1,309 @@
+//! A transformer's residual half-layers as single CPU ops: `r + f(n)` where `f` is a block
+//! kernel (the attention block of [`super::attention::residual_attention`], the gated
+//! feed-forward block of [`super::mlp::residual_swiglu`]), or, for pre-norm decoders,
+//! `x + f(rms_norm(x) · w)` with the RMSNorm inside the op too.
+//!
+//! Why: candle's backward gives every op input a fresh zero tensor and adds its gradient into
+//! it, on the thread driving the step while the pool waits. A pre-norm decoder layer as
+//! RMSNorm, block, RMSNorm, block has six activation-sized inputs to do that for; as two
+//! normed blocks it has two.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::zeroed;
+use super::ops::{cpu_f32, rms_norm_rows, rms_norm_rows_backward, with_cpu_f32};
+
+/// A block's input and parameter gradients, each where asked for.
+pub(super) type Gradients = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// A residual block's computation on contiguous f32 rows.
+pub(super) trait BlockKernel: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Row widths of the block's input `n` and of its output (the residual's).
+    fn widths(&self) -> (usize, usize);
+
+    /// `r + f(n, p)`. A kernel built to keep what its backward needs keeps it here.
+    fn forward(&self, n: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>>;
+
+    /// The gradients of `n` (when `want_n`) and of `p` (when `want_p`) for the output's
+    /// gradient `g` (the residual's is `g` itself).
+    fn backward(
+        &self,
+        n: &[f32],
+        p: &[f32],
+        g: &[f32],
+        want_n: bool,
+        want_p: bool,
+    ) -> candle_core::Result<Gradients>;
+}
+
+/// What a fused block takes: its input and residual, or one input normed inside the op.
+#[derive(Clone, Debug)]
+pub enum BlockInput {
+    /// `r + f(n)`.
+    Residual { n: Tensor, r: Tensor },
+    /// `x + f(rms_norm(x) · weight)`: a pre-norm decoder's half layer, its RMSNorm included.
+    RmsNormed { x: Tensor, weight: Tensor, eps: f64 },
+}
+
+impl BlockInput {
+    /// The tensor the block's rows come from (`n`, or `x` before its norm).
+    pub fn input(&self) -> &Tensor {
+        match self {
+            BlockInput::Residual { n, .. } => n,
+            BlockInput::RmsNormed { x, .. } => x,
+        }
+    }
+
+    /// Whether every tensor is f32 on the CPU (the kernels' only case).
+    pub(super) fn native(&self) -> bool {
+        let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        match self {
+            BlockInput::Residual { n, r } => ok(n) && ok(r),
+            BlockInput::RmsNormed { x, weight, .. } => ok(x) && ok(weight),
+        }
+    }
+
+    /// The same input with its activations reshaped to `[rows, width]` (and the residual to
+    /// `[rows, out]`).
+    pub(super) fn rows(&self, width: usize, out: usize) -> candle_core::Result<BlockInput> {
+        let rows = self.input().elem_count() / width.max(1);
+        Ok(match self {
+            BlockInput::Residual { n, r } => BlockInput::Residual {
+                n: n.reshape((rows, width))?,
+                r: r.reshape((rows, out))?,
+            },
+            BlockInput::RmsNormed { x, weight, eps } => BlockInput::RmsNormed {
+                x: x.reshape((rows, width))?,
+                weight: weight.clone(),
+                eps: *eps,
+            },
+        })
+    }
+
+    /// Checks the shapes against a block taking `width` and giving `out` values a row.
+    pub(super) fn check(&self, width: usize, out: usize) -> candle_core::Result<()> {
+        let dims = self.input().dims();
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = out;
+        }
+        let ok = dims.last() == Some(&width)
+            && match self {
+                BlockInput::Residual { r, .. } => r.dims() == out_dims,
+                BlockInput::RmsNormed { weight, .. } => width == out && weight.dims() == [width],
+            };
+        if !ok {
+            candle_core::bail!("residual block: {self:?} does not fit widths {width} -> {out}")
+        }
+        Ok(())
+    }
+
+    /// Whether a gradient is wanted of the input or of `params` (the kernel keeps its
+    /// intermediates for the backward then).
+    pub(super) fn tracked(&self, params: &Tensor) -> bool {
+        params.track_op()
+            || match self {
+                BlockInput::Residual { n, .. } => n.track_op(),
+                BlockInput::RmsNormed { x, weight, .. } => x.track_op() || weight.track_op(),
+            }
+    }
+
+    /// Runs `kernel` as one op on this input and `params`.
+    pub(super) fn apply<K: BlockKernel>(
+        &self,
+        kernel: K,
+        params: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            BlockInput::Residual { n, r } => n.contiguous()?.apply_op3_arc(
+                &r.contiguous()?,
+                params,
+                Arc::new(Box::new(Residual(kernel))),
+            ),
+            BlockInput::RmsNormed { x, weight, eps } => {
+                let keep = x.track_op() || weight.track_op() || params.track_op();
+                x.contiguous()?.apply_op3_arc(
+                    &weight.contiguous()?,
+                    params,
+                    Arc::new(Box::new(PreNormed {
+                        kernel,
+                        eps: *eps as f32,
+                        keep,
+                        normed: Mutex::new(None),
+                    })),
+                )
+            }
+        }
+    }
+}
+
+/// The gradients as tensors: the input's (`dx`) and the parameters' (`dp`) where computed, and
+/// the residual's, which is the output's gradient as it is.
+pub(super) fn block_gradients(
+    (x, r, params): (&Tensor, &Tensor, &Tensor),
+    grad: &Tensor,
+    dx: Option<Vec<f32>>,
+    dp: Option<Vec<f32>>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let dev = x.device();
+    let dx = dx
+        .map(|d| Tensor::from_vec(d, x.shape(), dev))
+        .transpose()?;
+    let dp = dp
+        .map(|d| Tensor::from_vec(d, params.shape(), dev))
+        .transpose()?;
+    let dr = r.track_op().then(|| grad.clone());
+    Ok((dx, dr, dp))
+}
+
+/// `r + f(n)`: inputs `(n, r, params)`.
+struct Residual<K>(K);
+
+impl<K: BlockKernel> CustomOp3 for Residual<K> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = cpu_f32(s1, l1, self.name())?;
+        let r = cpu_f32(s2, l2, self.name())?;
+        let p = cpu_f32(s3, l3, self.name())?;
+        let (width, out) = self.0.widths();
+        if n.len() / width.max(1) * out != r.len() {
+            candle_core::bail!("{}: input {:?}, residual {:?}", self.name(), l1, l2)
+        }
+        let y = self.0.forward(n, r, p)?;
+        Ok((CpuStorage::F32(y), l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        n: &Tensor,
+        r: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let name = self.name();
+        let (want_n, want_p) = (n.track_op(), params.track_op());
+        let (dn, dp) = with_cpu_f32(n, name, |ns| {
+            with_cpu_f32(params, name, |p| {
+                with_cpu_f32(&grad, name, |g| self.0.backward(ns, p, g, want_n, want_p))
+            })
+        })?;
+        block_gradients((n, r, params), &grad, dn, dp)
+    }
+}
+
+/// `x + f(rms_norm(x) · w)`: inputs `(x, w, params)`.
+struct PreNormed<K> {
+    kernel: K,
+    eps: f32,
+    keep: bool,
+    /// The normed input, kept by the forward for the backward.
+    normed: Mutex<Option<Vec<f32>>>,
+}
+
+impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
+    fn name(&self) -> &'static str {
+        self.kernel.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, self.name())?;
+        let w = cpu_f32(s2, l2, self.name())?;
+        let p = cpu_f32(s3, l3, self.name())?;
+        let (width, out) = self.kernel.widths();
+        if width != out || w.len() != width || x.len() % width.max(1) != 0 {
+            candle_core::bail!("{}: input {:?}, norm {:?}", self.name(), l1, l2)
+        }
+        let n = rms_norm_rows(x, w, self.eps);
+        let y = self.kernel.forward(&n, x, p)?;
+        if self.keep
+            && let Ok(mut slot) = self.normed.lock()
+        {
+            *slot = Some(n);
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let name = self.name();
+        let (want_x, want_w, want_p) = (x.track_op(), w.track_op(), params.track_op());
+        let kept = self.normed.lock().ok().and_then(|mut slot| slot.take());
+        let (dx, dw, dp) = with_cpu_f32(x, name, |xs| {
+            with_cpu_f32(w, name, |ws| {
+                with_cpu_f32(params, name, |p| {
+                    with_cpu_f32(&grad, name, |g| {
+                        let n = match kept {
+                            Some(n) if n.len() == xs.len() => n,
+                            _ => rms_norm_rows(xs, ws, self.eps),
+                        };
+                        let want_n = want_x || want_w;
+                        let (dn, dp) = self.kernel.backward(&n, p, g, want_n, want_p)?;
+                        drop(n);
+                        let (dx, dw) = match dn {
+                            Some(dn) => {
+                                // The residual's gradient, then the norm's added to it.
+                                let mut dx = zeroed(g.len());
+                                dx.par_chunks_mut(1 << 14)
+                                    .zip(g.par_chunks(1 << 14))
+                                    .for_each(|(d, g)| d.copy_from_slice(g));
+                                let dw = rms_norm_rows_backward(xs, ws, self.eps, &dn, &mut dx);
+                                (Some(dx), Some(dw))
+                            }
+                            None => (None, None),
+                        };
+                        Ok((dx, dw, dp))
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dx = match dx.filter(|_| want_x) {
+            Some(d) => Some(Tensor::from_vec(d, x.shape(), dev)?),
+            // Only the parameters train: the residual's gradient still reaches `x`.
+            None if want_x => Some(grad.clone()),
+            None => None,
+        };
+        let dw = dw
+            .filter(|_| want_w)
+            .map(|d| Tensor::from_vec(d, w.shape(), dev))
+            .transpose()?;
+        let dp = dp
+            .filter(|_| want_p)
+            .map(|d| Tensor::from_vec(d, params.shape(), dev))
+            .transpose()?;
+        Ok((dx, dw, dp))
+    }
+}
