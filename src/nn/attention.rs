@@ -186,7 +186,7 @@ pub fn residual_attention(
     let fused_ok = layers
         .iter()
         .all(|l| l.lora.is_none() && native(&l.weight) && l.bias.as_ref().is_none_or(native));
-    if !fused_ok || !input.native() || b * s < 4 * h {
+    if !fused_ok || !input.native() || !input.pays(h, h) {
         return Ok(None);
     }
     input.check(h, h)?;

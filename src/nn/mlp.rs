@@ -17,15 +17,13 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients, block_gradients};
+use super::block::{BlockInput, BlockKernel, Gradients};
 use super::gemm::{Mat, Threads, repeated, sgemm, zeroed};
 use super::layers::Linear;
-use super::ops::{
-    FRAC_1_SQRT_2, FRAC_1_SQRT_2PI, column_sums, cpu_f32, erf_f32, exp_f32, with_cpu_f32,
-};
+use super::ops::{FRAC_1_SQRT_2, FRAC_1_SQRT_2PI, column_sums, erf_f32, exp_f32};
 
 /// `r + dropout(fc2(gelu(fc1(x))), p)` (exact, erf GELU; inverted dropout, none when `p` is 0)
 /// over the last dimension of `x` `[.., in]`, with `r` of the output's shape `[.., out]`: one
@@ -55,13 +53,16 @@ pub fn residual_mlp(
     if inner2 != inner {
         candle_core::bail!("residual mlp: fc1 [{inner}, {hidden}], fc2 [{out}, {inner2}]")
     }
-    // The parameters travel as one flat tensor (a custom op takes three inputs), copied into
-    // it forward and their gradients out of it backward: about 8·hidden² values per pass
-    // against the ~9·rows·hidden the fusion saves. Short batches (MiniLM at 16 × 32 tokens,
-    // rows ≈ hidden) measured no gain; ViT-tiny's 16 × 197 rows, 16× hidden, gained 20%.
-    let Some((x2, r2, out_dims)) = block_rows(x, r, hidden, out)? else {
-        return Ok(None);
+    // The parameters travel as one flat tensor: about 8·hidden² values a pass, against the
+    // ~9·rows·hidden the fusion saves (see `BlockInput::pays`).
+    let input = BlockInput::Residual {
+        n: x.clone(),
+        r: r.clone(),
     };
+    input.check(hidden, out)?;
+    if !input.pays(hidden, out) {
+        return Ok(None);
+    }
     let params = Tensor::cat(
         &[
             &fc1.weight.flatten_all()?,
@@ -71,45 +72,16 @@ pub fn residual_mlp(
         ],
         0,
     )?;
-    let op = ResidualMlp {
+    let kernel = ResidualMlp {
         hidden,
         inner,
         out,
-        keep: x.track_op() || params.track_op(),
+        keep: input.tracked(&params),
         kept: Mutex::new(None),
         dropout: Dropout::new(p),
     };
-    let y = x2.apply_op3_arc(&r2, &params, std::sync::Arc::new(Box::new(op)))?;
-    Ok(Some(y.reshape(out_dims)?))
-}
-
-/// A block's input `x` `[.., hidden]` and residual `r` `[.., out]` as contiguous `[rows, ·]`
-/// matrices, with the output's dims `[.., out]`; `None` with fewer rows than 4× the wider
-/// width, where the fused blocks cost more than they save.
-fn block_rows(
-    x: &Tensor,
-    r: &Tensor,
-    hidden: usize,
-    out: usize,
-) -> candle_core::Result<Option<(Tensor, Tensor, Vec<usize>)>> {
-    let mut out_dims = x.dims().to_vec();
-    if let Some(last) = out_dims.last_mut() {
-        *last = out;
-    }
-    if x.dims().last() != Some(&hidden) || r.dims() != out_dims {
-        candle_core::bail!(
-            "residual block: x {:?} for width {hidden}, residual {:?} for width {out}",
-            x.dims(),
-            r.dims()
-        )
-    }
-    let rows = x.elem_count() / hidden.max(1);
-    if rows < 4 * hidden.max(out) {
-        return Ok(None);
-    }
-    let x2 = x.reshape((rows, hidden))?.contiguous()?;
-    let r2 = r.reshape((rows, out))?.contiguous()?;
-    Ok(Some((x2, r2, out_dims)))
+    let y = input.rows(hidden, out)?.apply(kernel, &params)?;
+    Ok(Some(y.reshape(r.dims())?))
 }
 
 /// [`residual_mlp`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
@@ -239,23 +211,17 @@ fn gelu(pre: &[f32]) -> Vec<f32> {
     act
 }
 
-impl CustomOp3 for ResidualMlp {
+impl BlockKernel for ResidualMlp {
     fn name(&self) -> &'static str {
         "kiln-residual-mlp"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s1, l1, self.name())?;
-        let r = cpu_f32(s2, l2, self.name())?;
-        let p = self.params(cpu_f32(s3, l3, self.name())?)?;
+    fn widths(&self) -> (usize, usize) {
+        (self.hidden, self.out)
+    }
+
+    fn forward(&self, x: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let p = self.params(p)?;
         let rows = x.len() / self.hidden.max(1);
         if r.len() != rows * self.out {
             candle_core::bail!("residual mlp: {} residual values for {rows} rows", r.len())
@@ -290,130 +256,124 @@ impl CustomOp3 for ResidualMlp {
         {
             *slot = Some((pre, act));
         }
-        Ok((CpuStorage::F32(y), Shape::from((rows, self.out))))
+        Ok(y)
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        r: &Tensor,
-        params: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        // The gradient through the dropout (the residual's is `grad` itself).
-        let gz = match &self.dropout {
+        x: &[f32],
+        pflat: &[f32],
+        g: &[f32],
+        want_x: bool,
+        want_p: bool,
+    ) -> candle_core::Result<Gradients> {
+        // The gradient through the dropout (the residual's is `g` itself).
+        let gz;
+        let g = match &self.dropout {
             Some(d) => {
-                let mut gz = grad.flatten_all()?.to_vec1::<f32>()?;
-                gz.par_chunks_mut(TASK)
-                    .enumerate()
-                    .for_each(|(c, g)| d.apply(g, c * TASK));
-                Tensor::from_vec(gz, grad.shape(), grad.device())?
+                gz = {
+                    let mut gz = g.to_vec();
+                    gz.par_chunks_mut(TASK)
+                        .enumerate()
+                        .for_each(|(c, g)| d.apply(g, c * TASK));
+                    gz
+                };
+                &gz[..]
             }
-            None => grad.clone(),
+            None => g,
         };
-        let (want_x, want_p) = (x.track_op(), params.track_op());
-        let name = self.name();
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
         let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
-        let (dx, dp) = with_cpu_f32(x, name, |x| {
-            with_cpu_f32(params, name, |pflat| {
-                with_cpu_f32(&gz, name, |g| {
-                    let p = self.params(pflat)?;
-                    let rows = x.len() / hidden.max(1);
-                    let (mut pre, act) = match kept {
-                        Some((pre, act)) if pre.len() == rows * inner => (pre, act),
-                        _ => {
-                            let pre = self.pre_activation(x, &p)?;
-                            let act = gelu(&pre);
-                            (pre, act)
-                        }
-                    };
-                    let mut dp = if want_p {
-                        zeroed(self.param_len())
-                    } else {
-                        Vec::new()
-                    };
-                    if want_p {
-                        let (_, _, dw2, db2) = self.split(&mut dp);
-                        // dw2 [out, inner] = gᵀ · gelu(pre); db2 = column sums of g.
-                        sgemm(
-                            (out, inner, rows),
-                            dw2,
-                            inner,
-                            Mat::transposed(g, out),
-                            Mat::rows(&act, inner),
-                            1.0,
-                            false,
-                            Threads::All,
-                        )?;
-                        db2.copy_from_slice(&column_sums(g, out));
-                    }
-                    drop(act);
-                    if !(want_x || want_p) {
-                        return Ok((None, Some(dp).filter(|_| want_p)));
-                    }
-                    // d(pre) = (g · w2) ⊙ gelu'(pre), written over `pre`.
-                    let mut dpre = zeroed(rows * inner);
-                    sgemm(
-                        (rows, inner, out),
-                        &mut dpre,
-                        inner,
-                        Mat::rows(g, out),
-                        Mat::rows(p.w2, inner),
-                        1.0,
-                        false,
-                        Threads::All,
-                    )?;
-                    pre.par_chunks_mut(TASK)
-                        .zip(dpre.par_chunks(TASK))
-                        .for_each(|(pre, d)| {
-                            for (v, &d) in pre.iter_mut().zip(d) {
-                                let cdf = 0.5 * (1.0 + erf_f32(*v * FRAC_1_SQRT_2));
-                                let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * *v * *v);
-                                *v = d * (cdf + *v * pdf);
-                            }
-                        });
-                    drop(dpre);
-                    let dpre = pre;
-                    if want_p {
-                        let (dw1, db1, _, _) = self.split(&mut dp);
-                        // dw1 [inner, hidden] = dpreᵀ · x; db1 = column sums of dpre.
-                        sgemm(
-                            (inner, hidden, rows),
-                            dw1,
-                            hidden,
-                            Mat::transposed(&dpre, inner),
-                            Mat::rows(x, hidden),
-                            1.0,
-                            false,
-                            Threads::All,
-                        )?;
-                        db1.copy_from_slice(&column_sums(&dpre, inner));
-                    }
-                    let dx = if want_x {
-                        // dx [rows, hidden] = dpre · w1.
-                        let mut dx = zeroed(rows * hidden);
-                        sgemm(
-                            (rows, hidden, inner),
-                            &mut dx,
-                            hidden,
-                            Mat::rows(&dpre, inner),
-                            Mat::rows(p.w1, hidden),
-                            1.0,
-                            false,
-                            Threads::All,
-                        )?;
-                        Some(dx)
-                    } else {
-                        None
-                    };
-                    Ok((dx, Some(dp).filter(|_| want_p)))
-                })
-            })
-        })?;
-        block_gradients((x, r, params), &grad, dx, dp)
+        let p = self.params(pflat)?;
+        let rows = x.len() / hidden.max(1);
+        let (mut pre, act) = match kept {
+            Some((pre, act)) if pre.len() == rows * inner => (pre, act),
+            _ => {
+                let pre = self.pre_activation(x, &p)?;
+                let act = gelu(&pre);
+                (pre, act)
+            }
+        };
+        let mut dp = if want_p {
+            zeroed(self.param_len())
+        } else {
+            Vec::new()
+        };
+        if want_p {
+            let (_, _, dw2, db2) = self.split(&mut dp);
+            // dw2 [out, inner] = gᵀ · gelu(pre); db2 = column sums of g.
+            sgemm(
+                (out, inner, rows),
+                dw2,
+                inner,
+                Mat::transposed(g, out),
+                Mat::rows(&act, inner),
+                1.0,
+                false,
+                Threads::All,
+            )?;
+            db2.copy_from_slice(&column_sums(g, out));
+        }
+        drop(act);
+        if !(want_x || want_p) {
+            return Ok((None, Some(dp).filter(|_| want_p)));
+        }
+        // d(pre) = (g · w2) ⊙ gelu'(pre), written over `pre`.
+        let mut dpre = zeroed(rows * inner);
+        sgemm(
+            (rows, inner, out),
+            &mut dpre,
+            inner,
+            Mat::rows(g, out),
+            Mat::rows(p.w2, inner),
+            1.0,
+            false,
+            Threads::All,
+        )?;
+        pre.par_chunks_mut(TASK)
+            .zip(dpre.par_chunks(TASK))
+            .for_each(|(pre, d)| {
+                for (v, &d) in pre.iter_mut().zip(d) {
+                    let cdf = 0.5 * (1.0 + erf_f32(*v * FRAC_1_SQRT_2));
+                    let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * *v * *v);
+                    *v = d * (cdf + *v * pdf);
+                }
+            });
+        drop(dpre);
+        let dpre = pre;
+        if want_p {
+            let (dw1, db1, _, _) = self.split(&mut dp);
+            // dw1 [inner, hidden] = dpreᵀ · x; db1 = column sums of dpre.
+            sgemm(
+                (inner, hidden, rows),
+                dw1,
+                hidden,
+                Mat::transposed(&dpre, inner),
+                Mat::rows(x, hidden),
+                1.0,
+                false,
+                Threads::All,
+            )?;
+            db1.copy_from_slice(&column_sums(&dpre, inner));
+        }
+        let dx = if want_x {
+            // dx [rows, hidden] = dpre · w1.
+            let mut dx = zeroed(rows * hidden);
+            sgemm(
+                (rows, hidden, inner),
+                &mut dx,
+                hidden,
+                Mat::rows(&dpre, inner),
+                Mat::rows(p.w1, hidden),
+                1.0,
+                false,
+                Threads::All,
+            )?;
+            Some(dx)
+        } else {
+            None
+        };
+        Ok((dx, Some(dp).filter(|_| want_p)))
     }
 }
 
@@ -447,9 +407,7 @@ pub fn residual_swiglu(
         )
     }
     input.check(hidden, out)?;
-    // As in `residual_mlp`: the flat parameters cost ~3·hidden·inner values a pass.
-    let rows = input.input().elem_count() / hidden.max(1);
-    if rows < 4 * hidden.max(out) {
+    if !input.pays(hidden, out) {
         return Ok(None);
     }
     let params = Tensor::cat(
