@@ -16,7 +16,7 @@ use super::layers::{
     Checkpoint, Embedding, LayerNorm, Linear, WeightSource, dropout, dropout_seed,
 };
 use super::lora::{LoraAdapter, LoraConfig, LoraTarget, lora_rng};
-use super::{NnError, Result, mlp, ops};
+use super::{NnError, Result, block, mlp, ops};
 
 /// The activation of the feed-forward block (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -735,13 +735,21 @@ impl BertEncoder {
                     .reshape((b, sq, h))?
             }
         };
-        let attn = dropout(&l.project(3, &ctx, train)?, cfg.hidden_dropout_prob, train)?;
-        let x = l.attn_ln.forward(&(attn + xq)?)?;
+        // The output projection's dropout, the residual and the LayerNorm in one CPU op where
+        // it applies (`nn::block`), the separate ops otherwise.
+        let hidden_p = if train { cfg.hidden_dropout_prob } else { 0.0 };
+        let attn = l.project(3, &ctx, train)?;
+        let x = match block::dropout_residual_layer_norm(&attn, &xq, &l.attn_ln, hidden_p as f32)? {
+            Some(x) => x,
+            None => l
+                .attn_ln
+                .forward(&(dropout(&attn, cfg.hidden_dropout_prob, train)? + xq)?)?,
+        };
 
         // On the CPU, the feed-forward block, its dropout and its residual in one kernel
         // (exact GELU, no adapters, enough rows; `residual_mlp` says None otherwise). Served
         // models keep their packed weights' path.
-        let p = if train { cfg.hidden_dropout_prob } else { 0.0 };
+        let p = hidden_p;
         if l.out_ln.fused
             && l.packed.is_none()
             && matches!(cfg.hidden_act, HiddenAct::Gelu)
@@ -750,11 +758,11 @@ impl BertEncoder {
             return Ok(l.out_ln.forward(&z)?);
         }
         let inter = self.activation(&l.project(4, &x, train)?, l.out_ln.fused)?;
-        let out = dropout(
-            &l.project(5, &inter, train)?,
-            cfg.hidden_dropout_prob,
-            train,
-        )?;
+        let out = l.project(5, &inter, train)?;
+        if let Some(y) = block::dropout_residual_layer_norm(&out, &x, &l.out_ln, hidden_p as f32)? {
+            return Ok(y);
+        }
+        let out = dropout(&out, cfg.hidden_dropout_prob, train)?;
         Ok(l.out_ln.forward(&(out + x)?)?)
     }
 

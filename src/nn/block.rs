@@ -14,7 +14,12 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::zeroed;
-use super::ops::{cpu_f32, rms_norm_rows, rms_norm_rows_backward, with_cpu_f32};
+use super::layers::LayerNorm;
+use super::mlp::{Dropout, TASK};
+use super::ops::{
+    cpu_f32, layer_norm_rows, layer_norm_rows_backward, rms_norm_rows, rms_norm_rows_backward,
+    with_cpu_f32,
+};
 
 /// A block's input and parameter gradients, each where asked for.
 pub(super) type Gradients = (Option<Vec<f32>>, Option<Vec<f32>>);
@@ -313,5 +318,264 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
             .map(|d| Tensor::from_vec(d, params.shape(), dev))
             .transpose()?;
         Ok((dx, dw, dp))
+    }
+}
+
+/// `layer_norm(dropout(a, p) + r)`: a post-norm transformer's (BERT's) sublayer output, its
+/// dropout, the residual and the LayerNorm as one CPU op with its own backward. The separate
+/// ops (a dropout mask drawn on the driving thread, a multiply, an add, the norm) hand
+/// candle's backward five activation-sized inputs; this hands it two. The dropout mask is
+/// hashed from a seed (see `mlp::Dropout`), so the backward recomputes it and the rows draw
+/// theirs in parallel. `None` where it does not apply (off the CPU, not f32, an unfused norm):
+/// the caller's separate ops then run.
+pub fn dropout_residual_layer_norm(
+    a: &Tensor,
+    r: &Tensor,
+    ln: &LayerNorm,
+    p: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    let native = [a, r, &ln.weight, &ln.bias]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !native || !ln.fused {
+        return Ok(None);
+    }
+    let width = ln.weight.elem_count();
+    if a.dims() != r.dims() || a.dims().last() != Some(&width) || ln.bias.dims() != [width] {
+        candle_core::bail!(
+            "residual layer norm: {:?} + {:?} for width {width}",
+            a.dims(),
+            r.dims()
+        )
+    }
+    let params = Tensor::cat(&[&ln.weight, &ln.bias], 0)?;
+    let op = ResidualLayerNorm {
+        eps: ln.eps as f32,
+        dropout: Dropout::new(p),
+        keep: a.track_op() || r.track_op() || params.track_op(),
+        sum: Mutex::new(None),
+    };
+    Ok(Some(a.contiguous()?.apply_op3_arc(
+        &r.contiguous()?,
+        &params,
+        Arc::new(Box::new(op)),
+    )?))
+}
+
+/// [`dropout_residual_layer_norm`]'s kernel: inputs `(a, r, [weight; bias])`.
+struct ResidualLayerNorm {
+    eps: f32,
+    dropout: Option<Dropout>,
+    keep: bool,
+    /// `dropout(a) + r`, kept by the forward for the backward.
+    sum: Mutex<Option<Vec<f32>>>,
+}
+
+impl ResidualLayerNorm {
+    fn sum(&self, a: &[f32], r: &[f32]) -> Vec<f32> {
+        let mut s = zeroed(a.len());
+        s.par_chunks_mut(TASK)
+            .zip(a.par_chunks(TASK).zip(r.par_chunks(TASK)))
+            .enumerate()
+            .for_each(|(c, (s, (a, r)))| {
+                s.copy_from_slice(a);
+                if let Some(d) = &self.dropout {
+                    d.apply(s, c * TASK);
+                }
+                for (s, r) in s.iter_mut().zip(r) {
+                    *s += r;
+                }
+            });
+        s
+    }
+}
+
+impl CustomOp3 for ResidualLayerNorm {
+    fn name(&self) -> &'static str {
+        "kiln-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = cpu_f32(s1, l1, self.name())?;
+        let r = cpu_f32(s2, l2, self.name())?;
+        let p = cpu_f32(s3, l3, self.name())?;
+        let width = p.len() / 2;
+        if a.len() != r.len() || width == 0 || a.len() % width != 0 {
+            candle_core::bail!(
+                "{}: {:?} + {:?}, {} parameters",
+                self.name(),
+                l1,
+                l2,
+                p.len()
+            )
+        }
+        let sum = self.sum(a, r);
+        let y = layer_norm_rows(&sum, &p[..width], &p[width..], self.eps);
+        if self.keep
+            && let Ok(mut slot) = self.sum.lock()
+        {
+            *slot = Some(sum);
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        r: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let name = self.name();
+        let kept = self.sum.lock().ok().and_then(|mut slot| slot.take());
+        let (ds, dp) = with_cpu_f32(a, name, |av| {
+            with_cpu_f32(r, name, |rv| {
+                with_cpu_f32(params, name, |p| {
+                    with_cpu_f32(&grad, name, |g| {
+                        let width = p.len() / 2;
+                        let sum = match kept {
+                            Some(s) if s.len() == av.len() => s,
+                            _ => self.sum(av, rv),
+                        };
+                        let mut ds = zeroed(g.len());
+                        let (dw, db) =
+                            layer_norm_rows_backward(&sum, &p[..width], self.eps, g, &mut ds);
+                        Ok((ds, [dw, db].concat()))
+                    })
+                })
+            })
+        })?;
+        let dev = a.device();
+        let dr = r
+            .track_op()
+            .then(|| Tensor::from_vec(ds.clone(), r.shape(), dev))
+            .transpose()?;
+        let da = if a.track_op() {
+            let mut da = ds;
+            if let Some(d) = &self.dropout {
+                da.par_chunks_mut(TASK)
+                    .enumerate()
+                    .for_each(|(c, v)| d.apply(v, c * TASK));
+            }
+            Some(Tensor::from_vec(da, a.shape(), dev)?)
+        } else {
+            None
+        };
+        let dp = params
+            .track_op()
+            .then(|| Tensor::from_vec(dp, params.shape(), dev))
+            .transpose()?;
+        Ok((da, dr, dp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn dropout_residual_and_layer_norm_in_one_op_match_the_separate_ops() {
+        let dev = Device::Cpu;
+        let (rows, h) = (50, 24);
+        let var = |shape: &[usize], mean: f32| {
+            Var::from_tensor(&Tensor::randn(mean, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (a, r) = (var(&[2, rows, h], 0.0), var(&[2, rows, h], 0.5));
+        let (w, b) = (var(&[h], 1.0), var(&[h], 0.0));
+        let ln = LayerNorm {
+            names: ("w".into(), "b".into()),
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            eps: 1e-5,
+            fused: true,
+        };
+        let weights = Tensor::randn(0f32, 1.0, (2, rows, h), &dev).unwrap();
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let grads_of = |y: &Tensor| {
+            let g = loss(y).backward().unwrap();
+            [&a, &r, &w, &b].map(|v| g.get(v.as_tensor()).unwrap().clone())
+        };
+        let separate = |mask: Option<&Tensor>| {
+            let a = match mask {
+                Some(m) => (a.as_tensor() * m).unwrap(),
+                None => a.as_tensor().clone(),
+            };
+            super::super::ops::layer_norm_primitive(
+                &(a + r.as_tensor()).unwrap(),
+                &ln.weight,
+                &ln.bias,
+                ln.eps,
+            )
+            .unwrap()
+        };
+        // Without dropout: the output and all four gradients.
+        let fused = dropout_residual_layer_norm(a.as_tensor(), r.as_tensor(), &ln, 0.0)
+            .unwrap()
+            .expect("CPU f32 takes the fused op");
+        let reference = separate(None);
+        assert!(max_diff(&fused, &reference) < 1e-5);
+        for (i, (x, y)) in grads_of(&fused)
+            .iter()
+            .zip(grads_of(&reference).iter())
+            .enumerate()
+        {
+            assert!(max_diff(x, y) < 1e-4, "gradient {i} differs");
+        }
+        // With dropout: the residual's gradient is the sum's, the input's is that times the
+        // mask, so their ratio is the mask the forward used; the separate ops with that mask
+        // give the same output and gradients.
+        let fused = dropout_residual_layer_norm(a.as_tensor(), r.as_tensor(), &ln, 0.25)
+            .unwrap()
+            .unwrap();
+        let g = grads_of(&fused);
+        let (da, dr): (Vec<f32>, Vec<f32>) = (
+            g[0].flatten_all().unwrap().to_vec1().unwrap(),
+            g[1].flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        let mask: Vec<f32> = da
+            .iter()
+            .zip(&dr)
+            .map(|(&x, &y)| if x == 0.0 { 0.0 } else { x / y })
+            .collect();
+        assert!(
+            mask.iter()
+                .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-3)
+        );
+        let kept = mask.iter().filter(|&&m| m > 0.0).count() as f32 / mask.len() as f32;
+        assert!((kept - 0.75).abs() < 0.06, "kept {kept}");
+        let mask: Vec<f32> = mask
+            .into_iter()
+            .map(|m| if m > 0.0 { 1.0 / 0.75 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, (2, rows, h), &dev).unwrap();
+        let reference = separate(Some(&mask));
+        assert!(max_diff(&fused, &reference) < 1e-5);
+        for (i, (x, y)) in g.iter().zip(grads_of(&reference).iter()).enumerate() {
+            assert!(max_diff(x, y) < 1e-4, "gradient {i} differs with dropout");
+        }
     }
 }

@@ -101,7 +101,7 @@ struct ResidualMlp {
 /// Inverted dropout with a hashed mask: element `i` is kept when the top 32 bits of
 /// `splitmix64(seed ^ i·φ)` fall below `keep · 2³²`, and scaled by `1 / keep`.
 #[derive(Clone, Copy)]
-struct Dropout {
+pub(super) struct Dropout {
     seed: u64,
     threshold: u64,
     scale: f32,
@@ -109,7 +109,7 @@ struct Dropout {
 
 impl Dropout {
     /// `None` for `p` 0 (or not a probability below 1).
-    fn new(p: f32) -> Option<Self> {
+    pub(super) fn new(p: f32) -> Option<Self> {
         if !(p > 0.0 && p < 1.0) {
             return None;
         }
@@ -133,7 +133,7 @@ impl Dropout {
     }
 
     /// Multiplies every element of `v` (element 0 being index `offset`) by its factor.
-    fn apply(&self, v: &mut [f32], offset: usize) {
+    pub(super) fn apply(&self, v: &mut [f32], offset: usize) {
         for (i, v) in v.iter_mut().enumerate() {
             *v *= self.factor(offset + i);
         }
@@ -196,7 +196,7 @@ impl ResidualMlp {
 }
 
 /// Elements per parallel task of the element-wise passes.
-const TASK: usize = 1 << 14;
+pub(super) const TASK: usize = 1 << 14;
 
 /// GELU (erf form) of every element.
 fn gelu(pre: &[f32]) -> Vec<f32> {

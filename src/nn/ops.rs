@@ -418,6 +418,70 @@ impl CustomOp3 for FusedLinear {
     }
 }
 
+/// LayerNorm of the rows of `x` (`[rows, w.len()]`) with scale `w` and shift `b`, on the pool.
+pub(super) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len().max(1);
+    let mut out = super::gemm::zeroed(x.len());
+    let chunk = rows_per_task(x.len() / dim, dim) * dim;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(out, x)| {
+            for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+                let (mean, rstd) = row_stats(xr, eps);
+                for i in 0..dim {
+                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+        });
+    out
+}
+
+/// [`layer_norm_rows`]'s backward for the output's gradient `g`: the input's gradient into
+/// `dx`, and the scale's and shift's gradients returned.
+pub(super) fn layer_norm_rows_backward(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    g: &[f32],
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let dim = w.len().max(1);
+    let chunk = rows_per_task(x.len() / dim, dim) * dim;
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(g.par_chunks(chunk))
+        .map(|((dx, x), g)| {
+            let mut dw = vec![0f32; dim];
+            let mut db = vec![0f32; dim];
+            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
+                let (mean, rstd) = row_stats(xr, eps);
+                // dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w.
+                let mut sum_gw = 0f32;
+                let mut sum_gw_xhat = 0f32;
+                for i in 0..dim {
+                    let xhat = (xr[i] - mean) * rstd;
+                    let gw = gr[i] * w[i];
+                    sum_gw += gw;
+                    sum_gw_xhat += gw * xhat;
+                    dw[i] += gr[i] * xhat;
+                    db[i] += gr[i];
+                }
+                let mean_gw = sum_gw / dim as f32;
+                let mean_gw_xhat = sum_gw_xhat / dim as f32;
+                for i in 0..dim {
+                    let xhat = (xr[i] - mean) * rstd;
+                    dxr[i] = rstd * (gr[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
+                }
+            }
+            (dw, db)
+        })
+        .reduce(
+            || (vec![0f32; dim], vec![0f32; dim]),
+            |(aw, ab), (bw, bb)| (add_columns(aw, bw), add_columns(ab, bb)),
+        )
+}
+
 /// Fused LayerNorm over the last dimension; inputs `(x, weight, bias)`.
 struct FusedLayerNorm {
     eps: f32,
@@ -444,18 +508,7 @@ impl CustomOp3 for FusedLayerNorm {
         if w.len() != dim || b.len() != dim {
             candle_core::bail!("layer-norm: weight/bias length {} != hidden {dim}", w.len())
         }
-        let mut out = super::gemm::zeroed(x.len());
-        let chunk = rows_per_task(x.len() / dim.max(1), dim) * dim.max(1);
-        out.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(out, x)| {
-                for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for i in 0..dim {
-                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                    }
-                }
-            });
+        let out = layer_norm_rows(x, w, b, self.eps);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -469,47 +522,11 @@ impl CustomOp3 for FusedLayerNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dim = x.dim(D::Minus1)?;
-        let n = x.elem_count();
-        let mut dx = super::gemm::zeroed(n);
-        let chunk = rows_per_task(n / dim.max(1), dim) * dim.max(1);
+        let mut dx = super::gemm::zeroed(x.elem_count());
         let (dw, db) = with_cpu_f32(x, self.name(), |x| {
             with_cpu_f32(w, self.name(), |w| {
                 with_cpu_f32(&grad, self.name(), |g| {
-                    let parts = dx
-                        .par_chunks_mut(chunk)
-                        .zip(x.par_chunks(chunk))
-                        .zip(g.par_chunks(chunk))
-                        .map(|((dx, x), g)| {
-                            let mut dw = vec![0f32; dim];
-                            let mut db = vec![0f32; dim];
-                            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
-                            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
-                                let (mean, rstd) = row_stats(xr, self.eps);
-                                // dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w.
-                                let mut sum_gw = 0f32;
-                                let mut sum_gw_xhat = 0f32;
-                                for i in 0..dim {
-                                    let xhat = (xr[i] - mean) * rstd;
-                                    let gw = gr[i] * w[i];
-                                    sum_gw += gw;
-                                    sum_gw_xhat += gw * xhat;
-                                    dw[i] += gr[i] * xhat;
-                                    db[i] += gr[i];
-                                }
-                                let mean_gw = sum_gw / dim as f32;
-                                let mean_gw_xhat = sum_gw_xhat / dim as f32;
-                                for i in 0..dim {
-                                    let xhat = (xr[i] - mean) * rstd;
-                                    dxr[i] = rstd * (gr[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
-                                }
-                            }
-                            (dw, db)
-                        })
-                        .reduce(
-                            || (vec![0f32; dim], vec![0f32; dim]),
-                            |(aw, ab), (bw, bb)| (add_columns(aw, bw), add_columns(ab, bb)),
-                        );
-                    Ok(parts)
+                    Ok(layer_norm_rows_backward(x, w, self.eps, g, &mut dx))
                 })
             })
         })?;
