@@ -17,7 +17,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::block::{BlockInput, BlockKernel, Gradients};
-use super::gemm::{Mat, Threads, sgemm};
+use super::gemm::{
+    Mat, Threads, linear, linear_input_gradient, linear_rows, linear_weight_gradient, sgemm,
+};
 use super::ops::{cpu_f32, exp_f32, with_cpu_f32};
 
 /// What one attention call computes, besides its inputs.
@@ -293,44 +295,17 @@ impl Projections {
 
     /// `x · wᵀ + b` for projection `i`, `x` being `[rows, in]`.
     fn apply(&self, p: &[f32], i: usize, x: &[f32]) -> candle_core::Result<Vec<f32>> {
-        let (out, inp) = self.shapes[i];
-        let rows = x.len() / inp.max(1);
         let (w, b) = self.get(p, i);
-        let mut y = match b {
-            Some(b) => super::gemm::repeated(b, rows),
-            None => super::gemm::zeroed(rows * out),
-        };
-        sgemm(
-            (rows, out, inp),
-            &mut y,
-            out,
-            Mat::rows(x, inp),
-            Mat::transposed(w, inp),
-            1.0,
-            b.is_some(),
-            Threads::All,
-        )?;
-        Ok(y)
+        linear(x, w, b, self.shapes[i])
     }
 
     /// Projection `i`'s weight and bias gradients into `dp`, from its output's gradient `d`
     /// `[rows, out]` and its input `x` `[rows, in]`: dW = dᵀ · x, db = column sums of d.
     fn gradients(&self, dp: &mut [f32], i: usize, d: &[f32], x: &[f32]) -> candle_core::Result<()> {
-        let (out, inp) = self.shapes[i];
-        let rows = x.len() / inp.max(1);
         let (dw, db) = self.get_mut(dp, i);
-        sgemm(
-            (out, inp, rows),
-            dw,
-            inp,
-            Mat::transposed(d, out),
-            Mat::rows(x, inp),
-            1.0,
-            false,
-            Threads::All,
-        )?;
+        linear_weight_gradient(dw, d, x, self.shapes[i])?;
         if let Some(db) = db {
-            db.copy_from_slice(&super::ops::column_sums(d, out));
+            db.copy_from_slice(&super::ops::column_sums(d, self.shapes[i].0));
         }
         Ok(())
     }
@@ -345,17 +320,7 @@ impl Projections {
         let inp = ds.first().map_or(0, |&(i, _)| self.shapes[i].1);
         let mut dx = super::gemm::zeroed(rows * inp);
         for (j, &(i, d)) in ds.iter().enumerate() {
-            let (out, _) = self.shapes[i];
-            sgemm(
-                (rows, inp, out),
-                &mut dx,
-                inp,
-                Mat::rows(d, out),
-                Mat::rows(self.get(p, i).0, inp),
-                1.0,
-                j > 0,
-                Threads::All,
-            )?;
+            linear_input_gradient(&mut dx, d, self.get(p, i).0, self.shapes[i], j > 0)?;
         }
         Ok(dx)
     }
@@ -454,17 +419,7 @@ impl BlockKernel for ResidualAttention {
                 }
                 None => y.copy_from_slice(r),
             });
-        let rows = n.len() / h.max(1);
-        sgemm(
-            (rows, h, self.g.hq),
-            &mut y,
-            h,
-            Mat::rows(&saved[3], self.g.hq),
-            Mat::transposed(wo, self.g.hq),
-            1.0,
-            true,
-            Threads::All,
-        )?;
+        linear_rows(&mut y, &saved[3], wo, (h, self.g.hq), true)?;
         if self.keep
             && let Ok(mut slot) = self.kept.lock()
         {

@@ -45,6 +45,89 @@ pub(crate) enum Threads {
     One,
 }
 
+/// A linear layer on rows: `x [rows, inp] · wᵀ + b` for a PyTorch-layout weight
+/// `w [out, inp]` and an optional bias `b [out]`, as a fresh `[rows, out]`.
+pub(crate) fn linear(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (out, inp): (usize, usize),
+) -> candle_core::Result<Vec<f32>> {
+    let rows = x.len() / inp.max(1);
+    let mut y = match b {
+        Some(b) => repeated(b, rows),
+        None => zeroed(rows * out),
+    };
+    linear_rows(&mut y, x, w, (out, inp), b.is_some())?;
+    Ok(y)
+}
+
+/// A linear layer's forward product on rows: `y [rows, out] (+)= x [rows, inp] · wᵀ` for a
+/// PyTorch-layout weight `w [out, inp]`, on every core (`+=` when `accumulate`: `y` holds the
+/// bias rows or a residual).
+pub(crate) fn linear_rows(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    (out, inp): (usize, usize),
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    let rows = x.len() / inp.max(1);
+    sgemm(
+        (rows, out, inp),
+        y,
+        out,
+        Mat::rows(x, inp),
+        Mat::transposed(w, inp),
+        1.0,
+        accumulate,
+        Threads::All,
+    )
+}
+
+/// A linear layer's weight gradient: `dw [out, inp] = dᵀ · x` for its output's gradient
+/// `d [rows, out]` and its input `x [rows, inp]`.
+pub(crate) fn linear_weight_gradient(
+    dw: &mut [f32],
+    d: &[f32],
+    x: &[f32],
+    (out, inp): (usize, usize),
+) -> candle_core::Result<()> {
+    let rows = x.len() / inp.max(1);
+    sgemm(
+        (out, inp, rows),
+        dw,
+        inp,
+        Mat::transposed(d, out),
+        Mat::rows(x, inp),
+        1.0,
+        false,
+        Threads::All,
+    )
+}
+
+/// A linear layer's input gradient: `dx [rows, inp] (+)= d [rows, out] · w` (`+=` when
+/// `accumulate`, for an input shared by several layers).
+pub(crate) fn linear_input_gradient(
+    dx: &mut [f32],
+    d: &[f32],
+    w: &[f32],
+    (out, inp): (usize, usize),
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    let rows = d.len() / out.max(1);
+    sgemm(
+        (rows, inp, out),
+        dx,
+        inp,
+        Mat::rows(d, out),
+        Mat::rows(w, inp),
+        1.0,
+        accumulate,
+        Threads::All,
+    )
+}
+
 /// `dst[m, n] = scale · a[m, k] · b[k, n]` (`+=` when `accumulate`), `dst` row-major with row
 /// stride `dst_rs` (≥ n, so a column block of a wider matrix can be written in place).
 // BLAS-shaped on purpose: every argument is one of sgemm's.

@@ -21,7 +21,9 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::block::{BlockInput, BlockKernel, Gradients};
-use super::gemm::{Mat, Threads, repeated, sgemm, zeroed};
+use super::gemm::{
+    linear, linear_input_gradient, linear_rows, linear_weight_gradient, repeated, zeroed,
+};
 use super::layers::Linear;
 use super::ops::{FRAC_1_SQRT_2, FRAC_1_SQRT_2PI, column_sums, erf_f32, exp_f32};
 
@@ -179,19 +181,7 @@ impl ResidualMlp {
 
     /// `x · w1ᵀ + b1`, `[rows, inner]`.
     fn pre_activation(&self, x: &[f32], p: &Params) -> candle_core::Result<Vec<f32>> {
-        let rows = x.len() / self.hidden.max(1);
-        let mut pre = repeated(p.b1, rows);
-        sgemm(
-            (rows, self.inner, self.hidden),
-            &mut pre,
-            self.inner,
-            Mat::rows(x, self.hidden),
-            Mat::transposed(p.w1, self.hidden),
-            1.0,
-            true,
-            Threads::All,
-        )?;
-        Ok(pre)
+        linear(x, p.w1, Some(p.b1), (self.inner, self.hidden))
     }
 }
 
@@ -230,16 +220,7 @@ impl BlockKernel for ResidualMlp {
         let act = gelu(&pre);
         // z = act · w2ᵀ + b2; y = r + dropout(z).
         let mut y = repeated(p.b2, rows);
-        sgemm(
-            (rows, self.out, self.inner),
-            &mut y,
-            self.out,
-            Mat::rows(&act, self.inner),
-            Mat::transposed(p.w2, self.inner),
-            1.0,
-            true,
-            Threads::All,
-        )?;
+        linear_rows(&mut y, &act, p.w2, (self.out, self.inner), true)?;
         y.par_chunks_mut(TASK)
             .zip(r.par_chunks(TASK))
             .enumerate()
@@ -302,16 +283,7 @@ impl BlockKernel for ResidualMlp {
         if want_p {
             let (_, _, dw2, db2) = self.split(&mut dp);
             // dw2 [out, inner] = gᵀ · gelu(pre); db2 = column sums of g.
-            sgemm(
-                (out, inner, rows),
-                dw2,
-                inner,
-                Mat::transposed(g, out),
-                Mat::rows(&act, inner),
-                1.0,
-                false,
-                Threads::All,
-            )?;
+            linear_weight_gradient(dw2, g, &act, (out, inner))?;
             db2.copy_from_slice(&column_sums(g, out));
         }
         drop(act);
@@ -320,16 +292,7 @@ impl BlockKernel for ResidualMlp {
         }
         // d(pre) = (g · w2) ⊙ gelu'(pre), written over `pre`.
         let mut dpre = zeroed(rows * inner);
-        sgemm(
-            (rows, inner, out),
-            &mut dpre,
-            inner,
-            Mat::rows(g, out),
-            Mat::rows(p.w2, inner),
-            1.0,
-            false,
-            Threads::All,
-        )?;
+        linear_input_gradient(&mut dpre, g, p.w2, (out, inner), false)?;
         pre.par_chunks_mut(TASK)
             .zip(dpre.par_chunks(TASK))
             .for_each(|(pre, d)| {
@@ -344,31 +307,13 @@ impl BlockKernel for ResidualMlp {
         if want_p {
             let (dw1, db1, _, _) = self.split(&mut dp);
             // dw1 [inner, hidden] = dpreᵀ · x; db1 = column sums of dpre.
-            sgemm(
-                (inner, hidden, rows),
-                dw1,
-                hidden,
-                Mat::transposed(&dpre, inner),
-                Mat::rows(x, hidden),
-                1.0,
-                false,
-                Threads::All,
-            )?;
+            linear_weight_gradient(dw1, &dpre, x, (inner, hidden))?;
             db1.copy_from_slice(&column_sums(&dpre, inner));
         }
         let dx = if want_x {
             // dx [rows, hidden] = dpre · w1.
             let mut dx = zeroed(rows * hidden);
-            sgemm(
-                (rows, hidden, inner),
-                &mut dx,
-                hidden,
-                Mat::rows(&dpre, inner),
-                Mat::rows(p.w1, hidden),
-                1.0,
-                false,
-                Threads::All,
-            )?;
+            linear_input_gradient(&mut dx, &dpre, p.w1, (inner, hidden), false)?;
             Some(dx)
         } else {
             None
@@ -478,19 +423,7 @@ impl ResidualSwiglu {
 
     /// `x · wᵀ` for one of the two input projections, `[rows, inner]`.
     fn project(&self, x: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
-        let rows = x.len() / self.hidden.max(1);
-        let mut y = zeroed(rows * self.inner);
-        sgemm(
-            (rows, self.inner, self.hidden),
-            &mut y,
-            self.inner,
-            Mat::rows(x, self.hidden),
-            Mat::transposed(w, self.hidden),
-            1.0,
-            false,
-            Threads::All,
-        )?;
-        Ok(y)
+        linear(x, w, None, (self.inner, self.hidden))
     }
 
     fn forward_parts(&self, x: &[f32], wg: &[f32], wu: &[f32]) -> candle_core::Result<SwigluSaved> {
@@ -531,16 +464,7 @@ impl BlockKernel for ResidualSwiglu {
         y.par_chunks_mut(TASK)
             .zip(r.par_chunks(TASK))
             .for_each(|(y, r)| y.copy_from_slice(r));
-        sgemm(
-            (rows, self.out, self.inner),
-            &mut y,
-            self.out,
-            Mat::rows(&saved.act, self.inner),
-            Mat::transposed(wd, self.inner),
-            1.0,
-            true,
-            Threads::All,
-        )?;
+        linear_rows(&mut y, &saved.act, wd, (self.out, self.inner), true)?;
         if self.keep
             && let Ok(mut slot) = self.kept.lock()
         {
@@ -573,16 +497,7 @@ impl BlockKernel for ResidualSwiglu {
         if want_p {
             // d(down) [out, inner] = gᵀ · act.
             let dwd = &mut dp[2 * inner * hidden..];
-            sgemm(
-                (out, inner, rows),
-                dwd,
-                inner,
-                Mat::transposed(g, out),
-                Mat::rows(&act, inner),
-                1.0,
-                false,
-                Threads::All,
-            )?;
+            linear_weight_gradient(dwd, g, &act, (out, inner))?;
         }
         drop(act);
         if !(want_x || want_p) {
@@ -591,16 +506,7 @@ impl BlockKernel for ResidualSwiglu {
         // d(act) = g · down; then d(gate) = d(act) ⊙ up ⊙ silu'(gate) and
         // d(up) = d(act) ⊙ silu(gate), written over `gate` and `up`.
         let mut dact = zeroed(rows * inner);
-        sgemm(
-            (rows, inner, out),
-            &mut dact,
-            inner,
-            Mat::rows(g, out),
-            Mat::rows(wd, inner),
-            1.0,
-            false,
-            Threads::All,
-        )?;
+        linear_input_gradient(&mut dact, g, wd, (out, inner), false)?;
         let (mut dgate, mut dup) = (gate, up);
         dgate
             .par_chunks_mut(TASK)
@@ -622,32 +528,14 @@ impl BlockKernel for ResidualSwiglu {
             let dwu = &mut rest[..inner * hidden];
             for (dw, d) in [(dwg, &dgate), (dwu, &dup)] {
                 // d(w) [inner, hidden] = dᵀ · x.
-                sgemm(
-                    (inner, hidden, rows),
-                    dw,
-                    hidden,
-                    Mat::transposed(d, inner),
-                    Mat::rows(x, hidden),
-                    1.0,
-                    false,
-                    Threads::All,
-                )?;
+                linear_weight_gradient(dw, d, x, (inner, hidden))?;
             }
         }
         let dx = if want_x {
             // dx = d(gate) · gate_w + d(up) · up_w.
             let mut dx = zeroed(rows * hidden);
             for (i, (d, w)) in [(&dgate, wg), (&dup, wu)].into_iter().enumerate() {
-                sgemm(
-                    (rows, hidden, inner),
-                    &mut dx,
-                    hidden,
-                    Mat::rows(d, inner),
-                    Mat::rows(w, hidden),
-                    1.0,
-                    i > 0,
-                    Threads::All,
-                )?;
+                linear_input_gradient(&mut dx, d, w, (inner, hidden), i > 0)?;
             }
             Some(dx)
         } else {
