@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kiln::nn::NnError;
+use kiln::nn::autograd::Backprop;
 use kiln::nn::bert::{BertConfig, BertEncoder, LoadOptions, cls_pool, mean_pool};
 use kiln::nn::tiny::{TinyLayout, tiny_bert_config, write_tiny_bert, write_tiny_bert_with};
 
@@ -105,8 +106,9 @@ fn fused_kernels_give_the_primitive_ops_gradients() {
 
 #[test]
 fn long_batches_take_the_fused_feed_forward_block_with_the_same_gradients() {
-    // 6 × 24 rows, over 4× the hidden width: the feed-forward block runs as one kernel
-    // (nn::mlp); in train mode, which the tiny config's zero dropout leaves deterministic.
+    // In train mode (which the tiny config's zero dropout leaves deterministic) the attention
+    // block and the feed-forward block each run as one op (nn::block), their weights' gradients
+    // deposited beside candle's graph (nn::autograd), against candle's separate ops.
     let dev = Device::Cpu;
     let (n, len) = (6usize, 24usize);
     let ids: Vec<u32> = (0..n * len)
@@ -151,7 +153,7 @@ fn fused_and_primitive_gradients_agree((ids, types, mask): (Tensor, Tensor, Tens
             .unwrap()
             .mean_all()
             .unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = loss.backprop().unwrap();
         let all = enc.named_trainable_vars().to_vec();
         let by_name: std::collections::BTreeMap<String, Tensor> = all
             .iter()
@@ -206,7 +208,7 @@ fn every_trainable_variable_receives_a_nonzero_gradient() {
             5 + 16 * cfg.num_hidden_layers
         );
         let (loss, head) = classification_loss(&enc, &varmap, &dev, true);
-        let grads = loss.backward().unwrap();
+        let grads = loss.backprop().unwrap();
         let mut all = enc.named_trainable_vars().to_vec();
         all.extend(head);
         let missing = without_gradient(&grads, &all);
@@ -240,7 +242,7 @@ fn pooler_and_mlm_head_receive_gradients_and_decoder_is_tied() {
             .unwrap();
     let pooled = enc.pooled_output(&hidden).unwrap();
     let loss = (mlm_loss + pooled.sum_all().unwrap()).unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = loss.backprop().unwrap();
     let names: Vec<&str> = enc
         .named_trainable_vars()
         .iter()
@@ -285,18 +287,22 @@ fn frozen_embeddings_and_layers_get_no_gradient_and_the_rest_do() {
         let in_varmap = varmap.data().lock().unwrap().len();
         assert_eq!(in_varmap, trainable.len());
 
-        let (loss, head) = classification_loss(&enc, &varmap, &dev, false);
-        let grads = loss.backward().unwrap();
-        for (name, t) in enc.named_frozen_tensors() {
-            assert!(grads.get(t).is_none(), "frozen {name} got a gradient");
+        // Train mode too: there the lowest trainable layer's attention and feed-forward
+        // blocks are single ops whose inputs carry no gradient (nn::autograd's anchor).
+        for train in [false, true] {
+            let (loss, head) = classification_loss(&enc, &varmap, &dev, train);
+            let grads = loss.backprop().unwrap();
+            for (name, t) in enc.named_frozen_tensors() {
+                assert!(grads.get(t).is_none(), "frozen {name} got a gradient");
+            }
+            let mut all = enc.named_trainable_vars().to_vec();
+            all.extend(head);
+            let missing = without_gradient(&grads, &all);
+            assert!(
+                missing.is_empty(),
+                "freeze {freeze_layers}, train {train}: no gradient for {missing:?}"
+            );
         }
-        let mut all = enc.named_trainable_vars().to_vec();
-        all.extend(head);
-        let missing = without_gradient(&grads, &all);
-        assert!(
-            missing.is_empty(),
-            "freeze {freeze_layers}: no gradient for {missing:?}"
-        );
     }
 }
 
@@ -549,7 +555,7 @@ fn matches_candle_transformers_bert_on_real_minilm() {
         .unwrap()
         .sum_all()
         .unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = loss.backprop().unwrap();
     let missing = without_gradient(&grads, enc.named_trainable_vars());
     assert!(missing.is_empty(), "no gradient for {missing:?}");
 }
@@ -622,7 +628,7 @@ fn mixed_precision_follows_f32_and_every_variable_gets_an_f32_gradient() {
                 .unwrap()
                 .mean_all()
                 .unwrap();
-            let grads = loss.backward().unwrap();
+            let grads = loss.backprop().unwrap();
             let vars = enc.named_trainable_vars().to_vec();
             assert!(!vars.is_empty());
             assert_eq!(without_gradient(&grads, &vars), Vec::<String>::new());
@@ -719,7 +725,7 @@ fn mixed_precision_training_tracks_the_f32_loss_curve() {
                 .mean_all()
                 .unwrap();
             losses.push(loss.to_scalar::<f32>().unwrap());
-            let grads = loss.backward().unwrap();
+            let grads = loss.backprop().unwrap();
             opt.clip_grad_norm(&grads, 1.0).unwrap();
             opt.step(&grads).unwrap();
         }
@@ -781,7 +787,7 @@ fn packed_inference_weights_give_the_same_outputs() {
         .unwrap()
         .mean_all()
         .unwrap()
-        .backward()
+        .backprop()
         .unwrap();
     assert_eq!(
         without_gradient(&grads, trainable.named_trainable_vars()),

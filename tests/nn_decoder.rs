@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kiln::nn::NnError;
+use kiln::nn::autograd::Backprop;
 use kiln::nn::decoder::{Decoder, DecoderConfig, DecoderLoadOptions};
 use kiln::nn::lora::LoraConfig;
 use kiln::nn::tiny::{
@@ -233,7 +234,7 @@ fn every_trainable_variable_receives_a_nonzero_gradient() {
         // Near-uniform predictions at init: about ln(vocab).
         let l = loss.to_scalar::<f32>().unwrap();
         assert!((l - (cfg.vocab_size as f32).ln()).abs() < 0.5, "loss {l}");
-        let grads = loss.backward().unwrap();
+        let grads = loss.backprop().unwrap();
         let missing = without_gradient(&grads, dec.named_trainable_vars());
         assert!(
             missing.is_empty(),
@@ -263,7 +264,7 @@ fn fused_and_primitive_agree((ids, mask): (Tensor, Tensor)) {
             let mut dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
             dec.set_fused_ops(fused);
             let logits = dec.forward(&ids, &mask, true).unwrap();
-            let grads = causal_lm_loss(&logits, &ids, &mask).backward().unwrap();
+            let grads = causal_lm_loss(&logits, &ids, &mask).backprop().unwrap();
             let g: Vec<Tensor> = dec
                 .named_trainable_vars()
                 .iter()
@@ -325,7 +326,7 @@ fn frozen_embeddings_and_layers_are_plain_tensors_without_gradient() {
         assert!(frozen.contains(&"model.embed_tokens.weight"));
 
         let logits = dec.forward(&ids, &mask, true).unwrap();
-        let grads = causal_lm_loss(&logits, &ids, &mask).backward().unwrap();
+        let grads = causal_lm_loss(&logits, &ids, &mask).backprop().unwrap();
         for (name, t) in dec.named_frozen_tensors() {
             assert!(grads.get(t).is_none(), "frozen {name} got a gradient");
         }
@@ -379,13 +380,15 @@ fn lora_trains_only_adapters_starts_as_the_base_model_and_merges_to_the_same_fun
         }
         assert_eq!(varmap.all_vars().len(), names.len());
 
-        // B = 0: the adapted model is exactly the base model.
+        // B = 0: the adapted model is the base model (to rounding: the base model runs the
+        // fused CPU blocks, the adapted one the separate ops).
         let out = dec.forward(&ids, &mask, false).unwrap();
-        assert_eq!(max_abs_diff(&out, &base_out), 0.0, "{model_type}");
+        let d = max_abs_diff(&out, &base_out);
+        assert!(d < 1e-5, "{model_type}: {d}");
 
         // At step 0 only B gets a gradient (A's goes through B = 0); no base weight does.
         let loss = causal_lm_loss(&dec.forward(&ids, &mask, true).unwrap(), &ids, &mask);
-        let grads = loss.backward().unwrap();
+        let grads = loss.backprop().unwrap();
         for (name, v) in dec.named_trainable_vars() {
             let norm = grad_norm(&grads, v);
             if name.contains("lora_B") {
@@ -415,7 +418,7 @@ fn lora_trains_only_adapters_starts_as_the_base_model_and_merges_to_the_same_fun
             }
         }
         let loss = causal_lm_loss(&dec.forward(&ids, &mask, true).unwrap(), &ids, &mask);
-        let grads = loss.backward().unwrap();
+        let grads = loss.backprop().unwrap();
         let missing = without_gradient(&grads, dec.named_trainable_vars());
         assert!(
             missing.is_empty(),
@@ -1078,7 +1081,7 @@ fn loss_decreases_when_training_the_tiny_decoder() {
     for _ in 0..10 {
         let loss = causal_lm_loss(&dec.forward(&ids, &mask, true).unwrap(), &ids, &mask);
         losses.push(loss.to_scalar::<f32>().unwrap());
-        opt.step(&loss.backward().unwrap()).unwrap();
+        opt.step(&loss.backprop().unwrap()).unwrap();
     }
     assert!(losses[9] < losses[0] * 0.7, "{losses:?}");
     // Logits of the last step, in a shape the loss used.
@@ -1311,7 +1314,7 @@ fn mixed_precision_follows_f32_and_every_variable_gets_an_f32_gradient() {
                 let logits = dec.forward(&ids, &mask, true).unwrap();
                 assert_eq!(logits.dtype(), DType::F32, "logits come back in f32");
                 let loss = causal_lm_loss(&logits, &ids, &mask);
-                let grads = loss.backward().unwrap();
+                let grads = loss.backprop().unwrap();
                 let vars = dec.named_trainable_vars().to_vec();
                 let missing = without_gradient(&grads, &vars);
                 assert!(

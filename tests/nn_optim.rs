@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
+use kiln::nn::autograd::Backprop;
 use kiln::train::optim::{AdamW, AdamWConfig, is_no_decay, split_decay};
 
 fn var(data: &[f32]) -> Var {
@@ -56,7 +57,7 @@ fn steps_match_hand_computed_adamw() {
 
     // Step 1 by hand: m_hat = g, v_hat = g^2, so the step is lr * g / (|g| + eps).
     let g1 = [0.5f32, -1.0, 2.0, 1e-3];
-    opt.step(&linear_loss(&p, &g1).backward().unwrap()).unwrap();
+    opt.step(&linear_loss(&p, &g1).backprop().unwrap()).unwrap();
     let expected: Vec<f32> = init
         .iter()
         .zip(g1)
@@ -79,7 +80,7 @@ fn steps_match_hand_computed_adamw() {
     let mut rp: Vec<f64> = init.iter().map(|&x| x as f64).collect();
     reference.step(&mut rp, &g1.map(|g| g as f64), lr, wd);
     for g in [[0.1f32, 0.2, -0.3, 0.4], [-2.0, 0.0, 1.0, 0.5]] {
-        opt.step(&linear_loss(&p, &g).backward().unwrap()).unwrap();
+        opt.step(&linear_loss(&p, &g).backprop().unwrap()).unwrap();
         reference.step(&mut rp, &g.map(|g| g as f64), lr, wd);
     }
     for (a, b) in values(&p).iter().zip(&rp) {
@@ -143,7 +144,7 @@ fn matches_candle_nn_adamw_without_groups() {
     .unwrap();
     for step in 0..8 {
         theirs.backward_step(&regression_loss(&w0, &b0)).unwrap();
-        ours.step(&regression_loss(&w1, &b1).backward().unwrap())
+        ours.step(&regression_loss(&w1, &b1).backprop().unwrap())
             .unwrap();
         for (a, b) in values(&w0)
             .iter()
@@ -170,7 +171,7 @@ fn save_then_load_resumes_with_identical_updates() {
     let (w, b) = regression_params();
     let mut opt = make(&w, &b);
     for _ in 0..3 {
-        opt.step(&regression_loss(&w, &b).backward().unwrap())
+        opt.step(&regression_loss(&w, &b).backprop().unwrap())
             .unwrap();
     }
     opt.set_lr(0, 0.015).unwrap();
@@ -188,10 +189,10 @@ fn save_then_load_resumes_with_identical_updates() {
     );
 
     for _ in 0..3 {
-        opt.step(&regression_loss(&w, &b).backward().unwrap())
+        opt.step(&regression_loss(&w, &b).backprop().unwrap())
             .unwrap();
         resumed
-            .step(&regression_loss(&w2, &b2).backward().unwrap())
+            .step(&regression_loss(&w2, &b2).backprop().unwrap())
             .unwrap();
         assert_eq!(values(&w), values(&w2));
         assert_eq!(values(&b), values(&b2));
@@ -201,10 +202,10 @@ fn save_then_load_resumes_with_identical_updates() {
     let w3 = Var::from_tensor(&w.as_tensor().copy().unwrap()).unwrap();
     let b3 = Var::from_tensor(&b.as_tensor().copy().unwrap()).unwrap();
     let mut restarted = make(&w3, &b3);
-    opt.step(&regression_loss(&w, &b).backward().unwrap())
+    opt.step(&regression_loss(&w, &b).backprop().unwrap())
         .unwrap();
     restarted
-        .step(&regression_loss(&w3, &b3).backward().unwrap())
+        .step(&regression_loss(&w3, &b3).backprop().unwrap())
         .unwrap();
     assert_ne!(values(&w), values(&w3));
 }
@@ -249,7 +250,7 @@ fn groups_have_their_own_lr_and_weight_decay() {
         .unwrap();
     assert_eq!(opt.group_index("head").unwrap(), gb);
     let loss = (linear_loss(&a, &[1.0, -1.0]) + linear_loss(&b, &[1.0, -1.0])).unwrap();
-    opt.step(&loss.backward().unwrap()).unwrap();
+    opt.step(&loss.backprop().unwrap()).unwrap();
     // First step moves each element by ~lr * sign(g).
     assert!((values(&a)[0] - 0.99).abs() < 1e-6 && (values(&a)[1] - 1.01).abs() < 1e-6);
     assert!((values(&b)[0] - 0.9).abs() < 1e-6 && (values(&b)[1] - 1.1).abs() < 1e-6);
@@ -264,7 +265,7 @@ fn groups_have_their_own_lr_and_weight_decay() {
         .unwrap();
     opt.set_lr(ga, 0.2).unwrap();
     let loss = (linear_loss(&c, &[0.0]) + linear_loss(&d, &[0.0])).unwrap();
-    opt.step(&loss.backward().unwrap()).unwrap();
+    opt.step(&loss.backprop().unwrap()).unwrap();
     assert!((values(&c)[0] - 2.0 * (1.0 - 0.2 * 0.5)).abs() < 1e-6);
     assert_eq!(values(&d)[0], 2.0);
     assert!(opt.set_lr(7, 0.1).is_err());
@@ -288,7 +289,7 @@ fn clipping_returns_the_global_norm_and_equals_scaled_gradients() {
     for step in 0..3 {
         let grads = (linear_loss(&p1, &g[..2]) + linear_loss(&q1, &g[2..]))
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
         let norm = clipped.clip_grad_norm(&grads, 1.0).unwrap();
         assert!((norm - 13.0).abs() < 1e-5, "norm {norm}");
@@ -298,7 +299,7 @@ fn clipping_returns_the_global_norm_and_equals_scaled_gradients() {
         let g2: Vec<f32> = g.iter().map(|x| (*x as f64 * s) as f32).collect();
         let grads2 = (linear_loss(&p2, &g2[..2]) + linear_loss(&q2, &g2[2..]))
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
         scaled.step(&grads2).unwrap();
         for (a, b) in values(&p1)
@@ -310,7 +311,7 @@ fn clipping_returns_the_global_norm_and_equals_scaled_gradients() {
         }
     }
     // A norm under the threshold is reported and changes nothing.
-    let grads = linear_loss(&p1, &[0.3, 0.4]).backward().unwrap();
+    let grads = linear_loss(&p1, &[0.3, 0.4]).backprop().unwrap();
     let norm = clipped.clip_grad_norm(&grads, 1.0).unwrap();
     assert!((norm - 0.5).abs() < 1e-6);
 }
@@ -327,7 +328,7 @@ fn parameters_without_gradient_are_untouched() {
         vec![("a".into(), a.clone()), ("b".into(), b.clone())],
     )
     .unwrap();
-    opt.step(&linear_loss(&a, &[1.0]).backward().unwrap())
+    opt.step(&linear_loss(&a, &[1.0]).backprop().unwrap())
         .unwrap();
     assert_eq!(values(&b), vec![1.0]);
     assert_ne!(values(&a), vec![1.0]);
@@ -393,8 +394,8 @@ fn tensor_op_updates_match_the_fused_cpu_kernel_and_share_its_state() {
     let mut fused = make(&w1, &b1, false);
     let mut ops = make(&w2, &b2, true);
     for step in 0..6 {
-        let g1 = regression_loss(&w1, &b1).backward().unwrap();
-        let g2 = regression_loss(&w2, &b2).backward().unwrap();
+        let g1 = regression_loss(&w1, &b1).backprop().unwrap();
+        let g2 = regression_loss(&w2, &b2).backprop().unwrap();
         // Clip hard on even steps so the folded gradient scale is exercised.
         if step % 2 == 0 {
             let (n1, n2) = (
@@ -412,8 +413,8 @@ fn tensor_op_updates_match_the_fused_cpu_kernel_and_share_its_state() {
     // A step where only `w` has a gradient: `b` and its moments stay as they are.
     let only_w = |w: &Var| w.as_tensor().sqr().unwrap().sum_all().unwrap();
     let b_before = values(&b2);
-    fused.step(&only_w(&w1).backward().unwrap()).unwrap();
-    ops.step(&only_w(&w2).backward().unwrap()).unwrap();
+    fused.step(&only_w(&w1).backprop().unwrap()).unwrap();
+    ops.step(&only_w(&w2).backprop().unwrap()).unwrap();
     assert_eq!(values(&b2), b_before);
     close(&values(&w1), &values(&w2), "w after the w-only step");
 
@@ -428,13 +429,13 @@ fn tensor_op_updates_match_the_fused_cpu_kernel_and_share_its_state() {
     let b4 = Var::from_tensor(&b2.as_tensor().copy().unwrap()).unwrap();
     let mut restarted = make(&w4, &b4, true);
     for step in 0..3 {
-        ops.step(&regression_loss(&w2, &b2).backward().unwrap())
+        ops.step(&regression_loss(&w2, &b2).backprop().unwrap())
             .unwrap();
         resumed
-            .step(&regression_loss(&w3, &b3).backward().unwrap())
+            .step(&regression_loss(&w3, &b3).backprop().unwrap())
             .unwrap();
         restarted
-            .step(&regression_loss(&w4, &b4).backward().unwrap())
+            .step(&regression_loss(&w4, &b4).backprop().unwrap())
             .unwrap();
         close(&values(&w2), &values(&w3), &format!("resumed w {step}"));
         close(&values(&b2), &values(&b3), &format!("resumed b {step}"));
@@ -444,10 +445,10 @@ fn tensor_op_updates_match_the_fused_cpu_kernel_and_share_its_state() {
     resumed.save(&path).unwrap();
     let mut back = make(&w2, &b2, true);
     back.load(&path).unwrap();
-    back.step(&regression_loss(&w2, &b2).backward().unwrap())
+    back.step(&regression_loss(&w2, &b2).backprop().unwrap())
         .unwrap();
     resumed
-        .step(&regression_loss(&w3, &b3).backward().unwrap())
+        .step(&regression_loss(&w3, &b3).backprop().unwrap())
         .unwrap();
     close(
         &values(&w2),

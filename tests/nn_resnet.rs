@@ -10,6 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use kiln::nn::NnError;
+use kiln::nn::autograd::Backprop;
 use kiln::nn::conv;
 use kiln::nn::lora::LoraConfig;
 use kiln::nn::resnet::{
@@ -166,7 +167,7 @@ fn tiny_models_write_hf_configs_that_load_for_inference() {
 fn assert_all_vars_learn(model: &ResNetForImageClassification, what: &str) {
     let x = pixels(4, 32, 32, 7);
     let logits = model.forward(&x, true).unwrap();
-    let grads = loss(&logits, &targets(4, 3)).backward().unwrap();
+    let grads = loss(&logits, &targets(4, 3)).backprop().unwrap();
     let vars: Vec<(String, Var)> = model
         .backbone_vars()
         .into_iter()
@@ -560,7 +561,7 @@ fn max_pool_backward_matches_finite_differences_and_sends_ties_to_the_first_maxi
     let y = conv::max_pool2d(x.as_tensor(), 3, 2, 1).unwrap();
     assert_eq!(y.dims(), [2, 4, 3, 3]);
     let r = Tensor::from_vec(values(3, y.elem_count()), y.shape(), &dev).unwrap();
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backprop().unwrap();
     let gx = g
         .get(x.as_tensor())
         .unwrap()
@@ -581,7 +582,7 @@ fn max_pool_backward_matches_finite_differences_and_sends_ties_to_the_first_maxi
     }
     // Overlapping windows accumulate: some input must receive from several outputs.
     let r1 = y.ones_like().unwrap();
-    let g = (&y * &r1).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = (&y * &r1).unwrap().sum_all().unwrap().backprop().unwrap();
     let counts = g
         .get(x.as_tensor())
         .unwrap()
@@ -596,7 +597,7 @@ fn max_pool_backward_matches_finite_differences_and_sends_ties_to_the_first_maxi
     // PyTorch does (max_pool2d(ones(1,1,4,4), 3, 2, 1) sends 1 to (0,0), (0,1), (1,0), (1,1)).
     let x = Var::from_vec(vec![1f32; 16], (1, 4, 4, 1), &dev).unwrap();
     let y = conv::max_pool2d(x.as_tensor(), 3, 2, 1).unwrap();
-    let g = y.sum_all().unwrap().backward().unwrap();
+    let g = y.sum_all().unwrap().backprop().unwrap();
     let gx = g
         .get(x.as_tensor())
         .unwrap()
@@ -661,7 +662,7 @@ fn conv2d_matches_candle_and_finite_differences_for_the_resnet_shapes() {
             &dev,
         )
         .unwrap();
-        let g = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (&ours * &r).unwrap().sum_all().unwrap().backprop().unwrap();
         let (gx, gw) = (
             g.get(x.as_tensor()).unwrap(),
             g.get(wt.as_tensor()).unwrap(),
@@ -669,7 +670,7 @@ fn conv2d_matches_candle_and_finite_differences_for_the_resnet_shapes() {
         // candle's conv2d backward takes the output padding of its transposed convolution from
         // the height alone, so it fails when height and width differ in parity under stride 2
         // ("shape mismatch in add"); where it runs, it must agree with kiln's.
-        let candle_grads = (&theirs * &r).unwrap().sum_all().unwrap().backward();
+        let candle_grads = (&theirs * &r).unwrap().sum_all().unwrap().backprop();
         let same_parity = stride == 1 || h % 2 == w % 2;
         assert_eq!(
             candle_grads.is_ok(),
@@ -729,7 +730,7 @@ fn conv2d_gives_the_same_results_one_image_at_a_time_as_all_at_once() {
     let r = Tensor::from_vec(values(3, 3 * 5 * 4 * 5), (3, 5, 4, 5), &dev).unwrap();
     let run = |floats: usize| {
         let y = conv::conv2d_chunked(x.as_tensor(), w.as_tensor(), 2, 1, floats).unwrap();
-        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backprop().unwrap();
         let gx = g.get(x.as_tensor()).unwrap().clone();
         let gw = g.get(w.as_tensor()).unwrap().clone();
         (y, gx, gw)
@@ -773,8 +774,8 @@ fn batch_norm_backward_in_training_mode_matches_finite_differences() {
             .unwrap();
         let prim = if relu { prim.relu().unwrap() } else { prim };
         assert!(max_abs_diff(&y, &prim) < 1e-5);
-        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gp = (&prim * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backprop().unwrap();
+        let gp = (&prim * &r).unwrap().sum_all().unwrap().backprop().unwrap();
         for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
             let d = max_abs_diff(
                 g.get(v.as_tensor()).unwrap(),
@@ -908,7 +909,7 @@ fn logits_gradients_and_running_stats_match_transformers() {
         let l = loss(&logits, &labels);
         let torch_loss = train.info["loss"].as_f64().unwrap() as f32;
         assert!((l.to_scalar::<f32>().unwrap() - torch_loss).abs() < 1e-4);
-        let grads = l.backward().unwrap();
+        let grads = l.backprop().unwrap();
         let vars: Vec<(String, Var)> = model
             .backbone_vars()
             .into_iter()
@@ -965,7 +966,7 @@ fn exported_weights_and_config_reload_in_transformers_with_the_same_logits() {
     // One SGD step and a training-mode forward, so weights and statistics differ from the base.
     let x = pixels(4, 32, 32, 21);
     let grads = loss(&model.forward(&x, true).unwrap(), &targets(4, 4))
-        .backward()
+        .backprop()
         .unwrap();
     for (_, var) in model.backbone_vars().into_iter().chain(model.head_vars()) {
         let g = grads.get(var.as_tensor()).unwrap();
@@ -1031,7 +1032,7 @@ fn resnet18_step_timing() {
         let t0 = std::time::Instant::now();
         let logits = model.forward(&x, true).unwrap();
         let t1 = std::time::Instant::now();
-        let grads = loss(&logits, &y).backward().unwrap();
+        let grads = loss(&logits, &y).backprop().unwrap();
         let t2 = std::time::Instant::now();
         assert!(grads.get(model.head_vars()[0].1.as_tensor()).is_some());
         println!(

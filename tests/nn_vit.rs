@@ -9,6 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 use kiln::nn::NnError;
+use kiln::nn::autograd::Backprop;
 use kiln::nn::layers::seed_dropout;
 use kiln::nn::lora::{LoraConfig, LoraTarget};
 use kiln::nn::vision::{ImageClassifier, VisionLoadOptions};
@@ -70,7 +71,7 @@ fn grad_norm(grads: &candle_core::backprop::GradStore, v: &Var) -> f32 {
 /// Names of trainable variables whose gradient is absent or zero after one backward.
 fn without_gradient(model: &VitForImageClassification, train: bool) -> Vec<String> {
     let x = pixels(model.config(), 4, 1);
-    let grads = loss_of(model, &x, train).backward().unwrap();
+    let grads = loss_of(model, &x, train).backprop().unwrap();
     model
         .named_trainable_vars()
         .iter()
@@ -767,7 +768,7 @@ fn logits_and_gradients_match_transformers() {
         let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
         let their_loss = theirs["loss"].to_vec1::<f32>().unwrap()[0];
         assert!((loss.to_scalar::<f32>().unwrap() - their_loss).abs() < 1e-5);
-        let grads = loss.backward().unwrap();
+        let grads = loss.backprop().unwrap();
         let mut compared = 0;
         let mut worst = 0f32;
         for (name, var) in model.named_trainable_vars() {
@@ -874,7 +875,7 @@ fn step_timing_vit_tiny_224_batch_8_against_torch() {
     for i in 0..=steps {
         let t = std::time::Instant::now();
         let loss = loss_of(&model, &x, true);
-        let grads = loss.backward().unwrap();
+        let grads = loss.backprop().unwrap();
         drop(grads);
         if i > 0 {
             times.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients};
+use super::block::{BlockInput, BlockKernel, Gradients, Weights};
 use super::gemm::{
     Mat, Threads, linear, linear_input_gradient, linear_rows, linear_weight_gradient, sgemm,
 };
@@ -172,8 +172,9 @@ pub fn attention(
 /// `[heads · head_dim, hidden]`, `k` and `v` `[kv_heads · head_dim, hidden]`, `o`
 /// `[hidden, heads · head_dim]`, each with or without a bias. `rope` is the rotary tables
 /// `(cos, sin)`, `[seq, head_dim / 2]` each, applied to the queries and keys at positions
-/// `0..seq` (decoders). `None` where it does not apply (off the CPU, not f32, an adapter,
-/// fewer rows than 4× the hidden width): the caller's separate ops then run.
+/// `0..seq` (decoders). The weights are read in place and their gradients deposited beside
+/// candle's graph ([`super::autograd`]). `None` where it does not apply (off the CPU, not
+/// f32, an adapter, a weight derived from a variable): the caller's separate ops then run.
 pub fn residual_attention(
     input: &BlockInput,
     [q, k, v, o]: [&super::layers::Linear; 4],
@@ -188,7 +189,7 @@ pub fn residual_attention(
     let fused_ok = layers
         .iter()
         .all(|l| l.lora.is_none() && native(&l.weight) && l.bias.as_ref().is_none_or(native));
-    if !fused_ok || !input.native() || !input.pays(h, h) {
+    if !fused_ok || !input.native() {
         return Ok(None);
     }
     input.check(h, h)?;
@@ -207,7 +208,7 @@ pub fn residual_attention(
                 l.weight.dims()
             )
         }
-        flat.push(l.weight.flatten_all()?);
+        flat.push(l.weight.clone());
         if let Some(b) = &l.bias {
             if b.dims() != [out] {
                 candle_core::bail!("residual attention: bias {i} is {:?}", b.dims())
@@ -235,16 +236,18 @@ pub fn residual_attention(
         }
         None => None,
     };
-    let params = Tensor::cat(&flat, 0)?;
+    let Some(weights) = Weights::new(flat) else {
+        return Ok(None);
+    };
     let kernel = ResidualAttention {
         attn: FusedAttention { spec },
         g,
         p: Projections::new(shapes, bias),
         rope,
-        keep: input.tracked(&params),
+        keep: input.tracked(&weights),
         kept: std::sync::Mutex::new(None),
     };
-    Ok(Some(input.apply(kernel, &params)?))
+    Ok(Some(input.apply(kernel, weights)?))
 }
 
 /// Where the four projections' weights and biases lie in the flat parameters.
@@ -1067,6 +1070,7 @@ pub fn attention_primitive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::autograd::Backprop;
     use candle_core::{Device, Var};
 
     fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -1122,7 +1126,7 @@ mod tests {
             attention_primitive(&q, &k, &v, spec).unwrap()
         };
         let w = Tensor::from_vec(values(out.elem_count(), 4, 1.0), out.shape(), &dev).unwrap();
-        let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (&out * &w).unwrap().sum_all().unwrap().backprop().unwrap();
         let mut all = vec![out.detach()];
         for var in [&q, &k, &v] {
             all.push(grads.get(var).expect("every input gets a gradient").clone());
@@ -1176,7 +1180,7 @@ mod tests {
             .unwrap();
         assert!(max_diff(&out, &mean) < 1e-6);
         // The weights do not depend on the scores, so q gets a zero gradient.
-        let grads = out.sum_all().unwrap().backward().unwrap();
+        let grads = out.sum_all().unwrap().backprop().unwrap();
         let dq = grads.get(&q).unwrap().abs().unwrap().sum_all().unwrap();
         assert_eq!(dq.to_scalar::<f32>().unwrap(), 0.0);
     }
@@ -1326,13 +1330,13 @@ mod tests {
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             let g2 = (separate * &loss_weights)
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             let all: Vec<&Var> = vars.iter().chain([&n, &r]).collect();
             for (i, v) in all.into_iter().enumerate() {
@@ -1344,15 +1348,17 @@ mod tests {
                 assert!(d < 1e-4, "dropout {dropout}: gradient {i} differs by {d}");
             }
         }
-        // Too few rows for the fusion to pay: the separate ops run.
-        let short = n.as_tensor().narrow(1, 0, 2).unwrap();
-        let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
+        // A weight derived from a variable (its gradient would have to flow on through
+        // candle's graph): the separate ops run.
+        let mut derived = layers.clone();
+        derived[1].weight = (derived[1].weight.clone() * 1.0).unwrap();
+        let ls = [&derived[0], &derived[1], &derived[2], &derived[3]];
         let spec = AttentionSpec::new(heads, heads, 0.5);
         assert!(
             residual_attention(
                 &BlockInput::Residual {
-                    n: short.clone(),
-                    r: short
+                    n: n.as_tensor().clone(),
+                    r: r.as_tensor().clone()
                 },
                 ls,
                 spec,
@@ -1438,8 +1444,8 @@ mod tests {
             );
             let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
             let (g1, g2) = (
-                loss(fused).backward().unwrap(),
-                loss(separate).backward().unwrap(),
+                loss(fused).backprop().unwrap(),
+                loss(separate).backprop().unwrap(),
             );
             for (i, v) in vars.iter().chain([&n, &r]).enumerate() {
                 let (a, e) = (

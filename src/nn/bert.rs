@@ -12,6 +12,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{self, AttentionSpec};
+use super::block::BlockInput;
 use super::layers::{
     Checkpoint, Embedding, LayerNorm, Linear, WeightSource, dropout, dropout_seed,
 };
@@ -674,24 +675,113 @@ impl BertEncoder {
         queries: Option<usize>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
-        let (b, s, h) = x.dims3()?;
+        let s = x.dim(1)?;
+        let xq = match queries {
+            Some(n) => x.narrow(1, 0, n.min(s))?.contiguous()?,
+            None => x.clone(),
+        };
+        let scale = 1.0 / (cfg.head_dim() as f64).sqrt();
+        let hidden_p = if train { cfg.hidden_dropout_prob } else { 0.0 };
+        let attn = match self.attention_block(l, x, mask_host, train, queries, scale)? {
+            Some(attn) => attn,
+            None => self.attention_ops(l, x, &xq, mask_bias, mask_host, train, scale)?,
+        };
+        // The output projection's dropout, the residual and the LayerNorm in one CPU op where
+        // it applies (`nn::block`), the separate ops otherwise.
+        let x = match block::dropout_residual_layer_norm(&attn, &xq, &l.attn_ln, hidden_p as f32)? {
+            Some(x) => x,
+            None => l
+                .attn_ln
+                .forward(&(dropout(&attn, cfg.hidden_dropout_prob, train)? + xq)?)?,
+        };
+
+        // On the CPU, the feed-forward block, its dropout and its residual in one kernel
+        // (exact GELU, no adapters, enough rows; `residual_mlp` says None otherwise). Served
+        // models keep their packed weights' path.
+        let p = hidden_p;
+        if l.out_ln.fused
+            && l.packed.is_none()
+            && matches!(cfg.hidden_act, HiddenAct::Gelu)
+            && let Some(z) = mlp::residual_mlp(&x, &x, &l.intermediate, &l.output, p as f32)?
+        {
+            return Ok(l.out_ln.forward(&z)?);
+        }
+        let inter = self.activation(&l.project(4, &x, train)?, l.out_ln.fused)?;
+        let out = l.project(5, &inter, train)?;
+        if let Some(y) = block::dropout_residual_layer_norm(&out, &x, &l.out_ln, hidden_p as f32)? {
+            return Ok(y);
+        }
+        let out = dropout(&out, cfg.hidden_dropout_prob, train)?;
+        Ok(l.out_ln.forward(&(out + x)?)?)
+    }
+
+    /// Training on the CPU: the q/k/v projections, attention (its dropout included) and the
+    /// output projection as one op with its own backward (`attention::residual_attention`, its
+    /// residual zero: BERT's dropout and LayerNorm come after it). candle's backward then
+    /// accumulates two activation-sized gradients for the block instead of nine. `None` where
+    /// it does not apply (serving, packed weights, adapters, the first-token-only last layer).
+    fn attention_block(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        mask_host: Option<&[f32]>,
+        train: bool,
+        queries: Option<usize>,
+        scale: f64,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(mask) = mask_host else {
+            return Ok(None);
+        };
+        if !train || queries.is_some() || l.packed.is_some() || !l.attn_ln.fused {
+            return Ok(None);
+        }
+        let nh = self.config.num_attention_heads;
+        let p = self.config.attention_probs_dropout_prob as f32;
+        let spec = AttentionSpec {
+            key_mask: Some(mask.to_vec()),
+            dropout: p,
+            seed: if p > 0.0 { dropout_seed() } else { 0 },
+            ..AttentionSpec::new(nh, nh, scale as f32)
+        };
+        let input = BlockInput::Residual {
+            n: x.clone(),
+            r: x.zeros_like()?,
+        };
+        attention::residual_attention(
+            &input,
+            [&l.query, &l.key, &l.value, &l.attn_out],
+            spec,
+            None,
+        )
+    }
+
+    /// Attention as separate ops: the projections, attention (one fused kernel on the CPU, the
+    /// primitive ops elsewhere) and the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_ops(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        xq: &Tensor,
+        mask_bias: &Tensor,
+        mask_host: Option<&[f32]>,
+        train: bool,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let (b, _, h) = x.dims3()?;
+        let sq = xq.dim(1)?;
         let nh = cfg.num_attention_heads;
         let dh = cfg.head_dim();
         let heads = |t: Tensor| -> candle_core::Result<Tensor> {
             let s = t.dim(1)?;
             t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()
         };
-        let xq = match queries {
-            Some(n) => x.narrow(1, 0, n.min(s))?.contiguous()?,
-            None => x.clone(),
-        };
-        let sq = xq.dim(1)?;
         let (q, k, v) = (
-            l.project(0, &xq, train)?,
+            l.project(0, xq, train)?,
             l.project(1, x, train)?,
             l.project(2, x, train)?,
         );
-        let scale = 1.0 / (dh as f64).sqrt();
         let fused = match mask_host {
             Some(mask) if l.attn_ln.fused => {
                 let inference = if train {
@@ -735,35 +825,7 @@ impl BertEncoder {
                     .reshape((b, sq, h))?
             }
         };
-        // The output projection's dropout, the residual and the LayerNorm in one CPU op where
-        // it applies (`nn::block`), the separate ops otherwise.
-        let hidden_p = if train { cfg.hidden_dropout_prob } else { 0.0 };
-        let attn = l.project(3, &ctx, train)?;
-        let x = match block::dropout_residual_layer_norm(&attn, &xq, &l.attn_ln, hidden_p as f32)? {
-            Some(x) => x,
-            None => l
-                .attn_ln
-                .forward(&(dropout(&attn, cfg.hidden_dropout_prob, train)? + xq)?)?,
-        };
-
-        // On the CPU, the feed-forward block, its dropout and its residual in one kernel
-        // (exact GELU, no adapters, enough rows; `residual_mlp` says None otherwise). Served
-        // models keep their packed weights' path.
-        let p = hidden_p;
-        if l.out_ln.fused
-            && l.packed.is_none()
-            && matches!(cfg.hidden_act, HiddenAct::Gelu)
-            && let Some(z) = mlp::residual_mlp(&x, &x, &l.intermediate, &l.output, p as f32)?
-        {
-            return Ok(l.out_ln.forward(&z)?);
-        }
-        let inter = self.activation(&l.project(4, &x, train)?, l.out_ln.fused)?;
-        let out = l.project(5, &inter, train)?;
-        if let Some(y) = block::dropout_residual_layer_norm(&out, &x, &l.out_ln, hidden_p as f32)? {
-            return Ok(y);
-        }
-        let out = dropout(&out, cfg.hidden_dropout_prob, train)?;
-        Ok(l.out_ln.forward(&(out + x)?)?)
+        l.project(3, &ctx, train)
     }
 
     fn activation(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {

@@ -108,46 +108,44 @@ impl BlockInput {
         Ok(())
     }
 
-    /// Whether fusing pays: at least 4× as many rows as the wider width. Below that, copying
-    /// the parameters into one flat tensor (a custom op takes three inputs) and their
-    /// gradients out of it costs more than the fusion saves (MiniLM's 16 × 32-token batches
-    /// measured no gain; ViT-tiny's 16 × 197 rows gained 20%).
-    pub(super) fn pays(&self, width: usize, out: usize) -> bool {
-        self.input().elem_count() / width.max(1) >= 4 * width.max(out)
-    }
-
-    /// Whether a gradient is wanted of the input or of `params` (the kernel keeps its
+    /// Whether a gradient is wanted of the input or of the weights (the kernel keeps its
     /// intermediates for the backward then).
-    pub(super) fn tracked(&self, params: &Tensor) -> bool {
-        params.track_op()
+    pub(super) fn tracked(&self, weights: &Weights) -> bool {
+        weights.trainable()
             || match self {
                 BlockInput::Residual { n, .. } => n.track_op(),
                 BlockInput::RmsNormed { x, weight, .. } => x.track_op() || weight.track_op(),
             }
     }
 
-    /// Runs `kernel` as one op on this input and `params`.
+    /// Runs `kernel` as one op on this input and `weights`.
     pub(super) fn apply<K: BlockKernel>(
         &self,
         kernel: K,
-        params: &Tensor,
+        weights: Weights,
     ) -> candle_core::Result<Tensor> {
+        let anchor = weights.anchor()?;
         match self {
             BlockInput::Residual { n, r } => n.contiguous()?.apply_op3_arc(
                 &r.contiguous()?,
-                params,
-                Arc::new(Box::new(Residual(kernel))),
+                &anchor,
+                Arc::new(Box::new(Residual {
+                    kernel,
+                    weights,
+                    flat: Mutex::new(None),
+                })),
             ),
             BlockInput::RmsNormed { x, weight, eps } => {
-                let keep = x.track_op() || weight.track_op() || params.track_op();
+                let keep = x.track_op() || weight.track_op() || weights.trainable();
                 x.contiguous()?.apply_op3_arc(
                     &weight.contiguous()?,
-                    params,
+                    &anchor,
                     Arc::new(Box::new(PreNormed {
                         kernel,
+                        weights,
                         eps: *eps as f32,
                         keep,
-                        normed: Mutex::new(None),
+                        kept: Mutex::new(None),
                     })),
                 )
             }
@@ -155,31 +153,114 @@ impl BlockInput {
     }
 }
 
-/// The gradients as tensors: the input's (`dx`) and the parameters' (`dp`) where computed, and
-/// the residual's, which is the output's gradient as it is.
-pub(super) fn block_gradients(
-    (x, r, params): (&Tensor, &Tensor, &Tensor),
-    grad: &Tensor,
-    dx: Option<Vec<f32>>,
-    dp: Option<Vec<f32>>,
-) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let dev = x.device();
-    let dx = dx
-        .map(|d| Tensor::from_vec(d, x.shape(), dev))
-        .transpose()?;
-    let dp = dp
-        .map(|d| Tensor::from_vec(d, params.shape(), dev))
-        .transpose()?;
-    let dr = r.track_op().then(|| grad.clone());
-    Ok((dx, dr, dp))
+/// A fused block's weights, read in place by its op rather than passed as a candle input (a
+/// custom op takes three tensors; see [`super::autograd`] for what concatenating them cost).
+/// The kernels see them as one flat slice in the order given, copied on the pool; the
+/// gradients of those that are variables go to [`super::autograd::deposit`].
+pub(super) struct Weights {
+    tensors: Vec<Tensor>,
+    /// Where each tensor starts in the flat slice.
+    at: Vec<usize>,
+    len: usize,
+    trainable: bool,
 }
 
-/// `r + f(n)`: inputs `(n, r, params)`.
-struct Residual<K>(K);
+impl Weights {
+    /// `None` where a tensor is not contiguous f32 on the CPU, or is tracked without being a
+    /// variable (a gradient deposited for it would not flow on to the variables it comes
+    /// from): the caller's separate ops then run.
+    pub(super) fn new(tensors: Vec<Tensor>) -> Option<Self> {
+        let fits = |t: &Tensor| {
+            t.device().is_cpu()
+                && t.dtype() == DType::F32
+                && t.is_contiguous()
+                && (t.is_variable() || !t.track_op())
+        };
+        if !tensors.iter().all(fits) {
+            return None;
+        }
+        let mut at = Vec::with_capacity(tensors.len());
+        let mut len = 0;
+        for t in &tensors {
+            at.push(len);
+            len += t.elem_count();
+        }
+        let trainable = tensors.iter().any(|t| t.is_variable());
+        Some(Weights {
+            tensors,
+            at,
+            len,
+            trainable,
+        })
+    }
+
+    /// Whether any weight is a variable (the kernel then computes the weights' gradients).
+    pub(super) fn trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// The op's third input (see [`super::autograd::anchor`]).
+    fn anchor(&self) -> candle_core::Result<Tensor> {
+        super::autograd::anchor(self.trainable)
+    }
+
+    /// Every weight, flattened and concatenated in order.
+    fn gather(&self, op: &'static str) -> candle_core::Result<Vec<f32>> {
+        let mut flat = zeroed(self.len);
+        for (t, &at) in self.tensors.iter().zip(&self.at) {
+            with_cpu_f32(t, op, |w| {
+                flat[at..at + w.len()]
+                    .par_chunks_mut(TASK)
+                    .zip(w.par_chunks(TASK))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+                Ok(())
+            })?;
+        }
+        Ok(flat)
+    }
+
+    /// Deposits each variable's part of the flat gradient `dp`.
+    fn deposit(&self, dp: &[f32]) -> candle_core::Result<()> {
+        if dp.len() != self.len {
+            candle_core::bail!("block weights: gradient of {} for {}", dp.len(), self.len)
+        }
+        for (t, &at) in self.tensors.iter().zip(&self.at) {
+            if !t.is_variable() {
+                continue;
+            }
+            let mut g = zeroed(t.elem_count());
+            g.par_chunks_mut(TASK)
+                .zip(dp[at..at + t.elem_count()].par_chunks(TASK))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            super::autograd::deposit(t, Tensor::from_vec(g, t.shape(), t.device())?);
+        }
+        Ok(())
+    }
+}
+
+/// The flat weights the forward gathered, when it kept them for the backward, or a fresh copy.
+fn kept_or_gathered(
+    kept: &Mutex<Option<Vec<f32>>>,
+    weights: &Weights,
+    op: &'static str,
+) -> candle_core::Result<Vec<f32>> {
+    match kept.lock().ok().and_then(|mut slot| slot.take()) {
+        Some(p) if p.len() == weights.len => Ok(p),
+        _ => weights.gather(op),
+    }
+}
+
+/// `r + f(n)`: inputs `(n, r, anchor)`.
+struct Residual<K> {
+    kernel: K,
+    weights: Weights,
+    /// The gathered weights, kept by the forward for the backward.
+    flat: Mutex<Option<Vec<f32>>>,
+}
 
 impl<K: BlockKernel> CustomOp3 for Residual<K> {
     fn name(&self) -> &'static str {
-        self.0.name()
+        self.kernel.name()
     }
 
     fn cpu_fwd(
@@ -188,17 +269,22 @@ impl<K: BlockKernel> CustomOp3 for Residual<K> {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = cpu_f32(s1, l1, self.name())?;
         let r = cpu_f32(s2, l2, self.name())?;
-        let p = cpu_f32(s3, l3, self.name())?;
-        let (width, out) = self.0.widths();
+        let (width, out) = self.kernel.widths();
         if n.len() / width.max(1) * out != r.len() {
             candle_core::bail!("{}: input {:?}, residual {:?}", self.name(), l1, l2)
         }
-        let y = self.0.forward(n, r, p)?;
+        let p = self.weights.gather(self.name())?;
+        let y = self.kernel.forward(n, r, &p)?;
+        if self.weights.trainable
+            && let Ok(mut slot) = self.flat.lock()
+        {
+            *slot = Some(p);
+        }
         Ok((CpuStorage::F32(y), l2.shape().clone()))
     }
 
@@ -206,29 +292,40 @@ impl<K: BlockKernel> CustomOp3 for Residual<K> {
         &self,
         n: &Tensor,
         r: &Tensor,
-        params: &Tensor,
+        _anchor: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let name = self.name();
-        let (want_n, want_p) = (n.track_op(), params.track_op());
+        let (want_n, want_p) = (n.track_op(), self.weights.trainable);
+        let p = kept_or_gathered(&self.flat, &self.weights, name)?;
         let (dn, dp) = with_cpu_f32(n, name, |ns| {
-            with_cpu_f32(params, name, |p| {
-                with_cpu_f32(&grad, name, |g| self.0.backward(ns, p, g, want_n, want_p))
+            with_cpu_f32(&grad, name, |g| {
+                self.kernel.backward(ns, &p, g, want_n, want_p)
             })
         })?;
-        block_gradients((n, r, params), &grad, dn, dp)
+        drop(p);
+        if let Some(dp) = dp.filter(|_| want_p) {
+            self.weights.deposit(&dp)?;
+        }
+        let dn = dn
+            .filter(|_| want_n)
+            .map(|d| Tensor::from_vec(d, n.shape(), n.device()))
+            .transpose()?;
+        let dr = r.track_op().then(|| grad.clone());
+        Ok((dn, dr, None))
     }
 }
 
-/// `x + f(rms_norm(x) · w)`: inputs `(x, w, params)`.
+/// `x + f(rms_norm(x) · w)`: inputs `(x, w, anchor)`.
 struct PreNormed<K> {
     kernel: K,
+    weights: Weights,
     eps: f32,
     keep: bool,
-    /// The normed input, kept by the forward for the backward.
-    normed: Mutex<Option<Vec<f32>>>,
+    /// The normed input and the gathered weights, kept by the forward for the backward.
+    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
@@ -242,22 +339,22 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s1, l1, self.name())?;
         let w = cpu_f32(s2, l2, self.name())?;
-        let p = cpu_f32(s3, l3, self.name())?;
         let (width, out) = self.kernel.widths();
         if width != out || w.len() != width || x.len() % width.max(1) != 0 {
             candle_core::bail!("{}: input {:?}, norm {:?}", self.name(), l1, l2)
         }
+        let p = self.weights.gather(self.name())?;
         let n = rms_norm_rows(x, w, self.eps);
-        let y = self.kernel.forward(&n, x, p)?;
+        let y = self.kernel.forward(&n, x, &p)?;
         if self.keep
-            && let Ok(mut slot) = self.normed.lock()
+            && let Ok(mut slot) = self.kept.lock()
         {
-            *slot = Some(n);
+            *slot = Some((n, p));
         }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -266,38 +363,40 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         &self,
         x: &Tensor,
         w: &Tensor,
-        params: &Tensor,
+        _anchor: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let name = self.name();
-        let (want_x, want_w, want_p) = (x.track_op(), w.track_op(), params.track_op());
-        let kept = self.normed.lock().ok().and_then(|mut slot| slot.take());
-        let (dx, dw, dp) = with_cpu_f32(x, name, |xs| {
+        let (want_x, want_w, want_p) = (x.track_op(), w.track_op(), self.weights.trainable);
+        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+        let (dx, dw) = with_cpu_f32(x, name, |xs| {
             with_cpu_f32(w, name, |ws| {
-                with_cpu_f32(params, name, |p| {
-                    with_cpu_f32(&grad, name, |g| {
-                        let n = match kept {
-                            Some(n) if n.len() == xs.len() => n,
-                            _ => rms_norm_rows(xs, ws, self.eps),
-                        };
-                        let want_n = want_x || want_w;
-                        let (dn, dp) = self.kernel.backward(&n, p, g, want_n, want_p)?;
-                        drop(n);
-                        let (dx, dw) = match dn {
-                            Some(dn) => {
-                                // The residual's gradient, then the norm's added to it.
-                                let mut dx = zeroed(g.len());
-                                dx.par_chunks_mut(1 << 14)
-                                    .zip(g.par_chunks(1 << 14))
-                                    .for_each(|(d, g)| d.copy_from_slice(g));
-                                let dw = rms_norm_rows_backward(xs, ws, self.eps, &dn, &mut dx);
-                                (Some(dx), Some(dw))
-                            }
-                            None => (None, None),
-                        };
-                        Ok((dx, dw, dp))
+                with_cpu_f32(&grad, name, |g| {
+                    let (n, p) = match kept {
+                        Some((n, p)) if n.len() == xs.len() && p.len() == self.weights.len => {
+                            (n, p)
+                        }
+                        _ => (rms_norm_rows(xs, ws, self.eps), self.weights.gather(name)?),
+                    };
+                    let want_n = want_x || want_w;
+                    let (dn, dp) = self.kernel.backward(&n, &p, g, want_n, want_p)?;
+                    drop((n, p));
+                    if let Some(dp) = dp.filter(|_| want_p) {
+                        self.weights.deposit(&dp)?;
+                    }
+                    Ok(match dn {
+                        Some(dn) => {
+                            // The residual's gradient, then the norm's added to it.
+                            let mut dx = zeroed(g.len());
+                            dx.par_chunks_mut(1 << 14)
+                                .zip(g.par_chunks(1 << 14))
+                                .for_each(|(d, g)| d.copy_from_slice(g));
+                            let dw = rms_norm_rows_backward(xs, ws, self.eps, &dn, &mut dx);
+                            (Some(dx), Some(dw))
+                        }
+                        None => (None, None),
                     })
                 })
             })
@@ -305,7 +404,7 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         let dev = x.device();
         let dx = match dx.filter(|_| want_x) {
             Some(d) => Some(Tensor::from_vec(d, x.shape(), dev)?),
-            // Only the parameters train: the residual's gradient still reaches `x`.
+            // Only the weights train: the residual's gradient still reaches `x`.
             None if want_x => Some(grad.clone()),
             None => None,
         };
@@ -313,11 +412,7 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
             .filter(|_| want_w)
             .map(|d| Tensor::from_vec(d, w.shape(), dev))
             .transpose()?;
-        let dp = dp
-            .filter(|_| want_p)
-            .map(|d| Tensor::from_vec(d, params.shape(), dev))
-            .transpose()?;
-        Ok((dx, dw, dp))
+        Ok((dx, dw, None))
     }
 }
 
@@ -482,6 +577,7 @@ impl CustomOp3 for ResidualLayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::autograd::Backprop;
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -516,7 +612,7 @@ mod tests {
         let weights = Tensor::randn(0f32, 1.0, (2, rows, h), &dev).unwrap();
         let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
         let grads_of = |y: &Tensor| {
-            let g = loss(y).backward().unwrap();
+            let g = loss(y).backprop().unwrap();
             [&a, &r, &w, &b].map(|v| g.get(v.as_tensor()).unwrap().clone())
         };
         let separate = |mask: Option<&Tensor>| {

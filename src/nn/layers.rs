@@ -294,6 +294,9 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = ids.dims().to_vec();
         dims.push(self.weight.dim(D::Minus1)?);
+        if let Some(rows) = ops::embedding_rows(&self.weight, ids)? {
+            return rows.reshape(dims);
+        }
         // index_select has a backward (index_add into the table); gather of rows is all we need.
         self.weight
             .index_select(&ids.flatten_all()?, 0)?

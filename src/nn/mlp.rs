@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients};
+use super::block::{BlockInput, BlockKernel, Gradients, Weights};
 use super::gemm::{
     linear, linear_input_gradient, linear_rows, linear_weight_gradient, repeated, zeroed,
 };
@@ -29,10 +29,11 @@ use super::ops::{FRAC_1_SQRT_2, FRAC_1_SQRT_2PI, column_sums, erf_f32, exp_f32};
 
 /// `r + dropout(fc2(gelu(fc1(x))), p)` (exact, erf GELU; inverted dropout, none when `p` is 0)
 /// over the last dimension of `x` `[.., in]`, with `r` of the output's shape `[.., out]`: one
-/// fused CPU kernel forward and one backward. `None`
-/// where it does not apply (off the CPU, not f32, a layer without a bias or with a LoRA
-/// adapter, fewer rows than 4× the hidden width): the caller's primitive path then runs. Gradients flow to `x`, `r` and the four
-/// parameters, each where it is tracked.
+/// fused CPU kernel forward and one backward. `None` where it does not apply (off the CPU,
+/// not f32, a layer without a bias or with a LoRA adapter, a weight derived from a
+/// variable): the caller's primitive path then runs. Gradients flow to `x` and `r` through
+/// candle and to the four parameters, where they are variables, through
+/// [`super::autograd`].
 pub fn residual_mlp(
     x: &Tensor,
     r: &Tensor,
@@ -55,34 +56,28 @@ pub fn residual_mlp(
     if inner2 != inner {
         candle_core::bail!("residual mlp: fc1 [{inner}, {hidden}], fc2 [{out}, {inner2}]")
     }
-    // The parameters travel as one flat tensor: about 8·hidden² values a pass, against the
-    // ~9·rows·hidden the fusion saves (see `BlockInput::pays`).
     let input = BlockInput::Residual {
         n: x.clone(),
         r: r.clone(),
     };
     input.check(hidden, out)?;
-    if !input.pays(hidden, out) {
+    let Some(weights) = Weights::new(vec![
+        fc1.weight.clone(),
+        b1.clone(),
+        fc2.weight.clone(),
+        b2.clone(),
+    ]) else {
         return Ok(None);
-    }
-    let params = Tensor::cat(
-        &[
-            &fc1.weight.flatten_all()?,
-            b1,
-            &fc2.weight.flatten_all()?,
-            b2,
-        ],
-        0,
-    )?;
+    };
     let kernel = ResidualMlp {
         hidden,
         inner,
         out,
-        keep: input.tracked(&params),
+        keep: input.tracked(&weights),
         kept: Mutex::new(None),
         dropout: Dropout::new(p),
     };
-    let y = input.rows(hidden, out)?.apply(kernel, &params)?;
+    let y = input.rows(hidden, out)?.apply(kernel, weights)?;
     Ok(Some(y.reshape(r.dims())?))
 }
 
@@ -326,7 +321,7 @@ impl BlockKernel for ResidualMlp {
 /// decoders, with its residual (and, for [`BlockInput::RmsNormed`], the RMSNorm before it:
 /// `x + down(..(rms_norm(x)))`): one fused CPU kernel forward and one backward, as
 /// [`residual_mlp`]. `None` where it does not apply (off the CPU, not f32, a projection with a
-/// bias or a LoRA adapter, fewer rows than 4× the hidden width).
+/// bias or a LoRA adapter, a weight derived from a variable).
 pub fn residual_swiglu(
     input: &BlockInput,
     gate: &Linear,
@@ -352,29 +347,25 @@ pub fn residual_swiglu(
         )
     }
     input.check(hidden, out)?;
-    if !input.pays(hidden, out) {
+    let Some(weights) = Weights::new(vec![
+        gate.weight.clone(),
+        up.weight.clone(),
+        down.weight.clone(),
+    ]) else {
         return Ok(None);
-    }
-    let params = Tensor::cat(
-        &[
-            &gate.weight.flatten_all()?,
-            &up.weight.flatten_all()?,
-            &down.weight.flatten_all()?,
-        ],
-        0,
-    )?;
+    };
     let kernel = ResidualSwiglu {
         hidden,
         inner,
         out,
-        keep: input.tracked(&params),
+        keep: input.tracked(&weights),
         kept: Mutex::new(None),
     };
     let mut out_dims = input.input().dims().to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = out;
     }
-    let y = input.rows(hidden, out)?.apply(kernel, &params)?;
+    let y = input.rows(hidden, out)?.apply(kernel, weights)?;
     Ok(Some(y.reshape(out_dims)?))
 }
 
@@ -548,6 +539,7 @@ impl BlockKernel for ResidualSwiglu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::autograd::Backprop;
     use candle_core::{Device, Var};
 
     fn linear(
@@ -636,13 +628,13 @@ mod tests {
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             let g2 = (reference * &weights)
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
                 close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
@@ -711,13 +703,13 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
         let g2 = (reference * &weights)
             .unwrap()
             .sum_all()
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
         for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
             close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
@@ -773,13 +765,13 @@ mod tests {
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             let g2 = (reference * &weights)
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
                 close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
@@ -851,8 +843,8 @@ mod tests {
             close(&fused, &reference, "output");
             let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
             let (g1, g2) = (
-                loss(fused).backward().unwrap(),
-                loss(reference).backward().unwrap(),
+                loss(fused).backprop().unwrap(),
+                loss(reference).backprop().unwrap(),
             );
             close(
                 g1.get(x.as_tensor()).unwrap(),
@@ -876,13 +868,10 @@ mod tests {
         let (fc1, _) = linear("fc1", 6, 4, 1.0, false);
         let (mut fc2, _) = linear("fc2", 4, 6, 2.0, false);
         assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_some());
-        // Too few rows for the fusion to pay.
-        let short = x.narrow(0, 0, 8).unwrap();
-        assert!(
-            residual_mlp(&short, &short, &fc1, &fc2, 0.0)
-                .unwrap()
-                .is_none()
-        );
+        // A weight derived from a variable: its gradient must flow on through candle's graph.
+        let (mut derived, _) = linear("fc1", 6, 4, 1.0, true);
+        derived.weight = (derived.weight * 1.0).unwrap();
+        assert!(residual_mlp(&x, &x, &derived, &fc2, 0.0).unwrap().is_none());
         fc2.bias = None;
         assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_none());
         let (mut fc2, _) = linear("fc2", 4, 6, 2.0, false);

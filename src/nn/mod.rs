@@ -6,6 +6,7 @@
 //! backward, and loads the same safetensors names as Hugging Face.
 
 pub mod attention;
+pub mod autograd;
 pub mod bert;
 pub mod block;
 pub mod classifier;
@@ -24,6 +25,8 @@ pub mod vision;
 pub mod vit;
 
 use std::path::PathBuf;
+
+pub use autograd::backward;
 
 /// Errors raised while loading or running a model.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,87 @@ fn fused_ok(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
+/// Rows `ids` of a trainable lookup table `[num, dim]` (an embedding): `[ids.len(), dim]`.
+/// `None` where it does not apply (a frozen table, off the CPU, not f32): candle's
+/// `index_select` then runs. The table is read in place and its gradient deposited beside
+/// candle's graph ([`super::autograd`]): candle's `index_select` backward zeroes a dense
+/// table-sized gradient and adds it into another fresh zero tensor, three passes over the
+/// whole table (11.7M values for BERT's vocabulary) on the thread driving the step; this
+/// fills one on the pool and adds the rows into it.
+pub fn embedding_rows(table: &Tensor, ids: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !(fused_ok(table) && table.is_variable() && table.is_contiguous()) {
+        return Ok(None);
+    }
+    let (num, dim) = table.dims2()?;
+    let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= num) {
+        candle_core::bail!("embedding: id {bad} is out of range for a table of {num} rows")
+    }
+    let op = EmbeddingRows {
+        table: table.clone(),
+        ids,
+        dim,
+    };
+    let anchor = super::autograd::anchor(true)?;
+    Ok(Some(
+        anchor.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?,
+    ))
+}
+
+/// [`embedding_rows`]'s op: its one input is the anchor; the table and ids are its own.
+struct EmbeddingRows {
+    table: Tensor,
+    ids: Vec<u32>,
+    dim: usize,
+}
+
+impl CustomOp1 for EmbeddingRows {
+    fn name(&self) -> &'static str {
+        "kiln-embedding-rows"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dim = self.dim;
+        let mut out = super::gemm::zeroed(self.ids.len() * dim);
+        with_cpu_f32(&self.table, self.name(), |t| {
+            out.par_chunks_mut(dim)
+                .zip(self.ids.par_iter())
+                .for_each(|(row, &i)| {
+                    let i = i as usize;
+                    row.copy_from_slice(&t[i * dim..(i + 1) * dim]);
+                });
+            Ok(())
+        })?;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((self.ids.len(), self.dim)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let dim = self.dim;
+        let mut dt = super::gemm::zeroed(self.table.elem_count());
+        with_cpu_f32(&grad, self.name(), |g| {
+            for (&i, row) in self.ids.iter().zip(g.chunks_exact(dim)) {
+                let i = i as usize;
+                for (d, v) in dt[i * dim..(i + 1) * dim].iter_mut().zip(row) {
+                    *d += v;
+                }
+            }
+            Ok(())
+        })?;
+        let dt = Tensor::from_vec(dt, self.table.shape(), self.table.device())?;
+        super::autograd::deposit(&self.table, dt);
+        Ok(None)
+    }
+}
+
 /// Multi-head attention for inference, fused (no backward): `q` `[batch, sq, hidden]`, `k` and
 /// `v` `[batch, s, hidden]` with the heads side by side in the last dimension (as the
 /// projections give them, so no head transposes are copied), `mask` the `[batch, s]` 0/1
@@ -1187,7 +1268,66 @@ impl CustomOp3 for FusedRope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::autograd::Backprop;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn embedding_rows_match_index_select_and_deposit_the_table_gradient() {
+        let dev = Device::Cpu;
+        let (num, dim) = (7usize, 5usize);
+        let init: Vec<f32> = (0..num * dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let table = Var::from_vec(init, (num, dim), &dev).unwrap();
+        // Repeated ids: their rows' gradients add up.
+        let ids = Tensor::new(&[[3u32, 1, 3], [6, 0, 3]], &dev).unwrap();
+        let up: Vec<f32> = (0..6 * dim).map(|i| (i as f32 * 0.71).cos()).collect();
+        let up = Tensor::from_vec(up, (6, dim), &dev).unwrap();
+        let fused = embedding_rows(table.as_tensor(), &ids).unwrap().unwrap();
+        let reference = table
+            .as_tensor()
+            .index_select(&ids.flatten_all().unwrap(), 0)
+            .unwrap();
+        let diff = (&fused - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        let g1 = (&fused * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backprop()
+            .unwrap();
+        let g2 = (&reference * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backprop()
+            .unwrap();
+        let (a, b) = (
+            g1.get(table.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+            g2.get(table.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+        );
+        for (ra, rb) in a.iter().zip(&b) {
+            for (x, y) in ra.iter().zip(rb) {
+                assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+            }
+        }
+        // Rows never looked up get zero, not a missing gradient.
+        assert!(a[2].iter().all(|&v| v == 0.0));
+        // A frozen table takes candle's op; an id past the table is an error.
+        assert!(
+            embedding_rows(&table.as_tensor().detach(), &ids)
+                .unwrap()
+                .is_none()
+        );
+        let bad = Tensor::new(&[7u32], &dev).unwrap();
+        let err = embedding_rows(table.as_tensor(), &bad).unwrap_err();
+        assert!(err.to_string().contains("id 7"), "{err}");
+    }
 
     #[test]
     fn fused_attention_matches_masked_softmax_attention() {
@@ -1319,9 +1459,9 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
-        let gw = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (&want * &w).unwrap().sum_all().unwrap().backprop().unwrap();
         for var in [&gate, &up] {
             let diff = max_abs_diff(gf.get(var).unwrap(), gw.get(var).unwrap());
             assert!(diff < 1e-5, "gradient differs by {diff}");
@@ -1348,9 +1488,9 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
-        let gw = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (&want * &w).unwrap().sum_all().unwrap().backprop().unwrap();
         let diff = max_abs_diff(gf.get(&logits).unwrap(), gw.get(&logits).unwrap());
         assert!(diff < 1e-6, "gradient differs by {diff}");
         // The primitive path (f64) agrees, and a label outside the vocabulary is an error.
@@ -1391,13 +1531,13 @@ mod tests {
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             let g_want = (&want * &loss_w)
                 .unwrap()
                 .sum_all()
                 .unwrap()
-                .backward()
+                .backprop()
                 .unwrap();
             for var in [&x, &w] {
                 let (a, b) = (g_fused.get(var).unwrap(), g_want.get(var).unwrap());
@@ -1415,7 +1555,7 @@ mod tests {
         // A frozen weight (a plain tensor) gets no gradient computed; the input still does.
         let frozen = w.as_tensor().detach();
         let y = linear(&x, &frozen, None).unwrap().unwrap();
-        let grads = y.sum_all().unwrap().backward().unwrap();
+        let grads = y.sum_all().unwrap().backprop().unwrap();
         assert!(grads.get(&frozen).is_none());
         assert!(grads.get(&x).is_some());
         // Off the fused path (f64 here), the caller's primitive path runs.
@@ -1438,7 +1578,7 @@ mod tests {
             } else {
                 layer_norm_primitive(&x, &w, &b, 1e-5).unwrap()
             };
-            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
             let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
             (y, g(&x), g(&w), g(&b))
         };
@@ -1470,7 +1610,7 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
         assert!(grads.get(x.as_tensor()).is_some());
         assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
@@ -1487,7 +1627,7 @@ mod tests {
             } else {
                 gelu_erf_primitive(&x).unwrap()
             };
-            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
             (y, grads.get(x.as_tensor()).unwrap().clone())
         };
         let (y1, d1) = run(true);
@@ -1517,7 +1657,7 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
         let g = grads.get(x.as_tensor()).unwrap();
         // Analytic: dx = p * (up - sum(p * up)).
@@ -1540,7 +1680,7 @@ mod tests {
             } else {
                 rms_norm_primitive(&x, &w, 1e-6).unwrap()
             };
-            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
             let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
             (y, g(&x), g(&w))
         };
@@ -1583,7 +1723,7 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap()
-            .backward()
+            .backprop()
             .unwrap();
         let analytic = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
         let analytic = analytic.to_vec1::<f32>().unwrap();
@@ -1616,7 +1756,7 @@ mod tests {
             } else {
                 rope_primitive(&x, &cos, &sin).unwrap()
             };
-            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
             (y, grads.get(x.as_tensor()).unwrap().clone())
         };
         let (y1, dx1) = run(true);
@@ -1655,7 +1795,7 @@ mod tests {
         };
         let ys = rope_seq_major(&xs, &cos, &sin, h).unwrap();
         assert!(max_abs_diff(&ys, &to_seq_major(&y0)) < 1e-6);
-        let grads = (&ys * &ups).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (&ys * &ups).unwrap().sum_all().unwrap().backprop().unwrap();
         assert!(max_abs_diff(grads.get(xs.as_tensor()).unwrap(), &to_seq_major(&dx0)) < 1e-6);
         // Off the fused path (f64), the primitive path gives the same rotation.
         let ys64 = rope_seq_major(

@@ -240,7 +240,7 @@ impl Trainer<'_> {
                         }
                         let (loss, t) = task.loss(batch, state.step)?;
                         loss_sum += f64::from(loss.to_scalar::<f32>()?);
-                        let g = (loss / micro as f64)?.backward()?;
+                        let g = crate::nn::backward(&(loss / micro as f64)?)?;
                         grads = Some(match grads {
                             None => g,
                             Some(acc) => add_grads(acc, g, &all_vars)?,
