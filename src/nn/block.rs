@@ -53,6 +53,14 @@ pub enum BlockInput {
     Residual { n: Tensor, r: Tensor },
     /// `x + f(rms_norm(x) · weight)`: a pre-norm decoder's half layer, its RMSNorm included.
     RmsNormed { x: Tensor, weight: Tensor, eps: f64 },
+    /// `x + f(layer_norm(x) · weight + bias)`: a pre-norm encoder's (ViT's) half layer, its
+    /// LayerNorm included.
+    LayerNormed {
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
 }
 
 impl BlockInput {
@@ -60,7 +68,7 @@ impl BlockInput {
     pub fn input(&self) -> &Tensor {
         match self {
             BlockInput::Residual { n, .. } => n,
-            BlockInput::RmsNormed { x, .. } => x,
+            BlockInput::RmsNormed { x, .. } | BlockInput::LayerNormed { x, .. } => x,
         }
     }
 
@@ -70,6 +78,9 @@ impl BlockInput {
         match self {
             BlockInput::Residual { n, r } => ok(n) && ok(r),
             BlockInput::RmsNormed { x, weight, .. } => ok(x) && ok(weight),
+            BlockInput::LayerNormed {
+                x, weight, bias, ..
+            } => ok(x) && ok(weight) && ok(bias),
         }
     }
 
@@ -87,6 +98,17 @@ impl BlockInput {
                 weight: weight.clone(),
                 eps: *eps,
             },
+            BlockInput::LayerNormed {
+                x,
+                weight,
+                bias,
+                eps,
+            } => BlockInput::LayerNormed {
+                x: x.reshape((rows, width))?,
+                weight: weight.clone(),
+                bias: bias.clone(),
+                eps: *eps,
+            },
         })
     }
 
@@ -101,6 +123,9 @@ impl BlockInput {
             && match self {
                 BlockInput::Residual { r, .. } => r.dims() == out_dims,
                 BlockInput::RmsNormed { weight, .. } => width == out && weight.dims() == [width],
+                BlockInput::LayerNormed { weight, bias, .. } => {
+                    width == out && weight.dims() == [width] && bias.dims() == [width]
+                }
             };
         if !ok {
             candle_core::bail!("residual block: {self:?} does not fit widths {width} -> {out}")
@@ -115,6 +140,9 @@ impl BlockInput {
             || match self {
                 BlockInput::Residual { n, .. } => n.track_op(),
                 BlockInput::RmsNormed { x, weight, .. } => x.track_op() || weight.track_op(),
+                BlockInput::LayerNormed {
+                    x, weight, bias, ..
+                } => x.track_op() || weight.track_op() || bias.track_op(),
             }
     }
 
@@ -136,18 +164,17 @@ impl BlockInput {
                 })),
             ),
             BlockInput::RmsNormed { x, weight, eps } => {
-                let keep = x.track_op() || weight.track_op() || weights.trainable();
-                x.contiguous()?.apply_op3_arc(
-                    &weight.contiguous()?,
-                    &anchor,
-                    Arc::new(Box::new(PreNormed {
-                        kernel,
-                        weights,
-                        eps: *eps as f32,
-                        keep,
-                        kept: Mutex::new(None),
-                    })),
-                )
+                PreNormed::apply(kernel, weights, Norm::Rms, x, weight, *eps, anchor)
+            }
+            BlockInput::LayerNormed {
+                x,
+                weight,
+                bias,
+                eps,
+            } => {
+                // The scale and shift travel as one small tensor (2 · width values).
+                let params = Tensor::cat(&[weight, bias], 0)?;
+                PreNormed::apply(kernel, weights, Norm::Layer, x, &params, *eps, anchor)
             }
         }
     }
@@ -318,14 +345,81 @@ impl<K: BlockKernel> CustomOp3 for Residual<K> {
     }
 }
 
-/// `x + f(rms_norm(x) · w)`: inputs `(x, w, anchor)`.
+/// The norm a [`PreNormed`] block applies to its input.
+#[derive(Clone, Copy, PartialEq)]
+enum Norm {
+    /// RMSNorm; the op's norm parameters are its scale `[width]`.
+    Rms,
+    /// LayerNorm; the op's norm parameters are its scale and shift, `[2 · width]`.
+    Layer,
+}
+
+impl Norm {
+    /// Norm parameter values per row value.
+    fn params(self) -> usize {
+        match self {
+            Norm::Rms => 1,
+            Norm::Layer => 2,
+        }
+    }
+
+    fn forward(self, x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        match self {
+            Norm::Rms => rms_norm_rows(x, w, eps),
+            Norm::Layer => {
+                let width = w.len() / 2;
+                layer_norm_rows(x, &w[..width], &w[width..], eps)
+            }
+        }
+    }
+
+    /// Adds the input's gradient into `dx`; returns the norm parameters' gradient.
+    fn backward(self, x: &[f32], w: &[f32], eps: f32, dn: &[f32], dx: &mut [f32]) -> Vec<f32> {
+        match self {
+            Norm::Rms => rms_norm_rows_backward(x, w, eps, dn, dx),
+            Norm::Layer => {
+                let (dw, db) = layer_norm_rows_backward(x, &w[..w.len() / 2], eps, dn, dx);
+                [dw, db].concat()
+            }
+        }
+    }
+}
+
+/// `x + f(norm(x))`: inputs `(x, norm parameters, anchor)`.
 struct PreNormed<K> {
     kernel: K,
     weights: Weights,
+    norm: Norm,
     eps: f32,
     keep: bool,
     /// The normed input and the gathered weights, kept by the forward for the backward.
     kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl<K: BlockKernel> PreNormed<K> {
+    fn apply(
+        kernel: K,
+        weights: Weights,
+        norm: Norm,
+        x: &Tensor,
+        params: &Tensor,
+        eps: f64,
+        anchor: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let keep = x.track_op() || params.track_op() || weights.trainable();
+        x.contiguous()?.apply_op3_arc(
+            &params.contiguous()?,
+            &anchor,
+            Arc::new(Box::new(PreNormed {
+                kernel,
+                weights,
+                norm,
+                eps: eps as f32,
+                keep,
+                kept: Mutex::new(None),
+            })),
+        )
+    }
 }
 
 impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
@@ -345,11 +439,11 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         let x = cpu_f32(s1, l1, self.name())?;
         let w = cpu_f32(s2, l2, self.name())?;
         let (width, out) = self.kernel.widths();
-        if width != out || w.len() != width || x.len() % width.max(1) != 0 {
+        if width != out || w.len() != width * self.norm.params() || x.len() % width.max(1) != 0 {
             candle_core::bail!("{}: input {:?}, norm {:?}", self.name(), l1, l2)
         }
         let p = self.weights.gather(self.name())?;
-        let n = rms_norm_rows(x, w, self.eps);
+        let n = self.norm.forward(x, w, self.eps);
         let y = self.kernel.forward(&n, x, &p)?;
         if self.keep
             && let Ok(mut slot) = self.kept.lock()
@@ -378,7 +472,10 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
                         Some((n, p)) if n.len() == xs.len() && p.len() == self.weights.len => {
                             (n, p)
                         }
-                        _ => (rms_norm_rows(xs, ws, self.eps), self.weights.gather(name)?),
+                        _ => (
+                            self.norm.forward(xs, ws, self.eps),
+                            self.weights.gather(name)?,
+                        ),
                     };
                     let want_n = want_x || want_w;
                     let (dn, dp) = self.kernel.backward(&n, &p, g, want_n, want_p)?;
@@ -393,7 +490,7 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
                             dx.par_chunks_mut(1 << 14)
                                 .zip(g.par_chunks(1 << 14))
                                 .for_each(|(d, g)| d.copy_from_slice(g));
-                            let dw = rms_norm_rows_backward(xs, ws, self.eps, &dn, &mut dx);
+                            let dw = self.norm.backward(xs, ws, self.eps, &dn, &mut dx);
                             (Some(dx), Some(dw))
                         }
                         None => (None, None),

@@ -41,14 +41,26 @@ pub fn residual_mlp(
     fc2: &Linear,
     p: f32,
 ) -> candle_core::Result<Option<Tensor>> {
+    let input = BlockInput::Residual {
+        n: x.clone(),
+        r: r.clone(),
+    };
+    residual_mlp_block(&input, fc1, fc2, p)
+}
+
+/// [`residual_mlp`] on any [`BlockInput`]: with [`BlockInput::LayerNormed`], a pre-norm
+/// encoder's (ViT's) whole feed-forward half layer, `x + dropout(fc2(gelu(fc1(ln(x)))))`, as
+/// one op.
+pub fn residual_mlp_block(
+    input: &BlockInput,
+    fc1: &Linear,
+    fc2: &Linear,
+    p: f32,
+) -> candle_core::Result<Option<Tensor>> {
     let (Some(b1), Some(b2)) = (&fc1.bias, &fc2.bias) else {
         return Ok(None);
     };
-    let tensors = [x, r, &fc1.weight, b1, &fc2.weight, b2];
-    let native = tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-    if !native || fc1.lora.is_some() || fc2.lora.is_some() {
+    if !input.native() || fc1.lora.is_some() || fc2.lora.is_some() {
         return Ok(None);
     }
     let (inner, hidden) = fc1.weight.dims2()?;
@@ -56,10 +68,6 @@ pub fn residual_mlp(
     if inner2 != inner {
         candle_core::bail!("residual mlp: fc1 [{inner}, {hidden}], fc2 [{out}, {inner2}]")
     }
-    let input = BlockInput::Residual {
-        n: x.clone(),
-        r: r.clone(),
-    };
     input.check(hidden, out)?;
     let Some(weights) = Weights::new(vec![
         fc1.weight.clone(),
@@ -77,8 +85,12 @@ pub fn residual_mlp(
         kept: Mutex::new(None),
         dropout: Dropout::new(p),
     };
+    let mut out_dims = input.input().dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out;
+    }
     let y = input.rows(hidden, out)?.apply(kernel, weights)?;
-    Ok(Some(y.reshape(r.dims())?))
+    Ok(Some(y.reshape(out_dims)?))
 }
 
 /// [`residual_mlp`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the

@@ -517,8 +517,8 @@ pub(super) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<
     out
 }
 
-/// [`layer_norm_rows`]'s backward for the output's gradient `g`: the input's gradient into
-/// `dx`, and the scale's and shift's gradients returned.
+/// [`layer_norm_rows`]'s backward for the output's gradient `g`: the input's gradient added
+/// into `dx`, and the scale's and shift's gradients returned.
 pub(super) fn layer_norm_rows_backward(
     x: &[f32],
     w: &[f32],
@@ -552,7 +552,7 @@ pub(super) fn layer_norm_rows_backward(
                 let mean_gw_xhat = sum_gw_xhat / dim as f32;
                 for i in 0..dim {
                     let xhat = (xr[i] - mean) * rstd;
-                    dxr[i] = rstd * (gr[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
+                    dxr[i] += rstd * (gr[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
                 }
             }
             (dw, db)

@@ -664,7 +664,6 @@ impl VitForImageClassification {
         let heads = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()
         };
-        let normed = l.ln_before.forward(x)?;
         let scale = 1.0 / (dh as f64).sqrt();
         let p = if train {
             cfg.attention_probs_dropout_prob as f32
@@ -676,23 +675,24 @@ impl VitForImageClassification {
             seed: if p > 0.0 { dropout_seed() } else { 0 },
             ..AttentionSpec::new(nh, nh, scale as f32)
         };
-        // On the CPU, the whole attention block and its residual in one kernel where it
-        // applies (no dropout after the output projection, no adapters, enough rows).
+        // On the CPU, the whole attention half layer (its LayerNorm, the block and its
+        // residual) as one op where it applies (no dropout after the output projection, no
+        // adapters).
         let block = if l.ln_before.fused && !(train && cfg.hidden_dropout_prob > 0.0) {
             let projections = [&l.query, &l.key, &l.value, &l.attn_out];
-            {
-                let input = BlockInput::Residual {
-                    n: normed.clone(),
-                    r: x.clone(),
-                };
-                attention::residual_attention(&input, projections, spec.clone(), None)?
-            }
+            attention::residual_attention(
+                &normed_input(&l.ln_before, x),
+                projections,
+                spec.clone(),
+                None,
+            )?
         } else {
             None
         };
         let x = match block {
             Some(y) => y,
             None => {
+                let normed = l.ln_before.forward(x)?;
                 let (q, k, v) = (
                     l.query.forward_t(&normed, train)?,
                     l.key.forward_t(&normed, train)?,
@@ -728,16 +728,22 @@ impl VitForImageClassification {
                 (attn + x)?
             }
         };
-        let normed = l.ln_after.forward(&x)?;
-        // On the CPU, the feed-forward block, its dropout and its residual in one kernel
-        // (exact GELU, no adapters; `residual_mlp` says None otherwise).
+        // On the CPU, the feed-forward half layer (its LayerNorm, the block, its dropout and
+        // its residual) as one op (exact GELU, no adapters; `residual_mlp_block` says None
+        // otherwise).
         let p = if train { cfg.hidden_dropout_prob } else { 0.0 };
         if l.ln_after.fused
             && matches!(cfg.hidden_act, HiddenAct::Gelu)
-            && let Some(y) = mlp::residual_mlp(&normed, &x, &l.intermediate, &l.output, p as f32)?
+            && let Some(y) = mlp::residual_mlp_block(
+                &normed_input(&l.ln_after, &x),
+                &l.intermediate,
+                &l.output,
+                p as f32,
+            )?
         {
             return Ok(y);
         }
+        let normed = l.ln_after.forward(&x)?;
         let inter = l.intermediate.forward_t(&normed, train)?;
         let inter = match cfg.hidden_act {
             HiddenAct::Gelu => ops::gelu_erf(&inter)?,
@@ -970,4 +976,14 @@ pub fn write_tiny_vit(dir: &Path, config: &VitConfig, seed: u64) -> Result<()> {
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     Ok(())
+}
+
+/// `x` as the input of a block that applies `ln` to it inside the op.
+fn normed_input(ln: &LayerNorm, x: &Tensor) -> BlockInput {
+    BlockInput::LayerNormed {
+        x: x.clone(),
+        weight: ln.weight.clone(),
+        bias: ln.bias.clone(),
+        eps: ln.eps,
+    }
 }
