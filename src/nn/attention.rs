@@ -250,14 +250,15 @@ pub fn residual_attention(
     Ok(Some(input.apply(kernel, weights)?))
 }
 
-/// Where the four projections' weights and biases lie in the flat parameters.
+/// Which of a block's weights are the four projections' weights and biases.
 struct Projections {
     /// `(out, in)` of q, k, v, o.
     shapes: [(usize, usize); 4],
-    /// Offset of each weight; its bias (where it has one) follows it.
+    /// Index of each weight among the block's weights; its bias (where it has one) follows it.
     at: [usize; 4],
     bias: [bool; 4],
-    len: usize,
+    /// How many weights the block has.
+    count: usize,
 }
 
 impl Projections {
@@ -267,44 +268,68 @@ impl Projections {
 
     fn new(shapes: [(usize, usize); 4], bias: [bool; 4]) -> Self {
         let mut at = [0; 4];
-        let mut len = 0;
+        let mut count = 0;
         for i in 0..4 {
-            at[i] = len;
-            let (out, inp) = shapes[i];
-            len += out * inp + if bias[i] { out } else { 0 };
+            at[i] = count;
+            count += 1 + usize::from(bias[i]);
         }
         Projections {
             shapes,
             at,
             bias,
-            len,
+            count,
         }
     }
 
-    /// Projection `i`'s weight `[out, in]` and bias in `p` (or in its gradient).
-    fn get<'a>(&self, p: &'a [f32], i: usize) -> (&'a [f32], Option<&'a [f32]>) {
-        let (out, inp) = self.shapes[i];
-        let w = &p[self.at[i]..self.at[i] + out * inp];
-        let b = self.bias[i].then(|| &p[self.at[i] + out * inp..self.at[i] + out * inp + out]);
-        (w, b)
+    /// Checks that `p` holds the block's weights, each of its size.
+    fn check(&self, p: &[&[f32]]) -> candle_core::Result<()> {
+        let fits = p.len() == self.count
+            && (0..4).all(|i| {
+                let (out, inp) = self.shapes[i];
+                p[self.at[i]].len() == out * inp
+                    && (!self.bias[i] || p[self.at[i] + 1].len() == out)
+            });
+        if !fits {
+            candle_core::bail!("residual attention: weights do not fit {:?}", self.shapes)
+        }
+        Ok(())
     }
 
-    fn get_mut<'a>(&self, p: &'a mut [f32], i: usize) -> (&'a mut [f32], Option<&'a mut [f32]>) {
-        let (out, inp) = self.shapes[i];
-        let end = self.at[i] + out * inp + if self.bias[i] { out } else { 0 };
-        let (w, b) = p[self.at[i]..end].split_at_mut(out * inp);
-        (w, self.bias[i].then_some(b))
+    /// Projection `i`'s weight `[out, in]` and bias.
+    fn get<'a>(&self, p: &[&'a [f32]], i: usize) -> (&'a [f32], Option<&'a [f32]>) {
+        (p[self.at[i]], self.bias[i].then(|| p[self.at[i] + 1]))
+    }
+
+    /// Projection `i`'s weight and bias gradients in `dp`.
+    fn get_mut<'a>(
+        &self,
+        dp: &'a mut [Vec<f32>],
+        i: usize,
+    ) -> (&'a mut [f32], Option<&'a mut [f32]>) {
+        let (w, rest) = dp[self.at[i]..].split_at_mut(1);
+        let b = if self.bias[i] {
+            rest.first_mut().map(|b| b.as_mut_slice())
+        } else {
+            None
+        };
+        (w[0].as_mut_slice(), b)
     }
 
     /// `x · wᵀ + b` for projection `i`, `x` being `[rows, in]`.
-    fn apply(&self, p: &[f32], i: usize, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+    fn apply(&self, p: &[&[f32]], i: usize, x: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (w, b) = self.get(p, i);
         linear(x, w, b, self.shapes[i])
     }
 
     /// Projection `i`'s weight and bias gradients into `dp`, from its output's gradient `d`
     /// `[rows, out]` and its input `x` `[rows, in]`: dW = dᵀ · x, db = column sums of d.
-    fn gradients(&self, dp: &mut [f32], i: usize, d: &[f32], x: &[f32]) -> candle_core::Result<()> {
+    fn gradients(
+        &self,
+        dp: &mut [Vec<f32>],
+        i: usize,
+        d: &[f32],
+        x: &[f32],
+    ) -> candle_core::Result<()> {
         let (dw, db) = self.get_mut(dp, i);
         linear_weight_gradient(dw, d, x, self.shapes[i])?;
         if let Some(db) = db {
@@ -316,7 +341,7 @@ impl Projections {
     /// `Σ dᵢ · wᵢ` over projections `is` (the gradient of their shared input).
     fn input_gradient(
         &self,
-        p: &[f32],
+        p: &[&[f32]],
         ds: &[(usize, &[f32])],
         rows: usize,
     ) -> candle_core::Result<Vec<f32>> {
@@ -363,8 +388,8 @@ impl Rotary {
     }
 }
 
-/// [`residual_attention`]'s kernel: inputs `(n, r, params)`, the parameters flat as the four
-/// projections' weights (and biases, where they have them) in the order q, k, v, o.
+/// [`residual_attention`]'s kernel: inputs `(n, r)`, the weights the four projections'
+/// weights (and biases, where they have them) in the order q, k, v, o.
 struct ResidualAttention {
     attn: FusedAttention,
     g: Geometry,
@@ -377,7 +402,7 @@ struct ResidualAttention {
 
 impl ResidualAttention {
     /// `q`, `k` (both rotated), `v` and the attention's output for `n`.
-    fn inner(&self, n: &[f32], p: &[f32]) -> candle_core::Result<[Vec<f32>; 4]> {
+    fn inner(&self, n: &[f32], p: &[&[f32]]) -> candle_core::Result<[Vec<f32>; 4]> {
         let g = &self.g;
         let mut q = self.p.apply(p, 0, n)?;
         let mut k = self.p.apply(p, 1, n)?;
@@ -401,10 +426,15 @@ impl BlockKernel for ResidualAttention {
         (h, h)
     }
 
-    fn forward(&self, n: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>> {
+    fn forward(&self, n: &[f32], r: &[f32], p: &[&[f32]]) -> candle_core::Result<Vec<f32>> {
         let h = self.p.shapes[3].0;
-        if p.len() != self.p.len || n.len() != r.len() {
-            candle_core::bail!("residual attention: {} parameters for width {h}", p.len())
+        self.p.check(p)?;
+        if n.len() != r.len() {
+            candle_core::bail!(
+                "residual attention: input of {}, residual of {}",
+                n.len(),
+                r.len()
+            )
         }
         let saved = self.inner(n, p)?;
         // y = r (+ bo), then += ctx · woᵀ.
@@ -434,11 +464,12 @@ impl BlockKernel for ResidualAttention {
     fn backward(
         &self,
         n: &[f32],
-        p: &[f32],
+        p: &[&[f32]],
         g: &[f32],
         want_n: bool,
         want_p: bool,
     ) -> candle_core::Result<Gradients> {
+        self.p.check(p)?;
         let att = &self.g;
         let h = self.p.shapes[3].0;
         let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
@@ -448,7 +479,7 @@ impl BlockKernel for ResidualAttention {
             _ => self.inner(n, p)?,
         };
         let mut dp = if want_p {
-            super::gemm::zeroed(p.len())
+            super::block::zeroed_like(p)
         } else {
             Vec::new()
         };

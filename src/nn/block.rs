@@ -21,8 +21,9 @@ use super::ops::{
     with_cpu_f32,
 };
 
-/// A block's input and parameter gradients, each where asked for.
-pub(super) type Gradients = (Option<Vec<f32>>, Option<Vec<f32>>);
+/// A block's input gradient and its weights' gradients (one per weight, in the weights'
+/// order), each where asked for.
+pub(super) type Gradients = (Option<Vec<f32>>, Option<Vec<Vec<f32>>>);
 
 /// A residual block's computation on contiguous f32 rows.
 pub(super) trait BlockKernel: Send + Sync + 'static {
@@ -31,15 +32,16 @@ pub(super) trait BlockKernel: Send + Sync + 'static {
     /// Row widths of the block's input `n` and of its output (the residual's).
     fn widths(&self) -> (usize, usize);
 
-    /// `r + f(n, p)`. A kernel built to keep what its backward needs keeps it here.
-    fn forward(&self, n: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>>;
+    /// `r + f(n, p)`, `p` being the block's weights in place, in the order the kernel was
+    /// built for. A kernel built to keep what its backward needs keeps it here.
+    fn forward(&self, n: &[f32], r: &[f32], p: &[&[f32]]) -> candle_core::Result<Vec<f32>>;
 
-    /// The gradients of `n` (when `want_n`) and of `p` (when `want_p`) for the output's
-    /// gradient `g` (the residual's is `g` itself).
+    /// The gradients of `n` (when `want_n`) and of each weight in `p` (when `want_p`) for the
+    /// output's gradient `g` (the residual's is `g` itself).
     fn backward(
         &self,
         n: &[f32],
-        p: &[f32],
+        p: &[&[f32]],
         g: &[f32],
         want_n: bool,
         want_p: bool,
@@ -157,11 +159,7 @@ impl BlockInput {
             BlockInput::Residual { n, r } => n.contiguous()?.apply_op3_arc(
                 &r.contiguous()?,
                 &anchor,
-                Arc::new(Box::new(Residual {
-                    kernel,
-                    weights,
-                    flat: Mutex::new(None),
-                })),
+                Arc::new(Box::new(Residual { kernel, weights })),
             ),
             BlockInput::RmsNormed { x, weight, eps } => {
                 PreNormed::apply(kernel, weights, Norm::Rms, x, weight, *eps, anchor)
@@ -182,13 +180,10 @@ impl BlockInput {
 
 /// A fused block's weights, read in place by its op rather than passed as a candle input (a
 /// custom op takes three tensors; see [`super::autograd`] for what concatenating them cost).
-/// The kernels see them as one flat slice in the order given, copied on the pool; the
+/// The kernels see each as a slice of its own storage (no copy), in the order given; the
 /// gradients of those that are variables go to [`super::autograd::deposit`].
 pub(super) struct Weights {
     tensors: Vec<Tensor>,
-    /// Where each tensor starts in the flat slice.
-    at: Vec<usize>,
-    len: usize,
     trainable: bool,
 }
 
@@ -206,19 +201,8 @@ impl Weights {
         if !tensors.iter().all(fits) {
             return None;
         }
-        let mut at = Vec::with_capacity(tensors.len());
-        let mut len = 0;
-        for t in &tensors {
-            at.push(len);
-            len += t.elem_count();
-        }
         let trainable = tensors.iter().any(|t| t.is_variable());
-        Some(Weights {
-            tensors,
-            at,
-            len,
-            trainable,
-        })
+        Some(Weights { tensors, trainable })
     }
 
     /// Whether any weight is a variable (the kernel then computes the weights' gradients).
@@ -231,58 +215,59 @@ impl Weights {
         super::autograd::anchor(self.trainable)
     }
 
-    /// Every weight, flattened and concatenated in order.
-    fn gather(&self, op: &'static str) -> candle_core::Result<Vec<f32>> {
-        let mut flat = zeroed(self.len);
-        for (t, &at) in self.tensors.iter().zip(&self.at) {
-            with_cpu_f32(t, op, |w| {
-                flat[at..at + w.len()]
-                    .par_chunks_mut(TASK)
-                    .zip(w.par_chunks(TASK))
-                    .for_each(|(d, s)| d.copy_from_slice(s));
-                Ok(())
-            })?;
+    /// Runs `f` on the weights' values, read in place (their storages stay read-locked
+    /// meanwhile, as candle does for an op's inputs).
+    fn with_slices<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let held: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|t| t.storage_and_layout())
+            .collect();
+        let mut slices = Vec::with_capacity(held.len());
+        for (storage, layout) in &held {
+            match &**storage {
+                candle_core::Storage::Cpu(cpu) => slices.push(cpu_f32(cpu, layout, op)?),
+                _ => candle_core::bail!("{op}: fused kernel only runs on the CPU"),
+            }
         }
-        Ok(flat)
+        f(&slices)
     }
 
-    /// Deposits each variable's part of the flat gradient `dp`.
-    fn deposit(&self, dp: &[f32]) -> candle_core::Result<()> {
-        if dp.len() != self.len {
-            candle_core::bail!("block weights: gradient of {} for {}", dp.len(), self.len)
+    /// Deposits the gradient of each weight that is a variable (`dp` in the weights' order).
+    fn deposit(&self, dp: Vec<Vec<f32>>) -> candle_core::Result<()> {
+        if dp.len() != self.tensors.len() {
+            candle_core::bail!(
+                "block weights: {} gradients for {} weights",
+                dp.len(),
+                self.tensors.len()
+            )
         }
-        for (t, &at) in self.tensors.iter().zip(&self.at) {
+        for (t, g) in self.tensors.iter().zip(dp) {
             if !t.is_variable() {
                 continue;
             }
-            let mut g = zeroed(t.elem_count());
-            g.par_chunks_mut(TASK)
-                .zip(dp[at..at + t.elem_count()].par_chunks(TASK))
-                .for_each(|(d, s)| d.copy_from_slice(s));
+            if g.len() != t.elem_count() {
+                candle_core::bail!("block weights: gradient of {} for {:?}", g.len(), t.shape())
+            }
             super::autograd::deposit(t, Tensor::from_vec(g, t.shape(), t.device())?);
         }
         Ok(())
     }
 }
 
-/// The flat weights the forward gathered, when it kept them for the backward, or a fresh copy.
-fn kept_or_gathered(
-    kept: &Mutex<Option<Vec<f32>>>,
-    weights: &Weights,
-    op: &'static str,
-) -> candle_core::Result<Vec<f32>> {
-    match kept.lock().ok().and_then(|mut slot| slot.take()) {
-        Some(p) if p.len() == weights.len => Ok(p),
-        _ => weights.gather(op),
-    }
+/// Zeroed gradients shaped like the weights `p`.
+pub(super) fn zeroed_like(p: &[&[f32]]) -> Vec<Vec<f32>> {
+    p.iter().map(|w| zeroed(w.len())).collect()
 }
 
 /// `r + f(n)`: inputs `(n, r, anchor)`.
 struct Residual<K> {
     kernel: K,
     weights: Weights,
-    /// The gathered weights, kept by the forward for the backward.
-    flat: Mutex<Option<Vec<f32>>>,
 }
 
 impl<K: BlockKernel> CustomOp3 for Residual<K> {
@@ -305,13 +290,9 @@ impl<K: BlockKernel> CustomOp3 for Residual<K> {
         if n.len() / width.max(1) * out != r.len() {
             candle_core::bail!("{}: input {:?}, residual {:?}", self.name(), l1, l2)
         }
-        let p = self.weights.gather(self.name())?;
-        let y = self.kernel.forward(n, r, &p)?;
-        if self.weights.trainable
-            && let Ok(mut slot) = self.flat.lock()
-        {
-            *slot = Some(p);
-        }
+        let y = self
+            .weights
+            .with_slices(self.name(), |p| self.kernel.forward(n, r, p))?;
         Ok((CpuStorage::F32(y), l2.shape().clone()))
     }
 
@@ -326,15 +307,14 @@ impl<K: BlockKernel> CustomOp3 for Residual<K> {
         let grad = grad.contiguous()?;
         let name = self.name();
         let (want_n, want_p) = (n.track_op(), self.weights.trainable);
-        let p = kept_or_gathered(&self.flat, &self.weights, name)?;
         let (dn, dp) = with_cpu_f32(n, name, |ns| {
             with_cpu_f32(&grad, name, |g| {
-                self.kernel.backward(ns, &p, g, want_n, want_p)
+                self.weights
+                    .with_slices(name, |p| self.kernel.backward(ns, p, g, want_n, want_p))
             })
         })?;
-        drop(p);
         if let Some(dp) = dp.filter(|_| want_p) {
-            self.weights.deposit(&dp)?;
+            self.weights.deposit(dp)?;
         }
         let dn = dn
             .filter(|_| want_n)
@@ -392,8 +372,8 @@ struct PreNormed<K> {
     norm: Norm,
     eps: f32,
     keep: bool,
-    /// The normed input and the gathered weights, kept by the forward for the backward.
-    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    /// The normed input, kept by the forward for the backward.
+    kept: Mutex<Option<Vec<f32>>>,
 }
 
 impl<K: BlockKernel> PreNormed<K> {
@@ -442,13 +422,14 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         if width != out || w.len() != width * self.norm.params() || x.len() % width.max(1) != 0 {
             candle_core::bail!("{}: input {:?}, norm {:?}", self.name(), l1, l2)
         }
-        let p = self.weights.gather(self.name())?;
         let n = self.norm.forward(x, w, self.eps);
-        let y = self.kernel.forward(&n, x, &p)?;
+        let y = self
+            .weights
+            .with_slices(self.name(), |p| self.kernel.forward(&n, x, p))?;
         if self.keep
             && let Ok(mut slot) = self.kept.lock()
         {
-            *slot = Some((n, p));
+            *slot = Some(n);
         }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -468,20 +449,17 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         let (dx, dw) = with_cpu_f32(x, name, |xs| {
             with_cpu_f32(w, name, |ws| {
                 with_cpu_f32(&grad, name, |g| {
-                    let (n, p) = match kept {
-                        Some((n, p)) if n.len() == xs.len() && p.len() == self.weights.len => {
-                            (n, p)
-                        }
-                        _ => (
-                            self.norm.forward(xs, ws, self.eps),
-                            self.weights.gather(name)?,
-                        ),
+                    let n = match kept {
+                        Some(n) if n.len() == xs.len() => n,
+                        _ => self.norm.forward(xs, ws, self.eps),
                     };
                     let want_n = want_x || want_w;
-                    let (dn, dp) = self.kernel.backward(&n, &p, g, want_n, want_p)?;
-                    drop((n, p));
+                    let (dn, dp) = self
+                        .weights
+                        .with_slices(name, |p| self.kernel.backward(&n, p, g, want_n, want_p))?;
+                    drop(n);
                     if let Some(dp) = dp.filter(|_| want_p) {
-                        self.weights.deposit(&dp)?;
+                        self.weights.deposit(dp)?;
                     }
                     Ok(match dn {
                         Some(dn) => {

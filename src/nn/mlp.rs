@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients, Weights};
+use super::block::{BlockInput, BlockKernel, Gradients, Weights, zeroed_like};
 use super::gemm::{
     linear, linear_input_gradient, linear_rows, linear_weight_gradient, repeated, zeroed,
 };
@@ -152,7 +152,7 @@ impl Dropout {
 /// 2⁶⁴ / φ, the multiplier that spreads consecutive indices over the hash's input.
 const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// The four parameters' slices of the flat parameter vector.
+/// The four weights of a [`ResidualMlp`] block.
 struct Params<'a> {
     w1: &'a [f32],
     b1: &'a [f32],
@@ -161,29 +161,24 @@ struct Params<'a> {
 }
 
 impl ResidualMlp {
-    fn param_len(&self) -> usize {
-        self.inner * self.hidden + self.inner + self.out * self.inner + self.out
+    fn sizes(&self) -> [usize; 4] {
+        [
+            self.inner * self.hidden,
+            self.inner,
+            self.out * self.inner,
+            self.out,
+        ]
     }
 
-    fn split<'a, T>(&self, p: &'a mut [T]) -> (&'a mut [T], &'a mut [T], &'a mut [T], &'a mut [T]) {
-        let (w1, rest) = p.split_at_mut(self.inner * self.hidden);
-        let (b1, rest) = rest.split_at_mut(self.inner);
-        let (w2, b2) = rest.split_at_mut(self.out * self.inner);
-        (w1, b1, w2, b2)
-    }
-
-    fn params<'a>(&self, p: &'a [f32]) -> candle_core::Result<Params<'a>> {
-        if p.len() != self.param_len() {
-            candle_core::bail!(
-                "residual mlp: {} parameters, {} expected",
-                p.len(),
-                self.param_len()
-            )
+    fn params<'a>(&self, p: &[&'a [f32]]) -> candle_core::Result<Params<'a>> {
+        let sizes: Vec<usize> = p.iter().map(|w| w.len()).collect();
+        match p {
+            &[w1, b1, w2, b2] if sizes == self.sizes() => Ok(Params { w1, b1, w2, b2 }),
+            _ => candle_core::bail!(
+                "residual mlp: weights of {sizes:?}, {:?} expected",
+                self.sizes()
+            ),
         }
-        let (w1, rest) = p.split_at(self.inner * self.hidden);
-        let (b1, rest) = rest.split_at(self.inner);
-        let (w2, b2) = rest.split_at(self.out * self.inner);
-        Ok(Params { w1, b1, w2, b2 })
     }
 
     /// `x · w1ᵀ + b1`, `[rows, inner]`.
@@ -217,7 +212,7 @@ impl BlockKernel for ResidualMlp {
         (self.hidden, self.out)
     }
 
-    fn forward(&self, x: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>> {
+    fn forward(&self, x: &[f32], r: &[f32], p: &[&[f32]]) -> candle_core::Result<Vec<f32>> {
         let p = self.params(p)?;
         let rows = x.len() / self.hidden.max(1);
         if r.len() != rows * self.out {
@@ -250,7 +245,7 @@ impl BlockKernel for ResidualMlp {
     fn backward(
         &self,
         x: &[f32],
-        pflat: &[f32],
+        weights: &[&[f32]],
         g: &[f32],
         want_x: bool,
         want_p: bool,
@@ -272,7 +267,7 @@ impl BlockKernel for ResidualMlp {
         };
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
         let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
-        let p = self.params(pflat)?;
+        let p = self.params(weights)?;
         let rows = x.len() / hidden.max(1);
         let (mut pre, act) = match kept {
             Some((pre, act)) if pre.len() == rows * inner => (pre, act),
@@ -283,12 +278,11 @@ impl BlockKernel for ResidualMlp {
             }
         };
         let mut dp = if want_p {
-            zeroed(self.param_len())
+            zeroed_like(weights)
         } else {
             Vec::new()
         };
-        if want_p {
-            let (_, _, dw2, db2) = self.split(&mut dp);
+        if let [_, _, dw2, db2] = dp.as_mut_slice() {
             // dw2 [out, inner] = gᵀ · gelu(pre); db2 = column sums of g.
             linear_weight_gradient(dw2, g, &act, (out, inner))?;
             db2.copy_from_slice(&column_sums(g, out));
@@ -311,8 +305,7 @@ impl BlockKernel for ResidualMlp {
             });
         drop(dpre);
         let dpre = pre;
-        if want_p {
-            let (dw1, db1, _, _) = self.split(&mut dp);
+        if let [dw1, db1, _, _] = dp.as_mut_slice() {
             // dw1 [inner, hidden] = dpreᵀ · x; db1 = column sums of dpre.
             linear_weight_gradient(dw1, &dpre, x, (inner, hidden))?;
             db1.copy_from_slice(&column_sums(&dpre, inner));
@@ -406,22 +399,22 @@ fn sigmoid(v: f32) -> f32 {
 }
 
 impl ResidualSwiglu {
-    fn param_len(&self) -> usize {
-        2 * self.inner * self.hidden + self.out * self.inner
-    }
-
-    /// `(gate, up, down)` slices of the flat parameters.
-    fn params<'a>(&self, p: &'a [f32]) -> candle_core::Result<(&'a [f32], &'a [f32], &'a [f32])> {
-        if p.len() != self.param_len() {
-            candle_core::bail!(
-                "residual swiglu: {} parameters, {} expected",
-                p.len(),
-                self.param_len()
-            )
+    /// The `(gate, up, down)` weights.
+    #[allow(clippy::type_complexity)]
+    fn params<'a>(
+        &self,
+        p: &[&'a [f32]],
+    ) -> candle_core::Result<(&'a [f32], &'a [f32], &'a [f32])> {
+        let (gate, down) = (self.inner * self.hidden, self.out * self.inner);
+        match p {
+            &[wg, wu, wd] if wg.len() == gate && wu.len() == gate && wd.len() == down => {
+                Ok((wg, wu, wd))
+            }
+            _ => candle_core::bail!(
+                "residual swiglu: weights of {:?}, [{gate}, {gate}, {down}] expected",
+                p.iter().map(|w| w.len()).collect::<Vec<_>>()
+            ),
         }
-        let (wg, rest) = p.split_at(self.inner * self.hidden);
-        let (wu, wd) = rest.split_at(self.inner * self.hidden);
-        Ok((wg, wu, wd))
     }
 
     /// `x · wᵀ` for one of the two input projections, `[rows, inner]`.
@@ -453,7 +446,7 @@ impl BlockKernel for ResidualSwiglu {
         (self.hidden, self.out)
     }
 
-    fn forward(&self, x: &[f32], r: &[f32], p: &[f32]) -> candle_core::Result<Vec<f32>> {
+    fn forward(&self, x: &[f32], r: &[f32], p: &[&[f32]]) -> candle_core::Result<Vec<f32>> {
         let (wg, wu, wd) = self.params(p)?;
         let rows = x.len() / self.hidden.max(1);
         if r.len() != rows * self.out {
@@ -479,7 +472,7 @@ impl BlockKernel for ResidualSwiglu {
     fn backward(
         &self,
         x: &[f32],
-        p: &[f32],
+        p: &[&[f32]],
         g: &[f32],
         want_x: bool,
         want_p: bool,
@@ -492,14 +485,9 @@ impl BlockKernel for ResidualSwiglu {
             Some(saved) if saved.gate.len() == rows * inner => saved,
             _ => self.forward_parts(x, wg, wu)?,
         };
-        let mut dp = if want_p {
-            zeroed(self.param_len())
-        } else {
-            Vec::new()
-        };
-        if want_p {
+        let mut dp = if want_p { zeroed_like(p) } else { Vec::new() };
+        if let [_, _, dwd] = dp.as_mut_slice() {
             // d(down) [out, inner] = gᵀ · act.
-            let dwd = &mut dp[2 * inner * hidden..];
             linear_weight_gradient(dwd, g, &act, (out, inner))?;
         }
         drop(act);
@@ -526,9 +514,7 @@ impl BlockKernel for ResidualSwiglu {
                 }
             });
         drop(dact);
-        if want_p {
-            let (dwg, rest) = dp.split_at_mut(inner * hidden);
-            let dwu = &mut rest[..inner * hidden];
+        if let [dwg, dwu, _] = dp.as_mut_slice() {
             for (dw, d) in [(dwg, &dgate), (dwu, &dup)] {
                 // d(w) [inner, hidden] = dᵀ · x.
                 linear_weight_gradient(dw, d, x, (inner, hidden))?;
