@@ -5,7 +5,7 @@
 //! (`[n, k]`, PyTorch's layout) is rearranged once into panels of 16 output columns, each
 //! stored k-major (`[k][16]`), so the kernel streams a panel with one vector load per step
 //! while broadcasting the activations straight from their rows. The micro-kernel keeps a
-//! tile of up to 6 rows × 32 columns in AVX-512 registers. It is used only on CPUs with
+//! tile of up to 8 rows × 32 columns in AVX-512 registers. It is used only on CPUs with
 //! AVX-512 (`PackedWeight::available`); elsewhere callers keep the general path.
 
 use std::sync::Arc;
@@ -16,8 +16,11 @@ use crate::nn::layers::Linear;
 
 /// Output columns per panel (one 512-bit vector of f32).
 const NR: usize = 16;
-/// Rows per micro-tile.
-const MR: usize = 6;
+/// Rows per micro-tile: 8 × 2 accumulator vectors, the 2 weight vectors and a broadcast
+/// take 19 of the 32 AVX-512 registers. Each tile streams its column block's two panels
+/// (`2 · k · NR` values, from L2 once `k` is past a few hundred), so taller tiles stream them
+/// fewer times per product.
+const MR: usize = 8;
 /// Products with more rows than this go to the general gemm (measured on MiniLM serving:
 /// the packed kernel is ahead up to a few hundred rows, behind at 800).
 const MAX_ROWS: usize = 256;
@@ -189,7 +192,27 @@ impl PackedWeight {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile(&self, x: &[f32], i0: usize, rows: usize, block: usize, out: OutPtr) {
-        // SAFETY: the caller (`matmul`) checked AVX-512F and the sizes: rows i0..i0+rows of
+        // SAFETY: as `tile_rows`, whose row count each arm fixes at compile time (so its
+        // loops unroll with no per-row test).
+        unsafe {
+            match rows {
+                8 => self.tile_rows::<8>(x, i0, block, out),
+                7 => self.tile_rows::<7>(x, i0, block, out),
+                6 => self.tile_rows::<6>(x, i0, block, out),
+                5 => self.tile_rows::<5>(x, i0, block, out),
+                4 => self.tile_rows::<4>(x, i0, block, out),
+                3 => self.tile_rows::<3>(x, i0, block, out),
+                2 => self.tile_rows::<2>(x, i0, block, out),
+                _ => self.tile_rows::<1>(x, i0, block, out),
+            }
+        }
+    }
+
+    /// [`Self::tile`] for `R` rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_rows<const R: usize>(&self, x: &[f32], i0: usize, block: usize, out: OutPtr) {
+        // SAFETY: the caller (`matmul`) checked AVX-512F and the sizes: rows i0..i0+R of
         // x exist, the block's two panels hold 2·k·NR values, and the columns written are
         // this block's, inside row i0 + r of y.
         unsafe {
@@ -198,24 +221,24 @@ impl PackedWeight {
             let p0 = self.data.as_ptr().add(2 * block * k * NR);
             let p1 = p0.add(k * NR);
             let xr = x.as_ptr().add(i0 * k);
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for kk in 0..k {
                 let w0 = _mm512_loadu_ps(p0.add(kk * NR));
                 let w1 = _mm512_loadu_ps(p1.add(kk * NR));
-                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*xr.add(r * k + kk));
                     a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
                     a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
                 }
             }
-            let mut tile = [[0f32; 2 * NR]; MR];
-            for (r, a) in acc.iter().enumerate().take(rows) {
+            let mut tile = [[0f32; 2 * NR]; R];
+            for (r, a) in acc.iter().enumerate() {
                 _mm512_storeu_ps(tile[r].as_mut_ptr(), a[0]);
                 _mm512_storeu_ps(tile[r].as_mut_ptr().add(NR), a[1]);
             }
             let j0 = block * 2 * NR;
             let cols = (2 * NR).min(self.n.saturating_sub(j0));
-            for (r, t) in tile.iter().enumerate().take(rows) {
+            for (r, t) in tile.iter().enumerate() {
                 let dst = out.0.add((i0 + r) * self.n + j0);
                 for (c, v) in t.iter().enumerate().take(cols) {
                     let b = self.bias.as_ref().map_or(0.0, |b| b[j0 + c]);
