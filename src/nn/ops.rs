@@ -1286,15 +1286,7 @@ mod tests {
             .as_tensor()
             .index_select(&ids.flatten_all().unwrap(), 0)
             .unwrap();
-        let diff = (&fused - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(max_abs_diff(&fused, &reference), 0.0);
         let g1 = (&fused * &up)
             .unwrap()
             .sum_all()
