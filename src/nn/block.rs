@@ -1,12 +1,15 @@
 //! A transformer's residual half-layers as single CPU ops: `r + f(n)` where `f` is a block
-//! kernel (the attention block of [`super::attention::residual_attention`], the gated
-//! feed-forward block of [`super::mlp::residual_swiglu`]), or, for pre-norm decoders,
-//! `x + f(rms_norm(x) · w)` with the RMSNorm inside the op too.
+//! kernel (the attention block of [`super::attention::residual_attention`], the feed-forward
+//! blocks of [`super::mlp::residual_mlp_block`] and [`super::mlp::residual_swiglu`]), or, for
+//! pre-norm models, `x + f(norm(x))` with the RMSNorm (decoders) or LayerNorm (ViT) inside the
+//! op too.
 //!
 //! Why: candle's backward gives every op input a fresh zero tensor and adds its gradient into
 //! it, on the thread driving the step while the pool waits. A pre-norm decoder layer as
 //! RMSNorm, block, RMSNorm, block has six activation-sized inputs to do that for; as two
-//! normed blocks it has two.
+//! normed blocks it has two. The blocks' weights are not op inputs at all: the kernels read
+//! them in place ([`Weights`]) and their gradients go beside candle's graph
+//! ([`super::autograd`]).
 
 use std::sync::{Arc, Mutex};
 
