@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients, Weights};
+use super::block::{BlockInput, BlockKernel, Gradients, Kept, Weights};
 use super::gemm::{
     Mat, Threads, linear, linear_input_gradient, linear_rows, linear_weight_gradient, sgemm,
 };
@@ -245,7 +245,7 @@ pub fn residual_attention(
         p: Projections::new(shapes, bias),
         rope,
         keep: input.tracked(&weights),
-        kept: std::sync::Mutex::new(None),
+        kept: Kept::new(),
     };
     Ok(Some(input.apply(kernel, weights)?))
 }
@@ -397,7 +397,7 @@ struct ResidualAttention {
     rope: Option<Rotary>,
     keep: bool,
     /// `q`, `k` (rotated), `v` and the attention's output, kept by the forward for the backward.
-    kept: std::sync::Mutex<Option<[Vec<f32>; 4]>>,
+    kept: Kept<[Vec<f32>; 4]>,
 }
 
 impl ResidualAttention {
@@ -453,11 +453,7 @@ impl BlockKernel for ResidualAttention {
                 None => y.copy_from_slice(r),
             });
         linear_rows(&mut y, &saved[3], wo, (h, self.g.hq), true)?;
-        if self.keep
-            && let Ok(mut slot) = self.kept.lock()
-        {
-            *slot = Some(saved);
-        }
+        self.kept.keep(self.keep, saved);
         Ok(y)
     }
 
@@ -472,7 +468,7 @@ impl BlockKernel for ResidualAttention {
         self.p.check(p)?;
         let att = &self.g;
         let h = self.p.shapes[3].0;
-        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+        let kept = self.kept.take();
         let rows = n.len() / h.max(1);
         let [q, k, v, ctx] = match kept {
             Some(saved) if saved[3].len() == rows * att.hq => saved,

@@ -51,6 +51,27 @@ pub(super) trait BlockKernel: Send + Sync + 'static {
     ) -> candle_core::Result<Gradients>;
 }
 
+/// What a fused op's forward keeps for its backward: taken once, by the backward (which
+/// recomputes it when the forward kept nothing).
+pub(super) struct Kept<T>(Mutex<Option<T>>);
+
+impl<T> Kept<T> {
+    pub(super) fn new() -> Self {
+        Kept(Mutex::new(None))
+    }
+
+    /// Keeps `value` when `keep` (a gradient will be asked for).
+    pub(super) fn keep(&self, keep: bool, value: T) {
+        if keep && let Ok(mut slot) = self.0.lock() {
+            *slot = Some(value);
+        }
+    }
+
+    pub(super) fn take(&self) -> Option<T> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
 /// What a fused block takes: its input and residual, or one input normed inside the op.
 #[derive(Clone, Debug)]
 pub enum BlockInput {
@@ -376,7 +397,7 @@ struct PreNormed<K> {
     eps: f32,
     keep: bool,
     /// The normed input, kept by the forward for the backward.
-    kept: Mutex<Option<Vec<f32>>>,
+    kept: Kept<Vec<f32>>,
 }
 
 impl<K: BlockKernel> PreNormed<K> {
@@ -399,7 +420,7 @@ impl<K: BlockKernel> PreNormed<K> {
                 norm,
                 eps: eps as f32,
                 keep,
-                kept: Mutex::new(None),
+                kept: Kept::new(),
             })),
         )
     }
@@ -429,11 +450,7 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         let y = self
             .weights
             .with_slices(self.name(), |p| self.kernel.forward(&n, x, p))?;
-        if self.keep
-            && let Ok(mut slot) = self.kept.lock()
-        {
-            *slot = Some(n);
-        }
+        self.kept.keep(self.keep, n);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -448,7 +465,7 @@ impl<K: BlockKernel> CustomOp3 for PreNormed<K> {
         let grad = grad.contiguous()?;
         let name = self.name();
         let (want_x, want_w, want_p) = (x.track_op(), w.track_op(), self.weights.trainable);
-        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+        let kept = self.kept.take();
         let (dx, dw) = with_cpu_f32(x, name, |xs| {
             with_cpu_f32(w, name, |ws| {
                 with_cpu_f32(&grad, name, |g| {
@@ -526,7 +543,7 @@ pub fn dropout_residual_layer_norm(
         eps: ln.eps as f32,
         dropout: Dropout::new(p),
         keep: a.track_op() || r.track_op() || params.track_op(),
-        sum: Mutex::new(None),
+        sum: Kept::new(),
     };
     Ok(Some(a.contiguous()?.apply_op3_arc(
         &r.contiguous()?,
@@ -541,7 +558,7 @@ struct ResidualLayerNorm {
     dropout: Option<Dropout>,
     keep: bool,
     /// `dropout(a) + r`, kept by the forward for the backward.
-    sum: Mutex<Option<Vec<f32>>>,
+    sum: Kept<Vec<f32>>,
 }
 
 impl ResidualLayerNorm {
@@ -592,11 +609,7 @@ impl CustomOp3 for ResidualLayerNorm {
         }
         let sum = self.sum(a, r);
         let y = layer_norm_rows(&sum, &p[..width], &p[width..], self.eps);
-        if self.keep
-            && let Ok(mut slot) = self.sum.lock()
-        {
-            *slot = Some(sum);
-        }
+        self.sum.keep(self.keep, sum);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -610,7 +623,7 @@ impl CustomOp3 for ResidualLayerNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let name = self.name();
-        let kept = self.sum.lock().ok().and_then(|mut slot| slot.take());
+        let kept = self.sum.take();
         let (ds, dp) = with_cpu_f32(a, name, |av| {
             with_cpu_f32(r, name, |rv| {
                 with_cpu_f32(params, name, |p| {

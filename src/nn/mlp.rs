@@ -15,12 +15,10 @@
 //! keep-or-drop is a hash of the seed and its index, so the mask is never stored and is
 //! drawn in parallel).
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients, Weights, zeroed_like};
+use super::block::{BlockInput, BlockKernel, Gradients, Kept, Weights, zeroed_like};
 use super::gemm::{
     linear, linear_input_gradient, linear_rows, linear_weight_gradient, repeated, zeroed,
 };
@@ -82,7 +80,7 @@ pub fn residual_mlp_block(
         inner,
         out,
         keep: input.tracked(&weights),
-        kept: Mutex::new(None),
+        kept: Kept::new(),
         dropout: Dropout::new(p),
     };
     let mut out_dims = input.input().dims().to_vec();
@@ -103,7 +101,7 @@ struct ResidualMlp {
     keep: bool,
     /// The pre-activation and the activation `[rows, inner]` of the forward, taken by the
     /// backward.
-    kept: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    kept: Kept<(Vec<f32>, Vec<f32>)>,
     dropout: Option<Dropout>,
 }
 
@@ -234,11 +232,7 @@ impl BlockKernel for ResidualMlp {
                     *y += r;
                 }
             });
-        if self.keep
-            && let Ok(mut slot) = self.kept.lock()
-        {
-            *slot = Some((pre, act));
-        }
+        self.kept.keep(self.keep, (pre, act));
         Ok(y)
     }
 
@@ -266,7 +260,7 @@ impl BlockKernel for ResidualMlp {
             None => g,
         };
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
-        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+        let kept = self.kept.take();
         let p = self.params(weights)?;
         let rows = x.len() / hidden.max(1);
         let (mut pre, act) = match kept {
@@ -364,7 +358,7 @@ pub fn residual_swiglu(
         inner,
         out,
         keep: input.tracked(&weights),
-        kept: Mutex::new(None),
+        kept: Kept::new(),
     };
     let mut out_dims = input.input().dims().to_vec();
     if let Some(last) = out_dims.last_mut() {
@@ -384,7 +378,7 @@ struct ResidualSwiglu {
     keep: bool,
     /// The gate's and the up projection's outputs `[rows, inner]` and the activation, kept by
     /// the forward for the backward.
-    kept: Mutex<Option<SwigluSaved>>,
+    kept: Kept<SwigluSaved>,
 }
 
 /// What [`ResidualSwiglu`]'s backward needs of its forward.
@@ -461,11 +455,7 @@ impl BlockKernel for ResidualSwiglu {
             .zip(r.par_chunks(TASK))
             .for_each(|(y, r)| y.copy_from_slice(r));
         linear_rows(&mut y, &saved.act, wd, (self.out, self.inner), true)?;
-        if self.keep
-            && let Ok(mut slot) = self.kept.lock()
-        {
-            *slot = Some(saved);
-        }
+        self.kept.keep(self.keep, saved);
         Ok(y)
     }
 
@@ -478,7 +468,7 @@ impl BlockKernel for ResidualSwiglu {
         want_p: bool,
     ) -> candle_core::Result<Gradients> {
         let (hidden, inner, out) = (self.hidden, self.inner, self.out);
-        let kept = self.kept.lock().ok().and_then(|mut slot| slot.take());
+        let kept = self.kept.take();
         let (wg, wu, wd) = self.params(p)?;
         let rows = x.len() / hidden.max(1);
         let SwigluSaved { gate, up, act } = match kept {
