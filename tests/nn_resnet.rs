@@ -723,22 +723,82 @@ fn conv2d_matches_candle_and_finite_differences_for_the_resnet_shapes() {
 }
 
 #[test]
-fn conv2d_gives_the_same_results_one_image_at_a_time_as_all_at_once() {
+fn conv2d_gives_the_same_results_in_tiles_and_in_whole_batches() {
+    use conv::Unfold;
     let dev = Device::Cpu;
-    let x = Var::from_vec(values(1, 3 * 9 * 8 * 4), (3, 9, 8, 4), &dev).unwrap();
-    let w = Var::from_vec(values(2, 5 * 4 * 9), (5, 4, 3, 3), &dev).unwrap();
-    let r = Tensor::from_vec(values(3, 3 * 5 * 4 * 5), (3, 5, 4, 5), &dev).unwrap();
-    let run = |floats: usize| {
-        let y = conv::conv2d_chunked(x.as_tensor(), w.as_tensor(), 2, 1, floats).unwrap();
-        let g = (&y * &r).unwrap().sum_all().unwrap().backprop().unwrap();
-        let gx = g.get(x.as_tensor()).unwrap().clone();
-        let gw = g.get(w.as_tensor()).unwrap().clone();
-        (y, gx, gw)
-    };
-    let (all, one) = (run(conv::DEFAULT_COLUMN_FLOATS), run(1));
-    assert!(max_abs_diff(&all.0, &one.0) < 1e-5);
-    assert!(max_abs_diff(&all.1, &one.1) < 1e-5);
-    assert!(max_abs_diff(&all.2, &one.2) < 1e-4);
+    // (cin, cout, k, stride, pad): 3x3 at stride 2 (its input gradient always goes through
+    // whole-image columns) and at stride 1 (there, in tiles, a convolution of the output
+    // gradient with the flipped kernel); a 5x5 with padding 1 (a smaller output); a strided
+    // 1x1.
+    for (i, &(cin, cout, k, stride, pad)) in [
+        (4, 5, 3, 2, 1),
+        (4, 5, 3, 1, 1),
+        (3, 6, 5, 1, 1),
+        (4, 6, 1, 2, 0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (b, h, w) = (3, 9, 8);
+        let x = Var::from_vec(values(1, b * h * w * cin), (b, h, w, cin), &dev).unwrap();
+        let wt = Var::from_vec(values(2, cout * cin * k * k), (cout, cin, k, k), &dev).unwrap();
+        let run = |unfold: Unfold| {
+            let y = conv::conv2d_with(x.as_tensor(), wt.as_tensor(), stride, pad, unfold).unwrap();
+            let r = Tensor::from_vec(values(3, y.elem_count()), y.shape(), &dev).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backprop().unwrap();
+            let gx = g.get(x.as_tensor()).unwrap().clone();
+            let gw = g.get(wt.as_tensor()).unwrap().clone();
+            (y, gx, gw)
+        };
+        let reference = run(Unfold::Batches(conv::DEFAULT_COLUMN_FLOATS));
+        let theirs = candle_conv(x.as_tensor(), wt.as_tensor(), stride, pad);
+        assert!(max_abs_diff(&reference.0, &theirs) < 1e-4, "case {i}");
+        if stride == 1 {
+            // (candle's backward needs height and width of one parity under stride 2)
+            let r = Tensor::from_vec(values(3, theirs.elem_count()), theirs.shape(), &dev).unwrap();
+            let gc = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backprop()
+                .unwrap();
+            let (cx, cw) = (
+                gc.get(x.as_tensor()).unwrap(),
+                gc.get(wt.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_abs_diff(&reference.1, cx) < 1e-4,
+                "case {i}: input gradient"
+            );
+            assert!(
+                max_abs_diff(&reference.2, cw) < 1e-3,
+                "case {i}: weight gradient"
+            );
+        }
+        // One image at a time; tiles of 1 row, of 7 (edges inside images and across them), of
+        // a whole image and more; the automatic choice.
+        for unfold in [
+            Unfold::Batches(1),
+            Unfold::Tiles(1),
+            Unfold::Tiles(7),
+            Unfold::Tiles(1000),
+            Unfold::Auto,
+        ] {
+            let other = run(unfold);
+            assert!(
+                max_abs_diff(&reference.0, &other.0) < 1e-5,
+                "case {i} {unfold:?}: output"
+            );
+            assert!(
+                max_abs_diff(&reference.1, &other.1) < 1e-5,
+                "case {i} {unfold:?}: input gradient"
+            );
+            assert!(
+                max_abs_diff(&reference.2, &other.2) < 1e-4,
+                "case {i} {unfold:?}: weight gradient"
+            );
+        }
+    }
 }
 
 #[test]
@@ -1005,6 +1065,7 @@ fn exported_weights_and_config_reload_in_transformers_with_the_same_logits() {
 #[test]
 #[ignore]
 fn resnet18_step_timing() {
+    kiln::tune_allocator();
     let config = ResNetConfig {
         num_channels: 3,
         embedding_size: 64,
@@ -1048,4 +1109,57 @@ fn resnet18_step_timing() {
         best * 1e3,
         8.0 / best
     );
+}
+
+/// Per-shape timing of kiln's convolution (forward, and backward to input and weight) on
+/// ResNet-18's shapes at batch 16; PyTorch's side is `bench/conv_torch.py`.
+/// Run: `cargo test --release --test nn_resnet -- --ignored --nocapture conv_shapes_timing`.
+#[test]
+#[ignore]
+fn conv_shapes_timing() {
+    kiln::tune_allocator();
+    let b = 16;
+    // name, cin, cout, kernel, stride, padding, input size
+    let shapes = [
+        ("stem", 3, 64, 7, 2, 3, 224),
+        ("l1", 64, 64, 3, 1, 1, 56),
+        ("l2a", 64, 128, 3, 2, 1, 56),
+        ("l2", 128, 128, 3, 1, 1, 28),
+        ("l2s", 64, 128, 1, 2, 0, 56),
+        ("l3a", 128, 256, 3, 2, 1, 28),
+        ("l3", 256, 256, 3, 1, 1, 14),
+        ("l4a", 256, 512, 3, 2, 1, 14),
+        ("l4", 512, 512, 3, 1, 1, 7),
+    ];
+    for (name, cin, cout, k, stride, pad, h) in shapes {
+        let x = Var::from_tensor(
+            &Tensor::from_vec(values(1, b * h * h * cin), (b, h, h, cin), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let w = Var::from_tensor(
+            &Tensor::from_vec(
+                values(2, cout * cin * k * k),
+                (cout, cin, k, k),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..4 {
+            let t0 = std::time::Instant::now();
+            let y = conv::conv2d(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
+            let t1 = std::time::Instant::now();
+            let grads = y.sum_all().unwrap().backprop().unwrap();
+            let t2 = std::time::Instant::now();
+            assert!(grads.get(w.as_tensor()).is_some());
+            fwd = fwd.min((t1 - t0).as_secs_f64());
+            bwd = bwd.min((t2 - t1).as_secs_f64());
+        }
+        println!(
+            "{name:5} fwd {:7.1} ms  bwd {:7.1} ms",
+            fwd * 1e3,
+            bwd * 1e3
+        );
+    }
 }

@@ -9,6 +9,12 @@
 //! Here each op is one kernel forward and one backward; im2col columns are rebuilt in the
 //! backward instead of being kept, so a training step holds only the activations.
 //!
+//! Convolutions with small weights (the early, wide stages) unfold a tile of output rows at a
+//! time, each tile on one core into a buffer that stays in its cache, and multiply it there
+//! ([`Unfold`]); at stride 1 their input gradient is the forward kernel run on the output
+//! gradient with the kernel flipped. Large weights (the late stages) unfold whole images and
+//! make one product over the batch.
+//!
 //! Activations are `[batch, height, width, channels]`: every per-channel operation is then over
 //! the last (contiguous) dimension, the convolution's output is the GEMM's output as is, and
 //! 1x1 stride-1 convolutions need no im2col at all. Weights keep PyTorch's layouts
@@ -157,21 +163,9 @@ impl Geom {
 
     /// im2col of one image `x: [h, w, cin]` into `cols: [ho*wo, k]`.
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
-        let (k, cin) = (self.k(), self.cin);
-        cols.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
-            let (oy, ox) = (r / self.wo, r % self.wo);
-            for ky in 0..self.kh {
-                for kx in 0..self.kw {
-                    let dst = &mut row[(ky * self.kw + kx) * cin..][..cin];
-                    match self.source(oy, ox, ky, kx) {
-                        Some((iy, ix)) => {
-                            dst.copy_from_slice(&x[(iy * self.w + ix) * cin..][..cin])
-                        }
-                        None => dst.fill(0.0),
-                    }
-                }
-            }
-        });
+        cols.par_chunks_mut(self.k())
+            .enumerate()
+            .for_each(|(r, row)| self.unfold_row(x, r / self.wo, r % self.wo, row));
     }
 
     /// col2im of one image: adds `cols: [ho*wo, k]` back into `dx: [h, w, cin]`.
@@ -211,34 +205,186 @@ impl Geom {
             });
     }
 
-    /// The weight `[cout, cin, kh, kw]` rearranged to `[k, cout]` in im2col's column order
-    /// (parallel over rows of the result, so writes stay contiguous).
+    /// The weight `[cout, cin, kh, kw]` rearranged to `[k, cout]` in im2col's column order.
     fn pack_weight(&self, w: &[f32]) -> Vec<f32> {
-        let (cout, khw) = (self.cout, self.kh * self.kw);
-        let mut wp = vec![0f32; self.k() * cout];
-        wp.par_chunks_mut(cout).enumerate().for_each(|(kk, row)| {
-            let (pos, ci) = (kk / self.cin, kk % self.cin);
-            let src = ci * khw + pos;
-            for (co, d) in row.iter_mut().enumerate() {
-                *d = w[co * self.k() + src];
-            }
-        });
-        wp
+        let (cin, khw, k) = (self.cin, self.kh * self.kw, self.k());
+        // Row kk = (pos, ci) of the result reads w[co, ci, pos] for every co.
+        gather((k, self.cout), w, |kk| (kk % cin) * khw + kk / cin, k)
     }
 
     /// The inverse of [`Self::pack_weight`]: `[k, cout]` back to `[cout, cin, kh, kw]`.
     fn unpack_weight(&self, wp: &[f32]) -> Vec<f32> {
-        let (cout, khw) = (self.cout, self.kh * self.kw);
-        let mut w = vec![0f32; self.k() * cout];
-        w.par_chunks_mut(self.k())
-            .enumerate()
-            .for_each(|(co, row)| {
-                for (src, d) in row.iter_mut().enumerate() {
-                    let (ci, pos) = (src / khw, src % khw);
-                    *d = wp[(pos * self.cin + ci) * cout + co];
+        let (cin, cout, khw, k) = (self.cin, self.cout, self.kh * self.kw, self.k());
+        // The transpose `[cout, (pos, ci)]`, then each row reordered to `(ci, pos)`.
+        let t = gather((cout, k), wp, |co| co, cout);
+        let mut w = vec![0f32; k * cout];
+        w.par_chunks_mut(k)
+            .zip(t.par_chunks(k))
+            .for_each(|(row, trow)| {
+                for (pos, tpos) in trow.chunks_exact(cin).enumerate() {
+                    for (ci, &v) in tpos.iter().enumerate() {
+                        row[ci * khw + pos] = v;
+                    }
                 }
             });
         w
+    }
+
+    /// Convolutions with small weights (the early, wide stages) are unfolded and multiplied a
+    /// tile of output rows at a time, each tile on one core with its columns in that core's
+    /// cache; large weights (the late stages) make one product of the whole batch instead,
+    /// since a tile's product would pack the weight again for few rows.
+    fn tiled(&self) -> bool {
+        !self.pointwise() && self.k() * self.cout <= TILED_WEIGHT_FLOATS
+    }
+
+    /// Output rows per tile: about [`TILE_FLOATS`] floats of columns.
+    fn tile_rows(&self) -> usize {
+        (TILE_FLOATS / self.k().max(1)).max(MIN_TILE_ROWS)
+    }
+
+    /// im2col of output rows `r0..` (numbered across the batch) into `cols: [n, k]`.
+    fn im2col_rows(&self, x: &[f32], r0: usize, cols: &mut [f32]) {
+        let (k, cin, rows) = (self.k(), self.cin, self.rows());
+        let img = self.h * self.w * cin;
+        for (i, row) in cols.chunks_mut(k).enumerate() {
+            let (b, r) = ((r0 + i) / rows, (r0 + i) % rows);
+            let x = &x[b * img..][..img];
+            self.unfold_row(x, r / self.wo, r % self.wo, row);
+        }
+    }
+
+    /// One im2col row: the `kh·kw·cin` inputs that output `(oy, ox)` of image `x` reads. The
+    /// kernel offsets of one kernel row that fall inside the image read one contiguous run of
+    /// `x`, copied at once; those in the padding are zeros.
+    #[inline]
+    fn unfold_row(&self, x: &[f32], oy: usize, ox: usize, row: &mut [f32]) {
+        let (cin, kw) = (self.cin, self.kw);
+        // Kernel columns kx0..kx1 land inside the image: 0 <= ox·stride + kx - pad < w.
+        let left = ox * self.stride;
+        let kx0 = self.pad.saturating_sub(left).min(kw);
+        let kx1 = (self.w + self.pad).saturating_sub(left).clamp(kx0, kw);
+        for (ky, dst) in row.chunks_mut(kw * cin).enumerate() {
+            let iy = (oy * self.stride + ky).checked_sub(self.pad);
+            match iy.filter(|&iy| iy < self.h) {
+                Some(iy) if kx1 > kx0 => {
+                    let ix0 = left + kx0 - self.pad;
+                    dst[..kx0 * cin].fill(0.0);
+                    dst[kx0 * cin..kx1 * cin]
+                        .copy_from_slice(&x[(iy * self.w + ix0) * cin..][..(kx1 - kx0) * cin]);
+                    dst[kx1 * cin..].fill(0.0);
+                }
+                _ => dst.fill(0.0),
+            }
+        }
+    }
+
+    /// `out [b·rows, cout] = im2col(x) · wp` in tiles of `t` rows (see [`Self::tiled`]).
+    fn forward_tiled(
+        &self,
+        x: &[f32],
+        wp: &[f32],
+        out: &mut [f32],
+        t: usize,
+    ) -> candle_core::Result<()> {
+        let (k, n) = (self.k(), self.cout);
+        out.par_chunks_mut(t * n)
+            .enumerate()
+            .try_for_each(|(i, dst)| {
+                let m = dst.len() / n;
+                with_tile(m * k, |cols| {
+                    self.im2col_rows(x, i * t, cols);
+                    super::gemm::sgemm(
+                        (m, n, k),
+                        dst,
+                        n,
+                        Mat::rows(cols, k),
+                        Mat::rows(wp, n),
+                        1.0,
+                        false,
+                        Threads::One,
+                    )
+                })
+            })
+    }
+
+    /// `dwp [k, cout] = im2col(x)ᵀ · g` in tiles of `t` rows: each core sums the tiles of its
+    /// share of the rows into its own partial, and the partials are added.
+    fn weight_grad_tiled(
+        &self,
+        x: &[f32],
+        g: &[f32],
+        dwp: &mut [f32],
+        t: usize,
+    ) -> candle_core::Result<()> {
+        let (k, n) = (self.k(), self.cout);
+        let total = self.b * self.rows();
+        let parts = rayon::current_num_threads().clamp(1, total.div_ceil(t).max(1));
+        let share = total.div_ceil(parts);
+        let partials = (0..parts)
+            .into_par_iter()
+            .map(|p| {
+                let (start, end) = (p * share, ((p + 1) * share).min(total));
+                let mut dw = vec![0f32; k * n];
+                for r0 in (start..end).step_by(t) {
+                    let m = t.min(end - r0);
+                    with_tile(m * k, |cols| {
+                        self.im2col_rows(x, r0, cols);
+                        super::gemm::sgemm(
+                            (k, n, m),
+                            &mut dw,
+                            n,
+                            Mat::transposed(cols, k),
+                            Mat::rows(&g[r0 * n..][..m * n], n),
+                            1.0,
+                            r0 > start,
+                            Threads::One,
+                        )
+                    })?;
+                }
+                Ok(dw)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        dwp.fill(0.0);
+        for dw in &partials {
+            for (d, s) in dwp.iter_mut().zip(dw) {
+                *d += s;
+            }
+        }
+        Ok(())
+    }
+
+    /// For a stride-1 convolution, the input gradient is itself a convolution: of the output
+    /// gradient, with the kernel flipped in both axes and its two channel axes swapped, and
+    /// padding `k - 1 - pad`. This is that convolution's geometry (None where it does not
+    /// apply: strided, or a non-square kernel or padding beyond it).
+    fn input_grad_geometry(&self) -> Option<Geom> {
+        if self.stride != 1 || self.kh != self.kw || self.pad >= self.kh {
+            return None;
+        }
+        Some(Geom {
+            h: self.ho,
+            w: self.wo,
+            cin: self.cout,
+            cout: self.cin,
+            pad: self.kh - 1 - self.pad,
+            ho: self.h,
+            wo: self.w,
+            ..*self
+        })
+    }
+
+    /// The weight of [`Self::input_grad_geometry`]'s convolution, packed `[(ky, kx, co), ci]`.
+    fn pack_flipped_weight(&self, w: &[f32]) -> Vec<f32> {
+        let (cin, cout, khw) = (self.cin, self.cout, self.kh * self.kw);
+        // Row (pos, co) reads w[co, ci, flipped pos] for every ci; the flipped position of
+        // (ky, kx) is (kh-1-ky, kw-1-kx), i.e. khw-1-pos.
+        gather(
+            (khw * cout, cin),
+            w,
+            |r| (r % cout) * cin * khw + (khw - 1 - r / cout),
+            khw,
+        )
     }
 
     /// Images per im2col batch: as many as keep the column buffer within `limit` floats, so
@@ -248,6 +394,40 @@ impl Geom {
         (limit / per_image).clamp(1, self.b.max(1))
     }
 }
+
+/// A fresh row-major `[rows, cols]` matrix with element `(r, c)` = `src[base(r) + c · stride]`:
+/// a weight rearrangement whose reads stride across the source. It is filled in blocks of
+/// [`GATHER_BLOCK`]² so that the source lines a block reads are reused from cache, rows of
+/// blocks in parallel.
+fn gather(
+    (rows, cols): (usize, usize),
+    src: &[f32],
+    base: impl Fn(usize) -> usize + Sync,
+    stride: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    if cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(GATHER_BLOCK * cols)
+        .enumerate()
+        .for_each(|(i, block)| {
+            let r0 = i * GATHER_BLOCK;
+            for c0 in (0..cols).step_by(GATHER_BLOCK) {
+                let c1 = (c0 + GATHER_BLOCK).min(cols);
+                for (dr, row) in block.chunks_mut(cols).enumerate() {
+                    let at = base(r0 + dr);
+                    for (c, d) in (c0..c1).zip(&mut row[c0..c1]) {
+                        *d = src[at + c * stride];
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// The side of [`gather`]'s blocks.
+const GATHER_BLOCK: usize = 32;
 
 /// 2-D convolution without bias of NHWC input `x: [b, h, w, cin]` with a PyTorch-layout weight
 /// `[cout, cin, kh, kw]`, the same stride and zero padding on both axes: `[b, ho, wo, cout]`.
@@ -259,20 +439,62 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    conv2d_chunked(x, weight, stride, padding, DEFAULT_COLUMN_FLOATS)
+    conv2d_with(x, weight, stride, padding, Unfold::Auto)
 }
 
-/// The im2col buffer [`conv2d`] allows itself, in floats (64 MiB).
+/// The im2col buffer whole-batch unfolding allows itself, in floats (64 MiB).
 pub const DEFAULT_COLUMN_FLOATS: usize = 16 << 20;
 
-/// [`conv2d`] with a chosen bound on the im2col buffer (`column_floats`): images are unfolded
-/// and multiplied in groups that fit it (at least one image at a time).
-pub fn conv2d_chunked(
+/// How a convolution unfolds its input into im2col columns. Every choice computes the same
+/// result; [`conv2d`] takes [`Unfold::Auto`], and tests force each path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfold {
+    /// Tiles for small weights (the early, wide stages), whole batches for large ones.
+    Auto,
+    /// Tiles of this many output rows, numbered across the batch (a tile may span images).
+    Tiles(usize),
+    /// Groups of whole images whose columns fit this many floats (at least one image).
+    Batches(usize),
+}
+
+/// Floats of im2col columns in one tile (512 KiB: within a core's L2 cache).
+const TILE_FLOATS: usize = 1 << 17;
+
+/// The fewest output rows a tile holds (so a tile's product amortises packing the weight).
+const MIN_TILE_ROWS: usize = 64;
+
+/// The fewest output rows a weight-gradient tile holds.
+const MIN_WEIGHT_TILE_ROWS: usize = 256;
+
+/// Convolutions whose weight has at most this many floats (4 MiB) run in tiles. Above it
+/// (ResNet-18's last stage), each tile's product would pack the whole weight again for few
+/// rows, and one product over the whole batch is faster.
+const TILED_WEIGHT_FLOATS: usize = 1 << 20;
+
+thread_local! {
+    /// Each thread's im2col tile, kept between calls.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's tile buffer, `len` floats long (contents unspecified). `f` must
+/// not enter rayon (another task on this thread would find the buffer borrowed).
+fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    TILE.with(|tile| {
+        let mut tile = tile.borrow_mut();
+        if tile.len() < len {
+            tile.resize(len, 0.0);
+        }
+        f(&mut tile[..len])
+    })
+}
+
+/// [`conv2d`] with a chosen way of unfolding the input.
+pub fn conv2d_with(
     x: &Tensor,
     weight: &Tensor,
     stride: usize,
     padding: usize,
-    column_floats: usize,
+    unfold: Unfold,
 ) -> candle_core::Result<Tensor> {
     on_cpu_f32(&[x, weight], |t| {
         t[0].contiguous()?.apply_op2(
@@ -280,7 +502,7 @@ pub fn conv2d_chunked(
             Conv2dNhwc {
                 stride,
                 padding,
-                column_floats,
+                unfold,
             },
         )
     })
@@ -290,8 +512,33 @@ pub fn conv2d_chunked(
 struct Conv2dNhwc {
     stride: usize,
     padding: usize,
-    /// Bound on the im2col buffer, in floats.
-    column_floats: usize,
+    unfold: Unfold,
+}
+
+impl Conv2dNhwc {
+    /// Output rows per tile of the product and of the weight gradient, or None to unfold whole
+    /// images (always for a pointwise convolution, which needs no columns).
+    fn tiles(&self, g: &Geom) -> Option<(usize, usize)> {
+        match self.unfold {
+            _ if g.pointwise() => None,
+            Unfold::Auto => g.tiled().then(|| {
+                let t = g.tile_rows();
+                // Each weight-gradient tile reads and writes the whole partial gradient:
+                // longer tiles keep that small beside the product.
+                (t, t.max(MIN_WEIGHT_TILE_ROWS))
+            }),
+            Unfold::Tiles(t) => Some((t.max(1), t.max(1))),
+            Unfold::Batches(_) => None,
+        }
+    }
+
+    /// The bound on whole-batch columns, in floats.
+    fn column_floats(&self) -> usize {
+        match self.unfold {
+            Unfold::Batches(floats) => floats,
+            _ => DEFAULT_COLUMN_FLOATS,
+        }
+    }
 }
 
 impl CustomOp2 for Conv2dNhwc {
@@ -320,9 +567,11 @@ impl CustomOp2 for Conv2dNhwc {
                 Mat::rows(&wp, n),
                 false,
             )?;
+        } else if let Some((t, _)) = self.tiles(&g) {
+            g.forward_tiled(x, &wp, &mut out, t)?;
         } else {
             let img = g.h * g.w * g.cin;
-            let per = g.images_per_chunk(self.column_floats);
+            let per = g.images_per_chunk(self.column_floats());
             let mut cols = super::gemm::zeroed(per * rows * k);
             for b0 in (0..g.b).step_by(per) {
                 let nb = per.min(g.b - b0);
@@ -369,7 +618,6 @@ impl CustomOp2 for Conv2dNhwc {
         with_f32(x, name, |xs| {
             with_f32(w, name, |ws| {
                 with_f32(grad, name, |gs| {
-                    let wp = g.pack_weight(ws);
                     if g.pointwise() {
                         let m = g.b * rows;
                         if want_dw {
@@ -383,6 +631,7 @@ impl CustomOp2 for Conv2dNhwc {
                             )?;
                         }
                         if want_dx {
+                            let wp = g.pack_weight(ws);
                             // dx [m, k] = g [m, n] · W'ᵀ [n, k]
                             sgemm(
                                 (m, k, n),
@@ -394,13 +643,38 @@ impl CustomOp2 for Conv2dNhwc {
                         }
                         return Ok(());
                     }
-                    let per = g.images_per_chunk(self.column_floats);
+                    // Tiled convolutions take their gradients tile by tile when both can be
+                    // (the input's only at stride 1). Otherwise both go through whole-batch
+                    // columns below, which serve the weight's and the input's gradients at
+                    // once (measured faster than tiles for one and columns for the other).
+                    let (mut dw_left, mut dx_left) = (want_dw, want_dx);
+                    let flipped = g.input_grad_geometry();
+                    let tiles = self.tiles(&g).filter(|_| !want_dx || flipped.is_some());
+                    if let Some((t, tw)) = tiles {
+                        if want_dw {
+                            g.weight_grad_tiled(xs, gs, &mut dwp, tw)?;
+                            dw_left = false;
+                        }
+                        if let (true, Some(flipped)) = (want_dx, flipped) {
+                            flipped.forward_tiled(gs, &g.pack_flipped_weight(ws), &mut dx, t)?;
+                            dx_left = false;
+                        }
+                    }
+                    if !dw_left && !dx_left {
+                        return Ok(());
+                    }
+                    let wp = if dx_left {
+                        g.pack_weight(ws)
+                    } else {
+                        Vec::new()
+                    };
+                    let per = g.images_per_chunk(self.column_floats());
                     let mut cols = super::gemm::zeroed(per * rows * k);
                     for b0 in (0..g.b).step_by(per) {
                         let nb = per.min(g.b - b0);
                         let gb = &gs[b0 * rows * n..][..nb * rows * n];
                         let cols = &mut cols[..nb * rows * k];
-                        if want_dw {
+                        if dw_left {
                             for i in 0..nb {
                                 let xi = &xs[(b0 + i) * img..][..img];
                                 g.im2col(xi, &mut cols[i * rows * k..][..rows * k]);
@@ -413,7 +687,7 @@ impl CustomOp2 for Conv2dNhwc {
                                 b0 > 0,
                             )?;
                         }
-                        if want_dx {
+                        if dx_left {
                             sgemm(
                                 (nb * rows, k, n),
                                 cols,
@@ -624,51 +898,24 @@ impl CustomOp3 for BatchNormOp {
             with_f32(w, name, |ws| {
                 with_f32(res, name, |ys| {
                     with_f32(grad, name, |gs| {
-                        // The gradient through the fused ReLU.
-                        let gate = |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
                         let chunk = row_chunk(xs.len() / c) * c;
                         sums = xs
                             .par_chunks(chunk)
                             .zip(gs.par_chunks(chunk))
                             .zip(ys.par_chunks(chunk))
-                            .map(|((xp, gp), yp)| {
-                                let mut sg = vec![0f64; c];
-                                let mut sgx = vec![0f64; c];
-                                let rows = xp.chunks_exact(c).zip(gp.chunks_exact(c));
-                                for ((xr, gr), yr) in rows.zip(yp.chunks_exact(c)) {
-                                    for ch in 0..c {
-                                        let gv = gate(gr[ch], yr[ch]);
-                                        let xhat = (xr[ch] - mean[ch]) * rstd[ch];
-                                        sg[ch] += gv as f64;
-                                        sgx[ch] += (gv * xhat) as f64;
-                                    }
-                                }
-                                (sg, sgx)
-                            })
+                            .map(|((xp, gp), yp)| bn_grad_sums(xp, gp, yp, (mean, rstd), relu))
                             .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
                         if want_dx {
                             let (sum_g, sum_gx) = &sums;
                             let mg: Vec<f32> = sum_g.iter().map(|&s| s as f32 / rows).collect();
                             let mgx: Vec<f32> = sum_gx.iter().map(|&s| s as f32 / rows).collect();
                             let k: Vec<f32> = (0..c).map(|i| ws[i] * rstd[i]).collect();
-                            let batch = self.batch_stats;
+                            let batch = self.batch_stats.then_some((&mg[..], &mgx[..]));
                             dx.par_chunks_mut(chunk)
                                 .zip(xs.par_chunks(chunk))
                                 .zip(gs.par_chunks(chunk).zip(ys.par_chunks(chunk)))
                                 .for_each(|((dp, xp), (gp, yp))| {
-                                    let rows = dp.chunks_exact_mut(c).zip(xp.chunks_exact(c));
-                                    let grads = gp.chunks_exact(c).zip(yp.chunks_exact(c));
-                                    for ((dr, xr), (gr, yr)) in rows.zip(grads) {
-                                        for ch in 0..c {
-                                            let gv = gate(gr[ch], yr[ch]);
-                                            dr[ch] = if batch {
-                                                let xhat = (xr[ch] - mean[ch]) * rstd[ch];
-                                                k[ch] * (gv - mg[ch] - xhat * mgx[ch])
-                                            } else {
-                                                k[ch] * gv
-                                            };
-                                        }
-                                    }
+                                    bn_input_grad(dp, (xp, gp, yp), (mean, rstd, &k), batch, relu)
                                 });
                         }
                         Ok(())
@@ -685,6 +932,85 @@ impl CustomOp3 for BatchNormOp {
         let dw = want_dw.then(|| to_t(&sum_gx)).transpose()?;
         let db = want_db.then(|| to_t(&sum_g)).transpose()?;
         Ok((dx, dw, db))
+    }
+}
+
+/// Rows of a chunk summed in f32 before being added to the f64 totals.
+const F32_SUM_ROWS: usize = 32;
+
+/// BatchNorm backward's per-channel sums over the rows of a chunk: `Σ g` and `Σ g · x̂`, with
+/// `g` the output gradient (zero where the fused ReLU cut the output `y`) and
+/// `x̂ = (x - mean) · rstd`. Blocks of rows are summed in f32 (vectorised), then into f64.
+fn bn_grad_sums(
+    x: &[f32],
+    g: &[f32],
+    y: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    relu: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let c = mean.len();
+    let (mut sg, mut sgx) = (vec![0f64; c], vec![0f64; c]);
+    let (mut bg, mut bgx) = (vec![0f32; c], vec![0f32; c]);
+    let block = F32_SUM_ROWS * c;
+    for ((xb, gb), yb) in x.chunks(block).zip(g.chunks(block)).zip(y.chunks(block)) {
+        bg.fill(0.0);
+        bgx.fill(0.0);
+        for ((xr, gr), yr) in xb
+            .chunks_exact(c)
+            .zip(gb.chunks_exact(c))
+            .zip(yb.chunks_exact(c))
+        {
+            let (bg, bgx, mean, rstd) = (&mut bg[..c], &mut bgx[..c], &mean[..c], &rstd[..c]);
+            let (xr, gr, yr) = (&xr[..c], &gr[..c], &yr[..c]);
+            for ch in 0..c {
+                let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
+                bg[ch] += gv;
+                bgx[ch] += gv * ((xr[ch] - mean[ch]) * rstd[ch]);
+            }
+        }
+        for ch in 0..c {
+            sg[ch] += f64::from(bg[ch]);
+            sgx[ch] += f64::from(bgx[ch]);
+        }
+    }
+    (sg, sgx)
+}
+
+/// BatchNorm backward's input gradient for a chunk of rows:
+/// `dx = k · (g - mean(g) - x̂ · mean(g · x̂))` with batch statistics (`batch` holds the two
+/// means), `dx = k · g` with running ones, where `k = weight · rstd` and `g` is gated by the
+/// fused ReLU as in [`bn_grad_sums`].
+fn bn_input_grad(
+    dx: &mut [f32],
+    (x, g, y): (&[f32], &[f32], &[f32]),
+    (mean, rstd, k): (&[f32], &[f32], &[f32]),
+    batch: Option<(&[f32], &[f32])>,
+    relu: bool,
+) {
+    let c = mean.len();
+    let rows = dx
+        .chunks_exact_mut(c)
+        .zip(x.chunks_exact(c))
+        .zip(g.chunks_exact(c).zip(y.chunks_exact(c)));
+    for ((dr, xr), (gr, yr)) in rows {
+        let (dr, xr, gr, yr) = (&mut dr[..c], &xr[..c], &gr[..c], &yr[..c]);
+        let (mean, rstd, k) = (&mean[..c], &rstd[..c], &k[..c]);
+        match batch {
+            Some((mg, mgx)) => {
+                let (mg, mgx) = (&mg[..c], &mgx[..c]);
+                for ch in 0..c {
+                    let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
+                    let xhat = (xr[ch] - mean[ch]) * rstd[ch];
+                    dr[ch] = k[ch] * (gv - mg[ch] - xhat * mgx[ch]);
+                }
+            }
+            None => {
+                for ch in 0..c {
+                    let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
+                    dr[ch] = k[ch] * gv;
+                }
+            }
+        }
     }
 }
 
@@ -732,28 +1058,12 @@ impl MaxPool {
         )
     }
 
-    /// Index (into one image `[h, w, c]`) of the first maximum of output `(oy, ox)`, channel
-    /// `ch`.
-    #[inline]
-    fn argmax(g: &Geom, img: &[f32], oy: usize, ox: usize, ch: usize) -> usize {
-        let mut best = usize::MAX;
-        let mut best_v = f32::NEG_INFINITY;
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                if let Some((iy, ix)) = g.source(oy, ox, ky, kx) {
-                    let i = (iy * g.w + ix) * g.cin + ch;
-                    let v = img[i];
-                    if best == usize::MAX || v > best_v || v.is_nan() {
-                        best = i;
-                        best_v = v;
-                        if v.is_nan() {
-                            return best;
-                        }
-                    }
-                }
-            }
-        }
-        best
+    /// The input positions (pixel indices into one image) of output `(oy, ox)`'s window that
+    /// lie inside the image, in scan order.
+    fn window(g: &Geom, oy: usize, ox: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..g.kh).flat_map(move |ky| {
+            (0..g.kw).filter_map(move |kx| g.source(oy, ox, ky, kx).map(|(iy, ix)| iy * g.w + ix))
+        })
     }
 }
 
@@ -768,24 +1078,24 @@ impl CustomOp1 for MaxPool {
         let c = g.cin;
         let img = g.h * g.w * c;
         let mut out = super::gemm::zeroed(g.b * g.rows() * c);
-        out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
-            let (b, p) = (r / g.rows(), r % g.rows());
-            let (oy, ox) = (p / g.wo, p % g.wo);
-            let xi = &x[b * img..][..img];
-            o.fill(f32::NEG_INFINITY);
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    if let Some((iy, ix)) = g.source(oy, ox, ky, kx) {
-                        let src = &xi[(iy * g.w + ix) * c..][..c];
-                        for (d, &v) in o.iter_mut().zip(src) {
+        // Parallel over output rows; each output's channels are one vector, maxed over the
+        // window's pixels (a NaN wins and stays, as in PyTorch).
+        out.par_chunks_mut(g.wo * c)
+            .enumerate()
+            .for_each(|(r, orow)| {
+                let (b, oy) = (r / g.ho, r % g.ho);
+                let xi = &x[b * img..][..img];
+                for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
+                    o.fill(f32::NEG_INFINITY);
+                    for p in Self::window(&g, oy, ox) {
+                        for (d, &v) in o.iter_mut().zip(&xi[p * c..][..c]) {
                             if v > *d || v.is_nan() {
                                 *d = v;
                             }
                         }
                     }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.ho, g.wo, c))))
     }
 
@@ -801,17 +1111,37 @@ impl CustomOp1 for MaxPool {
         let mut dx = super::gemm::zeroed(arg.elem_count());
         with_f32(arg, self.name(), |xs| {
             with_f32(grad, self.name(), |gs| {
-                // Parallel over images: each owns its slice of dx.
+                // Parallel over images: each owns its slice of dx. Each output's gradient goes
+                // to the first maximum of its window in scan order (the first NaN if any),
+                // found for all channels at once.
                 dx.par_chunks_mut(img).enumerate().for_each(|(b, dimg)| {
                     let xi = &xs[b * img..][..img];
+                    let mut best = vec![0f32; c];
+                    let mut at = vec![0usize; c];
                     for oy in 0..g.ho {
                         for ox in 0..g.wo {
-                            let go = &gs[((b * g.ho + oy) * g.wo + ox) * c..][..c];
-                            for (ch, &gv) in go.iter().enumerate() {
-                                let i = Self::argmax(&g, xi, oy, ox, ch);
-                                if i != usize::MAX {
-                                    dimg[i] += gv;
+                            let mut window = Self::window(&g, oy, ox);
+                            let Some(first) = window.next() else {
+                                continue;
+                            };
+                            best.copy_from_slice(&xi[first * c..][..c]);
+                            for (ch, a) in at.iter_mut().enumerate() {
+                                *a = first * c + ch;
+                            }
+                            for p in window {
+                                let src = &xi[p * c..][..c];
+                                for (ch, ((bv, a), &v)) in
+                                    best.iter_mut().zip(at.iter_mut()).zip(src).enumerate()
+                                {
+                                    if v > *bv || (v.is_nan() && !bv.is_nan()) {
+                                        *bv = v;
+                                        *a = p * c + ch;
+                                    }
                                 }
+                            }
+                            let go = &gs[((b * g.ho + oy) * g.wo + ox) * c..][..c];
+                            for (&a, &gv) in at.iter().zip(go) {
+                                dimg[a] += gv;
                             }
                         }
                     }
