@@ -235,7 +235,9 @@ impl Geom {
     /// cache; large weights (the late stages) make one product of the whole batch instead,
     /// since a tile's product would pack the weight again for few rows.
     fn tiled(&self) -> bool {
-        !self.pointwise() && self.k() * self.cout <= TILED_WEIGHT_FLOATS
+        !self.pointwise()
+            && self.k() * self.cout <= TILED_WEIGHT_FLOATS
+            && self.k() * MIN_WEIGHT_TILE_ROWS <= MAX_TILE_FLOATS
     }
 
     /// Output rows per tile: about [`TILE_FLOATS`] floats of columns.
@@ -470,6 +472,10 @@ const MIN_WEIGHT_TILE_ROWS: usize = 256;
 /// (ResNet-18's last stage), each tile's product would pack the whole weight again for few
 /// rows, and one product over the whole batch is faster.
 const TILED_WEIGHT_FLOATS: usize = 1 << 20;
+
+/// The largest tile [`Unfold::Auto`] makes, in floats (4 MiB, kept by each thread): a kernel
+/// whose columns are too long for it unfolds whole images instead.
+const MAX_TILE_FLOATS: usize = 1 << 20;
 
 thread_local! {
     /// Each thread's im2col tile, kept between calls.
