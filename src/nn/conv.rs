@@ -235,8 +235,7 @@ impl Geom {
     /// cache; large weights (the late stages) make one product of the whole batch instead,
     /// since a tile's product would pack the weight again for few rows.
     fn tiled(&self) -> bool {
-        !self.pointwise()
-            && self.k() * self.cout <= TILED_WEIGHT_FLOATS
+        self.k() * self.cout <= TILED_WEIGHT_FLOATS
             && self.k() * MIN_WEIGHT_TILE_ROWS <= MAX_TILE_FLOATS
     }
 
@@ -653,23 +652,21 @@ impl CustomOp2 for Conv2dNhwc {
                     // (the input's only at stride 1). Otherwise both go through whole-batch
                     // columns below, which serve the weight's and the input's gradients at
                     // once (measured faster than tiles for one and columns for the other).
-                    let (mut dw_left, mut dx_left) = (want_dw, want_dx);
                     let flipped = g.input_grad_geometry();
                     let tiles = self.tiles(&g).filter(|_| !want_dx || flipped.is_some());
                     if let Some((t, tw)) = tiles {
                         if want_dw {
                             g.weight_grad_tiled(xs, gs, &mut dwp, tw)?;
-                            dw_left = false;
                         }
-                        if let (true, Some(flipped)) = (want_dx, flipped) {
+                        if let Some(flipped) = flipped.filter(|_| want_dx) {
                             flipped.forward_tiled(gs, &g.pack_flipped_weight(ws), &mut dx, t)?;
-                            dx_left = false;
                         }
-                    }
-                    if !dw_left && !dx_left {
                         return Ok(());
                     }
-                    let wp = if dx_left {
+                    if !want_dw && !want_dx {
+                        return Ok(());
+                    }
+                    let wp = if want_dx {
                         g.pack_weight(ws)
                     } else {
                         Vec::new()
@@ -680,7 +677,7 @@ impl CustomOp2 for Conv2dNhwc {
                         let nb = per.min(g.b - b0);
                         let gb = &gs[b0 * rows * n..][..nb * rows * n];
                         let cols = &mut cols[..nb * rows * k];
-                        if dw_left {
+                        if want_dw {
                             for i in 0..nb {
                                 let xi = &xs[(b0 + i) * img..][..img];
                                 g.im2col(xi, &mut cols[i * rows * k..][..rows * k]);
@@ -693,7 +690,7 @@ impl CustomOp2 for Conv2dNhwc {
                                 b0 > 0,
                             )?;
                         }
-                        if dx_left {
+                        if want_dx {
                             sgemm(
                                 (nb * rows, k, n),
                                 cols,
