@@ -21,6 +21,7 @@ use super::gemm::{
     Mat, Threads, linear, linear_input_gradient, linear_rows, linear_weight_gradient, sgemm,
 };
 use super::ops::{cpu_f32, exp_f32, with_cpu_f32};
+use super::simd::wide_fn;
 
 /// What one attention call computes, besides its inputs.
 #[derive(Clone, Debug)]
@@ -83,6 +84,7 @@ impl AttentionSpec {
 }
 
 /// Sum of `xs` in eight lanes, so it vectorises (a single running sum cannot be reordered).
+#[inline(always)]
 fn sum_f32(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
@@ -96,6 +98,7 @@ fn sum_f32(xs: &[f32]) -> f32 {
 }
 
 /// `a · b` in eight lanes.
+#[inline(always)]
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -113,7 +116,35 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+wide_fn! {
+    /// Softmax of one row of scores in place; `false` (the row untouched) when every score is
+    /// `-inf` (a query that sees no key).
+    fn softmax_row(seen: &mut [f32]) -> bool {
+        let max = max_f32(seen);
+        if max == f32::NEG_INFINITY {
+            return false;
+        }
+        // Separate passes so each vectorises (a running sum would serialise the exps).
+        // exp_f32 gives exactly 0 for a hidden key's -inf.
+        seen.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+        let inv = 1.0 / sum_f32(seen);
+        seen.iter_mut().for_each(|x| *x *= inv);
+        true
+    }
+}
+
+wide_fn! {
+    /// Softmax backward for one row: `dp = p ∘ (dp − Σ_j dp·p)`.
+    fn softmax_grad_row(prow: &[f32], dprow: &mut [f32]) {
+        let dot = dot_f32(prow, dprow);
+        for (d, &pj) in dprow.iter_mut().zip(prow) {
+            *d = pj * (*d - dot);
+        }
+    }
+}
+
 /// Largest of `xs` (`-inf` when empty) in eight lanes.
+#[inline(always)]
 fn max_f32(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = xs.chunks_exact(8);
@@ -658,17 +689,10 @@ impl FusedAttention {
                     }
                 }
             }
-            let max = max_f32(seen);
-            *dead = max == f32::NEG_INFINITY;
+            *dead = !softmax_row(seen);
             if *dead {
                 row.fill(1.0 / g.s as f32);
-                continue;
             }
-            // Separate passes so each vectorises (a running sum would serialise the exps).
-            // exp_f32 gives exactly 0 for a hidden key's -inf.
-            seen.iter_mut().for_each(|x| *x = exp_f32(*x - max));
-            let inv = 1.0 / sum_f32(seen);
-            seen.iter_mut().for_each(|x| *x *= inv);
         }
         Ok(())
     }
@@ -960,10 +984,7 @@ impl FusedAttention {
                         dprow.fill(0.0);
                         continue;
                     }
-                    let dot = dot_f32(prow, dprow);
-                    for (d, &pj) in dprow.iter_mut().zip(prow) {
-                        *d = pj * (*d - dot);
-                    }
+                    softmax_grad_row(prow, dprow);
                 }
                 // dq_h [rows, dh] = scale · ds [rows, w] · k_h [w, dh]; every tile of a
                 // query block is the same block, so this writes it once.

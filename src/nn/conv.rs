@@ -28,6 +28,7 @@ use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{Mat, Threads};
+use super::simd::wide_fn;
 
 /// Runs `f` on copies of `inputs` on the CPU in f32 when any is elsewhere, moving the result
 /// back; calls it directly otherwise. Both moves have a backward, so gradients flow either way.
@@ -733,18 +734,7 @@ pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
         let shift: Vec<f32> = xs[..c].to_vec();
         let (s, ss) = xs
             .par_chunks(row_chunk(rows) * c)
-            .map(|part| {
-                let mut s = vec![0f64; c];
-                let mut ss = vec![0f64; c];
-                for row in part.chunks_exact(c) {
-                    for i in 0..c {
-                        let d = (row[i] - shift[i]) as f64;
-                        s[i] += d;
-                        ss[i] += d * d;
-                    }
-                }
-                (s, ss)
-            })
+            .map(|part| channel_sums(part, &shift))
             .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
         let n = rows as f64;
         let mean = (0..c).map(|i| shift[i] as f64 + s[i] / n).collect();
@@ -753,6 +743,38 @@ pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
             .collect();
         Ok((mean, var))
     })
+}
+
+wide_fn! {
+    /// Per-channel sums and sums of squares of `part`'s rows (`shift.len()` channels),
+    /// shifted by `shift`, in f64.
+    fn channel_sums(part: &[f32], shift: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let c = shift.len().max(1);
+        let mut s = vec![0f64; c];
+        let mut ss = vec![0f64; c];
+        for row in part.chunks_exact(c) {
+            for (((s, ss), &v), &m) in s.iter_mut().zip(ss.iter_mut()).zip(row).zip(shift) {
+                let d = (v - m) as f64;
+                *s += d;
+                *ss += d * d;
+            }
+        }
+        (s, ss)
+    }
+}
+
+wide_fn! {
+    /// BatchNorm's forward for a chunk of rows: `y = x · scale + shift` per channel, then the
+    /// fused ReLU.
+    fn bn_forward_chunk(yo: &mut [f32], xi: &[f32], scale: &[f32], shift: &[f32], relu: bool) {
+        let c = scale.len().max(1);
+        for (yr, xr) in yo.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+            for (((y, &x), &a), &b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+                let v = x * a + b;
+                *y = if relu { v.max(0.0) } else { v };
+            }
+        }
+    }
 }
 
 /// Rows per parallel task for a per-channel reduction over `rows` rows.
@@ -866,14 +888,7 @@ impl CustomOp3 for BatchNormOp {
         let relu = self.relu;
         out.par_chunks_mut(c * 64)
             .zip(x.par_chunks(c * 64))
-            .for_each(|(yo, xi)| {
-                for (yr, xr) in yo.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                    for i in 0..c {
-                        let v = xr[i] * scale[i] + shift[i];
-                        yr[i] = if relu { v.max(0.0) } else { v };
-                    }
-                }
-            });
+            .for_each(|(yo, xi)| bn_forward_chunk(yo, xi, &scale, &shift, relu));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -906,7 +921,7 @@ impl CustomOp3 for BatchNormOp {
                             .par_chunks(chunk)
                             .zip(gs.par_chunks(chunk))
                             .zip(ys.par_chunks(chunk))
-                            .map(|((xp, gp), yp)| bn_grad_sums(xp, gp, yp, (mean, rstd), relu))
+                            .map(|((xp, gp), yp)| bn_grad_sums(xp, gp, yp, mean, rstd, relu))
                             .reduce(|| (vec![0f64; c], vec![0f64; c]), add_pairs);
                         if want_dx {
                             let (sum_g, sum_gx) = &sums;
@@ -918,7 +933,7 @@ impl CustomOp3 for BatchNormOp {
                                 .zip(xs.par_chunks(chunk))
                                 .zip(gs.par_chunks(chunk).zip(ys.par_chunks(chunk)))
                                 .for_each(|((dp, xp), (gp, yp))| {
-                                    bn_input_grad(dp, (xp, gp, yp), (mean, rstd, &k), batch, relu)
+                                    bn_input_grad(dp, xp, gp, yp, mean, rstd, &k, batch, relu)
                                 });
                         }
                         Ok(())
@@ -941,77 +956,111 @@ impl CustomOp3 for BatchNormOp {
 /// Rows of a chunk summed in f32 before being added to the f64 totals.
 const F32_SUM_ROWS: usize = 32;
 
-/// BatchNorm backward's per-channel sums over the rows of a chunk: `Σ g` and `Σ g · x̂`, with
-/// `g` the output gradient (zero where the fused ReLU cut the output `y`) and
-/// `x̂ = (x - mean) · rstd`. Blocks of rows are summed in f32 (vectorised), then into f64.
-fn bn_grad_sums(
-    x: &[f32],
-    g: &[f32],
-    y: &[f32],
-    (mean, rstd): (&[f32], &[f32]),
-    relu: bool,
-) -> (Vec<f64>, Vec<f64>) {
-    let c = mean.len();
-    let (mut sg, mut sgx) = (vec![0f64; c], vec![0f64; c]);
-    let (mut bg, mut bgx) = (vec![0f32; c], vec![0f32; c]);
-    let block = F32_SUM_ROWS * c;
-    for ((xb, gb), yb) in x.chunks(block).zip(g.chunks(block)).zip(y.chunks(block)) {
-        bg.fill(0.0);
-        bgx.fill(0.0);
-        for ((xr, gr), yr) in xb
-            .chunks_exact(c)
-            .zip(gb.chunks_exact(c))
-            .zip(yb.chunks_exact(c))
-        {
-            let (bg, bgx, mean, rstd) = (&mut bg[..c], &mut bgx[..c], &mean[..c], &rstd[..c]);
-            let (xr, gr, yr) = (&xr[..c], &gr[..c], &yr[..c]);
+wide_fn! {
+    /// BatchNorm backward's per-channel sums over the rows of a chunk: `Σ g` and `Σ g · x̂`, with
+    /// `g` the output gradient (zero where the fused ReLU cut the output `y`) and
+    /// `x̂ = (x - mean) · rstd`. Blocks of rows are summed in f32 (vectorised), then into f64.
+    fn bn_grad_sums(
+        x: &[f32],
+        g: &[f32],
+        y: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        relu: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let c = mean.len();
+        let (mut sg, mut sgx) = (vec![0f64; c], vec![0f64; c]);
+        let (mut bg, mut bgx) = (vec![0f32; c], vec![0f32; c]);
+        let block = F32_SUM_ROWS * c;
+        for ((xb, gb), yb) in x.chunks(block).zip(g.chunks(block)).zip(y.chunks(block)) {
+            bg.fill(0.0);
+            bgx.fill(0.0);
+            for ((xr, gr), yr) in xb
+                .chunks_exact(c)
+                .zip(gb.chunks_exact(c))
+                .zip(yb.chunks_exact(c))
+            {
+                let (bg, bgx, mean, rstd) = (&mut bg[..c], &mut bgx[..c], &mean[..c], &rstd[..c]);
+                let (xr, gr, yr) = (&xr[..c], &gr[..c], &yr[..c]);
+                for ch in 0..c {
+                    let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
+                    bg[ch] += gv;
+                    bgx[ch] += gv * ((xr[ch] - mean[ch]) * rstd[ch]);
+                }
+            }
             for ch in 0..c {
-                let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
-                bg[ch] += gv;
-                bgx[ch] += gv * ((xr[ch] - mean[ch]) * rstd[ch]);
+                sg[ch] += f64::from(bg[ch]);
+                sgx[ch] += f64::from(bgx[ch]);
             }
         }
-        for ch in 0..c {
-            sg[ch] += f64::from(bg[ch]);
-            sgx[ch] += f64::from(bgx[ch]);
-        }
+        (sg, sgx)
     }
-    (sg, sgx)
 }
 
-/// BatchNorm backward's input gradient for a chunk of rows:
-/// `dx = k · (g - mean(g) - x̂ · mean(g · x̂))` with batch statistics (`batch` holds the two
-/// means), `dx = k · g` with running ones, where `k = weight · rstd` and `g` is gated by the
-/// fused ReLU as in [`bn_grad_sums`].
-fn bn_input_grad(
-    dx: &mut [f32],
-    (x, g, y): (&[f32], &[f32], &[f32]),
-    (mean, rstd, k): (&[f32], &[f32], &[f32]),
-    batch: Option<(&[f32], &[f32])>,
-    relu: bool,
-) {
-    let c = mean.len();
-    let rows = dx
-        .chunks_exact_mut(c)
-        .zip(x.chunks_exact(c))
-        .zip(g.chunks_exact(c).zip(y.chunks_exact(c)));
-    for ((dr, xr), (gr, yr)) in rows {
-        let (dr, xr, gr, yr) = (&mut dr[..c], &xr[..c], &gr[..c], &yr[..c]);
-        let (mean, rstd, k) = (&mean[..c], &rstd[..c], &k[..c]);
-        match batch {
-            Some((mg, mgx)) => {
-                let (mg, mgx) = (&mg[..c], &mgx[..c]);
-                for ch in 0..c {
-                    let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
-                    let xhat = (xr[ch] - mean[ch]) * rstd[ch];
-                    dr[ch] = k[ch] * (gv - mg[ch] - xhat * mgx[ch]);
+wide_fn! {
+    /// BatchNorm backward's input gradient for a chunk of rows:
+    /// `dx = k · (g - mean(g) - x̂ · mean(g · x̂))` with batch statistics (`batch` holds the two
+    /// means), `dx = k · g` with running ones, where `k = weight · rstd` and `g` is gated by the
+    /// fused ReLU as in [`bn_grad_sums`].
+    #[allow(clippy::too_many_arguments)]
+    fn bn_input_grad(
+        dx: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        y: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        k: &[f32],
+        batch: Option<(&[f32], &[f32])>,
+        relu: bool,
+    ) {
+        let c = mean.len();
+        let rows = dx
+            .chunks_exact_mut(c)
+            .zip(x.chunks_exact(c))
+            .zip(g.chunks_exact(c).zip(y.chunks_exact(c)));
+        for ((dr, xr), (gr, yr)) in rows {
+            let (dr, xr, gr, yr) = (&mut dr[..c], &xr[..c], &gr[..c], &yr[..c]);
+            let (mean, rstd, k) = (&mean[..c], &rstd[..c], &k[..c]);
+            match batch {
+                Some((mg, mgx)) => {
+                    let (mg, mgx) = (&mg[..c], &mgx[..c]);
+                    for ch in 0..c {
+                        let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
+                        let xhat = (xr[ch] - mean[ch]) * rstd[ch];
+                        dr[ch] = k[ch] * (gv - mg[ch] - xhat * mgx[ch]);
+                    }
+                }
+                None => {
+                    for ch in 0..c {
+                        let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
+                        dr[ch] = k[ch] * gv;
+                    }
                 }
             }
-            None => {
-                for ch in 0..c {
-                    let gv = if relu && yr[ch] <= 0.0 { 0.0 } else { gr[ch] };
-                    dr[ch] = k[ch] * gv;
-                }
+        }
+    }
+}
+
+wide_fn! {
+    /// `o = max(o, v)` per channel; a NaN wins and stays, as in PyTorch.
+    fn max_into(o: &mut [f32], v: &[f32]) {
+        for (d, &v) in o.iter_mut().zip(v) {
+            if v > *d || v.is_nan() {
+                *d = v;
+            }
+        }
+    }
+}
+
+wide_fn! {
+    /// Per channel, where `v` (channel `ch` at `base + ch`) beats `best` (or is the first
+    /// NaN): `best = v`, `at = base + ch`.
+    fn argmax_into(best: &mut [f32], at: &mut [usize], v: &[f32], base: usize) {
+        for (ch, ((bv, a), &v)) in best.iter_mut().zip(at.iter_mut()).zip(v).enumerate() {
+            if v > *bv || (v.is_nan() && !bv.is_nan()) {
+                *bv = v;
+                *a = base + ch;
             }
         }
     }
@@ -1091,11 +1140,7 @@ impl CustomOp1 for MaxPool {
                 for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
                     o.fill(f32::NEG_INFINITY);
                     for p in Self::window(&g, oy, ox) {
-                        for (d, &v) in o.iter_mut().zip(&xi[p * c..][..c]) {
-                            if v > *d || v.is_nan() {
-                                *d = v;
-                            }
-                        }
+                        max_into(o, &xi[p * c..][..c]);
                     }
                 }
             });
@@ -1132,15 +1177,7 @@ impl CustomOp1 for MaxPool {
                                 *a = first * c + ch;
                             }
                             for p in window {
-                                let src = &xi[p * c..][..c];
-                                for (ch, ((bv, a), &v)) in
-                                    best.iter_mut().zip(at.iter_mut()).zip(src).enumerate()
-                                {
-                                    if v > *bv || (v.is_nan() && !bv.is_nan()) {
-                                        *bv = v;
-                                        *a = p * c + ch;
-                                    }
-                                }
+                                argmax_into(&mut best, &mut at, &xi[p * c..][..c], p * c);
                             }
                             let go = &gs[((b * g.ho + oy) * g.wo + ox) * c..][..c];
                             for (&a, &gv) in at.iter().zip(go) {

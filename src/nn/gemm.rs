@@ -335,8 +335,13 @@ pub(crate) fn repeated(row: &[f32], times: usize) -> Vec<f32> {
     // Chunks are whole rows, so each starts at the row's first element.
     let rows_per_chunk = PARALLEL_FILL_CHUNK.div_ceil(n);
     fill_chunks(n * times, rows_per_chunk * n, |chunk| {
-        for (dst, src) in chunk.iter_mut().zip(row.iter().cycle()) {
-            dst.write(*src);
+        for dst in chunk.chunks_exact_mut(n) {
+            // SAFETY: `dst` holds `n` elements, as `row` does; the two cannot overlap (`dst`
+            // is fresh capacity). Writing a `MaybeUninit<f32>` through an `f32` pointer is
+            // what `MaybeUninit::write` does element by element.
+            unsafe {
+                std::ptr::copy_nonoverlapping(row.as_ptr(), dst.as_mut_ptr().cast::<f32>(), n)
+            };
         }
     })
 }

@@ -23,7 +23,8 @@ use super::gemm::{
     linear, linear_input_gradient, linear_rows, linear_weight_gradient, repeated, zeroed,
 };
 use super::layers::Linear;
-use super::ops::{FRAC_1_SQRT_2, FRAC_1_SQRT_2PI, column_sums, erf_f32, exp_f32};
+use super::ops::{column_sums, exp_f32, gelu_chunk, gelu_grad_chunk};
+use super::simd::wide_fn;
 
 /// `r + dropout(fc2(gelu(fc1(x))), p)` (exact, erf GELU; inverted dropout, none when `p` is 0)
 /// over the last dimension of `x` `[.., in]`, with `r` of the output's shape `[.., out]`: one
@@ -193,11 +194,7 @@ fn gelu(pre: &[f32]) -> Vec<f32> {
     let mut act = zeroed(pre.len());
     act.par_chunks_mut(TASK)
         .zip(pre.par_chunks(TASK))
-        .for_each(|(a, p)| {
-            for (a, &v) in a.iter_mut().zip(p) {
-                *a = 0.5 * v * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
-            }
-        });
+        .for_each(|(a, p)| gelu_chunk(a, p));
     act
 }
 
@@ -290,13 +287,7 @@ impl BlockKernel for ResidualMlp {
         linear_input_gradient(&mut dpre, g, p.w2, (out, inner), false)?;
         pre.par_chunks_mut(TASK)
             .zip(dpre.par_chunks(TASK))
-            .for_each(|(pre, d)| {
-                for (v, &d) in pre.iter_mut().zip(d) {
-                    let cdf = 0.5 * (1.0 + erf_f32(*v * FRAC_1_SQRT_2));
-                    let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * *v * *v);
-                    *v = d * (cdf + *v * pdf);
-                }
-            });
+            .for_each(|(pre, d)| gelu_grad_chunk(pre, d));
         drop(dpre);
         let dpre = pre;
         if let [dw1, db1, _, _] = dp.as_mut_slice() {
@@ -388,6 +379,7 @@ struct SwigluSaved {
     act: Vec<f32>,
 }
 
+#[inline(always)]
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-v))
 }
@@ -422,12 +414,31 @@ impl ResidualSwiglu {
         let mut act = zeroed(gate.len());
         act.par_chunks_mut(TASK)
             .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))
-            .for_each(|(a, (g, u))| {
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *a = g * sigmoid(g) * u;
-                }
-            });
+            .for_each(|(a, (g, u))| swiglu_chunk(a, g, u));
         Ok(SwigluSaved { gate, up, act })
+    }
+}
+
+wide_fn! {
+    /// `a = silu(g) ⊙ u`, element by element.
+    pub(super) fn swiglu_chunk(a: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+            *a = g * sigmoid(g) * u;
+        }
+    }
+}
+
+wide_fn! {
+    /// From `d(act)`: `d(gate)` over `gs` and `d(up)` over `us`, element by element.
+    pub(super) fn swiglu_grad_chunk(gs: &mut [f32], us: &mut [f32], ds: &[f32]) {
+        for ((g, u), &d) in gs.iter_mut().zip(us.iter_mut()).zip(ds) {
+            let s = sigmoid(*g);
+            let silu = *g * s;
+            let dsilu = s * (1.0 + *g * (1.0 - s));
+            let uv = *u;
+            *g = d * uv * dsilu;
+            *u = d * silu;
+        }
     }
 }
 
@@ -493,16 +504,7 @@ impl BlockKernel for ResidualSwiglu {
             .par_chunks_mut(TASK)
             .zip(dup.par_chunks_mut(TASK))
             .zip(dact.par_chunks(TASK))
-            .for_each(|((gs, us), ds)| {
-                for ((g, u), &d) in gs.iter_mut().zip(us.iter_mut()).zip(ds) {
-                    let s = sigmoid(*g);
-                    let silu = *g * s;
-                    let dsilu = s * (1.0 + *g * (1.0 - s));
-                    let uv = *u;
-                    *g = d * uv * dsilu;
-                    *u = d * silu;
-                }
-            });
+            .for_each(|((gs, us), ds)| swiglu_grad_chunk(gs, us, ds));
         drop(dact);
         if let [dwg, dwu, _] = dp.as_mut_slice() {
             for (dw, d) in [(dwg, &dgate), (dwu, &dup)] {

@@ -20,6 +20,7 @@ pub mod ops;
 pub mod packed;
 pub mod resnet;
 pub mod sampling;
+pub mod simd;
 pub mod tiny;
 pub mod vision;
 pub mod vit;

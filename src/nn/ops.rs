@@ -10,6 +10,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::simd::{sum_f64_lanes, wide_fn};
+
 /// Softmax over the last dimension, built from ops that all have a backward.
 ///
 /// candle's `softmax_last_dim` is a fused kernel without backward; this is the differentiable
@@ -506,15 +508,78 @@ pub(super) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<
     let chunk = rows_per_task(x.len() / dim, dim) * dim;
     out.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(out, x)| {
-            for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-                let (mean, rstd) = row_stats(xr, eps);
-                for i in 0..dim {
-                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+        .for_each(|(out, x)| layer_norm_chunk(out, x, w, b, eps));
+    out
+}
+
+wide_fn! {
+    /// [`layer_norm_rows`] for the rows of one task.
+    fn layer_norm_chunk(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        let dim = w.len().max(1);
+        for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let (mean, rstd) = row_stats(xr, eps);
+            for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *y = (x - mean) * rstd * w + b;
+            }
+        }
+    }
+}
+
+/// Lanes of the row sums in the norms' backward (one AVX-512 vector), so they vectorise.
+const LANES: usize = 16;
+
+wide_fn! {
+    /// [`layer_norm_rows_backward`] for the rows of one task: the input's gradient added into
+    /// `dx`, the scale's and shift's into `dw` and `db`.
+    fn layer_norm_grad_chunk(
+        dx: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        w: &[f32],
+        eps: f32,
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let dim = w.len().max(1);
+        let full = dim / LANES * LANES;
+        let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+        for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
+            let (mean, rstd) = row_stats(xr, eps);
+            // dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w.
+            let mut sum_gw = [0f32; LANES];
+            let mut sum_gw_xhat = [0f32; LANES];
+            let blocks = xr[..full]
+                .chunks_exact(LANES)
+                .zip(gr[..full].chunks_exact(LANES))
+                .zip(w[..full].chunks_exact(LANES))
+                .zip(dw[..full].chunks_exact_mut(LANES).zip(db[..full].chunks_exact_mut(LANES)));
+            for (((xc, gc), wc), (dwc, dbc)) in blocks {
+                for l in 0..LANES {
+                    let xhat = (xc[l] - mean) * rstd;
+                    let gw = gc[l] * wc[l];
+                    sum_gw[l] += gw;
+                    sum_gw_xhat[l] += gw * xhat;
+                    dwc[l] += gc[l] * xhat;
+                    dbc[l] += gc[l];
                 }
             }
-        });
-    out
+            let (mut tail_gw, mut tail_gw_xhat) = (0f32, 0f32);
+            for i in full..dim {
+                let xhat = (xr[i] - mean) * rstd;
+                let gw = gr[i] * w[i];
+                tail_gw += gw;
+                tail_gw_xhat += gw * xhat;
+                dw[i] += gr[i] * xhat;
+                db[i] += gr[i];
+            }
+            let mean_gw = (sum_gw.iter().sum::<f32>() + tail_gw) / dim as f32;
+            let mean_gw_xhat = (sum_gw_xhat.iter().sum::<f32>() + tail_gw_xhat) / dim as f32;
+            for (((d, &x), &g), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                let xhat = (x - mean) * rstd;
+                *d += rstd * (g * w - mean_gw - xhat * mean_gw_xhat);
+            }
+        }
+    }
 }
 
 /// [`layer_norm_rows`]'s backward for the output's gradient `g`: the input's gradient added
@@ -534,27 +599,7 @@ pub(super) fn layer_norm_rows_backward(
         .map(|((dx, x), g)| {
             let mut dw = vec![0f32; dim];
             let mut db = vec![0f32; dim];
-            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
-            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
-                let (mean, rstd) = row_stats(xr, eps);
-                // dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w.
-                let mut sum_gw = 0f32;
-                let mut sum_gw_xhat = 0f32;
-                for i in 0..dim {
-                    let xhat = (xr[i] - mean) * rstd;
-                    let gw = gr[i] * w[i];
-                    sum_gw += gw;
-                    sum_gw_xhat += gw * xhat;
-                    dw[i] += gr[i] * xhat;
-                    db[i] += gr[i];
-                }
-                let mean_gw = sum_gw / dim as f32;
-                let mean_gw_xhat = sum_gw_xhat / dim as f32;
-                for i in 0..dim {
-                    let xhat = (xr[i] - mean) * rstd;
-                    dxr[i] += rstd * (gr[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
-                }
-            }
+            layer_norm_grad_chunk(dx, x, g, w, eps, &mut dw, &mut db);
             (dw, db)
         })
         .reduce(
@@ -664,17 +709,14 @@ fn add_columns(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
 }
 
 /// Mean and 1/std of one row, accumulated in f64 so long rows do not lose precision.
+#[inline(always)]
 fn row_stats(xr: &[f32], eps: f32) -> (f32, f32) {
     let n = xr.len() as f64;
-    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = xr
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = sum_f64_lanes(xr, |v| v) / n;
+    let var = sum_f64_lanes(xr, |v| {
+        let d = v - mean;
+        d * d
+    }) / n;
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 
@@ -712,7 +754,8 @@ pub fn exp_f32(x: f32) -> f32 {
     // Round to nearest through the float adder (1.5 · 2^23), which vectorises; `round` is a
     // libm call.
     const SHIFTER: f32 = 12_582_912.0;
-    let n = (xc * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let t = xc * std::f32::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -721,8 +764,32 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.166_666_66;
     p = p * r + 0.5;
     let e = (p * r * r + r) + 1.0;
-    let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n: t's low mantissa bits hold n itself (t lies in [2^23, 2^24), where the step is 1),
+    // so integer arithmetic on its bits gives the exponent field. `n as i32` would be a
+    // saturating conversion, which compiles to a scalar sequence per lane.
+    let n_bits = t.to_bits().wrapping_sub(SHIFTER.to_bits());
+    let scaled = e * f32::from_bits(n_bits.wrapping_add(127) << 23);
     if x < -87.3 { 0.0 } else { scaled }
+}
+
+wide_fn! {
+    /// `a = gelu(p)`, element by element.
+    pub(super) fn gelu_chunk(a: &mut [f32], p: &[f32]) {
+        for (a, &v) in a.iter_mut().zip(p) {
+            *a = 0.5 * v * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
+        }
+    }
+}
+
+wide_fn! {
+    /// `pre = d ⊙ gelu'(pre)`, element by element.
+    pub(super) fn gelu_grad_chunk(pre: &mut [f32], d: &[f32]) {
+        for (v, &d) in pre.iter_mut().zip(d) {
+            let cdf = 0.5 * (1.0 + erf_f32(*v * FRAC_1_SQRT_2));
+            let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * *v * *v);
+            *v = d * (cdf + *v * pdf);
+        }
+    }
 }
 
 pub(super) const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -743,11 +810,10 @@ impl CustomOp1 for FusedGelu {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(storage, layout, self.name())?;
-        let out: Vec<f32> = x
-            .par_iter()
-            .with_min_len(1 << 14)
-            .map(|&v| 0.5 * v * (1.0 + erf_f32(v * FRAC_1_SQRT_2)))
-            .collect();
+        let mut out = super::gemm::zeroed(x.len());
+        out.par_chunks_mut(super::mlp::TASK)
+            .zip(x.par_chunks(super::mlp::TASK))
+            .for_each(|(a, p)| gelu_chunk(a, p));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -783,16 +849,10 @@ impl CustomOp2 for FusedGeluBwd {
         if x.len() != g.len() {
             candle_core::bail!("gelu bwd: {} values but {} gradients", x.len(), g.len())
         }
-        let out: Vec<f32> = x
-            .par_iter()
-            .with_min_len(1 << 14)
-            .zip(g)
-            .map(|(&v, &g)| {
-                let cdf = 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
-                let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
-                g * (cdf + v * pdf)
-            })
-            .collect();
+        let mut out = x.to_vec();
+        out.par_chunks_mut(super::mlp::TASK)
+            .zip(g.par_chunks(super::mlp::TASK))
+            .for_each(|(v, d)| gelu_grad_chunk(v, d));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -811,10 +871,6 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 
 /// [`silu_mul`]'s kernel: inputs `(gate, up)`.
 struct FusedSiluMul;
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
 
 impl CustomOp2 for FusedSiluMul {
     fn name(&self) -> &'static str {
@@ -837,12 +893,13 @@ impl CustomOp2 for FusedSiluMul {
                 up.len()
             )
         }
-        let out: Vec<f32> = gate
-            .par_iter()
-            .with_min_len(1 << 14)
-            .zip(up)
-            .map(|(&g, &u)| g * sigmoid(g) * u)
-            .collect();
+        let mut out = super::gemm::zeroed(gate.len());
+        out.par_chunks_mut(super::mlp::TASK)
+            .zip(
+                gate.par_chunks(super::mlp::TASK)
+                    .zip(up.par_chunks(super::mlp::TASK)),
+            )
+            .for_each(|(a, (g, u))| super::mlp::swiglu_chunk(a, g, u));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -854,26 +911,30 @@ impl CustomOp2 for FusedSiluMul {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let n = gate.elem_count();
-        let mut dgate = super::gemm::zeroed(n);
-        let mut dup = super::gemm::zeroed(n);
-        with_cpu_f32(gate, self.name(), |g| {
-            with_cpu_f32(up, self.name(), |u| {
-                with_cpu_f32(&grad, self.name(), |d| {
-                    dgate
-                        .par_iter_mut()
-                        .with_min_len(1 << 14)
-                        .zip(dup.par_iter_mut())
-                        .zip(g.par_iter().zip(u).zip(d))
-                        .for_each(|((dg, du), ((&g, &u), &d))| {
-                            let sig = sigmoid(g);
-                            *du = d * g * sig;
-                            // silu'(g) = sig · (1 + g · (1 − sig))
-                            *dg = d * u * sig * (1.0 + g * (1.0 - sig));
-                        });
-                    Ok(())
-                })
-            })
+        // The gradients are written over copies of the gate and up values.
+        let mut dgate = with_cpu_f32(gate, self.name(), |g| Ok(g.to_vec()))?;
+        let mut dup = with_cpu_f32(up, self.name(), |u| Ok(u.to_vec()))?;
+        if dgate.len() != dup.len() {
+            candle_core::bail!(
+                "silu-mul bwd: {} gate values, {} up values",
+                dgate.len(),
+                dup.len()
+            )
+        }
+        with_cpu_f32(&grad, self.name(), |d| {
+            if d.len() != dgate.len() {
+                candle_core::bail!(
+                    "silu-mul bwd: {} gradients for {} values",
+                    d.len(),
+                    dgate.len()
+                )
+            }
+            dgate
+                .par_chunks_mut(super::mlp::TASK)
+                .zip(dup.par_chunks_mut(super::mlp::TASK))
+                .zip(d.par_chunks(super::mlp::TASK))
+                .for_each(|((gs, us), ds)| super::mlp::swiglu_grad_chunk(gs, us, ds));
+            Ok(())
         })?;
         let dev = gate.device();
         Ok((
@@ -915,11 +976,43 @@ struct LabelLogProbs {
     labels: Vec<u32>,
 }
 
-/// Largest value and `ln Σ exp(x − max)` of a row.
-fn row_log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row
+wide_fn! {
+    /// Largest value and `ln Σ exp(x − max)` of a row.
+    fn row_log_sum_exp(row: &[f32]) -> (f32, f32) {
+        row_log_sum_exp_inline(row)
+    }
+}
+
+wide_fn! {
+    /// One row of [`LabelLogProbs`]'s backward: `d = g · (onehot(label) − softmax(row))`.
+    fn label_grad_row(d: &mut [f32], row: &[f32], g: f32, label: usize) {
+        let (max, lse) = row_log_sum_exp_inline(row);
+        let shift = max + lse;
+        for (d, &x) in d.iter_mut().zip(row) {
+            *d = -g * exp_f32(x - shift);
+        }
+        if let Some(d) = d.get_mut(label) {
+            *d += g;
+        }
+    }
+}
+
+/// [`row_log_sum_exp`]'s body, inlined into the wide copies of its callers.
+#[inline(always)]
+fn row_log_sum_exp_inline(row: &[f32]) -> (f32, f32) {
+    // The maximum in eight lanes too (one running maximum would not vectorise).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks
+        .remainder()
         .iter()
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for c in chunks {
+        for i in 0..8 {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let max = lanes.iter().fold(tail, |m, &x| if x > m { x } else { m });
     let mut acc = [0f32; 8];
     let chunks = row.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().map(|&x| exp_f32(x - max)).sum();
@@ -968,14 +1061,7 @@ impl CustomOp1 for LabelLogProbs {
                 dx.par_chunks_mut(vocab.max(1))
                     .zip(x.par_chunks(vocab.max(1)))
                     .zip(g.par_iter().zip(self.labels.par_iter()))
-                    .for_each(|((d, row), (&g, &label))| {
-                        let (max, lse) = row_log_sum_exp(row);
-                        let shift = max + lse;
-                        for (d, &x) in d.iter_mut().zip(row) {
-                            *d = -g * exp_f32(x - shift);
-                        }
-                        d[label as usize] += g;
-                    });
+                    .for_each(|((d, row), (&g, &label))| label_grad_row(d, row, g, label as usize));
                 Ok(())
             })
         })?;
@@ -1075,15 +1161,58 @@ pub(super) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let chunk = rows_per_task(x.len() / dim, dim) * dim;
     out.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(out, x)| {
-            for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-                let rstd = row_rstd(xr, eps);
-                for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
-                    *y = x * rstd * w;
+        .for_each(|(out, x)| rms_norm_chunk(out, x, w, eps));
+    out
+}
+
+wide_fn! {
+    /// [`rms_norm_rows`] for the rows of one task.
+    fn rms_norm_chunk(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        let dim = w.len().max(1);
+        for (xr, yr) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let rstd = row_rstd(xr, eps);
+            for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
+                *y = x * rstd * w;
+            }
+        }
+    }
+}
+
+wide_fn! {
+    /// [`rms_norm_rows_backward`] for the rows of one task: the input's gradient added into
+    /// `dx`, the scale's into `dw`.
+    fn rms_norm_grad_chunk(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], eps: f32, dw: &mut [f32]) {
+        let dim = w.len().max(1);
+        let full = dim / LANES * LANES;
+        let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+        for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
+            let rstd = row_rstd(xr, eps);
+            // dx = rstd * (gw - xhat * mean(gw * xhat)), gw = g * w, xhat = x * rstd.
+            let mut sum_gw_xhat = [0f32; LANES];
+            let blocks = xr[..full]
+                .chunks_exact(LANES)
+                .zip(gr[..full].chunks_exact(LANES))
+                .zip(w[..full].chunks_exact(LANES).zip(dw[..full].chunks_exact_mut(LANES)));
+            for ((xc, gc), (wc, dwc)) in blocks {
+                for l in 0..LANES {
+                    let xhat = xc[l] * rstd;
+                    sum_gw_xhat[l] += gc[l] * wc[l] * xhat;
+                    dwc[l] += gc[l] * xhat;
                 }
             }
-        });
-    out
+            let mut tail = 0f32;
+            for i in full..dim {
+                let xhat = xr[i] * rstd;
+                tail += gr[i] * w[i] * xhat;
+                dw[i] += gr[i] * xhat;
+            }
+            let mean_gw_xhat = (sum_gw_xhat.iter().sum::<f32>() + tail) / dim as f32;
+            for (((d, &x), &g), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                let xhat = x * rstd;
+                *d += rstd * (g * w - xhat * mean_gw_xhat);
+            }
+        }
+    }
 }
 
 /// [`rms_norm_rows`]'s backward for the output's gradient `g`: adds the input's gradient into
@@ -1102,22 +1231,7 @@ pub(super) fn rms_norm_rows_backward(
         .zip(g.par_chunks(chunk))
         .map(|((dx, x), g)| {
             let mut dw = vec![0f32; dim];
-            let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
-            for ((xr, gr), dxr) in rows.zip(dx.chunks_exact_mut(dim)) {
-                let rstd = row_rstd(xr, eps);
-                // dx = rstd * (gw - xhat * mean(gw * xhat)), gw = g * w, xhat = x * rstd.
-                let mut sum_gw_xhat = 0f32;
-                for i in 0..dim {
-                    let xhat = xr[i] * rstd;
-                    sum_gw_xhat += gr[i] * w[i] * xhat;
-                    dw[i] += gr[i] * xhat;
-                }
-                let mean_gw_xhat = sum_gw_xhat / dim as f32;
-                for i in 0..dim {
-                    let xhat = xr[i] * rstd;
-                    dxr[i] += rstd * (gr[i] * w[i] - xhat * mean_gw_xhat);
-                }
-            }
+            rms_norm_grad_chunk(dx, x, g, w, eps, &mut dw);
             dw
         })
         .reduce(|| vec![0f32; dim], add_columns)
@@ -1129,8 +1243,9 @@ struct FusedRmsNorm {
 }
 
 /// 1/sqrt(mean(x²) + eps) of one row, accumulated in f64.
+#[inline(always)]
 fn row_rstd(xr: &[f32], eps: f32) -> f32 {
-    let ms = xr.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / xr.len() as f64;
+    let ms = sum_f64_lanes(xr, |v| v * v) / xr.len() as f64;
     (1.0 / (ms + eps as f64).sqrt()) as f32
 }
 

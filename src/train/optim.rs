@@ -19,6 +19,8 @@ use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::simd::{sum_f64_lanes, wide_fn};
+
 /// Errors from the optimizer.
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
@@ -511,6 +513,13 @@ fn f32_bytes(xs: &[f32]) -> Vec<u8> {
     xs.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+wide_fn! {
+    /// `Σ x²` of a chunk, in f64.
+    fn sum_squares_chunk(c: &[f32]) -> f64 {
+        sum_f64_lanes(c, |x| x * x)
+    }
+}
+
 /// Sum of squares of a tensor's elements, read in place on the CPU.
 fn sum_squares(t: &Tensor) -> Result<f64> {
     if t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() {
@@ -521,7 +530,7 @@ fn sum_squares(t: &Tensor) -> Result<f64> {
             use rayon::prelude::*;
             return Ok(data[start..end]
                 .par_chunks(PAR_CHUNK)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .map(sum_squares_chunk)
                 .sum());
         }
     }
@@ -565,23 +574,25 @@ fn adamw_kernel(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32]
         .for_each(|(((theta, grad), m), v)| adamw_chunk(k, theta, grad, m, v));
 }
 
-/// The AdamW update over a run of elements.
-fn adamw_chunk(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
-    let (b1, b2) = (k.beta1, k.beta2);
-    let (c1, c2) = (1.0 - b1, 1.0 - b2);
-    for (((p, &g), m), v) in theta
-        .iter_mut()
-        .zip(grad)
-        .zip(m.iter_mut())
-        .zip(v.iter_mut())
-    {
-        let g = g * k.grad_scale;
-        let mi = b1 * *m + c1 * g;
-        let vi = b2 * *v + c2 * g * g;
-        *m = mi;
-        *v = vi;
-        let denom = vi.sqrt() * k.inv_sqrt_bc2 + k.eps;
-        *p = *p * k.decay - k.step_size * mi / denom;
+wide_fn! {
+    /// The AdamW update over a run of elements.
+    fn adamw_chunk(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2) = (k.beta1, k.beta2);
+        let (c1, c2) = (1.0 - b1, 1.0 - b2);
+        for (((p, &g), m), v) in theta
+            .iter_mut()
+            .zip(grad)
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+        {
+            let g = g * k.grad_scale;
+            let mi = b1 * *m + c1 * g;
+            let vi = b2 * *v + c2 * g * g;
+            *m = mi;
+            *v = vi;
+            let denom = vi.sqrt() * k.inv_sqrt_bc2 + k.eps;
+            *p = *p * k.decay - k.step_size * mi / denom;
+        }
     }
 }
 

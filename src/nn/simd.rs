@@ -1,0 +1,122 @@
+//! Element-wise loops compiled for the CPU they run on.
+//!
+//! kiln is built for the baseline x86-64 instruction set, so that one binary runs on any
+//! x86-64 machine. The matrix products already choose AVX-512 or AVX2 kernels at run time (the
+//! `gemm` crate and [`super::packed`]), but kiln's own element-wise loops (GELU, softmax's
+//! exponentials, LayerNorm, the optimizer) were compiled four lanes wide. [`wide_fn!`] compiles a
+//! function's body three times, for AVX-512, for AVX2 with FMA and for the baseline, and runs
+//! the widest copy the CPU supports. The body is the same source each time: the compiler
+//! vectorises it for the features it may use (the loops must be branch-free to vectorise, as
+//! [`super::ops::exp_f32`] and [`super::ops::erf_f32`] are).
+
+/// The instruction-set level the element-wise loops run at on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// AVX-512 (F, BW, DQ, VL): 16 f32 lanes.
+    Avx512,
+    /// AVX2 with FMA: 8 f32 lanes.
+    Avx2,
+    /// The x86-64 baseline (SSE2), or another architecture.
+    Base,
+}
+
+/// The level of this CPU (detected once).
+pub fn level() -> Level {
+    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Level {
+    use std::arch::is_x86_feature_detected as has;
+    // `KILN_SIMD=avx2` or `base` caps the level (for A/B measurements, and to run the narrower
+    // copies on a wide CPU).
+    let cap = std::env::var("KILN_SIMD").unwrap_or_default();
+    let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl");
+    let avx2 = has!("avx2") && has!("fma");
+    match cap.as_str() {
+        "base" => Level::Base,
+        _ if avx512 && cap != "avx2" => Level::Avx512,
+        _ if avx2 => Level::Avx2,
+        _ => Level::Base,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Level {
+    Level::Base
+}
+
+/// Defines a function whose body is compiled for AVX-512, for AVX2 and for the baseline, and
+/// runs the copy for [`level`]. Arguments are plain `name: Type` pairs (no patterns, no
+/// generics other than lifetimes); closures in the body passed to other functions (rayon's)
+/// are not covered, so put this on the sequential per-chunk kernel instead.
+macro_rules! wide_fn {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident $(<$($lt:lifetime),*>)? ($($arg:ident : $ty:ty),* $(,)?)
+            $(-> $ret:ty)? $body:block
+    ) => {
+        $(#[$attr])*
+        $vis fn $name $(<$($lt),*>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn avx512 $(<$($lt),*>)? ($($arg: $ty),*) $(-> $ret)? $body
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2 $(<$($lt),*>)? ($($arg: $ty),*) $(-> $ret)? $body
+                match $crate::nn::simd::level() {
+                    // SAFETY: `level` found these features on this CPU.
+                    $crate::nn::simd::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::nn::simd::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::nn::simd::Level::Base => {}
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use wide_fn;
+
+/// `Σ f(x)` over a slice, in f64, in eight lanes (a single running sum cannot be reordered, so
+/// it would not vectorise).
+#[inline(always)]
+pub(crate) fn sum_f64_lanes(xr: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xr.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += f(c[i] as f64);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    wide_fn! {
+        /// A branch-free loop like the real kernels'.
+        fn scaled_exp(out: &mut [f32], x: &[f32], s: f32) {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = s * crate::nn::ops::exp_f32(v);
+            }
+        }
+    }
+
+    #[test]
+    fn every_copy_computes_the_same_values() {
+        let x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
+        let mut wide = vec![0f32; x.len()];
+        scaled_exp(&mut wide, &x, 0.5);
+        let want: Vec<f32> = x
+            .iter()
+            .map(|&v| 0.5 * crate::nn::ops::exp_f32(v))
+            .collect();
+        // The same operations in the same order (no contraction into FMAs): equal bits.
+        assert_eq!(wide, want, "level {:?}", level());
+    }
+}
