@@ -183,6 +183,7 @@ struct FusedAttention {
 }
 
 /// `a · b`, with eight partial sums so it vectorises.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -217,44 +218,61 @@ impl CustomOp3 for FusedAttention {
         let s = l2.shape().dims3()?.1;
         let dh = h / self.heads;
         let mut out = super::gemm::zeroed(b * sq * h);
+        let (heads, scale) = (self.heads, self.scale);
         out.par_chunks_mut(sq * h.max(1))
             .enumerate()
             .for_each(|(bi, out)| {
                 let mask = &self.mask[bi * s..(bi + 1) * s];
-                // The real tokens (all of them for a row of pads only, as the additive mask
-                // would weigh them alike).
-                let mut keys: Vec<usize> = (0..s).filter(|&j| mask[j] != 0.0).collect();
-                if keys.is_empty() {
-                    keys = (0..s).collect();
-                }
-                let mut weights = vec![0f32; keys.len()];
-                for i in 0..sq {
-                    let qrow = &q[(bi * sq + i) * h..][..h];
-                    for head in 0..self.heads {
-                        let off = head * dh;
-                        let qh = &qrow[off..off + dh];
-                        let mut max = f32::NEG_INFINITY;
-                        for (w, &j) in weights.iter_mut().zip(&keys) {
-                            *w = self.scale * dot(qh, &k[(bi * s + j) * h + off..][..dh]);
-                            max = max.max(*w);
-                        }
-                        let mut sum = 0f32;
-                        for w in weights.iter_mut() {
-                            *w = exp_f32(*w - max);
-                            sum += *w;
-                        }
-                        let o = &mut out[i * h + off..i * h + off + dh];
-                        for (w, &j) in weights.iter().zip(&keys) {
-                            let p = w / sum;
-                            let vrow = &v[(bi * s + j) * h + off..][..dh];
-                            for (o, x) in o.iter_mut().zip(vrow) {
-                                *o += p * x;
-                            }
-                        }
-                    }
-                }
+                let q = &q[bi * sq * h..][..sq * h];
+                let (k, v) = (&k[bi * s * h..][..s * h], &v[bi * s * h..][..s * h]);
+                attention_inference_row(out, (q, k, v), mask, (h, dh, heads), scale)
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+wide_fn! {
+    /// One batch row of [`FusedAttention`]: `out [sq, h]` (zeroed) += softmax(q·kᵀ·scale)·v
+    /// per head over the keys the mask shows, for `q [sq, h]` and `k`, `v` `[s, h]`.
+    fn attention_inference_row(
+        out: &mut [f32],
+        qkv: (&[f32], &[f32], &[f32]),
+        mask: &[f32],
+        dims: (usize, usize, usize),
+        scale: f32,
+    ) {
+        let (q, k, v) = qkv;
+        let (h, dh, heads) = dims;
+        // The real tokens (all of them for a row of pads only, as the additive mask would
+        // weigh them alike).
+        let mut keys: Vec<usize> = (0..mask.len()).filter(|&j| mask[j] != 0.0).collect();
+        if keys.is_empty() {
+            keys = (0..mask.len()).collect();
+        }
+        let mut weights = vec![0f32; keys.len()];
+        for (qrow, orow) in q.chunks_exact(h.max(1)).zip(out.chunks_exact_mut(h.max(1))) {
+            for head in 0..heads {
+                let off = head * dh;
+                let qh = &qrow[off..off + dh];
+                for (w, &j) in weights.iter_mut().zip(&keys) {
+                    *w = scale * dot(qh, &k[j * h + off..][..dh]);
+                }
+                let max = weights
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+                // Separate passes, so the exponentials vectorise (a running sum would not).
+                weights.iter_mut().for_each(|w| *w = exp_f32(*w - max));
+                let inv = 1.0 / weights.iter().sum::<f32>();
+                let o = &mut orow[off..off + dh];
+                for (w, &j) in weights.iter().zip(&keys) {
+                    let p = w * inv;
+                    let vrow = &v[j * h + off..][..dh];
+                    for (o, x) in o.iter_mut().zip(vrow) {
+                        *o += p * x;
+                    }
+                }
+            }
+        }
     }
 }
 
