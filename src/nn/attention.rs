@@ -1196,53 +1196,59 @@ mod tests {
 
     #[test]
     fn matches_the_primitive_path_with_padding_and_dropout() {
-        let (b, s) = (3, 7);
-        // Row 0 full, row 1 with three pads, row 2 with one real token.
-        let lens = [7usize, 4, 1];
-        let mask = lens
-            .iter()
-            .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
-            .collect();
-        let mut spec = AttentionSpec::new(4, 4, 0.35);
-        spec.key_mask = Some(mask);
-        assert_matches(spec.clone(), (b, s, s, 8));
-        spec.dropout = 0.3;
-        spec.seed = 99;
-        assert_matches(spec, (b, s, s, 8));
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let (b, s) = (3, 7);
+            // Row 0 full, row 1 with three pads, row 2 with one real token.
+            let lens = [7usize, 4, 1];
+            let mask = lens
+                .iter()
+                .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
+                .collect();
+            let mut spec = AttentionSpec::new(4, 4, 0.35);
+            spec.key_mask = Some(mask);
+            assert_matches(spec.clone(), (b, s, s, 8));
+            spec.dropout = 0.3;
+            spec.seed = 99;
+            assert_matches(spec, (b, s, s, 8));
+        });
     }
 
     #[test]
     fn a_query_that_sees_no_key_weighs_every_key_alike() {
-        let dev = Device::Cpu;
-        let (s, dh) = (5, 4);
-        let q = Var::from_vec(values(s * 2 * dh, 1, 1.0), (1, s, 2 * dh), &dev).unwrap();
-        let k = Tensor::from_vec(values(s * 2 * dh, 2, 1.0), (1, s, 2 * dh), &dev).unwrap();
-        let v = Tensor::from_vec(values(s * 2 * dh, 3, 1.0), (1, s, 2 * dh), &dev).unwrap();
-        let mut spec = AttentionSpec::new(2, 2, 0.5);
-        spec.key_mask = Some(vec![0.0; s]);
-        let out = attention(&q, &k, &v, spec).unwrap().unwrap();
-        let mean = v
-            .mean_keepdim(1)
-            .unwrap()
-            .broadcast_as(out.shape())
-            .unwrap();
-        assert!(max_diff(&out, &mean) < 1e-6);
-        // The weights do not depend on the scores, so q gets a zero gradient.
-        let grads = out.sum_all().unwrap().backprop().unwrap();
-        let dq = grads.get(&q).unwrap().abs().unwrap().sum_all().unwrap();
-        assert_eq!(dq.to_scalar::<f32>().unwrap(), 0.0);
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            let (s, dh) = (5, 4);
+            let q = Var::from_vec(values(s * 2 * dh, 1, 1.0), (1, s, 2 * dh), &dev).unwrap();
+            let k = Tensor::from_vec(values(s * 2 * dh, 2, 1.0), (1, s, 2 * dh), &dev).unwrap();
+            let v = Tensor::from_vec(values(s * 2 * dh, 3, 1.0), (1, s, 2 * dh), &dev).unwrap();
+            let mut spec = AttentionSpec::new(2, 2, 0.5);
+            spec.key_mask = Some(vec![0.0; s]);
+            let out = attention(&q, &k, &v, spec).unwrap().unwrap();
+            let mean = v
+                .mean_keepdim(1)
+                .unwrap()
+                .broadcast_as(out.shape())
+                .unwrap();
+            assert!(max_diff(&out, &mean) < 1e-6);
+            // The weights do not depend on the scores, so q gets a zero gradient.
+            let grads = out.sum_all().unwrap().backprop().unwrap();
+            let dq = grads.get(&q).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(dq.to_scalar::<f32>().unwrap(), 0.0);
+        });
     }
 
     #[test]
     fn matches_the_primitive_path_causal_grouped_and_windowed() {
-        let mut spec = AttentionSpec::new(6, 2, 0.25);
-        spec.causal = true;
-        assert_matches(spec.clone(), (2, 9, 9, 4));
-        // Fewer queries than keys: the last queries of a longer sequence.
-        assert_matches(spec.clone(), (2, 3, 9, 4));
-        spec.window = Some(3);
-        spec.key_mask = Some((0..18).map(|j| if j % 9 < 8 { 1.0 } else { 0.0 }).collect());
-        assert_matches(spec, (2, 9, 9, 4));
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let mut spec = AttentionSpec::new(6, 2, 0.25);
+            spec.causal = true;
+            assert_matches(spec.clone(), (2, 9, 9, 4));
+            // Fewer queries than keys: the last queries of a longer sequence.
+            assert_matches(spec.clone(), (2, 3, 9, 4));
+            spec.window = Some(3);
+            spec.key_mask = Some((0..18).map(|j| if j % 9 < 8 { 1.0 } else { 0.0 }).collect());
+            assert_matches(spec, (2, 9, 9, 4));
+        });
     }
 
     #[test]

@@ -599,52 +599,57 @@ mod tests {
 
     #[test]
     fn fused_block_matches_primitive_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        for trainable in [true, false] {
-            let (b, s, h, inner) = (4, 9, 8, 12);
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
-            let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
-            let (fc1, mut vars) = linear("fc1", inner, h, 1.0, trainable);
-            let (fc2, v2) = linear("fc2", h, inner, 2.0, trainable);
-            vars.extend(v2);
-            // A loss that weighs every output differently.
-            let weights = Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap();
-            let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.0)
-                .unwrap()
-                .expect("CPU f32 takes the fused kernel");
-            let reference = primitive(x.as_tensor(), r.as_tensor(), &fc1, &fc2);
-            close(&fused, &reference, "output");
-            let g1 = (fused * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backprop()
-                .unwrap();
-            let g2 = (reference * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backprop()
-                .unwrap();
-            for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
-                close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            for trainable in [true, false] {
+                let (b, s, h, inner) = (4, 9, 8, 12);
+                let x =
+                    Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
+                let r =
+                    Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
+                let (fc1, mut vars) = linear("fc1", inner, h, 1.0, trainable);
+                let (fc2, v2) = linear("fc2", h, inner, 2.0, trainable);
+                vars.extend(v2);
+                // A loss that weighs every output differently.
+                let weights = Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap();
+                let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.0)
+                    .unwrap()
+                    .expect("CPU f32 takes the fused kernel");
+                let reference = primitive(x.as_tensor(), r.as_tensor(), &fc1, &fc2);
+                close(&fused, &reference, "output");
+                let g1 = (fused * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backprop()
+                    .unwrap();
+                let g2 = (reference * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backprop()
+                    .unwrap();
+                for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
+                    close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
+                }
+                for (i, v) in vars.iter().enumerate() {
+                    let got = g1
+                        .get(v.as_tensor())
+                        .expect("every parameter gets a gradient");
+                    close(
+                        got,
+                        g2.get(v.as_tensor()).unwrap(),
+                        &format!("parameter {i}"),
+                    );
+                }
+                if !trainable {
+                    assert!(
+                        g1.get(&fc1.weight).is_none()
+                            && g1.get(&fc2.bias.clone().unwrap()).is_none()
+                    );
+                }
             }
-            for (i, v) in vars.iter().enumerate() {
-                let got = g1
-                    .get(v.as_tensor())
-                    .expect("every parameter gets a gradient");
-                close(
-                    got,
-                    g2.get(v.as_tensor()).unwrap(),
-                    &format!("parameter {i}"),
-                );
-            }
-            if !trainable {
-                assert!(
-                    g1.get(&fc1.weight).is_none() && g1.get(&fc2.bias.clone().unwrap()).is_none()
-                );
-            }
-        }
+        });
     }
 
     #[test]
@@ -719,75 +724,79 @@ mod tests {
 
     #[test]
     fn fused_gated_block_matches_primitive_ops_forward_and_backward() {
-        let dev = Device::Cpu;
-        for trainable in [true, false] {
-            let (rows, h, inner) = (40, 8, 20);
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
-            let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
-            let (gate, mut vars) = linear("gate", inner, h, 1.0, trainable);
-            let (up, v) = linear("up", inner, h, 2.0, trainable);
-            vars.extend(v);
-            let (down, v) = linear("down", h, inner, 3.0, trainable);
-            vars.extend(v);
-            // The bias Vars are not used (Llama-family projections have none).
-            let vars: Vec<Var> = vars.into_iter().step_by(2).collect();
-            let (gate, up, down) = (no_bias(gate), no_bias(up), no_bias(down));
-            let weights = Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap();
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            for trainable in [true, false] {
+                let (rows, h, inner) = (40, 8, 20);
+                let x =
+                    Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
+                let r =
+                    Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap()).unwrap();
+                let (gate, mut vars) = linear("gate", inner, h, 1.0, trainable);
+                let (up, v) = linear("up", inner, h, 2.0, trainable);
+                vars.extend(v);
+                let (down, v) = linear("down", h, inner, 3.0, trainable);
+                vars.extend(v);
+                // The bias Vars are not used (Llama-family projections have none).
+                let vars: Vec<Var> = vars.into_iter().step_by(2).collect();
+                let (gate, up, down) = (no_bias(gate), no_bias(up), no_bias(down));
+                let weights = Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap();
+                let input = BlockInput::Residual {
+                    n: x.as_tensor().clone(),
+                    r: r.as_tensor().clone(),
+                };
+                let fused = residual_swiglu(&input, &gate, &up, &down)
+                    .unwrap()
+                    .expect("CPU f32 takes the fused kernel");
+                let xt = x.as_tensor();
+                let act = (xt
+                    .matmul(&gate.weight.t().unwrap())
+                    .unwrap()
+                    .silu()
+                    .unwrap()
+                    * xt.matmul(&up.weight.t().unwrap()).unwrap())
+                .unwrap();
+                let reference =
+                    (act.matmul(&down.weight.t().unwrap()).unwrap() + r.as_tensor()).unwrap();
+                close(&fused, &reference, "output");
+                let g1 = (fused * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backprop()
+                    .unwrap();
+                let g2 = (reference * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backprop()
+                    .unwrap();
+                for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
+                    close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
+                }
+                for (i, v) in vars.iter().enumerate() {
+                    let got = g1.get(v.as_tensor()).expect("every weight gets a gradient");
+                    close(got, g2.get(v.as_tensor()).unwrap(), &format!("weight {i}"));
+                }
+                if !trainable {
+                    assert!(g1.get(&gate.weight).is_none());
+                }
+            }
+            // A projection with a bias takes the primitive path.
+            let x = Tensor::zeros((40, 8), DType::F32, &dev).unwrap();
+            let (gate, _) = linear("gate", 20, 8, 1.0, false);
+            let (up, _) = linear("up", 20, 8, 2.0, false);
+            let (down, _) = linear("down", 8, 20, 3.0, false);
             let input = BlockInput::Residual {
-                n: x.as_tensor().clone(),
-                r: r.as_tensor().clone(),
+                n: x.clone(),
+                r: x.clone(),
             };
-            let fused = residual_swiglu(&input, &gate, &up, &down)
-                .unwrap()
-                .expect("CPU f32 takes the fused kernel");
-            let xt = x.as_tensor();
-            let act = (xt
-                .matmul(&gate.weight.t().unwrap())
-                .unwrap()
-                .silu()
-                .unwrap()
-                * xt.matmul(&up.weight.t().unwrap()).unwrap())
-            .unwrap();
-            let reference =
-                (act.matmul(&down.weight.t().unwrap()).unwrap() + r.as_tensor()).unwrap();
-            close(&fused, &reference, "output");
-            let g1 = (fused * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backprop()
-                .unwrap();
-            let g2 = (reference * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backprop()
-                .unwrap();
-            for (name, t) in [("x", x.as_tensor()), ("r", r.as_tensor())] {
-                close(g1.get(t).unwrap(), g2.get(t).unwrap(), name);
-            }
-            for (i, v) in vars.iter().enumerate() {
-                let got = g1.get(v.as_tensor()).expect("every weight gets a gradient");
-                close(got, g2.get(v.as_tensor()).unwrap(), &format!("weight {i}"));
-            }
-            if !trainable {
-                assert!(g1.get(&gate.weight).is_none());
-            }
-        }
-        // A projection with a bias takes the primitive path.
-        let x = Tensor::zeros((40, 8), DType::F32, &dev).unwrap();
-        let (gate, _) = linear("gate", 20, 8, 1.0, false);
-        let (up, _) = linear("up", 20, 8, 2.0, false);
-        let (down, _) = linear("down", 8, 20, 3.0, false);
-        let input = BlockInput::Residual {
-            n: x.clone(),
-            r: x.clone(),
-        };
-        assert!(
-            residual_swiglu(&input, &gate, &no_bias(up), &no_bias(down))
-                .unwrap()
-                .is_none()
-        );
+            assert!(
+                residual_swiglu(&input, &gate, &no_bias(up), &no_bias(down))
+                    .unwrap()
+                    .is_none()
+            );
+        });
     }
 
     #[test]

@@ -1456,62 +1456,65 @@ mod tests {
 
     #[test]
     fn fused_attention_matches_masked_softmax_attention() {
-        let dev = Device::Cpu;
-        let (b, s, heads, dh) = (3, 7, 4, 8);
-        let h = heads * dh;
-        let t = |seed| Tensor::from_vec(values(b * s * h, seed, 2.0), (b, s, h), &dev).unwrap();
-        let (q, k, v) = (t(1), t(2), t(3));
-        // Row 0 full, row 1 with three pads, row 2 with one real token.
-        let lens = [7usize, 4, 1];
-        let mask: Vec<f32> = lens
-            .iter()
-            .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
-            .collect();
-        let scale = 1.0 / (dh as f64).sqrt();
-        let split = |x: &Tensor| {
-            x.reshape((b, x.dim(1).unwrap(), heads, dh))
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            let (b, s, heads, dh) = (3, 7, 4, 8);
+            let h = heads * dh;
+            let t = |seed| Tensor::from_vec(values(b * s * h, seed, 2.0), (b, s, h), &dev).unwrap();
+            let (q, k, v) = (t(1), t(2), t(3));
+            // Row 0 full, row 1 with three pads, row 2 with one real token.
+            let lens = [7usize, 4, 1];
+            let mask: Vec<f32> = lens
+                .iter()
+                .flat_map(|&n| (0..s).map(move |j| if j < n { 1.0 } else { 0.0 }))
+                .collect();
+            let scale = 1.0 / (dh as f64).sqrt();
+            let split = |x: &Tensor| {
+                x.reshape((b, x.dim(1).unwrap(), heads, dh))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let bias = ((1.0 - Tensor::from_vec(mask.clone(), (b, 1, 1, s), &dev).unwrap())
                 .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-        };
-        let bias = ((1.0 - Tensor::from_vec(mask.clone(), (b, 1, 1, s), &dev).unwrap()).unwrap()
-            * f32::MIN as f64)
-            .unwrap();
-        for sq in [s, 1] {
-            let qs = q.narrow(1, 0, sq).unwrap();
-            let scores = (split(&qs).matmul(&split(&k).t().unwrap()).unwrap() * scale).unwrap();
-            let probs = softmax_last_dim(&scores.broadcast_add(&bias).unwrap()).unwrap();
-            let want = probs
-                .matmul(&split(&v))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .reshape((b, sq, h))
+                * f32::MIN as f64)
                 .unwrap();
-            let got = attention_inference(&qs, &k, &v, &mask, heads, scale as f32)
-                .unwrap()
-                .expect("the fused kernel runs on CPU f32");
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-5, "queries {sq}: differs by {diff}");
-        }
-        // A tracked input (training) is left to the differentiable path.
-        let var = Var::from_tensor(&q).unwrap();
-        assert!(
-            attention_inference(var.as_tensor(), &k, &v, &mask, heads, scale as f32)
-                .unwrap()
-                .is_none()
-        );
+            for sq in [s, 1] {
+                let qs = q.narrow(1, 0, sq).unwrap();
+                let scores = (split(&qs).matmul(&split(&k).t().unwrap()).unwrap() * scale).unwrap();
+                let probs = softmax_last_dim(&scores.broadcast_add(&bias).unwrap()).unwrap();
+                let want = probs
+                    .matmul(&split(&v))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((b, sq, h))
+                    .unwrap();
+                let got = attention_inference(&qs, &k, &v, &mask, heads, scale as f32)
+                    .unwrap()
+                    .expect("the fused kernel runs on CPU f32");
+                let diff = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-5, "queries {sq}: differs by {diff}");
+            }
+            // A tracked input (training) is left to the differentiable path.
+            let var = Var::from_tensor(&q).unwrap();
+            assert!(
+                attention_inference(var.as_tensor(), &k, &v, &mask, heads, scale as f32)
+                    .unwrap()
+                    .is_none()
+            );
+        });
     }
 
     /// Deterministic pseudo-random values in [-scale, scale] (no RNG state needed).
@@ -1573,60 +1576,64 @@ mod tests {
 
     #[test]
     fn fused_silu_mul_matches_primitive_in_values_and_gradients() {
-        let dev = Device::Cpu;
-        let gate = Var::from_vec(values(6 * 50, 5, 6.0), (2, 3, 50), &dev).unwrap();
-        let up = Var::from_vec(values(6 * 50, 6, 2.0), (2, 3, 50), &dev).unwrap();
-        let w = Tensor::from_vec(values(6 * 50, 7, 1.0), (2, 3, 50), &dev).unwrap();
-        let fused = silu_mul(&gate, &up).unwrap();
-        let want = (gate.silu().unwrap() * up.as_tensor()).unwrap();
-        assert!(max_abs_diff(&fused, &want) < 1e-5);
-        let gf = (&fused * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backprop()
-            .unwrap();
-        let gw = (&want * &w).unwrap().sum_all().unwrap().backprop().unwrap();
-        for var in [&gate, &up] {
-            let diff = max_abs_diff(gf.get(var).unwrap(), gw.get(var).unwrap());
-            assert!(diff < 1e-5, "gradient differs by {diff}");
-        }
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            let gate = Var::from_vec(values(6 * 50, 5, 6.0), (2, 3, 50), &dev).unwrap();
+            let up = Var::from_vec(values(6 * 50, 6, 2.0), (2, 3, 50), &dev).unwrap();
+            let w = Tensor::from_vec(values(6 * 50, 7, 1.0), (2, 3, 50), &dev).unwrap();
+            let fused = silu_mul(&gate, &up).unwrap();
+            let want = (gate.silu().unwrap() * up.as_tensor()).unwrap();
+            assert!(max_abs_diff(&fused, &want) < 1e-5);
+            let gf = (&fused * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backprop()
+                .unwrap();
+            let gw = (&want * &w).unwrap().sum_all().unwrap().backprop().unwrap();
+            for var in [&gate, &up] {
+                let diff = max_abs_diff(gf.get(var).unwrap(), gw.get(var).unwrap());
+                assert!(diff < 1e-5, "gradient differs by {diff}");
+            }
+        });
     }
 
     #[test]
     fn fused_label_log_probs_match_log_softmax_and_gather() {
-        let dev = Device::Cpu;
-        let (n, vocab) = (7, 300);
-        let logits = Var::from_vec(values(n * vocab, 9, 8.0), (n, vocab), &dev).unwrap();
-        let labels: Vec<u32> = (0..n as u32).map(|i| (i * 41) % vocab as u32).collect();
-        let w = Tensor::from_vec(values(n, 10, 1.0), n, &dev).unwrap();
-        let fused = label_log_probs(&logits, &labels).unwrap();
-        let index = Tensor::from_vec(labels.clone(), (n, 1), &dev).unwrap();
-        let want = candle_nn::ops::log_softmax(&logits, D::Minus1)
-            .unwrap()
-            .gather(&index, 1)
-            .unwrap()
-            .squeeze(1)
-            .unwrap();
-        assert!(max_abs_diff(&fused, &want) < 1e-5);
-        let gf = (&fused * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backprop()
-            .unwrap();
-        let gw = (&want * &w).unwrap().sum_all().unwrap().backprop().unwrap();
-        let diff = max_abs_diff(gf.get(&logits).unwrap(), gw.get(&logits).unwrap());
-        assert!(diff < 1e-6, "gradient differs by {diff}");
-        // The primitive path (f64) agrees, and a label outside the vocabulary is an error.
-        let l64 = logits.as_tensor().to_dtype(DType::F64).unwrap();
-        let p64 = label_log_probs(&l64, &labels)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        assert!(max_abs_diff(&p64, &fused) < 1e-5);
-        assert!(label_log_probs(&logits, &[0, 1, 2, 3, 4, 5, 300]).is_err());
-        assert!(label_log_probs(&logits, &[0]).is_err());
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            let (n, vocab) = (7, 300);
+            let logits = Var::from_vec(values(n * vocab, 9, 8.0), (n, vocab), &dev).unwrap();
+            let labels: Vec<u32> = (0..n as u32).map(|i| (i * 41) % vocab as u32).collect();
+            let w = Tensor::from_vec(values(n, 10, 1.0), n, &dev).unwrap();
+            let fused = label_log_probs(&logits, &labels).unwrap();
+            let index = Tensor::from_vec(labels.clone(), (n, 1), &dev).unwrap();
+            let want = candle_nn::ops::log_softmax(&logits, D::Minus1)
+                .unwrap()
+                .gather(&index, 1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            assert!(max_abs_diff(&fused, &want) < 1e-5);
+            let gf = (&fused * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backprop()
+                .unwrap();
+            let gw = (&want * &w).unwrap().sum_all().unwrap().backprop().unwrap();
+            let diff = max_abs_diff(gf.get(&logits).unwrap(), gw.get(&logits).unwrap());
+            assert!(diff < 1e-6, "gradient differs by {diff}");
+            // The primitive path (f64) agrees, and a label outside the vocabulary is an error.
+            let l64 = logits.as_tensor().to_dtype(DType::F64).unwrap();
+            let p64 = label_log_probs(&l64, &labels)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            assert!(max_abs_diff(&p64, &fused) < 1e-5);
+            assert!(label_log_probs(&logits, &[0, 1, 2, 3, 4, 5, 300]).is_err());
+            assert!(label_log_probs(&logits, &[0]).is_err());
+        });
     }
 
     #[test]
@@ -1690,37 +1697,39 @@ mod tests {
 
     #[test]
     fn fused_layer_norm_matches_primitive_in_values_and_gradients() {
-        let dev = Device::Cpu;
-        let (rows, dim) = (6, 40);
-        let x = Var::from_vec(values(rows * dim, 1, 3.0), (2, 3, dim), &dev).unwrap();
-        let w = Var::from_vec(values(dim, 2, 1.5), dim, &dev).unwrap();
-        let b = Var::from_vec(values(dim, 3, 0.5), dim, &dev).unwrap();
-        // A non-uniform upstream gradient so every term of the backward matters.
-        let up = Tensor::from_vec(values(rows * dim, 4, 1.0), (2, 3, dim), &dev).unwrap();
-        let run = |fused: bool| {
-            let y = if fused {
-                layer_norm(&x, &w, &b, 1e-5).unwrap()
-            } else {
-                layer_norm_primitive(&x, &w, &b, 1e-5).unwrap()
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            let (rows, dim) = (6, 40);
+            let x = Var::from_vec(values(rows * dim, 1, 3.0), (2, 3, dim), &dev).unwrap();
+            let w = Var::from_vec(values(dim, 2, 1.5), dim, &dev).unwrap();
+            let b = Var::from_vec(values(dim, 3, 0.5), dim, &dev).unwrap();
+            // A non-uniform upstream gradient so every term of the backward matters.
+            let up = Tensor::from_vec(values(rows * dim, 4, 1.0), (2, 3, dim), &dev).unwrap();
+            let run = |fused: bool| {
+                let y = if fused {
+                    layer_norm(&x, &w, &b, 1e-5).unwrap()
+                } else {
+                    layer_norm_primitive(&x, &w, &b, 1e-5).unwrap()
+                };
+                let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
+                let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+                (y, g(&x), g(&w), g(&b))
             };
-            let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
-            let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
-            (y, g(&x), g(&w), g(&b))
-        };
-        let (y1, dx1, dw1, db1) = run(true);
-        let (y0, dx0, dw0, db0) = run(false);
-        assert!(max_abs_diff(&y1, &y0) < 1e-5);
-        assert!(
-            max_abs_diff(&dx1, &dx0) < 1e-4,
-            "dx {}",
-            max_abs_diff(&dx1, &dx0)
-        );
-        assert!(
-            max_abs_diff(&dw1, &dw0) < 1e-4,
-            "dw {}",
-            max_abs_diff(&dw1, &dw0)
-        );
-        assert!(max_abs_diff(&db1, &db0) < 1e-5);
+            let (y1, dx1, dw1, db1) = run(true);
+            let (y0, dx0, dw0, db0) = run(false);
+            assert!(max_abs_diff(&y1, &y0) < 1e-5);
+            assert!(
+                max_abs_diff(&dx1, &dx0) < 1e-4,
+                "dx {}",
+                max_abs_diff(&dx1, &dx0)
+            );
+            assert!(
+                max_abs_diff(&dw1, &dw0) < 1e-4,
+                "dw {}",
+                max_abs_diff(&dw1, &dw0)
+            );
+            assert!(max_abs_diff(&db1, &db0) < 1e-5);
+        });
     }
 
     #[test]
@@ -1743,31 +1752,33 @@ mod tests {
 
     #[test]
     fn fused_gelu_matches_primitive_in_values_and_gradients() {
-        let dev = Device::Cpu;
-        let x = Var::from_vec(values(4000, 7, 6.0), (40, 100), &dev).unwrap();
-        let up = Tensor::from_vec(values(4000, 8, 1.0), (40, 100), &dev).unwrap();
-        let run = |fused: bool| {
-            let y = if fused {
-                gelu_erf(&x).unwrap()
-            } else {
-                gelu_erf_primitive(&x).unwrap()
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            let x = Var::from_vec(values(4000, 7, 6.0), (40, 100), &dev).unwrap();
+            let up = Tensor::from_vec(values(4000, 8, 1.0), (40, 100), &dev).unwrap();
+            let run = |fused: bool| {
+                let y = if fused {
+                    gelu_erf(&x).unwrap()
+                } else {
+                    gelu_erf_primitive(&x).unwrap()
+                };
+                let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
+                (y, grads.get(x.as_tensor()).unwrap().clone())
             };
-            let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
-            (y, grads.get(x.as_tensor()).unwrap().clone())
-        };
-        let (y1, d1) = run(true);
-        let (y0, d0) = run(false);
-        assert!(
-            max_abs_diff(&y1, &y0) < 5e-6,
-            "y {}",
-            max_abs_diff(&y1, &y0)
-        );
-        // candle's own gelu_erf backward rounds 1/sqrt(2*pi) to 6 digits, hence 1e-5.
-        assert!(
-            max_abs_diff(&d1, &d0) < 1e-5,
-            "dx {}",
-            max_abs_diff(&d1, &d0)
-        );
+            let (y1, d1) = run(true);
+            let (y0, d0) = run(false);
+            assert!(
+                max_abs_diff(&y1, &y0) < 5e-6,
+                "y {}",
+                max_abs_diff(&y1, &y0)
+            );
+            // candle's own gelu_erf backward rounds 1/sqrt(2*pi) to 6 digits, hence 1e-5.
+            assert!(
+                max_abs_diff(&d1, &d0) < 1e-5,
+                "dx {}",
+                max_abs_diff(&d1, &d0)
+            );
+        });
     }
 
     #[test]
@@ -1794,37 +1805,39 @@ mod tests {
 
     #[test]
     fn fused_rms_norm_matches_primitive_in_values_and_gradients() {
-        let dev = Device::Cpu;
-        let (rows, dim) = (6, 48);
-        let x = Var::from_vec(values(rows * dim, 11, 3.0), (2, 3, dim), &dev).unwrap();
-        let w = Var::from_vec(values(dim, 12, 1.5), dim, &dev).unwrap();
-        let up = Tensor::from_vec(values(rows * dim, 13, 1.0), (2, 3, dim), &dev).unwrap();
-        let run = |fused: bool| {
-            let y = if fused {
-                rms_norm(&x, &w, 1e-6).unwrap()
-            } else {
-                rms_norm_primitive(&x, &w, 1e-6).unwrap()
+        crate::nn::simd::test_cap::at_each_level(|_| {
+            let dev = Device::Cpu;
+            let (rows, dim) = (6, 48);
+            let x = Var::from_vec(values(rows * dim, 11, 3.0), (2, 3, dim), &dev).unwrap();
+            let w = Var::from_vec(values(dim, 12, 1.5), dim, &dev).unwrap();
+            let up = Tensor::from_vec(values(rows * dim, 13, 1.0), (2, 3, dim), &dev).unwrap();
+            let run = |fused: bool| {
+                let y = if fused {
+                    rms_norm(&x, &w, 1e-6).unwrap()
+                } else {
+                    rms_norm_primitive(&x, &w, 1e-6).unwrap()
+                };
+                let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
+                let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+                (y, g(&x), g(&w))
             };
-            let grads = (&y * &up).unwrap().sum_all().unwrap().backprop().unwrap();
-            let g = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
-            (y, g(&x), g(&w))
-        };
-        let (y1, dx1, dw1) = run(true);
-        let (y0, dx0, dw0) = run(false);
-        assert!(max_abs_diff(&y1, &y0) < 1e-5);
-        assert!(
-            max_abs_diff(&dx1, &dx0) < 1e-4,
-            "dx {}",
-            max_abs_diff(&dx1, &dx0)
-        );
-        assert!(
-            max_abs_diff(&dw1, &dw0) < 1e-4,
-            "dw {}",
-            max_abs_diff(&dw1, &dw0)
-        );
-        // candle's own fused kernel (no backward) agrees on values.
-        let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
-        assert!(max_abs_diff(&y1, &theirs) < 1e-5);
+            let (y1, dx1, dw1) = run(true);
+            let (y0, dx0, dw0) = run(false);
+            assert!(max_abs_diff(&y1, &y0) < 1e-5);
+            assert!(
+                max_abs_diff(&dx1, &dx0) < 1e-4,
+                "dx {}",
+                max_abs_diff(&dx1, &dx0)
+            );
+            assert!(
+                max_abs_diff(&dw1, &dw0) < 1e-4,
+                "dw {}",
+                max_abs_diff(&dw1, &dw0)
+            );
+            // candle's own fused kernel (no backward) agrees on values.
+            let theirs = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+            assert!(max_abs_diff(&y1, &theirs) < 1e-5);
+        });
     }
 
     #[test]

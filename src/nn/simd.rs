@@ -9,21 +9,74 @@
 //! vectorises it for the features it may use (the loops must be branch-free to vectorise, as
 //! [`super::ops::exp_f32`] and [`super::ops::erf_f32`] are).
 
-/// The instruction-set level the element-wise loops run at on this CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The instruction-set level the element-wise loops run at on this CPU (ordered, narrowest
+/// first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
-    /// AVX-512 (F, BW, DQ, VL): 16 f32 lanes.
-    Avx512,
-    /// AVX2 with FMA: 8 f32 lanes.
-    Avx2,
     /// The x86-64 baseline (SSE2), or another architecture.
     Base,
+    /// AVX2 with FMA: 8 f32 lanes.
+    Avx2,
+    /// AVX-512 (F, BW, DQ, VL): 16 f32 lanes.
+    Avx512,
 }
 
 /// The level of this CPU (detected once).
 pub fn level() -> Level {
     static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(detect)
+    let detected = *LEVEL.get_or_init(detect);
+    #[cfg(test)]
+    if let Some(cap) = test_cap::get() {
+        return detected.min(cap);
+    }
+    detected
+}
+
+/// Tests run the kernels at every level the CPU has, not only its widest (which is all a
+/// process would otherwise see).
+#[cfg(test)]
+pub(crate) mod test_cap {
+    use super::Level;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    /// 0: no cap; otherwise 1 + the capped level's rank.
+    static CAP: AtomicU8 = AtomicU8::new(0);
+
+    pub(super) fn get() -> Option<Level> {
+        match CAP.load(Ordering::Relaxed) {
+            1 => Some(Level::Base),
+            2 => Some(Level::Avx2),
+            3 => Some(Level::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Lifts the cap when dropped, also when a test panics.
+    struct Lift;
+    impl Drop for Lift {
+        fn drop(&mut self) {
+            CAP.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `f` once per level up to the CPU's own, with the element-wise kernels capped at
+    /// it. The cap is process-wide, so other tests running meanwhile may run narrower copies
+    /// too (which compute the same values); the callers of this take turns.
+    pub(crate) fn at_each_level(mut f: impl FnMut(Level)) {
+        static TURN: Mutex<()> = Mutex::new(());
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let _lift = Lift;
+        CAP.store(0, Ordering::Relaxed);
+        let top = super::level();
+        for cap in [Level::Base, Level::Avx2, Level::Avx512] {
+            if cap > top {
+                break;
+            }
+            CAP.store(cap as u8 + 1, Ordering::Relaxed);
+            f(cap);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -110,13 +163,20 @@ mod tests {
     #[test]
     fn every_copy_computes_the_same_values() {
         let x: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
-        let mut wide = vec![0f32; x.len()];
-        scaled_exp(&mut wide, &x, 0.5);
         let want: Vec<f32> = x
             .iter()
             .map(|&v| 0.5 * crate::nn::ops::exp_f32(v))
             .collect();
-        // The same operations in the same order (no contraction into FMAs): equal bits.
-        assert_eq!(wide, want, "level {:?}", level());
+        let mut levels = Vec::new();
+        test_cap::at_each_level(|cap| {
+            assert_eq!(level(), cap);
+            let mut got = vec![0f32; x.len()];
+            scaled_exp(&mut got, &x, 0.5);
+            // The same operations in the same order (no contraction into FMAs): equal bits.
+            assert_eq!(got, want, "level {cap:?}");
+            levels.push(cap);
+        });
+        assert_eq!(levels.first(), Some(&Level::Base));
+        assert_eq!(test_cap::get(), None, "the cap is lifted afterwards");
     }
 }
