@@ -21,7 +21,7 @@ use super::gemm::{
     Mat, Threads, linear, linear_input_gradient, linear_rows, linear_weight_gradient, sgemm,
 };
 use super::ops::{cpu_f32, exp_f32, with_cpu_f32};
-use super::simd::wide_fn;
+use super::simd::{dot_f32, max_f32, sum_f32, wide_fn};
 
 /// What one attention call computes, besides its inputs.
 #[derive(Clone, Debug)]
@@ -83,39 +83,6 @@ impl AttentionSpec {
     }
 }
 
-/// Sum of `xs` in eight lanes, so it vectorises (a single running sum cannot be reordered).
-#[inline(always)]
-fn sum_f32(xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `a · b` in eight lanes.
-#[inline(always)]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 wide_fn! {
     /// Softmax of one row of scores in place; `false` (the row untouched) when every score is
     /// `-inf` (a query that sees no key).
@@ -141,23 +108,6 @@ wide_fn! {
             *d = pj * (*d - dot);
         }
     }
-}
-
-/// Largest of `xs` (`-inf` when empty) in eight lanes.
-#[inline(always)]
-fn max_f32(xs: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
-        }
-    }
-    acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
 /// A well-mixed 64-bit hash of `x` (the SplitMix64 finaliser).

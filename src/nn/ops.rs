@@ -10,7 +10,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::simd::{sum_f64_lanes, wide_fn};
+use super::simd::{dot_f32, max_f32, sum_f32, sum_f64_lanes, wide_fn};
 
 /// Softmax over the last dimension, built from ops that all have a backward.
 ///
@@ -182,21 +182,6 @@ struct FusedAttention {
     scale: f32,
 }
 
-/// `a · b`, with eight partial sums so it vectorises.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "kiln-attention-inference"
@@ -255,14 +240,12 @@ wide_fn! {
                 let off = head * dh;
                 let qh = &qrow[off..off + dh];
                 for (w, &j) in weights.iter_mut().zip(&keys) {
-                    *w = scale * dot(qh, &k[j * h + off..][..dh]);
+                    *w = scale * dot_f32(qh, &k[j * h + off..][..dh]);
                 }
-                let max = weights
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+                let max = max_f32(&weights);
                 // Separate passes, so the exponentials vectorise (a running sum would not).
                 weights.iter_mut().for_each(|w| *w = exp_f32(*w - max));
-                let inv = 1.0 / weights.iter().sum::<f32>();
+                let inv = 1.0 / sum_f32(&weights);
                 let o = &mut orow[off..off + dh];
                 for (w, &j) in weights.iter().zip(&keys) {
                     let p = w * inv;
@@ -1018,19 +1001,7 @@ wide_fn! {
 /// [`row_log_sum_exp`]'s body, inlined into the wide copies of its callers.
 #[inline(always)]
 fn row_log_sum_exp_inline(row: &[f32]) -> (f32, f32) {
-    // The maximum in eight lanes too (one running maximum would not vectorise).
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = row.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    for c in chunks {
-        for i in 0..8 {
-            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-        }
-    }
-    let max = lanes.iter().fold(tail, |m, &x| if x > m { x } else { m });
+    let max = max_f32(row);
     let mut acc = [0f32; 8];
     let chunks = row.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().map(|&x| exp_f32(x - max)).sum();
