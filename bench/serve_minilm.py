@@ -468,6 +468,8 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
             "batches": int(n),
             "inputs_per_batch": round((batches1["inputs"] - batches0["inputs"]) / n, 2),
             "ms_per_batch": round(busy / n * 1000, 3),
+            # Batch-seconds over the window: the inference lanes computing at once, on average
+            # (up to one per serving core).
             "computing_share": round(busy / (wall1 - wall0), 3),
         }
     lat = level["latency"]
@@ -482,7 +484,7 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
         b = level["server_batches"]
         log(
             f"       {b['batches']} batches, {b['inputs_per_batch']} inputs and {b['ms_per_batch']} ms each, "
-            f"computing {b['computing_share'] * 100:.0f} % of the window"
+            f"lanes computing {b['computing_share']:.2f} of the window on average"
         )
     return level
 

@@ -162,7 +162,7 @@ pub struct InferenceArgs {
     /// recently used models are unloaded past it.
     #[arg(long, env = "KILN_SERVE_MEMORY", default_value = "4GiB", value_parser = parse_bytes)]
     pub serve_memory: u64,
-    /// Forward passes that run at once across all models.
+    /// Models computing at once (a text model's inference lanes share one slot).
     #[arg(long, env = "KILN_SERVE_SLOTS", default_value_t = 1)]
     pub serve_slots: usize,
     /// Inference requests that may wait; past it they get 429 with `retry-after`.
@@ -181,7 +181,8 @@ pub struct InferenceArgs {
     /// own on CPU), `kiln`, or `candle` (candle-transformers' BERT).
     #[arg(long, env = "KILN_SERVE_IMPL", default_value = "auto")]
     pub serve_impl: crate::serve::Implementation,
-    /// Threads that run parts of one inference batch side by side (0: one per core).
+    /// Inference lanes per loaded text model, each computing on its own core; also the parts
+    /// a batch on every core is cut into (0: one per core).
     #[arg(long, env = "KILN_SERVE_THREADS", default_value_t = 0)]
     pub serve_threads: usize,
     /// The device models are served on, `cpu` or `cuda:N` [default: the first of

@@ -1,12 +1,12 @@
 //! The inference engine: a cache of loaded models bounded by memory (least recently used
-//! evicted), one batching thread per loaded model, a fixed number of inference slots shared by
-//! all models, a bound on waiting requests and a per-request deadline.
+//! evicted), batching threads per loaded model (one lane per core, see [`Lanes`]), a fixed
+//! number of inference slots shared by all models, a bound on waiting requests and a
+//! per-request deadline.
 //!
 //! The HTTP layer hands it a [`ModelRef`] (where the model's files are) and plain strings;
-//! tokenisation runs on tokio's blocking pool, the forward passes on the model threads
-//! (never on a tokio worker thread), TEI-style: each model thread takes every request that has
-//! arrived while it was busy, sorts the inputs by length and runs them in batches bounded by
-//! padded tokens.
+//! tokenisation runs on tokio's blocking pool, the forward passes on the model's lanes
+//! (never on a tokio worker thread), TEI-style: a lane takes the requests that arrived while
+//! it was busy, sorts the inputs by length and runs them in batches bounded by padded tokens.
 
 pub mod generate;
 pub mod model;
@@ -32,7 +32,8 @@ pub use vision::{ImageModel, LoadedImageModel};
 pub struct ServeSettings {
     /// Bytes of model weights kept loaded (`KILN_SERVE_MEMORY`).
     pub memory_bytes: u64,
-    /// Forward passes that may run at once across all models (`KILN_SERVE_SLOTS`).
+    /// Models computing at once (a text model's lanes share one slot)
+    /// (`KILN_SERVE_SLOTS`).
     pub slots: usize,
     /// Requests admitted but not answered, across all models; past it: 429
     /// (`KILN_SERVE_MAX_WAITING`).
@@ -45,7 +46,7 @@ pub struct ServeSettings {
     pub max_inputs: usize,
     pub implementation: Implementation,
     pub device: candle_core::Device,
-    /// Threads that run parts of one batch side by side; 0: one per core
+    /// Lanes per text model, and parts of a batch run on every core; 0: one per core
     /// (`KILN_SERVE_THREADS`).
     pub threads: usize,
 }
@@ -226,11 +227,18 @@ impl Drop for OwnedAdmission {
     }
 }
 
-/// A model with its batching thread. Dropping the last handle ends the thread.
+/// A model with its inference lanes. Dropping the last handle closes its queue: the lanes
+/// answer what is queued and end.
 pub struct LoadedModel {
     pub model: Arc<EncoderModel>,
     pub bytes: u64,
-    queue: mpsc::Sender<Work>,
+    queue: Arc<Lanes>,
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 /// What the model computed for one input.
@@ -257,12 +265,22 @@ struct Slots {
 
 impl Slots {
     fn acquire(&self) -> SlotGuard<'_> {
+        self.take();
+        SlotGuard(self)
+    }
+
+    fn take(&self) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         while *free == 0 {
             free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
         }
         *free -= 1;
-        SlotGuard(self)
+    }
+
+    fn give(&self) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        *free += 1;
+        self.freed.notify_one();
     }
 }
 
@@ -270,9 +288,7 @@ struct SlotGuard<'a>(&'a Slots);
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        let mut free = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
-        *free += 1;
-        self.0.freed.notify_one();
+        self.0.give();
     }
 }
 
@@ -382,14 +398,14 @@ impl Serving {
         let (reply, rx) = oneshot::channel();
         loaded
             .queue
-            .send(Work {
+            .push(Work {
                 inputs,
                 purpose,
                 reply,
                 deadline,
                 timeout,
             })
-            .map_err(|_| ServeError::Internal("the model's inference thread has stopped".into()))?;
+            .map_err(|_| ServeError::Internal("the model's inference lanes have stopped".into()))?;
         let out = wait(rx, deadline, timeout).await?;
         Ok((loaded, out.into_iter().zip(lengths).collect()))
     }
@@ -559,34 +575,35 @@ impl Serving {
             other => ServeError::Load(format!("model '{id}' could not be loaded: {other}")),
         })?;
         let encoder = Arc::new(encoder);
-        let (tx, rx) = mpsc::channel();
-        let thread_model = encoder.clone();
-        let slots = self.inner.slots.clone();
-        let max_batch_tokens = self.inner.settings.max_batch_tokens.max(1);
-        let thread_id = model.id.clone();
         let threads = self.inner.settings.batch_threads();
-        std::thread::Builder::new()
-            .name(format!("kiln-serve-{}", short(&model.id)))
-            .spawn(move || {
-                run_model(
-                    thread_id,
-                    thread_model,
-                    rx,
-                    slots,
-                    max_batch_tokens,
-                    threads,
-                )
-            })
-            .map_err(|e| {
-                ServeError::Internal(format!("could not start an inference thread: {e}"))
-            })?;
+        let lanes = Arc::new(Lanes::new(self.inner.slots.clone(), threads));
+        let max_batch_tokens = self.inner.settings.max_batch_tokens.max(1);
+        // One lane per core; they share the part pools (one thread each), so a lane's passes
+        // stay on its core and a batch run across all cores uses them all.
+        let pools = if threads > 1 {
+            part_pools(threads)
+        } else {
+            None
+        };
+        for lane in 0..threads {
+            let (queue, model_ref, id) = (lanes.clone(), encoder.clone(), model.id.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("kiln-serve-{}-{lane}", short(&model.id)))
+                .spawn(move || run_lane(&id, lane, &model_ref, &queue, pools, max_batch_tokens));
+            if let Err(e) = spawned {
+                lanes.close();
+                return Err(ServeError::Internal(format!(
+                    "could not start an inference thread: {e}"
+                )));
+            }
+        }
         tracing::info!(model = %model.id, mib = bytes >> 20, implementation = ?encoder.implementation,
             seconds = started.elapsed().as_secs_f64(), "model loaded for serving");
         metrics::counter!("kiln_serve_model_loads_total").increment(1);
         Ok(Loaded::Encoder(Arc::new(LoadedModel {
             model: encoder,
             bytes,
-            queue: tx,
+            queue: lanes,
         })))
     }
 
@@ -977,34 +994,177 @@ struct Item<'a> {
     row: &'a EncodedText,
 }
 
-/// The model's thread: waits for work, then takes everything queued, and runs it in
-/// length-sorted batches of at most `max_batch_tokens` padded tokens, one slot at a time.
-fn run_model(
-    id: String,
-    model: Arc<EncoderModel>,
-    rx: mpsc::Receiver<Work>,
+/// A model's queue and the lanes that serve it: one lane (an OS thread) per serving core.
+///
+/// A lane collects a batch from the queue, then computes it on its own core (its one-thread
+/// part pool) while the next lane collects the requests that arrive meanwhile. So a core that
+/// finishes early starts on new requests at once instead of waiting for the rest of a batch,
+/// and requests arriving during a pass wait only for the next free core, not for the whole
+/// batch. When the other lanes are idle and the batch would leave them nothing to do (a lone
+/// request, or one large request), the lane keeps the collector's place and runs the batch
+/// across every core, parts side by side, as one batching thread would.
+///
+/// The model holds one inference slot (`KILN_SERVE_SLOTS`) while any of its lanes computes, so
+/// the slots still bound how many models compute at once.
+struct Lanes {
+    queue: Mutex<LaneQueue>,
+    arrived: Condvar,
+    /// Held by the lane collecting the next batch, and by a lane running one on every core.
+    collector: Mutex<()>,
+    /// Lanes not computing (waiting to collect, or collecting).
+    idle: AtomicUsize,
+    /// Lanes computing; the model holds a slot while there are any.
+    busy: Mutex<usize>,
     slots: Arc<Slots>,
+    count: usize,
+}
+
+#[derive(Default)]
+struct LaneQueue {
+    works: std::collections::VecDeque<Work>,
+    closed: bool,
+}
+
+/// What a lane collected.
+struct Collected {
+    works: Vec<Work>,
+    /// The other lanes are idle and nothing is left for them: run on every core.
+    wide: bool,
+}
+
+impl Lanes {
+    fn new(slots: Arc<Slots>, count: usize) -> Lanes {
+        Lanes {
+            queue: Mutex::new(LaneQueue::default()),
+            arrived: Condvar::new(),
+            collector: Mutex::new(()),
+            idle: AtomicUsize::new(0),
+            busy: Mutex::new(0),
+            slots,
+            count: count.max(1),
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, LaneQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a request; gives it back if the model is unloaded.
+    fn push(&self, work: Work) -> Result<(), Work> {
+        let mut queue = self.lock_queue();
+        if queue.closed {
+            return Err(work);
+        }
+        queue.works.push_back(work);
+        drop(queue);
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// No more requests: the lanes answer what is queued and end.
+    fn close(&self) {
+        self.lock_queue().closed = true;
+        self.arrived.notify_all();
+    }
+
+    /// Waits for requests (None once closed and drained), then for the clients of this lane's
+    /// previous batch (`previous` of them, up to `batch_wait(previous_took)`), and takes this
+    /// lane's share: everything when the other lanes are busy, else an even part.
+    fn collect(&self, previous: usize, previous_took: Duration) -> Option<Collected> {
+        let mut queue = self.lock_queue();
+        while queue.works.is_empty() {
+            if queue.closed {
+                return None;
+            }
+            queue = self.arrived.wait(queue).unwrap_or_else(|p| p.into_inner());
+        }
+        let until = Instant::now() + batch_wait(previous_took);
+        while queue.works.len() < previous && !queue.closed {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            queue = self
+                .arrived
+                .wait_timeout(queue, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        // This lane is counted idle too; the others are waiting for the collector's place.
+        let others = self.idle.load(Ordering::SeqCst).saturating_sub(1);
+        let queued = queue.works.len();
+        let take = queued.div_ceil(others.min(self.count - 1) + 1);
+        let works: Vec<Work> = queue.works.drain(..take).collect();
+        let wide = others > 0 && take == queued && self.count > 1;
+        if !queue.works.is_empty() {
+            self.arrived.notify_one();
+        }
+        Some(Collected { works, wide })
+    }
+
+    fn start(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if *busy == 0 {
+            self.slots.take();
+        }
+        *busy += 1;
+    }
+
+    fn finish(&self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        *busy -= 1;
+        if *busy == 0 {
+            self.slots.give();
+        }
+    }
+}
+
+/// Where a batch runs.
+#[derive(Clone, Copy)]
+enum Cores<'a> {
+    /// On every serving core: each batch cut into `parts` run side by side, each part on its
+    /// own one-thread pool (or, a lone part, on the global pool whose products use every core).
+    All {
+        parts: usize,
+        pools: Option<&'a [rayon::ThreadPool]>,
+    },
+    /// On one lane's core (its one-thread pool; the calling thread's pool when there is none).
+    One(Option<&'a rayon::ThreadPool>),
+}
+
+/// One lane of a model: collects batches and runs them (see [`Lanes`]).
+fn run_lane(
+    id: &str,
+    lane: usize,
+    model: &EncoderModel,
+    lanes: &Lanes,
+    pools: Option<&'static [rayon::ThreadPool]>,
     max_batch_tokens: usize,
-    threads: usize,
 ) {
     // Requests in the previous batch: when as many clients are active, the ones whose answers
     // just went out are about to send again. Waiting a moment for them (`batch_wait`) keeps
     // batches full instead of alternating full and near-empty ones. A lone client never waits.
     let mut previous = 1usize;
     let mut previous_took = Duration::ZERO;
-    while let Ok(first) = rx.recv() {
-        let mut works = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            works.push(more);
-        }
-        let until = Instant::now() + batch_wait(previous_took);
-        while works.len() < previous {
-            let left = until.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(more) => works.push(more),
-                Err(_) => break,
-            }
-        }
+    loop {
+        lanes.idle.fetch_add(1, Ordering::SeqCst);
+        let collector = lanes.collector.lock().unwrap_or_else(|p| p.into_inner());
+        let collected = lanes.collect(previous, previous_took);
+        lanes.idle.fetch_sub(1, Ordering::SeqCst);
+        let Some(Collected { works, wide }) = collected else {
+            break;
+        };
+        // A batch on every core keeps the collector's place, so no other lane starts meanwhile.
+        let (_collector, cores) = if wide {
+            let cores = Cores::All {
+                parts: lanes.count,
+                pools,
+            };
+            (Some(collector), cores)
+        } else {
+            drop(collector);
+            (None, Cores::One(pools.and_then(|p| p.get(lane))))
+        };
         previous = works.len();
         let now = Instant::now();
         let mut live = Vec::with_capacity(works.len());
@@ -1019,7 +1179,7 @@ fn run_model(
         let (classify, embed): (Vec<Work>, Vec<Work>) = live
             .into_iter()
             .partition(|w| w.purpose == Purpose::Classify);
-        let _slot = slots.acquire();
+        lanes.start();
         let started = Instant::now();
         let inputs: usize = classify
             .iter()
@@ -1027,22 +1187,17 @@ fn run_model(
             .map(|w| w.inputs.len())
             .sum();
         if !classify.is_empty() {
-            run_batches(
-                &model,
-                classify,
-                max_batch_tokens,
-                threads,
-                Purpose::Classify,
-            );
+            run_batches(model, classify, max_batch_tokens, cores, Purpose::Classify);
         }
         if !embed.is_empty() {
-            run_batches(&model, embed, max_batch_tokens, threads, Purpose::Embed);
+            run_batches(model, embed, max_batch_tokens, cores, Purpose::Embed);
         }
         previous_took = started.elapsed();
+        lanes.finish();
         metrics::histogram!("kiln_serve_batch_inputs").record(inputs as f64);
         metrics::histogram!("kiln_serve_batch_seconds").record(previous_took.as_secs_f64());
     }
-    tracing::debug!(model = %id, "inference thread stopped (model unloaded)");
+    tracing::debug!(model = %id, lane, "inference lane stopped (model unloaded)");
 }
 
 /// `n` one-thread rayon pools for the parts of a batch (made once per process; None if the
@@ -1067,9 +1222,13 @@ fn run_batches(
     model: &EncoderModel,
     works: Vec<Work>,
     max_batch_tokens: usize,
-    threads: usize,
+    cores: Cores<'_>,
     purpose: Purpose,
 ) {
+    let threads = match cores {
+        Cores::All { parts, .. } => parts,
+        Cores::One(_) => 1,
+    };
     let mut items: Vec<Item<'_>> = works
         .iter()
         .enumerate()
@@ -1113,13 +1272,19 @@ fn run_batches(
     let workers = threads.clamp(1, ranges.len().max(1));
     // Parts running side by side each keep their matrix products on their own core (a
     // one-thread rayon pool): sharing the global pool, the parts' products oversubscribe the
-    // cores and spend their time waking and parking each other's threads. A lone part keeps
-    // the global pool, whose products use every core.
-    let pools = (workers > 1).then(|| part_pools(workers)).flatten();
+    // cores and spend their time waking and parking each other's threads. A lone part on
+    // every core keeps the global pool, whose products use every core.
+    let pool_of = |w: usize| -> Option<&rayon::ThreadPool> {
+        match cores {
+            Cores::All { pools, .. } if workers > 1 => pools.and_then(|p| p.get(w)),
+            Cores::All { .. } => None,
+            Cores::One(pool) => pool,
+        }
+    };
     let results: Vec<(std::ops::Range<usize>, Computed)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..workers)
             .map(|w| {
-                let pool = pools.and_then(|p| p.get(w));
+                let pool = pool_of(w);
                 let next = &next;
                 let ranges = &ranges;
                 let items = &items;
@@ -1248,6 +1413,73 @@ mod tests {
                 other => panic!("a retired model answered: {:?}", other.map(|r| r.1.len())),
             }
             assert!(!serving.is_loaded(&model.id));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_requests_on_several_lanes_get_their_own_answers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let artifacts = Artifacts::local(tmp.path().join("artifacts"))
+            .await
+            .unwrap();
+        // More lanes than this machine may have cores: the lanes share the part pools.
+        let settings = ServeSettings {
+            threads: 3,
+            ..ServeSettings::default()
+        };
+        let serving = Serving::new(settings, artifacts);
+        let dir = tmp.path().join("m");
+        crate::nn::tiny::write_tiny_bert(&dir, &crate::nn::tiny::tiny_bert_config(), 7).unwrap();
+        let words = ["good", "bad", "movie", "plot", "acting"];
+        crate::nn::tiny::write_tiny_tokenizer(&dir, &words).unwrap();
+        let model = ModelRef {
+            id: "m".into(),
+            location: ModelLocation::Dir(dir),
+        };
+        // Requests of one to three texts of different lengths.
+        let requests: Vec<Vec<String>> = (0..40)
+            .map(|i| {
+                (0..1 + i % 3)
+                    .map(|j| {
+                        (0..1 + (i * 7 + j * 3) % 23)
+                            .map(|k| words[(i + j + k) % words.len()])
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .collect()
+            })
+            .collect();
+        // Each alone first.
+        let mut alone = Vec::new();
+        for texts in &requests {
+            let (_, out) = serving.embed(&model, texts.clone(), true).await.unwrap();
+            alone.push(out);
+        }
+        // Then all at once, three times over, so that the lanes batch them in many ways.
+        for _ in 0..3 {
+            let tasks: Vec<_> = requests
+                .iter()
+                .map(|texts| {
+                    let (serving, model, texts) = (serving.clone(), model.clone(), texts.clone());
+                    tokio::spawn(async move { serving.embed(&model, texts, true).await })
+                })
+                .collect();
+            for (i, task) in tasks.into_iter().enumerate() {
+                let (_, out) = task.await.unwrap().unwrap();
+                assert_eq!(out.len(), alone[i].len(), "request {i}");
+                for ((got, n), (want, m)) in out.iter().zip(&alone[i]) {
+                    assert_eq!(n, m, "request {i}: token counts");
+                    let diff = got
+                        .iter()
+                        .zip(want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        diff < 1e-5,
+                        "request {i}: differs by {diff} from its answer alone"
+                    );
+                }
+            }
         }
     }
 }
