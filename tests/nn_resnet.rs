@@ -723,6 +723,39 @@ fn conv2d_matches_candle_and_finite_differences_for_the_resnet_shapes() {
 }
 
 #[test]
+fn winograd_convolutions_at_resnet_widths_match_im2col() {
+    use conv::Unfold;
+    let dev = Device::Cpu;
+    // 128 x 128 channels (where Auto takes Winograd's form); odd and even sizes (tiles cut at
+    // the bottom and right edges, or none).
+    for (b, h, w) in [(2, 7, 7), (1, 8, 6), (3, 5, 9)] {
+        let (cin, cout) = (128, 128);
+        let x = Var::from_vec(values(4, b * h * w * cin), (b, h, w, cin), &dev).unwrap();
+        let wt = Var::from_vec(values(5, cout * cin * 9), (cout, cin, 3, 3), &dev).unwrap();
+        let run = |unfold: Unfold| {
+            let y = conv::conv2d_with(x.as_tensor(), wt.as_tensor(), 1, 1, unfold).unwrap();
+            let r = Tensor::from_vec(values(6, y.elem_count()), y.shape(), &dev).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backprop().unwrap();
+            let gx = g.get(x.as_tensor()).unwrap().clone();
+            let gw = g.get(wt.as_tensor()).unwrap().clone();
+            [y, gx, gw]
+        };
+        let direct = run(Unfold::Im2col);
+        let winograd = run(Unfold::Winograd);
+        let names = ["output", "input gradient", "weight gradient"];
+        for ((what, d), wg) in names.into_iter().zip(&direct).zip(&winograd) {
+            let scale = max_abs_diff(d, &d.zeros_like().unwrap());
+            let diff = max_abs_diff(d, wg);
+            eprintln!("{b}x{h}x{w}: {what} differs by {diff:.2e}, values up to {scale:.1}");
+            assert!(
+                diff <= 2e-6 * scale,
+                "{b}x{h}x{w}: {what} differs by {diff} (values up to {scale})"
+            );
+        }
+    }
+}
+
+#[test]
 fn conv2d_gives_the_same_results_in_tiles_and_in_whole_batches() {
     use conv::Unfold;
     let dev = Device::Cpu;
@@ -783,18 +816,22 @@ fn conv2d_gives_the_same_results_in_tiles_and_in_whole_batches() {
             Unfold::Tiles(7),
             Unfold::Tiles(1000),
             Unfold::Auto,
+            Unfold::Im2col,
+            Unfold::Winograd,
         ] {
             let other = run(unfold);
+            // Winograd's transforms round differently from the direct sums.
+            let loose = if unfold == Unfold::Winograd { 4.0 } else { 1.0 };
             assert!(
-                max_abs_diff(&reference.0, &other.0) < 1e-5,
+                max_abs_diff(&reference.0, &other.0) < 1e-5 * loose,
                 "case {i} {unfold:?}: output"
             );
             assert!(
-                max_abs_diff(&reference.1, &other.1) < 1e-5,
+                max_abs_diff(&reference.1, &other.1) < 1e-5 * loose,
                 "case {i} {unfold:?}: input gradient"
             );
             assert!(
-                max_abs_diff(&reference.2, &other.2) < 1e-4,
+                max_abs_diff(&reference.2, &other.2) < 1e-4 * loose,
                 "case {i} {unfold:?}: weight gradient"
             );
         }
@@ -1145,21 +1182,32 @@ fn conv_shapes_timing() {
             .unwrap(),
         )
         .unwrap();
-        let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..4 {
-            let t0 = std::time::Instant::now();
-            let y = conv::conv2d(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
-            let t1 = std::time::Instant::now();
-            let grads = y.sum_all().unwrap().backprop().unwrap();
-            let t2 = std::time::Instant::now();
-            assert!(grads.get(w.as_tensor()).is_some());
-            fwd = fwd.min((t1 - t0).as_secs_f64());
-            bwd = bwd.min((t2 - t1).as_secs_f64());
+        for (how, unfold) in [
+            ("", conv::Unfold::Auto),
+            (" im2col", conv::Unfold::Im2col),
+            (" winograd", conv::Unfold::Winograd),
+        ] {
+            let winograd_applies = k == 3 && stride == 1 && pad == 1;
+            if !how.is_empty() && !winograd_applies {
+                continue;
+            }
+            let (mut fwd, mut bwd) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..4 {
+                let t0 = std::time::Instant::now();
+                let y =
+                    conv::conv2d_with(x.as_tensor(), w.as_tensor(), stride, pad, unfold).unwrap();
+                let t1 = std::time::Instant::now();
+                let grads = y.sum_all().unwrap().backprop().unwrap();
+                let t2 = std::time::Instant::now();
+                assert!(grads.get(w.as_tensor()).is_some());
+                fwd = fwd.min((t1 - t0).as_secs_f64());
+                bwd = bwd.min((t2 - t1).as_secs_f64());
+            }
+            println!(
+                "{name:5} fwd {:7.1} ms  bwd {:7.1} ms{how}",
+                fwd * 1e3,
+                bwd * 1e3
+            );
         }
-        println!(
-            "{name:5} fwd {:7.1} ms  bwd {:7.1} ms",
-            fwd * 1e3,
-            bwd * 1e3
-        );
     }
 }

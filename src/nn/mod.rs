@@ -24,6 +24,7 @@ pub mod simd;
 pub mod tiny;
 pub mod vision;
 pub mod vit;
+mod winograd;
 
 use std::path::PathBuf;
 
