@@ -883,6 +883,67 @@ fn batch_norm_backward_in_training_mode_matches_finite_differences() {
     }
 }
 
+#[test]
+fn batch_norm_add_relu_equals_batch_norm_then_add_then_relu() {
+    let dev = Device::Cpu;
+    let (rows, c) = (70, 6);
+    let x = Var::from_vec(values(1, rows * c), (rows, c), &dev).unwrap();
+    let w = Var::from_vec(values(3, c), c, &dev).unwrap();
+    let b = Var::from_vec(values(4, c), c, &dev).unwrap();
+    let res = Var::from_vec(values(5, rows * c), (rows, c), &dev).unwrap();
+    let r = Tensor::from_vec(values(2, rows * c), (rows, c), &dev).unwrap();
+    // Batch statistics (training) and given ones (eval).
+    for batch_stats in [true, false] {
+        let (mean, var) = if batch_stats {
+            conv::channel_stats(x.as_tensor()).unwrap()
+        } else {
+            (vec![0.1; c], vec![0.8; c])
+        };
+        let stats = conv::BatchNormStats {
+            mean,
+            var,
+            eps: 1e-5,
+            batch_stats,
+            relu: false,
+        };
+        let (xt, wt, bt, rt) = (x.as_tensor(), w.as_tensor(), b.as_tensor(), res.as_tensor());
+        let fused = conv::batch_norm_add_relu(xt, wt, bt, rt, &stats).unwrap();
+        let apart = (conv::batch_norm(xt, wt, bt, &stats).unwrap() + rt)
+            .unwrap()
+            .relu()
+            .unwrap();
+        let zeros = fused.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let cut = zeros.iter().filter(|&&v| v == 0.0).count();
+        assert!(
+            cut > 10 && cut < rows * c - 10,
+            "the ReLU cuts some outputs ({cut})"
+        );
+        assert!(max_abs_diff(&fused, &apart) < 1e-6);
+        let g = (&fused * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backprop()
+            .unwrap();
+        let ga = (&apart * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backprop()
+            .unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b), ("residual", &res)] {
+            let d = max_abs_diff(
+                g.get(v.as_tensor()).unwrap(),
+                ga.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                d < 1e-5,
+                "batch_stats={batch_stats}: d{name} differs by {d}"
+            );
+        }
+    }
+}
+
 /// Whether `python3` can import torch and transformers (the Hugging Face reference).
 fn transformers_available() -> bool {
     std::process::Command::new("python3")

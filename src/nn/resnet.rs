@@ -564,7 +564,14 @@ impl BatchNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+    /// BatchNorm of `x`, then ReLU when `relu`; with a `residual`, `relu(bn(x) + residual)`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let c = self.weight.dim(0)?;
         let to_f64 = |v: &Var| -> candle_core::Result<Vec<f64>> {
             Ok(v.as_tensor()
@@ -608,18 +615,17 @@ impl BatchNorm {
         } else {
             (running_mean, running_var, false)
         };
-        conv::batch_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            &BatchNormStats {
-                mean,
-                var,
-                eps: BN_EPS,
-                batch_stats,
-                relu,
-            },
-        )
+        let stats = BatchNormStats {
+            mean,
+            var,
+            eps: BN_EPS,
+            batch_stats,
+            relu,
+        };
+        match residual {
+            Some(r) => conv::batch_norm_add_relu(x, &self.weight, &self.bias, r, &stats),
+            None => conv::batch_norm(x, &self.weight, &self.bias, &stats),
+        }
     }
 
     fn export(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
@@ -686,7 +692,18 @@ impl ConvBn {
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let y = conv::conv2d(x, &self.weight, self.stride, self.padding)?;
-        self.bn.forward(&y, train, self.relu)
+        self.bn.forward(&y, train, self.relu, None)
+    }
+
+    /// `relu(bn(conv(x)) + residual)`: a block's last layer with its shortcut (one op).
+    fn forward_add_relu(
+        &self,
+        x: &Tensor,
+        train: bool,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let y = conv::conv2d(x, &self.weight, self.stride, self.padding)?;
+        self.bn.forward(&y, train, true, Some(residual))
     }
 
     fn export(&self, out: &mut HashMap<String, Tensor>) -> Result<()> {
@@ -703,15 +720,18 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut h = x.clone();
-        for layer in &self.layers {
-            h = layer.forward(&h, train)?;
-        }
         let residual = match &self.shortcut {
             Some(s) => s.forward(x, train)?,
             None => x.clone(),
         };
-        (h + residual)?.relu()
+        let Some((last, first)) = self.layers.split_last() else {
+            return residual.relu();
+        };
+        let mut h = x.clone();
+        for layer in first {
+            h = layer.forward(&h, train)?;
+        }
+        last.forward_add_relu(&h, train, &residual)
     }
 
     fn conv_bns(&self) -> impl Iterator<Item = &ConvBn> {
