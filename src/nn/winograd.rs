@@ -112,7 +112,8 @@ impl Winograd {
         let (&[b, h, wd, cin], &[cout, wcin, 3, 3]) = (x, w) else {
             return None;
         };
-        (stride == 1 && pad == 1 && wcin == cin && h > 0 && wd > 0).then_some(Winograd {
+        let nonempty = b > 0 && h > 0 && wd > 0 && cin > 0 && cout > 0;
+        (stride == 1 && pad == 1 && wcin == cin && nonempty).then_some(Winograd {
             b,
             h,
             w: wd,
