@@ -1070,7 +1070,7 @@ impl BatchNormOp {
         want_dx: bool,
     ) -> candle_core::Result<(Vec<f32>, ChannelSums)> {
         let c = self.mean.len();
-        let name = "kiln-batch-norm";
+        let name = self.name();
         let n = x.elem_count();
         let rows = (n / c.max(1)) as f32;
         let mut dx = if want_dx {

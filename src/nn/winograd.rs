@@ -411,7 +411,8 @@ impl Winograd {
         } else {
             Vec::new()
         };
-        let mut ut = None;
+        // The weight laid out for the input gradient's products, made once for all groups.
+        let ut = want_dx.then(|| self.transform_weight(weight, true));
         let per = self.images_per_group();
         for b0 in (0..self.b).step_by(per) {
             let nb = per.min(self.b - b0);
@@ -441,8 +442,7 @@ impl Winograd {
                     )?;
                 }
             }
-            if want_dx {
-                let ut = ut.get_or_insert_with(|| self.transform_weight(weight, true));
+            if let Some(ut) = &ut {
                 let mut dv = zeroed(tiles * 16 * cin);
                 for xi in 0..16 {
                     // dV[·][ξ] = dM[·][ξ] · U[ξ]ᵀ.
