@@ -1,7 +1,7 @@
 //! Specifications of LoRA on the BERT encoder: starts as the base model, trains only adapters,
 //! and merging gives a plain model computing the same function.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, IndexOp, Tensor, Var};
 use candle_nn::VarMap;
 use kiln::nn::autograd::Backprop;
 use kiln::nn::bert::{BertEncoder, LoadOptions, mean_pool};
@@ -140,6 +140,11 @@ fn lora_trains_only_adapters_and_merges_to_the_same_function() {
         max_abs_diff(&adapted, &base_out) > 1e-3,
         "training changed nothing"
     );
+    // Evaluation's first-token path (the last layer for token 0 alone) goes through the
+    // adapters too: it equals the full forward's first token.
+    let first = enc.forward_first_token(&ids, None, &mask).unwrap();
+    let expected = adapted.i((.., 0, ..)).unwrap().contiguous().unwrap();
+    assert!(max_abs_diff(&first, &expected) < 1e-5);
 
     // The exported checkpoint (LoRA merged) reloads as a plain BERT computing the same function.
     let exported = enc.export_weights().unwrap();

@@ -131,14 +131,21 @@ fn the_exported_model_reloads_and_gives_the_evaluated_predictions() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let b = tok.encode_batch(&[v["text"].as_str().unwrap()]).unwrap();
         let shape = (1, b.seq_len);
-        let logits = model
-            .forward(
-                &Tensor::from_vec(b.input_ids, shape, &Device::Cpu).unwrap(),
-                Some(&Tensor::from_vec(b.token_type_ids, shape, &Device::Cpu).unwrap()),
-                &Tensor::from_vec(b.attention_mask, shape, &Device::Cpu).unwrap(),
-                false,
-            )
+        let ids = Tensor::from_vec(b.input_ids, shape, &Device::Cpu).unwrap();
+        let types = Tensor::from_vec(b.token_type_ids, shape, &Device::Cpu).unwrap();
+        let mask = Tensor::from_vec(b.attention_mask, shape, &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, Some(&types), &mask, false).unwrap();
+        // Evaluation's path (the last layer for the first token alone) gives the same logits.
+        let inference = model.forward_inference(&ids, Some(&types), &mask).unwrap();
+        let diff = (&logits - &inference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
             .unwrap();
+        assert!(diff < 1e-5, "forward_inference differs by {diff}");
         let predicted = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap()[0] as usize;
         right += usize::from(model.labels[predicted] == v["label"]);
         n += 1;

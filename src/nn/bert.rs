@@ -494,6 +494,14 @@ impl BertEncoder {
         Ok(bytes)
     }
 
+    /// Drops the packed copies [`BertEncoder::pack_for_inference`] made (after a one-off pass
+    /// such as `head_only`'s feature cache), giving their memory back.
+    pub fn unpack(&mut self) {
+        for layer in &mut self.layers {
+            layer.packed = None;
+        }
+    }
+
     /// The config the encoder was built from.
     pub fn config(&self) -> &BertConfig {
         &self.config

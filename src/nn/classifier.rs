@@ -275,6 +275,22 @@ impl SequenceClassifier {
         Ok(self.head.forward(&cls_pool(&hidden)?, train)?)
     }
 
+    /// Logits `[batch, labels]` for evaluation and prediction: no dropout and no gradient,
+    /// and the encoder's last layer computes the first token alone
+    /// ([`BertEncoder::forward_first_token`]), the only one the head reads. Equal to
+    /// `forward(.., false)`; not for a loss that is backpropagated.
+    pub fn forward_inference(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let first = self
+            .encoder
+            .forward_first_token(input_ids, token_type_ids, attention_mask)?;
+        Ok(self.head.forward(&first, false)?)
+    }
+
     /// Every weight under its exported (transformers) name: encoder under `bert.`/`roberta.`,
     /// LoRA merged, plus the head.
     pub fn export_weights(&self) -> Result<HashMap<String, Tensor>> {

@@ -9,6 +9,7 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::{Value, json};
 
+use super::cores::map_on_cores;
 use super::export::write_classifier;
 use super::metrics::{classification_report, multi_label_report};
 use super::spec::{Hyperparameters, Strategy};
@@ -21,7 +22,7 @@ use crate::data::text::{
     EncodedText, LabelSet, TextExample, TextTokenizer, pad_batch, read_text_classification,
     stratified_split,
 };
-use crate::nn::bert::{LoadOptions, cls_pool};
+use crate::nn::bert::LoadOptions;
 use crate::nn::classifier::SequenceClassifier;
 use crate::nn::lora::{LoraConfig, LoraTarget};
 
@@ -123,38 +124,82 @@ impl Classification {
     fn batch_tensors(
         &self,
         texts: &[&EncodedText],
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor, usize)> {
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let b = pad_batch(texts, self.pad_id);
         let shape = (b.batch, b.seq_len);
         Ok((
             Tensor::from_vec(b.input_ids, shape, &self.device)?,
             Tensor::from_vec(b.token_type_ids, shape, &self.device)?,
             Tensor::from_vec(b.attention_mask, shape, &self.device)?,
-            b.tokens,
         ))
     }
 
-    /// First-token features of every text, computed once with the frozen encoder.
-    fn features(&self, texts: &[EncodedText]) -> Result<Tensor, TrainError> {
-        let mut parts = Vec::new();
-        for chunk in texts.chunks(EVAL_BATCH) {
-            let refs: Vec<&EncodedText> = chunk.iter().collect();
-            let (ids, types, mask, _) = self.batch_tensors(&refs)?;
-            let hidden = self
-                .model
-                .encoder
-                .forward(&ids, Some(&types), &mask, false)?;
-            parts.push(cls_pool(&hidden)?.to_dtype(DType::F32)?.detach());
+    /// `f(input_ids, token_type_ids, attention_mask)` over every text, in batches of similar
+    /// length (longest first, so each batch pads little) that run side by side on the cores;
+    /// its rows (f32) come back in the texts' order. For passes without a gradient.
+    fn map_batches<F>(&self, texts: &[EncodedText], f: F) -> Result<Tensor, TrainError>
+    where
+        F: Fn(&Tensor, &Tensor, &Tensor) -> crate::nn::Result<Tensor> + Sync,
+    {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].ids.len()));
+        let batches: Vec<&[usize]> = order.chunks(EVAL_BATCH).collect();
+        let parts = map_on_cores(&self.device, batches.len(), |b| {
+            let refs: Vec<&EncodedText> = batches[b].iter().map(|&i| &texts[i]).collect();
+            let (ids, types, mask) = self.batch_tensors(&refs)?;
+            Ok::<_, TrainError>(f(&ids, &types, &mask)?.to_dtype(DType::F32)?.detach())
+        })?;
+        let sorted = Tensor::cat(&parts, 0)?;
+        // Back to the texts' order: text i is row `rank[i]` of `sorted`.
+        let mut rank = vec![0u32; texts.len()];
+        for (row, &i) in order.iter().enumerate() {
+            rank[i] = row as u32;
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        let rank = Tensor::from_vec(rank, texts.len(), &self.device)?;
+        Ok(sorted.index_select(&rank, 0)?)
     }
 
-    fn logits(
-        &self,
-        split: &Split,
-        idx: &[usize],
-        train: bool,
-    ) -> Result<(Tensor, usize), TrainError> {
+    /// First-token features of every text, computed once with the frozen encoder.
+    fn features(&self, texts: &[EncodedText]) -> Result<Option<Tensor>, TrainError> {
+        if texts.is_empty() {
+            return Ok(None);
+        }
+        let encoder = &self.model.encoder;
+        let features = self.map_batches(texts, |ids, types, mask| {
+            encoder.forward_first_token(ids, Some(types), mask)
+        })?;
+        Ok(Some(features))
+    }
+
+    /// `head_only`'s feature cache for both splits. The encoder is frozen, so its weights are
+    /// packed for the pass where that helps (AVX-512 CPUs, as serving does) and unpacked after.
+    fn cache_features(&mut self) -> Result<(), TrainError> {
+        self.model.encoder.pack_for_inference()?;
+        let cached = self
+            .features(&self.train.texts)
+            .and_then(|train| Ok((train, self.features(&self.valid.texts)?)));
+        self.model.encoder.unpack();
+        (self.train.features, self.valid.features) = cached?;
+        Ok(())
+    }
+
+    /// Logits `[n, labels]` (f32) of every example of `split`, without dropout or gradient:
+    /// from the cached features, or through the encoder (its batches side by side on the
+    /// cores).
+    fn predict(&self, split: &Split) -> Result<Tensor, TrainError> {
+        if let Some(features) = &split.features {
+            return Ok(self.model.head.forward(features, false)?);
+        }
+        let model = &self.model;
+        self.map_batches(&split.texts, |ids, types, mask| {
+            model.forward_inference(ids, Some(types), mask)
+        })
+    }
+
+    /// Training logits of the examples `idx` (dropout on) and their token count.
+    fn train_logits(&self, idx: &[usize]) -> Result<(Tensor, usize), TrainError> {
+        let split = &self.train;
+        let tokens = idx.iter().map(|&i| split.texts[i].ids.len()).sum();
         if let Some(features) = &split.features {
             let rows = Tensor::from_vec(
                 idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
@@ -162,15 +207,14 @@ impl Classification {
                 &self.device,
             )?;
             let x = features.index_select(&rows, 0)?;
-            let tokens = idx.iter().map(|&i| split.texts[i].ids.len()).sum();
-            return Ok((self.model.head.forward(&x, train)?, tokens));
+            return Ok((self.model.head.forward(&x, true)?, tokens));
         }
         let refs: Vec<&EncodedText> = idx.iter().map(|&i| &split.texts[i]).collect();
-        let (ids, types, mask, tokens) = self.batch_tensors(&refs)?;
+        let (ids, types, mask) = self.batch_tensors(&refs)?;
         // f32 logits under mixed precision too: the loss is taken in f32.
         Ok((
             self.model
-                .forward(&ids, Some(&types), &mask, train)?
+                .forward(&ids, Some(&types), &mask, true)?
                 .to_dtype(DType::F32)?,
             tokens,
         ))
@@ -200,7 +244,7 @@ impl Task for Classification {
     }
 
     fn loss(&mut self, batch: &[usize], _step: u64) -> Result<(Tensor, usize), TrainError> {
-        let (logits, tokens) = self.logits(&self.train, batch, true)?;
+        let (logits, tokens) = self.train_logits(batch)?;
         let targets = self.train.targets.tensor(batch, &self.device)?;
         Ok((loss_of(&logits, &targets, self.multi)?, tokens))
     }
@@ -210,25 +254,19 @@ impl Task for Classification {
         if n == 0 {
             return Ok(None);
         }
-        let mut loss_sum = 0f64;
-        let mut probs: Vec<Vec<f32>> = Vec::with_capacity(n);
+        let logits = self.predict(&self.valid)?;
         let all: Vec<usize> = (0..n).collect();
-        for chunk in all.chunks(EVAL_BATCH) {
-            let (logits, _) = self.logits(&self.valid, chunk, false)?;
-            let logits = logits.detach();
-            let targets = self.valid.targets.tensor(chunk, &self.device)?;
-            loss_sum += f64::from(loss_of(&logits, &targets, self.multi)?.to_scalar::<f32>()?)
-                * chunk.len() as f64;
-            let p = if self.multi {
-                candle_nn::ops::sigmoid(&logits)?
-            } else {
-                candle_nn::ops::softmax(&logits, D::Minus1)?
-            };
-            probs.extend(p.to_dtype(DType::F32)?.to_vec2::<f32>()?);
-        }
+        let targets = self.valid.targets.tensor(&all, &self.device)?;
+        let loss = loss_of(&logits, &targets, self.multi)?.to_scalar::<f32>()?;
+        let probs = if self.multi {
+            candle_nn::ops::sigmoid(&logits)?
+        } else {
+            candle_nn::ops::softmax(&logits, D::Minus1)?
+        };
+        let probs: Vec<Vec<f32>> = probs.to_vec2::<f32>()?;
         let labels = self.model.labels.clone();
         let mut metrics = BTreeMap::new();
-        metrics.insert("valid_loss".to_owned(), loss_sum / n as f64);
+        metrics.insert("valid_loss".to_owned(), f64::from(loss));
         let details = match &self.valid.targets {
             Targets::Single(truth) => {
                 let truth: Vec<usize> = truth.iter().map(|&t| t as usize).collect();
@@ -408,8 +446,7 @@ pub(crate) fn run(
     }
     if hp.strategy == Strategy::HeadOnly {
         let started = std::time::Instant::now();
-        task.train.features = Some(task.features(&task.train.texts)?);
-        task.valid.features = Some(task.features(&task.valid.texts)?);
+        task.cache_features()?;
         on_event(&TrainEvent::message(format!(
             "Feature cache: encoded {} examples once in {:.1} s; only the head trains.",
             task.train.texts.len() + task.valid.texts.len(),

@@ -16,6 +16,7 @@ use candle_nn::VarMap;
 use serde_json::json;
 
 use super::classify::lora_targets;
+use super::cores::map_on_cores;
 use super::export::write_model_dir;
 use super::metrics::classification_report;
 use super::spec::{Augmentation, Hyperparameters, ResolveContext, Strategy};
@@ -125,20 +126,36 @@ impl ImageClassification {
             return Ok(all.index_select(&rows, 0)?);
         }
         let images: Vec<Arc<[u8]>> = idx.iter().map(|&i| split.images[i].clone()).collect();
-        let px =
-            preprocess_batch(&self.pre, &images, None, self.threads).map_err(TrainError::Data)?;
+        // One decoding thread per core this runs on (one, in a batch beside others).
+        let threads = self.threads.min(rayon::current_num_threads());
+        let px = preprocess_batch(&self.pre, &images, None, threads).map_err(TrainError::Data)?;
         Ok(self.to_tensor(px, idx.len())?)
     }
 
-    /// Pooled features of every image of `split`, computed once with the frozen backbone.
-    fn features(&self, split: &Split) -> Result<Tensor, TrainError> {
-        let mut parts = Vec::new();
+    /// `f` over the evaluation pixels of every image of `split`, in batches that run side by
+    /// side on the cores (no gradient); its rows come back in the images' order.
+    fn map_batches<F>(&self, split: &Split, f: F) -> Result<Tensor, TrainError>
+    where
+        F: Fn(&Tensor) -> candle_core::Result<Tensor> + Sync,
+    {
         let all: Vec<usize> = (0..split.images.len()).collect();
-        for chunk in all.chunks(EVAL_BATCH) {
-            let px = self.eval_pixels(split, chunk)?;
-            parts.push(self.model.features(&px, false)?.detach());
-        }
+        let batches: Vec<&[usize]> = all.chunks(EVAL_BATCH).collect();
+        let parts = map_on_cores(&self.device, batches.len(), |b| {
+            let px = self.eval_pixels(split, batches[b])?;
+            Ok::<_, TrainError>(f(&px)?.detach())
+        })?;
         Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Pooled features of every image of `split`, computed once with the frozen backbone.
+    fn features(&self, split: &Split) -> Result<Option<Tensor>, TrainError> {
+        if split.images.is_empty() {
+            return Ok(None);
+        }
+        let model = &self.model;
+        Ok(Some(
+            self.map_batches(split, |px| model.features(px, false))?,
+        ))
     }
 
     fn targets(&self, split: &Split, idx: &[usize]) -> candle_core::Result<Tensor> {
@@ -212,32 +229,23 @@ impl Task for ImageClassification {
         if n == 0 {
             return Ok(None);
         }
-        let mut loss_sum = 0f64;
-        let mut probs: Vec<Vec<f32>> = Vec::with_capacity(n);
-        let all: Vec<usize> = (0..n).collect();
-        for chunk in all.chunks(EVAL_BATCH) {
-            let logits = match &self.valid.features {
-                Some(f) => self
-                    .model
-                    .head(&f.index_select(&self.rows(chunk)?, 0)?, false)?,
-                None => {
-                    let px = self.eval_pixels(&self.valid, chunk)?;
-                    self.model.forward(&px, false)?
-                }
+        let logits = match &self.valid.features {
+            Some(f) => self.model.head(f, false)?,
+            None => {
+                let model = &self.model;
+                self.map_batches(&self.valid, |px| model.forward(px, false))?
             }
-            .detach();
-            let targets = self.targets(&self.valid, chunk)?;
-            loss_sum +=
-                f64::from(candle_nn::loss::cross_entropy(&logits, &targets)?.to_scalar::<f32>()?)
-                    * chunk.len() as f64;
-            let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
-            probs.extend(p.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         }
+        .to_dtype(DType::F32)?;
+        let all: Vec<usize> = (0..n).collect();
+        let targets = self.targets(&self.valid, &all)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
+        let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
         let labels = self.model.labels().to_vec();
         let truth: Vec<usize> = self.valid.targets.iter().map(|&t| t as usize).collect();
         let r = classification_report(&labels, &truth, &probs);
         let mut metrics = BTreeMap::new();
-        metrics.insert("valid_loss".to_owned(), loss_sum / n as f64);
+        metrics.insert("valid_loss".to_owned(), f64::from(loss));
         metrics.insert("valid_accuracy".into(), r.accuracy);
         metrics.insert("valid_macro_f1".into(), r.macro_f1);
         if let Some(auc) = r.roc_auc {
@@ -426,8 +434,8 @@ pub(crate) fn run(
     }
     if hp.strategy == Strategy::HeadOnly {
         let started = std::time::Instant::now();
-        task.train.features = Some(task.features(&task.train)?);
-        task.valid.features = Some(task.features(&task.valid)?);
+        task.train.features = task.features(&task.train)?;
+        task.valid.features = task.features(&task.valid)?;
         task.valid.pixels = None;
         on_event(&TrainEvent::message(format!(
             "Feature bank: {} images through the frozen backbone once in {:.1} s; only the head trains.",

@@ -10,6 +10,7 @@
 
 mod causal_lm;
 mod classify;
+mod cores;
 mod dpo;
 mod estimate;
 mod export;
