@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
+use super::cores::map_on_cores;
 use super::export::write_model_dir;
 use super::spec::{Hyperparameters, ResolveContext, Strategy};
 use super::trainer::{SummaryParts, Task, ValidationResult, VarGroup, run_and_export, total_steps};
@@ -187,15 +188,21 @@ impl Task for CausalLm {
         if self.valid.is_empty() {
             return Ok(None);
         }
-        let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
-        for chunk in self.valid.chunks(EVAL_BATCH) {
-            let rows: Vec<&LmExample> = chunk.iter().collect();
+        // The batches run side by side on the cores; their sums are added in order.
+        let chunks: Vec<&[LmExample]> = self.valid.chunks(EVAL_BATCH).collect();
+        let sums = map_on_cores(&self.device, chunks.len(), |i| {
+            let rows: Vec<&LmExample> = chunks[i].iter().collect();
             let b = lm_batch(&rows, self.pad_id);
             if b.positions.is_empty() {
-                continue;
+                return Ok((0.0, 0, 0));
             }
             let (loss, n, c) = self.batch_loss(&b, false)?;
-            loss_sum += f64::from(loss.detach().to_scalar::<f32>()?) * n as f64;
+            let loss = f64::from(loss.detach().to_scalar::<f32>()?);
+            Ok::<_, TrainError>((loss * n as f64, n, c))
+        })?;
+        let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
+        for (l, n, c) in sums {
+            loss_sum += l;
             tokens += n;
             correct += c;
         }

@@ -14,6 +14,7 @@ use candle_nn::VarMap;
 use serde_json::{Value, json};
 
 use super::causal_lm::{export_decoder, load_options, read_decoder_config, token_logps};
+use super::cores::map_on_cores;
 use super::spec::{Hyperparameters, ResolveContext};
 use super::trainer::{SummaryParts, Task, ValidationResult, VarGroup, run_and_export, total_steps};
 use super::{StopSignal, TrainError, TrainEvent, TrainOutcome, TrainingJob};
@@ -117,11 +118,16 @@ impl Task for Dpo {
         if self.valid.is_empty() {
             return Ok(None);
         }
-        let (mut loss_sum, mut margins) = (0f64, Vec::new());
-        for chunk in self.valid.chunks(EVAL_BATCH) {
-            let pairs: Vec<&Pair> = chunk.iter().collect();
+        // The batches run side by side on the cores; their sums are added in order.
+        let chunks: Vec<&[Pair]> = self.valid.chunks(EVAL_BATCH).collect();
+        let parts = map_on_cores(&self.device, chunks.len(), |i| {
+            let pairs: Vec<&Pair> = chunks[i].iter().collect();
             let (loss, m) = self.pairs_loss(&pairs, false)?;
-            loss_sum += f64::from(loss.to_scalar::<f32>()?) * pairs.len() as f64;
+            Ok::<_, TrainError>((f64::from(loss.to_scalar::<f32>()?) * pairs.len() as f64, m))
+        })?;
+        let (mut loss_sum, mut margins) = (0f64, Vec::new());
+        for (l, m) in parts {
+            loss_sum += l;
             margins.extend(m);
         }
         let n = margins.len().max(1) as f64;
@@ -174,16 +180,19 @@ fn encode_pairs(
             ref_rejected: 0.0,
         });
     }
-    for chunk in out.chunks_mut(EVAL_BATCH) {
-        let k = chunk.len();
-        let rows: Vec<&LmExample> = chunk
+    // The reference pass: its batches run side by side on the cores.
+    let chunks: Vec<&[Pair]> = out.chunks(EVAL_BATCH).collect();
+    let logps = map_on_cores(device, chunks.len(), |i| {
+        let rows: Vec<&LmExample> = chunks[i]
             .iter()
             .map(|p| &p.chosen)
-            .chain(chunk.iter().map(|p| &p.rejected))
+            .chain(chunks[i].iter().map(|p| &p.rejected))
             .collect();
-        let logps = sequence_logps(model, &rows, tok.pad_id(), device, false)?
-            .detach()
-            .to_vec1::<f32>()?;
+        let logps = sequence_logps(model, &rows, tok.pad_id(), device, false)?;
+        Ok::<_, TrainError>(logps.detach().to_vec1::<f32>()?)
+    })?;
+    for (chunk, logps) in out.chunks_mut(EVAL_BATCH).zip(logps) {
+        let k = chunk.len();
         for (j, p) in chunk.iter_mut().enumerate() {
             p.ref_chosen = logps[j];
             p.ref_rejected = logps[k + j];

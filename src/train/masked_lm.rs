@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
+use super::cores::map_on_cores;
 use super::export::write_masked_lm;
 use super::spec::{Hyperparameters, Strategy};
 use super::trainer::{SummaryParts, Task, ValidationResult, VarGroup, run_and_export, total_steps};
@@ -165,10 +166,15 @@ impl Task for MaskedLm {
         if self.valid.is_empty() {
             return Ok(None);
         }
+        // The batches run side by side on the cores; their sums are added in order.
+        let sums = map_on_cores(&self.device, self.valid.len(), |i| {
+            let (loss, c, n) = self.masked_loss(&self.valid[i], false)?;
+            let loss = f64::from(loss.detach().to_scalar::<f32>()?);
+            Ok::<_, TrainError>((loss * n as f64, c, n))
+        })?;
         let (mut loss_sum, mut correct, mut total) = (0f64, 0usize, 0usize);
-        for batch in &self.valid {
-            let (loss, c, n) = self.masked_loss(batch, false)?;
-            loss_sum += f64::from(loss.detach().to_scalar::<f32>()?) * n as f64;
+        for (l, c, n) in sums {
+            loss_sum += l;
             correct += c;
             total += n;
         }
