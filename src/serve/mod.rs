@@ -1204,17 +1204,7 @@ fn run_lane(
 /// threads cannot be started, and the parts then share the global pool).
 fn part_pools(n: usize) -> Option<&'static [rayon::ThreadPool]> {
     static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    let pools = POOLS.get_or_init(|| {
-        (0..n)
-            .map_while(|i| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .thread_name(move |_| format!("kiln-serve-part-{i}"))
-                    .build()
-                    .ok()
-            })
-            .collect()
-    });
+    let pools = POOLS.get_or_init(|| crate::train::cores::one_thread_pools(n, "kiln-serve-part"));
     (pools.len() >= n).then_some(pools.as_slice())
 }
 

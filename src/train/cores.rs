@@ -26,16 +26,8 @@ where
     } else {
         1
     };
-    let pools: Vec<rayon::ThreadPool> = if workers > 1 {
-        (0..workers)
-            .map_while(|i| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .thread_name(move |_| format!("kiln-eval-{i}"))
-                    .build()
-                    .ok()
-            })
-            .collect()
+    let pools = if workers > 1 {
+        one_thread_pools(workers, "kiln-eval")
     } else {
         Vec::new()
     };
@@ -88,6 +80,20 @@ where
     // Every job ran: a job is skipped only after another's failure, returned above.
     debug_assert_eq!(out.len(), jobs);
     Ok(out)
+}
+
+/// Up to `n` one-thread rayon pools, their threads named `{prefix}-{i}`; fewer when threads
+/// cannot be started.
+pub(crate) fn one_thread_pools(n: usize, prefix: &'static str) -> Vec<rayon::ThreadPool> {
+    (0..n)
+        .map_while(|i| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("{prefix}-{i}"))
+                .build()
+                .ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]

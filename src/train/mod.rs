@@ -10,7 +10,7 @@
 
 mod causal_lm;
 mod classify;
-mod cores;
+pub(crate) mod cores;
 mod dpo;
 mod estimate;
 mod export;
