@@ -743,7 +743,14 @@ impl VitForImageClassification {
         {
             return Ok(y);
         }
-        let normed = l.ln_after.forward(&x)?;
+        self.feed_forward(l, &x, train)
+    }
+
+    /// The feed-forward half layer through the separate ops: LayerNorm, the block, its dropout
+    /// and its residual.
+    fn feed_forward(&self, l: &Layer, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let normed = l.ln_after.forward(x)?;
         let inter = l.intermediate.forward_t(&normed, train)?;
         let inter = match cfg.hidden_act {
             HiddenAct::Gelu => ops::gelu_erf(&inter)?,
@@ -756,6 +763,32 @@ impl VitForImageClassification {
             train,
         )?;
         out + x
+    }
+
+    /// One layer's output for the first token ([CLS]) alone, `[batch, 1, hidden]`, without
+    /// dropout: it attends to every token, but no other token's output is computed. For the
+    /// last layer at inference, where only [CLS] is read. Plain differentiable ops.
+    fn layer_forward_first_token(&self, l: &Layer, x: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let (b, s, h) = x.dims3()?;
+        let (nh, dh) = (cfg.num_attention_heads, cfg.head_dim());
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, n, nh, dh))?.transpose(1, 2)?.contiguous()
+        };
+        let normed = l.ln_before.forward(x)?;
+        let first = normed.narrow(1, 0, 1)?.contiguous()?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let q = heads((l.query.forward_t(&first, false)? * scale)?, 1)?;
+        let k = heads(l.key.forward_t(&normed, false)?, s)?;
+        let v = heads(l.value.forward_t(&normed, false)?, s)?;
+        let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, 1, h))?;
+        let x = (l.attn_out.forward_t(&ctx, false)? + x.narrow(1, 0, 1)?)?;
+        self.feed_forward(l, &x, false)
     }
 
     fn linears(&self) -> impl Iterator<Item = &Linear> {
@@ -804,8 +837,14 @@ impl ImageClassifier for VitForImageClassification {
         let cls = self.cls_token.broadcast_as((b, 1, h))?;
         let x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)?;
         let mut x = dropout(&x, cfg.hidden_dropout_prob, train)?;
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, train)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            // At inference only [CLS] leaves the last layer: it alone is computed there.
+            x = if !train && i == last {
+                self.layer_forward_first_token(layer, &x)?
+            } else {
+                self.layer_forward(layer, &x, train)?
+            };
         }
         // The final LayerNorm is per token: only [CLS] is needed.
         self.final_ln.forward(&x.i((.., 0, ..))?.contiguous()?)
