@@ -59,7 +59,7 @@ idle, and --retries N measures a run again when other processes used more than -
 during it (machine-wide busy time from /proc/stat minus the run's own CPU).
 
 Every figure, every run, the load average and the other processes' CPU around each run, the
-machine, the git head and the kiln binary's SHA-256 go to bench/results/decoder-<YYYY-MM-DD>.json.
+machine, the git head and the kiln binary's SHA-256 go to bench/results/decoder-<YYYY-MM-DD-HHMMSS>.json.
 Nothing asserts on timings.
 
 LoRA (--strategy lora, default full): kiln gets `--set strategy=lora` with --lora-rank (8),
@@ -1005,7 +1005,7 @@ def parse_args() -> argparse.Namespace:
                     "--max-other-cores cores during it")
     ap.add_argument("--max-other-cores", type=float, default=0.3)
     ap.add_argument("--database-url", default=os.environ.get("KILN_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
-    ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/decoder-DATE.json]")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/decoder-DATE-TIME.json]")
     ap.add_argument("--strategy", choices=["full", "lora"], default="full", help="what SFT trains (both sides)")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
@@ -1273,7 +1273,7 @@ def main() -> int:
         print(f"\n{len(errors)} run(s) FAILED: " + "; ".join(f"{e['config']} [{e['repeat']}]" for e in errors))
     print()
     doc["ratios"] = ratios
-    out = args.out or REPO / "bench/results" / f"decoder-{started:%Y-%m-%d}.json"
+    out = args.out or REPO / "bench/results" / f"decoder-{started:%Y-%m-%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")

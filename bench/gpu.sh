@@ -32,7 +32,7 @@
 #  peaks (H100 SXM/H200: 67 / 494.7 TFLOP/s; H100 PCIe: 51 / 378; other cards: n/a).
 #
 # Results: $OUT if set (the device tool brings back what is written there), else bench/results:
-#   gpu-bench-DATE.log, gpu-train-minilm-DATE.json, gpu-decoder-DATE.json
+#   gpu-bench-STAMP.log, gpu-train-minilm-STAMP.json, gpu-decoder-STAMP.json (STAMP: date and time)
 # Expected wall time on an H100: about 4 minutes; the timeouts below bound it at about 8
 # (MINILM_TIMEOUT 210 s + DECODER_TIMEOUT 240 s + set-up; CHILD_TIMEOUT 90 s per process).
 # A failing configuration is recorded (JSON "errors", log) and the others still run; the exit
@@ -48,7 +48,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
-STAMP=$(date +%Y-%m-%d)
+STAMP=$(date +%Y-%m-%d-%H%M%S)
 
 die() {
     echo "gpu.sh: ERROR: $*" >&2

@@ -27,7 +27,7 @@ What it does:
     labels, repeatedly for a warm-up then --seconds; throughput = texts/s; latency per batch call.
  5. Prints a table, whether the targets hold (kiln's throughput above PyTorch's at every level;
     kiln's p99 under 2x its p50 at 8 clients) and writes every figure with machine information
-    to --out (default bench/results/serve-<YYYY-MM-DD>.json).
+    to --out (default bench/results/serve-<YYYY-MM-DD-HHMMSS>.json).
 
 Texts: the `text` fields of tests/data/topics-valid.jsonl, cycled (each client starts at its own
 offset). The load generator runs on the same machine as the server: on a small machine the kiln
@@ -744,7 +744,7 @@ def print_table(comparison: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    today = dt.date.today().isoformat()
+    now = dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kiln", default=str(REPO / "target/release/kiln"), help="the kiln binary")
     p.add_argument(
@@ -754,7 +754,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level (after 2 s warm-up)")
     p.add_argument("--levels", default="1,8,64", help="concurrent clients (kiln) and batch sizes (PyTorch)")
-    p.add_argument("--out", default=str(REPO / f"bench/results/serve-{today}.json"))
+    p.add_argument("--out", default=str(REPO / f"bench/results/serve-{now}.json"))
     p.add_argument("--database-url", default=os.environ.get("KILN_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
     p.add_argument("--tmp-dir", default=None, help="parent of the temporary directory (default: the system's)")
     p.add_argument("--model-dir", default=None, help="serve this fine-tuned directory instead of training one")

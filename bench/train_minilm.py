@@ -540,7 +540,7 @@ def main():
     ap.add_argument("--no-jemalloc", action="store_true", help="torch best keeps glibc malloc")
     ap.add_argument("--no-extra", action="store_true",
                     help="skip the diagnostic configurations 'kiln full (glibc tuned)' and 'torch full (fused, glibc)'")
-    ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/train-minilm-DATE.json]")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/train-minilm-DATE-TIME.json]")
     ap.add_argument("--device", default="cpu",
                     help="cpu (default) or cuda / cuda:N: both sides train there (kiln: --device cuda:N)")
     ap.add_argument("--torch-tf32", action="store_true",
@@ -695,7 +695,7 @@ def main():
     if errors:
         print(f"\n{len(errors)} run(s) FAILED: " + "; ".join(f"{e['config']} [{e['repeat']}]" for e in errors))
 
-    out = args.out or REPO / "bench/results" / f"train-minilm-{started:%Y-%m-%d}.json"
+    out = args.out or REPO / "bench/results" / f"train-minilm-{started:%Y-%m-%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     git = git_output
     doc = {

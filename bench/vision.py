@@ -80,7 +80,7 @@ after optimizer.step() and loss.item(). Evaluation and export come after step N 
 counted. Peak RSS is the child's ru_maxrss (for torch train: the main process only, not the
 DataLoader workers).
 
-Results: a table on stdout and bench/results/vision-YYYY-MM-DD.json (--out).
+Results: a table on stdout and bench/results/vision-YYYY-MM-DD-HHMMSS.json (--out).
 """
 
 from __future__ import annotations
@@ -691,7 +691,7 @@ def main():
                     help="measure a run again when other processes used more than --max-other-cores during it")
     ap.add_argument("--max-other-cores", type=float, default=0.3)
     ap.add_argument("--keep", type=Path, default=None, help="write models and data here and keep them")
-    ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/vision-DATE.json]")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/vision-DATE-TIME.json]")
     # Child process arguments.
     ap.add_argument("--worker", choices=["torch-train", "torch-infer"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="loader", help=argparse.SUPPRESS)
@@ -879,7 +879,7 @@ def main():
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}")
 
-    out = args.out or REPO / "bench/results" / f"vision-{started:%Y-%m-%d}.json"
+    out = args.out or REPO / "bench/results" / f"vision-{started:%Y-%m-%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
     kiln_version = None

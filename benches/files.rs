@@ -103,7 +103,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!(
         "files-{}.json",
-        chrono::Utc::now().format("%Y-%m-%d")
+        chrono::Utc::now().format("%Y-%m-%d-%H%M%S")
     ));
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
     println!("\nfigures written to {}", path.display());
