@@ -19,6 +19,10 @@
 #
 # What it runs (both with --device cuda: kiln gets `--device cuda:0`; PyTorch in f32 with TF32
 # off, plus one configuration with TF32 on):
+#  0. bench/gpu_check.py: does the CUDA build work? kiln train on the GPU for every family (text
+#     classification in f32 and bf16, decoder LoRA SFT, ResNet and ViT image classification),
+#     kiln predict (the serving engine) on the GPU against the CPU, and a batch too large for
+#     the GPU failing with a message about memory. About 2 minutes; pass/fail per check.
 #  1. bench/train_minilm.py: all-MiniLM-L6-v2 full fine-tuning (sequence classification),
 #     batch $MINILM_BATCH (16), max_length 32, $MINILM_EXAMPLES (3200) examples = 200 steps,
 #     steps 1..5 untimed: kiln full, torch full (default), torch full (best: fused AdamW),
@@ -32,9 +36,13 @@
 #  peaks (H100 SXM/H200: 67 / 494.7 TFLOP/s; H100 PCIe: 51 / 378; other cards: n/a).
 #
 # Results: $OUT if set (the device tool brings back what is written there), else bench/results:
-#   gpu-bench-STAMP.log, gpu-train-minilm-STAMP.json, gpu-decoder-STAMP.json (STAMP: date and time)
-# Expected wall time on an H100: about 4 minutes; the timeouts below bound it at about 8
-# (MINILM_TIMEOUT 210 s + DECODER_TIMEOUT 240 s + set-up; CHILD_TIMEOUT 90 s per process).
+#   gpu-bench-STAMP.log, gpu-check-STAMP.json, gpu-train-minilm-STAMP.json,
+#   gpu-decoder-STAMP.json (STAMP: date and time)
+# Expected wall time on an H100: about 6 minutes; the timeouts below bound it at about 10.5
+# (CHECK_TIMEOUT 150 s + MINILM_TIMEOUT 210 s + DECODER_TIMEOUT 240 s + set-up; CHILD_TIMEOUT
+# 90 s per process). The device tool allows 600 s per command: to stay inside it whatever
+# happens, run the checks alone first (SKIP_MINILM=1 SKIP_DECODER=1), then the benchmarks
+# (SKIP_CHECK=1) on the still-warm machine.
 # A failing configuration is recorded (JSON "errors", log) and the others still run; the exit
 # status is then 1. Missing libraries, GPU or --device support stop it at once, before any run.
 #
@@ -43,7 +51,8 @@
 #
 # Environment (optional): PYTHON (python3), REPEATS (1), THREADS (4), MINILM_BATCH,
 # MINILM_EXAMPLES, DECODER_BATCH, DECODER_EXAMPLES, DECODER_SHAPE (the decoder.py shape
-# options), CHILD_TIMEOUT, MINILM_TIMEOUT, DECODER_TIMEOUT, SKIP_MINILM=1, SKIP_DECODER=1.
+# options), CHILD_TIMEOUT, CHECK_TIMEOUT, MINILM_TIMEOUT, DECODER_TIMEOUT, SKIP_CHECK=1,
+# SKIP_MINILM=1, SKIP_DECODER=1.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -143,6 +152,7 @@ DEVICE=${DEVICE:-cuda}
 REPEATS=${REPEATS:-1}
 THREADS=${THREADS:-4}
 CHILD_TIMEOUT=${CHILD_TIMEOUT:-90}
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-150}
 MINILM_TIMEOUT=${MINILM_TIMEOUT:-210}
 DECODER_TIMEOUT=${DECODER_TIMEOUT:-240}
 MINILM_BATCH=${MINILM_BATCH:-16}
@@ -278,6 +288,14 @@ PY
     echo "MiniLM: $MINILM"
 }
 
+run_check() {
+    echo
+    echo "== 0/2 does the CUDA build work? (bench/gpu_check.py --device $DEVICE)"
+    timeout -k 10 "$CHECK_TIMEOUT" "$PY" "$REPO/bench/gpu_check.py" \
+        --kiln "$KILN" --minilm "$MINILM" --device "$DEVICE" --timeout "$CHILD_TIMEOUT" \
+        --out "$OUTDIR/gpu-check-$STAMP.json"
+}
+
 run_minilm() {
     echo
     echo "== 1/2 MiniLM full fine-tuning (bench/train_minilm.py --device $DEVICE)"
@@ -335,6 +353,12 @@ PY
 main() {
     local t0=$SECONDS rc=0
     preflight
+    if [ -z "${SKIP_CHECK:-}" ]; then
+        run_check || {
+            rc=$?
+            echo "gpu.sh: the checks exited with $rc$([ $rc = 124 ] && echo " (timed out after ${CHECK_TIMEOUT}s)")"
+        }
+    fi
     if [ -z "${SKIP_MINILM:-}" ]; then
         run_minilm || {
             rc=$?

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 mod client;
+mod predict;
 mod train;
 
 use crate::embedded_pg::EmbeddedPostgres;
@@ -34,6 +35,9 @@ enum Command {
     Worker(WorkerArgs),
     /// Fine-tune a model locally, without a server.
     Train(train::TrainArgs),
+    /// Run a model locally, without a server: classify, embed, generate or classify images
+    /// through the serving engine, one JSON line per input.
+    Predict(predict::PredictArgs),
     /// Models: the server's (list, get, rm), or the local models directory's (list --local, pull).
     Models {
         #[command(subcommand)]
@@ -500,6 +504,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Keys { command } => keys(command).await,
         Command::Train(args) => tokio::task::spawn_blocking(move || train::run(args)).await?,
+        Command::Predict(args) => predict::run(args).await,
         Command::Models { command } => tokio::task::spawn_blocking(move || models(command)).await?,
         Command::Files { .. }
         | Command::Jobs { .. }

@@ -167,29 +167,37 @@ fn kiln_train_rejects_bad_settings_naming_them() {
     }
 }
 
-#[test]
-fn an_exported_tiny_classifier_gives_transformers_the_same_logits() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = tiny_model(&dir.path().join("base"), TinyLayout::Prefixed);
-    sentiment_jsonl(&dir.path().join("train.jsonl"), 60, 1);
-    let out_dir = dir.path().join("out");
-    let (out, _) = kiln_train(&[
-        "--model",
-        base.to_str().unwrap(),
-        "--training-file",
-        dir.path().join("train.jsonl").to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-        "--set",
-        "n_epochs=1",
-        "--set",
-        "strategy=lora",
-    ]);
+/// `kiln train` of a tiny BERT (written to `dir/base`) on 60 sentiment lines with `sets`
+/// (`KEY=VALUE`) into `dir/out`: (the base, the exported model).
+fn train_tiny_classifier(dir: &Path, sets: &[&str]) -> (PathBuf, PathBuf) {
+    let base = tiny_model(&dir.join("base"), TinyLayout::Prefixed);
+    sentiment_jsonl(&dir.join("train.jsonl"), 60, 1);
+    let out_dir = dir.join("out");
+    let mut args = vec![
+        "--model".to_owned(),
+        base.to_str().unwrap().to_owned(),
+        "--training-file".to_owned(),
+        dir.join("train.jsonl").to_str().unwrap().to_owned(),
+        "--output".to_owned(),
+        out_dir.to_str().unwrap().to_owned(),
+    ];
+    for set in sets {
+        args.extend(["--set".to_owned(), (*set).to_owned()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, _) = kiln_train(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    (base, out_dir)
+}
+
+#[test]
+fn an_exported_tiny_classifier_gives_transformers_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, out_dir) = train_tiny_classifier(dir.path(), &["n_epochs=1", "strategy=lora"]);
     check_with_transformers(
         &out_dir,
         &["the movie was good", "awful plot really", "great"],
@@ -233,4 +241,133 @@ fn minilm_fine_tunes_to_over_90_percent_on_held_out_topics_and_exports_for_trans
         ],
         128,
     );
+}
+
+fn kiln_predict(args: &[&str], stdin: Option<&str>) -> (std::process::Output, Vec<Value>) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("predict")
+        .args(args)
+        .env("KILN_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kiln predict");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let rows = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (out, rows)
+}
+
+#[test]
+fn kiln_predict_runs_exported_models_through_the_serving_engine_without_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, out_dir) = train_tiny_classifier(dir.path(), &["n_epochs=2"]);
+    let model = out_dir.to_str().unwrap();
+
+    // A classifier by default: each text's label scores are the softmax of the exported
+    // model's logits.
+    let texts = ["the movie was good", "awful plot really", "great"];
+    let (out, rows) = kiln_predict(&["--model", model, texts[0], texts[1], texts[2]], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rows.len(), 3, "one line per input");
+    let classifier = SequenceClassifier::load_exported(&out_dir, &Device::Cpu).unwrap();
+    let tok = TextTokenizer::load(&out_dir, 32).unwrap();
+    for (text, row) in texts.iter().zip(&rows) {
+        let b = tok.encode_batch(&[*text]).unwrap();
+        let t = |v: &Vec<u32>| Tensor::from_vec(v.clone(), (1, b.seq_len), &Device::Cpu).unwrap();
+        let logits = classifier
+            .forward(
+                &t(&b.input_ids),
+                Some(&t(&b.token_type_ids)),
+                &t(&b.attention_mask),
+                false,
+            )
+            .unwrap();
+        let probs = candle_nn::ops::softmax(&logits, 1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, label) in classifier.labels.iter().enumerate() {
+            let got = row["scores"][label].as_f64().unwrap();
+            assert!((got - f64::from(probs[0][i])).abs() < 1e-4, "{text}: {row}");
+        }
+        assert_eq!(row["score"], row["scores"][row["label"].as_str().unwrap()]);
+        assert_eq!(row["prompt_tokens"], json!(b.input_ids.len()));
+    }
+    // Inputs on standard input, one per line, give the same answers.
+    let (_, from_stdin) = kiln_predict(
+        &["--model", model],
+        Some(&format!("{}\n", texts.join("\n"))),
+    );
+    assert_eq!(from_stdin, rows);
+
+    // Embeddings from any encoder.
+    let (out, rows) = kiln_predict(
+        &["--model", base.to_str().unwrap(), "--task", "embed", "good"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        rows[0]["embedding"].as_array().unwrap().len(),
+        tiny_config().hidden_size
+    );
+
+    // A decoder generates (greedy, at most --max-tokens tokens).
+    let decoder = dir.path().join("decoder");
+    kiln::nn::tiny::write_tiny_decoder(&decoder, "qwen2", 5).unwrap();
+    let generate = [
+        "--model",
+        decoder.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+        "Hello there",
+    ];
+    let (out, rows) = kiln_predict(&generate, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        rows[0]["completion_tokens"].as_u64().unwrap() <= 4,
+        "{}",
+        rows[0]
+    );
+    assert!(rows[0]["finish_reason"].is_string(), "{}", rows[0]);
+    let (_, again) = kiln_predict(&generate, None);
+    assert_eq!(again, rows, "greedy decoding repeats");
+
+    // What cannot work says why, with a failing exit status.
+    for (args, says) in [
+        (
+            vec!["--model", model, "--task", "generate", "hi"],
+            "does not generate text",
+        ),
+        (
+            vec!["--model", model, "--task", "image", "missing.png"],
+            "missing.png",
+        ),
+        (vec!["--model", "no/such-model", "hi"], "no/such-model"),
+        (vec!["--model", model], "no inputs"),
+    ] {
+        let (out, rows) = kiln_predict(&args, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && rows.is_empty(), "{args:?}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
 }
