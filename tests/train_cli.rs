@@ -312,6 +312,68 @@ fn kiln_predict_runs_exported_models_through_the_serving_engine_without_a_server
     );
     assert_eq!(from_stdin, rows);
 
+    // A multi-label classifier: independent sigmoid scores, and every label at 0.5 or more.
+    let multi = dir.path().join("multi");
+    std::fs::create_dir_all(&multi).unwrap();
+    multi_label_jsonl(&multi.join("train.jsonl"), 80, 3);
+    let multi_out = multi.join("out");
+    let (out, _) = kiln_train(&[
+        "--model",
+        base.to_str().unwrap(),
+        "--training-file",
+        multi.join("train.jsonl").to_str().unwrap(),
+        "--output",
+        multi_out.to_str().unwrap(),
+        "--set",
+        "n_epochs=3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (out, rows) = kiln_predict(
+        &[
+            "--model",
+            multi_out.to_str().unwrap(),
+            "the film was good and awful",
+            "the plot",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in &rows {
+        let scores = row["scores"].as_object().unwrap();
+        assert_eq!(scores.len(), 3, "{row}");
+        let chosen: Vec<&str> = scores
+            .iter()
+            .filter(|(_, s)| s.as_f64().unwrap() >= 0.5)
+            .map(|(l, _)| l.as_str())
+            .collect();
+        let listed: Vec<&str> = row["labels"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a multi-label row lists its labels: {row}"))
+            .iter()
+            .map(|l| l.as_str().unwrap())
+            .collect();
+        assert_eq!(listed.len(), chosen.len(), "{row}");
+        assert!(listed.iter().all(|l| chosen.contains(l)), "{row}");
+    }
+    let single: Vec<f64> = rows[0]["scores"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|s| s.as_f64().unwrap())
+        .collect();
+    assert!(
+        (single.iter().sum::<f64>() - 1.0).abs() > 1e-3,
+        "sigmoid scores, not a softmax: {single:?}"
+    );
+
     // Embeddings from any encoder.
     let (out, rows) = kiln_predict(
         &["--model", base.to_str().unwrap(), "--task", "embed", "good"],

@@ -165,39 +165,12 @@ pub async fn classify(
         .enumerate()
         .map(|(index, (c, tokens))| {
             total += tokens;
-            let (best, score) =
-                c.scores
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |acc, (i, &s)| {
-                            if s > acc.1 { (i, s) } else { acc }
-                        },
-                    );
-            let scores: Map<String, Value> = labels
-                .iter()
-                .zip(&c.scores)
-                .map(|(l, s)| (l.clone(), json!(s)))
-                .collect();
             let mut item = json!({
                 "object": "classification",
                 "index": index,
-                "label": labels.get(best),
-                "score": score,
-                "scores": scores,
-                "prompt_tokens": tokens,
             });
-            if multi_label {
-                item["labels"] = json!(
-                    labels
-                        .iter()
-                        .zip(&c.scores)
-                        .filter(|(_, s)| **s >= 0.5)
-                        .map(|(l, _)| l)
-                        .collect::<Vec<_>>()
-                );
-            }
+            extend(&mut item, scored_labels(labels, &c.scores, multi_label));
+            item["prompt_tokens"] = json!(tokens);
             item
         })
         .collect();
@@ -449,19 +422,12 @@ pub async fn classify_images(
         .into_iter()
         .enumerate()
         .map(|(index, probs)| {
-            let best = crate::train::metrics::argmax(&probs);
-            let scores: Map<String, Value> = labels
-                .iter()
-                .zip(&probs)
-                .map(|(l, s)| (l.clone(), json!(s)))
-                .collect();
-            json!({
+            let mut item = json!({
                 "object": "classification",
                 "index": index,
-                "label": labels.get(best),
-                "score": probs.get(best),
-                "scores": scores,
-            })
+            });
+            extend(&mut item, scored_labels(labels, &probs, false));
+            item
         })
         .collect();
     Ok(Json(json!({
@@ -470,4 +436,39 @@ pub async fn classify_images(
         "data": data,
         "usage": {"prompt_tokens": 0, "total_tokens": 0, "images": n},
     })))
+}
+
+/// A classification's fields as the API and `kiln predict` write them: `label` and `score`
+/// (the highest-scoring label; the first of equals), `scores` (every label's, in the model's
+/// label order) and, for a multi-label model, `labels` (those scoring 0.5 or more).
+pub(crate) fn scored_labels(labels: &[String], scores: &[f32], multi_label: bool) -> Value {
+    let best = crate::train::metrics::argmax(scores);
+    let by_label: Map<String, Value> = labels
+        .iter()
+        .zip(scores)
+        .map(|(l, s)| (l.clone(), json!(s)))
+        .collect();
+    let mut fields = json!({
+        "label": labels.get(best),
+        "score": scores.get(best),
+        "scores": by_label,
+    });
+    if multi_label {
+        fields["labels"] = json!(
+            labels
+                .iter()
+                .zip(scores)
+                .filter(|(_, s)| **s >= 0.5)
+                .map(|(l, _)| l)
+                .collect::<Vec<_>>()
+        );
+    }
+    fields
+}
+
+/// Adds `more`'s fields to the object `item`.
+fn extend(item: &mut Value, more: Value) {
+    if let (Some(item), Value::Object(more)) = (item.as_object_mut(), more) {
+        item.extend(more);
+    }
 }

@@ -17,6 +17,8 @@ mod ops;
 pub mod pagination;
 mod webhooks;
 
+pub(crate) use inference::scored_labels;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;

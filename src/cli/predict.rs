@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
+use crate::api::scored_labels;
 use crate::models::Family;
 use crate::serve::{
     GenEvent, ModelLocation, ModelRef, Prompt, SamplingParams, ServeError, ServeSettings, Serving,
@@ -118,25 +119,6 @@ fn inputs(args: &PredictArgs) -> anyhow::Result<Vec<String>> {
     Ok(lines)
 }
 
-/// `{label, score, scores}` from probabilities in label order.
-fn scored(labels: &[String], probs: &[f32]) -> Value {
-    let best = probs
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i);
-    let scores: serde_json::Map<String, Value> = labels
-        .iter()
-        .zip(probs)
-        .map(|(l, p)| (l.clone(), json!(p)))
-        .collect();
-    json!({
-        "label": labels.get(best),
-        "score": probs.get(best),
-        "scores": scores,
-    })
-}
-
 /// A directory removed when dropped.
 struct Scratch(PathBuf);
 
@@ -189,7 +171,8 @@ pub async fn run(args: PredictArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(engine_error)?;
             for (c, tokens) in results {
-                let mut v = scored(&loaded.model.labels, &c.scores);
+                let mut v =
+                    scored_labels(&loaded.model.labels, &c.scores, loaded.model.multi_label);
                 v["prompt_tokens"] = json!(tokens);
                 out.push(v);
             }
@@ -213,7 +196,7 @@ pub async fn run(args: PredictArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(engine_error)?;
             for (path, probs) in inputs.iter().zip(results) {
-                let mut v = scored(&loaded.model.labels, &probs);
+                let mut v = scored_labels(&loaded.model.labels, &probs, false);
                 v["image"] = json!(path);
                 out.push(v);
             }
