@@ -178,7 +178,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let outcome = train::run(&job, &mut on_event, &stop);
     bar.finish_and_clear();
-    match outcome? {
+    let outcome = match outcome {
+        Err(e) if e.is_out_of_memory() => bail!(
+            "{} ran out of memory training at {}: lower `--set batch_size` and raise \
+             `--set gradient_accumulation_steps` to keep the same effective batch, or lower \
+             `--set max_length`. ({e})",
+            args.device,
+            match job.hyperparameters.batch_size {
+                Some(crate::train::spec::AutoOr::Value(b)) => format!("batch size {b}"),
+                _ => "the automatically chosen batch size".to_owned(),
+            }
+        ),
+        other => other?,
+    };
+    match outcome {
         TrainOutcome::Finished(summary) => {
             let line = json!({
                 "status": "succeeded",

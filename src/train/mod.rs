@@ -222,7 +222,20 @@ impl TrainEvent {
     }
 }
 
+/// Whether an error's text says the device ran out of memory (see
+/// [`TrainError::is_out_of_memory`]).
+pub(crate) fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_uppercase();
+    m.contains("OUT_OF_MEMORY") || m.contains("OUT OF MEMORY") || m.contains("ALLOC_FAILED")
+}
+
 impl TrainError {
+    /// Whether the device ran out of memory: CUDA's allocator (`CUDA_ERROR_OUT_OF_MEMORY`) or
+    /// cuBLAS failing to allocate its workspace.
+    pub fn is_out_of_memory(&self) -> bool {
+        is_out_of_memory(&self.to_string())
+    }
+
     /// True when retrying cannot help: the data, the settings or the model are wrong.
     pub fn is_user_error(&self) -> bool {
         matches!(
@@ -346,5 +359,25 @@ pub fn run(
             other.as_str(),
             other.task()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_engine_errors() {
+        for text in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "cublas: CUBLAS_STATUS_ALLOC_FAILED",
+            "CUDA out of memory",
+        ] {
+            assert!(is_out_of_memory(text), "{text}");
+            assert!(TrainError::Io(text.into()).is_out_of_memory(), "{text}");
+        }
+        for text in ["shape mismatch in matmul", "the loss became NaN", ""] {
+            assert!(!is_out_of_memory(text), "{text}");
+        }
     }
 }
