@@ -69,7 +69,7 @@ PyTorch freezes every weight and wraps the same nn.Linear modules as kiln's adap
 computes) and trains only A and B, with the same optimizer settings.
 
 On a GPU (issue 9): --device cuda (or cuda:N) runs the SFT half there (generation stays on the
-CPU benchmark: --only sft is implied). kiln gets `--device cuda:N`; PyTorch moves the model and
+CPU benchmark: --only sft is implied). kiln gets `--device cuda:N --set mixed_precision=fp32`; PyTorch moves the model and
 batches to the GPU and synchronises before each timer read, in f32 with TF32 off to match kiln
 (torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False);
 --torch-tf32 adds "torch (best, tf32)". The MFU lines (also on the CPU with --flops) use the

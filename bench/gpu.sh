@@ -17,7 +17,7 @@
 #             none: random weights of the same shapes (seeded; throughput is the same, the
 #             validation accuracy in the JSON is then meaningless).
 #
-# What it runs (both with --device cuda: kiln gets `--device cuda:0`; PyTorch in f32 with TF32
+# What it runs (both with --device cuda: kiln gets `--device cuda:0` and mixed_precision=fp32; PyTorch in f32 with TF32
 # off, plus one configuration with TF32 on):
 #  0. bench/gpu_check.py: does the CUDA build work? kiln train on the GPU for every family (text
 #     classification in f32 and bf16, decoder LoRA SFT, ResNet and ViT image classification),

@@ -62,8 +62,12 @@ def kiln_device(device: str) -> str:
 
 
 def kiln_device_args(device: str) -> list[str]:
-    """Extra `kiln train` arguments: none for the CPU (so binaries that predate `--device` work)."""
-    return [] if device == "cpu" else ["--device", kiln_device(device)]
+    """Extra `kiln train` arguments: none for the CPU (so binaries that predate `--device` work);
+    on a GPU the device and f32 compute, to compare with PyTorch's f32 configurations (kiln's
+    `mixed_precision: auto` is bf16 on a GPU that computes bf16 natively)."""
+    if device == "cpu":
+        return []
+    return ["--device", kiln_device(device), "--set", "mixed_precision=fp32"]
 
 
 def setup_torch(torch, device: str, tf32: bool):

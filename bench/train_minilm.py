@@ -49,7 +49,7 @@ second, warm pass is recorded in the JSON too).
 Peak RSS is the child's ru_maxrss from wait4 (whole process: model, data, optimizer, runtime).
 
 On a GPU (issue 9): --device cuda (or cuda:N) trains both sides there: kiln gets
-`--device cuda:N`, PyTorch moves the model and every batch to the GPU and synchronises before
+`--device cuda:N --set mixed_precision=fp32` (its `auto` is bf16 on such GPUs), PyTorch moves the model and every batch to the GPU and synchronises before
 each timer read. kiln trains in f32, so PyTorch runs in f32 with TF32 off
 (torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False);
 --torch-tf32 adds a "torch full (best, tf32)" configuration with TF32 on. The diagnostic
