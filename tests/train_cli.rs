@@ -414,6 +414,39 @@ fn kiln_predict_runs_exported_models_through_the_serving_engine_without_a_server
     let (_, again) = kiln_predict(&generate, None);
     assert_eq!(again, rows, "greedy decoding repeats");
 
+    // An image classifier (a base ResNet with labels) by default for image files.
+    let resnet = dir.path().join("resnet");
+    kiln::nn::resnet::write_tiny_resnet(&resnet, &kiln::nn::resnet::tiny_resnet_config(), 5)
+        .unwrap();
+    let picture = dir.path().join("picture.png");
+    image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
+    })
+    .save(&picture)
+    .unwrap();
+    let (out, rows) = kiln_predict(
+        &[
+            "--model",
+            resnet.to_str().unwrap(),
+            picture.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = kiln::serve::ImageModel::load(&resnet, &Device::Cpu).unwrap();
+    let pixels = served.prepare(&std::fs::read(&picture).unwrap()).unwrap();
+    let probs = served.classify(pixels, 1).unwrap();
+    assert_eq!(rows[0]["image"], json!(picture.to_str().unwrap()));
+    for (label, p) in served.labels.iter().zip(&probs[0]) {
+        let got = rows[0]["scores"][label].as_f64().unwrap();
+        assert!((got - f64::from(*p)).abs() < 1e-5, "{label}: {}", rows[0]);
+    }
+    let not_an_image = dir.path().join("train.jsonl");
+
     // What cannot work says why, with a failing exit status.
     for (args, says) in [
         (
@@ -426,6 +459,14 @@ fn kiln_predict_runs_exported_models_through_the_serving_engine_without_a_server
         ),
         (vec!["--model", "no/such-model", "hi"], "no/such-model"),
         (vec!["--model", model], "no inputs"),
+        (
+            vec![
+                "--model",
+                resnet.to_str().unwrap(),
+                not_an_image.to_str().unwrap(),
+            ],
+            "input[0]",
+        ),
     ] {
         let (out, rows) = kiln_predict(&args, None);
         let stderr = String::from_utf8_lossy(&out.stderr);
