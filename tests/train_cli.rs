@@ -51,7 +51,12 @@ fn data(name: &str) -> String {
 }
 
 /// Writes kiln's logits for `texts` next to the ids it used, and has transformers compare.
-fn check_with_transformers(model_dir: &Path, texts: &[&str], max_length: usize) {
+/// The exported classifier's logits for `texts` (one padded batch), and the batch.
+fn exported_logits(
+    model_dir: &Path,
+    texts: &[&str],
+    max_length: usize,
+) -> (Tensor, kiln::data::text::EncodedBatch) {
     let model = SequenceClassifier::load_exported(model_dir, &Device::Cpu).unwrap();
     let tok = TextTokenizer::load(model_dir, max_length).unwrap();
     let b = tok.encode_batch(texts).unwrap();
@@ -65,6 +70,11 @@ fn check_with_transformers(model_dir: &Path, texts: &[&str], max_length: usize) 
             false,
         )
         .unwrap();
+    (logits, b)
+}
+
+fn check_with_transformers(model_dir: &Path, texts: &[&str], max_length: usize) {
+    let (logits, b) = exported_logits(model_dir, texts, max_length);
     let rows = |v: &Vec<u32>| v.chunks(b.seq_len).map(<[u32]>::to_vec).collect::<Vec<_>>();
     let cases = json!({
         "texts": texts,
@@ -281,24 +291,16 @@ fn kiln_predict_runs_exported_models_through_the_serving_engine_without_a_server
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(rows.len(), 3, "one line per input");
-    let classifier = SequenceClassifier::load_exported(&out_dir, &Device::Cpu).unwrap();
-    let tok = TextTokenizer::load(&out_dir, 32).unwrap();
+    let labels = SequenceClassifier::load_exported(&out_dir, &Device::Cpu)
+        .unwrap()
+        .labels;
     for (text, row) in texts.iter().zip(&rows) {
-        let b = tok.encode_batch(&[*text]).unwrap();
-        let t = |v: &Vec<u32>| Tensor::from_vec(v.clone(), (1, b.seq_len), &Device::Cpu).unwrap();
-        let logits = classifier
-            .forward(
-                &t(&b.input_ids),
-                Some(&t(&b.token_type_ids)),
-                &t(&b.attention_mask),
-                false,
-            )
-            .unwrap();
+        let (logits, b) = exported_logits(&out_dir, &[*text], 32);
         let probs = candle_nn::ops::softmax(&logits, 1)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        for (i, label) in classifier.labels.iter().enumerate() {
+        for (i, label) in labels.iter().enumerate() {
             let got = row["scores"][label].as_f64().unwrap();
             assert!((got - f64::from(probs[0][i])).abs() < 1e-4, "{text}: {row}");
         }
