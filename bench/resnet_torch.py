@@ -6,6 +6,9 @@ running):
     python3 bench/resnet_torch.py [--batch 8] [--size 224] [--steps 4] [--channels-last]
     cargo test --release --test nn_resnet -- --ignored --nocapture resnet18_step_timing
 
+With --infer, the inference side instead (kiln: `resnet18_inference_timing`): eval mode,
+torch.inference_mode(), batches of 1, 4 and 16, best of 6 each.
+
 The model is transformers' ResNetForImageClassification with ResNet-18's shape (basic blocks,
 hidden sizes [64, 128, 256, 512], depths [2, 2, 2, 2], stem 64), random init, 10 classes, in
 training mode; one step = forward + cross-entropy + backward (no optimizer), best of the steps
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--infer", action="store_true", help="time eval-mode inference at batch 1, 4, 16")
     args = ap.parse_args()
     torch.manual_seed(0)
     config = ResNetConfig(
@@ -39,6 +43,22 @@ def main() -> None:
         num_labels=10,
     )
     model = ResNetForImageClassification(config).train()
+    if args.infer:
+        model.eval()
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            for b in (1, 4, 16):
+                x = torch.randn(b, 3, args.size, args.size)
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                best = float("inf")
+                for _ in range(6):
+                    t0 = time.perf_counter()
+                    model(pixel_values=x)
+                    best = min(best, time.perf_counter() - t0)
+                print(f"torch ResNet-18 inference, batch {b:2}: best {best * 1e3:6.1f} ms ({b / best:5.1f} images/s)")
+        return
     x = torch.randn(args.batch, 3, args.size, args.size)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -359,9 +359,11 @@ def batch_metrics(server: Server, key: str) -> dict | None:
 # kiln: load generation
 
 
-def run_level(server: Server, key: str, texts: list[str], clients: int, seconds: float) -> dict:
-    """`clients` threads, each sending one-text classification requests back to back on its own
-    keep-alive connection, WARMUP_S then `seconds`; counts what completes inside the window."""
+def run_level(server: Server, key: str, bodies: list[bytes], clients: int, seconds: float,
+              path: str = "/v1/classifications") -> dict:
+    """`clients` threads, each POSTing `bodies` (JSON requests of one input each, cycled) to
+    `path` back to back on its own keep-alive connection, WARMUP_S then `seconds`; counts what
+    completes inside the window. A request counts when it gets 200 with a `label` in data[0]."""
     barrier = threading.Barrier(clients + 1)
     lock = threading.Lock()
     latencies: list[float] = []
@@ -370,7 +372,6 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
     total_sent = [0]
     window = {}
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    bodies = [json.dumps({"model": MODEL_ID, "input": t}).encode() for t in texts]
 
     def client(index: int) -> None:
         mine: list[float] = []
@@ -390,7 +391,7 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
             ok, problem = False, None
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/v1/classifications", body=body, headers=headers)
+                conn.request("POST", path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
                 t1 = time.perf_counter()
@@ -489,7 +490,9 @@ def run_level(server: Server, key: str, texts: list[str], clients: int, seconds:
     return level
 
 
-def bench_kiln(args, tmp: Path, model_dir: Path, texts: list[str], report: dict, cleanup: list) -> None:
+def bench_kiln(args, tmp: Path, cleanup: list, measure) -> None:
+    """Starts `kiln serve` (args.kiln) on a new database (args.database_url) with models from
+    tmp/models, calls measure(server, admin_key), then stops it; cleanup gets the undo steps."""
     db = Database(args.database_url)
     cleanup.append(("drop database", db.drop))
     admin_key = f"bench-admin-{secrets.token_hex(16)}"
@@ -515,21 +518,25 @@ def bench_kiln(args, tmp: Path, model_dir: Path, texts: list[str], report: dict,
     cleanup.append(("stop server", stop))
     log(f"kiln serve (pid {server.pid}) listening on {server.base}")
     try:
-        measure_kiln(args, server, admin_key, texts, report)
+        measure(server, admin_key)
     except Exception:
         log(f"kiln serve log (tail):\n{server.log_tail()}")
         raise
     stop()
 
 
-def measure_kiln(args, server: Server, admin_key: str, texts: list[str], report: dict) -> None:
-
-    # A project key, as a real client would use; the admin key if keys cannot be made.
+def project_key(server: Server, admin_key: str) -> str:
+    """A project key, as a real client would use; the admin key if keys cannot be made."""
     status, body = request_json(server, admin_key, "POST", "/v1/keys", {"project": "bench"})
     key = body.get("key") if status == 200 and isinstance(body, dict) else None
     if not key:
         log(f"POST /v1/keys gave {status} {str(body)[:200]}: using the admin key")
         key = admin_key
+    return key
+
+
+def measure_kiln(args, server: Server, admin_key: str, texts: list[str], report: dict) -> None:
+    key = project_key(server, admin_key)
 
     # The first request loads the model: timed on its own, not part of any level.
     t0 = time.perf_counter()
@@ -546,8 +553,9 @@ def measure_kiln(args, server: Server, admin_key: str, texts: list[str], report:
     status, model_obj = request_json(server, key, "GET", f"/v1/models/{MODEL_ID}")
 
     levels = []
+    bodies = [json.dumps({"model": MODEL_ID, "input": t}).encode() for t in texts]
     for clients in args.levels:
-        levels.append(run_level(server, key, texts, clients, args.seconds))
+        levels.append(run_level(server, key, bodies, clients, args.seconds))
     report["kiln"] = {
         "model_id": MODEL_ID,
         "model_object": model_obj if status == 200 else None,
@@ -709,7 +717,7 @@ def compare(report: dict, levels: list[int]) -> dict:
     }
 
 
-def print_table(comparison: dict) -> None:
+def print_table(comparison: dict, input_kind: str = "text") -> None:
     def fmt(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
 
@@ -735,7 +743,7 @@ def print_table(comparison: dict) -> None:
         print("| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |")
         if n == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("(level = concurrent clients for kiln, one text per request; batch size for PyTorch)")
+    print(f"(level = concurrent clients for kiln, one {input_kind} per request; batch size for PyTorch)")
     for name, held in comparison["targets"].items():
         print(f"target {name}: {'-' if held is None else ('yes' if held else 'NO')}")
 
@@ -826,7 +834,7 @@ def main() -> int:
                 **train_model(args.kiln, args.minilm, served, tmp / "work", tmp / "data"),
             }
         if not args.skip_kiln:
-            bench_kiln(args, tmp, served, texts, report, cleanup)
+            bench_kiln(args, tmp, cleanup, lambda server, key: measure_kiln(args, server, key, texts, report))
         if not args.skip_torch:
             bench_torch(args, served, texts, report)
     except (BenchError, KeyboardInterrupt, Exception) as e:

@@ -755,6 +755,88 @@ fn winograd_convolutions_at_resnet_widths_match_im2col() {
     }
 }
 
+/// Weights prepared once (serving) give the convolution's results on every path: Winograd's
+/// form and im2col's (tiled, whole-batch, pointwise), strided, and at both sides of Auto's
+/// choice; a weight of other dims is refused rather than read wrongly.
+#[test]
+fn prepared_weights_give_the_same_convolutions() {
+    use conv::Unfold;
+    let dev = Device::Cpu;
+    // (batch, size, cin, cout, kernel, stride, padding)
+    let shapes = [
+        (1, 7, 128, 128, 3, 1, 1),  // Winograd's kind; Auto keeps im2col at batch 1
+        (12, 7, 128, 128, 3, 1, 1), // ... and takes Winograd's form at batch 12
+        (2, 9, 8, 16, 3, 1, 1),     // small weight: tiles
+        (2, 11, 3, 8, 7, 2, 3),     // stem-like
+        (3, 6, 16, 32, 1, 1, 0),    // pointwise
+        (2, 8, 16, 32, 1, 2, 0),    // strided shortcut
+        (1, 9, 520, 512, 3, 2, 1),  // large weight: whole images
+    ];
+    for (b, h, cin, cout, k, stride, pad) in shapes {
+        let x = Tensor::from_vec(values(7, b * h * h * cin), (b, h, h, cin), &dev).unwrap();
+        let w = Tensor::from_vec(values(8, cout * cin * k * k), (cout, cin, k, k), &dev).unwrap();
+        let prepared = conv::PreparedWeight::new(&w, stride, pad).unwrap().unwrap();
+        assert!(prepared.bytes() >= (cout * cin * k * k * 4) as u64);
+        for unfold in [Unfold::Auto, Unfold::Im2col, Unfold::Winograd] {
+            let plain = conv::conv2d_with(&x, &w, stride, pad, unfold).unwrap();
+            let served = conv::conv2d_prepared_with(&x, &w, &prepared, unfold).unwrap();
+            let scale = max_abs(&plain);
+            let diff = max_abs_diff(&plain, &served);
+            assert!(
+                diff <= 1e-6 * scale,
+                "{b}x{h}x{h}x{cin} -> {cout}, {k}x{k}/{stride} ({unfold:?}): differs by {diff} \
+                 (values up to {scale})"
+            );
+        }
+    }
+    let w = Tensor::from_vec(values(9, 8 * 4 * 9), (8, 4, 3, 3), &dev).unwrap();
+    let other = Tensor::from_vec(values(9, 8 * 8 * 9), (8, 8, 3, 3), &dev).unwrap();
+    let prepared = conv::PreparedWeight::new(&w, 1, 1).unwrap().unwrap();
+    let x = Tensor::from_vec(values(10, 5 * 5 * 8), (1, 5, 5, 8), &dev).unwrap();
+    let err = conv::conv2d_prepared(&x, &other, &prepared).unwrap_err();
+    assert!(err.to_string().contains("was prepared as"), "{err}");
+}
+
+/// A model prepared for inference gives its unprepared logits in eval mode, trains from its
+/// weights as before, and after `unprepare` follows weights that changed.
+#[test]
+fn resnets_prepared_for_inference_give_the_same_logits() {
+    for config in [tiny_resnet_config(), bottleneck_config()] {
+        let dir = tiny_dir(&config, 3);
+        let mut model = load(dir.path(), None, &VisionLoadOptions::default());
+        let x = pixels(3, 32, 32, 11);
+        let before = model.forward(&x, false).unwrap();
+        let bytes = model.prepare_for_inference().unwrap();
+        assert!(bytes > 0);
+        let after = model.forward(&x, false).unwrap();
+        assert!(max_abs_diff(&before, &after) <= 1e-5 * max_abs(&before).max(1.0));
+        // Training mode reads the weights themselves, and gradients reach every variable.
+        let grads = loss(&model.forward(&x, true).unwrap(), &targets(3, 3))
+            .backprop()
+            .unwrap();
+        for (name, var) in model.backbone_vars() {
+            assert!(
+                grads.get(var.as_tensor()).is_some(),
+                "{name} has no gradient"
+            );
+        }
+        // A changed weight shows once the prepared forms are dropped.
+        let (name, stem) = model
+            .backbone_vars()
+            .into_iter()
+            .find(|(n, _)| n.contains("embedder") && n.ends_with("convolution.weight"))
+            .unwrap();
+        stem.set(&(stem.as_tensor() * 2.0).unwrap()).unwrap();
+        let stale = model.forward(&x, false).unwrap();
+        model.unprepare();
+        let fresh = model.forward(&x, false).unwrap();
+        assert!(
+            max_abs_diff(&stale, &fresh) > 1e-4,
+            "doubling {name} changed nothing after unprepare"
+        );
+    }
+}
+
 #[test]
 fn conv2d_gives_the_same_results_in_tiles_and_in_whole_batches() {
     use conv::Unfold;
@@ -1209,14 +1291,80 @@ fn resnet18_step_timing() {
     );
 }
 
+/// Inference (eval mode, no gradients) of a ResNet-18-shaped model at 224x224 at the batch sizes
+/// serving makes: 1, 4 and 16 images (`KILN_TIMING_BATCH` for one of them). PyTorch's side:
+/// `bench/resnet_torch.py --infer`.
+/// Run: `cargo test --release --test nn_resnet -- --ignored --nocapture resnet18_inference_timing`.
+#[test]
+#[ignore]
+fn resnet18_inference_timing() {
+    kiln::tune_allocator();
+    let config = ResNetConfig {
+        num_channels: 3,
+        embedding_size: 64,
+        hidden_sizes: vec![64, 128, 256, 512],
+        depths: vec![2, 2, 2, 2],
+        layer_type: LayerType::Basic,
+        ..tiny_resnet_config()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&config.to_hf_json()).unwrap(),
+    )
+    .unwrap();
+    let labels: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
+    let opts = VisionLoadOptions {
+        scratch: true,
+        freeze_backbone: true,
+        ..Default::default()
+    };
+    let mut model = load(dir.path(), Some(labels), &opts);
+    // KILN_TIMING_BATCH: one batch size only (for a profile), with KILN_TIMING_REPEATS passes.
+    let env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let batches = env("KILN_TIMING_BATCH").map_or(vec![1, 4, 16], |b| vec![b]);
+    // As training's evaluation runs (weights prepared on every pass), then as serving does.
+    for prepared in [false, true] {
+        if prepared {
+            let bytes = model.prepare_for_inference().unwrap();
+            println!("weights prepared for inference: {} MiB", bytes >> 20);
+        }
+        for &b in &batches {
+            let x = pixels(b, 224, 224, 1);
+            let mut best = f64::INFINITY;
+            for _ in 0..env("KILN_TIMING_REPEATS").unwrap_or(6) {
+                let t0 = std::time::Instant::now();
+                let logits = model.forward(&x, false).unwrap();
+                assert_eq!(logits.dims(), &[b, 4]);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "kiln ResNet-18 inference{}, batch {b:2}: best {:6.1} ms ({:5.1} images/s)",
+                if prepared { " (prepared)" } else { "" },
+                best * 1e3,
+                b as f64 / best
+            );
+        }
+    }
+}
+
 /// Per-shape timing of kiln's convolution (forward, and backward to input and weight) on
-/// ResNet-18's shapes at batch 16; PyTorch's side is `bench/conv_torch.py`.
+/// ResNet-18's shapes at batch 16 (`KILN_TIMING_BATCH` for another); PyTorch's side is
+/// `bench/conv_torch.py`.
 /// Run: `cargo test --release --test nn_resnet -- --ignored --nocapture conv_shapes_timing`.
 #[test]
 #[ignore]
 fn conv_shapes_timing() {
     kiln::tune_allocator();
-    let b = 16;
+    let b: usize = std::env::var("KILN_TIMING_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    println!("batch {b}");
     // name, cin, cout, kernel, stride, padding, input size
     let shapes = [
         ("stem", 3, 64, 7, 2, 3, 224),
@@ -1264,10 +1412,22 @@ fn conv_shapes_timing() {
                 fwd = fwd.min((t1 - t0).as_secs_f64());
                 bwd = bwd.min((t2 - t1).as_secs_f64());
             }
+            // The forward pass again with the weight prepared beforehand (as served).
+            let prepared = conv::PreparedWeight::new(w.as_tensor(), stride, pad)
+                .unwrap()
+                .unwrap();
+            let mut served = f64::INFINITY;
+            for _ in 0..4 {
+                let t0 = std::time::Instant::now();
+                conv::conv2d_prepared_with(x.as_tensor(), w.as_tensor(), &prepared, unfold)
+                    .unwrap();
+                served = served.min(t0.elapsed().as_secs_f64());
+            }
             println!(
-                "{name:5} fwd {:7.1} ms  bwd {:7.1} ms{how}",
+                "{name:5} fwd {:7.1} ms  bwd {:7.1} ms  fwd prepared {:7.1} ms{how}",
                 fwd * 1e3,
-                bwd * 1e3
+                bwd * 1e3,
+                served * 1e3
             );
         }
     }

@@ -14,8 +14,11 @@
 //! ([`Unfold`]); at stride 1 their input gradient is the forward kernel run on the output
 //! gradient with the kernel flipped. Large weights (the late stages) unfold whole images and
 //! make one product over the batch. 3×3 stride-1 convolutions with at least 128 × 128
-//! channels take Winograd's F(2×2, 3×3) instead ([`super::winograd`]): 2.25× fewer
-//! multiplications, forward and backward.
+//! channels, over enough of the batch's pixels, take Winograd's F(2×2, 3×3) instead
+//! ([`super::winograd`]): 2.25× fewer multiplications, forward and backward.
+//!
+//! Where the weights stay fixed (serving), [`PreparedWeight`] keeps them in the forms the
+//! forward product reads, made once instead of on every pass.
 //!
 //! Activations are `[batch, height, width, channels]`: every per-channel operation is then over
 //! the last (contiguous) dimension, the convolution's output is the GEMM's output as is, and
@@ -473,6 +476,15 @@ pub enum Unfold {
 /// activations; the tiled im2col path keeps its columns in cache instead.
 const WINOGRAD_MIN_CHANNEL_PAIRS: usize = 128 * 128;
 
+/// [`Unfold::Auto`] takes Winograd's form only with at least one 2×2 output tile (across the
+/// batch) per this many channel pairs. Its transformed kernel is 16/9 of the weight; with few
+/// tiles the product is bound by reading the kernel rather than by multiplying, and im2col's
+/// smaller one wins. Measured (`conv_shapes_timing`, weights prepared, 2-core Xeon): ResNet-18's
+/// last stage (7×7, 512 × 512 channels, 16 tiles an image) took 1.9 ms in Winograd's form
+/// against 1.1 ms for im2col at batch 1 and 5.3 against 3.5 ms at batch 4, but 10.6 against
+/// 13.1 ms at batch 16; the stage before (14×14, 256 × 256) was ahead from batch 1.
+const WINOGRAD_CHANNEL_PAIRS_PER_TILE: usize = 2048;
+
 /// Floats of im2col columns in one tile (512 KiB: within a core's L2 cache).
 const TILE_FLOATS: usize = 1 << 17;
 
@@ -523,6 +535,92 @@ pub fn conv2d_with(
                 stride,
                 padding,
                 unfold,
+                prepared: None,
+            },
+        )
+    })
+}
+
+/// A convolution's weight in the forms [`conv2d`]'s forward product reads it: the `[k, cout]`
+/// im2col packing, and Winograd's transformed kernel where [`Unfold::Auto`] may take that form.
+/// [`conv2d`] makes them again on every call, as training must (the weight changes each step);
+/// a model whose weights stay fixed (serving) makes them once. At batch 1 remaking them was a
+/// third of ResNet-18's inference.
+#[derive(Debug)]
+pub struct PreparedWeight {
+    /// The weight's dims `[cout, cin, kh, kw]`, stride and padding it was made for.
+    dims: Vec<usize>,
+    stride: usize,
+    padding: usize,
+    packed: Vec<f32>,
+    winograd: Option<Vec<f32>>,
+}
+
+impl PreparedWeight {
+    /// `weight` (`[cout, cin, kh, kw]`, f32 on the CPU) prepared for [`conv2d_prepared`] at
+    /// this stride and padding; None on any other device or dtype (there [`conv2d`] moves the
+    /// operands to the CPU anyway).
+    pub fn new(
+        weight: &Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Option<std::sync::Arc<PreparedWeight>>> {
+        if !weight.device().is_cpu() || weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let dims = weight.dims().to_vec();
+        let &[_, cin, kh, kw] = dims.as_slice() else {
+            candle_core::bail!("conv2d: weight {dims:?} must be [o, i, kh, kw]")
+        };
+        // The forms depend on the weight alone: any input the kernel fits will do.
+        let x = [1, kh, kw, cin];
+        let w = weight.flatten_all()?.to_vec1::<f32>()?;
+        let winograd = Winograd::new(&x, &dims, stride, padding)
+            .filter(|wg| wg.channel_pairs() >= WINOGRAD_MIN_CHANNEL_PAIRS)
+            .map(|wg| wg.transform_weight(&w, false));
+        Ok(Some(std::sync::Arc::new(PreparedWeight {
+            packed: Geom::new(&x, &dims, stride, padding)?.pack_weight(&w),
+            winograd,
+            dims,
+            stride,
+            padding,
+        })))
+    }
+
+    /// The memory it takes.
+    pub fn bytes(&self) -> u64 {
+        let floats = self.packed.len() + self.winograd.as_ref().map_or(0, Vec::len);
+        (floats * std::mem::size_of::<f32>()) as u64
+    }
+}
+
+/// [`conv2d`] reading the weight's [`PreparedWeight`] instead of preparing it again. For a
+/// weight that has not changed since `prepared` was made from it (gradients, to `x` and to
+/// `weight`, come out right: they are computed from `weight` itself).
+pub fn conv2d_prepared(
+    x: &Tensor,
+    weight: &Tensor,
+    prepared: &std::sync::Arc<PreparedWeight>,
+) -> candle_core::Result<Tensor> {
+    conv2d_prepared_with(x, weight, prepared, Unfold::Auto)
+}
+
+/// [`conv2d_prepared`] with a chosen way of unfolding the input (a form `prepared` lacks is
+/// made on the spot).
+pub fn conv2d_prepared_with(
+    x: &Tensor,
+    weight: &Tensor,
+    prepared: &std::sync::Arc<PreparedWeight>,
+    unfold: Unfold,
+) -> candle_core::Result<Tensor> {
+    on_cpu_f32(&[x, weight], |t| {
+        t[0].contiguous()?.apply_op2(
+            &t[1].contiguous()?,
+            Conv2dNhwc {
+                stride: prepared.stride,
+                padding: prepared.padding,
+                unfold,
+                prepared: Some(prepared.clone()),
             },
         )
     })
@@ -533,15 +631,37 @@ struct Conv2dNhwc {
     stride: usize,
     padding: usize,
     unfold: Unfold,
+    /// The weight in the form the forward product reads, made beforehand.
+    prepared: Option<std::sync::Arc<PreparedWeight>>,
 }
 
 impl Conv2dNhwc {
+    /// The prepared form `form` picks (checked against the weight's dims), or else `make`'s.
+    fn prepared_or<'a>(
+        &'a self,
+        w: &[usize],
+        form: impl FnOnce(&'a PreparedWeight) -> Option<&'a Vec<f32>>,
+        make: impl FnOnce() -> Vec<f32>,
+    ) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
+        if let Some(p) = &self.prepared {
+            if p.dims != w {
+                candle_core::bail!("conv2d: weight {w:?} was prepared as {:?}", p.dims)
+            }
+            if let Some(data) = form(p) {
+                return Ok(std::borrow::Cow::Borrowed(data));
+            }
+        }
+        Ok(std::borrow::Cow::Owned(make()))
+    }
+
     /// The convolution's Winograd form, where it applies and is chosen.
     fn winograd(&self, x: &[usize], w: &[usize]) -> Option<Winograd> {
         let wg = Winograd::new(x, w, self.stride, self.padding)?;
         match self.unfold {
             Unfold::Winograd => Some(wg),
-            Unfold::Auto => (wg.channel_pairs() >= WINOGRAD_MIN_CHANNEL_PAIRS).then_some(wg),
+            Unfold::Auto => (wg.channel_pairs() >= WINOGRAD_MIN_CHANNEL_PAIRS
+                && wg.tiles() * WINOGRAD_CHANNEL_PAIRS_PER_TILE >= wg.channel_pairs())
+            .then_some(wg),
             Unfold::Tiles(_) | Unfold::Batches(_) | Unfold::Im2col => None,
         }
     }
@@ -587,10 +707,15 @@ impl CustomOp2 for Conv2dNhwc {
         let w = cpu_f32(s2, l2, self.name())?;
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         if let Some(wg) = self.winograd(l1.dims(), l2.dims()) {
-            let out = wg.forward(x, &wg.transform_weight(w, false))?;
+            let u = self.prepared_or(
+                l2.dims(),
+                |p| p.winograd.as_ref(),
+                || wg.transform_weight(w, false),
+            )?;
+            let out = wg.forward(x, &u)?;
             return Ok((CpuStorage::F32(out), Shape::from((g.b, g.ho, g.wo, g.cout))));
         }
-        let wp = g.pack_weight(w);
+        let wp = self.prepared_or(l2.dims(), |p| Some(&p.packed), || g.pack_weight(w))?;
         let (rows, k, n) = (g.rows(), g.k(), g.cout);
         let mut out = super::gemm::zeroed(g.b * rows * n);
         if g.pointwise() {

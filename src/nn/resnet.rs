@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -670,6 +671,9 @@ struct ConvBn {
     padding: usize,
     bn: BatchNorm,
     relu: bool,
+    /// The weight prepared for inference (`prepare_for_inference`): passes without training
+    /// read it instead of preparing the weight again.
+    prepared: Option<Arc<conv::PreparedWeight>>,
 }
 
 impl ConvBn {
@@ -687,11 +691,19 @@ impl ConvBn {
                 trainable,
             )?,
             relu: spec.relu,
+            prepared: None,
         })
     }
 
+    fn conv(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match &self.prepared {
+            Some(p) if !train => conv::conv2d_prepared(x, &self.weight, p),
+            _ => conv::conv2d(x, &self.weight, self.stride, self.padding),
+        }
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = conv::conv2d(x, &self.weight, self.stride, self.padding)?;
+        let y = self.conv(x, train)?;
         self.bn.forward(&y, train, self.relu, None)
     }
 
@@ -702,7 +714,7 @@ impl ConvBn {
         train: bool,
         residual: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let y = conv::conv2d(x, &self.weight, self.stride, self.padding)?;
+        let y = self.conv(x, train)?;
         self.bn.forward(&y, train, true, Some(residual))
     }
 
@@ -871,6 +883,14 @@ impl ResNetForImageClassification {
     fn conv_bns(&self) -> impl Iterator<Item = &ConvBn> {
         std::iter::once(&self.stem).chain(self.blocks.iter().flat_map(Block::conv_bns))
     }
+
+    fn conv_bns_mut(&mut self) -> impl Iterator<Item = &mut ConvBn> {
+        std::iter::once(&mut self.stem).chain(
+            self.blocks
+                .iter_mut()
+                .flat_map(|b| b.layers.iter_mut().chain(b.shortcut.iter_mut())),
+        )
+    }
 }
 
 impl ImageClassifier for ResNetForImageClassification {
@@ -972,6 +992,21 @@ impl ImageClassifier for ResNetForImageClassification {
             obj.entry("torch_dtype").or_insert(json!("float32"));
         }
         cfg
+    }
+
+    fn prepare_for_inference(&mut self) -> Result<u64> {
+        let mut bytes = 0;
+        for layer in self.conv_bns_mut() {
+            layer.prepared = conv::PreparedWeight::new(&layer.weight, layer.stride, layer.padding)?;
+            bytes += layer.prepared.as_ref().map_or(0, |p| p.bytes());
+        }
+        Ok(bytes)
+    }
+
+    fn unprepare(&mut self) {
+        for layer in self.conv_bns_mut() {
+            layer.prepared = None;
+        }
     }
 }
 

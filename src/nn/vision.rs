@@ -60,6 +60,15 @@ pub trait ImageClassifier: Send + Sync {
     /// `config.json` of the exported model: the base's keys, with `architectures`,
     /// `id2label` and `label2id` for these labels.
     fn export_config(&self) -> Value;
+    /// Prepares the weights for inference once (a convolution's product form, a linear's
+    /// packing) where the model has such a form: passes with `train` false then read the
+    /// prepared copies. Only while the weights stay as they are (serving, a frozen backbone);
+    /// returns the bytes the copies take.
+    fn prepare_for_inference(&mut self) -> Result<u64> {
+        Ok(0)
+    }
+    /// Drops what [`ImageClassifier::prepare_for_inference`] made (before the weights change).
+    fn unprepare(&mut self) {}
 }
 
 /// The vision families kiln trains.

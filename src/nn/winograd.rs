@@ -133,6 +133,11 @@ impl Winograd {
         self.th * self.tw
     }
 
+    /// 2×2 output tiles across the batch.
+    pub(super) fn tiles(&self) -> usize {
+        self.b * self.tiles_per_image()
+    }
+
     /// Images per group, so that a group's transformed inputs and outputs fit
     /// [`GROUP_FLOATS`] (at least one image).
     fn images_per_group(&self) -> usize {

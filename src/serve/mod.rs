@@ -653,6 +653,8 @@ impl Serving {
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))?
             .map_err(|e| ServeError::Load(format!("model '{id}' could not be loaded: {e}")))?;
+        // The weights' inference forms take memory beside the weights.
+        let bytes = bytes + loaded.prepared_bytes;
         let loaded = Arc::new(loaded);
         let (tx, rx) = mpsc::channel();
         let thread_model = loaded.clone();

@@ -23,6 +23,8 @@ pub struct ImageModel {
     pub preprocess: Preprocess,
     pub labels: Vec<String>,
     device: Device,
+    /// Bytes of the weights' inference forms (`ImageClassifier::prepare_for_inference`).
+    pub prepared_bytes: u64,
     // The head's variables live here; nothing trains them.
     _varmap: VarMap,
 }
@@ -35,8 +37,10 @@ impl ImageModel {
             freeze_backbone: true,
             ..VisionLoadOptions::default()
         };
-        let model = load_image_classifier(dir, None, &varmap, device, &opts, 0)
+        let mut model = load_image_classifier(dir, None, &varmap, device, &opts, 0)
             .map_err(|e| e.to_string())?;
+        // Serving runs the same weights again and again: put them in their product forms once.
+        let prepared_bytes = model.prepare_for_inference().map_err(|e| e.to_string())?;
         let preprocess = Preprocess::from_model_dir(dir, model.image_size() as u32)?;
         let labels = model.labels().to_vec();
         Ok(ImageModel {
@@ -44,6 +48,7 @@ impl ImageModel {
             preprocess,
             labels,
             device: device.clone(),
+            prepared_bytes,
             _varmap: varmap,
         })
     }
