@@ -184,6 +184,62 @@ fn every_trainable_variable_receives_a_nonzero_gradient() {
     assert_eq!(without_gradient(&model, true), Vec::<String>::new());
 }
 
+/// Packed for inference (serving: a frozen backbone), a ViT gives its unpacked logits, both
+/// where the packed kernel runs (few images) and where the fused half-layers do (many; the
+/// last layer's [CLS] rows still packed). Also without q/k/v biases. A trainable model
+/// prepared the same way still trains from its weights.
+#[test]
+fn vits_prepared_for_inference_give_the_same_logits() {
+    let mut no_bias = tiny_vit_config();
+    no_bias.qkv_bias = false;
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for (i, cfg) in [tiny_vit_config(), no_bias].into_iter().enumerate() {
+        let dir = tiny_dir(&cfg, 3 + i as u64);
+        let frozen = VisionLoadOptions {
+            freeze_backbone: true,
+            ..Default::default()
+        };
+        let mut model = load(dir.path(), None, &VarMap::new(), &frozen);
+        // 17 tokens an image: 51 rows, 340 rows.
+        let inputs = [pixels(&cfg, 3, 1), pixels(&cfg, 20, 2)];
+        let before: Vec<Tensor> = inputs
+            .iter()
+            .map(|x| model.forward(x, false).unwrap())
+            .collect();
+        let bytes = model.prepare_for_inference().unwrap();
+        if bytes == 0 {
+            assert!(!kiln::nn::packed::PackedWeight::available());
+            eprintln!("no AVX-512 here: nothing is packed");
+            return;
+        }
+        for (x, want) in inputs.iter().zip(&before) {
+            let diff = max_diff(&model.forward(x, false).unwrap(), want);
+            assert!(diff < 1e-5, "prepared logits differ by {diff}");
+        }
+        model.unprepare();
+        let again = model.forward(&inputs[0], false).unwrap();
+        assert!(max_diff(&again, &before[0]) < 1e-6);
+
+        let mut trainable = load(dir.path(), None, &VarMap::new(), &Default::default());
+        assert!(trainable.prepare_for_inference().unwrap() > 0);
+        let diff = max_diff(&trainable.forward(&inputs[0], false).unwrap(), &before[0]);
+        assert!(diff < 1e-5, "prepared trainable logits differ by {diff}");
+        assert_eq!(without_gradient(&trainable, true), Vec::<String>::new());
+        assert_eq!(without_gradient(&trainable, false), Vec::<String>::new());
+    }
+}
+
 #[test]
 fn frozen_weights_are_plain_tensors_and_the_rest_learn() {
     let cfg = tiny_vit_config();
@@ -840,6 +896,57 @@ fn vit_tiny_224() -> VitConfig {
         image_size: 224,
         patch_size: 16,
         ..tiny_vit_config()
+    }
+}
+
+/// Inference (eval mode, no gradients) of ViT-tiny at 224×224 at the batch sizes serving
+/// makes: 1, 4 and 16 images (`KILN_TIMING_BATCH` for one of them, `KILN_TIMING_REPEATS`
+/// passes). Not a test: prints timings; PyTorch's side is `bench/serve_images.py` (its
+/// "forward alone" figures).
+///
+///     cargo test --release --test nn_vit -- --ignored --nocapture vit_tiny_inference_timing
+#[test]
+#[ignore]
+fn vit_tiny_inference_timing() {
+    let cfg = vit_tiny_224();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    let opts = VisionLoadOptions {
+        scratch: true,
+        freeze_backbone: true,
+        ..Default::default()
+    };
+    let mut model = load(dir.path(), None, &VarMap::new(), &opts);
+    let env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let batches = env("KILN_TIMING_BATCH").map_or(vec![1, 4, 16], |b| vec![b]);
+    for prepared in [false, true] {
+        if prepared {
+            let bytes = model.prepare_for_inference().unwrap();
+            println!("weights prepared for inference: {} MiB", bytes >> 20);
+        }
+        for &b in &batches {
+            let x = pixels(&cfg, b, 1);
+            let mut best = f64::INFINITY;
+            for _ in 0..env("KILN_TIMING_REPEATS").unwrap_or(6) {
+                let t0 = std::time::Instant::now();
+                model.forward(&x, false).unwrap();
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "kiln ViT-tiny inference{}, batch {b:2}: best {:6.1} ms ({:5.1} images/s)",
+                if prepared { " (prepared)" } else { "" },
+                best * 1e3,
+                b as f64 / best
+            );
+        }
     }
 }
 

@@ -144,6 +144,11 @@ impl PackedWeight {
         Ok(Some(out))
     }
 
+    /// Whether a product of `rows` rows goes through the packed kernel (on this CPU).
+    pub fn takes(rows: usize) -> bool {
+        Self::available() && rows <= MAX_ROWS
+    }
+
     /// Bytes the packed copy takes.
     pub fn bytes(&self) -> u64 {
         (self.data.len() * std::mem::size_of::<f32>()) as u64

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarMap;
@@ -31,6 +32,7 @@ use super::layers::{
     Checkpoint, LayerNorm, Linear, WeightSource, dropout, dropout_seed, load_model_weights,
 };
 use super::lora::{LoraAdapter, LoraTarget, lora_rng};
+use super::packed::PackedWeight;
 use super::vision::{ImageClassifier, VisionLoadOptions};
 use super::{NnError, Result, mlp, ops};
 
@@ -216,9 +218,25 @@ struct Layer {
     ln_after: LayerNorm,
     intermediate: Linear,
     output: Linear,
+    /// The six linears' weights packed for inference (`prepare_for_inference`), in
+    /// [`Layer::linears`] order.
+    packed: Option<Vec<Arc<PackedWeight>>>,
 }
 
 impl Layer {
+    /// Applies linear `index` (of [`Layer::linears`]): from the packed weights where they
+    /// exist and no gradient is tracked, the general path otherwise.
+    fn project(&self, index: usize, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let packed = self.packed.as_ref().map(|p| &*p[index]);
+        super::packed::project(packed, self.linears()[index], x, train)
+    }
+
+    /// Whether a pass of `rows` token rows without training reads the packed weights (the
+    /// fused half-layer ops, which read the weights themselves, are then skipped).
+    fn packed_for(&self, rows: usize, train: bool) -> bool {
+        !train && self.packed.is_some() && PackedWeight::takes(rows)
+    }
+
     fn linear_mut(&mut self, target: LoraTarget) -> &mut Linear {
         match target {
             LoraTarget::Query => &mut self.query,
@@ -583,6 +601,7 @@ impl VitForImageClassification {
                     t,
                 )?,
                 output: load_linear(&mut src, n(LoraTarget::Output), inter, h, true, t)?,
+                packed: None,
             });
         }
         let final_ln = LayerNorm::load(&mut src, FINAL_LN, h, eps, true, base_train)?;
@@ -678,7 +697,8 @@ impl VitForImageClassification {
         // On the CPU, the whole attention half layer (its LayerNorm, the block and its
         // residual) as one op where it applies (no dropout after the output projection, no
         // adapters).
-        let block = if l.ln_before.fused && !(train && cfg.hidden_dropout_prob > 0.0) {
+        let packed = l.packed_for(b * s, train);
+        let block = if l.ln_before.fused && !(train && cfg.hidden_dropout_prob > 0.0) && !packed {
             let projections = [&l.query, &l.key, &l.value, &l.attn_out];
             attention::residual_attention(
                 &normed_input(&l.ln_before, x),
@@ -694,9 +714,9 @@ impl VitForImageClassification {
             None => {
                 let normed = l.ln_before.forward(x)?;
                 let (q, k, v) = (
-                    l.query.forward_t(&normed, train)?,
-                    l.key.forward_t(&normed, train)?,
-                    l.value.forward_t(&normed, train)?,
+                    l.project(0, &normed, train)?,
+                    l.project(1, &normed, train)?,
+                    l.project(2, &normed, train)?,
                 );
                 // On the CPU, kiln's fused attention (with its own backward) on the
                 // projections' layout.
@@ -720,11 +740,7 @@ impl VitForImageClassification {
                             .reshape((b, s, h))?
                     }
                 };
-                let attn = dropout(
-                    &l.attn_out.forward_t(&ctx, train)?,
-                    cfg.hidden_dropout_prob,
-                    train,
-                )?;
+                let attn = dropout(&l.project(3, &ctx, train)?, cfg.hidden_dropout_prob, train)?;
                 (attn + x)?
             }
         };
@@ -733,6 +749,7 @@ impl VitForImageClassification {
         // otherwise).
         let p = if train { cfg.hidden_dropout_prob } else { 0.0 };
         if l.ln_after.fused
+            && !packed
             && matches!(cfg.hidden_act, HiddenAct::Gelu)
             && let Some(y) = mlp::residual_mlp_block(
                 &normed_input(&l.ln_after, &x),
@@ -751,14 +768,14 @@ impl VitForImageClassification {
     fn feed_forward(&self, l: &Layer, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let normed = l.ln_after.forward(x)?;
-        let inter = l.intermediate.forward_t(&normed, train)?;
+        let inter = l.project(4, &normed, train)?;
         let inter = match cfg.hidden_act {
             HiddenAct::Gelu => ops::gelu_erf(&inter)?,
             HiddenAct::GeluTanh => inter.gelu()?,
             HiddenAct::Relu => inter.relu()?,
         };
         let out = dropout(
-            &l.output.forward_t(&inter, train)?,
+            &l.project(5, &inter, train)?,
             cfg.hidden_dropout_prob,
             train,
         )?;
@@ -778,16 +795,16 @@ impl VitForImageClassification {
         let normed = l.ln_before.forward(x)?;
         let first = normed.narrow(1, 0, 1)?.contiguous()?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let q = heads((l.query.forward_t(&first, false)? * scale)?, 1)?;
-        let k = heads(l.key.forward_t(&normed, false)?, s)?;
-        let v = heads(l.value.forward_t(&normed, false)?, s)?;
+        let q = heads((l.project(0, &first, false)? * scale)?, 1)?;
+        let k = heads(l.project(1, &normed, false)?, s)?;
+        let v = heads(l.project(2, &normed, false)?, s)?;
         let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
         let ctx = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, 1, h))?;
-        let x = (l.attn_out.forward_t(&ctx, false)? + x.narrow(1, 0, 1)?)?;
+        let x = (l.project(3, &ctx, false)? + x.narrow(1, 0, 1)?)?;
         self.feed_forward(l, &x, false)
     }
 
@@ -909,6 +926,37 @@ impl ImageClassifier for VitForImageClassification {
         // transformers derives num_labels from id2label; a stale count would contradict it.
         cfg.remove("num_labels");
         Value::Object(cfg)
+    }
+
+    /// Packs every layer's linear weights (`nn::packed`): on the CPU with AVX-512, for f32
+    /// layers without adapters; passes of up to the packed kernel's rows (one image's tokens)
+    /// then multiply against the packed copies.
+    fn prepare_for_inference(&mut self) -> Result<u64> {
+        let cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let plain = self
+            .linears()
+            .all(|l| l.lora.is_none() && cpu(&l.weight) && l.bias.as_ref().is_none_or(cpu));
+        if !plain || !PackedWeight::available() {
+            return Ok(0);
+        }
+        let mut all = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            match PackedWeight::pack_all(&layer.linears())? {
+                Some(packed) => all.push(packed),
+                None => return Ok(0),
+            }
+        }
+        let bytes = all.iter().flatten().map(|p| p.bytes()).sum();
+        for (layer, packed) in self.layers.iter_mut().zip(all) {
+            layer.packed = Some(packed);
+        }
+        Ok(bytes)
+    }
+
+    fn unprepare(&mut self) {
+        for layer in &mut self.layers {
+            layer.packed = None;
+        }
     }
 }
 
