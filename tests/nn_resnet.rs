@@ -211,6 +211,87 @@ fn every_trainable_variable_gets_a_gradient_basic_and_bottleneck() {
     }
 }
 
+/// The candle-op path (what runs on a GPU: candle's convolution, BatchNorm and max-pool as
+/// plain ops) gives the CPU kernels' logits, gradients and running statistics, in eval and in
+/// training mode, for basic and bottleneck blocks.
+#[test]
+fn the_candle_op_path_matches_the_cpu_kernels() {
+    for (what, config) in [
+        ("basic", tiny_resnet_config()),
+        ("bottleneck", bottleneck_config()),
+    ] {
+        let dir = tiny_dir(&config, 4);
+        let kernels = load(dir.path(), None, &VisionLoadOptions::default());
+        let mut ops = load(dir.path(), None, &VisionLoadOptions::default());
+        ops.candle_ops(true);
+        let x = pixels(4, 33, 31, 12);
+        let y = targets(4, 3);
+        let close = |a: &Tensor, b: &Tensor, what: String| {
+            let scale = max_abs(a).max(1e-3);
+            let diff = max_abs_diff(a, b);
+            assert!(
+                diff <= 1e-4 * scale,
+                "{what}: differs by {diff} (values up to {scale})"
+            );
+        };
+        for train in [false, true] {
+            let (a, b) = (
+                kernels.forward(&x, train).unwrap(),
+                ops.forward(&x, train).unwrap(),
+            );
+            close(&a, &b, format!("{what} logits (train {train})"));
+            let (ga, gb) = (
+                loss(&a, &y).backprop().unwrap(),
+                loss(&b, &y).backprop().unwrap(),
+            );
+            let vars = kernels.backbone_vars().into_iter().zip(ops.backbone_vars());
+            for ((name, va), (_, vb)) in
+                vars.chain(kernels.head_vars().into_iter().zip(ops.head_vars()))
+            {
+                let (Some(da), Some(db)) = (ga.get(va.as_tensor()), gb.get(vb.as_tensor())) else {
+                    panic!("{what}: {name} has no gradient on one path (train {train})");
+                };
+                close(da, db, format!("{what}: {name}'s gradient (train {train})"));
+            }
+        }
+        for ((name, a), (_, b)) in kernels.buffers().into_iter().zip(ops.buffers()) {
+            close(a.as_tensor(), b.as_tensor(), format!("{what}: {name}"));
+        }
+    }
+}
+
+/// The device path's max-pool gives the kernel's outputs and input gradients (on inputs with
+/// no ties), for the stem's overlapping 3×3/2 windows and others, on odd and even sizes.
+#[test]
+fn max_pool_as_candle_ops_matches_the_kernel() {
+    for (k, stride, pad, h, w) in [
+        (3, 2, 1, 9, 8),
+        (3, 2, 1, 10, 11),
+        (2, 2, 0, 6, 7),
+        (3, 1, 1, 5, 5),
+        (1, 2, 0, 7, 6),
+    ] {
+        let x = Var::from_vec(values(13, 2 * h * w * 3), (2, h, w, 3), &Device::Cpu).unwrap();
+        let a = conv::max_pool2d(x.as_tensor(), k, stride, pad).unwrap();
+        let b = conv::max_pool2d_ops(x.as_tensor(), k, stride, pad).unwrap();
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{k}/{stride}/{pad} on {h}x{w}");
+        let r = Tensor::from_vec(values(14, a.elem_count()), a.shape(), &Device::Cpu).unwrap();
+        let ga = (&a * &r).unwrap().sum_all().unwrap().backprop().unwrap();
+        let gb = (&b * &r).unwrap().sum_all().unwrap().backprop().unwrap();
+        let diff = max_abs_diff(
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            diff < 1e-6,
+            "{k}/{stride}/{pad} on {h}x{w}: input gradients differ by {diff}"
+        );
+    }
+    let x = Tensor::zeros((1, 4, 4, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv::max_pool2d_ops(&x, 2, 2, 2).is_err());
+}
+
 #[test]
 fn running_statistics_move_in_training_mode_only() {
     let dir = tiny_dir(&tiny_resnet_config(), 3);

@@ -25,8 +25,10 @@
 //! 1x1 stride-1 convolutions need no im2col at all. Weights keep PyTorch's layouts
 //! (`[out, in, kh, kw]` for convolutions), so checkpoints load as they are.
 //!
-//! The kernels run on the CPU in f32. On any other device or dtype the inputs are moved to the
-//! CPU in f32 and the result moved back (correct, not fast).
+//! The kernels run on the CPU in f32. On other devices ResNet uses the `*_ops` versions
+//! ([`conv2d_ops`], [`max_pool2d_ops`], [`batch_norm_ops`]): candle's convolution and plain
+//! tensor ops, which stay on the device. Called directly with inputs elsewhere, the kernels
+//! move them to the CPU in f32 and the result back (correct, not fast).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape};
 use candle_core::{Storage, Tensor};
@@ -886,6 +888,151 @@ impl CustomOp2 for Conv2dNhwc {
             .transpose()?;
         Ok((dx, dw))
     }
+}
+
+/// [`conv2d`] as candle's own convolution (channels-first, with candle's backward), for
+/// devices the kernels here do not run on: on a GPU it keeps the activations there instead
+/// of moving them through host memory. `x: [b, h, w, cin]` (any float dtype; the weight is
+/// cast to it), `weight: [cout, cin, kh, kw]`; returns `[b, ho, wo, cout]`.
+pub fn conv2d_ops(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let w = weight.to_dtype(x.dtype())?;
+    let (_, h, wd, _) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
+        candle_core::bail!("conv2d: kernel {kh}x{kw} does not fit {h}x{wd} (padding {padding})")
+    }
+    let x = x.permute((0, 3, 1, 2))?.contiguous()?;
+    let leftover = !(h + 2 * padding - kh).is_multiple_of(stride)
+        || !(wd + 2 * padding - kw).is_multiple_of(stride);
+    let y = if leftover {
+        // Rows or columns past the last window: candle's backward (a transposed convolution)
+        // would give an input gradient of the wrong size. Padded here and cut to the windows'
+        // extent instead, the convolution has none (the gradient of the cut is zero there).
+        let extent = |n: usize, k: usize| (n + 2 * padding - k) / stride * stride + k;
+        x.pad_with_zeros(2, padding, padding)?
+            .narrow(2, 0, extent(h, kh))?
+            .pad_with_zeros(3, padding, padding)?
+            .narrow(3, 0, extent(wd, kw))?
+            .conv2d(&w, 0, stride, 1, 1)?
+    } else {
+        x.conv2d(&w, padding, stride, 1, 1)?
+    };
+    y.permute((0, 2, 3, 1))?.contiguous()
+}
+
+/// [`max_pool2d`] as candle ops (the device path; candle's own max-pool has a wrong backward
+/// for overlapping windows): the maximum of the `kernel²` strided views of `x` padded with a
+/// large negative value. Its backward splits a gradient evenly between tied maxima, where
+/// [`max_pool2d`]'s sends it to the first.
+pub fn max_pool2d_ops(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    if kernel == 0 || stride == 0 || 2 * padding > kernel {
+        candle_core::bail!(
+            "max-pool: kernel {kernel}, stride {stride}, padding {padding} (padding must be at most half the kernel)"
+        )
+    }
+    let (b, h, w, c) = x.dims4()?;
+    if h + 2 * padding < kernel || w + 2 * padding < kernel {
+        candle_core::bail!("max-pool: kernel {kernel} does not fit {h}x{w} (padding {padding})")
+    }
+    let (ho, wo) = (
+        (h + 2 * padding - kernel) / stride + 1,
+        (w + 2 * padding - kernel) / stride + 1,
+    );
+    // Padded so that every view `offset + stride · i` (i < ho) exists, as rows of `stride`.
+    let (hp, wp) = (kernel - 1 + stride * ho, kernel - 1 + stride * wo);
+    let fill = |dims: (usize, usize, usize, usize)| {
+        Tensor::full(-1e30f32, dims, x.device())?.to_dtype(x.dtype())
+    };
+    let pad_axis = |t: &Tensor, axis: usize, before: usize, after: usize| {
+        let mut parts = Vec::with_capacity(3);
+        let mut dims = t.dims4()?;
+        if before > 0 {
+            match axis {
+                1 => dims.1 = before,
+                _ => dims.2 = before,
+            }
+            parts.push(fill(dims)?);
+        }
+        parts.push(t.clone());
+        if after > 0 {
+            match axis {
+                1 => dims.1 = after,
+                _ => dims.2 = after,
+            }
+            parts.push(fill(dims)?);
+        }
+        Tensor::cat(&parts, axis)
+    };
+    let x = pad_axis(x, 1, padding, hp.saturating_sub(h + padding))?;
+    let x = pad_axis(&x, 2, padding, wp.saturating_sub(w + padding))?;
+    let mut out: Option<Tensor> = None;
+    for dy in 0..kernel {
+        let rows = x
+            .narrow(1, dy, stride * ho)?
+            .reshape((b, ho, stride, wp, c))?
+            .narrow(2, 0, 1)?
+            .reshape((b, ho, wp, c))?;
+        for dx in 0..kernel {
+            let view = rows
+                .narrow(2, dx, stride * wo)?
+                .reshape((b, ho, wo, stride, c))?
+                .narrow(3, 0, 1)?
+                .reshape((b, ho, wo, c))?;
+            out = Some(match out {
+                Some(m) => m.maximum(&view)?,
+                None => view,
+            });
+        }
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("max-pool: empty kernel".into()))
+}
+
+/// BatchNorm over the last dimension as candle ops (the device path of [`batch_norm`] and
+/// [`batch_norm_add_relu`]): `(x - mean) / sqrt(var + eps) · weight + bias`, then
+/// `relu(· + residual)` with a residual, else ReLU when `relu`. `mean` and `var` are `[c]`
+/// tensors: the batch's own (computed from `x` with ops, so gradients flow through them) or
+/// the running statistics. Computed in f32, returned in `x`'s dtype.
+pub fn batch_norm_ops(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    (mean, var): (&Tensor, &Tensor),
+    eps: f64,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let scale = f32(weight)?.broadcast_div(&(f32(var)? + eps)?.sqrt()?)?;
+    let y = f32(x)?
+        .broadcast_sub(&f32(mean)?)?
+        .broadcast_mul(&scale)?
+        .broadcast_add(&f32(bias)?)?;
+    let y = match residual {
+        Some(r) => (y + f32(r)?)?.relu()?,
+        None if relu => y.relu()?,
+        None => y,
+    };
+    y.to_dtype(x.dtype())
+}
+
+/// Per-channel mean and biased variance `[c]` of `x: [.., c]` as candle ops, in f32 (the
+/// device path's [`channel_stats`]; differentiable).
+pub fn channel_stats_ops(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let c = x.dims().last().copied().unwrap_or(1).max(1);
+    let flat = x.to_dtype(DType::F32)?.reshape(((), c))?;
+    let mean = flat.mean(0)?;
+    let var = flat.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+    Ok((mean, var))
 }
 
 /// Per-channel mean and biased variance of `x: [.., c]` over every other position, in f64.

@@ -530,6 +530,8 @@ struct BatchNorm {
     /// torch's `num_batches_tracked` (the checkpoint's, plus training-mode forwards since).
     /// Only exported: with a fixed momentum nothing reads it, so it is not a buffer.
     batches_tracked: AtomicI64,
+    /// Candle ops instead of the CPU kernels (see `ResNetForImageClassification::candle_ops`).
+    candle_ops: bool,
 }
 
 impl BatchNorm {
@@ -562,7 +564,84 @@ impl BatchNorm {
             running_var: Var::from_tensor(&var)?,
             trainable,
             batches_tracked: AtomicI64::new(tracked),
+            candle_ops: false,
         })
+    }
+
+    /// Moves the running statistics toward a training batch's `mean` and biased `var` (over
+    /// `n` values a channel), as torch does (the variance unbiased).
+    fn update_running(&self, mean: &[f64], var: &[f64], n: usize) -> candle_core::Result<()> {
+        if n < 2 {
+            candle_core::bail!(
+                "BatchNorm `{}` in training needs more than one value per channel",
+                self.prefix
+            )
+        }
+        let to_f64 = |v: &Var| -> candle_core::Result<Vec<f64>> {
+            Ok(v.as_tensor()
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        };
+        let unbiased = n as f64 / (n - 1) as f64;
+        let m = BN_MOMENTUM;
+        let new_mean: Vec<f32> = to_f64(&self.running_mean)?
+            .iter()
+            .zip(mean)
+            .map(|(r, b)| ((1.0 - m) * r + m * b) as f32)
+            .collect();
+        let new_var: Vec<f32> = to_f64(&self.running_var)?
+            .iter()
+            .zip(var)
+            .map(|(r, b)| ((1.0 - m) * r + m * b * unbiased) as f32)
+            .collect();
+        let (c, dev) = (mean.len(), self.running_mean.device());
+        let dtype = self.running_mean.dtype();
+        self.running_mean
+            .set(&Tensor::from_vec(new_mean, c, dev)?.to_dtype(dtype)?)?;
+        self.running_var
+            .set(&Tensor::from_vec(new_var, c, dev)?.to_dtype(dtype)?)?;
+        self.batches_tracked.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// [`BatchNorm::forward`] as candle ops, on the activations' device.
+    fn forward_ops(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (mean, var) = if train && self.trainable {
+            let (mean, var) = conv::channel_stats_ops(x)?;
+            let host = |t: &Tensor| -> candle_core::Result<Vec<f64>> {
+                Ok(t.detach()
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect())
+            };
+            let c = self.weight.dim(0)?;
+            self.update_running(&host(&mean)?, &host(&var)?, x.elem_count() / c.max(1))?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.as_tensor().detach(),
+                self.running_var.as_tensor().detach(),
+            )
+        };
+        conv::batch_norm_ops(
+            x,
+            &self.weight,
+            &self.bias,
+            (&mean, &var),
+            BN_EPS,
+            relu,
+            residual,
+        )
     }
 
     /// BatchNorm of `x`, then ReLU when `relu`; with a `residual`, `relu(bn(x) + residual)`.
@@ -573,6 +652,9 @@ impl BatchNorm {
         relu: bool,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        if self.candle_ops || !x.device().is_cpu() {
+            return self.forward_ops(x, train, relu, residual);
+        }
         let c = self.weight.dim(0)?;
         let to_f64 = |v: &Var| -> candle_core::Result<Vec<f64>> {
             Ok(v.as_tensor()
@@ -586,32 +668,7 @@ impl BatchNorm {
         let running_var = to_f64(&self.running_var)?;
         let (mean, var, batch_stats) = if train && self.trainable {
             let (mean, var) = conv::channel_stats(x)?;
-            let n = x.elem_count() / c.max(1);
-            if n < 2 {
-                candle_core::bail!(
-                    "BatchNorm `{}` in training needs more than one value per channel",
-                    self.prefix
-                )
-            }
-            let unbiased = n as f64 / (n - 1) as f64;
-            let m = BN_MOMENTUM;
-            let new_mean: Vec<f32> = running_mean
-                .iter()
-                .zip(&mean)
-                .map(|(r, b)| ((1.0 - m) * r + m * b) as f32)
-                .collect();
-            let new_var: Vec<f32> = running_var
-                .iter()
-                .zip(&var)
-                .map(|(r, b)| ((1.0 - m) * r + m * b * unbiased) as f32)
-                .collect();
-            let dev = self.running_mean.device();
-            let dtype = self.running_mean.dtype();
-            self.running_mean
-                .set(&Tensor::from_vec(new_mean, c, dev)?.to_dtype(dtype)?)?;
-            self.running_var
-                .set(&Tensor::from_vec(new_var, c, dev)?.to_dtype(dtype)?)?;
-            self.batches_tracked.fetch_add(1, Ordering::Relaxed);
+            self.update_running(&mean, &var, x.elem_count() / c.max(1))?;
             (mean, var, true)
         } else {
             (running_mean, running_var, false)
@@ -697,6 +754,9 @@ impl ConvBn {
 
     fn conv(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match &self.prepared {
+            _ if self.bn.candle_ops || !x.device().is_cpu() => {
+                conv::conv2d_ops(x, &self.weight, self.stride, self.padding)
+            }
             Some(p) if !train => conv::conv2d_prepared(x, &self.weight, p),
             _ => conv::conv2d(x, &self.weight, self.stride, self.padding),
         }
@@ -884,6 +944,16 @@ impl ResNetForImageClassification {
         std::iter::once(&self.stem).chain(self.blocks.iter().flat_map(Block::conv_bns))
     }
 
+    /// Runs the model through candle's convolution and plain tensor ops (`conv::*_ops`)
+    /// instead of kiln's CPU kernels. Off the CPU it always does (the kernels would move every
+    /// activation through host memory); this turns it on for the CPU too, so tests compare
+    /// the two paths there.
+    pub fn candle_ops(&mut self, on: bool) {
+        for layer in self.conv_bns_mut() {
+            layer.bn.candle_ops = on;
+        }
+    }
+
     fn conv_bns_mut(&mut self) -> impl Iterator<Item = &mut ConvBn> {
         std::iter::once(&mut self.stem).chain(
             self.blocks
@@ -917,7 +987,11 @@ impl ImageClassifier for ResNetForImageClassification {
         // Channels-last from here on (see conv.rs).
         let x = pixels.permute((0, 2, 3, 1))?.contiguous()?;
         let x = self.stem.forward(&x, train)?;
-        let mut x = conv::max_pool2d(&x, 3, 2, 1)?;
+        let mut x = if self.stem.bn.candle_ops || !x.device().is_cpu() {
+            conv::max_pool2d_ops(&x, 3, 2, 1)?
+        } else {
+            conv::max_pool2d(&x, 3, 2, 1)?
+        };
         for block in &self.blocks {
             x = block.forward(&x, train)?;
         }
