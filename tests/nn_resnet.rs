@@ -1321,12 +1321,9 @@ fn exported_weights_and_config_reload_in_transformers_with_the_same_logits() {
     assert!(max_abs_diff(&again.forward(&probe, false).unwrap(), &ours) < 1e-6);
 }
 
-/// One training step (forward + backward) of a ResNet-18-shaped model, batch 8, 224x224.
-/// Run: `cargo test --release --test nn_resnet -- --ignored --nocapture resnet18_step_timing`.
-#[test]
-#[ignore]
-fn resnet18_step_timing() {
-    kiln::tune_allocator();
+/// A directory with only the `config.json` of ResNet-18's shape (basic blocks, [64, 128, 256,
+/// 512], depths [2, 2, 2, 2]), for models made from scratch.
+fn resnet18_dir() -> tempfile::TempDir {
     let config = ResNetConfig {
         num_channels: 3,
         embedding_size: 64,
@@ -1341,6 +1338,16 @@ fn resnet18_step_timing() {
         serde_json::to_string(&config.to_hf_json()).unwrap(),
     )
     .unwrap();
+    dir
+}
+
+/// One training step (forward + backward) of a ResNet-18-shaped model, batch 8, 224x224.
+/// Run: `cargo test --release --test nn_resnet -- --ignored --nocapture resnet18_step_timing`.
+#[test]
+#[ignore]
+fn resnet18_step_timing() {
+    kiln::tune_allocator();
+    let dir = resnet18_dir();
     let labels: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
     let opts = VisionLoadOptions {
         scratch: true,
@@ -1380,20 +1387,7 @@ fn resnet18_step_timing() {
 #[ignore]
 fn resnet18_inference_timing() {
     kiln::tune_allocator();
-    let config = ResNetConfig {
-        num_channels: 3,
-        embedding_size: 64,
-        hidden_sizes: vec![64, 128, 256, 512],
-        depths: vec![2, 2, 2, 2],
-        layer_type: LayerType::Basic,
-        ..tiny_resnet_config()
-    };
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::to_string(&config.to_hf_json()).unwrap(),
-    )
-    .unwrap();
+    let dir = resnet18_dir();
     let labels: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
     let opts = VisionLoadOptions {
         scratch: true,

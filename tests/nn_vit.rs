@@ -192,18 +192,6 @@ fn every_trainable_variable_receives_a_nonzero_gradient() {
 fn vits_prepared_for_inference_give_the_same_logits() {
     let mut no_bias = tiny_vit_config();
     no_bias.qkv_bias = false;
-    let max_diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     for (i, cfg) in [tiny_vit_config(), no_bias].into_iter().enumerate() {
         let dir = tiny_dir(&cfg, 3 + i as u64);
         let frozen = VisionLoadOptions {
@@ -224,16 +212,16 @@ fn vits_prepared_for_inference_give_the_same_logits() {
             return;
         }
         for (x, want) in inputs.iter().zip(&before) {
-            let diff = max_diff(&model.forward(x, false).unwrap(), want);
+            let diff = max_abs_diff(&model.forward(x, false).unwrap(), want);
             assert!(diff < 1e-5, "prepared logits differ by {diff}");
         }
         model.unprepare();
         let again = model.forward(&inputs[0], false).unwrap();
-        assert!(max_diff(&again, &before[0]) < 1e-6);
+        assert!(max_abs_diff(&again, &before[0]) < 1e-6);
 
         let mut trainable = load(dir.path(), None, &VarMap::new(), &Default::default());
         assert!(trainable.prepare_for_inference().unwrap() > 0);
-        let diff = max_diff(&trainable.forward(&inputs[0], false).unwrap(), &before[0]);
+        let diff = max_abs_diff(&trainable.forward(&inputs[0], false).unwrap(), &before[0]);
         assert!(diff < 1e-5, "prepared trainable logits differ by {diff}");
         assert_eq!(without_gradient(&trainable, true), Vec::<String>::new());
         assert_eq!(without_gradient(&trainable, false), Vec::<String>::new());
@@ -899,6 +887,19 @@ fn vit_tiny_224() -> VitConfig {
     }
 }
 
+/// ViT-tiny's config at 224×224 and a directory with only its `config.json` (for models made
+/// from scratch).
+fn vit_tiny_224_dir() -> (VitConfig, tempfile::TempDir) {
+    let cfg = vit_tiny_224();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    (cfg, dir)
+}
+
 /// Inference (eval mode, no gradients) of ViT-tiny at 224×224 at the batch sizes serving
 /// makes: 1, 4 and 16 images (`KILN_TIMING_BATCH` for one of them, `KILN_TIMING_REPEATS`
 /// passes). Not a test: prints timings; PyTorch's side is `bench/serve_images.py` (its
@@ -908,13 +909,7 @@ fn vit_tiny_224() -> VitConfig {
 #[test]
 #[ignore]
 fn vit_tiny_inference_timing() {
-    let cfg = vit_tiny_224();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::to_string(&cfg).unwrap(),
-    )
-    .unwrap();
+    let (cfg, dir) = vit_tiny_224_dir();
     let opts = VisionLoadOptions {
         scratch: true,
         freeze_backbone: true,
@@ -957,13 +952,7 @@ fn vit_tiny_inference_timing() {
 #[test]
 #[ignore]
 fn step_timing_vit_tiny_224_batch_8_against_torch() {
-    let cfg = vit_tiny_224();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::to_string(&cfg).unwrap(),
-    )
-    .unwrap();
+    let (cfg, dir) = vit_tiny_224_dir();
     let opts = VisionLoadOptions {
         scratch: true,
         ..Default::default()

@@ -480,14 +480,10 @@ impl BertEncoder {
         if !(self.device.is_cpu() && PackedWeight::available() && !self.has_lora()) {
             return Ok(0);
         }
-        let mut all = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            match PackedWeight::pack_all(&layer.linears())? {
-                Some(packed) => all.push(packed),
-                None => return Ok(0),
-            }
-        }
-        let bytes = all.iter().flatten().map(|p| p.bytes()).sum();
+        let Some((all, bytes)) = PackedWeight::pack_layers(self.layers.iter().map(Layer::linears))?
+        else {
+            return Ok(0);
+        };
         for (layer, packed) in self.layers.iter_mut().zip(all) {
             layer.packed = Some(packed);
         }

@@ -935,19 +935,8 @@ pub fn max_pool2d_ops(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    if kernel == 0 || stride == 0 || 2 * padding > kernel {
-        candle_core::bail!(
-            "max-pool: kernel {kernel}, stride {stride}, padding {padding} (padding must be at most half the kernel)"
-        )
-    }
-    let (b, h, w, c) = x.dims4()?;
-    if h + 2 * padding < kernel || w + 2 * padding < kernel {
-        candle_core::bail!("max-pool: kernel {kernel} does not fit {h}x{w} (padding {padding})")
-    }
-    let (ho, wo) = (
-        (h + 2 * padding - kernel) / stride + 1,
-        (w + 2 * padding - kernel) / stride + 1,
-    );
+    let g = MaxPool::new(kernel, stride, padding)?.geom(x.dims())?;
+    let (b, h, w, c, ho, wo) = (g.b, g.h, g.w, g.cin, g.ho, g.wo);
     // Padded so that every view `offset + stride · i` (i < ho) exists, as rows of `stride`.
     let (hp, wp) = (kernel - 1 + stride * ho, kernel - 1 + stride * wo);
     let fill = |dims: (usize, usize, usize, usize)| {
@@ -1561,18 +1550,8 @@ pub fn max_pool2d(
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
-    if kernel == 0 || stride == 0 || 2 * padding > kernel {
-        candle_core::bail!(
-            "max-pool: kernel {kernel}, stride {stride}, padding {padding} (padding must be at most half the kernel)"
-        )
-    }
-    on_cpu_f32(&[x], |t| {
-        t[0].contiguous()?.apply_op1(MaxPool {
-            kernel,
-            stride,
-            padding,
-        })
-    })
+    let op = MaxPool::new(kernel, stride, padding)?;
+    on_cpu_f32(&[x], |t| t[0].contiguous()?.apply_op1(op))
 }
 
 /// The max-pool kernel behind [`max_pool2d`].
@@ -1583,6 +1562,19 @@ struct MaxPool {
 }
 
 impl MaxPool {
+    fn new(kernel: usize, stride: usize, padding: usize) -> candle_core::Result<MaxPool> {
+        if kernel == 0 || stride == 0 || 2 * padding > kernel {
+            candle_core::bail!(
+                "max-pool: kernel {kernel}, stride {stride}, padding {padding} (padding must be at most half the kernel)"
+            )
+        }
+        Ok(MaxPool {
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
     fn geom(&self, dims: &[usize]) -> candle_core::Result<Geom> {
         let &[b, h, w, c] = dims else {
             candle_core::bail!("max-pool: input {dims:?} must be [b, h, w, c]")

@@ -25,6 +25,9 @@ const MR: usize = 8;
 /// the packed kernel is ahead up to a few hundred rows, behind at 800).
 const MAX_ROWS: usize = 256;
 
+/// Each layer's packed linears ([`PackedWeight::pack_layers`]).
+pub type PackedLayers = Vec<Vec<Arc<PackedWeight>>>;
+
 /// A weight `[n, k]` (and its bias) packed for [`PackedWeight::matmul`].
 pub struct PackedWeight {
     n: usize,
@@ -142,6 +145,22 @@ impl PackedWeight {
             }
         }
         Ok(Some(out))
+    }
+
+    /// Packs each layer's linears ([`Self::pack_all`]), or nothing (`None`) if one of them
+    /// cannot be packed; with the bytes the copies take.
+    pub fn pack_layers<'a, const N: usize>(
+        layers: impl IntoIterator<Item = [&'a Linear; N]>,
+    ) -> candle_core::Result<Option<(PackedLayers, u64)>> {
+        let mut all = Vec::new();
+        for linears in layers {
+            match Self::pack_all(&linears)? {
+                Some(packed) => all.push(packed),
+                None => return Ok(None),
+            }
+        }
+        let bytes = all.iter().flatten().map(|p| p.bytes()).sum();
+        Ok(Some((all, bytes)))
     }
 
     /// Whether a product of `rows` rows goes through the packed kernel (on this CPU).
