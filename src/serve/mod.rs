@@ -653,8 +653,9 @@ impl Serving {
             .await
             .map_err(|e| ServeError::Internal(e.to_string()))?
             .map_err(|e| ServeError::Load(format!("model '{id}' could not be loaded: {e}")))?;
-        // The weights' inference forms take memory beside the weights.
+        // The weights' inference forms take memory beside the weights: room for them too.
         let bytes = bytes + loaded.prepared_bytes;
+        self.make_room(&model.id, bytes);
         let loaded = Arc::new(loaded);
         let (tx, rx) = mpsc::channel();
         let thread_model = loaded.clone();
