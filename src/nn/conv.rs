@@ -530,17 +530,13 @@ pub fn conv2d_with(
     padding: usize,
     unfold: Unfold,
 ) -> candle_core::Result<Tensor> {
-    on_cpu_f32(&[x, weight], |t| {
-        t[0].contiguous()?.apply_op2(
-            &t[1].contiguous()?,
-            Conv2dNhwc {
-                stride,
-                padding,
-                unfold,
-                prepared: None,
-            },
-        )
-    })
+    let op = Conv2dNhwc {
+        stride,
+        padding,
+        unfold,
+        prepared: None,
+    };
+    op.apply(x, weight)
 }
 
 /// A convolution's weight in the forms [`conv2d`]'s forward product reads it: the `[k, cout]`
@@ -615,17 +611,13 @@ pub fn conv2d_prepared_with(
     prepared: &std::sync::Arc<PreparedWeight>,
     unfold: Unfold,
 ) -> candle_core::Result<Tensor> {
-    on_cpu_f32(&[x, weight], |t| {
-        t[0].contiguous()?.apply_op2(
-            &t[1].contiguous()?,
-            Conv2dNhwc {
-                stride: prepared.stride,
-                padding: prepared.padding,
-                unfold,
-                prepared: Some(prepared.clone()),
-            },
-        )
-    })
+    let op = Conv2dNhwc {
+        stride: prepared.stride,
+        padding: prepared.padding,
+        unfold,
+        prepared: Some(prepared.clone()),
+    };
+    op.apply(x, weight)
 }
 
 /// The convolution kernel behind [`conv2d`].
@@ -638,6 +630,13 @@ struct Conv2dNhwc {
 }
 
 impl Conv2dNhwc {
+    /// The convolution of `x` with `weight` (on the CPU in f32; see [`on_cpu_f32`]).
+    fn apply(self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        on_cpu_f32(&[x, weight], |t| {
+            t[0].contiguous()?.apply_op2(&t[1].contiguous()?, self)
+        })
+    }
+
     /// The prepared form `form` picks (checked against the weight's dims), or else `make`'s.
     fn prepared_or<'a>(
         &'a self,

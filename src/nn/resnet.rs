@@ -568,6 +568,19 @@ impl BatchNorm {
         })
     }
 
+    /// The running mean and variance, in f64.
+    fn running_stats(&self) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+        let to_f64 = |v: &Var| -> candle_core::Result<Vec<f64>> {
+            Ok(v.as_tensor()
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        };
+        Ok((to_f64(&self.running_mean)?, to_f64(&self.running_var)?))
+    }
+
     /// Moves the running statistics toward a training batch's `mean` and biased `var` (over
     /// `n` values a channel), as torch does (the variance unbiased).
     fn update_running(&self, mean: &[f64], var: &[f64], n: usize) -> candle_core::Result<()> {
@@ -577,22 +590,15 @@ impl BatchNorm {
                 self.prefix
             )
         }
-        let to_f64 = |v: &Var| -> candle_core::Result<Vec<f64>> {
-            Ok(v.as_tensor()
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(f64::from)
-                .collect())
-        };
+        let (running_mean, running_var) = self.running_stats()?;
         let unbiased = n as f64 / (n - 1) as f64;
         let m = BN_MOMENTUM;
-        let new_mean: Vec<f32> = to_f64(&self.running_mean)?
+        let new_mean: Vec<f32> = running_mean
             .iter()
             .zip(mean)
             .map(|(r, b)| ((1.0 - m) * r + m * b) as f32)
             .collect();
-        let new_var: Vec<f32> = to_f64(&self.running_var)?
+        let new_var: Vec<f32> = running_var
             .iter()
             .zip(var)
             .map(|(r, b)| ((1.0 - m) * r + m * b * unbiased) as f32)
@@ -656,22 +662,13 @@ impl BatchNorm {
             return self.forward_ops(x, train, relu, residual);
         }
         let c = self.weight.dim(0)?;
-        let to_f64 = |v: &Var| -> candle_core::Result<Vec<f64>> {
-            Ok(v.as_tensor()
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(f64::from)
-                .collect())
-        };
-        let running_mean = to_f64(&self.running_mean)?;
-        let running_var = to_f64(&self.running_var)?;
         let (mean, var, batch_stats) = if train && self.trainable {
             let (mean, var) = conv::channel_stats(x)?;
             self.update_running(&mean, &var, x.elem_count() / c.max(1))?;
             (mean, var, true)
         } else {
-            (running_mean, running_var, false)
+            let (mean, var) = self.running_stats()?;
+            (mean, var, false)
         };
         let stats = BatchNormStats {
             mean,
