@@ -103,6 +103,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_util  # noqa: E402
+import lora_torch  # noqa: E402
 
 MODEL_ID = "bench/decoder"
 JEMALLOC_CANDIDATES = [
@@ -519,7 +520,7 @@ def sft_worker(args) -> None:
     pad = tok.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.strategy == "lora":
-        n_adapted = add_lora(torch, model, args.lora_modules.split(","), args.lora_rank, args.lora_alpha,
+        n_adapted = lora_torch.add_lora(torch, model, args.lora_modules.split(","), args.lora_rank, args.lora_alpha,
                              args.lora_dropout)
     if cuda:
         model.to(dev)
@@ -600,41 +601,6 @@ def sft_worker(args) -> None:
         "mkldnn": torch.backends.mkldnn.is_available(),
         **extra,
     }))  # fmt: skip
-
-
-def add_lora(torch, model, modules: list[str], rank: int, alpha: float, dropout: float) -> int:
-    """Freezes every weight and wraps each nn.Linear named in `modules` (q_proj, v_proj, ...;
-    all-linear: every projection of the layers) with a LoRA adapter as kiln's (src/nn/lora.rs):
-    y = W x + b + alpha/rank * B(A dropout(x)), A: [rank, in] uniform +-1/sqrt(in), B: [out, rank]
-    zeros. Returns how many linears were wrapped."""
-    nn = torch.nn
-    all_linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    wanted = all_linear if "all-linear" in modules else set(modules)
-
-    class LoraLinear(nn.Module):
-        def __init__(self, base):
-            super().__init__()
-            self.base = base
-            self.lora_A = nn.Linear(base.in_features, rank, bias=False)
-            self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-            bound = 1.0 / math.sqrt(base.in_features)
-            nn.init.uniform_(self.lora_A.weight, -bound, bound)
-            nn.init.zeros_(self.lora_B.weight)
-            self.scale = alpha / rank
-            self.drop = nn.Dropout(dropout)
-
-        def forward(self, x):
-            return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    targets = [(parent, name) for _, parent in model.named_modules() for name, child in parent.named_children()
-               if name in wanted and isinstance(child, nn.Linear)]
-    for parent, name in targets:
-        setattr(parent, name, LoraLinear(getattr(parent, name)))
-    if not targets:
-        raise SystemExit(f"LoRA: no nn.Linear named {sorted(wanted)} in the model")
-    return len(targets)
 
 
 def sft_lengths(model: Path, rows: list[dict], max_length: int) -> list[int]:

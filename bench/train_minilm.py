@@ -14,6 +14,12 @@ What runs (each configuration in a fresh child process, `--repeats` times, inter
   torch full       AutoModelForSequenceClassification, every weight trains.
   torch head_only  the same model; each step runs the frozen encoder under torch.no_grad() and
                    trains only the head (pooler dense + classifier), as a typical user would.
+  kiln lora        `kiln train --set strategy=lora` with kiln's defaults: rank 8, alpha 16,
+                   dropout 0.1 on query and value; the encoder frozen, the adapters (5e-4) and
+                   the head (pooler dense + classifier, 1e-3) train.
+  torch lora       the same model, every encoder weight frozen, query and value wrapped in
+                   adapters computed as kiln's (bench/lora_torch.py: what PEFT's LoraLayer
+                   computes), the same rates.
 
 Two diagnostic configurations run too (skip them with --no-extra): "kiln full (glibc tuned)" (kiln
 with GLIBC_TUNABLES that stop malloc returning freed memory to the kernel, see GLIBC_NO_RETURN) and
@@ -82,6 +88,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_util  # noqa: E402
+import lora_torch  # noqa: E402
 JEMALLOC_CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -220,7 +227,7 @@ def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int
         "--seed", str(args.seed),
         "--json-progress",
         "--set", f"strategy={strategy}",
-        "--set", f"n_epochs={args.epochs if strategy == 'full' else args.head_epochs}",
+        "--set", f"n_epochs={args.head_epochs if strategy == 'head_only' else args.epochs}",
         "--set", f"batch_size={args.batch_size}",
         "--set", f"max_length={args.max_length}",
         *gpu_util.kiln_device_args(args.device),
@@ -375,6 +382,15 @@ def torch_worker(args) -> None:
         named = [(n, p) for n, p in model.named_parameters()]
         head = lambda n: n.startswith("classifier") or n.startswith("bert.pooler")
         lrs = {"backbone": 5e-5, "head": 1e-3}
+    elif args.strategy == "lora":
+        # kiln's defaults: rank 8, alpha 16, dropout 0.1 on query and value; the head trains.
+        lora_torch.add_lora(torch, bert, ["query", "value"], 8, 16.0, 0.1)
+        for p in list(bert.pooler.parameters()) + list(model.classifier.parameters()):
+            p.requires_grad_(True)
+        model.train()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        head = lambda n: n.startswith("classifier") or n.startswith("bert.pooler")
+        lrs = {"backbone": 5e-4, "head": 1e-3}
     else:
         for p in bert.embeddings.parameters():
             p.requires_grad_(False)
@@ -411,7 +427,7 @@ def torch_worker(args) -> None:
         for i in range(0, len(order), args.batch_size):
             rows = [train[j] for j in order[i : i + args.batch_size]]
             ids, types, mask, y = batch(rows)
-            if args.strategy == "full":
+            if args.strategy in ("full", "lora"):
                 logits = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits
             else:
                 # Frozen backbone, forward only (no_grad also for "best": inference_mode tensors
@@ -528,7 +544,7 @@ def main():
     ap.add_argument("--model", required=True, help="all-MiniLM-L6-v2 directory (Hugging Face layout)")
     ap.add_argument("--kiln", type=Path, default=REPO / "target/release/kiln")
     ap.add_argument("--train-examples", type=int, default=480)
-    ap.add_argument("--epochs", type=int, default=1, help="epochs for full (timing uses epoch 1)")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs for full and lora (timing uses epoch 1)")
     ap.add_argument("--head-epochs", type=int, default=1, help="epochs for head_only")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=32)
@@ -552,7 +568,7 @@ def main():
     ap.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     ap.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=["default", "best", "fused"], help=argparse.SUPPRESS)
-    ap.add_argument("--strategy", choices=["full", "head_only"], help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", choices=["full", "head_only", "lora"], help=argparse.SUPPRESS)
     ap.add_argument("--training-file", help=argparse.SUPPRESS)
     ap.add_argument("--validation-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -573,6 +589,9 @@ def main():
         ("torch full (best)", lambda w, t, v, r: run_torch(args, "best", "full", t, v, r)),
         ("torch head_only (default)", lambda w, t, v, r: run_torch(args, "default", "head_only", t, v, r)),
         ("torch head_only (best)", lambda w, t, v, r: run_torch(args, "best", "head_only", t, v, r)),
+        ("kiln lora", lambda w, t, v, r: run_kiln(args, "lora", t, v, w, r)),
+        ("torch lora (default)", lambda w, t, v, r: run_torch(args, "default", "lora", t, v, r)),
+        ("torch lora (best)", lambda w, t, v, r: run_torch(args, "best", "lora", t, v, r)),
     ]
     if cuda and args.torch_tf32:
         configs.insert(4, ("torch full (best, tf32)", lambda w, t, v, r: run_torch(args, "best", "full", t, v, r, tf32=True)))
@@ -639,6 +658,8 @@ def main():
         ("kiln head_only", "torch head_only (best)", "train_ex_per_s"),
         ("kiln head_only", "torch head_only (default)", "infer_ex_per_s"),
         ("kiln head_only", "torch head_only (best)", "infer_ex_per_s"),
+        ("kiln lora", "torch lora (default)", "train_ex_per_s"),
+        ("kiln lora", "torch lora (best)", "train_ex_per_s"),
         ("kiln full", "torch full (default)", "max_rss_mib"),
         ("kiln full", "torch full (best)", "max_rss_mib"),
         ("kiln full (glibc tuned)", "kiln full", "train_ex_per_s"),

@@ -257,11 +257,42 @@ fn long_batches_take_the_fused_gated_feed_forward_block_with_the_same_gradients(
     fused_and_primitive_agree(padded_batch_of(&[40, 37, 33, 30, 26, 21, 17, 12], &dev));
 }
 
-fn fused_and_primitive_agree((ids, mask): (Tensor, Tensor)) {
+#[test]
+fn lora_adapters_give_the_same_logits_and_gradients_inside_the_fused_blocks_as_in_separate_ops() {
+    // The fused attention and gated feed-forward blocks compute the adapters inside (frozen
+    // base weights, trainable A and B); the primitive path adds them as separate ops. B is
+    // made non-zero so every adapter matrix gets a gradient.
+    let dev = Device::Cpu;
+    let long = padded_batch_of(&[40, 37, 33, 30, 26, 21, 17, 12], &dev);
+    fused_and_primitive_agree_with(long, &lora_options(&["all-linear"]));
+    fused_and_primitive_agree_with(padded_batch(&dev), &lora_options(&["q_proj", "v_proj"]));
+}
+
+fn fused_and_primitive_agree(batch: (Tensor, Tensor)) {
+    fused_and_primitive_agree_with(batch, &DecoderLoadOptions::default());
+}
+
+/// Sets every LoRA `B` (zero at creation) to small values fixed by its position.
+fn perturb_lora_b(dec: &Decoder) {
+    for (i, (name, v)) in dec.named_trainable_vars().iter().enumerate() {
+        if name.contains("lora_B") {
+            let (o, r) = v.as_tensor().dims2().unwrap();
+            let vals: Vec<f32> = ids_from(i as u32, o * r)
+                .into_iter()
+                .map(|x| (x as f32 / 128.0 - 1.0) * 0.2)
+                .collect();
+            v.set(&Tensor::from_vec(vals, (o, r), v.device()).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+fn fused_and_primitive_agree_with((ids, mask): (Tensor, Tensor), opts: &DecoderLoadOptions) {
     for model_type in TYPES {
         let dir = tiny_dir(model_type);
         let run = |fused: bool| {
-            let mut dec = load(dir.path(), &VarMap::new(), &DecoderLoadOptions::default());
+            let mut dec = load(dir.path(), &VarMap::new(), opts);
+            perturb_lora_b(&dec);
             dec.set_fused_ops(fused);
             let logits = dec.forward(&ids, &mask, true).unwrap();
             let grads = causal_lm_loss(&logits, &ids, &mask).backprop().unwrap();
@@ -380,8 +411,7 @@ fn lora_trains_only_adapters_starts_as_the_base_model_and_merges_to_the_same_fun
         }
         assert_eq!(varmap.all_vars().len(), names.len());
 
-        // B = 0: the adapted model is the base model (to rounding: the base model runs the
-        // fused CPU blocks, the adapted one the separate ops).
+        // B = 0: the adapted model is the base model (to rounding).
         let out = dec.forward(&ids, &mask, false).unwrap();
         let d = max_abs_diff(&out, &base_out);
         assert!(d < 1e-5, "{model_type}: {d}");
@@ -406,17 +436,7 @@ fn lora_trains_only_adapters_starts_as_the_base_model_and_merges_to_the_same_fun
 
         // Give B non-zero values (as training would): then every adapter matrix learns, and
         // the model differs from the base.
-        for (i, (name, v)) in dec.named_trainable_vars().iter().enumerate() {
-            if name.contains("lora_B") {
-                let (o, r) = v.as_tensor().dims2().unwrap();
-                let vals: Vec<f32> = ids_from(i as u32, o * r)
-                    .into_iter()
-                    .map(|x| (x as f32 / 128.0 - 1.0) * 0.2)
-                    .collect();
-                v.set(&Tensor::from_vec(vals, (o, r), &dev).unwrap())
-                    .unwrap();
-            }
-        }
+        perturb_lora_b(&dec);
         let loss = causal_lm_loss(&dec.forward(&ids, &mask, true).unwrap(), &ids, &mask);
         let grads = loss.backprop().unwrap();
         let missing = without_gradient(&grads, dec.named_trainable_vars());

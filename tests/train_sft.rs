@@ -152,11 +152,23 @@ fn lora_sft_on_llama_learns_with_the_base_frozen() {
         dir.path(),
         &base,
         json!({"strategy": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-               "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               "lora_target_modules": ["all-linear"],
                "n_epochs": 80, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0, "weight_decay": 0.0}),
     );
     let s = summary(&run);
-    assert_eq!(s.hyperparameters.lora_target_modules.len(), 7);
+    // PEFT's shorthand, resolved to every projection of the layers.
+    assert_eq!(
+        s.hyperparameters.lora_target_modules,
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+        ]
+    );
     let after = answers(&s.model_dir);
     let right = PAIRS
         .iter()

@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients, Kept, Weights};
+use super::block::{Adapter, BlockInput, BlockKernel, Gradients, Kept, Weights, zeroed_where};
 use super::gemm::{
     Mat, Threads, linear, linear_input_gradient, linear_rows, linear_weight_gradient, sgemm,
 };
@@ -153,23 +153,28 @@ pub fn attention(
 /// `[heads · head_dim, hidden]`, `k` and `v` `[kv_heads · head_dim, hidden]`, `o`
 /// `[hidden, heads · head_dim]`, each with or without a bias. `rope` is the rotary tables
 /// `(cos, sin)`, `[seq, head_dim / 2]` each, applied to the queries and keys at positions
-/// `0..seq` (decoders). The weights are read in place and their gradients deposited beside
-/// candle's graph ([`super::autograd`]). `None` where it does not apply (off the CPU, not
-/// f32, an adapter, a weight derived from a variable): the caller's separate ops then run.
+/// `0..seq` (decoders). A projection's LoRA adapter is computed inside the op too, its
+/// dropout (when `train`) included. The weights are read in place and their gradients
+/// deposited beside candle's graph ([`super::autograd`]); frozen weights get none computed.
+/// `None` where it does not apply (off the CPU, not f32, a weight derived from a variable):
+/// the caller's separate ops then run.
 pub fn residual_attention(
     input: &BlockInput,
     [q, k, v, o]: [&super::layers::Linear; 4],
     spec: AttentionSpec,
     rope: Option<(&Tensor, &Tensor)>,
+    train: bool,
 ) -> candle_core::Result<Option<Tensor>> {
     let layers = [q, k, v, o];
     let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     let Ok((b, s, h)) = input.input().dims3() else {
         return Ok(None);
     };
-    let fused_ok = layers
-        .iter()
-        .all(|l| l.lora.is_none() && native(&l.weight) && l.bias.as_ref().is_none_or(native));
+    let fused_ok = layers.iter().all(|l| {
+        native(&l.weight)
+            && l.bias.as_ref().is_none_or(native)
+            && l.lora.as_ref().is_none_or(|a| native(&a.a) && native(&a.b))
+    });
     if !fused_ok || !input.native() {
         return Ok(None);
     }
@@ -198,6 +203,11 @@ pub fn residual_attention(
             bias[i] = true;
         }
     }
+    // The adapters' `A` and `B` follow the projections' weights, in the order q, k, v, o.
+    let mut adapters: [Option<Adapter>; 4] = Default::default();
+    for (i, l) in layers.iter().enumerate() {
+        adapters[i] = Adapter::of(l, shapes[i], &mut flat, train)?;
+    }
     let rope = match rope {
         Some((cos, sin)) => {
             let half = g.dh / 2;
@@ -223,21 +233,24 @@ pub fn residual_attention(
     let kernel = ResidualAttention {
         attn: FusedAttention { spec },
         g,
-        p: Projections::new(shapes, bias),
+        p: Projections::new(shapes, bias, adapters),
         rope,
         keep: input.tracked(&weights),
+        variables: weights.variables(),
         kept: Kept::new(),
     };
     Ok(Some(input.apply(kernel, weights)?))
 }
 
-/// Which of a block's weights are the four projections' weights and biases.
+/// Which of a block's weights are the four projections' weights, biases and adapters.
 struct Projections {
     /// `(out, in)` of q, k, v, o.
     shapes: [(usize, usize); 4],
     /// Index of each weight among the block's weights; its bias (where it has one) follows it.
     at: [usize; 4],
     bias: [bool; 4],
+    /// Each projection's LoRA adapter, where it has one (after every weight and bias).
+    adapters: [Option<Adapter>; 4],
     /// How many weights the block has.
     count: usize,
 }
@@ -247,17 +260,19 @@ impl Projections {
         [(hq, h), (hk, h), (hk, h), (h, hq)]
     }
 
-    fn new(shapes: [(usize, usize); 4], bias: [bool; 4]) -> Self {
+    fn new(shapes: [(usize, usize); 4], bias: [bool; 4], adapters: [Option<Adapter>; 4]) -> Self {
         let mut at = [0; 4];
         let mut count = 0;
         for i in 0..4 {
             at[i] = count;
             count += 1 + usize::from(bias[i]);
         }
+        count += adapters.iter().flatten().count() * 2;
         Projections {
             shapes,
             at,
             bias,
+            adapters,
             count,
         }
     }
@@ -269,6 +284,7 @@ impl Projections {
                 let (out, inp) = self.shapes[i];
                 p[self.at[i]].len() == out * inp
                     && (!self.bias[i] || p[self.at[i] + 1].len() == out)
+                    && self.adapters[i].as_ref().is_none_or(|a| a.fits(p))
             });
         if !fits {
             candle_core::bail!("residual attention: weights do not fit {:?}", self.shapes)
@@ -296,14 +312,36 @@ impl Projections {
         (w[0].as_mut_slice(), b)
     }
 
-    /// `x · wᵀ + b` for projection `i`, `x` being `[rows, in]`.
-    fn apply(&self, p: &[&[f32]], i: usize, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+    /// `x · wᵀ + b` for projection `i`, `x` being `[rows, in]`, its adapter included; with an
+    /// adapter, also the adapter's first product (see [`Adapter::down`], for the backward).
+    fn apply(
+        &self,
+        p: &[&[f32]],
+        i: usize,
+        x: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
         let (w, b) = self.get(p, i);
-        linear(x, w, b, self.shapes[i])
+        let mut y = linear(x, w, b, self.shapes[i])?;
+        let u = self.adapter_down(p, i, x)?;
+        if let (Some(a), Some(u)) = (&self.adapters[i], &u) {
+            a.up(p, u, &mut y)?;
+        }
+        Ok((y, u))
+    }
+
+    /// Projection `i`'s adapter's first product, or `None` without an adapter.
+    fn adapter_down(
+        &self,
+        p: &[&[f32]],
+        i: usize,
+        x: &[f32],
+    ) -> candle_core::Result<Option<Vec<f32>>> {
+        self.adapters[i].as_ref().map(|a| a.down(p, x)).transpose()
     }
 
     /// Projection `i`'s weight and bias gradients into `dp`, from its output's gradient `d`
-    /// `[rows, out]` and its input `x` `[rows, in]`: dW = dᵀ · x, db = column sums of d.
+    /// `[rows, out]` and its input `x` `[rows, in]`: dW = dᵀ · x, db = column sums of d. A
+    /// weight whose slot in `dp` is empty (frozen, see [`zeroed_where`]) gets none.
     fn gradients(
         &self,
         dp: &mut [Vec<f32>],
@@ -312,8 +350,10 @@ impl Projections {
         x: &[f32],
     ) -> candle_core::Result<()> {
         let (dw, db) = self.get_mut(dp, i);
-        linear_weight_gradient(dw, d, x, self.shapes[i])?;
-        if let Some(db) = db {
+        if !dw.is_empty() {
+            linear_weight_gradient(dw, d, x, self.shapes[i])?;
+        }
+        if let Some(db) = db.filter(|db| !db.is_empty()) {
             db.copy_from_slice(&super::ops::column_sums(d, self.shapes[i].0));
         }
         Ok(())
@@ -370,30 +410,44 @@ impl Rotary {
 }
 
 /// [`residual_attention`]'s kernel: inputs `(n, r)`, the weights the four projections'
-/// weights (and biases, where they have them) in the order q, k, v, o.
+/// weights (and biases, where they have them) in the order q, k, v, o, then their adapters'.
 struct ResidualAttention {
     attn: FusedAttention,
     g: Geometry,
     p: Projections,
     rope: Option<Rotary>,
     keep: bool,
-    /// `q`, `k` (rotated), `v` and the attention's output, kept by the forward for the backward.
-    kept: Kept<[Vec<f32>; 4]>,
+    /// Which weights are variables (the others get no gradient computed).
+    variables: Vec<bool>,
+    kept: Kept<Saved>,
+}
+
+/// What the forward keeps for the backward.
+struct Saved {
+    /// `q`, `k` (both rotated), `v` and the attention's output.
+    qkvc: [Vec<f32>; 4],
+    /// Each adapted projection's `scale · dropout(x) · Aᵀ`.
+    down: [Option<Vec<f32>>; 4],
 }
 
 impl ResidualAttention {
-    /// `q`, `k` (both rotated), `v` and the attention's output for `n`.
-    fn inner(&self, n: &[f32], p: &[&[f32]]) -> candle_core::Result<[Vec<f32>; 4]> {
+    /// `q`, `k` (both rotated), `v` and the attention's output for `n`, and the adapters'
+    /// first products (the output projection's too).
+    fn inner(&self, n: &[f32], p: &[&[f32]]) -> candle_core::Result<Saved> {
         let g = &self.g;
-        let mut q = self.p.apply(p, 0, n)?;
-        let mut k = self.p.apply(p, 1, n)?;
-        let v = self.p.apply(p, 2, n)?;
+        let (mut q, dq) = self.p.apply(p, 0, n)?;
+        let (mut k, dk) = self.p.apply(p, 1, n)?;
+        let (v, dv) = self.p.apply(p, 2, n)?;
         if let Some(rope) = &self.rope {
             rope.rotate(&mut q, g.sq, g.hq, g.dh, false);
             rope.rotate(&mut k, g.s, g.hk, g.dh, false);
         }
         let ctx = self.attn.forward(g, &q, &k, &v)?;
-        Ok([q, k, v, ctx])
+        let down_o = self.p.adapter_down(p, 3, &ctx)?;
+        Ok(Saved {
+            qkvc: [q, k, v, ctx],
+            down: [dq, dk, dv, down_o],
+        })
     }
 }
 
@@ -418,7 +472,7 @@ impl BlockKernel for ResidualAttention {
             )
         }
         let saved = self.inner(n, p)?;
-        // y = r (+ bo), then += ctx · woᵀ.
+        // y = r (+ bo), then += ctx · woᵀ (+ its adapter's output).
         let (wo, bo) = self.p.get(p, 3);
         let mut y = super::gemm::zeroed(r.len());
         y.par_chunks_mut(h * 64)
@@ -433,7 +487,10 @@ impl BlockKernel for ResidualAttention {
                 }
                 None => y.copy_from_slice(r),
             });
-        linear_rows(&mut y, &saved[3], wo, (h, self.g.hq), true)?;
+        linear_rows(&mut y, &saved.qkvc[3], wo, (h, self.g.hq), true)?;
+        if let (Some(a), Some(u)) = (&self.p.adapters[3], &saved.down[3]) {
+            a.up(p, u, &mut y)?;
+        }
         self.kept.keep(self.keep, saved);
         Ok(y)
     }
@@ -451,24 +508,33 @@ impl BlockKernel for ResidualAttention {
         let h = self.p.shapes[3].0;
         let kept = self.kept.take();
         let rows = n.len() / h.max(1);
-        let [q, k, v, ctx] = match kept {
-            Some(saved) if saved[3].len() == rows * att.hq => saved,
+        let Saved { qkvc, down } = match kept {
+            Some(saved) if saved.qkvc[3].len() == rows * att.hq => saved,
             _ => self.inner(n, p)?,
         };
+        let [q, k, v, ctx] = qkvc;
+        if !(want_n || want_p) {
+            return Ok((None, None));
+        }
         let mut dp = if want_p {
-            super::block::zeroed_like(p)
+            zeroed_where(p, &self.variables)
         } else {
             Vec::new()
         };
         if want_p {
             self.p.gradients(&mut dp, 3, g, &ctx)?;
         }
-        if !(want_n || want_p) {
-            return Ok((None, None));
+        // d(ctx) = g · wo (+ the adapter's share), then through the attention and the
+        // rotations.
+        let mut dctx = self.p.input_gradient(p, &[(3, g)], rows)?;
+        if let (Some(a), Some(u)) = (&self.p.adapters[3], &down[3]) {
+            a.backward(
+                (p, want_p.then_some(dp.as_mut_slice())),
+                (g, &ctx, u),
+                Some(&mut dctx),
+            )?;
         }
         drop(ctx);
-        // d(ctx) = g · wo, then through the attention and the rotations.
-        let dctx = self.p.input_gradient(p, &[(3, g)], rows)?;
         let (mut dq, mut dk, dv) = self.attn.backward(att, (&q, &k, &v), &dctx)?;
         drop((q, k, v, dctx));
         if let Some(rope) = &self.rope {
@@ -480,7 +546,7 @@ impl BlockKernel for ResidualAttention {
                 self.p.gradients(&mut dp, i, d, n)?;
             }
         }
-        let dn = if want_n {
+        let mut dn = if want_n {
             Some(
                 self.p
                     .input_gradient(p, &[(0, &dq), (1, &dk), (2, &dv)], rows)?,
@@ -488,6 +554,15 @@ impl BlockKernel for ResidualAttention {
         } else {
             None
         };
+        for (i, d) in [&dq, &dk, &dv].into_iter().enumerate() {
+            if let (Some(a), Some(u)) = (&self.p.adapters[i], &down[i]) {
+                a.backward(
+                    (p, want_p.then_some(dp.as_mut_slice())),
+                    (d, n, u),
+                    dn.as_deref_mut(),
+                )?;
+            }
+        }
         Ok((dn, Some(dp).filter(|_| want_p)))
     }
 }
@@ -1312,7 +1387,7 @@ mod tests {
                 n: n.as_tensor().clone(),
                 r: r.as_tensor().clone(),
             };
-            let fused = residual_attention(&input, ls, spec.clone(), None)
+            let fused = residual_attention(&input, ls, spec.clone(), None, true)
                 .unwrap()
                 .expect("CPU f32 with enough rows takes the fused block");
             let proj = |l: &Linear| {
@@ -1366,11 +1441,156 @@ mod tests {
                 },
                 ls,
                 spec,
-                None
+                None,
+                true
             )
             .unwrap()
             .is_none()
         );
+    }
+
+    #[test]
+    fn lora_adapters_inside_the_fused_block_match_separate_ops_and_leave_frozen_weights_alone() {
+        // A decoder's attention under LoRA: frozen projections (plain tensors), trainable
+        // adapters on some of them, the adapters' input dropout drawn from the block's hashed
+        // masks (rebuilt here from the same seeds), grouped heads, RoPE and right padding.
+        use crate::nn::layers::{Linear, seed_dropout};
+        use crate::nn::lora::LoraAdapter;
+        use crate::nn::mlp::Dropout;
+        use crate::nn::ops::rope_seq_major;
+        let dev = Device::Cpu;
+        let (b, s, h, heads, kv, dh) = (2, 10, 8, 4, 2, 4);
+        let (hq, hk) = (heads * dh, kv * dh);
+        let half = dh / 2;
+        let angle = |p: usize, i: usize| p as f32 / 10f32.powf(i as f32 / half as f32);
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = (0..s * half)
+                .map(|x| f(angle(x / half, x % half)))
+                .collect();
+            Tensor::from_vec(v, (s, half), &dev).unwrap()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let tensor = |n: usize, seed: u64, shape: &[usize]| {
+            Tensor::from_vec(values(n, seed, 0.5), shape, &dev).unwrap()
+        };
+        let var = |n: usize, seed: u64, shape: &[usize]| {
+            Var::from_vec(values(n, seed, 0.5), shape, &dev).unwrap()
+        };
+        let shapes = [(hq, h), (hk, h), (hk, h), (h, hq)];
+        let lengths = [s, 6];
+        let mask: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&len| (0..s).map(move |j| if j < len { 1.0 } else { 0.0 }))
+            .collect();
+        let spec = AttentionSpec {
+            causal: true,
+            key_mask: Some(mask),
+            ..AttentionSpec::new(heads, kv, 0.5)
+        };
+        let n = var(b * s * h, 1, &[b, s, h]);
+        let r = var(b * s * h, 2, &[b, s, h]);
+        let loss_weights = tensor(b * s * h, 3, &[b, s, h]);
+        // q and v (the usual targets), then every projection, with and without dropout.
+        for (targets, dropout) in [
+            ([true, false, true, false], 0.0),
+            ([true, false, true, false], 0.25),
+            ([true; 4], 0.1),
+        ] {
+            let mut adapters = Vec::new();
+            let mut layers = Vec::new();
+            for (i, &(out, inp)) in shapes.iter().enumerate() {
+                let rank = 2 + i;
+                let lora = targets[i].then(|| {
+                    let a = var(rank * inp, 30 + i as u64, &[rank, inp]);
+                    let bv = var(out * rank, 40 + i as u64, &[out, rank]);
+                    adapters.push((a.clone(), bv.clone()));
+                    LoraAdapter {
+                        a: a.as_tensor().clone(),
+                        b: bv.as_tensor().clone(),
+                        scale: 1.5,
+                        dropout,
+                    }
+                });
+                layers.push(Linear {
+                    name: format!("p{i}"),
+                    weight: tensor(out * inp, 10 + i as u64, &[out, inp]),
+                    bias: (i < 3).then(|| tensor(out, 20 + i as u64, &[out])),
+                    lora,
+                });
+            }
+            let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
+            let input = BlockInput::Residual {
+                n: n.as_tensor().clone(),
+                r: r.as_tensor().clone(),
+            };
+            seed_dropout(99);
+            let fused = residual_attention(&input, ls, spec.clone(), Some((&cos, &sin)), true)
+                .unwrap()
+                .expect("CPU f32 with adapters takes the fused block");
+            // The separate ops, with each adapter's mask drawn from the same seeds in the same
+            // order (q, k, v, o).
+            seed_dropout(99);
+            let project = |l: &Linear, x: &Tensor, width: usize| {
+                let base = l.forward(x).unwrap();
+                let y = match &l.lora {
+                    None => base,
+                    Some(a) => {
+                        let inp = x.dim(2).unwrap();
+                        let mut m = vec![1f32; b * s * inp];
+                        if let Some(d) = Dropout::new(dropout as f32) {
+                            d.apply_parallel(&mut m);
+                        }
+                        let m = Tensor::from_vec(m, (b * s, inp), &dev).unwrap();
+                        let x = (x.reshape((b * s, inp)).unwrap() * m).unwrap();
+                        let delta = x
+                            .matmul(&a.a.t().unwrap())
+                            .unwrap()
+                            .matmul(&a.b.t().unwrap())
+                            .unwrap();
+                        (base.reshape((b * s, width)).unwrap() + (delta * a.scale).unwrap())
+                            .unwrap()
+                    }
+                };
+                y.reshape((b, s, width)).unwrap()
+            };
+            let x = n.as_tensor();
+            let q = rope_seq_major(&project(ls[0], x, hq), &cos, &sin, heads).unwrap();
+            let k = rope_seq_major(&project(ls[1], x, hk), &cos, &sin, kv).unwrap();
+            let v = project(ls[2], x, hk);
+            let ctx = attention(&q, &k, &v, spec.clone()).unwrap().unwrap();
+            let separate = (project(ls[3], &ctx, h) + r.as_tensor()).unwrap();
+            let case = format!("{targets:?}, dropout {dropout}");
+            assert!(max_diff(&fused, &separate) < 1e-5, "{case}: outputs differ");
+            let loss = |y: Tensor| (y * &loss_weights).unwrap().sum_all().unwrap();
+            let (g1, g2) = (
+                loss(fused).backprop().unwrap(),
+                loss(separate).backprop().unwrap(),
+            );
+            let trained = adapters.iter().flat_map(|(a, b)| [a, b]);
+            for (i, v) in trained.chain([&n, &r]).enumerate() {
+                let (a, e) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                let d = max_diff(a, e);
+                assert!(d < 1e-4, "{case}: gradient {i} differs by {d}");
+                assert!(
+                    a.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0
+                );
+            }
+            for l in &layers {
+                assert!(
+                    g1.get(&l.weight).is_none(),
+                    "{case}: a frozen weight got a gradient"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1428,7 +1648,7 @@ mod tests {
                 n: n.as_tensor().clone(),
                 r: r.as_tensor().clone(),
             };
-            let fused = residual_attention(&input, ls, spec.clone(), Some((&cos, &sin)))
+            let fused = residual_attention(&input, ls, spec.clone(), Some((&cos, &sin)), true)
                 .unwrap()
                 .expect("CPU f32 with enough rows takes the fused block");
             let proj = |l: &Linear, width: usize| {
@@ -1475,6 +1695,6 @@ mod tests {
         let ls = [&layers[0], &layers[1], &layers[2], &layers[3]];
         let spec = AttentionSpec::new(heads, kv, 0.5);
         let input = BlockInput::Residual { n: x.clone(), r: x };
-        assert!(residual_attention(&input, ls, spec, Some((&short, &short))).is_err());
+        assert!(residual_attention(&input, ls, spec, Some((&short, &short)), true).is_err());
     }
 }

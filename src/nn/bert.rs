@@ -699,14 +699,14 @@ impl BertEncoder {
                 .forward(&(dropout(&attn, cfg.hidden_dropout_prob, train)? + xq)?)?,
         };
 
-        // On the CPU, the feed-forward block, its dropout and its residual in one kernel
-        // (exact GELU, no adapters, enough rows; `residual_mlp` says None otherwise). Served
-        // models keep their packed weights' path.
+        // On the CPU, the feed-forward block, its dropout, its residual and its LoRA adapters
+        // in one kernel (exact GELU; `residual_mlp` says None otherwise). Served models keep
+        // their packed weights' path.
         let p = hidden_p;
         if l.out_ln.fused
             && l.packed.is_none()
             && matches!(cfg.hidden_act, HiddenAct::Gelu)
-            && let Some(z) = mlp::residual_mlp(&x, &x, &l.intermediate, &l.output, p as f32)?
+            && let Some(z) = mlp::residual_mlp(&x, &x, &l.intermediate, &l.output, p as f32, train)?
         {
             return Ok(l.out_ln.forward(&z)?);
         }
@@ -723,7 +723,8 @@ impl BertEncoder {
     /// output projection as one op with its own backward (`attention::residual_attention`, its
     /// residual zero: BERT's dropout and LayerNorm come after it). candle's backward then
     /// accumulates two activation-sized gradients for the block instead of nine. `None` where
-    /// it does not apply (serving, packed weights, adapters, the first-token-only last layer).
+    /// it does not apply (serving, packed weights, the first-token-only last layer). LoRA
+    /// adapters on the projections run inside the op.
     fn attention_block(
         &self,
         l: &Layer,
@@ -756,6 +757,7 @@ impl BertEncoder {
             [&l.query, &l.key, &l.value, &l.attn_out],
             spec,
             None,
+            train,
         )
     }
 

@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::zeroed;
-use super::layers::LayerNorm;
+use super::gemm::{
+    Mat, Threads, linear_input_gradient, linear_rows, linear_weight_gradient, sgemm, zeroed,
+};
+use super::layers::{LayerNorm, Linear};
 use super::mlp::{Dropout, TASK};
 use super::ops::{
     cpu_f32, layer_norm_rows, layer_norm_rows_backward, rms_norm_rows, rms_norm_rows_backward,
@@ -234,6 +236,13 @@ impl Weights {
         self.trainable
     }
 
+    /// Which weights are variables, in the weights' order: a kernel holding frozen weights
+    /// beside trainable ones (a LoRA adapter's base layer) need not compute the frozen ones'
+    /// gradients, which [`Weights::deposit`] would drop.
+    pub(super) fn variables(&self) -> Vec<bool> {
+        self.tensors.iter().map(Tensor::is_variable).collect()
+    }
+
     /// The op's third input (see [`super::autograd::anchor`]).
     fn anchor(&self) -> candle_core::Result<Tensor> {
         super::autograd::anchor(self.trainable)
@@ -283,9 +292,157 @@ impl Weights {
     }
 }
 
-/// Zeroed gradients shaped like the weights `p`.
-pub(super) fn zeroed_like(p: &[&[f32]]) -> Vec<Vec<f32>> {
-    p.iter().map(|w| zeroed(w.len())).collect()
+/// A linear layer's LoRA adapter inside a fused block: `y += scale · (dropout(x) · Aᵀ) · Bᵀ`
+/// for the layer's input `x` `[rows, in]` and output `y` `[rows, out]`, with `A` `[rank, in]`
+/// the block's weight `at` and `B` `[out, rank]` the next one.
+pub(super) struct Adapter {
+    at: usize,
+    rank: usize,
+    /// The layer's `(out, in)`.
+    shape: (usize, usize),
+    scale: f32,
+    /// The dropout on the adapter's input (training only).
+    dropout: Option<Dropout>,
+}
+
+impl Adapter {
+    /// The adapter of `layer` (`shape` being its `(out, in)`), its `A` and `B` appended to the
+    /// block's weights `flat`; `None` for a layer without one. `train` draws its dropout.
+    pub(super) fn of(
+        layer: &Linear,
+        shape: (usize, usize),
+        flat: &mut Vec<Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Option<Adapter>> {
+        let Some(lora) = &layer.lora else {
+            return Ok(None);
+        };
+        let (out, inp) = shape;
+        let rank = lora.a.dim(0)?;
+        if lora.a.dims() != [rank, inp] || lora.b.dims() != [out, rank] {
+            candle_core::bail!(
+                "{}: adapter A {:?}, B {:?} on [{out}, {inp}]",
+                layer.name,
+                lora.a.dims(),
+                lora.b.dims()
+            )
+        }
+        let at = flat.len();
+        flat.extend([lora.a.clone(), lora.b.clone()]);
+        Ok(Some(Adapter {
+            at,
+            rank,
+            shape,
+            scale: lora.scale as f32,
+            dropout: if train {
+                Dropout::new(lora.dropout as f32)
+            } else {
+                None
+            },
+        }))
+    }
+
+    /// Whether the block's weights `p` hold this adapter's `A` and `B`.
+    pub(super) fn fits(&self, p: &[&[f32]]) -> bool {
+        let (out, inp) = self.shape;
+        self.at + 1 < p.len()
+            && p[self.at].len() == self.rank * inp
+            && p[self.at + 1].len() == out * self.rank
+    }
+
+    /// The adapter's input: `x` itself, or a copy with the dropout mask applied.
+    fn input<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.dropout {
+            None => std::borrow::Cow::Borrowed(x),
+            Some(d) => {
+                let mut dropped = x.to_vec();
+                d.apply_parallel(&mut dropped);
+                std::borrow::Cow::Owned(dropped)
+            }
+        }
+    }
+
+    /// The first product, `u = scale · dropout(x) · Aᵀ` `[rows, rank]`, which the backward
+    /// takes again.
+    pub(super) fn down(&self, p: &[&[f32]], x: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let inp = self.shape.1;
+        let rows = x.len() / inp.max(1);
+        let mut u = zeroed(rows * self.rank);
+        sgemm(
+            (rows, self.rank, inp),
+            &mut u,
+            self.rank,
+            Mat::rows(&self.input(x), inp),
+            Mat::transposed(p[self.at], inp),
+            self.scale,
+            false,
+            Threads::All,
+        )?;
+        Ok(u)
+    }
+
+    /// Adds the adapter's output `u · Bᵀ` into the layer's output `y`.
+    pub(super) fn up(&self, p: &[&[f32]], u: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+        linear_rows(y, u, p[self.at + 1], (self.shape.0, self.rank), true)
+    }
+
+    /// The backward, from the layer output's gradient `d` `[rows, out]`, its input `x` and
+    /// [`Adapter::down`]'s `u`: `A`'s and `B`'s gradients into `dp` (where given and their
+    /// slots are not empty, see [`zeroed_where`]), and the adapter's share of the input's
+    /// gradient added into `dx` (where given).
+    pub(super) fn backward(
+        &self,
+        (p, dp): (&[&[f32]], Option<&mut [Vec<f32>]>),
+        (d, x, u): (&[f32], &[f32], &[f32]),
+        dx: Option<&mut [f32]>,
+    ) -> candle_core::Result<()> {
+        let ((out, inp), rank) = (self.shape, self.rank);
+        let rows = d.len() / out.max(1);
+        let (a, b) = (p[self.at], p[self.at + 1]);
+        // du = scale · d · B, the gradient of dropout(x) · Aᵀ.
+        let mut du = zeroed(rows * rank);
+        let (d_rows, b_rows) = (Mat::rows(d, out), Mat::rows(b, rank));
+        sgemm(
+            (rows, rank, out),
+            &mut du,
+            rank,
+            d_rows,
+            b_rows,
+            self.scale,
+            false,
+            Threads::All,
+        )?;
+        if let Some(dp) = dp {
+            if !dp[self.at + 1].is_empty() {
+                linear_weight_gradient(&mut dp[self.at + 1], d, u, (out, rank))?;
+            }
+            if !dp[self.at].is_empty() {
+                linear_weight_gradient(&mut dp[self.at], &du, &self.input(x), (rank, inp))?;
+            }
+        }
+        let Some(dx) = dx else { return Ok(()) };
+        match &self.dropout {
+            None => linear_input_gradient(dx, &du, a, (rank, inp), true),
+            Some(dropout) => {
+                let mut share = zeroed(rows * inp);
+                linear_input_gradient(&mut share, &du, a, (rank, inp), false)?;
+                dropout.apply_parallel(&mut share);
+                dx.par_chunks_mut(TASK)
+                    .zip(share.par_chunks(TASK))
+                    .for_each(|(dx, s)| dx.iter_mut().zip(s).for_each(|(x, s)| *x += s));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Zeroed gradients shaped like the weights `p` where `wanted`, and empty ones (no gradient
+/// computed) elsewhere.
+pub(super) fn zeroed_where(p: &[&[f32]], wanted: &[bool]) -> Vec<Vec<f32>> {
+    p.iter()
+        .zip(wanted)
+        .map(|(w, &want)| if want { zeroed(w.len()) } else { Vec::new() })
+        .collect()
 }
 
 /// `r + f(n)`: inputs `(n, r, anchor)`.

@@ -1234,8 +1234,9 @@ impl Decoder {
     ) -> Result<Tensor> {
         // On the CPU in f32, each half of the layer as one kernel with its RMSNorm and
         // residual (`nn::block`): the attention half without a cache (training, scoring), and
-        // the gated feed-forward half. `None` where they do not apply (adapters, biases on the
-        // feed-forward, too few rows, another dtype); served models keep their packed path.
+        // the gated feed-forward half. `None` where they do not apply (adapters on the
+        // feed-forward, biases there, too few rows, another dtype); served models keep their
+        // packed path. The attention half computes its projections' adapters inside.
         let normed = |norm: &RmsNorm, x: &Tensor| BlockInput::RmsNormed {
             x: x.clone(),
             weight: norm.weight.clone(),
@@ -1246,7 +1247,7 @@ impl Decoder {
                 let projections = [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj];
                 let spec = self.attention_spec(mask, x.dim(1)?);
                 let input = normed(&l.input_layernorm, x);
-                attention::residual_attention(&input, projections, spec, Some(rope))?
+                attention::residual_attention(&input, projections, spec, Some(rope), train)?
             }
             _ => None,
         };
@@ -1259,7 +1260,9 @@ impl Decoder {
         };
         if self.fused && l.packed.is_none() && l.post_attention_layernorm.fused {
             let input = normed(&l.post_attention_layernorm, &x);
-            if let Some(y) = mlp::residual_swiglu(&input, &l.gate_proj, &l.up_proj, &l.down_proj)? {
+            if let Some(y) =
+                mlp::residual_swiglu(&input, &l.gate_proj, &l.up_proj, &l.down_proj, train)?
+            {
                 return Ok(y);
             }
         }

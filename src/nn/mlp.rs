@@ -18,7 +18,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::block::{BlockInput, BlockKernel, Gradients, Kept, Weights, zeroed_like};
+use super::block::{Adapter, BlockInput, BlockKernel, Gradients, Kept, Weights, zeroed_where};
 use super::gemm::{
     linear, linear_input_gradient, linear_rows, linear_weight_gradient, repeated, zeroed,
 };
@@ -28,23 +28,24 @@ use super::simd::wide_fn;
 
 /// `r + dropout(fc2(gelu(fc1(x))), p)` (exact, erf GELU; inverted dropout, none when `p` is 0)
 /// over the last dimension of `x` `[.., in]`, with `r` of the output's shape `[.., out]`: one
-/// fused CPU kernel forward and one backward. `None` where it does not apply (off the CPU,
-/// not f32, a layer without a bias or with a LoRA adapter, a weight derived from a
-/// variable): the caller's primitive path then runs. Gradients flow to `x` and `r` through
-/// candle and to the four parameters, where they are variables, through
-/// [`super::autograd`].
+/// fused CPU kernel forward and one backward. The layers' LoRA adapters are computed inside
+/// the op, their dropout (when `train`) included. `None` where it does not apply (off the
+/// CPU, not f32, a layer without a bias, a weight derived from a variable): the caller's
+/// primitive path then runs. Gradients flow to `x` and `r` through candle and to the
+/// parameters that are variables through [`super::autograd`].
 pub fn residual_mlp(
     x: &Tensor,
     r: &Tensor,
     fc1: &Linear,
     fc2: &Linear,
     p: f32,
+    train: bool,
 ) -> candle_core::Result<Option<Tensor>> {
     let input = BlockInput::Residual {
         n: x.clone(),
         r: r.clone(),
     };
-    residual_mlp_block(&input, fc1, fc2, p)
+    residual_mlp_block(&input, fc1, fc2, p, train)
 }
 
 /// [`residual_mlp`] on any [`BlockInput`]: with [`BlockInput::LayerNormed`], a pre-norm
@@ -55,11 +56,16 @@ pub fn residual_mlp_block(
     fc1: &Linear,
     fc2: &Linear,
     p: f32,
+    train: bool,
 ) -> candle_core::Result<Option<Tensor>> {
     let (Some(b1), Some(b2)) = (&fc1.bias, &fc2.bias) else {
         return Ok(None);
     };
-    if !input.native() || fc1.lora.is_some() || fc2.lora.is_some() {
+    let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let adapters_native = [fc1, fc2]
+        .iter()
+        .all(|l| l.lora.as_ref().is_none_or(|a| native(&a.a) && native(&a.b)));
+    if !input.native() || !adapters_native {
         return Ok(None);
     }
     let (inner, hidden) = fc1.weight.dims2()?;
@@ -68,12 +74,17 @@ pub fn residual_mlp_block(
         candle_core::bail!("residual mlp: fc1 [{inner}, {hidden}], fc2 [{out}, {inner2}]")
     }
     input.check(hidden, out)?;
-    let Some(weights) = Weights::new(vec![
+    let mut flat = vec![
         fc1.weight.clone(),
         b1.clone(),
         fc2.weight.clone(),
         b2.clone(),
-    ]) else {
+    ];
+    let adapters = [
+        Adapter::of(fc1, (inner, hidden), &mut flat, train)?,
+        Adapter::of(fc2, (out, inner), &mut flat, train)?,
+    ];
+    let Some(weights) = Weights::new(flat) else {
         return Ok(None);
     };
     let kernel = ResidualMlp {
@@ -81,6 +92,8 @@ pub fn residual_mlp_block(
         inner,
         out,
         keep: input.tracked(&weights),
+        variables: weights.variables(),
+        adapters,
         kept: Kept::new(),
         dropout: Dropout::new(p),
     };
@@ -93,17 +106,30 @@ pub fn residual_mlp_block(
 }
 
 /// [`residual_mlp`]'s kernel: inputs `(x [rows, hidden], r [rows, out], params)`, the
-/// parameters flat in the order `w1 [inner, hidden]`, `b1`, `w2 [out, inner]`, `b2`.
+/// parameters flat in the order `w1 [inner, hidden]`, `b1`, `w2 [out, inner]`, `b2`, then
+/// the adapters' `A` and `B` (fc1's, fc2's).
 struct ResidualMlp {
     hidden: usize,
     inner: usize,
     out: usize,
     /// Whether the forward keeps the pre-activation for a backward.
     keep: bool,
-    /// The pre-activation and the activation `[rows, inner]` of the forward, taken by the
-    /// backward.
-    kept: Kept<(Vec<f32>, Vec<f32>)>,
+    /// Which weights are variables (the others get no gradient computed).
+    variables: Vec<bool>,
+    /// fc1's and fc2's adapters, where they have one.
+    adapters: [Option<Adapter>; 2],
+    /// What the forward keeps for the backward.
+    kept: Kept<MlpSaved>,
     dropout: Option<Dropout>,
+}
+
+/// What [`ResidualMlp`]'s backward needs of its forward.
+struct MlpSaved {
+    /// The pre-activation and the activation, `[rows, inner]`.
+    pre: Vec<f32>,
+    act: Vec<f32>,
+    /// The adapters' first products (fc1's, fc2's).
+    down: [Option<Vec<f32>>; 2],
 }
 
 /// Inverted dropout with a hashed mask: element `i` is kept when the top 32 bits of
@@ -146,6 +172,13 @@ impl Dropout {
             *v *= self.factor(offset + i);
         }
     }
+
+    /// [`Dropout::apply`] to the whole of `v` (element 0 being index 0), on every core.
+    pub(super) fn apply_parallel(&self, v: &mut [f32]) {
+        v.par_chunks_mut(TASK)
+            .enumerate()
+            .for_each(|(c, part)| self.apply(part, c * TASK));
+    }
 }
 
 /// 2⁶⁴ / φ, the multiplier that spreads consecutive indices over the hash's input.
@@ -171,8 +204,14 @@ impl ResidualMlp {
 
     fn params<'a>(&self, p: &[&'a [f32]]) -> candle_core::Result<Params<'a>> {
         let sizes: Vec<usize> = p.iter().map(|w| w.len()).collect();
+        let count = 4 + 2 * self.adapters.iter().flatten().count();
+        let adapters_fit = self.adapters.iter().flatten().all(|a| a.fits(p));
         match p {
-            &[w1, b1, w2, b2] if sizes == self.sizes() => Ok(Params { w1, b1, w2, b2 }),
+            &[w1, b1, w2, b2, ..]
+                if p.len() == count && adapters_fit && sizes[..4] == self.sizes() =>
+            {
+                Ok(Params { w1, b1, w2, b2 })
+            }
             _ => candle_core::bail!(
                 "residual mlp: weights of {sizes:?}, {:?} expected",
                 self.sizes()
@@ -180,9 +219,33 @@ impl ResidualMlp {
         }
     }
 
-    /// `x · w1ᵀ + b1`, `[rows, inner]`.
-    fn pre_activation(&self, x: &[f32], p: &Params) -> candle_core::Result<Vec<f32>> {
-        linear(x, p.w1, Some(p.b1), (self.inner, self.hidden))
+    /// The pre-activation `x · w1ᵀ + b1` (+ fc1's adapter), `[rows, inner]`, the activation,
+    /// and fc1's and fc2's adapters' first products.
+    fn forward_parts(
+        &self,
+        x: &[f32],
+        p: &Params,
+        weights: &[&[f32]],
+    ) -> candle_core::Result<MlpSaved> {
+        let mut pre = linear(x, p.w1, Some(p.b1), (self.inner, self.hidden))?;
+        let down1 = match &self.adapters[0] {
+            Some(a) => {
+                let u = a.down(weights, x)?;
+                a.up(weights, &u, &mut pre)?;
+                Some(u)
+            }
+            None => None,
+        };
+        let act = gelu(&pre);
+        let down2 = self.adapters[1]
+            .as_ref()
+            .map(|a| a.down(weights, &act))
+            .transpose()?;
+        Ok(MlpSaved {
+            pre,
+            act,
+            down: [down1, down2],
+        })
     }
 }
 
@@ -207,17 +270,19 @@ impl BlockKernel for ResidualMlp {
         (self.hidden, self.out)
     }
 
-    fn forward(&self, x: &[f32], r: &[f32], p: &[&[f32]]) -> candle_core::Result<Vec<f32>> {
-        let p = self.params(p)?;
+    fn forward(&self, x: &[f32], r: &[f32], weights: &[&[f32]]) -> candle_core::Result<Vec<f32>> {
+        let p = self.params(weights)?;
         let rows = x.len() / self.hidden.max(1);
         if r.len() != rows * self.out {
             candle_core::bail!("residual mlp: {} residual values for {rows} rows", r.len())
         }
-        let pre = self.pre_activation(x, &p)?;
-        let act = gelu(&pre);
-        // z = act · w2ᵀ + b2; y = r + dropout(z).
+        let saved = self.forward_parts(x, &p, weights)?;
+        // z = act · w2ᵀ + b2 (+ fc2's adapter); y = r + dropout(z).
         let mut y = repeated(p.b2, rows);
-        linear_rows(&mut y, &act, p.w2, (self.out, self.inner), true)?;
+        linear_rows(&mut y, &saved.act, p.w2, (self.out, self.inner), true)?;
+        if let (Some(a), Some(u)) = (&self.adapters[1], &saved.down[1]) {
+            a.up(weights, u, &mut y)?;
+        }
         y.par_chunks_mut(TASK)
             .zip(r.par_chunks(TASK))
             .enumerate()
@@ -229,7 +294,7 @@ impl BlockKernel for ResidualMlp {
                     *y += r;
                 }
             });
-        self.kept.keep(self.keep, (pre, act));
+        self.kept.keep(self.keep, saved);
         Ok(y)
     }
 
@@ -247,9 +312,7 @@ impl BlockKernel for ResidualMlp {
             Some(d) => {
                 gz = {
                     let mut gz = g.to_vec();
-                    gz.par_chunks_mut(TASK)
-                        .enumerate()
-                        .for_each(|(c, g)| d.apply(g, c * TASK));
+                    d.apply_parallel(&mut gz);
                     gz
                 };
                 &gz[..]
@@ -260,49 +323,62 @@ impl BlockKernel for ResidualMlp {
         let kept = self.kept.take();
         let p = self.params(weights)?;
         let rows = x.len() / hidden.max(1);
-        let (mut pre, act) = match kept {
-            Some((pre, act)) if pre.len() == rows * inner => (pre, act),
-            _ => {
-                let pre = self.pre_activation(x, &p)?;
-                let act = gelu(&pre);
-                (pre, act)
-            }
+        let MlpSaved { mut pre, act, down } = match kept {
+            Some(saved) if saved.pre.len() == rows * inner => saved,
+            _ => self.forward_parts(x, &p, weights)?,
         };
+        if !(want_x || want_p) {
+            return Ok((None, None));
+        }
+        // Frozen weights (a LoRA adapter's base layers) keep empty slots: no gradient.
         let mut dp = if want_p {
-            zeroed_like(weights)
+            zeroed_where(weights, &self.variables)
         } else {
             Vec::new()
         };
-        if let [_, _, dw2, db2] = dp.as_mut_slice() {
+        if want_p {
             // dw2 [out, inner] = gᵀ · gelu(pre); db2 = column sums of g.
-            linear_weight_gradient(dw2, g, &act, (out, inner))?;
-            db2.copy_from_slice(&column_sums(g, out));
+            if !dp[2].is_empty() {
+                linear_weight_gradient(&mut dp[2], g, &act, (out, inner))?;
+            }
+            if !dp[3].is_empty() {
+                dp[3].copy_from_slice(&column_sums(g, out));
+            }
         }
-        drop(act);
-        if !(want_x || want_p) {
-            return Ok((None, Some(dp).filter(|_| want_p)));
-        }
-        // d(pre) = (g · w2) ⊙ gelu'(pre), written over `pre`.
+        // d(pre) = (g · w2 + fc2's adapter's share) ⊙ gelu'(pre), written over `pre`.
         let mut dpre = zeroed(rows * inner);
         linear_input_gradient(&mut dpre, g, p.w2, (out, inner), false)?;
+        if let (Some(a), Some(u)) = (&self.adapters[1], &down[1]) {
+            let dp = want_p.then_some(dp.as_mut_slice());
+            a.backward((weights, dp), (g, &act, u), Some(&mut dpre))?;
+        }
+        drop(act);
         pre.par_chunks_mut(TASK)
             .zip(dpre.par_chunks(TASK))
             .for_each(|(pre, d)| gelu_grad_chunk(pre, d));
         drop(dpre);
         let dpre = pre;
-        if let [dw1, db1, _, _] = dp.as_mut_slice() {
+        if want_p {
             // dw1 [inner, hidden] = dpreᵀ · x; db1 = column sums of dpre.
-            linear_weight_gradient(dw1, &dpre, x, (inner, hidden))?;
-            db1.copy_from_slice(&column_sums(&dpre, inner));
+            if !dp[0].is_empty() {
+                linear_weight_gradient(&mut dp[0], &dpre, x, (inner, hidden))?;
+            }
+            if !dp[1].is_empty() {
+                dp[1].copy_from_slice(&column_sums(&dpre, inner));
+            }
         }
-        let dx = if want_x {
-            // dx [rows, hidden] = dpre · w1.
+        let mut dx = if want_x {
+            // dx [rows, hidden] = dpre · w1 (+ fc1's adapter's share, below).
             let mut dx = zeroed(rows * hidden);
             linear_input_gradient(&mut dx, &dpre, p.w1, (inner, hidden), false)?;
             Some(dx)
         } else {
             None
         };
+        if let (Some(a), Some(u)) = (&self.adapters[0], &down[0]) {
+            let dp = want_p.then_some(dp.as_mut_slice());
+            a.backward((weights, dp), (&dpre, x, u), dx.as_deref_mut())?;
+        }
         Ok((dx, Some(dp).filter(|_| want_p)))
     }
 }
@@ -310,21 +386,24 @@ impl BlockKernel for ResidualMlp {
 /// `r + down(silu(gate(n)) ⊙ up(n))`, the gated feed-forward block of Llama/Qwen-family
 /// decoders, with its residual (and, for [`BlockInput::RmsNormed`], the RMSNorm before it:
 /// `x + down(..(rms_norm(x)))`): one fused CPU kernel forward and one backward, as
-/// [`residual_mlp`]. `None` where it does not apply (off the CPU, not f32, a projection with a
-/// bias or a LoRA adapter, a weight derived from a variable).
+/// [`residual_mlp`]. The projections' LoRA adapters are computed inside the op, their dropout
+/// (when `train`) included; frozen weights get no gradient computed. `None` where it does not
+/// apply (off the CPU, not f32, a projection with a bias, a weight derived from a variable).
 pub fn residual_swiglu(
     input: &BlockInput,
     gate: &Linear,
     up: &Linear,
     down: &Linear,
+    train: bool,
 ) -> candle_core::Result<Option<Tensor>> {
     let layers = [gate, up, down];
-    if layers.iter().any(|l| l.bias.is_some() || l.lora.is_some()) {
+    if layers.iter().any(|l| l.bias.is_some()) {
         return Ok(None);
     }
-    let native = [&gate.weight, &up.weight, &down.weight]
+    let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let native = layers
         .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+        .all(|l| native(&l.weight) && l.lora.as_ref().is_none_or(|a| native(&a.a) && native(&a.b)));
     if !native || !input.native() {
         return Ok(None);
     }
@@ -337,11 +416,13 @@ pub fn residual_swiglu(
         )
     }
     input.check(hidden, out)?;
-    let Some(weights) = Weights::new(vec![
-        gate.weight.clone(),
-        up.weight.clone(),
-        down.weight.clone(),
-    ]) else {
+    let mut flat = vec![gate.weight.clone(), up.weight.clone(), down.weight.clone()];
+    let shapes = [(inner, hidden), (inner, hidden), (out, inner)];
+    let mut adapters: [Option<Adapter>; 3] = Default::default();
+    for (i, l) in layers.iter().enumerate() {
+        adapters[i] = Adapter::of(l, shapes[i], &mut flat, train)?;
+    }
+    let Some(weights) = Weights::new(flat) else {
         return Ok(None);
     };
     let kernel = ResidualSwiglu {
@@ -349,6 +430,8 @@ pub fn residual_swiglu(
         inner,
         out,
         keep: input.tracked(&weights),
+        variables: weights.variables(),
+        adapters,
         kept: Kept::new(),
     };
     let mut out_dims = input.input().dims().to_vec();
@@ -360,13 +443,17 @@ pub fn residual_swiglu(
 }
 
 /// [`residual_swiglu`]'s kernel on rows `[rows, hidden]` (see `nn::block`), the parameters
-/// flat in the order `gate [inner, hidden]`, `up [inner, hidden]`, `down [out,
-/// inner]`.
+/// flat in the order `gate [inner, hidden]`, `up [inner, hidden]`, `down [out, inner]`, then
+/// the adapters' `A` and `B` in the same order.
 struct ResidualSwiglu {
     hidden: usize,
     inner: usize,
     out: usize,
     keep: bool,
+    /// Which weights are variables (the others get no gradient computed).
+    variables: Vec<bool>,
+    /// The gate's, the up and the down projection's adapters, where they have one.
+    adapters: [Option<Adapter>; 3],
     /// The gate's and the up projection's outputs `[rows, inner]` and the activation, kept by
     /// the forward for the backward.
     kept: Kept<SwigluSaved>,
@@ -377,6 +464,8 @@ struct SwigluSaved {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+    /// Each adapter's first product (gate, up, down).
+    down: [Option<Vec<f32>>; 3],
 }
 
 #[inline(always)]
@@ -392,8 +481,16 @@ impl ResidualSwiglu {
         p: &[&'a [f32]],
     ) -> candle_core::Result<(&'a [f32], &'a [f32], &'a [f32])> {
         let (gate, down) = (self.inner * self.hidden, self.out * self.inner);
+        let count = 3 + 2 * self.adapters.iter().flatten().count();
+        let adapters_fit = self.adapters.iter().flatten().all(|a| a.fits(p));
         match p {
-            &[wg, wu, wd] if wg.len() == gate && wu.len() == gate && wd.len() == down => {
+            &[wg, wu, wd, ..]
+                if p.len() == count
+                    && adapters_fit
+                    && wg.len() == gate
+                    && wu.len() == gate
+                    && wd.len() == down =>
+            {
                 Ok((wg, wu, wd))
             }
             _ => candle_core::bail!(
@@ -403,19 +500,40 @@ impl ResidualSwiglu {
         }
     }
 
-    /// `x · wᵀ` for one of the two input projections, `[rows, inner]`.
-    fn project(&self, x: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
-        linear(x, w, None, (self.inner, self.hidden))
+    /// `x · wᵀ` (+ its adapter's output) for one of the two input projections (`i` 0 or 1),
+    /// `[rows, inner]`, and the adapter's first product.
+    fn project(
+        &self,
+        p: &[&[f32]],
+        i: usize,
+        x: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mut y = linear(x, p[i], None, (self.inner, self.hidden))?;
+        let Some(a) = &self.adapters[i] else {
+            return Ok((y, None));
+        };
+        let u = a.down(p, x)?;
+        a.up(p, &u, &mut y)?;
+        Ok((y, Some(u)))
     }
 
-    fn forward_parts(&self, x: &[f32], wg: &[f32], wu: &[f32]) -> candle_core::Result<SwigluSaved> {
-        let gate = self.project(x, wg)?;
-        let up = self.project(x, wu)?;
+    fn forward_parts(&self, x: &[f32], p: &[&[f32]]) -> candle_core::Result<SwigluSaved> {
+        let (gate, down_gate) = self.project(p, 0, x)?;
+        let (up, down_up) = self.project(p, 1, x)?;
         let mut act = zeroed(gate.len());
         act.par_chunks_mut(TASK)
             .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))
             .for_each(|(a, (g, u))| swiglu_chunk(a, g, u));
-        Ok(SwigluSaved { gate, up, act })
+        let down_down = self.adapters[2]
+            .as_ref()
+            .map(|a| a.down(p, &act))
+            .transpose()?;
+        Ok(SwigluSaved {
+            gate,
+            up,
+            act,
+            down: [down_gate, down_up, down_down],
+        })
     }
 }
 
@@ -452,7 +570,7 @@ impl BlockKernel for ResidualSwiglu {
     }
 
     fn forward(&self, x: &[f32], r: &[f32], p: &[&[f32]]) -> candle_core::Result<Vec<f32>> {
-        let (wg, wu, wd) = self.params(p)?;
+        let (_, _, wd) = self.params(p)?;
         let rows = x.len() / self.hidden.max(1);
         if r.len() != rows * self.out {
             candle_core::bail!(
@@ -460,12 +578,15 @@ impl BlockKernel for ResidualSwiglu {
                 r.len()
             )
         }
-        let saved = self.forward_parts(x, wg, wu)?;
+        let saved = self.forward_parts(x, p)?;
         let mut y = zeroed(r.len());
         y.par_chunks_mut(TASK)
             .zip(r.par_chunks(TASK))
             .for_each(|(y, r)| y.copy_from_slice(r));
         linear_rows(&mut y, &saved.act, wd, (self.out, self.inner), true)?;
+        if let (Some(a), Some(u)) = (&self.adapters[2], &saved.down[2]) {
+            a.up(p, u, &mut y)?;
+        }
         self.kept.keep(self.keep, saved);
         Ok(y)
     }
@@ -482,23 +603,37 @@ impl BlockKernel for ResidualSwiglu {
         let kept = self.kept.take();
         let (wg, wu, wd) = self.params(p)?;
         let rows = x.len() / hidden.max(1);
-        let SwigluSaved { gate, up, act } = match kept {
+        let SwigluSaved {
+            gate,
+            up,
+            act,
+            down,
+        } = match kept {
             Some(saved) if saved.gate.len() == rows * inner => saved,
-            _ => self.forward_parts(x, wg, wu)?,
+            _ => self.forward_parts(x, p)?,
         };
-        let mut dp = if want_p { zeroed_like(p) } else { Vec::new() };
-        if let [_, _, dwd] = dp.as_mut_slice() {
-            // d(down) [out, inner] = gᵀ · act.
-            linear_weight_gradient(dwd, g, &act, (out, inner))?;
-        }
-        drop(act);
         if !(want_x || want_p) {
-            return Ok((None, Some(dp).filter(|_| want_p)));
+            return Ok((None, None));
         }
-        // d(act) = g · down; then d(gate) = d(act) ⊙ up ⊙ silu'(gate) and
-        // d(up) = d(act) ⊙ silu(gate), written over `gate` and `up`.
+        // Frozen weights (a LoRA adapter's base layers) keep empty slots: no gradient.
+        let mut dp = if want_p {
+            zeroed_where(p, &self.variables)
+        } else {
+            Vec::new()
+        };
+        if want_p && !dp[2].is_empty() {
+            // d(down) [out, inner] = gᵀ · act.
+            linear_weight_gradient(&mut dp[2], g, &act, (out, inner))?;
+        }
+        // d(act) = g · down (+ its adapter's share); then d(gate) = d(act) ⊙ up ⊙ silu'(gate)
+        // and d(up) = d(act) ⊙ silu(gate), written over `gate` and `up`.
         let mut dact = zeroed(rows * inner);
         linear_input_gradient(&mut dact, g, wd, (out, inner), false)?;
+        if let (Some(a), Some(u)) = (&self.adapters[2], &down[2]) {
+            let dp = want_p.then_some(dp.as_mut_slice());
+            a.backward((p, dp), (g, &act, u), Some(&mut dact))?;
+        }
+        drop(act);
         let (mut dgate, mut dup) = (gate, up);
         dgate
             .par_chunks_mut(TASK)
@@ -506,14 +641,16 @@ impl BlockKernel for ResidualSwiglu {
             .zip(dact.par_chunks(TASK))
             .for_each(|((gs, us), ds)| swiglu_grad_chunk(gs, us, ds));
         drop(dact);
-        if let [dwg, dwu, _] = dp.as_mut_slice() {
-            for (dw, d) in [(dwg, &dgate), (dwu, &dup)] {
-                // d(w) [inner, hidden] = dᵀ · x.
-                linear_weight_gradient(dw, d, x, (inner, hidden))?;
+        if want_p {
+            for (i, d) in [&dgate, &dup].into_iter().enumerate() {
+                if !dp[i].is_empty() {
+                    // d(w) [inner, hidden] = dᵀ · x.
+                    linear_weight_gradient(&mut dp[i], d, x, (inner, hidden))?;
+                }
             }
         }
-        let dx = if want_x {
-            // dx = d(gate) · gate_w + d(up) · up_w.
+        let mut dx = if want_x {
+            // dx = d(gate) · gate_w + d(up) · up_w (+ their adapters' shares, below).
             let mut dx = zeroed(rows * hidden);
             for (i, (d, w)) in [(&dgate, wg), (&dup, wu)].into_iter().enumerate() {
                 linear_input_gradient(&mut dx, d, w, (inner, hidden), i > 0)?;
@@ -522,6 +659,12 @@ impl BlockKernel for ResidualSwiglu {
         } else {
             None
         };
+        for (i, d) in [&dgate, &dup].into_iter().enumerate() {
+            if let (Some(a), Some(u)) = (&self.adapters[i], &down[i]) {
+                let dp = want_p.then_some(dp.as_mut_slice());
+                a.backward((p, dp), (d, x, u), dx.as_deref_mut())?;
+            }
+        }
         Ok((dx, Some(dp).filter(|_| want_p)))
     }
 }
@@ -612,7 +755,7 @@ mod tests {
                 vars.extend(v2);
                 // A loss that weighs every output differently.
                 let weights = Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap();
-                let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.0)
+                let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.0, true)
                     .unwrap()
                     .expect("CPU f32 takes the fused kernel");
                 let reference = primitive(x.as_tensor(), r.as_tensor(), &fc1, &fc2);
@@ -662,7 +805,7 @@ mod tests {
         let (fc2, v2) = linear("fc2", h, inner, 2.0, true);
         vars.extend(v2);
         let weights = Tensor::randn(0f32, 1.0, (rows, h), &dev).unwrap();
-        let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.5)
+        let fused = residual_mlp(x.as_tensor(), r.as_tensor(), &fc1, &fc2, 0.5, true)
             .unwrap()
             .unwrap();
         // The block without its residual, from primitive ops.
@@ -745,7 +888,7 @@ mod tests {
                     n: x.as_tensor().clone(),
                     r: r.as_tensor().clone(),
                 };
-                let fused = residual_swiglu(&input, &gate, &up, &down)
+                let fused = residual_swiglu(&input, &gate, &up, &down, true)
                     .unwrap()
                     .expect("CPU f32 takes the fused kernel");
                 let xt = x.as_tensor();
@@ -792,7 +935,7 @@ mod tests {
                 r: x.clone(),
             };
             assert!(
-                residual_swiglu(&input, &gate, &no_bias(up), &no_bias(down))
+                residual_swiglu(&input, &gate, &no_bias(up), &no_bias(down), true)
                     .unwrap()
                     .is_none()
             );
@@ -830,7 +973,7 @@ mod tests {
                 weight: norm_w.clone(),
                 eps,
             };
-            let fused = residual_swiglu(&input, &gate, &up, &down)
+            let fused = residual_swiglu(&input, &gate, &up, &down, true)
                 .unwrap()
                 .expect("CPU f32 takes the fused kernel");
             let n = super::super::ops::rms_norm_primitive(x.as_tensor(), &norm_w, eps).unwrap();
@@ -861,25 +1004,257 @@ mod tests {
     }
 
     #[test]
-    fn a_layer_with_an_adapter_or_without_a_bias_takes_the_primitive_path() {
+    fn lora_adapters_inside_the_gated_block_match_separate_ops_and_leave_frozen_weights_alone() {
+        // `all-linear` LoRA on a decoder's feed-forward half: frozen projections, adapters on
+        // some or all of them, their input dropout rebuilt here from the same seeds.
+        use crate::nn::layers::seed_dropout;
+        use crate::nn::lora::LoraAdapter;
+        let dev = Device::Cpu;
+        let (rows, h, inner) = (24, 8, 20);
+        let shapes = [(inner, h), (inner, h), (h, inner)];
+        let randn = |shape: (usize, usize)| Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
+        let x = Var::from_tensor(&randn((rows, h))).unwrap();
+        let r = Var::from_tensor(&randn((rows, h))).unwrap();
+        let weights = randn((rows, h));
+        for (targets, dropout) in [([true, false, true], 0.0), ([true; 3], 0.2)] {
+            let mut adapters = Vec::new();
+            let mut layers = Vec::new();
+            for (i, &(out, inp)) in shapes.iter().enumerate() {
+                let lora = targets[i].then(|| {
+                    let a = Var::from_tensor(&randn((3, inp))).unwrap();
+                    let b = Var::from_tensor(&randn((out, 3))).unwrap();
+                    adapters.push((a.clone(), b.clone()));
+                    LoraAdapter {
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                        scale: 2.0,
+                        dropout,
+                    }
+                });
+                layers.push(Linear {
+                    name: format!("p{i}"),
+                    weight: randn((out, inp)),
+                    bias: None,
+                    lora,
+                });
+            }
+            let input = BlockInput::Residual {
+                n: x.as_tensor().clone(),
+                r: r.as_tensor().clone(),
+            };
+            seed_dropout(5);
+            let fused = residual_swiglu(&input, &layers[0], &layers[1], &layers[2], true)
+                .unwrap()
+                .expect("CPU f32 with adapters takes the fused kernel");
+            seed_dropout(5);
+            // The masks in the kernel's order: gate, up, down.
+            let masks: Vec<Option<Tensor>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, inp))| {
+                    let d = layers[i]
+                        .lora
+                        .as_ref()
+                        .and_then(|_| Dropout::new(dropout as f32))?;
+                    let mut m = vec![1f32; rows * inp];
+                    d.apply_parallel(&mut m);
+                    Some(Tensor::from_vec(m, (rows, inp), &dev).unwrap())
+                })
+                .collect();
+            let project = |i: usize, x: &Tensor| {
+                let l = &layers[i];
+                let base = x.matmul(&l.weight.t().unwrap()).unwrap();
+                match &l.lora {
+                    None => base,
+                    Some(a) => {
+                        let x = match &masks[i] {
+                            Some(m) => (x * m).unwrap(),
+                            None => x.clone(),
+                        };
+                        let delta = x
+                            .matmul(&a.a.t().unwrap())
+                            .unwrap()
+                            .matmul(&a.b.t().unwrap())
+                            .unwrap();
+                        (base + (delta * a.scale).unwrap()).unwrap()
+                    }
+                }
+            };
+            let xt = x.as_tensor();
+            let act = (project(0, xt).silu().unwrap() * project(1, xt)).unwrap();
+            let reference = (project(2, &act) + r.as_tensor()).unwrap();
+            let case = format!("{targets:?}, dropout {dropout}");
+            close(&fused, &reference, &format!("{case}: output"));
+            let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
+            let (g1, g2) = (
+                loss(fused).backprop().unwrap(),
+                loss(reference).backprop().unwrap(),
+            );
+            let trained = adapters.iter().flat_map(|(a, b)| [a, b]);
+            for (i, v) in trained.chain([&x, &r]).enumerate() {
+                let got = g1
+                    .get(v.as_tensor())
+                    .expect("every adapter gets a gradient");
+                close(
+                    got,
+                    g2.get(v.as_tensor()).unwrap(),
+                    &format!("{case}: gradient {i}"),
+                );
+            }
+            for l in &layers {
+                assert!(
+                    g1.get(&l.weight).is_none(),
+                    "{case}: a frozen weight got a gradient"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lora_adapters_inside_the_gelu_block_match_separate_ops() {
+        // BERT's or ViT's feed-forward block with LoRA on `intermediate.dense` and
+        // `output.dense` (biased, frozen), the adapters' input dropout rebuilt from the seeds.
+        use crate::nn::layers::seed_dropout;
+        use crate::nn::lora::LoraAdapter;
+        let dev = Device::Cpu;
+        let (rows, h, inner) = (24, 8, 20);
+        let randn = |shape: (usize, usize)| Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
+        let x = Var::from_tensor(&randn((rows, h))).unwrap();
+        let r = Var::from_tensor(&randn((rows, h))).unwrap();
+        let weights = randn((rows, h));
+        for (targets, dropout) in [([false, true], 0.0), ([true, true], 0.3)] {
+            let mut adapters = Vec::new();
+            let mut layers = Vec::new();
+            for (i, (out, inp)) in [(inner, h), (h, inner)].into_iter().enumerate() {
+                let (mut layer, _) = linear(&format!("fc{i}"), out, inp, i as f32, false);
+                layer.lora = targets[i].then(|| {
+                    let a = Var::from_tensor(&randn((4, inp))).unwrap();
+                    let b = Var::from_tensor(&randn((out, 4))).unwrap();
+                    adapters.push((a.clone(), b.clone()));
+                    LoraAdapter {
+                        a: a.as_tensor().clone(),
+                        b: b.as_tensor().clone(),
+                        scale: 0.5,
+                        dropout,
+                    }
+                });
+                layers.push(layer);
+            }
+            seed_dropout(11);
+            let fused = residual_mlp(
+                x.as_tensor(),
+                r.as_tensor(),
+                &layers[0],
+                &layers[1],
+                0.0,
+                true,
+            )
+            .unwrap()
+            .expect("CPU f32 with adapters takes the fused kernel");
+            seed_dropout(11);
+            let masks: Vec<Option<Dropout>> = layers
+                .iter()
+                .map(|l| l.lora.as_ref().and_then(|_| Dropout::new(dropout as f32)))
+                .collect();
+            let project = |i: usize, x: &Tensor| {
+                let l = &layers[i];
+                let base = l.forward(x).unwrap();
+                match &l.lora {
+                    None => base,
+                    Some(a) => {
+                        let x = match &masks[i] {
+                            Some(d) => {
+                                let mut m = vec![1f32; x.elem_count()];
+                                d.apply_parallel(&mut m);
+                                (x * Tensor::from_vec(m, x.shape(), &dev).unwrap()).unwrap()
+                            }
+                            None => x.clone(),
+                        };
+                        let delta = x
+                            .matmul(&a.a.t().unwrap())
+                            .unwrap()
+                            .matmul(&a.b.t().unwrap())
+                            .unwrap();
+                        (base + (delta * a.scale).unwrap()).unwrap()
+                    }
+                }
+            };
+            let act = project(0, x.as_tensor()).gelu_erf().unwrap();
+            let reference = (project(1, &act) + r.as_tensor()).unwrap();
+            let case = format!("{targets:?}, dropout {dropout}");
+            close(&fused, &reference, &format!("{case}: output"));
+            let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
+            let (g1, g2) = (
+                loss(fused).backprop().unwrap(),
+                loss(reference).backprop().unwrap(),
+            );
+            let trained = adapters.iter().flat_map(|(a, b)| [a, b]);
+            for (i, v) in trained.chain([&x, &r]).enumerate() {
+                let got = g1
+                    .get(v.as_tensor())
+                    .expect("every adapter gets a gradient");
+                close(
+                    got,
+                    g2.get(v.as_tensor()).unwrap(),
+                    &format!("{case}: gradient {i}"),
+                );
+            }
+            for l in &layers {
+                assert!(
+                    g1.get(&l.weight).is_none(),
+                    "{case}: a frozen weight got a gradient"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_layer_without_a_bias_or_with_a_derived_weight_takes_the_primitive_path() {
         let dev = Device::Cpu;
         let x = Tensor::zeros((32, 4), DType::F32, &dev).unwrap();
         let (fc1, _) = linear("fc1", 6, 4, 1.0, false);
         let (mut fc2, _) = linear("fc2", 4, 6, 2.0, false);
-        assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_some());
+        assert!(
+            residual_mlp(&x, &x, &fc1, &fc2, 0.0, true)
+                .unwrap()
+                .is_some()
+        );
         // A weight derived from a variable: its gradient must flow on through candle's graph.
         let (mut derived, _) = linear("fc1", 6, 4, 1.0, true);
         derived.weight = (derived.weight * 1.0).unwrap();
-        assert!(residual_mlp(&x, &x, &derived, &fc2, 0.0).unwrap().is_none());
+        assert!(
+            residual_mlp(&x, &x, &derived, &fc2, 0.0, true)
+                .unwrap()
+                .is_none()
+        );
         fc2.bias = None;
-        assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_none());
+        assert!(
+            residual_mlp(&x, &x, &fc1, &fc2, 0.0, true)
+                .unwrap()
+                .is_none()
+        );
+        // An adapter runs inside the op, but not one of another dtype.
         let (mut fc2, _) = linear("fc2", 4, 6, 2.0, false);
-        fc2.lora = Some(crate::nn::lora::LoraAdapter {
+        let adapter = crate::nn::lora::LoraAdapter {
             a: Tensor::zeros((2, 6), DType::F32, &dev).unwrap(),
             b: Tensor::zeros((4, 2), DType::F32, &dev).unwrap(),
             scale: 1.0,
             dropout: 0.0,
+        };
+        fc2.lora = Some(adapter.clone());
+        assert!(
+            residual_mlp(&x, &x, &fc1, &fc2, 0.0, true)
+                .unwrap()
+                .is_some()
+        );
+        fc2.lora = Some(crate::nn::lora::LoraAdapter {
+            b: adapter.b.to_dtype(DType::BF16).unwrap(),
+            ..adapter
         });
-        assert!(residual_mlp(&x, &x, &fc1, &fc2, 0.0).unwrap().is_none());
+        assert!(
+            residual_mlp(&x, &x, &fc1, &fc2, 0.0, true)
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -695,8 +695,8 @@ impl VitForImageClassification {
             ..AttentionSpec::new(nh, nh, scale as f32)
         };
         // On the CPU, the whole attention half layer (its LayerNorm, the block and its
-        // residual) as one op where it applies (no dropout after the output projection, no
-        // adapters).
+        // residual) as one op where it applies (no dropout after the output projection; LoRA
+        // adapters run inside the op).
         let packed = l.packed_for(b * s, train);
         let block = if l.ln_before.fused && !(train && cfg.hidden_dropout_prob > 0.0) && !packed {
             let projections = [&l.query, &l.key, &l.value, &l.attn_out];
@@ -705,6 +705,7 @@ impl VitForImageClassification {
                 projections,
                 spec.clone(),
                 None,
+                train,
             )?
         } else {
             None
@@ -744,9 +745,9 @@ impl VitForImageClassification {
                 (attn + x)?
             }
         };
-        // On the CPU, the feed-forward half layer (its LayerNorm, the block, its dropout and
-        // its residual) as one op (exact GELU, no adapters; `residual_mlp_block` says None
-        // otherwise).
+        // On the CPU, the feed-forward half layer (its LayerNorm, the block, its dropout, its
+        // residual and its LoRA adapters) as one op (exact GELU; `residual_mlp_block` says
+        // None otherwise).
         let p = if train { cfg.hidden_dropout_prob } else { 0.0 };
         if l.ln_after.fused
             && !packed
@@ -756,6 +757,7 @@ impl VitForImageClassification {
                 &l.intermediate,
                 &l.output,
                 p as f32,
+                train,
             )?
         {
             return Ok(y);

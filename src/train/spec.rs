@@ -356,6 +356,9 @@ pub const LORA_MODULES: &[&str] = &[
     "output.dense",
 ];
 
+/// PEFT's shorthand in `lora_target_modules` for every module of the model's family above.
+pub const ALL_LINEAR: &str = "all-linear";
+
 /// The modules LoRA may adapt in a decoder layer (PEFT's names).
 pub const DECODER_LORA_MODULES: &[&str] = &[
     "q_proj",
@@ -409,13 +412,16 @@ impl HyperparameterRequest {
                 return Err(bad("lora_target_modules", "must name at least one module"));
             }
             let known = |m: &String| {
-                LORA_MODULES.contains(&m.as_str()) || DECODER_LORA_MODULES.contains(&m.as_str())
+                m == ALL_LINEAR
+                    || LORA_MODULES.contains(&m.as_str())
+                    || DECODER_LORA_MODULES.contains(&m.as_str())
             };
             if let Some(m) = modules.iter().find(|m| !known(m)) {
                 return Err(bad(
                     "lora_target_modules",
                     format!(
-                        "unknown module '{m}'; expected some of {} (encoders) or {} (decoders)",
+                        "unknown module '{m}'; expected {ALL_LINEAR} or some of {} (encoders) \
+                         or {} (decoders)",
                         LORA_MODULES.join(", "),
                         DECODER_LORA_MODULES.join(", ")
                     ),
@@ -630,6 +636,10 @@ impl HyperparameterRequest {
             (LORA_MODULES, ["query", "value"])
         };
         let lora_target_modules = match self.lora_target_modules.as_ref().and_then(AutoOr::value) {
+            // PEFT's shorthand: every module of the family, listed as such in the job.
+            Some(modules) if modules.iter().any(|m| m == ALL_LINEAR) => {
+                family_modules.iter().map(|m| (*m).to_owned()).collect()
+            }
             Some(modules) => {
                 if let Some(m) = modules
                     .iter()
@@ -638,7 +648,8 @@ impl HyperparameterRequest {
                     return Err(bad(
                         "lora_target_modules",
                         format!(
-                            "'{m}' is not a module of this model; expected some of {}",
+                            "'{m}' is not a module of this model; expected {ALL_LINEAR} or some \
+                             of {}",
                             family_modules.join(", ")
                         ),
                     ));
@@ -842,6 +853,28 @@ mod tests {
         let req: HyperparameterRequest =
             serde_json::from_value(json!({"max_length": 1024})).unwrap();
         assert_eq!(req.resolve(&ctx()).unwrap_err().param, "max_length");
+    }
+
+    #[test]
+    fn all_linear_adapts_every_module_of_the_family() {
+        let req: HyperparameterRequest = serde_json::from_value(
+            json!({"strategy": "lora", "lora_target_modules": ["all-linear"]}),
+        )
+        .unwrap();
+        req.check().unwrap();
+        let (hp, _) = req.resolve(&ctx()).unwrap();
+        assert_eq!(hp.lora_target_modules, LORA_MODULES);
+        let decoder = ResolveContext {
+            decoder: true,
+            ..ctx()
+        };
+        let (hp, _) = req.resolve(&decoder).unwrap();
+        assert_eq!(hp.lora_target_modules, DECODER_LORA_MODULES);
+        // A decoder's module on an encoder is still an error, naming the shorthand too.
+        let req: HyperparameterRequest =
+            serde_json::from_value(json!({"lora_target_modules": ["q_proj"]})).unwrap();
+        let err = req.resolve(&ctx()).unwrap_err().to_string();
+        assert!(err.contains("all-linear") && err.contains("query"), "{err}");
     }
 
     #[test]
