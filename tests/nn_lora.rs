@@ -174,6 +174,77 @@ fn lora_trains_only_adapters_and_merges_to_the_same_function() {
 }
 
 #[test]
+fn adapters_inside_the_fused_blocks_match_the_primitive_ops() {
+    // In training on the CPU, BERT's attention and feed-forward blocks run as fused ops that
+    // compute the adapters inside; with `fused_ops: false` the adapters are separate ops.
+    // Both must give the same outputs and the same gradient to every adapter matrix.
+    let dev = Device::Cpu;
+    let cfg = tiny_bert_config();
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path(), &cfg, 11).unwrap();
+    let (b, s) = (6, 20);
+    let ids: Vec<u32> = (0..b * s).map(|i| 4 + (i as u32 * 37) % 90).collect();
+    let lengths = [20, 17, 14, 11, 8, 5];
+    let mask: Vec<u32> = lengths
+        .iter()
+        .flat_map(|&n| (0..s).map(move |j| u32::from(j < n)))
+        .collect();
+    let ids = Tensor::from_vec(ids, (b, s), &dev).unwrap();
+    let mask = Tensor::from_vec(mask, (b, s), &dev).unwrap();
+    let run = |fused_ops: bool| {
+        let opts = LoadOptions {
+            fused_ops,
+            ..lora_options()
+        };
+        let enc = BertEncoder::load_dir(dir.path(), &VarMap::new(), &dev, &opts).unwrap();
+        // B starts at zero; give it values fixed by its position so A learns too.
+        for (i, (name, v)) in enc.named_trainable_vars().iter().enumerate() {
+            if name.contains("lora_B") {
+                let n = v.as_tensor().elem_count();
+                let vals: Vec<f32> = (0..n)
+                    .map(|j| (((i * 131 + j * 17) % 97) as f32 / 97.0 - 0.5) * 0.4)
+                    .collect();
+                v.set(&Tensor::from_vec(vals, v.as_tensor().shape(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        let h = enc.forward(&ids, None, &mask, true).unwrap();
+        let loss = (mean_pool(&h, &mask).unwrap() - 0.5)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backprop().unwrap();
+        let g: Vec<(String, Tensor)> = enc
+            .named_trainable_vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+            .collect();
+        (h, g)
+    };
+    let (h1, g1) = run(true);
+    let (h0, g0) = run(false);
+    assert!(max_abs_diff(&h1, &h0) < 1e-5);
+    assert_eq!(g1.len(), 2 * 5 * cfg.num_hidden_layers);
+    for ((name, a), (_, e)) in g1.iter().zip(&g0) {
+        let scale = e
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(scale > 0.0, "{name} has no gradient");
+        let d = max_abs_diff(a, e);
+        assert!(
+            d / scale < 1e-4,
+            "{name}: gradient differs by {d} (scale {scale})"
+        );
+    }
+}
+
+#[test]
 fn lora_config_is_validated() {
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
