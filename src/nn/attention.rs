@@ -111,6 +111,7 @@ wide_fn! {
 }
 
 /// A well-mixed 64-bit hash of `x` (the SplitMix64 finaliser).
+#[inline(always)]
 pub(crate) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

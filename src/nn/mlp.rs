@@ -155,22 +155,10 @@ impl Dropout {
         })
     }
 
-    /// The factor of element `i`: `1 / keep` or 0.
-    #[inline(always)]
-    fn factor(&self, i: usize) -> f32 {
-        let bits = super::attention::splitmix64(self.seed ^ (i as u64).wrapping_mul(PHI));
-        if (bits >> 32) < self.threshold {
-            self.scale
-        } else {
-            0.0
-        }
-    }
-
-    /// Multiplies every element of `v` (element 0 being index `offset`) by its factor.
+    /// Multiplies every element of `v` (element 0 being index `offset`) by its factor:
+    /// `1 / keep` or 0.
     pub(super) fn apply(&self, v: &mut [f32], offset: usize) {
-        for (i, v) in v.iter_mut().enumerate() {
-            *v *= self.factor(offset + i);
-        }
+        dropout_chunk(v, offset as u64, self.seed, self.threshold, self.scale);
     }
 
     /// [`Dropout::apply`] to the whole of `v` (element 0 being index 0), on every core.
@@ -183,6 +171,17 @@ impl Dropout {
 
 /// 2⁶⁴ / φ, the multiplier that spreads consecutive indices over the hash's input.
 const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
+
+wide_fn! {
+    /// [`Dropout::apply`]'s loop, branch-free so that the hashes vectorise (AVX-512 multiplies
+    /// 64-bit lanes).
+    fn dropout_chunk(v: &mut [f32], offset: u64, seed: u64, threshold: u64, scale: f32) {
+        for (i, v) in v.iter_mut().enumerate() {
+            let bits = super::attention::splitmix64(seed ^ (offset + i as u64).wrapping_mul(PHI));
+            *v *= if (bits >> 32) < threshold { scale } else { 0.0 };
+        }
+    }
+}
 
 /// The four weights of a [`ResidualMlp`] block.
 struct Params<'a> {
@@ -1108,6 +1107,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn dropout_masks_are_the_same_at_every_simd_level_and_split() {
+        let keep = 0.7f64;
+        let d = Dropout {
+            seed: 12_345,
+            threshold: (keep * 4_294_967_296.0) as u64,
+            scale: (1.0 / keep) as f32,
+        };
+        let n = 1003;
+        let want: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let bits = crate::nn::attention::splitmix64(12_345 ^ i.wrapping_mul(PHI));
+                if (bits >> 32) < d.threshold {
+                    d.scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let kept = want.iter().filter(|&&f| f > 0.0).count() as f64 / n as f64;
+        assert!((kept - keep).abs() < 0.05, "kept {kept}");
+        crate::nn::simd::test_cap::at_each_level(|cap| {
+            let mut v = vec![1f32; n];
+            let (a, b) = v.split_at_mut(500);
+            d.apply(a, 0);
+            d.apply(b, 500);
+            assert_eq!(v, want, "level {cap:?}");
+            let mut w = vec![1f32; n];
+            d.apply_parallel(&mut w);
+            assert_eq!(w, want, "level {cap:?}, in parallel");
+        });
     }
 
     #[test]
