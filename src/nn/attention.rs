@@ -1156,6 +1156,19 @@ mod tests {
             .collect()
     }
 
+    /// RoPE's `(cos, sin)` tables for positions `0..s`, `[s, dh / 2]` each.
+    fn rotary_tables(s: usize, dh: usize) -> (Tensor, Tensor) {
+        let half = dh / 2;
+        let angle = |p: usize, i: usize| p as f32 / 10f32.powf(i as f32 / half as f32);
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = (0..s * half)
+                .map(|x| f(angle(x / half, x % half)))
+                .collect();
+            Tensor::from_vec(v, (s, half), &Device::Cpu).unwrap()
+        };
+        (table(f32::cos), table(f32::sin))
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -1462,15 +1475,7 @@ mod tests {
         let dev = Device::Cpu;
         let (b, s, h, heads, kv, dh) = (2, 10, 8, 4, 2, 4);
         let (hq, hk) = (heads * dh, kv * dh);
-        let half = dh / 2;
-        let angle = |p: usize, i: usize| p as f32 / 10f32.powf(i as f32 / half as f32);
-        let table = |f: fn(f32) -> f32| {
-            let v: Vec<f32> = (0..s * half)
-                .map(|x| f(angle(x / half, x % half)))
-                .collect();
-            Tensor::from_vec(v, (s, half), &dev).unwrap()
-        };
-        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let (cos, sin) = rotary_tables(s, dh);
         let tensor = |n: usize, seed: u64, shape: &[usize]| {
             Tensor::from_vec(values(n, seed, 0.5), shape, &dev).unwrap()
         };
@@ -1603,15 +1608,7 @@ mod tests {
         let dev = Device::Cpu;
         let (b, s, h, heads, kv, dh) = (3, 12, 8, 4, 2, 4);
         let (hq, hk) = (heads * dh, kv * dh);
-        let half = dh / 2;
-        let angle = |p: usize, i: usize| p as f32 / 10f32.powf(i as f32 / half as f32);
-        let table = |f: fn(f32) -> f32| {
-            let v: Vec<f32> = (0..s * half)
-                .map(|x| f(angle(x / half, x % half)))
-                .collect();
-            Tensor::from_vec(v, (s, half), &dev).unwrap()
-        };
-        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let (cos, sin) = rotary_tables(s, dh);
         let var = |n: usize, seed: u64, shape: &[usize]| {
             Var::from_vec(values(n, seed, 0.5), shape, &dev).unwrap()
         };

@@ -1002,41 +1002,109 @@ mod tests {
         }
     }
 
+    /// `l`'s output with its adapter as separate ops, `l(x) + scale · ((x ⊙ mask) · Aᵀ) · Bᵀ`,
+    /// the mask drawn from `dropout` as the fused kernels draw theirs.
+    fn with_adapter(l: &Linear, x: &Tensor, dropout: Option<&Dropout>) -> Tensor {
+        let base = l.forward(x).unwrap();
+        let Some(a) = &l.lora else { return base };
+        let x = match dropout {
+            Some(d) => {
+                let mut m = vec![1f32; x.elem_count()];
+                d.apply_parallel(&mut m);
+                (x * Tensor::from_vec(m, x.shape(), x.device()).unwrap()).unwrap()
+            }
+            None => x.clone(),
+        };
+        let delta = x
+            .matmul(&a.a.t().unwrap())
+            .unwrap()
+            .matmul(&a.b.t().unwrap())
+            .unwrap();
+        (base + (delta * a.scale).unwrap()).unwrap()
+    }
+
+    /// `layers` with adapters of rank 3 (trainable `A` and `B`, random) where `targets` says,
+    /// and the adapters' variables.
+    fn adapted(
+        mut layers: Vec<Linear>,
+        targets: &[bool],
+        scale: f64,
+        dropout: f64,
+    ) -> (Vec<Linear>, Vec<Var>) {
+        let mut vars = Vec::new();
+        for (l, _) in layers.iter_mut().zip(targets).filter(|(_, t)| **t) {
+            let (out, inp) = l.weight.dims2().unwrap();
+            let randn = |shape| Tensor::randn(0f32, 0.5, shape, &Device::Cpu).unwrap();
+            let a = Var::from_tensor(&randn((3, inp))).unwrap();
+            let b = Var::from_tensor(&randn((out, 3))).unwrap();
+            l.lora = Some(crate::nn::lora::LoraAdapter {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale,
+                dropout,
+            });
+            vars.extend([a, b]);
+        }
+        (layers, vars)
+    }
+
+    /// A fused block against its separate-op `reference`: the outputs, the gradients of the
+    /// `trained` variables, and none for the frozen layers' weights.
+    fn fused_matches_reference(
+        fused: Tensor,
+        reference: Tensor,
+        loss_weights: &Tensor,
+        trained: &[&Var],
+        layers: &[Linear],
+        case: &str,
+    ) {
+        close(&fused, &reference, &format!("{case}: output"));
+        let loss = |y: Tensor| (y * loss_weights).unwrap().sum_all().unwrap();
+        let (g1, g2) = (
+            loss(fused).backprop().unwrap(),
+            loss(reference).backprop().unwrap(),
+        );
+        for (i, v) in trained.iter().enumerate() {
+            let got = g1
+                .get(v.as_tensor())
+                .expect("every variable gets a gradient");
+            close(
+                got,
+                g2.get(v.as_tensor()).unwrap(),
+                &format!("{case}: gradient {i}"),
+            );
+        }
+        for l in layers {
+            assert!(
+                g1.get(&l.weight).is_none(),
+                "{case}: a frozen weight got a gradient"
+            );
+        }
+    }
+
     #[test]
     fn lora_adapters_inside_the_gated_block_match_separate_ops_and_leave_frozen_weights_alone() {
         // `all-linear` LoRA on a decoder's feed-forward half: frozen projections, adapters on
         // some or all of them, their input dropout rebuilt here from the same seeds.
         use crate::nn::layers::seed_dropout;
-        use crate::nn::lora::LoraAdapter;
         let dev = Device::Cpu;
         let (rows, h, inner) = (24, 8, 20);
-        let shapes = [(inner, h), (inner, h), (h, inner)];
         let randn = |shape: (usize, usize)| Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
         let x = Var::from_tensor(&randn((rows, h))).unwrap();
         let r = Var::from_tensor(&randn((rows, h))).unwrap();
         let weights = randn((rows, h));
         for (targets, dropout) in [([true, false, true], 0.0), ([true; 3], 0.2)] {
-            let mut adapters = Vec::new();
-            let mut layers = Vec::new();
-            for (i, &(out, inp)) in shapes.iter().enumerate() {
-                let lora = targets[i].then(|| {
-                    let a = Var::from_tensor(&randn((3, inp))).unwrap();
-                    let b = Var::from_tensor(&randn((out, 3))).unwrap();
-                    adapters.push((a.clone(), b.clone()));
-                    LoraAdapter {
-                        a: a.as_tensor().clone(),
-                        b: b.as_tensor().clone(),
-                        scale: 2.0,
-                        dropout,
-                    }
-                });
-                layers.push(Linear {
+            let base = [(inner, h), (inner, h), (h, inner)]
+                .iter()
+                .enumerate()
+                .map(|(i, &(out, inp))| Linear {
                     name: format!("p{i}"),
                     weight: randn((out, inp)),
                     bias: None,
-                    lora,
-                });
-            }
+                    lora: None,
+                })
+                .collect();
+            let (layers, adapters) = adapted(base, &targets, 2.0, dropout);
             let input = BlockInput::Residual {
                 n: x.as_tensor().clone(),
                 r: r.as_tensor().clone(),
@@ -1045,67 +1113,19 @@ mod tests {
             let fused = residual_swiglu(&input, &layers[0], &layers[1], &layers[2], true)
                 .unwrap()
                 .expect("CPU f32 with adapters takes the fused kernel");
-            seed_dropout(5);
             // The masks in the kernel's order: gate, up, down.
-            let masks: Vec<Option<Tensor>> = shapes
+            seed_dropout(5);
+            let masks: Vec<Option<Dropout>> = layers
                 .iter()
-                .enumerate()
-                .map(|(i, &(_, inp))| {
-                    let d = layers[i]
-                        .lora
-                        .as_ref()
-                        .and_then(|_| Dropout::new(dropout as f32))?;
-                    let mut m = vec![1f32; rows * inp];
-                    d.apply_parallel(&mut m);
-                    Some(Tensor::from_vec(m, (rows, inp), &dev).unwrap())
-                })
+                .map(|l| l.lora.as_ref().and_then(|_| Dropout::new(dropout as f32)))
                 .collect();
-            let project = |i: usize, x: &Tensor| {
-                let l = &layers[i];
-                let base = x.matmul(&l.weight.t().unwrap()).unwrap();
-                match &l.lora {
-                    None => base,
-                    Some(a) => {
-                        let x = match &masks[i] {
-                            Some(m) => (x * m).unwrap(),
-                            None => x.clone(),
-                        };
-                        let delta = x
-                            .matmul(&a.a.t().unwrap())
-                            .unwrap()
-                            .matmul(&a.b.t().unwrap())
-                            .unwrap();
-                        (base + (delta * a.scale).unwrap()).unwrap()
-                    }
-                }
-            };
+            let project = |i: usize, x: &Tensor| with_adapter(&layers[i], x, masks[i].as_ref());
             let xt = x.as_tensor();
             let act = (project(0, xt).silu().unwrap() * project(1, xt)).unwrap();
             let reference = (project(2, &act) + r.as_tensor()).unwrap();
+            let trained: Vec<&Var> = adapters.iter().chain([&x, &r]).collect();
             let case = format!("{targets:?}, dropout {dropout}");
-            close(&fused, &reference, &format!("{case}: output"));
-            let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
-            let (g1, g2) = (
-                loss(fused).backprop().unwrap(),
-                loss(reference).backprop().unwrap(),
-            );
-            let trained = adapters.iter().flat_map(|(a, b)| [a, b]);
-            for (i, v) in trained.chain([&x, &r]).enumerate() {
-                let got = g1
-                    .get(v.as_tensor())
-                    .expect("every adapter gets a gradient");
-                close(
-                    got,
-                    g2.get(v.as_tensor()).unwrap(),
-                    &format!("{case}: gradient {i}"),
-                );
-            }
-            for l in &layers {
-                assert!(
-                    g1.get(&l.weight).is_none(),
-                    "{case}: a frozen weight got a gradient"
-                );
-            }
+            fused_matches_reference(fused, reference, &weights, &trained, &layers, &case);
         }
     }
 
@@ -1147,7 +1167,6 @@ mod tests {
         // BERT's or ViT's feed-forward block with LoRA on `intermediate.dense` and
         // `output.dense` (biased, frozen), the adapters' input dropout rebuilt from the seeds.
         use crate::nn::layers::seed_dropout;
-        use crate::nn::lora::LoraAdapter;
         let dev = Device::Cpu;
         let (rows, h, inner) = (24, 8, 20);
         let randn = |shape: (usize, usize)| Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
@@ -1155,23 +1174,11 @@ mod tests {
         let r = Var::from_tensor(&randn((rows, h))).unwrap();
         let weights = randn((rows, h));
         for (targets, dropout) in [([false, true], 0.0), ([true, true], 0.3)] {
-            let mut adapters = Vec::new();
-            let mut layers = Vec::new();
-            for (i, (out, inp)) in [(inner, h), (h, inner)].into_iter().enumerate() {
-                let (mut layer, _) = linear(&format!("fc{i}"), out, inp, i as f32, false);
-                layer.lora = targets[i].then(|| {
-                    let a = Var::from_tensor(&randn((4, inp))).unwrap();
-                    let b = Var::from_tensor(&randn((out, 4))).unwrap();
-                    adapters.push((a.clone(), b.clone()));
-                    LoraAdapter {
-                        a: a.as_tensor().clone(),
-                        b: b.as_tensor().clone(),
-                        scale: 0.5,
-                        dropout,
-                    }
-                });
-                layers.push(layer);
-            }
+            let base = vec![
+                linear("fc1", inner, h, 0.0, false).0,
+                linear("fc2", h, inner, 1.0, false).0,
+            ];
+            let (layers, adapters) = adapted(base, &targets, 0.5, dropout);
             seed_dropout(11);
             let fused = residual_mlp(
                 x.as_tensor(),
@@ -1188,55 +1195,12 @@ mod tests {
                 .iter()
                 .map(|l| l.lora.as_ref().and_then(|_| Dropout::new(dropout as f32)))
                 .collect();
-            let project = |i: usize, x: &Tensor| {
-                let l = &layers[i];
-                let base = l.forward(x).unwrap();
-                match &l.lora {
-                    None => base,
-                    Some(a) => {
-                        let x = match &masks[i] {
-                            Some(d) => {
-                                let mut m = vec![1f32; x.elem_count()];
-                                d.apply_parallel(&mut m);
-                                (x * Tensor::from_vec(m, x.shape(), &dev).unwrap()).unwrap()
-                            }
-                            None => x.clone(),
-                        };
-                        let delta = x
-                            .matmul(&a.a.t().unwrap())
-                            .unwrap()
-                            .matmul(&a.b.t().unwrap())
-                            .unwrap();
-                        (base + (delta * a.scale).unwrap()).unwrap()
-                    }
-                }
-            };
+            let project = |i: usize, x: &Tensor| with_adapter(&layers[i], x, masks[i].as_ref());
             let act = project(0, x.as_tensor()).gelu_erf().unwrap();
             let reference = (project(1, &act) + r.as_tensor()).unwrap();
+            let trained: Vec<&Var> = adapters.iter().chain([&x, &r]).collect();
             let case = format!("{targets:?}, dropout {dropout}");
-            close(&fused, &reference, &format!("{case}: output"));
-            let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
-            let (g1, g2) = (
-                loss(fused).backprop().unwrap(),
-                loss(reference).backprop().unwrap(),
-            );
-            let trained = adapters.iter().flat_map(|(a, b)| [a, b]);
-            for (i, v) in trained.chain([&x, &r]).enumerate() {
-                let got = g1
-                    .get(v.as_tensor())
-                    .expect("every adapter gets a gradient");
-                close(
-                    got,
-                    g2.get(v.as_tensor()).unwrap(),
-                    &format!("{case}: gradient {i}"),
-                );
-            }
-            for l in &layers {
-                assert!(
-                    g1.get(&l.weight).is_none(),
-                    "{case}: a frozen weight got a gradient"
-                );
-            }
+            fused_matches_reference(fused, reference, &weights, &trained, &layers, &case);
         }
     }
 
