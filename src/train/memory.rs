@@ -158,11 +158,20 @@ pub fn estimate(inputs: &MemoryInputs<'_>) -> MemoryEstimate {
         "head_only" => hidden * 1024,
         "lora" => {
             let rank = requested(hp, "lora_rank").unwrap_or(8);
-            let modules = hp
-                .get("lora_target_modules")
-                .and_then(Value::as_array)
-                .map_or(2, |m| m.len() as u64)
-                .max(1);
+            let all = if inputs.family == Family::Decoder {
+                crate::train::spec::DECODER_LORA_MODULES.len()
+            } else {
+                crate::train::spec::LORA_MODULES.len()
+            } as u64;
+            let modules = match hp.get("lora_target_modules") {
+                Some(Value::String(s)) if s == crate::train::spec::ALL_LINEAR => all,
+                Some(Value::Array(m)) if m.iter().any(|v| v == crate::train::spec::ALL_LINEAR) => {
+                    all
+                }
+                Some(Value::Array(m)) => m.len() as u64,
+                _ => 2,
+            }
+            .max(1);
             2 * rank * hidden * modules * layers
         }
         "freeze" => {
@@ -237,6 +246,17 @@ mod tests {
         );
         assert!(lora.optimizer_bytes < full.optimizer_bytes / 50);
         assert_eq!(lora.activation_bytes, full.activation_bytes);
+        // "all-linear" (bare or listed) counts all six of an encoder layer's modules.
+        for modules in [json!("all-linear"), json!(["all-linear"])] {
+            let all = run(
+                &c,
+                Family::Encoder,
+                json!({"batch_size": 16, "max_length": 128, "strategy": "lora",
+                       "lora_target_modules": modules}),
+                "supervised",
+            );
+            assert_eq!(all.optimizer_bytes, lora.optimizer_bytes * 3, "{modules}");
+        }
         let head = run(
             &c,
             Family::Encoder,

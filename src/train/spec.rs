@@ -40,6 +40,26 @@ impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for AutoOr<T> {
     }
 }
 
+/// `lora_target_modules`' value: module names, or PEFT's bare string `"all-linear"` (kept as
+/// the one-name list `["all-linear"]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ModuleList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for ModuleList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(s) if s == ALL_LINEAR => Ok(ModuleList(vec![s])),
+            serde_json::Value::String(s) => Err(serde::de::Error::custom(format!(
+                "expected an array of module names or \"{ALL_LINEAR}\", got the string \"{s}\""
+            ))),
+            value => Vec::<String>::deserialize(value)
+                .map(ModuleList)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 impl<T: Clone> AutoOr<T> {
     fn value(&self) -> Option<T> {
         match self {
@@ -98,7 +118,7 @@ pub struct HyperparameterRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_dropout: Option<AutoOr<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora_target_modules: Option<AutoOr<Vec<String>>>,
+    pub lora_target_modules: Option<AutoOr<ModuleList>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learning_rate: Option<AutoOr<f64>>,
     /// Learning rate of the freshly initialised head (default: 20x the backbone's).
@@ -407,7 +427,7 @@ impl HyperparameterRequest {
                 format!("must be at least 0 and below 1, got {x}"),
             ));
         }
-        if let Some(AutoOr::Value(modules)) = &self.lora_target_modules {
+        if let Some(AutoOr::Value(ModuleList(modules))) = &self.lora_target_modules {
             if modules.is_empty() {
                 return Err(bad("lora_target_modules", "must name at least one module"));
             }
@@ -635,7 +655,8 @@ impl HyperparameterRequest {
         } else {
             (LORA_MODULES, ["query", "value"])
         };
-        let lora_target_modules = match self.lora_target_modules.as_ref().and_then(AutoOr::value) {
+        let requested_modules = self.lora_target_modules.as_ref().and_then(AutoOr::value);
+        let lora_target_modules = match requested_modules.map(|m| m.0) {
             // PEFT's shorthand: every module of the family, listed as such in the job.
             Some(modules) if modules.iter().any(|m| m == ALL_LINEAR) => {
                 family_modules.iter().map(|m| (*m).to_owned()).collect()
@@ -875,6 +896,24 @@ mod tests {
             serde_json::from_value(json!({"lora_target_modules": ["q_proj"]})).unwrap();
         let err = req.resolve(&ctx()).unwrap_err().to_string();
         assert!(err.contains("all-linear") && err.contains("query"), "{err}");
+    }
+
+    #[test]
+    fn all_linear_may_be_a_bare_string_as_in_peft() {
+        let req: HyperparameterRequest =
+            serde_json::from_value(json!({"lora_target_modules": "all-linear"})).unwrap();
+        let (hp, _) = req.resolve(&ctx()).unwrap();
+        assert_eq!(hp.lora_target_modules, LORA_MODULES);
+        // Another bare string is an error that says what is expected.
+        let err = serde_json::from_value::<HyperparameterRequest>(
+            json!({"lora_target_modules": "query"}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("all-linear") && err.contains("\"query\""),
+            "{err}"
+        );
     }
 
     #[test]
