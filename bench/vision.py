@@ -52,6 +52,12 @@ What runs (each configuration in a fresh child process, --repeats times, interle
                      augmentation too, overlapped by the workers as a typical user would.
   torch train (pre)  diagnostic (skip with --no-extra): the same loop, but every batch was
                      decoded and augmented before the clock starts: model + optimizer alone.
+  kiln lora          (ViT models only) `kiln train --set strategy=lora`, otherwise as kiln train:
+                     kiln's defaults, rank 8, alpha 16, dropout 0.1 on query and value, the
+                     backbone frozen, adapters at 5e-4 and the head at 1e-3.
+  torch lora         (ViT models only) torch train with every backbone weight frozen and query
+                     and value wrapped in adapters computed as kiln's (bench/lora_torch.py), the
+                     same rates.
   kiln infer         `kiln train --set strategy=head_only`: before its first step kiln puts every
                      image (training + validation) once through the frozen backbone in eval mode,
                      in batches of 32 (the "feature bank"). Timed from its `started` event to its
@@ -107,6 +113,8 @@ import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lora_torch  # noqa: E402
 EVAL_BATCH = 32  # kiln's EVAL_BATCH (src/train/image_classify.rs)
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
@@ -383,8 +391,14 @@ def torch_train_worker(args) -> None:
     steps_per_epoch = math.ceil(n / bs)
 
     groups = []
-    named = list(model.named_parameters())
-    for head, lr in ((False, 1e-4), (True, 1e-3)):
+    backbone_lr = 1e-4
+    if args.strategy == "lora":
+        # kiln's defaults: rank 8, alpha 16, dropout 0.1 on query and value; the head trains.
+        # (transformers 5 names them q_proj and v_proj, earlier versions query and value)
+        lora_torch.add_lora(torch, model.vit, ["query", "value", "q_proj", "v_proj"], 8, 16.0, 0.1)
+        backbone_lr = 5e-4
+    named = [(nm, p) for nm, p in model.named_parameters() if p.requires_grad]
+    for head, lr in ((False, backbone_lr), (True, 1e-3)):
         for decay in (True, False):
             ps = [p for nm, p in named if nm.startswith("classifier") == head and (not is_no_decay(nm)) == decay]
             if ps:
@@ -429,7 +443,8 @@ def torch_train_worker(args) -> None:
     last = len(marks)
     (t_w, c_w, e_w), (t_n, c_n, e_n) = marks[w - 1], marks[last - 1]
     result = {
-        "side": "torch", "variant": args.variant, "model_type": mtype, "torch": torch.__version__,
+        "side": "torch", "variant": args.variant, "strategy": args.strategy, "model_type": mtype,
+        "torch": torch.__version__,
         "steps": last, "timed_steps": f"{w + 1}..{last}",
         "train_img_per_s": (e_n - e_w) / (t_n - t_w),
         "main_process_cores_used": (c_n - c_w) / (t_n - t_w),
@@ -566,7 +581,7 @@ def run_kiln(args, m: dict, strategy: str, work: Path, rep: int) -> dict:
          "cpu_s": res["cpu_s"], "metrics": final.get("metrics"),
          "kiln_reported_img_per_s": final.get("train_examples_per_second")}
     t_started = next((t for t, ev in events if ev.get("type") == "started"), None)
-    if strategy == "full":
+    if strategy in ("full", "lora"):
         w, last = args.warmup_steps, max(steps)
         n, bs = m["n_train"], args.batch_size
         imgs = sum(min(bs, n - (s - 1) * bs) for s in range(w + 1, last + 1))
@@ -591,7 +606,7 @@ def run_kiln(args, m: dict, strategy: str, work: Path, rep: int) -> dict:
     return r
 
 
-def run_torch(args, m: dict, kind: str, variant: str, work: Path) -> dict:
+def run_torch(args, m: dict, kind: str, variant: str, work: Path, strategy: str = "full") -> dict:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[k] = str(args.threads)
@@ -602,7 +617,8 @@ def run_torch(args, m: dict, kind: str, variant: str, work: Path) -> dict:
            "--model-dir", str(m["dir"]), "--side", str(m["side"]),
            "--training-file", str(m["train"]), "--validation-file", str(m["valid"]),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--warmup-steps", str(args.warmup_steps), "--loader-workers", str(args.loader_workers)]
+           "--warmup-steps", str(args.warmup_steps), "--loader-workers", str(args.loader_workers),
+           "--strategy", strategy]
     res = run_child(cmd, env, work)
     if res["rc"] != 0:
         fail(f"torch {kind} {variant} ({m['name']})", res)
@@ -695,6 +711,7 @@ def main():
     # Child process arguments.
     ap.add_argument("--worker", choices=["torch-train", "torch-infer"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="loader", help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", default="full", choices=["full", "lora"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--side", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--training-file", help=argparse.SUPPRESS)
@@ -709,7 +726,8 @@ def main():
     for name in models:
         if name not in MODELS:
             sys.exit(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
-    configs = ["kiln train", "torch train", "torch train (pre)", "kiln infer", "torch infer"]
+    configs = ["kiln train", "torch train", "torch train (pre)", "kiln infer", "torch infer", "kiln lora",
+               "torch lora"]
     if args.no_extra:
         configs.remove("torch train (pre)")
     if args.only:
@@ -769,7 +787,8 @@ def main():
             print(f"{name}: {n_params / 1e6:.2f}M parameters, {n_train} training + {n_valid} validation images "
                   f"({train.stat().st_size / n_train / 1024:.1f} KiB per PNG), {side}x{side}", file=sys.stderr)
 
-        runs: dict[str, dict[str, list[dict]]] = {m["name"]: {c: [] for c in configs} for m in specs}
+        runs: dict[str, dict[str, list[dict]]] = {
+            m["name"]: {c: [] for c in configs if "lora" not in c or m["family"] == "vit"} for m in specs}
         disturbed: list[dict] = []
         def run_config(m: dict, c: str, rep: int) -> dict:
             if c == "kiln train":
@@ -780,6 +799,10 @@ def main():
                 return run_torch(args, m, "torch-train", "loader", work)
             if c == "torch train (pre)":
                 return run_torch(args, m, "torch-train", "pre", work)
+            if c == "kiln lora":
+                return run_kiln(args, m, "lora", work, rep)
+            if c == "torch lora":
+                return run_torch(args, m, "torch-train", "loader", work, strategy="lora")
             return run_torch(args, m, "torch-infer", "eval", work)
 
         def measure(m: dict, c: str, rep: int) -> dict:
@@ -806,6 +829,8 @@ def main():
         for rep in range(args.repeats):
             for m in specs:
                 for c in configs:
+                    if "lora" in c and m["family"] != "vit":
+                        continue  # LoRA adapts attention projections: ViT only
                     r = measure(m, c, rep)
                     if r.get("step_s"):
                         # step_s[j] is step j+2's duration: the timed steps are step_s[W-1:].
@@ -826,7 +851,7 @@ def main():
     for m in specs:
         s = {}
         for c, rs in runs[m["name"]].items():
-            key = "train_img_per_s" if "train" in c else "infer_img_per_s"
+            key = "infer_img_per_s" if "infer" in c else "train_img_per_s"
             s[c] = {
                 "img_per_s": median([r.get(key) for r in rs]),
                 "img_per_s_runs": [round(r[key], 3) for r in rs if r.get(key)],
@@ -845,7 +870,7 @@ def main():
     ratios = {}
     for m in specs:
         for what, k_c, t_c in (("train", "kiln train", "torch train"), ("train vs torch (pre)", "kiln train", "torch train (pre)"),
-                               ("inference", "kiln infer", "torch infer")):
+                               ("inference", "kiln infer", "torch infer"), ("lora train", "kiln lora", "torch lora")):
             a, b = get(m["name"], k_c), get(m["name"], t_c)
             if a and b:
                 ratios[f"{m['name']} {what}: kiln / torch"] = a / b
@@ -864,6 +889,20 @@ def main():
         rt = summary[n].get("torch train", {}).get("max_rss_mib")
         print(f"| {n} | {fmt(kt, 2)} | {fmt(tt, 2)} | {fmt(kt / tt if kt and tt else None, 2)} | {fmt(tp, 2)} | "
               f"{fmt(ki, 2)} | {fmt(ti, 2)} | {fmt(ki / ti if ki and ti else None, 2)} | {fmt(rk, 0)} / {fmt(rt, 0)} |")
+    lora = [m for m in specs if summary[m["name"]].get("kiln lora") or summary[m["name"]].get("torch lora")]
+    if lora:
+        print()
+        print("LoRA training (rank 8 on query and value), images/s:")
+        print()
+        print("| model | kiln lora | torch lora | ratio | peak RSS MiB kiln / torch |")
+        print("|---|---:|---:|---:|---|")
+        for m in lora:
+            n = m["name"]
+            kl, tl = get(n, "kiln lora"), get(n, "torch lora")
+            rk = summary[n].get("kiln lora", {}).get("max_rss_mib")
+            rt = summary[n].get("torch lora", {}).get("max_rss_mib")
+            print(f"| {n} | {fmt(kl, 2)} | {fmt(tl, 2)} | {fmt(kl / tl if kl and tl else None, 2)} | "
+                  f"{fmt(rk, 0)} / {fmt(rt, 0)} |")
     print()
     print("Training, images/s from the median step time (batch / median step; robust to stalls from other work):")
     print()
@@ -875,6 +914,9 @@ def main():
         print(f"| {n} | {fmt(kt, 2)} | {fmt(tt, 2)} | {fmt(kt / tt if kt and tt else None, 2)} | {fmt(tp, 2)} |")
         if kt and tt:
             ratios[f"{n} train (median step): kiln / torch"] = kt / tt
+        kl, tl = (summary[n].get(c, {}).get("median_step_img_per_s") for c in ("kiln lora", "torch lora"))
+        if kl and tl:
+            ratios[f"{n} lora train (median step): kiln / torch"] = kl / tl
     print()
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}")
