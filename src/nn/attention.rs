@@ -171,11 +171,9 @@ pub fn residual_attention(
     let Ok((b, s, h)) = input.input().dims3() else {
         return Ok(None);
     };
-    let fused_ok = layers.iter().all(|l| {
-        native(&l.weight)
-            && l.bias.as_ref().is_none_or(native)
-            && l.lora.as_ref().is_none_or(|a| native(&a.a) && native(&a.b))
-    });
+    let fused_ok = layers
+        .iter()
+        .all(|l| native(&l.weight) && l.bias.as_ref().is_none_or(native) && Adapter::native(l));
     if !fused_ok || !input.native() {
         return Ok(None);
     }

@@ -342,6 +342,16 @@ impl Adapter {
         }))
     }
 
+    /// Whether `layer`'s adapter, where it has one, is f32 on the CPU, as the kernels need
+    /// (checked before [`Adapter::of`] draws a dropout seed for it).
+    pub(super) fn native(layer: &Linear) -> bool {
+        let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        layer
+            .lora
+            .as_ref()
+            .is_none_or(|a| native(&a.a) && native(&a.b))
+    }
+
     /// Whether the block's weights `p` hold this adapter's `A` and `B`.
     pub(super) fn fits(&self, p: &[&[f32]]) -> bool {
         let (out, inp) = self.shape;

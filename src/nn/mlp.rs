@@ -61,11 +61,7 @@ pub fn residual_mlp_block(
     let (Some(b1), Some(b2)) = (&fc1.bias, &fc2.bias) else {
         return Ok(None);
     };
-    let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    let adapters_native = [fc1, fc2]
-        .iter()
-        .all(|l| l.lora.as_ref().is_none_or(|a| native(&a.a) && native(&a.b)));
-    if !input.native() || !adapters_native {
+    if !input.native() || !Adapter::native(fc1) || !Adapter::native(fc2) {
         return Ok(None);
     }
     let (inner, hidden) = fc1.weight.dims2()?;
@@ -399,10 +395,9 @@ pub fn residual_swiglu(
     if layers.iter().any(|l| l.bias.is_some()) {
         return Ok(None);
     }
-    let native = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    let native = layers
-        .iter()
-        .all(|l| native(&l.weight) && l.lora.as_ref().is_none_or(|a| native(&a.a) && native(&a.b)));
+    let native = layers.iter().all(|l| {
+        l.weight.device().is_cpu() && l.weight.dtype() == DType::F32 && Adapter::native(l)
+    });
     if !native || !input.native() {
         return Ok(None);
     }

@@ -18,6 +18,7 @@
 use serde_json::{Map, Value};
 
 use crate::models::Family;
+use crate::train::spec::{ALL_LINEAR, DECODER_LORA_MODULES, LORA_MODULES};
 
 /// What the estimate is made from.
 #[derive(Debug, Clone)]
@@ -159,15 +160,13 @@ pub fn estimate(inputs: &MemoryInputs<'_>) -> MemoryEstimate {
         "lora" => {
             let rank = requested(hp, "lora_rank").unwrap_or(8);
             let all = if inputs.family == Family::Decoder {
-                crate::train::spec::DECODER_LORA_MODULES.len()
+                DECODER_LORA_MODULES.len()
             } else {
-                crate::train::spec::LORA_MODULES.len()
+                LORA_MODULES.len()
             } as u64;
             let modules = match hp.get("lora_target_modules") {
-                Some(Value::String(s)) if s == crate::train::spec::ALL_LINEAR => all,
-                Some(Value::Array(m)) if m.iter().any(|v| v == crate::train::spec::ALL_LINEAR) => {
-                    all
-                }
+                Some(Value::String(s)) if s == ALL_LINEAR => all,
+                Some(Value::Array(m)) if m.iter().any(|v| v == ALL_LINEAR) => all,
                 Some(Value::Array(m)) => m.len() as u64,
                 _ => 2,
             }
