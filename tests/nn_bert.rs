@@ -744,7 +744,8 @@ fn mixed_precision_training_tracks_the_f32_loss_curve() {
     }
 }
 
-/// Weights packed for inference (`pack_for_inference`, used by serving on AVX-512 CPUs) give
+/// Weights packed for inference (`pack_for_inference`, used by serving on AVX-512 and AVX2
+/// CPUs) give
 /// the same hidden states as the general path, for the full sequence and the first token;
 /// training (a tracked gradient) keeps the general path and still gets every gradient.
 #[test]
@@ -761,9 +762,12 @@ fn packed_inference_weights_give_the_same_outputs() {
     let mut packed = BertEncoder::load_dir(dir.path(), &VarMap::new(), &dev, &opts).unwrap();
     let bytes = packed.pack_for_inference().unwrap();
     if kiln::nn::packed::PackedWeight::available() {
-        assert!(bytes > 0, "AVX-512 is here: the layers must be packed");
+        assert!(
+            bytes > 0,
+            "the packed kernel runs here: the layers must be packed"
+        );
     } else {
-        assert_eq!(bytes, 0, "no AVX-512: nothing is packed");
+        assert_eq!(bytes, 0, "no packed kernel here: nothing is packed");
     }
     let a = plain.forward(&ids, Some(&types), &mask, false).unwrap();
     let b = packed.forward(&ids, Some(&types), &mask, false).unwrap();
@@ -793,4 +797,59 @@ fn packed_inference_weights_give_the_same_outputs() {
         without_gradient(&grads, trainable.named_trainable_vars()),
         Vec::<String>::new()
     );
+}
+
+/// Not a test: prints the packed kernel's time against the general product's (`Linear`) for
+/// MiniLM's and a small decoder's shapes at a range of row counts, to place `MAX_ROWS` and
+/// to compare the kernels (`KILN_SIMD=avx2` runs the AVX2 one on an AVX-512 CPU).
+///
+///     cargo test --release --test nn_bert -- --ignored --nocapture packed_products_timing
+#[test]
+#[ignore]
+fn packed_products_timing() {
+    use kiln::nn::layers::Linear;
+    use kiln::nn::packed::PackedWeight;
+    use std::time::Instant;
+    let dev = Device::Cpu;
+    println!("packed kernel available: {}", PackedWeight::available());
+    for (n, k) in [(384, 384), (1536, 384), (384, 1536), (1024, 256)] {
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.05, n, &dev).unwrap();
+        let lin = Linear {
+            name: "timing".into(),
+            weight: w,
+            bias: Some(b),
+            lora: None,
+        };
+        let Some(packed) = PackedWeight::from_linear(&lin).unwrap() else {
+            panic!("[{n}, {k}] did not pack");
+        };
+        for rows in [1, 2, 4, 8, 16, 32, 64, 128, 256] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            if packed.apply(&x).unwrap().is_none() {
+                println!("[{n:>4}, {k:>4}] rows {rows:>3}: the packed kernel does not take it");
+                continue;
+            }
+            let time = |f: &dyn Fn() -> Tensor| {
+                let _ = f();
+                let reps = (2_000_000 / (rows * n * k / 64).max(1)).clamp(5, 2000);
+                let mut best = f64::INFINITY;
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        std::hint::black_box(f());
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                best * 1e6
+            };
+            let general = time(&|| lin.forward(&x).unwrap());
+            let fast = time(&|| packed.apply(&x).unwrap().unwrap());
+            println!(
+                "[{n:>4}, {k:>4}] rows {rows:>3}: general {general:>9.1} µs  packed {fast:>9.1} µs  ({:.2}×, {:.1} GFLOP/s)",
+                general / fast,
+                2.0 * (rows * n * k) as f64 / fast / 1e3
+            );
+        }
+    }
 }

@@ -1394,7 +1394,8 @@ fn mixed_precision_follows_f32_and_every_variable_gets_an_f32_gradient() {
     }
 }
 
-/// Weights packed for inference (`pack_for_inference`, used by serving on AVX-512 CPUs) give
+/// Weights packed for inference (`pack_for_inference`, used by serving on AVX-512 and AVX2
+/// CPUs) give
 /// the logits of the general path, for a full forward and for cached decoding, in every
 /// family (biases included); a decoder with LoRA adapters is left unpacked.
 #[test]
@@ -1414,7 +1415,7 @@ fn packed_inference_weights_give_the_same_logits() {
         assert_eq!(
             bytes > 0,
             kiln::nn::packed::PackedWeight::available(),
-            "{model_type}: packed exactly when the CPU has AVX-512"
+            "{model_type}: packed exactly when the CPU has the packed kernel"
         );
         let seq = ids_from(5, 10);
         let ids = Tensor::from_vec(seq.clone(), (1, 10), &dev).unwrap();

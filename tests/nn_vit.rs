@@ -208,7 +208,7 @@ fn vits_prepared_for_inference_give_the_same_logits() {
         let bytes = model.prepare_for_inference().unwrap();
         if bytes == 0 {
             assert!(!kiln::nn::packed::PackedWeight::available());
-            eprintln!("no AVX-512 here: nothing is packed");
+            eprintln!("no packed kernel on this CPU: nothing is packed");
             return;
         }
         for (x, want) in inputs.iter().zip(&before) {

@@ -473,7 +473,7 @@ impl BertEncoder {
 
     /// Packs every layer's linear weights for inference (`nn::packed`): later forward passes
     /// that track no gradient multiply against the packed copies (the originals stay for
-    /// training and export). Only on the CPU with AVX-512, for f32 layers without LoRA
+    /// training and export). Only on CPUs with AVX-512 or AVX2, for f32 layers without LoRA
     /// adapters; returns the bytes the packed copies take (0 when nothing was packed).
     pub fn pack_for_inference(&mut self) -> Result<u64> {
         use crate::nn::packed::PackedWeight;

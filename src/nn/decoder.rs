@@ -862,7 +862,7 @@ impl Decoder {
 
     /// Packs every layer's linear weights and the LM head for inference (`nn::packed`):
     /// later passes that track no gradient (serving's prompt pass and decoding) multiply
-    /// against the packed copies. Only on the CPU with AVX-512 and without LoRA adapters;
+    /// against the packed copies. Only on CPUs with AVX-512 or AVX2, without LoRA adapters;
     /// returns the bytes the packed copies take (0 when nothing was packed).
     pub fn pack_for_inference(&mut self) -> Result<u64> {
         use crate::nn::packed::PackedWeight;

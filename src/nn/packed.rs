@@ -4,25 +4,34 @@
 //! a few short texts at a time, where that packing is a quarter of the work. Here `W`
 //! (`[n, k]`, PyTorch's layout) is rearranged once into panels of 16 output columns, each
 //! stored k-major (`[k][16]`), so the kernel streams a panel with one vector load per step
-//! while broadcasting the activations straight from their rows. The micro-kernel keeps a
-//! tile of up to 8 rows × 32 columns in AVX-512 registers. It is used only on CPUs with
-//! AVX-512 (`PackedWeight::available`); elsewhere callers keep the general path.
+//! while broadcasting the activations straight from their rows. With AVX-512 the micro-kernel
+//! keeps a tile of up to 8 rows × 32 columns (two panels) in registers; with AVX2 and FMA, a
+//! tile of up to 6 rows × 16 columns (one panel, two 8-lane vectors per row), and for one to
+//! three rows it splits `k` over several accumulators so that the chain of dependent
+//! multiply-adds does not bound it (decoding one token is one row per sequence). The layout
+//! is the same for both. On CPUs with neither (`PackedWeight::available`), or with
+//! `KILN_SIMD=base`, callers keep the general path.
 
 use std::sync::Arc;
 
 use candle_core::DType;
 
 use crate::nn::layers::Linear;
+use crate::nn::simd::{self, Level};
 
-/// Output columns per panel (one 512-bit vector of f32).
+/// Output columns per panel (one AVX-512 vector of f32, two AVX2 vectors).
 const NR: usize = 16;
-/// Rows per micro-tile: 8 × 2 accumulator vectors, the 2 weight vectors and a broadcast
-/// take 19 of the 32 AVX-512 registers. Each tile streams its column block's two panels
-/// (`2 · k · NR` values, from L2 once `k` is past a few hundred), so taller tiles stream them
-/// fewer times per product.
+/// Rows per AVX-512 micro-tile: 8 × 2 accumulator vectors, the 2 weight vectors and a
+/// broadcast take 19 of the 32 AVX-512 registers. Each tile streams its column block's two
+/// panels (`2 · k · NR` values, from L2 once `k` is past a few hundred), so taller tiles stream
+/// them fewer times per product.
 const MR: usize = 8;
+/// Rows per AVX2 micro-tile: 6 × 2 accumulator vectors, the 2 weight vectors and a broadcast
+/// take 15 of the 16 AVX2 registers.
+const MR_AVX2: usize = 6;
 /// Products with more rows than this go to the general gemm (measured on MiniLM serving:
-/// the packed kernel is ahead up to a few hundred rows, behind at 800).
+/// the packed kernel is ahead up to a few hundred rows, behind at 800; the AVX2 kernel ties
+/// with the general path at 128-256 rows, `packed_products_timing` in tests/nn_bert.rs).
 const MAX_ROWS: usize = 256;
 
 /// Each layer's packed linears ([`PackedWeight::pack_layers`]).
@@ -45,16 +54,10 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Whether this CPU runs the packed kernel (AVX-512F).
+    /// Whether this CPU runs the packed kernel (AVX-512, or AVX2 with FMA: the element-wise
+    /// loops' [`simd::level`], so `KILN_SIMD` caps this too).
     pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        simd::level() >= Level::Avx2
     }
 
     /// Packs a row-major `[n, k]` weight and its bias.
@@ -82,7 +85,8 @@ impl PackedWeight {
     }
 
     /// `x · Wᵀ + b` for a tensor `[.., k]` on the CPU in f32 that tracks no gradient:
-    /// `Ok(None)` for anything else (or without AVX-512), and the caller's general path runs.
+    /// `Ok(None)` for anything else (or on a CPU without the kernel), and the caller's general
+    /// path runs.
     pub fn apply(
         &self,
         x: &candle_core::Tensor,
@@ -182,25 +186,35 @@ impl PackedWeight {
     }
 
     /// `y[m, n] = x[m, k] · Wᵀ (+ bias)`, `x` and `y` row-major. `parallel` spreads the column
-    /// blocks over the current rayon pool. `None` when the CPU lacks AVX-512 or `x` does not
+    /// blocks over the current rayon pool. `None` when the CPU has no kernel or `x` does not
     /// have `m` rows of `k`.
     pub fn matmul(&self, x: &[f32], m: usize, parallel: bool) -> Option<Vec<f32>> {
-        if !Self::available() || x.len() != m * self.k {
+        let level = simd::level();
+        if level < Level::Avx2 || x.len() != m * self.k {
             return None;
         }
         let mut y = vec![0f32; m * self.n];
         if m == 0 {
             return Some(y);
         }
-        let blocks = self.panels / 2;
         let out = OutPtr(y.as_mut_ptr());
+        // AVX-512 tiles are two panels wide, AVX2 tiles one (the padding panel is skipped).
+        let (blocks, rows_per_tile) = match level {
+            Level::Avx512 => (self.panels / 2, MR),
+            _ => (self.n.div_ceil(NR), MR_AVX2),
+        };
         let run = |block: usize| {
-            for i0 in (0..m).step_by(MR) {
-                let rows = MR.min(m - i0);
-                // SAFETY: AVX-512F was detected above; `x` holds rows i0..i0+rows of k values;
-                // the panels of this block hold 2·k·NR values; each block writes only its own
-                // columns of `y`.
-                unsafe { self.tile(x, i0, rows, block, out) };
+            for i0 in (0..m).step_by(rows_per_tile) {
+                let rows = rows_per_tile.min(m - i0);
+                // SAFETY: `level` found the kernel's features on this CPU; `x` holds rows
+                // i0..i0+rows of k values; the panels of this block hold k·NR values each;
+                // each block writes only its own columns of `y`.
+                unsafe {
+                    match level {
+                        Level::Avx512 => self.tile(x, i0, rows, block, out),
+                        _ => self.tile_avx2(x, i0, rows, block, out),
+                    }
+                }
             }
         };
         if parallel && rayon::current_num_threads() > 1 && blocks > 1 {
@@ -210,6 +224,101 @@ impl PackedWeight {
             (0..blocks).for_each(run);
         }
         Some(y)
+    }
+
+    /// Adds the bias and writes a finished tile (`R` rows from `i0`, columns from `j0`) into
+    /// `y`, clipped to its `n` columns.
+    ///
+    /// # Safety
+    /// Rows `i0..i0 + R` of `out` (`n` columns each) exist and no other thread writes these
+    /// columns of them.
+    #[inline(always)]
+    unsafe fn write_tile<const R: usize, const C: usize>(
+        &self,
+        tile: &[[f32; C]; R],
+        i0: usize,
+        j0: usize,
+        out: OutPtr,
+    ) {
+        let cols = C.min(self.n.saturating_sub(j0));
+        for (r, t) in tile.iter().enumerate() {
+            // SAFETY: the caller's contract.
+            let dst = unsafe { out.0.add((i0 + r) * self.n + j0) };
+            for (c, v) in t.iter().enumerate().take(cols) {
+                let b = self.bias.as_ref().map_or(0.0, |b| b[j0 + c]);
+                // SAFETY: c < cols, inside row i0 + r.
+                unsafe { *dst.add(c) = v + b };
+            }
+        }
+    }
+
+    /// The AVX2 tile: rows `i0..i0 + rows` × the 16 columns of panel `panel`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2(&self, x: &[f32], i0: usize, rows: usize, panel: usize, out: OutPtr) {
+        // SAFETY: as `tile_avx2_rows`. Few rows take more accumulators along k (`S`), so at
+        // least eight independent multiply-add chains keep both FMA units busy.
+        unsafe {
+            match rows {
+                6 => self.tile_avx2_rows::<6, 1>(x, i0, panel, out),
+                5 => self.tile_avx2_rows::<5, 1>(x, i0, panel, out),
+                4 => self.tile_avx2_rows::<4, 1>(x, i0, panel, out),
+                3 => self.tile_avx2_rows::<3, 2>(x, i0, panel, out),
+                2 => self.tile_avx2_rows::<2, 2>(x, i0, panel, out),
+                _ => self.tile_avx2_rows::<1, 4>(x, i0, panel, out),
+            }
+        }
+    }
+
+    /// [`Self::tile_avx2`] for `R` rows, with `S` sets of accumulators taking turns along k.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2_rows<const R: usize, const S: usize>(
+        &self,
+        x: &[f32],
+        i0: usize,
+        panel: usize,
+        out: OutPtr,
+    ) {
+        // SAFETY: the caller (`matmul`) checked AVX2 and FMA and the sizes: rows i0..i0+R of
+        // x exist, the panel holds k·NR values, and the columns written are this panel's,
+        // inside row i0 + r of y.
+        unsafe {
+            use std::arch::x86_64::*;
+            let k = self.k;
+            let p = self.data.as_ptr().add(panel * k * NR);
+            let xr = x.as_ptr().add(i0 * k);
+            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; S];
+            let step = |acc: &mut [[__m256; 2]; R], kk: usize| {
+                let w0 = _mm256_loadu_ps(p.add(kk * NR));
+                let w1 = _mm256_loadu_ps(p.add(kk * NR + 8));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*xr.add(r * k + kk));
+                    a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+                }
+            };
+            let whole = k / S * S;
+            for kk in (0..whole).step_by(S) {
+                for (s, a) in acc.iter_mut().enumerate() {
+                    step(a, kk + s);
+                }
+            }
+            for kk in whole..k {
+                step(&mut acc[0], kk);
+            }
+            let mut tile = [[0f32; NR]; R];
+            for (r, t) in tile.iter_mut().enumerate() {
+                let mut a = acc[0][r];
+                for part in &acc[1..] {
+                    a[0] = _mm256_add_ps(a[0], part[r][0]);
+                    a[1] = _mm256_add_ps(a[1], part[r][1]);
+                }
+                _mm256_storeu_ps(t.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(t.as_mut_ptr().add(8), a[1]);
+            }
+            self.write_tile(&tile, i0, panel * NR, out);
+        }
     }
 
     /// One tile: rows `i0..i0 + rows` × the 32 columns of column block `block`.
@@ -236,7 +345,7 @@ impl PackedWeight {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_rows<const R: usize>(&self, x: &[f32], i0: usize, block: usize, out: OutPtr) {
-        // SAFETY: the caller (`matmul`) checked AVX-512F and the sizes: rows i0..i0+R of
+        // SAFETY: the caller (`matmul`) checked AVX-512 and the sizes: rows i0..i0+R of
         // x exist, the block's two panels hold 2·k·NR values, and the columns written are
         // this block's, inside row i0 + r of y.
         unsafe {
@@ -260,20 +369,17 @@ impl PackedWeight {
                 _mm512_storeu_ps(tile[r].as_mut_ptr(), a[0]);
                 _mm512_storeu_ps(tile[r].as_mut_ptr().add(NR), a[1]);
             }
-            let j0 = block * 2 * NR;
-            let cols = (2 * NR).min(self.n.saturating_sub(j0));
-            for (r, t) in tile.iter().enumerate() {
-                let dst = out.0.add((i0 + r) * self.n + j0);
-                for (c, v) in t.iter().enumerate().take(cols) {
-                    let b = self.bias.as_ref().map_or(0.0, |b| b[j0 + c]);
-                    *dst.add(c) = v + b;
-                }
-            }
+            self.write_tile(&tile, i0, block * 2 * NR, out);
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn tile(&self, _x: &[f32], _i0: usize, _rows: usize, _block: usize, _out: OutPtr) {
+        unreachable!("PackedWeight::available is false off x86_64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn tile_avx2(&self, _x: &[f32], _i0: usize, _rows: usize, _p: usize, _out: OutPtr) {
         unreachable!("PackedWeight::available is false off x86_64")
     }
 }
@@ -308,46 +414,53 @@ mod tests {
 
     #[test]
     fn packed_products_match_the_naive_product() {
-        if !PackedWeight::available() {
-            eprintln!("no AVX-512 here: the packed kernel is not used on this CPU");
-            return;
-        }
-        // Odd panel counts, partial panels and tiles, one row, many rows.
-        for (m, n, k) in [
-            (1, 5, 3),
-            (7, 33, 17),
-            (13, 64, 40),
-            (6, 16, 1),
-            (20, 100, 384),
-        ] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.71).cos()).collect();
-            let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.2).collect();
-            for parallel in [false, true] {
-                for bias in [None, Some(b.as_slice())] {
-                    let packed = PackedWeight::pack(&w, bias, n, k).unwrap();
-                    let y = packed.matmul(&x, m, parallel).unwrap();
-                    for i in 0..m {
-                        for j in 0..n {
-                            let want: f32 =
-                                (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum::<f32>()
-                                    + bias.map_or(0.0, |b| b[j]);
-                            let got = y[i * n + j];
-                            assert!(
-                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                                "[{m}, {n}, {k}] ({i}, {j}): {got} vs {want}"
-                            );
+        // Both kernels where the CPU has them (`at_each_level` caps the level), none at the
+        // baseline.
+        crate::nn::simd::test_cap::at_each_level(|level| {
+            if level < Level::Avx2 {
+                let p = PackedWeight::pack(&[1.0; 6], None, 2, 3).unwrap();
+                assert!(!PackedWeight::available() && !PackedWeight::takes(1));
+                assert!(
+                    p.matmul(&[1.0; 3], 1, false).is_none(),
+                    "no kernel at {level:?}"
+                );
+                return;
+            }
+            // Odd panel counts, partial panels and tiles, every tile height of both kernels,
+            // k not a multiple of the accumulator sets, one row, many rows.
+            let mut shapes = vec![(7, 33, 17), (13, 64, 40), (6, 16, 1), (20, 100, 384)];
+            shapes.extend((1..=9).map(|m| (m, 40, 7)));
+            shapes.extend([(1, 5, 3), (1, 48, 1), (2, 17, 2), (3, 31, 5)]);
+            for (m, n, k) in shapes {
+                let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+                let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.71).cos()).collect();
+                let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.2).collect();
+                for parallel in [false, true] {
+                    for bias in [None, Some(b.as_slice())] {
+                        let packed = PackedWeight::pack(&w, bias, n, k).unwrap();
+                        let y = packed.matmul(&x, m, parallel).unwrap();
+                        for i in 0..m {
+                            for j in 0..n {
+                                let want: f32 =
+                                    (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum::<f32>()
+                                        + bias.map_or(0.0, |b| b[j]);
+                                let got = y[i * n + j];
+                                assert!(
+                                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                    "{level:?} [{m}, {n}, {k}] ({i}, {j}): {got} vs {want}"
+                                );
+                            }
                         }
                     }
                 }
             }
-        }
-        assert!(PackedWeight::pack(&[1.0; 5], None, 2, 3).is_none());
-        assert!(PackedWeight::pack(&[1.0; 6], Some(&[0.0]), 2, 3).is_none());
-        let p = PackedWeight::pack(&[1.0; 6], None, 2, 3).unwrap();
-        assert!(
-            p.matmul(&[1.0; 4], 2, false).is_none(),
-            "x of the wrong size"
-        );
+            assert!(PackedWeight::pack(&[1.0; 5], None, 2, 3).is_none());
+            assert!(PackedWeight::pack(&[1.0; 6], Some(&[0.0]), 2, 3).is_none());
+            let p = PackedWeight::pack(&[1.0; 6], None, 2, 3).unwrap();
+            assert!(
+                p.matmul(&[1.0; 4], 2, false).is_none(),
+                "x of the wrong size"
+            );
+        });
     }
 }

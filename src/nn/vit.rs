@@ -930,7 +930,7 @@ impl ImageClassifier for VitForImageClassification {
         Value::Object(cfg)
     }
 
-    /// Packs every layer's linear weights (`nn::packed`): on the CPU with AVX-512, for f32
+    /// Packs every layer's linear weights (`nn::packed`): on CPUs with AVX-512 or AVX2, for f32
     /// layers without adapters; passes of up to the packed kernel's rows (one image's tokens)
     /// then multiply against the packed copies.
     fn prepare_for_inference(&mut self) -> Result<u64> {

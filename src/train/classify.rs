@@ -172,7 +172,8 @@ impl Classification {
     }
 
     /// `head_only`'s feature cache for both splits. The encoder is frozen, so its weights are
-    /// packed for the pass where that helps (AVX-512 CPUs, as serving does) and unpacked after.
+    /// packed for the pass where that helps (AVX-512 and AVX2 CPUs, as serving does) and
+    /// unpacked after.
     fn cache_features(&mut self) -> Result<(), TrainError> {
         self.model.encoder.pack_for_inference()?;
         let cached = self
