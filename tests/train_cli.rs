@@ -307,12 +307,25 @@ fn kiln_predict_runs_exported_models_through_the_serving_engine_without_a_server
         assert_eq!(row["score"], row["scores"][row["label"].as_str().unwrap()]);
         assert_eq!(row["prompt_tokens"], json!(b.input_ids.len()));
     }
-    // Inputs on standard input, one per line, give the same answers.
+    // Inputs on standard input, one per line, give the same answers. The engine's lanes may
+    // cut the batch differently from one run to the next (how many are idle when it arrives),
+    // and a text padded to a longer neighbour may differ in the last bits of its scores.
     let (_, from_stdin) = kiln_predict(
         &["--model", model],
         Some(&format!("{}\n", texts.join("\n"))),
     );
-    assert_eq!(from_stdin, rows);
+    assert_eq!(from_stdin.len(), rows.len());
+    for (a, b) in from_stdin.iter().zip(&rows) {
+        assert_eq!(a["label"], b["label"], "{a} vs {b}");
+        assert_eq!(a["prompt_tokens"], b["prompt_tokens"], "{a} vs {b}");
+        for label in &labels {
+            let (x, y) = (a["scores"][label].as_f64(), b["scores"][label].as_f64());
+            assert!(
+                x.zip(y).is_some_and(|(x, y)| (x - y).abs() < 1e-6),
+                "{label}: {a} vs {b}"
+            );
+        }
+    }
 
     // A multi-label classifier: independent sigmoid scores, and every label at 0.5 or more.
     let multi = dir.path().join("multi");

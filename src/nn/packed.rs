@@ -7,9 +7,11 @@
 //! while broadcasting the activations straight from their rows. With AVX-512 the micro-kernel
 //! keeps a tile of up to 8 rows × 32 columns (two panels) in registers; with AVX2 and FMA, a
 //! tile of up to 6 rows × 16 columns (one panel, two 8-lane vectors per row), and for one to
-//! three rows it splits `k` over several accumulators so that the chain of dependent
-//! multiply-adds does not bound it (decoding one token is one row per sequence). The layout
-//! is the same for both. On CPUs with neither (`PackedWeight::available`), or with
+//! three rows both panels of the block at once, so that enough independent multiply-add
+//! chains hide their latency (decoding one token is one row per sequence). The layout is the
+//! same for both. Each output sums its `k` products in order in one accumulator whatever the
+//! tile height, so a row's result is the same bits however many rows share the product
+//! (serving batches whatever requests arrive together). On CPUs with neither (`PackedWeight::available`), or with
 //! `KILN_SIMD=base`, callers keep the general path.
 
 use std::sync::Arc;
@@ -198,10 +200,11 @@ impl PackedWeight {
             return Some(y);
         }
         let out = OutPtr(y.as_mut_ptr());
-        // AVX-512 tiles are two panels wide, AVX2 tiles one (the padding panel is skipped).
-        let (blocks, rows_per_tile) = match level {
-            Level::Avx512 => (self.panels / 2, MR),
-            _ => (self.n.div_ceil(NR), MR_AVX2),
+        // Column blocks of two panels (32 columns) for both kernels.
+        let blocks = self.panels / 2;
+        let rows_per_tile = match level {
+            Level::Avx512 => MR,
+            _ => MR_AVX2,
         };
         let run = |block: usize| {
             for i0 in (0..m).step_by(rows_per_tile) {
@@ -252,28 +255,42 @@ impl PackedWeight {
         }
     }
 
-    /// The AVX2 tile: rows `i0..i0 + rows` × the 16 columns of panel `panel`.
+    /// The AVX2 tile: rows `i0..i0 + rows` × the 32 columns of column block `block` (its two
+    /// panels, the second skipped where it only pads an odd count).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2(&self, x: &[f32], i0: usize, rows: usize, panel: usize, out: OutPtr) {
-        // SAFETY: as `tile_avx2_rows`. Few rows take more accumulators along k (`S`), so at
-        // least eight independent multiply-add chains keep both FMA units busy.
+    unsafe fn tile_avx2(&self, x: &[f32], i0: usize, rows: usize, block: usize, out: OutPtr) {
+        // SAFETY: as `tile_avx2_rows`. Four to six rows keep enough independent multiply-add
+        // chains on one panel; fewer rows take both panels at once (four to twelve chains).
+        // Every output still sums its k products in order in one accumulator, whatever the
+        // tile height, so a row's result does not depend on the rows batched with it.
         unsafe {
+            let first = 2 * block;
+            let second = first + 1 < self.n.div_ceil(NR);
+            macro_rules! one_panel_each {
+                ($r:literal) => {{
+                    self.tile_avx2_rows::<$r, 1>(x, i0, first, out);
+                    if second {
+                        self.tile_avx2_rows::<$r, 1>(x, i0, first + 1, out);
+                    }
+                }};
+            }
             match rows {
-                6 => self.tile_avx2_rows::<6, 1>(x, i0, panel, out),
-                5 => self.tile_avx2_rows::<5, 1>(x, i0, panel, out),
-                4 => self.tile_avx2_rows::<4, 1>(x, i0, panel, out),
-                3 => self.tile_avx2_rows::<3, 2>(x, i0, panel, out),
-                2 => self.tile_avx2_rows::<2, 2>(x, i0, panel, out),
-                _ => self.tile_avx2_rows::<1, 4>(x, i0, panel, out),
+                6 => one_panel_each!(6),
+                5 => one_panel_each!(5),
+                4 => one_panel_each!(4),
+                3 => self.tile_avx2_rows::<3, 2>(x, i0, first, out),
+                2 => self.tile_avx2_rows::<2, 2>(x, i0, first, out),
+                _ => self.tile_avx2_rows::<1, 2>(x, i0, first, out),
             }
         }
     }
 
-    /// [`Self::tile_avx2`] for `R` rows, with `S` sets of accumulators taking turns along k.
+    /// [`Self::tile_avx2`] for `R` rows × `P` panels from `panel` (16·`P` columns, two 8-lane
+    /// accumulators per row and panel).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2_rows<const R: usize, const S: usize>(
+    unsafe fn tile_avx2_rows<const R: usize, const P: usize>(
         &self,
         x: &[f32],
         i0: usize,
@@ -281,43 +298,37 @@ impl PackedWeight {
         out: OutPtr,
     ) {
         // SAFETY: the caller (`matmul`) checked AVX2 and FMA and the sizes: rows i0..i0+R of
-        // x exist, the panel holds k·NR values, and the columns written are this panel's,
-        // inside row i0 + r of y.
+        // x exist, the P panels from `panel` hold k·NR values each (padding included), and
+        // the columns written are theirs, clipped to n, inside row i0 + r of y.
         unsafe {
             use std::arch::x86_64::*;
             let k = self.k;
             let p = self.data.as_ptr().add(panel * k * NR);
             let xr = x.as_ptr().add(i0 * k);
-            let mut acc = [[[_mm256_setzero_ps(); 2]; R]; S];
-            let step = |acc: &mut [[__m256; 2]; R], kk: usize| {
-                let w0 = _mm256_loadu_ps(p.add(kk * NR));
-                let w1 = _mm256_loadu_ps(p.add(kk * NR + 8));
+            let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
+            for kk in 0..k {
+                let mut w = [[_mm256_setzero_ps(); 2]; P];
+                for (q, wq) in w.iter_mut().enumerate() {
+                    let at = p.add(q * k * NR + kk * NR);
+                    wq[0] = _mm256_loadu_ps(at);
+                    wq[1] = _mm256_loadu_ps(at.add(8));
+                }
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*xr.add(r * k + kk));
-                    a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
-                    a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
-                }
-            };
-            let whole = k / S * S;
-            for kk in (0..whole).step_by(S) {
-                for (s, a) in acc.iter_mut().enumerate() {
-                    step(a, kk + s);
+                    for (aq, wq) in a.iter_mut().zip(&w) {
+                        aq[0] = _mm256_fmadd_ps(xv, wq[0], aq[0]);
+                        aq[1] = _mm256_fmadd_ps(xv, wq[1], aq[1]);
+                    }
                 }
             }
-            for kk in whole..k {
-                step(&mut acc[0], kk);
-            }
-            let mut tile = [[0f32; NR]; R];
-            for (r, t) in tile.iter_mut().enumerate() {
-                let mut a = acc[0][r];
-                for part in &acc[1..] {
-                    a[0] = _mm256_add_ps(a[0], part[r][0]);
-                    a[1] = _mm256_add_ps(a[1], part[r][1]);
+            for q in 0..P {
+                let mut tile = [[0f32; NR]; R];
+                for (t, a) in tile.iter_mut().zip(&acc) {
+                    _mm256_storeu_ps(t.as_mut_ptr(), a[q][0]);
+                    _mm256_storeu_ps(t.as_mut_ptr().add(8), a[q][1]);
                 }
-                _mm256_storeu_ps(t.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(t.as_mut_ptr().add(8), a[1]);
+                self.write_tile(&tile, i0, (panel + q) * NR, out);
             }
-            self.write_tile(&tile, i0, panel * NR, out);
         }
     }
 
@@ -427,7 +438,7 @@ mod tests {
                 return;
             }
             // Odd panel counts, partial panels and tiles, every tile height of both kernels,
-            // k not a multiple of the accumulator sets, one row, many rows.
+            // k small and odd, one row, many rows.
             let mut shapes = vec![(7, 33, 17), (13, 64, 40), (6, 16, 1), (20, 100, 384)];
             shapes.extend((1..=9).map(|m| (m, 40, 7)));
             shapes.extend([(1, 5, 3), (1, 48, 1), (2, 17, 2), (3, 31, 5)]);
@@ -439,6 +450,16 @@ mod tests {
                     for bias in [None, Some(b.as_slice())] {
                         let packed = PackedWeight::pack(&w, bias, n, k).unwrap();
                         let y = packed.matmul(&x, m, parallel).unwrap();
+                        // Each row alone gives the same bits as in the batch (serving batches
+                        // whatever requests arrive together).
+                        for i in 0..m {
+                            let alone = packed.matmul(&x[i * k..(i + 1) * k], 1, false).unwrap();
+                            assert_eq!(
+                                alone,
+                                y[i * n..(i + 1) * n],
+                                "{level:?} [{m}, {n}, {k}] row {i} alone"
+                            );
+                        }
                         for i in 0..m {
                             for j in 0..n {
                                 let want: f32 =
