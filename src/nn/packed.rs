@@ -11,8 +11,8 @@
 //! chains hide their latency (decoding one token is one row per sequence). The layout is the
 //! same for both. Each output sums its `k` products in order in one accumulator whatever the
 //! tile height, so a row's result is the same bits however many rows share the product
-//! (serving batches whatever requests arrive together). On CPUs with neither (`PackedWeight::available`), or with
-//! `KILN_SIMD=base`, callers keep the general path.
+//! (serving batches whatever requests arrive together). On CPUs with neither
+//! (`PackedWeight::available`), or with `KILN_SIMD=base`, callers keep the general path.
 
 use std::sync::Arc;
 
