@@ -94,6 +94,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -225,9 +226,15 @@ def make_digits_zip(path: Path, per_class: int, skip: int, seed: int) -> int:
 
 
 def replicate_zip(src: Path, dst: Path, n: int) -> int:
-    """dst holds src's images cycled (in order) to n entries; copies get a `-rK` suffix."""
+    """dst holds src's images cycled to n entries; copies get a `-rK` suffix. The classes take
+    turns (each class's images in zip order), so that fewer entries than src holds still cover
+    every class: a short run's validation data has no class its training data lacks."""
     with zipfile.ZipFile(src) as z:
-        names = [x for x in z.namelist() if x.lower().endswith(".png")]
+        by_class: dict[str, list[str]] = {}
+        for x in z.namelist():
+            if x.lower().endswith(".png"):
+                by_class.setdefault(x.rstrip("/").split("/")[-2], []).append(x)
+        names = [x for turn in itertools.zip_longest(*by_class.values()) for x in turn if x is not None]
         data = [z.read(x) for x in names]
     with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as z:
         for i in range(n):
