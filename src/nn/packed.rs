@@ -390,7 +390,7 @@ impl PackedWeight {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn tile_avx2(&self, _x: &[f32], _i0: usize, _rows: usize, _p: usize, _out: OutPtr) {
+    unsafe fn tile_avx2(&self, _x: &[f32], _i0: usize, _rows: usize, _block: usize, _out: OutPtr) {
         unreachable!("PackedWeight::available is false off x86_64")
     }
 }
