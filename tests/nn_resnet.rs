@@ -260,6 +260,84 @@ fn the_candle_op_path_matches_the_cpu_kernels() {
     }
 }
 
+/// The device path's convolution (candle's forward, kiln's backward: candle 0.9.2's backward
+/// hands its CUDA convolution a strided kernel it multiplies in the wrong order) gives the
+/// kernel's outputs and gradients, at every stride, padding and leftover ResNet has, and
+/// computes no gradient nothing asked for.
+#[test]
+fn convolution_as_candle_ops_matches_the_kernel() {
+    // (batch, h, w, cin, cout, k, stride, padding)
+    let shapes = [
+        (3, 9, 8, 4, 5, 3, 1, 1),
+        (3, 9, 8, 4, 5, 3, 2, 1),
+        (2, 11, 10, 3, 6, 7, 2, 3),
+        (2, 7, 9, 6, 4, 1, 2, 0),
+        (1, 5, 5, 2, 3, 1, 1, 0),
+        (4, 6, 6, 8, 8, 3, 1, 0),
+    ];
+    for (i, &(b, h, w, cin, cout, k, stride, padding)) in shapes.iter().enumerate() {
+        let seed = 100 + i as u32;
+        let x0 = Tensor::from_vec(values(seed, b * h * w * cin), (b, h, w, cin), &Device::Cpu);
+        let w0 = Tensor::from_vec(
+            values(seed + 50, cout * cin * k * k),
+            (cout, cin, k, k),
+            &Device::Cpu,
+        );
+        let (x0, w0) = (x0.unwrap(), w0.unwrap());
+        let what =
+            format!("[{b}, {h}, {w}, {cin}] * [{cout}, {cin}, {k}, {k}] /{stride} pad {padding}");
+        let mut runs = Vec::new();
+        for ops in [false, true] {
+            let x = Var::from_tensor(&x0).unwrap();
+            let wv = Var::from_tensor(&w0).unwrap();
+            let y = if ops {
+                conv::conv2d_ops(x.as_tensor(), wv.as_tensor(), stride, padding)
+            } else {
+                conv::conv2d(x.as_tensor(), wv.as_tensor(), stride, padding)
+            }
+            .unwrap();
+            let r = Tensor::from_vec(values(seed + 7, y.elem_count()), y.shape(), &Device::Cpu);
+            let grads = (&y * r.unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backprop()
+                .unwrap();
+            let dx = grads.get(x.as_tensor()).unwrap().clone();
+            let dw = grads.get(wv.as_tensor()).unwrap().clone();
+            runs.push((y, dx, dw));
+        }
+        let (kernel, ops) = (&runs[0], &runs[1]);
+        for (name, a, b) in [
+            ("output", &kernel.0, &ops.0),
+            ("dx", &kernel.1, &ops.1),
+            ("dw", &kernel.2, &ops.2),
+        ] {
+            assert_eq!(a.dims(), b.dims(), "{what}: {name}");
+            let (diff, scale) = (max_abs_diff(a, b), max_abs(a).max(1e-3));
+            assert!(
+                diff <= 1e-4 * scale,
+                "{what}: {name} differs by {diff} (up to {scale})"
+            );
+        }
+        // A frozen weight gets no gradient, an input that tracks none gets none.
+        let x = Var::from_tensor(&x0).unwrap();
+        let y = conv::conv2d_ops(x.as_tensor(), &w0, stride, padding).unwrap();
+        let grads = y.sum_all().unwrap().backprop().unwrap();
+        assert!(
+            grads.get(x.as_tensor()).is_some() && grads.get(&w0).is_none(),
+            "{what}"
+        );
+        let wv = Var::from_tensor(&w0).unwrap();
+        let y = conv::conv2d_ops(&x0, wv.as_tensor(), stride, padding).unwrap();
+        let grads = y.sum_all().unwrap().backprop().unwrap();
+        assert!(
+            grads.get(wv.as_tensor()).is_some() && grads.get(&x0).is_none(),
+            "{what}"
+        );
+    }
+}
+
 /// The device path's max-pool gives the kernel's outputs and input gradients (on inputs with
 /// no ties), for the stem's overlapping 3×3/2 windows and others, on odd and even sizes.
 #[test]

@@ -26,8 +26,9 @@
 //! (`[out, in, kh, kw]` for convolutions), so checkpoints load as they are.
 //!
 //! The kernels run on the CPU in f32. On other devices ResNet uses the `*_ops` versions
-//! ([`conv2d_ops`], [`max_pool2d_ops`], [`batch_norm_ops`]): candle's convolution and plain
-//! tensor ops, which stay on the device. Called directly with inputs elsewhere, the kernels
+//! ([`conv2d_ops`], [`max_pool2d_ops`], [`batch_norm_ops`]): candle's convolution (with a
+//! backward of kiln's: candle 0.9.2's gives wrong weight gradients on CUDA) and plain tensor
+//! ops, which stay on the device. Called directly with inputs elsewhere, the kernels
 //! move them to the CPU in f32 and the result back (correct, not fast).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape};
@@ -889,10 +890,11 @@ impl CustomOp2 for Conv2dNhwc {
     }
 }
 
-/// [`conv2d`] as candle's own convolution (channels-first, with candle's backward), for
-/// devices the kernels here do not run on: on a GPU it keeps the activations there instead
-/// of moving them through host memory. `x: [b, h, w, cin]` (any float dtype; the weight is
-/// cast to it), `weight: [cout, cin, kh, kw]`; returns `[b, ho, wo, cout]`.
+/// [`conv2d`] as candle's own convolution (channels-first; the backward is `DeviceConv`'s,
+/// not candle's), for devices the kernels here do not run on: on a GPU it keeps the
+/// activations there instead of moving them through host memory. `x: [b, h, w, cin]` (any
+/// float dtype; the weight is cast to it), `weight: [cout, cin, kh, kw]`; returns
+/// `[b, ho, wo, cout]`.
 pub fn conv2d_ops(
     x: &Tensor,
     weight: &Tensor,
@@ -908,20 +910,141 @@ pub fn conv2d_ops(
     let x = x.permute((0, 3, 1, 2))?.contiguous()?;
     let leftover = !(h + 2 * padding - kh).is_multiple_of(stride)
         || !(wd + 2 * padding - kw).is_multiple_of(stride);
-    let y = if leftover {
-        // Rows or columns past the last window: candle's backward (a transposed convolution)
-        // would give an input gradient of the wrong size. Padded here and cut to the windows'
-        // extent instead, the convolution has none (the gradient of the cut is zero there).
+    let (x, padding) = if leftover {
+        // Rows or columns past the last window: a transposed convolution (the input
+        // gradient) would give a gradient of the wrong size. Padded here and cut to the
+        // windows' extent instead, the convolution has none (the gradient of the cut is zero
+        // there).
         let extent = |n: usize, k: usize| (n + 2 * padding - k) / stride * stride + k;
-        x.pad_with_zeros(2, padding, padding)?
+        let x = x
+            .pad_with_zeros(2, padding, padding)?
             .narrow(2, 0, extent(h, kh))?
             .pad_with_zeros(3, padding, padding)?
-            .narrow(3, 0, extent(wd, kw))?
-            .conv2d(&w, 0, stride, 1, 1)?
+            .narrow(3, 0, extent(wd, kw))?;
+        (x, 0)
     } else {
-        x.conv2d(&w, padding, stride, 1, 1)?
+        (x, padding)
+    };
+    // candle computes the forward; its result then passes through `DeviceConv`, whose
+    // backward replaces candle's (see there). Without gradients to take it is candle's alone.
+    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    let y = if x.track_op() || w.track_op() {
+        x.apply_op3(&w, &y, DeviceConv { padding, stride })?
+    } else {
+        y
     };
     y.permute((0, 2, 3, 1))?.contiguous()
+}
+
+/// The gradients of candle's convolution (channels-first, dilation 1, one group), for
+/// [`conv2d_ops`]: `(x, w, y)` → `y`, a copy of the forward candle computed, with a backward
+/// that takes the weight gradient from a contiguous copy of the output gradient.
+///
+/// candle 0.9.2's own backward computes the weight gradient as a convolution whose kernel is
+/// the output gradient with batch and channels swapped (a strided view), and its CUDA
+/// convolution (built without cuDNN, as kiln's is) copies a strided kernel to a contiguous
+/// buffer, then multiplies by the original storage instead (candle issue #3893, fixed after
+/// 0.9.2). Every convolution weight's gradient on a GPU would be silently wrong: the CPU's
+/// convolution multiplies the copy, so no CPU test shows it. This backward hands candle's
+/// convolution only contiguous kernels.
+struct DeviceConv {
+    padding: usize,
+    stride: usize,
+}
+
+impl DeviceConv {
+    /// `y`'s storage as it is: the convolution's output is a fresh contiguous buffer.
+    fn whole(layout: &Layout) -> candle_core::Result<()> {
+        if layout.is_contiguous() && layout.start_offset() == 0 {
+            Ok(())
+        } else {
+            candle_core::bail!("kiln-device-conv2d: the convolution's output is not a whole buffer")
+        }
+    }
+}
+
+impl CustomOp3 for DeviceConv {
+    fn name(&self) -> &'static str {
+        "kiln-device-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        Self::whole(yl)?;
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        Self::whole(yl)?;
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (padding, stride) = (self.padding, self.stride);
+        let grad = grad.contiguous()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let (_, _, gh, gw) = grad.dims4()?;
+        let (_, _, h, wd) = x.dims4()?;
+        // The transposed convolution's output size, before its extra rows and columns.
+        let size = |g: usize, k: usize| ((g - 1) * stride + k).checked_sub(2 * padding);
+        let extra = |n: usize, g: usize, k: usize| size(g, k).and_then(|s| n.checked_sub(s));
+        let out_padding = match (extra(h, gh, kh), extra(wd, gw, kw)) {
+            (Some(a), Some(b)) if a == b && a < stride.max(1) => a,
+            _ => candle_core::bail!(
+                "kiln-device-conv2d: no transposed convolution gives the input's {h}x{wd}"
+            ),
+        };
+        // Only the gradients something needs (candle's own backward computes both: an
+        // image's, or a frozen layer's weight's, for nothing).
+        let dx = if x.track_op() {
+            Some(grad.conv_transpose2d(w, padding, out_padding, stride, 1)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            // The input (batch as channels) convolved with the output gradient (batch as
+            // channels, made contiguous), dilated by the stride.
+            let kernel = grad.transpose(0, 1)?.contiguous()?;
+            let dw = x
+                .transpose(0, 1)?
+                .conv2d(&kernel, padding, 1, stride, 1)?
+                .transpose(0, 1)?;
+            let (_, _, dh, dwd) = dw.dims4()?;
+            Some(if dh != kh || dwd != kw {
+                dw.narrow(2, 0, kh)?.narrow(3, 0, kw)?
+            } else {
+                dw
+            })
+        } else {
+            None
+        };
+        Ok((dx, dw, None))
+    }
 }
 
 /// [`max_pool2d`] as candle ops (the device path; candle's own max-pool has a wrong backward
