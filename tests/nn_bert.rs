@@ -389,6 +389,39 @@ fn eval_mode_is_deterministic_and_train_mode_applies_dropout() {
 }
 
 #[test]
+fn ids_outside_the_tables_are_refused_before_the_lookup() {
+    // A GPU's lookup kernel would fail an assertion that poisons the CUDA context; the encoder
+    // names the id and the table instead, on every device.
+    let cfg = tiny_bert_config();
+    let dir = tiny_dir(&cfg, TinyLayout::Prefixed);
+    let dev = Device::Cpu;
+    let enc =
+        BertEncoder::load_dir(dir.path(), &VarMap::new(), &dev, &LoadOptions::default()).unwrap();
+    let (ids, types, mask) = batch(&dev);
+    let vocab = cfg.vocab_size as u32;
+    let bad_ids = Tensor::new(&[[2u32, vocab, 3]], &dev).unwrap();
+    let ones = Tensor::new(&[[1u32, 1, 1]], &dev).unwrap();
+    for train in [false, true] {
+        let err = enc.forward(&bad_ids, None, &ones, train).unwrap_err();
+        assert!(matches!(err, NnError::InvalidInput(_)), "{err}");
+        assert!(
+            err.to_string().contains(&format!("token id {vocab}")),
+            "{err}"
+        );
+    }
+    let bad_types = (types + cfg.type_vocab_size as f64).unwrap();
+    let err = enc
+        .forward(&ids, Some(&bad_types), &mask, false)
+        .unwrap_err();
+    assert!(matches!(err, NnError::InvalidInput(_)), "{err}");
+    assert!(err.to_string().contains("token type id"), "{err}");
+    // The largest ids in range still work.
+    let last = Tensor::new(&[[vocab - 1, 0, 1]], &dev).unwrap();
+    let top = Tensor::new(&[[cfg.type_vocab_size as u32 - 1; 3]], &dev).unwrap();
+    enc.forward(&last, Some(&top), &ones, false).unwrap();
+}
+
+#[test]
 fn pooling_helpers() {
     let dev = Device::Cpu;
     // hidden [2, 3, 2]; second row has one pad.

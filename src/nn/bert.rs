@@ -634,6 +634,24 @@ impl BertEncoder {
             }
             None => Tensor::zeros((b, s), DType::U32, &self.device)?,
         };
+        // Ids past a table are an error here rather than in the lookup: on the CPU candle
+        // refuses them, but a GPU's lookup kernel fails an assertion, which poisons the whole
+        // CUDA context (every later call in the process fails). A tokenizer whose added
+        // tokens the config does not count is enough to send one.
+        for (what, ids, size) in [
+            ("token id", &input_ids, cfg.vocab_size),
+            ("token type id", &token_type_ids, cfg.type_vocab_size),
+        ] {
+            if ids.elem_count() == 0 {
+                continue;
+            }
+            let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+            if max as usize >= size {
+                return Err(NnError::InvalidInput(format!(
+                    "{what} {max} is outside the model's table of {size}"
+                )));
+            }
+        }
         let position_ids = self.position_ids(&input_ids)?;
 
         let e = &self.embeddings;
