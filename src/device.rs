@@ -19,8 +19,12 @@ pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("invalid device `{value}` in KILN_DEVICES: {reason}")]
+    /// One device (`--device`, `KILN_SERVE_DEVICE`).
+    #[error("invalid device `{value}`: {reason}")]
     Parse { value: String, reason: String },
+    /// An entry of a device list (`KILN_DEVICES`).
+    #[error("invalid device `{value}` in KILN_DEVICES: {reason}")]
+    ParseList { value: String, reason: String },
     #[error("{device}: {NO_CUDA}")]
     CudaNotBuilt { device: String },
     #[error("{device}: no such GPU (the CUDA driver reports {count})")]
@@ -127,9 +131,12 @@ impl FromStr for Devices {
     fn from_str(s: &str) -> Result<Self, DeviceError> {
         let mut entries = Vec::new();
         for raw in s.split(',') {
-            let entry = parse_entry(raw)?;
+            let entry = parse_entry(raw).map_err(|e| match e {
+                DeviceError::Parse { value, reason } => DeviceError::ParseList { value, reason },
+                e => e,
+            })?;
             if entries.contains(&entry) {
-                return Err(DeviceError::Parse {
+                return Err(DeviceError::ParseList {
                     value: raw.trim().to_owned(),
                     reason: "listed twice".into(),
                 });
@@ -311,7 +318,8 @@ mod tests {
         ] {
             let err = text.parse::<DeviceSpec>().unwrap_err().to_string();
             assert!(err.contains(reason), "{text:?}: {err}");
-            assert!(err.contains("KILN_DEVICES"), "{text:?}: {err}");
+            // One device comes from --device or KILN_SERVE_DEVICE, not the list.
+            assert!(!err.contains("KILN_DEVICES"), "{text:?}: {err}");
         }
     }
 
@@ -346,6 +354,7 @@ mod tests {
         ] {
             let err = text.parse::<Devices>().unwrap_err().to_string();
             assert!(err.contains(reason), "{text:?}: {err}");
+            assert!(err.contains("in KILN_DEVICES"), "{text:?}: {err}");
         }
     }
 
