@@ -19,7 +19,8 @@
 #
 # What it runs (both with --device cuda: kiln gets `--device cuda:0` and mixed_precision=fp32; PyTorch in f32 with TF32
 # off, plus one configuration with TF32 on):
-#  0. bench/gpu_check.py: does the CUDA build work? kiln train on the GPU for every family (text
+#  0. bench/gpu_check.py: does the CUDA build work? `kiln check-device` (one training step of every
+#     family on the GPU and on the CPU, every gradient compared), kiln train on the GPU for every family (text
 #     classification in f32 and bf16, decoder LoRA SFT, ResNet and ViT image classification),
 #     kiln predict (the serving engine) on the GPU against the CPU, and a batch too large for
 #     the GPU failing with a message about memory. About 2 minutes; pass/fail per check.

@@ -59,6 +59,9 @@ enum Command {
     Embed(client::EmbedArgs),
     /// Chat with a served generative model (OpenAI's /v1/chat/completions).
     Chat(client::ChatArgs),
+    /// Check that a device trains what the CPU trains: one training step of a small random
+    /// model of every family on the device and on the CPU, every gradient compared.
+    CheckDevice(CheckDeviceArgs),
     /// Apply database migrations and exit.
     Migrate(DbArgs),
     /// Manage API keys.
@@ -66,6 +69,21 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+/// `kiln check-device`'s default: the first GPU in a CUDA build, the CPU otherwise.
+const DEFAULT_CHECK_DEVICE: &str = if crate::device::CUDA_BUILT {
+    "cuda:0"
+} else {
+    "cpu"
+};
+
+#[derive(Debug, Args)]
+struct CheckDeviceArgs {
+    /// The device to check: `cuda:N`, or `cpu` (candle's ops, the path a GPU takes, against
+    /// kiln's CPU kernels).
+    #[arg(long, default_value = DEFAULT_CHECK_DEVICE)]
+    device: crate::device::DeviceSpec,
 }
 
 /// Where the database is: `DATABASE_URL`, or the embedded cluster under the data directory.
@@ -505,6 +523,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Keys { command } => keys(command).await,
         Command::Train(args) => tokio::task::spawn_blocking(move || train::run(args)).await?,
         Command::Predict(args) => predict::run(args).await,
+        Command::CheckDevice(args) => {
+            tokio::task::spawn_blocking(move || check_device(args)).await?
+        }
         Command::Models { command } => tokio::task::spawn_blocking(move || models(command)).await?,
         Command::Files { .. }
         | Command::Jobs { .. }
@@ -512,6 +533,44 @@ async fn run(command: Command) -> anyhow::Result<()> {
         | Command::Embed(_)
         | Command::Chat(_) => anyhow::bail!("client commands run through client::run"),
     }
+}
+
+/// `kiln check-device`: a line per check, then one JSON object with every figure; fails
+/// when a check did.
+fn check_device(args: CheckDeviceArgs) -> anyhow::Result<()> {
+    let device = args
+        .device
+        .open()
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let checks = crate::nn::devcheck::check_device(&device)?;
+    for c in &checks {
+        let verdict = if c.passed { "passed" } else { "FAILED" };
+        let detail = match &c.error {
+            Some(e) => e.clone(),
+            None => format!(
+                "{} tensors, worst {:.1e} of {:.0e} allowed ({}); loss {:.6} on the CPU, {:.6} here",
+                c.compared, c.worst, c.tolerance, c.worst_of, c.loss_cpu, c.loss_device
+            ),
+        };
+        println!("{verdict} {:<12} {:<4} {detail}", c.family, c.dtype);
+    }
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    println!(
+        "{}",
+        serde_json::json!({
+            "device": args.device.to_string(),
+            "passed": failed == 0,
+            "checks": checks,
+        })
+    );
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} checks failed on {}: the device does not compute what the CPU does",
+            checks.len(),
+            args.device
+        );
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

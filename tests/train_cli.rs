@@ -489,3 +489,68 @@ fn kiln_predict_runs_exported_models_through_the_serving_engine_without_a_server
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// `kiln check-device`: on the CPU (candle's ops, the path a GPU takes, against kiln's
+/// kernels) every family passes, with a line each and a JSON summary last; a GPU this build
+/// cannot open is refused with the reason and a failing status.
+#[test]
+fn kiln_check_device_compares_every_family_and_ends_with_a_json_summary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["check-device", "--device", "cpu"])
+        .output()
+        .expect("run kiln check-device");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["device"], "cpu");
+    assert_eq!(summary["passed"], true);
+    let checks = summary["checks"].as_array().unwrap();
+    let names: Vec<String> = checks
+        .iter()
+        .map(|c| {
+            format!(
+                "{}-{}",
+                c["family"].as_str().unwrap(),
+                c["dtype"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for family in [
+        "bert-f32",
+        "bert-f16",
+        "decoder-f32",
+        "decoder-lora-f32",
+        "resnet-f32",
+        "vit-f32",
+    ] {
+        assert!(
+            names.iter().any(|n| n == family),
+            "{family} missing from {names:?}"
+        );
+    }
+    for c in checks {
+        assert!(c["compared"].as_u64().unwrap() > 0, "{c}");
+        assert!(
+            c["worst"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap(),
+            "{c}"
+        );
+    }
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("passed ")).count(),
+        checks.len()
+    );
+
+    if !kiln::device::CUDA_BUILT {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["check-device", "--device", "cuda:0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("--features cuda"), "{stderr}");
+    }
+}

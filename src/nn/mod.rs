@@ -12,6 +12,7 @@ pub mod block;
 pub mod classifier;
 pub mod conv;
 pub mod decoder;
+pub mod devcheck;
 mod gemm;
 pub mod layers;
 pub mod lora;

@@ -650,6 +650,17 @@ impl VitForImageClassification {
         &self.trainable
     }
 
+    /// Use kiln's fused CPU kernels (LayerNorm, attention, the feed-forward block: the
+    /// default; they apply on the CPU in f32) or candle's primitive ops throughout, as off the
+    /// CPU. Both compute the same function and gradients.
+    pub fn set_fused_ops(&mut self, fused: bool) {
+        for l in &mut self.layers {
+            l.ln_before.fused = fused;
+            l.ln_after.fused = fused;
+        }
+        self.final_ln.fused = fused;
+    }
+
     /// Patch tokens `[b, patches, hidden]` of pixels `[b, c, s, s]`: the image cut into
     /// `p×p` patches flattened in `(c, y, x)` order (the kernel's layout), times the kernel.
     fn patch_embed(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {

@@ -1,0 +1,469 @@
+//! Does a device train what the CPU trains? `kiln check-device --device cuda:0` loads a small
+//! random model of every family kiln trains (BERT encoder, decoder with and without LoRA,
+//! ResNet, ViT) twice from the same files: once on the CPU in f32 through kiln's kernels (the
+//! reference the test suite checks against candle-transformers and PyTorch), once on the
+//! device. Both run one training forward and backward on the same inputs; every trainable
+//! variable's gradient (and every BatchNorm running statistic) must agree.
+//!
+//! A GPU runs candle's ops and CUDA kernels, which no CPU test executes: a wrong kernel there
+//! trains silently worse rather than failing (candle 0.9.2's CUDA convolution multiplied a
+//! strided weight gradient in the wrong order, `conv::conv2d_ops`). This check finds such a
+//! thing in seconds, naming the variable. On the CPU the second model runs candle's ops instead
+//! of kiln's kernels, the code path a GPU takes, so the same check runs in the test suite.
+//!
+//! With a half dtype (bf16 where the device computes it natively, f16 on the CPU, whose matmul
+//! has no bf16) the text families also run under mixed precision, with a looser tolerance.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::Serialize;
+
+use super::bert::{BertEncoder, LoadOptions};
+use super::decoder::{Decoder, DecoderLoadOptions};
+use super::lora::{LoraConfig, LoraTarget};
+use super::resnet::{ResNetForImageClassification, tiny_resnet_config, write_tiny_resnet};
+use super::tiny::{
+    tiny_bert_config, tiny_decoder_config, write_tiny_bert, write_tiny_decoder_with,
+};
+use super::vision::{ImageClassifier, VisionLoadOptions};
+use super::vit::{VitForImageClassification, tiny_vit_config, write_tiny_vit};
+
+/// Largest relative difference of a gradient in f32 (computed in a different order, and by
+/// candle's kernels instead of kiln's, it agrees to about 1e-6 on the CPU).
+pub const F32_TOLERANCE: f32 = 1e-3;
+/// The same under mixed precision (the layers compute in bf16 or f16).
+pub const HALF_TOLERANCE: f32 = 0.3;
+
+/// The least norm a tensor's difference is measured against, as a share of the largest norm
+/// of any compared tensor (see [`compare`]).
+pub const SCALE_FLOOR: f32 = 1e-3;
+
+/// One family's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// `bert`, `decoder`, `decoder-lora`, `resnet`, `vit`.
+    pub family: &'static str,
+    /// The device side's compute dtype: `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// Gradients and running statistics compared.
+    pub compared: usize,
+    pub loss_cpu: f32,
+    pub loss_device: f32,
+    /// The largest difference of any compared tensor (or of the loss): the norm of the
+    /// difference relative to the tensor's norm on the CPU (see [`compare`]).
+    pub worst: f32,
+    /// The tensor `worst` is of.
+    pub worst_of: String,
+    pub tolerance: f32,
+    pub passed: bool,
+    /// Why the check could not run (a failed op on the device, say), if it could not.
+    pub error: Option<String>,
+}
+
+/// A training step's outcome on one side: the loss, and named tensors to compare
+/// (gradients, running statistics), as f32 on the host.
+struct Outcome {
+    loss: f32,
+    tensors: Vec<(String, Vec<f32>)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Bert,
+    Decoder,
+    DecoderLora,
+    ResNet,
+    Vit,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::Decoder => "decoder",
+            Family::DecoderLora => "decoder-lora",
+            Family::ResNet => "resnet",
+            Family::Vit => "vit",
+        }
+    }
+
+    fn text(self) -> bool {
+        matches!(self, Family::Bert | Family::Decoder | Family::DecoderLora)
+    }
+}
+
+/// The mixed-precision dtype a device is checked in: bf16 where it computes it natively, f16
+/// on the CPU (the same casts; candle's CPU matmul has no bf16), none elsewhere.
+pub fn half_dtype(device: &Device) -> Option<DType> {
+    if crate::device::supports_bf16(device) {
+        Some(DType::BF16)
+    } else if device.is_cpu() {
+        Some(DType::F16)
+    } else {
+        None
+    }
+}
+
+/// Every family on `device` against the CPU, in f32, then the text families in
+/// [`half_dtype`]. A check that cannot run (an op the device lacks) is a failed check with
+/// its error, and the others still run.
+pub fn check_device(device: &Device) -> crate::nn::Result<Vec<Check>> {
+    let dir = Scratch::new()?;
+    write_models(dir.path())?;
+    let families = [
+        Family::Bert,
+        Family::Decoder,
+        Family::DecoderLora,
+        Family::ResNet,
+        Family::Vit,
+    ];
+    let mut checks = Vec::new();
+    let reference: Vec<_> = families
+        .iter()
+        .map(|&f| run(f, dir.path(), &Device::Cpu, DType::F32, true))
+        .collect();
+    let half = half_dtype(device);
+    for (&family, cpu) in families.iter().zip(&reference) {
+        let mut dtypes = vec![DType::F32];
+        if family.text() {
+            dtypes.extend(half);
+        }
+        for dtype in dtypes {
+            let tolerance = if dtype == DType::F32 {
+                F32_TOLERANCE
+            } else {
+                HALF_TOLERANCE
+            };
+            let mut check = Check {
+                family: family.name(),
+                dtype: dtype.as_str().to_owned(),
+                compared: 0,
+                loss_cpu: f32::NAN,
+                loss_device: f32::NAN,
+                worst: f32::NAN,
+                worst_of: String::new(),
+                tolerance,
+                passed: false,
+                error: None,
+            };
+            let device_side = run(family, dir.path(), device, dtype, false);
+            match (cpu, device_side) {
+                (Ok(cpu), Ok(dev)) => compare(&mut check, cpu, &dev),
+                (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
+                (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
+            }
+            checks.push(check);
+        }
+    }
+    Ok(checks)
+}
+
+fn compare(check: &mut Check, cpu: &Outcome, dev: &Outcome) {
+    check.loss_cpu = cpu.loss;
+    check.loss_device = dev.loss;
+    let mut worst = (cpu.loss - dev.loss).abs() / cpu.loss.abs().max(1e-6);
+    let mut worst_of = "loss".to_owned();
+    let mut missing = Vec::new();
+    // A tensor's difference is the norm of the difference relative to the tensor's norm (so
+    // that half precision's rounding of single elements averages out), but relative to at
+    // least a share of the largest norm of any tensor: some gradients are zero but for
+    // rounding (a key projection's bias: softmax ignores what it adds to every score), and
+    // their rounding would otherwise count as a whole difference.
+    let norm = |v: &[f32]| {
+        v.iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let largest = cpu
+        .tensors
+        .iter()
+        .map(|(_, a)| norm(a))
+        .fold(0f64, f64::max);
+    let floor = (largest * f64::from(SCALE_FLOOR)).max(1e-30);
+    for (name, a) in &cpu.tensors {
+        let Some((_, b)) = dev.tensors.iter().find(|(n, _)| n == name) else {
+            missing.push(name.clone());
+            continue;
+        };
+        check.compared += 1;
+        let rel = if a.len() == b.len() {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            (diff / norm(a).max(floor)) as f32
+        } else {
+            f32::INFINITY
+        };
+        let rel = if rel.is_nan() { f32::INFINITY } else { rel };
+        if rel > worst {
+            worst = rel;
+            worst_of = name.clone();
+        }
+    }
+    for (name, _) in &dev.tensors {
+        if !cpu.tensors.iter().any(|(n, _)| n == name) {
+            missing.push(name.clone());
+        }
+    }
+    if !worst.is_finite() {
+        worst = f32::INFINITY;
+    }
+    check.worst = worst;
+    check.worst_of = worst_of;
+    check.passed = missing.is_empty() && worst <= check.tolerance;
+    if !missing.is_empty() {
+        check.error = Some(format!(
+            "a gradient on one side only: {}",
+            missing.join(", ")
+        ));
+    }
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new() -> crate::nn::Result<Self> {
+        let path = std::env::temp_dir().join(format!("kiln-check-device-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).map_err(|source| crate::nn::NnError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Scratch(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The random models, under `dir/{bert,decoder,resnet,vit}`, without dropout (so both sides
+/// compute the same function).
+fn write_models(dir: &Path) -> crate::nn::Result<()> {
+    let mut bert = tiny_bert_config();
+    bert.hidden_dropout_prob = 0.0;
+    bert.attention_probs_dropout_prob = 0.0;
+    write_tiny_bert(&dir.join("bert"), &bert, 11)?;
+    write_tiny_decoder_with(&dir.join("decoder"), &tiny_decoder_config("qwen2"), 12)?;
+    write_tiny_resnet(&dir.join("resnet"), &tiny_resnet_config(), 13)?;
+    let mut vit = tiny_vit_config();
+    vit.hidden_dropout_prob = 0.0;
+    vit.attention_probs_dropout_prob = 0.0;
+    write_tiny_vit(&dir.join("vit"), &vit, 14)?;
+    Ok(())
+}
+
+/// Deterministic values in [-1, 1] (the same on every machine).
+fn values(seed: u32, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 + 1.0) * 0.618_034 + seed as f32 * 1.37).sin())
+        .collect()
+}
+
+/// `Σ x·r / n` for fixed weights `r`: a loss whose gradient reaches every output.
+fn weighted_sum(x: &Tensor, seed: u32) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let n = x.elem_count();
+    let r = Tensor::from_vec(values(seed, n), x.shape(), x.device())?;
+    (x * r)?.sum_all()? / n as f64
+}
+
+/// Gradients of `vars` (and `buffers` as they are after the step) on the host.
+fn outcome(
+    loss: &Tensor,
+    vars: &[(String, Var)],
+    buffers: &[(String, Var)],
+) -> crate::nn::Result<Outcome> {
+    let grads = super::backward(loss)?;
+    let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+    };
+    let mut tensors = Vec::new();
+    for (name, var) in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            tensors.push((format!("{name} (gradient)"), host(g)?));
+        }
+    }
+    for (name, var) in buffers {
+        tensors.push((name.clone(), host(var.as_tensor())?));
+    }
+    Ok(Outcome {
+        loss: loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        tensors,
+    })
+}
+
+/// One training forward and backward of `family` on `device`, computing in `dtype`; `fused`
+/// false runs candle's ops where kiln has its own kernels (the path off the CPU).
+fn run(
+    family: Family,
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    fused: bool,
+) -> crate::nn::Result<Outcome> {
+    match family {
+        Family::Bert => {
+            let opts = LoadOptions {
+                fused_ops: fused,
+                ..LoadOptions::default()
+            };
+            let mut enc = BertEncoder::load_dir(&dir.join("bert"), &VarMap::new(), device, &opts)?;
+            enc.set_compute_dtype(dtype);
+            let ids: [[u32; 7]; 3] = [
+                [2, 15, 27, 33, 41, 8, 3],
+                [2, 90, 11, 3, 0, 0, 0],
+                [2, 5, 3, 0, 0, 0, 0],
+            ];
+            let types: [[u32; 7]; 3] = [[0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0], [0; 7]];
+            let mask: [[u32; 7]; 3] = [[1; 7], [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]];
+            let hidden = enc.forward(
+                &Tensor::new(&ids, device)?,
+                Some(&Tensor::new(&types, device)?),
+                &Tensor::new(&mask, device)?,
+                true,
+            )?;
+            let loss = weighted_sum(&hidden, 1)?;
+            outcome(&loss, enc.named_trainable_vars(), &[])
+        }
+        Family::Decoder | Family::DecoderLora => {
+            let lora = family == Family::DecoderLora;
+            let opts = DecoderLoadOptions {
+                lora: lora.then(|| LoraConfig {
+                    rank: 4,
+                    alpha: 8.0,
+                    dropout: 0.0,
+                    targets: vec![LoraTarget::Query, LoraTarget::Value],
+                    seed: 5,
+                }),
+                lora_modules: if lora {
+                    vec!["all-linear".into()]
+                } else {
+                    Vec::new()
+                },
+                ..DecoderLoadOptions::default()
+            };
+            let mut dec = Decoder::load_dir(&dir.join("decoder"), &VarMap::new(), device, &opts)?;
+            dec.set_fused_ops(fused);
+            dec.set_compute_dtype(dtype);
+            if lora {
+                // Adapters start with B = 0, which leaves A without a gradient: give B values
+                // (the same on both sides).
+                for (name, v) in dec.named_trainable_vars() {
+                    if name.contains("lora_B") {
+                        let n = v.as_tensor().elem_count();
+                        let t = Tensor::from_vec(values(3, n), v.as_tensor().shape(), device)?;
+                        v.set(&(t * 0.05)?)?;
+                    }
+                }
+            }
+            let vocab = dec.config().vocab_size as u32;
+            let ids: Vec<u32> = (0..12u32).map(|i| (i * 7 + 3) % vocab).collect();
+            let ids = Tensor::from_vec(ids, (2, 6), device)?;
+            let mask = Tensor::new(&[[1u32; 6], [1, 1, 1, 1, 0, 0]], device)?;
+            let logits = dec.forward(&ids, &mask, true)?;
+            let loss = weighted_sum(&logits, 2)?;
+            outcome(&loss, dec.named_trainable_vars(), &[])
+        }
+        Family::ResNet | Family::Vit => {
+            let opts = VisionLoadOptions::default();
+            let (model, pixels): (Box<dyn ImageClassifier>, Tensor) = if family == Family::ResNet {
+                let mut m = ResNetForImageClassification::from_dir(
+                    &dir.join("resnet"),
+                    None,
+                    &VarMap::new(),
+                    device,
+                    &opts,
+                    3,
+                )?;
+                m.candle_ops(!fused);
+                // Odd sizes: windows that leave rows and columns over.
+                let px = Tensor::from_vec(values(4, 4 * 3 * 33 * 31), (4, 3, 33, 31), device)?;
+                (Box::new(m), px)
+            } else {
+                let mut m = VitForImageClassification::from_dir(
+                    &dir.join("vit"),
+                    None,
+                    &VarMap::new(),
+                    device,
+                    &opts,
+                    3,
+                )?;
+                m.set_fused_ops(fused);
+                let s = m.config().image_size;
+                let px = Tensor::from_vec(values(5, 4 * 3 * s * s), (4, 3, s, s), device)?;
+                (Box::new(m), px)
+            };
+            let logits = model.forward(&pixels, true)?;
+            let loss = weighted_sum(&logits, 6)?;
+            let mut vars = model.backbone_vars();
+            vars.extend(model.head_vars());
+            outcome(&loss, &vars, &model.buffers())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_passes_its_own_check_and_a_wrong_gradient_fails_it() {
+        let checks = check_device(&Device::Cpu).unwrap();
+        // Five families in f32, the three text ones in f16.
+        assert_eq!(checks.len(), 8, "{checks:#?}");
+        for c in &checks {
+            assert!(c.passed, "{c:#?}");
+            assert!(c.compared > 0 && c.error.is_none(), "{c:#?}");
+        }
+        // The comparison itself: one wrong value in one gradient fails it, by name.
+        let cpu = Outcome {
+            loss: 1.0,
+            tensors: vec![("w (gradient)".into(), vec![0.5, -1.0, 0.25])],
+        };
+        let mut dev = Outcome {
+            loss: 1.0,
+            tensors: vec![("w (gradient)".into(), vec![0.5, -1.0, 0.2])],
+        };
+        let fresh = || Check {
+            family: "bert",
+            dtype: "f32".into(),
+            compared: 0,
+            loss_cpu: 0.0,
+            loss_device: 0.0,
+            worst: 0.0,
+            worst_of: String::new(),
+            tolerance: F32_TOLERANCE,
+            passed: false,
+            error: None,
+        };
+        let mut check = fresh();
+        compare(&mut check, &cpu, &dev);
+        assert!(
+            !check.passed && check.worst_of == "w (gradient)",
+            "{check:?}"
+        );
+        let expected = 0.05 / (0.25f32 + 1.0 + 0.0625).sqrt();
+        assert!((check.worst - expected).abs() < 1e-6, "{check:?}");
+        dev.tensors[0].1[2] = 0.25;
+        let mut check = fresh();
+        compare(&mut check, &cpu, &dev);
+        assert!(check.passed && check.worst == 0.0, "{check:?}");
+        dev.tensors.clear();
+        let mut check = fresh();
+        compare(&mut check, &cpu, &dev);
+        assert!(!check.passed && check.error.is_some(), "{check:?}");
+    }
+}
