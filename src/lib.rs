@@ -20,6 +20,26 @@ pub mod train;
 pub mod webhooks;
 pub mod worker;
 
+/// A directory under the system's temporary directory, named `{prefix}-{uuid}` and removed
+/// with what it holds when dropped; whoever writes to it first creates it.
+pub struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    pub fn new(prefix: &str) -> Self {
+        ScratchDir(std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple())))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Keeps glibc from handing large freed buffers back to the kernel: training frees and
 /// reallocates the same tensor sizes every step, and returning them made every step fault
 /// its memory in again (bench/README.md: 12x fewer page faults, +16% training throughput).

@@ -119,15 +119,6 @@ fn inputs(args: &PredictArgs) -> anyhow::Result<Vec<String>> {
     Ok(lines)
 }
 
-/// A directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn engine_error(e: ServeError) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
@@ -145,12 +136,10 @@ pub async fn run(args: PredictArgs) -> anyhow::Result<()> {
     let inputs = inputs(&args)?;
     // The engine keeps fine-tuned models in an artifact store; a directory needs none, so an
     // empty one stands in.
-    let scratch = Scratch(
-        std::env::temp_dir().join(format!("kiln-predict-{}", uuid::Uuid::new_v4().simple())),
-    );
-    let artifacts = crate::artifacts::Artifacts::local(scratch.0.clone())
+    let scratch = crate::ScratchDir::new("kiln-predict");
+    let artifacts = crate::artifacts::Artifacts::local(scratch.path().to_path_buf())
         .await
-        .with_context(|| format!("creating {}", scratch.0.display()))?;
+        .with_context(|| format!("creating {}", scratch.path().display()))?;
     let settings = ServeSettings {
         device,
         max_inputs: usize::MAX,

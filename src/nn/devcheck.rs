@@ -110,7 +110,11 @@ pub fn half_dtype(device: &Device) -> Option<DType> {
 /// [`half_dtype`]. A check that cannot run (an op the device lacks) is a failed check with
 /// its error, and the others still run.
 pub fn check_device(device: &Device) -> crate::nn::Result<Vec<Check>> {
-    let dir = Scratch::new()?;
+    let dir = crate::ScratchDir::new("kiln-check-device");
+    std::fs::create_dir_all(dir.path()).map_err(|source| crate::nn::NnError::Io {
+        path: dir.path().to_path_buf(),
+        source,
+    })?;
     write_models(dir.path())?;
     let families = [
         Family::Bert,
@@ -222,30 +226,6 @@ fn compare(check: &mut Check, cpu: &Outcome, dev: &Outcome) {
             "a gradient on one side only: {}",
             missing.join(", ")
         ));
-    }
-}
-
-/// A fresh directory under the system's temporary directory, removed on drop.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new() -> crate::nn::Result<Self> {
-        let path = std::env::temp_dir().join(format!("kiln-check-device-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&path).map_err(|source| crate::nn::NnError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Scratch(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

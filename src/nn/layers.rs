@@ -385,9 +385,10 @@ pub fn unseed_dropout() {
 /// thread's seeded generator when there is one (see [`seed_dropout`]): one seed drawn from it
 /// per call, the mask that seed's hash of each element's index (as kiln's fused blocks draw
 /// theirs), made on every core. This is the path off the CPU's fused blocks (a GPU's): there,
-/// drawing each element from the generator on one core took 13 ms a MiniLM step at batch 16
-/// and length 32 (3.7 M elements, on a 2-core Xeon VM), while the device waited for the
-/// masks; making the hashed masks and multiplying by them takes 3-7 ms there on 2 cores.
+/// drawing each element from the generator on one core took 13-16 ms a MiniLM step at batch
+/// 16 and length 32 (3.7 M elements, on a 2-core Xeon VM), while the device waited for the
+/// masks; making the hashed masks and multiplying by them takes 3-7 ms there on 2 cores
+/// (`dropout_masks_timing`, bench/README.md).
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
     if !(train && p > 0.0) {
         return Ok(x.clone());
@@ -439,5 +440,47 @@ mod tests {
         assert_eq!(off.to_scalar::<f32>().unwrap(), a.len() as f32);
         unseed_dropout();
         assert_eq!(draw(7, 1.0), vec![0.0; a.len()]);
+    }
+
+    /// A MiniLM step's dropout calls off the fused blocks (batch 16, length 32: 13 over the
+    /// hidden states, 6 over the attention probabilities, 3.7 M elements): [`dropout`]'s masks
+    /// and products against the masks drawn element by element from the thread's generator,
+    /// as before. `cargo test --release --lib -- --ignored --nocapture dropout_masks_timing`
+    #[test]
+    #[ignore = "timing; run with --release"]
+    fn dropout_masks_timing() {
+        use rand::{Rng, SeedableRng};
+        let hidden = Tensor::ones((16 * 32, 384), DType::F32, &Device::Cpu).unwrap();
+        let probs = Tensor::ones((16 * 12, 32 * 32), DType::F32, &Device::Cpu).unwrap();
+        let calls = || std::iter::repeat_n(&hidden, 13).chain(std::iter::repeat_n(&probs, 6));
+        for round in 0..3 {
+            seed_dropout(round);
+            let t = std::time::Instant::now();
+            for x in calls() {
+                dropout(x, 0.1, true).unwrap();
+            }
+            let hashed = t.elapsed();
+            unseed_dropout();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(round);
+            let threshold = (0.9 * u32::MAX as f64) as u32;
+            let t = std::time::Instant::now();
+            for x in calls() {
+                let mask: Vec<f32> = (0..x.elem_count())
+                    .map(|_| {
+                        if rng.random::<u32>() < threshold {
+                            1.0 / 0.9
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                std::hint::black_box(mask);
+            }
+            let drawn = t.elapsed();
+            eprintln!(
+                "round {round}: hashed masks and products {hashed:?}; masks drawn one by one \
+                 (no products) {drawn:?}"
+            );
+        }
     }
 }
