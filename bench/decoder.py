@@ -412,12 +412,16 @@ def sft_settings(args) -> list[str]:
     ]  # fmt: skip
 
 
-def run_kiln_sft(args, model: Path, train: Path, work: Path, rep: int) -> dict:
-    out = work / f"kiln-sft-{rep}"
+def run_kiln_sft(args, model: Path, train: Path, work: Path, rep: int, candle_ops: bool = False) -> dict:
+    out = work / f"kiln-sft-{rep}{'-candle-ops' if candle_ops else ''}"
     env = dict(os.environ)
     env["RAYON_NUM_THREADS"] = str(args.threads)
     env.pop("LD_PRELOAD", None)
     env.pop("GLIBC_TUNABLES", None)
+    env.pop("KILN_DEVICE_KERNELS", None)
+    if candle_ops:
+        # The GPU's AdamW, gradient norm, LayerNorm/RMSNorm and dropout as candle ops, not kiln's kernels.
+        env["KILN_DEVICE_KERNELS"] = "candle"
     env.setdefault("KILN_LOG", "warn")
     env["KILN_DATA_DIR"] = str(work / "kiln-data")
     cmd = [
@@ -1076,6 +1080,9 @@ def main() -> int:
             ]
             if cuda and args.torch_tf32:
                 configs.append(("torch (best, tf32)", lambda rep: run_torch_sft(args, model, train, "best", tf32=True)))
+            if cuda:
+                # What kiln's CUDA kernels (optimizer, dropout) are worth: candle's ops in their place.
+                configs.insert(1, ("kiln (candle ops)", lambda rep: run_kiln_sft(args, model, train, tmp, rep, candle_ops=True)))
             if cuda or args.flops:
                 doc["sft_lengths"] = sft_lengths(model, rows, args.max_length)
             runs: dict[str, list[dict]] = {name: [] for name, _ in configs}

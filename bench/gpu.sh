@@ -26,24 +26,26 @@
 #     the GPU failing with a message about memory. About 2 minutes; pass/fail per check.
 #  1. bench/train_minilm.py: all-MiniLM-L6-v2 full fine-tuning (sequence classification),
 #     batch $MINILM_BATCH (16), max_length 32, $MINILM_EXAMPLES (3200) examples = 200 steps,
-#     steps 1..5 untimed: kiln full, torch full (default), torch full (best: fused AdamW),
-#     torch full (best, tf32). Figure: examples/s, kiln / torch ratios.
+#     steps 1..5 untimed: kiln full, kiln full (candle ops: KILN_DEVICE_KERNELS=candle,
+#     what kiln's CUDA kernels are worth), torch full (default), torch full (best: fused
+#     AdamW), torch full (best, tf32). Figure: examples/s, kiln / torch ratios.
 #  2. bench/decoder.py --only sft --strategy lora: a random Qwen2-shaped decoder (hidden 768,
 #     12 layers, 12/4 heads, intermediate 2048, byte vocabulary: 75.7 M parameters), LoRA rank 8
 #     on q_proj,v_proj, batch $DECODER_BATCH (8), max_length 256, $DECODER_EXAMPLES (800)
-#     chat examples = 100 steps, steps 1..5 untimed: kiln, torch (default), torch (best),
-#     torch (best, tf32). Figure: tokens/s, kiln / torch ratios.
+#     chat examples = 100 steps, steps 1..5 untimed: kiln, kiln (candle ops), torch (default),
+#     torch (best), torch (best, tf32). Figure: tokens/s, kiln / torch ratios.
 #  Both print MFU lines (formula in bench/gpu_util.py) against the card's dense FP32 and TF32
 #  peaks (H100 SXM/H200: 67 / 494.7 TFLOP/s; H100 PCIe: 51 / 378; other cards: n/a).
 #
 # Results: $OUT if set (the device tool brings back what is written there), else bench/results:
 #   gpu-bench-STAMP.log, gpu-check-STAMP.json, gpu-train-minilm-STAMP.json,
 #   gpu-decoder-STAMP.json (STAMP: date and time)
-# Expected wall time on an H100: about 6 minutes; the timeouts below bound it at about 11
-# (CHECK_TIMEOUT 180 s + MINILM_TIMEOUT 210 s + DECODER_TIMEOUT 240 s + set-up; CHILD_TIMEOUT
+# Expected wall time on an H100: about 7 minutes; the timeouts below bound it at about 12
+# (CHECK_TIMEOUT 180 s + MINILM_TIMEOUT 240 s + DECODER_TIMEOUT 270 s + set-up; CHILD_TIMEOUT
 # 90 s per process). The device tool allows 600 s per command: to stay inside it whatever
 # happens, run the checks alone first (SKIP_MINILM=1 SKIP_DECODER=1), then the benchmarks
-# (SKIP_CHECK=1) on the still-warm machine.
+# (SKIP_CHECK=1; at most 510 s + set-up, or one per call with SKIP_DECODER=1 / SKIP_MINILM=1)
+# on the still-warm machine.
 # A failing configuration is recorded (JSON "errors", log) and the others still run; the exit
 # status is then 1. Missing libraries, GPU or --device support stop it at once, before any run.
 #
@@ -154,8 +156,8 @@ REPEATS=${REPEATS:-1}
 THREADS=${THREADS:-4}
 CHILD_TIMEOUT=${CHILD_TIMEOUT:-90}
 CHECK_TIMEOUT=${CHECK_TIMEOUT:-180}
-MINILM_TIMEOUT=${MINILM_TIMEOUT:-210}
-DECODER_TIMEOUT=${DECODER_TIMEOUT:-240}
+MINILM_TIMEOUT=${MINILM_TIMEOUT:-240}
+DECODER_TIMEOUT=${DECODER_TIMEOUT:-270}
 MINILM_BATCH=${MINILM_BATCH:-16}
 MINILM_EXAMPLES=${MINILM_EXAMPLES:-3200}
 DECODER_BATCH=${DECODER_BATCH:-8}
@@ -304,7 +306,7 @@ run_minilm() {
         --model "$MINILM" --kiln "$KILN" --device "$DEVICE" --torch-tf32 --keep-going \
         --timeout "$CHILD_TIMEOUT" --repeats "$REPEATS" --threads "$THREADS" \
         --train-examples "$MINILM_EXAMPLES" --batch-size "$MINILM_BATCH" --max-length 32 --warmup-steps 5 \
-        --only 'kiln full;torch full (default);torch full (best);torch full (best, tf32)' \
+        --only 'kiln full;kiln full (candle ops);torch full (default);torch full (best);torch full (best, tf32)' \
         --out "$OUTDIR/gpu-train-minilm-$STAMP.json"
 }
 

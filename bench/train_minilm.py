@@ -24,7 +24,9 @@ What runs (each configuration in a fresh child process, `--repeats` times, inter
 Two diagnostic configurations run too (skip them with --no-extra): "kiln full (glibc tuned)" (kiln
 with GLIBC_TUNABLES that stop malloc returning freed memory to the kernel, see GLIBC_NO_RETURN) and
 "torch full (fused, glibc)" (fused AdamW, glibc malloc), to tell the optimizer's share from the
-allocator's.
+allocator's. On a GPU (--device cuda) neither runs; "kiln full (candle ops)" does instead:
+kiln with KILN_DEVICE_KERNELS=candle, the AdamW update, gradient norm, norms and dropout as candle ops
+rather than kiln's CUDA kernels, to show what those kernels are worth.
 
 PyTorch runs twice: "default" (torch.optim.AdamW with its defaults, glibc malloc: what a typical
 user gets) and "best" (AdamW(fused=True), jemalloc via LD_PRELOAD when installed, inference
@@ -209,14 +211,19 @@ def fail(what: str, res: dict):
 GLIBC_NO_RETURN = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.top_pad=268435456"
 
 
-def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int, tuned: bool = False) -> dict:
-    out = work / f"kiln-{strategy}-{rep}-{'tuned' if tuned else 'glibc'}"
+def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int, tuned: bool = False,
+             candle_ops: bool = False) -> dict:
+    out = work / f"kiln-{strategy}-{rep}-{'tuned' if tuned else 'glibc'}{'-candle-ops' if candle_ops else ''}"
     env = dict(os.environ)
     env["RAYON_NUM_THREADS"] = str(args.threads)
     env.pop("LD_PRELOAD", None)
     env.pop("GLIBC_TUNABLES", None)
+    env.pop("KILN_DEVICE_KERNELS", None)
     if tuned:
         env["GLIBC_TUNABLES"] = GLIBC_NO_RETURN
+    if candle_ops:
+        # The GPU's AdamW, gradient norm, LayerNorm/RMSNorm and dropout as candle ops, not kiln's kernels.
+        env["KILN_DEVICE_KERNELS"] = "candle"
     env.setdefault("KILN_LOG", "warn")
     cmd = [
         str(args.kiln), "train",
@@ -595,6 +602,10 @@ def main():
     ]
     if cuda and args.torch_tf32:
         configs.insert(4, ("torch full (best, tf32)", lambda w, t, v, r: run_torch(args, "best", "full", t, v, r, tf32=True)))
+    if cuda and not args.no_extra:
+        # What kiln's CUDA kernels are worth: the same run with candle's ops in their place.
+        configs.insert(1, ("kiln full (candle ops)",
+                           lambda w, t, v, r: run_kiln(args, "full", t, v, w, r, candle_ops=True)))
     if not args.no_extra and not cuda:
         # Where the allocator and the optimizer account for the differences (host-side: not on a GPU).
         configs.insert(1, ("kiln full (glibc tuned)", lambda w, t, v, r: run_kiln(args, "full", t, v, w, r, tuned=True)))
@@ -663,6 +674,7 @@ def main():
         ("kiln full", "torch full (default)", "max_rss_mib"),
         ("kiln full", "torch full (best)", "max_rss_mib"),
         ("kiln full (glibc tuned)", "kiln full", "train_ex_per_s"),
+        ("kiln full", "kiln full (candle ops)", "train_ex_per_s"),
         ("kiln full (glibc tuned)", "torch full (best)", "train_ex_per_s"),
         ("torch full (fused, glibc)", "torch full (default)", "train_ex_per_s"),
         ("torch full (best)", "torch full (fused, glibc)", "train_ex_per_s"),

@@ -6,6 +6,8 @@
 pub mod api;
 pub mod artifacts;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod data;
 pub mod datasets;
 pub mod device;

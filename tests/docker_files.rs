@@ -46,12 +46,16 @@ fn copied(dockerfile: &str) -> BTreeSet<String> {
 }
 
 /// Top-level paths of the repository the build needs: `src`, `Cargo.toml`, `Cargo.lock`,
-/// the manifest's explicit targets, and whatever the sources embed at compile time.
+/// the build script (it compiles the CUDA build's kernels), the manifest's explicit targets,
+/// and whatever the sources embed at compile time.
 fn needed() -> BTreeSet<String> {
     let mut out: BTreeSet<String> = ["Cargo.toml", "Cargo.lock", "src"]
         .into_iter()
         .map(str::to_owned)
         .collect();
+    if Path::new(ROOT).join("build.rs").exists() {
+        out.insert("build.rs".into());
+    }
     let manifest = read("Cargo.toml");
     let mut section = String::new();
     for line in manifest.lines().map(str::trim) {

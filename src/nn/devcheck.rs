@@ -5,14 +5,21 @@
 //! device. Both run one training forward and backward on the same inputs; every trainable
 //! variable's gradient (and every BatchNorm running statistic) must agree.
 //!
-//! A GPU runs candle's ops and CUDA kernels, which no CPU test executes: a wrong kernel there
-//! trains silently worse rather than failing (candle 0.9.2's CUDA convolution multiplied a
-//! strided weight gradient in the wrong order, `conv::conv2d_ops`). This check finds such a
-//! thing in seconds, naming the variable. On the CPU the second model runs candle's ops instead
-//! of kiln's kernels, the code path a GPU takes, so the same check runs in the test suite.
+//! A GPU runs candle's ops and CUDA kernels (candle's, and kiln's own in `crate::cuda`: the
+//! norms, dropout, the optimizer), which no CPU test executes: a wrong kernel there trains
+//! silently worse rather than failing (candle 0.9.2's CUDA convolution multiplied a strided
+//! weight gradient in the wrong order, `conv::conv2d_ops`). This check finds such a thing in
+//! seconds, naming the variable. The device side loads its model as training does there. On
+//! the CPU the second model runs candle's ops instead of kiln's CPU kernels, the code path a
+//! GPU takes where kiln has no kernel of its own, so the same check runs in the test suite.
 //!
 //! With a half dtype (bf16 where the device computes it natively, f16 on the CPU, whose matmul
 //! has no bf16) the text families also run under mixed precision, with a looser tolerance.
+//!
+//! Last, the optimizer: three AdamW steps with global-norm clipping on the device against the
+//! CPU's fused update, the parameters, the saved moments and the norms compared (on a CUDA GPU
+//! kiln's own kernels do that update; on the CPU the second side runs it as candle's ops); and
+//! seeded dropout, whose output and gradient must be the CPU's (the same hashed mask).
 
 use std::path::Path;
 
@@ -35,6 +42,11 @@ use super::vit::{VitForImageClassification, tiny_vit_config, write_tiny_vit};
 pub const F32_TOLERANCE: f32 = 1e-3;
 /// The same under mixed precision (the layers compute in bf16 or f16).
 pub const HALF_TOLERANCE: f32 = 0.3;
+
+/// Dropout's: the device must hash the same mask as the CPU and multiply the same way, so the
+/// output and gradient agree exactly and the loss but for its sum's order (one element masked
+/// differently out of the 99,459 would give about 5e-3).
+pub const DROPOUT_TOLERANCE: f32 = 1e-4;
 
 /// The least norm a tensor's difference is measured against, as a share of the largest norm
 /// of any compared tensor (see [`compare`]).
@@ -152,7 +164,9 @@ pub fn check_device(device: &Device) -> crate::nn::Result<Vec<Check>> {
                 passed: false,
                 error: None,
             };
-            let device_side = run(family, dir.path(), device, dtype, false);
+            // Off the CPU, the options training uses there (kiln's kernels for that device
+            // where it has them, candle's ops elsewhere); on the CPU, candle's ops.
+            let device_side = run(family, dir.path(), device, dtype, !device.is_cpu());
             match (cpu, device_side) {
                 (Ok(cpu), Ok(dev)) => compare(&mut check, cpu, &dev),
                 (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
@@ -161,7 +175,150 @@ pub fn check_device(device: &Device) -> crate::nn::Result<Vec<Check>> {
             checks.push(check);
         }
     }
+    let mut check = Check {
+        family: "adamw",
+        dtype: DType::F32.as_str().to_owned(),
+        compared: 0,
+        loss_cpu: f32::NAN,
+        loss_device: f32::NAN,
+        worst: f32::NAN,
+        worst_of: String::new(),
+        tolerance: F32_TOLERANCE,
+        passed: false,
+        error: None,
+    };
+    match (
+        run_adamw(dir.path(), &Device::Cpu, true),
+        run_adamw(dir.path(), device, false),
+    ) {
+        (Ok(cpu), Ok(dev)) => compare(&mut check, &cpu, &dev),
+        (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
+        (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
+    }
+    checks.push(check);
+    let mut dtypes = vec![DType::F32];
+    dtypes.extend(half_dtype(device));
+    for dtype in dtypes {
+        let mut check = Check {
+            family: "dropout",
+            dtype: dtype.as_str().to_owned(),
+            compared: 0,
+            loss_cpu: f32::NAN,
+            loss_device: f32::NAN,
+            worst: f32::NAN,
+            worst_of: String::new(),
+            tolerance: DROPOUT_TOLERANCE,
+            passed: false,
+            error: None,
+        };
+        match (
+            run_dropout(&Device::Cpu, dtype, true),
+            run_dropout(device, dtype, false),
+        ) {
+            (Ok(cpu), Ok(dev)) => compare(&mut check, &cpu, &dev),
+            (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
+            (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
+        }
+        checks.push(check);
+    }
     Ok(checks)
+}
+
+/// Seeded dropout (p = 0.1) of a tensor in `dtype`, forward and backward: the output and the
+/// input's gradient. On the CPU, `kiln_op` false takes the path of devices kiln has no kernel
+/// for (the mask made on the host and multiplied by candle's ops); a CUDA GPU runs kiln's
+/// kernel, which must hash the same mask.
+fn run_dropout(device: &Device, dtype: DType, kiln_op: bool) -> crate::nn::Result<Outcome> {
+    use super::layers::{dropout, dropout_with_host_mask, seed_dropout, unseed_dropout};
+    let shape = (3, 257, 129);
+    let x = Var::from_tensor(&Tensor::from_vec(values(60, 3 * 257 * 129), shape, device)?)?;
+    let input = x.as_tensor().to_dtype(dtype)?;
+    seed_dropout(2024);
+    let y = if kiln_op || !device.is_cpu() {
+        dropout(&input, 0.1, true)
+    } else {
+        dropout_with_host_mask(&input, 0.1, true)
+    };
+    unseed_dropout();
+    let y = y?;
+    let loss = weighted_sum(&y, 61)?;
+    let grads = super::backward(&loss)?;
+    let grad = grads
+        .get(x.as_tensor())
+        .ok_or_else(|| crate::nn::NnError::InvalidInput("dropout: no gradient".into()))?;
+    let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+    };
+    Ok(Outcome {
+        loss: loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        tensors: vec![
+            ("output".to_owned(), host(&y)?),
+            ("input (gradient)".to_owned(), host(grad)?),
+        ],
+    })
+}
+
+/// Three AdamW steps (two groups, one with weight decay; the gradients clipped to a global
+/// norm they exceed, so the clipping scale is in every update) of parameters of awkward sizes,
+/// one larger than a GPU kernel's grid covers in one pass. The outcome: the first step's
+/// gradient norm as its "loss", the norms, the parameters after the steps and the moments as
+/// `AdamW::save` writes them. `fused` false on the CPU runs the update as candle's ops.
+fn run_adamw(dir: &Path, device: &Device, fused: bool) -> crate::nn::Result<Outcome> {
+    use crate::nn::NnError;
+    use crate::train::optim::{AdamW, AdamWConfig, OptimError};
+    let err = |e: OptimError| match e {
+        OptimError::Candle(e) => NnError::Candle(e),
+        e => NnError::InvalidInput(format!("AdamW: {e}")),
+    };
+    let shapes: [(&str, &[usize]); 3] = [("w", &[1100, 1031]), ("b", &[37]), ("e", &[129, 257])];
+    let mut vars = Vec::new();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let n = shape.iter().product();
+        let t = Tensor::from_vec(values(40 + i as u32, n), *shape, device)?;
+        vars.push((name.to_string(), Var::from_tensor(&t)?));
+    }
+    let mut opt = AdamW::new(AdamWConfig::default());
+    if device.is_cpu() && !fused {
+        opt.force_tensor_ops(true);
+    }
+    opt.add_group("decay", 1e-2, 0.1, vec![vars[0].clone(), vars[2].clone()])
+        .map_err(err)?;
+    opt.add_group("no_decay", 3e-2, 0.0, vec![vars[1].clone()])
+        .map_err(err)?;
+    let mut norms = Vec::new();
+    for step in 0..3u32 {
+        // Σ x² r / n over every parameter: gradients 2 x r / n, which change as x does.
+        let mut loss = Tensor::zeros((), DType::F32, device)?;
+        for (i, (_, var)) in vars.iter().enumerate() {
+            let x = var.as_tensor();
+            loss = (loss + weighted_sum(&x.sqr()?, 50 + 3 * step + i as u32)?)?;
+        }
+        let grads = super::backward(&loss)?;
+        let norm = opt.clip_grad_norm(&grads, 1e-4).map_err(err)?;
+        norms.push(norm as f32);
+        opt.step(&grads).map_err(err)?;
+    }
+    let side = if fused { "cpu" } else { "device" };
+    let path = dir.join(format!("adamw-{side}.safetensors"));
+    opt.save(&path).map_err(err)?;
+    let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let mut saved: Vec<_> = saved.into_iter().collect();
+    saved.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut tensors = vec![("gradient norms".to_owned(), norms.clone())];
+    for (name, var) in &vars {
+        let x = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        tensors.push((format!("{name} (after 3 steps)"), x));
+    }
+    for (name, t) in saved {
+        tensors.push((
+            format!("{name} (moment)"),
+            t.flatten_all()?.to_vec1::<f32>()?,
+        ));
+    }
+    Ok(Outcome {
+        loss: norms[0],
+        tensors,
+    })
 }
 
 fn compare(check: &mut Check, cpu: &Outcome, dev: &Outcome) {
@@ -286,7 +443,8 @@ fn outcome(
 }
 
 /// One training forward and backward of `family` on `device`, computing in `dtype`; `fused`
-/// false runs candle's ops where kiln has its own kernels (the path off the CPU).
+/// false runs candle's ops where kiln has its own kernels (on the CPU, the path a GPU takes
+/// where kiln has no CUDA kernel).
 fn run(
     family: Family,
     dir: &Path,
@@ -402,8 +560,17 @@ mod tests {
     #[test]
     fn the_cpu_passes_its_own_check_and_a_wrong_gradient_fails_it() {
         let checks = check_device(&Device::Cpu).unwrap();
-        // Five families in f32, the three text ones in f16.
-        assert_eq!(checks.len(), 8, "{checks:#?}");
+        // Five families in f32, the three text ones in f16, the optimizer, dropout in f32
+        // and f16.
+        assert_eq!(checks.len(), 11, "{checks:#?}");
+        assert_eq!(checks[8].family, "adamw");
+        // Two groups' parameters, their moments and the norms.
+        assert_eq!(checks[8].compared, 1 + 3 + 6, "{:#?}", checks[8]);
+        assert_eq!(
+            (checks[9].family, checks[10].family),
+            ("dropout", "dropout")
+        );
+        assert_eq!(checks[9].compared, 2, "{:#?}", checks[9]);
         for c in &checks {
             assert!(c.passed, "{c:#?}");
             assert!(c.compared > 0 && c.error.is_none(), "{c:#?}");

@@ -384,11 +384,11 @@ pub fn unseed_dropout() {
 /// Applies dropout when `train` and `p > 0`; identity otherwise. Masks come from the
 /// thread's seeded generator when there is one (see [`seed_dropout`]): one seed drawn from it
 /// per call, the mask that seed's hash of each element's index (as kiln's fused blocks draw
-/// theirs), made on every core. This is the path off the CPU's fused blocks (a GPU's): there,
-/// drawing each element from the generator on one core took 13-16 ms a MiniLM step at batch
-/// 16 and length 32 (3.7 M elements, on a 2-core Xeon VM), while the device waited for the
-/// masks; making the hashed masks and multiplying by them takes 3-7 ms there on 2 cores
-/// (`dropout_masks_timing`, bench/README.md).
+/// theirs), so the same seed gives the same mask on every device. This is the path off the
+/// CPU's fused blocks (a GPU's). It is one op ([`HashedDropout`]) whose backward applies the
+/// same mask to the gradient: on the CPU over every core, on a CUDA GPU one kernel of kiln's
+/// that hashes as it goes (`KILN_DEVICE_KERNELS=candle` there, and other devices, make the
+/// mask on the host and copy it over instead, [`dropout_with_host_mask`]).
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
     if !(train && p > 0.0) {
         return Ok(x.clone());
@@ -400,10 +400,76 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
         // p ≥ 1: nothing is kept.
         return x.zeros_like();
     };
+    let op = HashedDropout(hashed);
+    match x.device() {
+        Device::Cpu if x.dtype() == DType::F32 => x.contiguous()?.apply_op1(op),
+        Device::Cpu => x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1(op)?
+            .to_dtype(x.dtype()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if crate::cuda::kernels_on() => x.contiguous()?.apply_op1(op),
+        _ => host_mask(x, &hashed),
+    }
+}
+
+/// [`dropout`] as it runs where kiln has no kernel: the hashed mask made on the host (on every
+/// core), copied to the device, and multiplied in f32. The same values as [`dropout`]'s, from
+/// candle's ops; `kiln check-device` compares the two.
+pub fn dropout_with_host_mask(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
+    if !(train && p > 0.0) {
+        return Ok(x.clone());
+    }
+    match super::mlp::Dropout::new(p as f32) {
+        Some(hashed) => host_mask(x, &hashed),
+        None => x.zeros_like(),
+    }
+}
+
+fn host_mask(x: &Tensor, hashed: &super::mlp::Dropout) -> candle_core::Result<Tensor> {
     let mut mask = vec![1f32; x.elem_count()];
     hashed.apply_parallel(&mut mask);
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    (x.to_dtype(DType::F32)? * mask)?.to_dtype(x.dtype())
+}
+
+/// Inverted dropout by a hashed mask (`mlp::Dropout`'s) as one op on a contiguous tensor: f32
+/// on the CPU (other dtypes are cast around it), f32, bf16 or f16 on a CUDA GPU, where the
+/// product is taken in f32 and rounded once. The backward is the same op on the gradient.
+#[derive(Clone, Copy)]
+struct HashedDropout(super::mlp::Dropout);
+
+impl candle_core::CustomOp1 for HashedDropout {
+    fn name(&self) -> &'static str {
+        "kiln-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = ops::cpu_f32(storage, layout, "kiln-dropout")?;
+        let mut y = x.to_vec();
+        self.0.apply_parallel(&mut y);
+        Ok((candle_core::CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (seed, threshold, scale) = self.0.parts();
+        let y = crate::cuda::dropout(storage, layout, seed, threshold, scale)?;
+        Ok((y, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(*self)?))
+    }
 }
 
 #[cfg(test)]
@@ -440,6 +506,57 @@ mod tests {
         assert_eq!(off.to_scalar::<f32>().unwrap(), a.len() as f32);
         unseed_dropout();
         assert_eq!(draw(7, 1.0), vec![0.0; a.len()]);
+    }
+
+    #[test]
+    fn seeded_dropout_backward_applies_the_forwards_mask_and_the_host_mask_path_agrees() {
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 6000.0, &Device::Cpu)
+                .unwrap()
+                .affine(1e-3, -3.0)
+                .unwrap()
+                .reshape((2, 3000))
+                .unwrap(),
+        )
+        .unwrap();
+        let run = |host: bool, dtype: DType| {
+            seed_dropout(31);
+            let input = x.as_tensor().to_dtype(dtype).unwrap();
+            let y = if host {
+                dropout_with_host_mask(&input, 0.25, true)
+            } else {
+                dropout(&input, 0.25, true)
+            }
+            .unwrap();
+            unseed_dropout();
+            let grads = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+            let y = y.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            (y, g)
+        };
+        let (y, g) = run(false, DType::F32);
+        let xs = x.as_tensor().to_vec2::<f32>().unwrap();
+        let scale = (1.0 / 0.75f64) as f32;
+        let mut dropped = 0;
+        for ((yr, gr), xr) in y.iter().zip(&g).zip(&xs) {
+            for ((&y, &g), &x) in yr.iter().zip(gr).zip(xr) {
+                // The gradient of Σ y is the mask: `scale` where kept, 0 where dropped.
+                assert!(g == 0.0 || g == scale, "{g}");
+                assert_eq!(y, x * g);
+                dropped += usize::from(g == 0.0);
+            }
+        }
+        assert!((1300..1700).contains(&dropped), "{dropped} of 6000 dropped");
+        // The host's mask, multiplied by candle's ops (devices without kiln's kernel): the same.
+        assert_eq!(run(true, DType::F32), (y, g));
+        // In f16 (cast around the op on the CPU) the same mask, rounded once.
+        assert_eq!(run(false, DType::F16), run(true, DType::F16));
     }
 
     /// A MiniLM step's dropout calls off the fused blocks (batch 16, length 32: 13 over the

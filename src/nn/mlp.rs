@@ -157,6 +157,13 @@ impl Dropout {
         dropout_chunk(v, offset as u64, self.seed, self.threshold, self.scale);
     }
 
+    /// The seed, the keep threshold (of the hash's top 32 bits) and the scale, for a device
+    /// kernel that hashes the same mask.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn parts(&self) -> (u64, u64, f32) {
+        (self.seed, self.threshold, self.scale)
+    }
+
     /// [`Dropout::apply`] to the whole of `v` (element 0 being index 0), on every core.
     pub(super) fn apply_parallel(&self, v: &mut [f32]) {
         v.par_chunks_mut(TASK)

@@ -50,6 +50,88 @@ fn fused_ok(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
+/// True when kiln's CUDA kernels can take this tensor (f32 on a CUDA GPU, the kernels on:
+/// `crate::cuda`); never in a CPU-only build.
+fn device_kernel_ok(xs: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::kernel_device(xs.device()).is_some() {
+        return xs.dtype() == DType::F32;
+    }
+    let _ = xs;
+    false
+}
+
+/// The backward of a norm on a CUDA GPU (kiln's kernels): inputs `(x, w, dy)`, all contiguous
+/// f32; one flat output, the input's gradient then the weight's (then the shift's for
+/// LayerNorm). No backward of its own.
+#[cfg(feature = "cuda")]
+struct DeviceNormBackward {
+    eps: f32,
+    /// LayerNorm (true) or RMSNorm.
+    centered: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for DeviceNormBackward {
+    fn name(&self) -> &'static str {
+        "kiln-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-norm-backward: CUDA only (the CPU has its fused kernels)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::norm_backward((x, xl), (w, wl), (dy, dyl), self.eps, self.centered)?;
+        let dim = xl.dims().last().copied().unwrap_or(1);
+        let params = if self.centered { 2 } else { 1 };
+        Ok((out, Shape::from(xl.shape().elem_count() + params * dim)))
+    }
+}
+
+/// A norm's gradients on a CUDA GPU: `(dx, dw, db)`, `dw` and `db` only where `w` and `b`
+/// track gradients (`db` always none for RMSNorm).
+#[cfg(feature = "cuda")]
+fn device_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    grad: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let op = DeviceNormBackward {
+        eps,
+        centered: b.is_some(),
+    };
+    let out = x
+        .contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &op)?;
+    let (n, dim) = (x.elem_count(), x.dim(D::Minus1)?);
+    let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = w.track_op().then(|| out.narrow(0, n, dim)).transpose()?;
+    let db = match b {
+        Some(b) if b.track_op() => Some(out.narrow(0, n + dim, dim)?),
+        _ => None,
+    };
+    Ok((dx, dw, db))
+}
+
 /// Rows `ids` of a trainable lookup table `[num, dim]` (an embedding): `[ids.len(), dim]`.
 /// `None` where it does not apply (a frozen table, off the CPU, not f32): candle's
 /// `index_select` then runs. The table is read in place and its gradient deposited beside
@@ -268,7 +350,9 @@ pub fn layer_norm(
     bias: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    if fused_ok(xs) && fused_ok(weight) && fused_ok(bias) {
+    if (fused_ok(xs) && fused_ok(weight) && fused_ok(bias))
+        || (device_kernel_ok(xs) && device_kernel_ok(weight) && device_kernel_ok(bias))
+    {
         let xs = xs.contiguous()?;
         let weight = weight.contiguous()?;
         let bias = bias.contiguous()?;
@@ -639,6 +723,20 @@ impl CustomOp3 for FusedLayerNorm {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::norm_forward((s1, l1), (s2, l2), Some((s3, l3)), self.eps)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -647,6 +745,11 @@ impl CustomOp3 for FusedLayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, db) = device_norm_backward(x, w, Some(b), grad, self.eps)?;
+            return Ok((Some(dx), dw, db));
+        }
         let grad = grad.contiguous()?;
         let dim = x.dim(D::Minus1)?;
         let mut dx = super::gemm::zeroed(x.elem_count());
@@ -1072,7 +1175,7 @@ pub fn rms_norm_primitive(xs: &Tensor, weight: &Tensor, eps: f64) -> candle_core
 /// candle's own `rms_norm` has no backward; gradients flow to `xs` and `weight` here in both
 /// paths.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if fused_ok(xs) && fused_ok(weight) {
+    if (fused_ok(xs) && fused_ok(weight)) || (device_kernel_ok(xs) && device_kernel_ok(weight)) {
         xs.contiguous()?
             .apply_op2(&weight.contiguous()?, FusedRmsNorm { eps: eps as f32 })
     } else {
@@ -1260,6 +1363,18 @@ impl CustomOp2 for FusedRmsNorm {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::norm_forward((s1, l1), (s2, l2), None, self.eps)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -1267,6 +1382,11 @@ impl CustomOp2 for FusedRmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, _) = device_norm_backward(x, w, None, grad, self.eps)?;
+            return Ok((Some(dx), dw));
+        }
         let grad = grad.contiguous()?;
         let dim = x.dim(D::Minus1)?;
         let mut dx = super::gemm::zeroed(x.elem_count());

@@ -20,6 +20,8 @@ mod masked_lm;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
+#[cfg(feature = "cuda")]
+mod optim_cuda;
 mod rft;
 pub mod schedule;
 pub mod spec;

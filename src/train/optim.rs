@@ -4,8 +4,10 @@
 //! a resumed job would restart them (DESIGN.md). It also runs a dozen allocating tensor ops per
 //! parameter per step (~500 ms/step on MiniLM). Here the moments live in plain `Vec<f32>`
 //! buffers and the whole update for one parameter is one fused loop that writes the parameter in
-//! place (candle's `InplaceOp2`). Off the CPU the same loop runs on a host copy (correct, slower;
-//! a device kernel can replace it later without changing the state format).
+//! place (candle's `InplaceOp2`). On a CUDA GPU the same update is one kernel of kiln's per
+//! parameter, the moments in device buffers, and the global norm's sum of squares one kernel
+//! per gradient (`optim_cuda`); elsewhere, or with `KILN_DEVICE_KERNELS=candle`, the update
+//! is written as candle tensor ops on the device. The saved state is the same on every path.
 //!
 //! The update is PyTorch's `torch.optim.AdamW` (decoupled weight decay, bias correction, eps
 //! added to the bias-corrected sqrt(v)), which candle_nn's AdamW also implements.
@@ -103,29 +105,79 @@ struct ParamState {
     /// are what was loaded or last synced (see `on_device`).
     m: Vec<f32>,
     v: Vec<f32>,
-    /// The moments as tensors on the parameter's device, for devices other than the CPU
-    /// (and the CPU when tensor ops are forced): made from `m`/`v` at the first step and
-    /// authoritative from then on; `save` reads them back.
-    on_device: Option<(Tensor, Tensor)>,
+    /// The moments on the parameter's device, for devices other than the CPU (and the CPU
+    /// when tensor ops are forced): made from `m`/`v` at the first step and authoritative
+    /// from then on; `save` reads them back.
+    on_device: Option<DeviceMoments>,
+}
+
+/// A parameter's moments off the host.
+enum DeviceMoments {
+    /// As candle tensors, for the update written as tensor ops.
+    Tensors(Tensor, Tensor),
+    /// As device buffers, for kiln's CUDA kernel.
+    #[cfg(feature = "cuda")]
+    Cuda(super::optim_cuda::Moments),
 }
 
 impl ParamState {
     /// The moments as host vectors, from the device copy where there is one.
     fn host_moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         match &self.on_device {
-            Some((m, v)) => Ok((
+            Some(DeviceMoments::Tensors(m, v)) => Ok((
                 m.flatten_all()?.to_vec1::<f32>()?,
                 v.flatten_all()?.to_vec1::<f32>()?,
             )),
+            #[cfg(feature = "cuda")]
+            Some(DeviceMoments::Cuda(moments)) => Ok(moments.download()?),
             None => Ok((self.m.clone(), self.v.clone())),
         }
+    }
+
+    /// One AdamW update by kiln's CUDA kernel: the parameter written in place, the moments
+    /// in device buffers (uploaded from `m`/`v` at the first step).
+    #[cfg(feature = "cuda")]
+    fn step_with_cuda_kernel(
+        &mut self,
+        k: &UpdateConsts,
+        grad: &Tensor,
+        device: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<()> {
+        use super::optim_cuda::{CudaAdamW, Moments};
+        let mut moments = match self.on_device.take() {
+            Some(DeviceMoments::Cuda(moments)) => moments,
+            Some(DeviceMoments::Tensors(m, v)) => Moments::upload(
+                device,
+                &m.flatten_all()?.to_vec1::<f32>()?,
+                &v.flatten_all()?.to_vec1::<f32>()?,
+            )?,
+            None => Moments::upload(device, &self.m, &self.v)?,
+        };
+        let result = {
+            let op = CudaAdamW {
+                k: *k,
+                moments: Mutex::new(&mut moments),
+            };
+            self.var.as_tensor().inplace_op2(grad, &op)
+        };
+        self.on_device = Some(DeviceMoments::Cuda(moments));
+        Ok(result?)
     }
 
     /// One AdamW update as tensor operations on the parameter's own device: no copy to the
     /// host, the same arithmetic as [`adamw_chunk`].
     fn step_with_tensor_ops(&mut self, k: &UpdateConsts, grad: &Tensor) -> Result<()> {
         let (m, v) = match self.on_device.take() {
-            Some(moments) => moments,
+            Some(DeviceMoments::Tensors(m, v)) => (m, v),
+            #[cfg(feature = "cuda")]
+            Some(DeviceMoments::Cuda(moments)) => {
+                let (m, v) = moments.download()?;
+                let (device, shape) = (self.var.device(), self.var.shape());
+                (
+                    Tensor::from_vec(m, shape, device)?,
+                    Tensor::from_vec(v, shape, device)?,
+                )
+            }
             None => {
                 let device = self.var.device();
                 let shape = self.var.shape();
@@ -146,7 +198,7 @@ impl ParamState {
         let update = (&m / denom)?.affine(k.step_size as f64, 0.0)?;
         let theta = (self.var.as_tensor().affine(k.decay as f64, 0.0)? - update)?;
         self.var.set(&theta)?;
-        self.on_device = Some((m, v));
+        self.on_device = Some(DeviceMoments::Tensors(m, v));
         Ok(())
     }
 }
@@ -309,8 +361,15 @@ impl AdamW {
         let mut sum_sq = 0f64;
         // Off the CPU the per-tensor sums stay on the device and are read back once.
         let mut on_device: Option<Tensor> = None;
+        #[cfg(feature = "cuda")]
+        let mut cuda: Vec<&Tensor> = Vec::new();
         for p in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
+                #[cfg(feature = "cuda")]
+                if crate::cuda::kernel_device(g.device()).is_some() {
+                    cuda.push(g);
+                    continue;
+                }
                 if g.device().is_cpu() {
                     sum_sq += sum_squares(g)?;
                 } else {
@@ -324,6 +383,13 @@ impl AdamW {
         }
         if let Some(s) = on_device {
             sum_sq += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(device) = cuda
+            .first()
+            .and_then(|g| crate::cuda::kernel_device(g.device()))
+        {
+            sum_sq += super::optim_cuda::sum_squares(device, &cuda)?;
         }
         Ok(sum_sq.sqrt())
     }
@@ -383,6 +449,11 @@ impl AdamW {
                 };
                 p.var.as_tensor().inplace_op2(&grad, &op)?;
             } else {
+                #[cfg(feature = "cuda")]
+                if let Some(device) = crate::cuda::kernel_device(p.var.device()).cloned() {
+                    p.step_with_cuda_kernel(&k, &grad, &device)?;
+                    continue;
+                }
                 p.step_with_tensor_ops(&k, &grad)?;
             }
         }
@@ -542,18 +613,18 @@ fn sum_squares(t: &Tensor) -> Result<f64> {
 
 /// Per-step constants of the update, precomputed in f64 and rounded once.
 #[derive(Clone, Copy)]
-struct UpdateConsts {
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
+pub(crate) struct UpdateConsts {
+    pub(crate) beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) eps: f32,
     /// `1 - lr * weight_decay`.
-    decay: f32,
+    pub(crate) decay: f32,
     /// `lr / (1 - beta1^t)`.
-    step_size: f32,
+    pub(crate) step_size: f32,
     /// `1 / sqrt(1 - beta2^t)`.
-    inv_sqrt_bc2: f32,
+    pub(crate) inv_sqrt_bc2: f32,
     /// Multiplies every gradient (global-norm clipping).
-    grad_scale: f32,
+    pub(crate) grad_scale: f32,
 }
 
 /// Elements per parallel task of the optimizer's passes: large tensors (the word embeddings)

@@ -1,0 +1,300 @@
+// kiln's own CUDA kernels, for the CUDA build (build.rs compiles this file to PTX with nvcc
+// when the `cuda` feature is on; src/cuda/mod.rs loads and launches them).
+//
+// candle has no fused optimizer and no dropout that a run can seed: AdamW written as candle
+// tensor ops is a dozen kernels per parameter per step, each allocating its output, and the
+// global gradient norm three more; a MiniLM step has about a hundred parameters, so that is
+// over a thousand launches for the update alone, more than the forward and backward together.
+// Dropout's masks were made on the host and copied over (151 MB a step for the decoder
+// benchmark's LoRA inputs), and a LayerNorm was some 11 kernels forward and 25 backward. Here
+// each parameter's update is one kernel, its share of the norm one more, dropout one kernel
+// that hashes its mask as it goes, and a norm one kernel forward and three backward.
+
+#include <stddef.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// One AdamW update of `n` elements, in place: the same arithmetic, in the same order, as
+// `adamw_chunk` in src/train/optim.rs (PyTorch's torch.optim.AdamW), so the CPU and a GPU agree to
+// rounding.
+extern "C" __global__ void kiln_adamw_f32(
+    float *__restrict__ theta,
+    float *__restrict__ m,
+    float *__restrict__ v,
+    const float *__restrict__ grad,
+    const size_t n,
+    const float beta1,
+    const float beta2,
+    const float eps,
+    const float decay,
+    const float step_size,
+    const float inv_sqrt_bc2,
+    const float grad_scale) {
+    const float c1 = 1.0f - beta1;
+    const float c2 = 1.0f - beta2;
+    const size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float g = grad[i] * grad_scale;
+        const float mi = beta1 * m[i] + c1 * g;
+        const float vi = beta2 * v[i] + c2 * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        const float denom = sqrtf(vi) * inv_sqrt_bc2 + eps;
+        theta[i] = theta[i] * decay - step_size * mi / denom;
+    }
+}
+
+// Adds the sum of the squares of `n` elements to `*out` (in f64): each block sums its share
+// (warp shuffles, then one warp over the warps' sums) and adds it atomically. `*out` is zeroed
+// by the caller; the blocks' additions come in no fixed order, so the last bits of the sum may
+// differ from run to run.
+extern "C" __global__ void kiln_sum_squares_f32(
+    const float *__restrict__ x,
+    const size_t n,
+    double *__restrict__ out) {
+    __shared__ double warp_sums[32];
+    double acc = 0.0;
+    const size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const double xi = (double)x[i];
+        acc += xi * xi;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        acc += __shfl_down_sync(0xffffffffu, acc, offset);
+    }
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        warp_sums[warp] = acc;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const unsigned warps = (blockDim.x + 31u) >> 5;
+        acc = lane < warps ? warp_sums[lane] : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            acc += __shfl_down_sync(0xffffffffu, acc, offset);
+        }
+        if (lane == 0) {
+            atomicAdd(out, acc);
+        }
+    }
+}
+
+// Inverted dropout with the hashed mask of kiln's CPU kernels (`Dropout` in src/nn/mlp.rs):
+// element i is kept when the top 32 bits of splitmix64(seed ^ i * 2^64/phi) fall below
+// `threshold` (keep * 2^32), and then scaled by `scale` (1 / keep); the product is taken in
+// f32 and rounded once to the element type. The same seed gives the same mask on every device,
+// and the backward is the same kernel applied to the gradient.
+__device__ __forceinline__ unsigned long long kiln_splitmix64(unsigned long long x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+__device__ __forceinline__ float kiln_dropout_factor(
+    const size_t i,
+    const unsigned long long seed,
+    const unsigned long long threshold,
+    const float scale) {
+    const unsigned long long bits =
+        kiln_splitmix64(seed ^ ((unsigned long long)i * 0x9E3779B97F4A7C15ull));
+    return (bits >> 32) < threshold ? scale : 0.0f;
+}
+
+#define KILN_DROPOUT(NAME, T, TO_F32, FROM_F32)                                               \
+    extern "C" __global__ void NAME(                                                          \
+        const T *__restrict__ x,                                                              \
+        T *__restrict__ y,                                                                    \
+        const size_t n,                                                                       \
+        const unsigned long long seed,                                                        \
+        const unsigned long long threshold,                                                   \
+        const float scale) {                                                                  \
+        const size_t stride = (size_t)blockDim.x * gridDim.x;                                 \
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {  \
+            y[i] = FROM_F32(TO_F32(x[i]) * kiln_dropout_factor(i, seed, threshold, scale));   \
+        }                                                                                     \
+    }
+
+#define KILN_ID(v) (v)
+KILN_DROPOUT(kiln_dropout_f32, float, KILN_ID, KILN_ID)
+KILN_DROPOUT(kiln_dropout_bf16, __nv_bfloat16, __bfloat162float, __float2bfloat16)
+KILN_DROPOUT(kiln_dropout_f16, __half, __half2float, __float2half)
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm and RMSNorm over the last dimension (f32), forward and backward, for
+// `nn::ops::layer_norm` / `rms_norm` on a GPU, where candle's ops take about 11 kernels forward
+// and twice that backward per norm. `centered` 1 is LayerNorm (x - mean, then a shift `b`),
+// 0 RMSNorm (no mean, no shift). One block per row; the row's sums are block reductions.
+
+// The sum of `v` over the block (every thread gets it). `shared` holds 32 floats; the block is
+// a multiple of 32 threads, at most 1024.
+__device__ float kiln_block_sum(float v, float *shared) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_down_sync(0xffffffffu, v, offset);
+    }
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        shared[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (blockDim.x >> 5) ? shared[lane] : 0.0f;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            v += __shfl_down_sync(0xffffffffu, v, offset);
+        }
+        if (lane == 0) {
+            shared[0] = v;
+        }
+    }
+    __syncthreads();
+    const float sum = shared[0];
+    __syncthreads();
+    return sum;
+}
+
+// The mean (0 unless centered) and 1/sqrt(variance + eps) of one row.
+__device__ void kiln_row_stats(
+    const float *__restrict__ xr,
+    const int dim,
+    const float eps,
+    const int centered,
+    float *shared,
+    float *mean_out,
+    float *rstd_out) {
+    float mean = 0.0f;
+    if (centered) {
+        float s = 0.0f;
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+            s += xr[j];
+        }
+        mean = kiln_block_sum(s, shared) / (float)dim;
+    }
+    float s2 = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float d = xr[j] - mean;
+        s2 += d * d;
+    }
+    const float var = kiln_block_sum(s2, shared) / (float)dim;
+    *mean_out = mean;
+    *rstd_out = 1.0f / sqrtf(var + eps);
+}
+
+// y = (x - mean) * rstd * w (+ b), row by row (grid: one block per row).
+extern "C" __global__ void kiln_norm_fwd_f32(
+    const float *__restrict__ x,
+    const float *__restrict__ w,
+    const float *__restrict__ b,
+    float *__restrict__ y,
+    const int dim,
+    const float eps,
+    const int centered) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const float *xr = x + row * (size_t)dim;
+    float *yr = y + row * (size_t)dim;
+    float mean, rstd;
+    kiln_row_stats(xr, dim, eps, centered, shared, &mean, &rstd);
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = (xr[j] - mean) * rstd * w[j];
+        yr[j] = centered ? v + b[j] : v;
+    }
+}
+
+// The input's gradient, row by row: with gw = dy * w and xhat = (x - mean) * rstd,
+// dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)) (RMSNorm: no mean(gw) term).
+// Each row's (mean, rstd) also goes to `stats` for the weight gradients.
+extern "C" __global__ void kiln_norm_bwd_dx_f32(
+    const float *__restrict__ x,
+    const float *__restrict__ w,
+    const float *__restrict__ dy,
+    float *__restrict__ dx,
+    float *__restrict__ stats,
+    const int dim,
+    const float eps,
+    const int centered) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const float *xr = x + row * (size_t)dim;
+    const float *gr = dy + row * (size_t)dim;
+    float *dxr = dx + row * (size_t)dim;
+    float mean, rstd;
+    kiln_row_stats(xr, dim, eps, centered, shared, &mean, &rstd);
+    float s_gw = 0.0f, s_gw_xhat = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float gw = gr[j] * w[j];
+        s_gw += gw;
+        s_gw_xhat += gw * ((xr[j] - mean) * rstd);
+    }
+    const float mean_gw = centered ? kiln_block_sum(s_gw, shared) / (float)dim : 0.0f;
+    const float mean_gw_xhat = kiln_block_sum(s_gw_xhat, shared) / (float)dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float xhat = (xr[j] - mean) * rstd;
+        dxr[j] = rstd * (gr[j] * w[j] - mean_gw - xhat * mean_gw_xhat);
+    }
+    if (threadIdx.x == 0) {
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
+// The weight (and shift) gradients' partial sums over a chunk of `chunk` rows: grid
+// (column blocks, row chunks), a thread per column; partial[c * dim + j] for chunk c.
+extern "C" __global__ void kiln_norm_bwd_dw_partial_f32(
+    const float *__restrict__ x,
+    const float *__restrict__ dy,
+    const float *__restrict__ stats,
+    float *__restrict__ partial_dw,
+    float *__restrict__ partial_db,
+    const size_t rows,
+    const int dim,
+    const int chunk,
+    const int centered) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dim) {
+        return;
+    }
+    const size_t first = (size_t)blockIdx.y * chunk;
+    size_t last = first + chunk;
+    if (last > rows) {
+        last = rows;
+    }
+    float s_dw = 0.0f, s_db = 0.0f;
+    for (size_t r = first; r < last; ++r) {
+        const float g = dy[r * dim + j];
+        const float xhat = (x[r * dim + j] - stats[2 * r]) * stats[2 * r + 1];
+        s_dw += g * xhat;
+        s_db += g;
+    }
+    partial_dw[(size_t)blockIdx.y * dim + j] = s_dw;
+    if (centered) {
+        partial_db[(size_t)blockIdx.y * dim + j] = s_db;
+    }
+}
+
+// The chunks' partial sums added up, a thread per column, in chunk order (deterministic).
+extern "C" __global__ void kiln_norm_bwd_dw_final_f32(
+    const float *__restrict__ partial_dw,
+    const float *__restrict__ partial_db,
+    float *__restrict__ dw,
+    float *__restrict__ db,
+    const int chunks,
+    const int dim,
+    const int centered) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dim) {
+        return;
+    }
+    float s_dw = 0.0f, s_db = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+        s_dw += partial_dw[(size_t)c * dim + j];
+        if (centered) {
+            s_db += partial_db[(size_t)c * dim + j];
+        }
+    }
+    dw[j] = s_dw;
+    if (centered) {
+        db[j] = s_db;
+    }
+}

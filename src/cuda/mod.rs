@@ -1,0 +1,350 @@
+//! kiln's own CUDA kernels (`kernels.cu`, compiled to PTX by build.rs in the CUDA build): the
+//! optimizer's fused AdamW update and gradient norm (`train::optim`), LayerNorm and RMSNorm
+//! forward and backward (`nn::ops::layer_norm`, `rms_norm`) and hashed dropout
+//! (`nn::layers::dropout`), where candle's ops would take many launches and allocations or a
+//! copy from the host. The environment's `KILN_DEVICE_KERNELS=candle` turns them off (candle's
+//! ops then run, as before), for A/B measurements. `kiln check-device` compares each with the
+//! CPU.
+
+use std::sync::Arc;
+
+use candle_core::CudaStorage;
+use candle_core::Layout;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "kiln_kernels";
+/// Threads per block (a multiple of 32, at most 1024: the sum's block reduction assumes both).
+const THREADS: u32 = 256;
+/// At most this many blocks; the kernels stride over whatever is left.
+const MAX_BLOCKS: u32 = 4096;
+
+/// A kernel of `kernels.cu` on a device's stream (candle's, so it runs in order with candle's
+/// own kernels).
+pub(crate) struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// A launch of this kernel, its arguments to be pushed in the order of its signature.
+    pub(crate) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// The kernel `name` of `kernels.cu` on `device` (the module is loaded once; candle keeps it).
+pub(crate) fn func(device: &CudaDevice, name: &str) -> candle_core::Result<Kernel> {
+    Ok(Kernel {
+        func: device
+            .get_or_load_custom_func(name, MODULE, PTX)?
+            .into_cuda_function(),
+        stream: device.cuda_stream(),
+    })
+}
+
+/// The launch shape for `n` elements: 256-thread blocks, one element per thread up to
+/// [`MAX_BLOCKS`] blocks (the kernels loop over the rest).
+pub(crate) fn config(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS as usize) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A CUDA driver error as a candle error.
+pub(crate) fn wrap(e: impl std::fmt::Display + Send + Sync + 'static) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// The CUDA device of a tensor on one when kiln's kernels are on (the default; the
+/// environment's `KILN_DEVICE_KERNELS=candle` turns them off), else `None`.
+pub(crate) fn kernel_device(device: &candle_core::Device) -> Option<&CudaDevice> {
+    match device {
+        candle_core::Device::Cuda(cuda) if kernels_on() => Some(cuda),
+        _ => None,
+    }
+}
+
+/// Whether kiln's kernels are on (`KILN_DEVICE_KERNELS`, read once).
+pub(crate) fn kernels_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("KILN_DEVICE_KERNELS") {
+        Ok(v) if v.eq_ignore_ascii_case("candle") => {
+            tracing::info!(
+                "KILN_DEVICE_KERNELS=candle: the optimizer and dropout run as candle ops"
+            );
+            false
+        }
+        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("kiln") => true,
+        Ok(v) => {
+            tracing::warn!(
+                "KILN_DEVICE_KERNELS={v:?} is neither `kiln` nor `candle`; using kiln's"
+            );
+            true
+        }
+        Err(_) => true,
+    })
+}
+
+/// `x` (contiguous, f32, bf16 or f16) times the hashed dropout mask of `(seed, threshold,
+/// scale)` (`nn::mlp::Dropout`'s): element i kept, times `scale`, when the top 32 bits of its
+/// hash fall below `threshold`. A new buffer; one kernel.
+pub(crate) fn dropout(
+    x: &CudaStorage,
+    layout: &Layout,
+    seed: u64,
+    threshold: u64,
+    scale: f32,
+) -> candle_core::Result<CudaStorage> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("kiln-dropout: the input is not contiguous")
+    };
+    let device = x.device.clone();
+    let run = |name: &str| func(&device, name);
+    let slice = match &x.slice {
+        CudaStorageSlice::F32(s) => CudaStorageSlice::F32(dropout_into(
+            &run("kiln_dropout_f32")?,
+            &device,
+            s.slice(start..end),
+            seed,
+            threshold,
+            scale,
+        )?),
+        CudaStorageSlice::BF16(s) => CudaStorageSlice::BF16(dropout_into(
+            &run("kiln_dropout_bf16")?,
+            &device,
+            s.slice(start..end),
+            seed,
+            threshold,
+            scale,
+        )?),
+        CudaStorageSlice::F16(s) => CudaStorageSlice::F16(dropout_into(
+            &run("kiln_dropout_f16")?,
+            &device,
+            s.slice(start..end),
+            seed,
+            threshold,
+            scale,
+        )?),
+        _ => candle_core::bail!("kiln-dropout: {:?} is not f32, bf16 or f16", x.dtype()),
+    };
+    Ok(CudaStorage { slice, device })
+}
+
+fn dropout_into<T: DeviceRepr>(
+    kernel: &Kernel,
+    device: &CudaDevice,
+    x: CudaView<'_, T>,
+    seed: u64,
+    threshold: u64,
+    scale: f32,
+) -> candle_core::Result<CudaSlice<T>> {
+    let n = x.len();
+    // SAFETY: every element is written by the kernel below before anything reads it.
+    let y = unsafe { device.alloc::<T>(n)? };
+    if n == 0 {
+        return Ok(y);
+    }
+    let mut builder = kernel.builder();
+    builder.arg(&x);
+    builder.arg(&y);
+    builder.arg(&n);
+    builder.arg(&seed);
+    builder.arg(&threshold);
+    builder.arg(&scale);
+    // SAFETY: the arguments match KILN_DROPOUT's signature in kernels.cu, in order and type
+    // (T is the kernel's element type; size_t and unsigned long long are 64 bits); `x` and `y`
+    // hold `n` elements.
+    unsafe { builder.launch(config(n)) }.map_err(wrap)?;
+    Ok(y)
+}
+
+/// The f32 elements behind a contiguous storage.
+fn f32_view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, f32>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("kiln-norm: the {what} is not contiguous")
+    };
+    Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
+}
+
+/// `(rows, dim)` of a norm over the last dimension of `l`, the weight's length checked.
+fn norm_dims(l: &Layout, w: &CudaView<'_, f32>) -> candle_core::Result<(usize, usize)> {
+    let dim = l.dims().last().copied().unwrap_or(1);
+    if dim == 0 || w.len() != dim || dim > i32::MAX as usize {
+        candle_core::bail!(
+            "kiln-norm: weight length {} for a last dimension of {dim}",
+            w.len()
+        )
+    }
+    let rows = l.shape().elem_count() / dim;
+    if rows > i32::MAX as usize {
+        candle_core::bail!("kiln-norm: {rows} rows is more than one launch takes")
+    }
+    Ok((rows, dim))
+}
+
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// LayerNorm (`b` given: `(x - mean) / std · w + b`) or RMSNorm (`b` none: `x / rms · w`) of
+/// contiguous f32 `x` over its last dimension: one kernel, a block per row.
+pub(crate) fn norm_forward(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+    eps: f32,
+) -> candle_core::Result<CudaStorage> {
+    let device = x.0.device.clone();
+    let xs = f32_view(x.0, x.1, "input")?;
+    let ws = f32_view(w.0, w.1, "weight")?;
+    let (rows, dim) = norm_dims(x.1, &ws)?;
+    let bs = match b {
+        Some((s, l)) => {
+            let bs = f32_view(s, l, "shift")?;
+            if bs.len() != dim {
+                candle_core::bail!("kiln-norm: shift length {} for {dim}", bs.len())
+            }
+            Some(bs)
+        }
+        None => None,
+    };
+    // SAFETY: the kernel writes every element.
+    let y = unsafe { device.alloc::<f32>(rows * dim)? };
+    if rows > 0 {
+        let kernel = func(&device, "kiln_norm_fwd_f32")?;
+        let (dim_i, centered) = (dim as i32, i32::from(bs.is_some()));
+        let mut builder = kernel.builder();
+        builder.arg(&xs);
+        builder.arg(&ws);
+        // RMSNorm reads no shift; the weight stands in for the pointer.
+        builder.arg(bs.as_ref().unwrap_or(&ws));
+        builder.arg(&y);
+        builder.arg(&dim_i);
+        builder.arg(&eps);
+        builder.arg(&centered);
+        // SAFETY: kiln_norm_fwd_f32's signature (pointers to rows·dim, dim, dim floats and
+        // rows·dim floats out; int, float, int); one block per row.
+        unsafe { builder.launch(rows_config(rows)) }.map_err(wrap)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(y, device))
+}
+
+/// Rows per chunk of the weight gradients' partial sums.
+const NORM_CHUNK: usize = 32;
+
+/// The backward of [`norm_forward`] for contiguous f32 `x`, `w` and output gradient `dy`: one
+/// buffer holding the input's gradient (`rows · dim`), then the weight's (`dim`), then, for
+/// LayerNorm (`centered`), the shift's (`dim`). Four kernels: the input's gradient and each
+/// row's statistics, the weight gradients' partial sums over chunks of rows, their total.
+pub(crate) fn norm_backward(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    eps: f32,
+    centered: bool,
+) -> candle_core::Result<CudaStorage> {
+    let device = x.0.device.clone();
+    let xs = f32_view(x.0, x.1, "input")?;
+    let ws = f32_view(w.0, w.1, "weight")?;
+    let gs = f32_view(dy.0, dy.1, "gradient")?;
+    let (rows, dim) = norm_dims(x.1, &ws)?;
+    if gs.len() != rows * dim {
+        candle_core::bail!("kiln-norm: a gradient of {} for {rows}x{dim}", gs.len())
+    }
+    let params = if centered { 2 } else { 1 };
+    if rows == 0 {
+        let zeros = device.alloc_zeros::<f32>(params * dim)?;
+        return Ok(CudaStorage::wrap_cuda_slice(zeros, device));
+    }
+    let chunks = rows.div_ceil(NORM_CHUNK);
+    if chunks > 65_535 {
+        candle_core::bail!("kiln-norm: {rows} rows is more than one launch takes")
+    }
+    let (dim_i, centered_i) = (dim as i32, i32::from(centered));
+    // SAFETY: the kernels below write every element (the input's gradient row by row, the
+    // weight's and shift's column by column).
+    let out = unsafe { device.alloc::<f32>(rows * dim + params * dim)? };
+    // SAFETY (the three allocations): the kernels below write every element before reading.
+    let stats = unsafe { device.alloc::<f32>(2 * rows)? };
+    let partial_dw = unsafe { device.alloc::<f32>(chunks * dim)? };
+    let partial_db = unsafe { device.alloc::<f32>(if centered { chunks * dim } else { 1 })? };
+    // The views of `out` end with this block, before it is handed over.
+    {
+        let dx = out.slice(0..rows * dim);
+        let dw = out.slice(rows * dim..rows * dim + dim);
+        // RMSNorm has no shift: the weight's gradient stands in for the pointer it never writes.
+        let db = out.slice(rows * dim + (params - 1) * dim..rows * dim + params * dim);
+
+        let kernel = func(&device, "kiln_norm_bwd_dx_f32")?;
+        let mut builder = kernel.builder();
+        builder.arg(&xs);
+        builder.arg(&ws);
+        builder.arg(&gs);
+        builder.arg(&dx);
+        builder.arg(&stats);
+        builder.arg(&dim_i);
+        builder.arg(&eps);
+        builder.arg(&centered_i);
+        // SAFETY: kiln_norm_bwd_dx_f32's signature; x, dy, dx hold rows·dim floats, w dim,
+        // stats 2·rows; one block per row.
+        unsafe { builder.launch(rows_config(rows)) }.map_err(wrap)?;
+
+        let column_blocks = dim.div_ceil(THREADS as usize) as u32;
+        let (chunk_i, chunks_i) = (NORM_CHUNK as i32, chunks as i32);
+        let kernel = func(&device, "kiln_norm_bwd_dw_partial_f32")?;
+        let mut builder = kernel.builder();
+        builder.arg(&xs);
+        builder.arg(&gs);
+        builder.arg(&stats);
+        builder.arg(&partial_dw);
+        builder.arg(&partial_db);
+        builder.arg(&rows);
+        builder.arg(&dim_i);
+        builder.arg(&chunk_i);
+        builder.arg(&centered_i);
+        let cfg = LaunchConfig {
+            grid_dim: (column_blocks, chunks as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: kiln_norm_bwd_dw_partial_f32's signature; the partial buffers hold chunks·dim
+        // floats (the shift's 1 for RMSNorm, which it does not write).
+        unsafe { builder.launch(cfg) }.map_err(wrap)?;
+
+        let kernel = func(&device, "kiln_norm_bwd_dw_final_f32")?;
+        let mut builder = kernel.builder();
+        builder.arg(&partial_dw);
+        builder.arg(&partial_db);
+        builder.arg(&dw);
+        builder.arg(&db);
+        builder.arg(&chunks_i);
+        builder.arg(&dim_i);
+        builder.arg(&centered_i);
+        let cfg = LaunchConfig {
+            grid_dim: (column_blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: kiln_norm_bwd_dw_final_f32's signature; dw and db are dim floats each (the
+        // same for RMSNorm, whose db it does not write).
+        unsafe { builder.launch(cfg) }.map_err(wrap)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, device))
+}
