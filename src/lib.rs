@@ -8,6 +8,8 @@ pub mod artifacts;
 pub mod cli;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(test)]
+mod cuda_emulated;
 pub mod data;
 pub mod datasets;
 pub mod device;

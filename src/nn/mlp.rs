@@ -131,7 +131,7 @@ struct MlpSaved {
 /// Inverted dropout with a hashed mask: element `i` is kept when the top 32 bits of
 /// `splitmix64(seed ^ i·φ)` fall below `keep · 2³²`, and scaled by `1 / keep`.
 #[derive(Clone, Copy)]
-pub(super) struct Dropout {
+pub(crate) struct Dropout {
     seed: u64,
     threshold: u64,
     scale: f32,
@@ -139,7 +139,7 @@ pub(super) struct Dropout {
 
 impl Dropout {
     /// `None` for `p` 0 (or not a probability below 1).
-    pub(super) fn new(p: f32) -> Option<Self> {
+    pub(crate) fn new(p: f32) -> Option<Self> {
         if !(p > 0.0 && p < 1.0) {
             return None;
         }
@@ -159,8 +159,8 @@ impl Dropout {
 
     /// The seed, the keep threshold (of the hash's top 32 bits) and the scale, for a device
     /// kernel that hashes the same mask.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(super) fn parts(&self) -> (u64, u64, f32) {
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    pub(crate) fn parts(&self) -> (u64, u64, f32) {
         (self.seed, self.threshold, self.scale)
     }
 

@@ -647,7 +647,7 @@ fn adamw_kernel(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32]
 
 wide_fn! {
     /// The AdamW update over a run of elements.
-    fn adamw_chunk(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    pub(crate) fn adamw_chunk(k: &UpdateConsts, theta: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
         let (b1, b2) = (k.beta1, k.beta2);
         let (c1, c2) = (1.0 - b1, 1.0 - b2);
         for (((p, &g), m), v) in theta

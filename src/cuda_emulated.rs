@@ -1,0 +1,270 @@
+//! kiln's CUDA kernels (`src/cuda/kernels.cu`) run on the CPU and checked against kiln's CPU
+//! code, so that they are tested on machines with no GPU (this one, CI).
+//!
+//! g++ compiles the kernels' very source with `tests/cuda_emulation/cuda_emu.h` standing in for
+//! CUDA: one OS thread per CUDA thread, barriers for `__syncthreads` and the warp shuffles.
+//! `tests/cuda_emulation/harness.cpp` launches them with the shapes `crate::cuda` uses (block
+//! size, grid-stride loops, the norms' block per row and chunked column sums). What this
+//! cannot see: the Rust side's argument order and types at launch (read against the kernels'
+//! signatures), and anything about the real hardware. `kiln check-device` covers those on a
+//! GPU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The harness, compiled once per test process.
+fn harness() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(env!("OUT_DIR")).join("cuda-emulation");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join(format!("harness-{}", std::process::id()));
+        let src = Path::new(ROOT).join("tests/cuda_emulation");
+        let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()))
+            .args(["-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-I"])
+            .arg(src.join("include"))
+            .arg("-o")
+            .arg(&bin)
+            .arg(src.join("harness.cpp"))
+            .output()
+            .expect("g++ (C++20) is needed to run the CUDA kernels on the CPU");
+        assert!(
+            out.status.success(),
+            "the kernels do not compile for the CPU:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bin
+    })
+}
+
+/// Runs `op` on `inputs` (name, little-endian bytes) with `params`, in a fresh directory.
+fn run(op: &str, params: &[u64], inputs: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let text: Vec<String> = params.iter().map(u64::to_string).collect();
+    std::fs::write(dir.path().join("params.txt"), text.join(" ")).unwrap();
+    for (name, bytes) in inputs {
+        std::fs::write(dir.path().join(format!("{name}.bin")), bytes).unwrap();
+    }
+    let out = Command::new(harness())
+        .arg(op)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "harness {op}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn floats(dir: &Path, name: &str) -> Vec<f32> {
+    std::fs::read(dir.join(format!("{name}.out")))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn bits(x: f32) -> u64 {
+    u64::from(x.to_bits())
+}
+
+/// Deterministic values in [-1, 1].
+fn values(seed: u32, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 + 1.0) * 0.618_034 + seed as f32 * 1.37).sin())
+        .collect()
+}
+
+/// The largest of |a - b| / max(|a|, floor) over the elements.
+fn worst(a: &[f32], b: &[f32], floor: f32) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x - y).abs() / x.abs().max(floor))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn adamw_kernel_is_the_cpu_update_bit_for_bit() {
+    use crate::train::optim::{UpdateConsts, adamw_chunk};
+    // Past what 7 blocks of 256 threads cover in one pass: every thread strides.
+    let n = 70_001;
+    let k = UpdateConsts {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        decay: 1.0 - 3e-3 * 0.01,
+        step_size: 3e-3 / (1.0 - 0.9f32.powi(3)),
+        inv_sqrt_bc2: 1.0 / (1.0 - 0.999f32.powi(3)).sqrt(),
+        grad_scale: 0.37,
+    };
+    let theta = values(1, n);
+    let m: Vec<f32> = values(2, n).iter().map(|x| x * 0.1).collect();
+    let v: Vec<f32> = values(3, n).iter().map(|x| x * x * 0.01).collect();
+    let grad = values(4, n);
+    let params = [
+        n as u64,
+        7,
+        bits(k.beta1),
+        bits(k.beta2),
+        bits(k.eps),
+        bits(k.decay),
+        bits(k.step_size),
+        bits(k.inv_sqrt_bc2),
+        bits(k.grad_scale),
+    ];
+    let dir = run(
+        "adamw",
+        &params,
+        &[
+            ("theta", bytes(&theta)),
+            ("m", bytes(&m)),
+            ("v", bytes(&v)),
+            ("grad", bytes(&grad)),
+        ],
+    );
+    let (mut theta_cpu, mut m_cpu, mut v_cpu) = (theta.clone(), m.clone(), v.clone());
+    adamw_chunk(&k, &mut theta_cpu, &grad, &mut m_cpu, &mut v_cpu);
+    // The same arithmetic in the same order, no fused multiply-adds: the same bits.
+    assert_eq!(floats(dir.path(), "m"), m_cpu);
+    assert_eq!(floats(dir.path(), "v"), v_cpu);
+    assert_eq!(floats(dir.path(), "theta"), theta_cpu);
+    assert_ne!(theta_cpu, theta, "the update changed something");
+}
+
+#[test]
+fn sum_of_squares_kernel_is_the_sum() {
+    for (n, blocks) in [(1, 0), (255, 0), (100_003, 5), (300_000, 0)] {
+        let x = values(9, n);
+        let dir = run("sum_squares", &[n as u64, blocks], &[("x", bytes(&x))]);
+        let out = std::fs::read(dir.path().join("sum.out")).unwrap();
+        let got = f64::from_le_bytes(out[..8].try_into().unwrap());
+        let want: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!(
+            ((got - want) / want).abs() < 1e-12,
+            "n {n}: {got} against {want}"
+        );
+    }
+}
+
+#[test]
+fn dropout_kernel_hashes_the_cpus_mask_in_every_dtype() {
+    use crate::nn::layers::{dropout, seed_dropout, unseed_dropout};
+    use crate::nn::mlp::Dropout;
+    let n = 50_003;
+    let x = Tensor::from_vec(values(5, n), n, &Device::Cpu).unwrap();
+    for (code, dtype) in [(0u64, DType::F32), (1, DType::BF16), (2, DType::F16)] {
+        let input = x.to_dtype(dtype).unwrap();
+        seed_dropout(77);
+        let (seed, threshold, scale) = Dropout::new(0.15).unwrap().parts();
+        seed_dropout(77);
+        let want = dropout(&input, 0.15, true).unwrap();
+        unseed_dropout();
+        let (data, want): (Vec<u8>, Vec<u8>) = match dtype {
+            DType::F32 => (
+                bytes(&input.to_vec1::<f32>().unwrap()),
+                bytes(&want.to_vec1::<f32>().unwrap()),
+            ),
+            DType::BF16 => {
+                let b = |t: &Tensor| -> Vec<u8> {
+                    t.to_vec1::<half::bf16>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_bits().to_le_bytes())
+                        .collect()
+                };
+                (b(&input), b(&want))
+            }
+            _ => {
+                let b = |t: &Tensor| -> Vec<u8> {
+                    t.to_vec1::<half::f16>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_bits().to_le_bytes())
+                        .collect()
+                };
+                (b(&input), b(&want))
+            }
+        };
+        let params = [code, n as u64, 3, seed, threshold, bits(scale)];
+        let dir = run("dropout", &params, &[("x", data)]);
+        let got = std::fs::read(dir.path().join("y.out")).unwrap();
+        assert!(
+            got == want,
+            "{dtype:?}: the kernel's dropout is not the CPU's"
+        );
+    }
+}
+
+/// LayerNorm (`centered`) or RMSNorm forward and backward through the kernels against kiln's
+/// fused CPU ops and autograd.
+fn check_norm(rows: usize, dim: usize, centered: bool) {
+    let eps = 1e-5f32;
+    let x = values(11, rows * dim);
+    let w: Vec<f32> = values(12, dim).iter().map(|v| 1.0 + 0.5 * v).collect();
+    let b = values(13, dim);
+    let dy = values(14, rows * dim);
+    let params = [rows as u64, dim as u64, bits(eps), u64::from(centered), 32];
+    let dir = run(
+        "norm",
+        &params,
+        &[
+            ("x", bytes(&x)),
+            ("w", bytes(&w)),
+            ("b", bytes(&b)),
+            ("dy", bytes(&dy)),
+        ],
+    );
+    let dev = Device::Cpu;
+    let xv = Var::from_tensor(&Tensor::from_vec(x, (rows, dim), &dev).unwrap()).unwrap();
+    let wv = Var::from_tensor(&Tensor::from_vec(w, dim, &dev).unwrap()).unwrap();
+    let bv = Var::from_tensor(&Tensor::from_vec(b, dim, &dev).unwrap()).unwrap();
+    let y = if centered {
+        crate::nn::ops::layer_norm(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps.into())
+    } else {
+        crate::nn::ops::rms_norm(xv.as_tensor(), wv.as_tensor(), eps.into())
+    }
+    .unwrap();
+    let dyt = Tensor::from_vec(dy, (rows, dim), &dev).unwrap();
+    let grads = (&y * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let what = if centered { "LayerNorm" } else { "RMSNorm" };
+    let cases = [
+        ("y", flat(&y), 1e-5),
+        ("dx", flat(grads.get(xv.as_tensor()).unwrap()), 1e-4),
+        ("dw", flat(grads.get(wv.as_tensor()).unwrap()), 1e-4),
+    ];
+    for (name, want, tol) in cases {
+        let got = floats(dir.path(), name);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let w = worst(&want, &got, scale * 1e-2);
+        assert!(w < tol, "{what} {rows}x{dim} {name}: worst {w}");
+    }
+    if centered {
+        let want = flat(grads.get(bv.as_tensor()).unwrap());
+        let got = floats(dir.path(), "db");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let w = worst(&want, &got, scale * 1e-2);
+        assert!(w < 1e-4, "{what} {rows}x{dim} db: worst {w}");
+    }
+}
+
+#[test]
+fn norm_kernels_match_the_cpu_norms_and_their_gradients() {
+    // Rows in a partial chunk of the column sums; rows wider and narrower than a block.
+    for (rows, dim) in [(37, 300), (3, 192), (70, 40)] {
+        check_norm(rows, dim, true);
+        check_norm(rows, dim, false);
+    }
+}

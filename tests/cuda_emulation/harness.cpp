@@ -1,0 +1,148 @@
+// Runs one of src/cuda/kernels.cu's kernels on the CPU (cuda_emu.h), for src/cuda_emulated.rs:
+//
+//   harness OP DIR
+//
+// DIR/params.txt holds the sizes and scalars (floats as their IEEE bit patterns, so they
+// arrive exactly); the arrays are raw little-endian files in DIR, read as NAME.bin and written
+// as NAME.out. The launch shapes are those of src/cuda/mod.rs.
+#include "cuda_emu.h"
+
+#include "../../src/cuda/kernels.cu"
+
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+constexpr unsigned THREADS = 256;
+constexpr size_t MAX_BLOCKS = 4096;
+
+std::string dir;
+
+template <class T>
+std::vector<T> read(const std::string &name) {
+    std::ifstream f(dir + "/" + name + ".bin", std::ios::binary);
+    if (!f) throw std::runtime_error("cannot read " + name + ".bin");
+    std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    std::vector<T> out(bytes.size() / sizeof(T));
+    std::memcpy(out.data(), bytes.data(), out.size() * sizeof(T));
+    return out;
+}
+
+template <class T>
+void write(const std::string &name, const std::vector<T> &v) {
+    std::ofstream f(dir + "/" + name + ".out", std::ios::binary);
+    f.write(reinterpret_cast<const char *>(v.data()), std::streamsize(v.size() * sizeof(T)));
+    if (!f) throw std::runtime_error("cannot write " + name + ".out");
+}
+
+std::vector<uint64_t> params() {
+    std::ifstream f(dir + "/params.txt");
+    std::vector<uint64_t> out;
+    for (std::string s; f >> s;) out.push_back(std::stoull(s));
+    return out;
+}
+
+float f32(uint64_t bits) {
+    const uint32_t b = uint32_t(bits);
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+
+// src/cuda/mod.rs's `config`: a thread per element up to MAX_BLOCKS blocks (or fewer, given).
+dim3 elementwise(size_t n, size_t blocks) {
+    if (blocks == 0) blocks = std::min(std::max<size_t>((n + THREADS - 1) / THREADS, 1), MAX_BLOCKS);
+    return dim3{unsigned(blocks), 1, 1};
+}
+
+template <class T, class K>
+void dropout(K kernel, const std::vector<uint64_t> &p) {
+    const size_t n = p[1];
+    auto x = read<T>("x");
+    std::vector<T> y(n);
+    const uint64_t seed = p[3], threshold = p[4];
+    const float scale = f32(p[5]);
+    kiln_launch(elementwise(n, p[2]), THREADS,
+                [&] { kernel(x.data(), y.data(), n, seed, threshold, scale); });
+    write("y", y);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) try {
+    if (argc != 3) throw std::runtime_error("usage: harness OP DIR");
+    const std::string op = argv[1];
+    dir = argv[2];
+    const auto p = params();
+    if (op == "adamw") {
+        // n blocks beta1 beta2 eps decay step_size inv_sqrt_bc2 grad_scale
+        const size_t n = p[0];
+        auto theta = read<float>("theta"), m = read<float>("m"), v = read<float>("v"),
+             g = read<float>("grad");
+        kiln_launch(elementwise(n, p[1]), THREADS, [&] {
+            kiln_adamw_f32(theta.data(), m.data(), v.data(), g.data(), n, f32(p[2]), f32(p[3]),
+                           f32(p[4]), f32(p[5]), f32(p[6]), f32(p[7]), f32(p[8]));
+        });
+        write("theta", theta);
+        write("m", m);
+        write("v", v);
+    } else if (op == "sum_squares") {
+        // n blocks
+        const size_t n = p[0];
+        auto x = read<float>("x");
+        std::vector<double> out{0.0};
+        kiln_launch(elementwise(n, p[1]), THREADS,
+                    [&] { kiln_sum_squares_f32(x.data(), n, out.data()); });
+        write("sum", out);
+    } else if (op == "dropout") {
+        // dtype (0 f32, 1 bf16, 2 f16) n blocks seed threshold scale
+        switch (p[0]) {
+            case 0: dropout<float>(kiln_dropout_f32, p); break;
+            case 1: dropout<__nv_bfloat16>(kiln_dropout_bf16, p); break;
+            case 2: dropout<__half>(kiln_dropout_f16, p); break;
+            default: throw std::runtime_error("dtype 0, 1 or 2");
+        }
+    } else if (op == "norm") {
+        // rows dim eps centered chunk: the forward, then the backward as norm_backward runs it
+        const size_t rows = p[0];
+        const int dim = int(p[1]);
+        const float eps = f32(p[2]);
+        const int centered = int(p[3]);
+        const int chunk = int(p[4]);
+        auto x = read<float>("x"), w = read<float>("w"), b = read<float>("b"), dy = read<float>("dy");
+        std::vector<float> y(rows * dim), dx(rows * dim), stats(2 * rows), dw(dim), db(dim);
+        const dim3 per_row{unsigned(rows), 1, 1};
+        kiln_launch(per_row, THREADS, [&] {
+            kiln_norm_fwd_f32(x.data(), w.data(), b.data(), y.data(), dim, eps, centered);
+        });
+        kiln_launch(per_row, THREADS, [&] {
+            kiln_norm_bwd_dx_f32(x.data(), w.data(), dy.data(), dx.data(), stats.data(), dim, eps,
+                                 centered);
+        });
+        const int chunks = int((rows + chunk - 1) / chunk);
+        const unsigned column_blocks = unsigned((dim + THREADS - 1) / THREADS);
+        std::vector<float> partial_dw(size_t(chunks) * dim), partial_db(size_t(chunks) * dim);
+        kiln_launch(dim3{column_blocks, unsigned(chunks), 1}, THREADS, [&] {
+            kiln_norm_bwd_dw_partial_f32(x.data(), dy.data(), stats.data(), partial_dw.data(),
+                                         partial_db.data(), rows, dim, chunk, centered);
+        });
+        kiln_launch(dim3{column_blocks, 1, 1}, THREADS, [&] {
+            kiln_norm_bwd_dw_final_f32(partial_dw.data(), partial_db.data(), dw.data(), db.data(),
+                                       chunks, dim, centered);
+        });
+        write("y", y);
+        write("dx", dx);
+        write("dw", dw);
+        write("db", db);
+    } else {
+        throw std::runtime_error("unknown op " + op);
+    }
+    return 0;
+} catch (const std::exception &e) {
+    std::fprintf(stderr, "harness: %s\n", e.what());
+    return 1;
+}
