@@ -108,44 +108,30 @@ pub(crate) fn dropout(
         candle_core::bail!("kiln-dropout: the input is not contiguous")
     };
     let device = x.device.clone();
-    let run = |name: &str| func(&device, name);
-    let slice = match &x.slice {
-        CudaStorageSlice::F32(s) => CudaStorageSlice::F32(dropout_into(
-            &run("kiln_dropout_f32")?,
-            &device,
-            s.slice(start..end),
-            seed,
-            threshold,
-            scale,
-        )?),
-        CudaStorageSlice::BF16(s) => CudaStorageSlice::BF16(dropout_into(
-            &run("kiln_dropout_bf16")?,
-            &device,
-            s.slice(start..end),
-            seed,
-            threshold,
-            scale,
-        )?),
-        CudaStorageSlice::F16(s) => CudaStorageSlice::F16(dropout_into(
-            &run("kiln_dropout_f16")?,
-            &device,
-            s.slice(start..end),
-            seed,
-            threshold,
-            scale,
-        )?),
-        _ => candle_core::bail!("kiln-dropout: {:?} is not f32, bf16 or f16", x.dtype()),
-    };
+    // The same launch for each element type, its kernel named after it.
+    macro_rules! by_dtype {
+        ($($variant:ident => $kernel:literal),*) => {
+            match &x.slice {
+                $(CudaStorageSlice::$variant(s) => CudaStorageSlice::$variant(dropout_into(
+                    &func(&device, $kernel)?,
+                    &device,
+                    s.slice(start..end),
+                    (seed, threshold, scale),
+                )?),)*
+                _ => candle_core::bail!("kiln-dropout: {:?} is not f32, bf16 or f16", x.dtype()),
+            }
+        };
+    }
+    let slice = by_dtype!(F32 => "kiln_dropout_f32", BF16 => "kiln_dropout_bf16", F16 => "kiln_dropout_f16");
     Ok(CudaStorage { slice, device })
 }
 
+/// One dropout kernel over `x`, with `(seed, threshold, scale)`, into a new buffer.
 fn dropout_into<T: DeviceRepr>(
     kernel: &Kernel,
     device: &CudaDevice,
     x: CudaView<'_, T>,
-    seed: u64,
-    threshold: u64,
-    scale: f32,
+    (seed, threshold, scale): (u64, u64, f32),
 ) -> candle_core::Result<CudaSlice<T>> {
     let n = x.len();
     // SAFETY: every element is written by the kernel below before anything reads it.

@@ -152,76 +152,62 @@ pub fn check_device(device: &Device) -> crate::nn::Result<Vec<Check>> {
             } else {
                 HALF_TOLERANCE
             };
-            let mut check = Check {
-                family: family.name(),
-                dtype: dtype.as_str().to_owned(),
-                compared: 0,
-                loss_cpu: f32::NAN,
-                loss_device: f32::NAN,
-                worst: f32::NAN,
-                worst_of: String::new(),
-                tolerance,
-                passed: false,
-                error: None,
-            };
             // Off the CPU, the options training uses there (kiln's kernels for that device
             // where it has them, candle's ops elsewhere); on the CPU, candle's ops.
             let device_side = run(family, dir.path(), device, dtype, !device.is_cpu());
-            match (cpu, device_side) {
-                (Ok(cpu), Ok(dev)) => compare(&mut check, cpu, &dev),
-                (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
-                (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
-            }
-            checks.push(check);
+            checks.push(judge(
+                (family.name(), dtype, tolerance),
+                cpu.as_ref(),
+                device_side,
+            ));
         }
     }
+    let cpu = run_adamw(dir.path(), &Device::Cpu, true);
+    let dev = run_adamw(dir.path(), device, false);
+    checks.push(judge(
+        ("adamw", DType::F32, F32_TOLERANCE),
+        cpu.as_ref(),
+        dev,
+    ));
+    let mut dtypes = vec![DType::F32];
+    dtypes.extend(half_dtype(device));
+    for dtype in dtypes {
+        let cpu = run_dropout(&Device::Cpu, dtype, true);
+        let dev = run_dropout(device, dtype, false);
+        checks.push(judge(
+            ("dropout", dtype, DROPOUT_TOLERANCE),
+            cpu.as_ref(),
+            dev,
+        ));
+    }
+    Ok(checks)
+}
+
+/// The check `(family, dtype, tolerance)` of a CPU and a device outcome: compared when both
+/// sides ran, else the error of the side that did not.
+fn judge(
+    (family, dtype, tolerance): (&'static str, DType, f32),
+    cpu: std::result::Result<&Outcome, &crate::nn::NnError>,
+    dev: crate::nn::Result<Outcome>,
+) -> Check {
     let mut check = Check {
-        family: "adamw",
-        dtype: DType::F32.as_str().to_owned(),
+        family,
+        dtype: dtype.as_str().to_owned(),
         compared: 0,
         loss_cpu: f32::NAN,
         loss_device: f32::NAN,
         worst: f32::NAN,
         worst_of: String::new(),
-        tolerance: F32_TOLERANCE,
+        tolerance,
         passed: false,
         error: None,
     };
-    match (
-        run_adamw(dir.path(), &Device::Cpu, true),
-        run_adamw(dir.path(), device, false),
-    ) {
-        (Ok(cpu), Ok(dev)) => compare(&mut check, &cpu, &dev),
+    match (cpu, dev) {
+        (Ok(cpu), Ok(dev)) => compare(&mut check, cpu, &dev),
         (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
         (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
     }
-    checks.push(check);
-    let mut dtypes = vec![DType::F32];
-    dtypes.extend(half_dtype(device));
-    for dtype in dtypes {
-        let mut check = Check {
-            family: "dropout",
-            dtype: dtype.as_str().to_owned(),
-            compared: 0,
-            loss_cpu: f32::NAN,
-            loss_device: f32::NAN,
-            worst: f32::NAN,
-            worst_of: String::new(),
-            tolerance: DROPOUT_TOLERANCE,
-            passed: false,
-            error: None,
-        };
-        match (
-            run_dropout(&Device::Cpu, dtype, true),
-            run_dropout(device, dtype, false),
-        ) {
-            (Ok(cpu), Ok(dev)) => compare(&mut check, &cpu, &dev),
-            (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
-            (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
-        }
-        checks.push(check);
-    }
-    Ok(checks)
+    check
 }
 
 /// Seeded dropout (p = 0.1) of a tensor in `dtype`, forward and backward: the output and the
