@@ -86,12 +86,16 @@ fn values(seed: u32, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The largest of |a - b| / max(|a|, floor) over the elements.
+/// The largest of |a - b| / max(|a|, floor) over the elements; infinite where either side is
+/// not finite (`f32::max` would pass over a NaN).
 fn worst(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(&x, &y)| (x - y).abs() / x.abs().max(floor))
+        .map(|(&x, &y)| {
+            let d = (x - y).abs() / x.abs().max(floor);
+            if d.is_finite() { d } else { f32::INFINITY }
+        })
         .fold(0.0, f32::max)
 }
 
@@ -266,5 +270,40 @@ fn norm_kernels_match_the_cpu_norms_and_their_gradients() {
     for (rows, dim) in [(37, 300), (3, 192), (70, 40)] {
         check_norm(rows, dim, true);
         check_norm(rows, dim, false);
+    }
+}
+
+#[test]
+fn softmax_kernels_match_the_cpu_softmax_and_its_gradient() {
+    // Rows shorter than a warp, one warp's worth, longer than a block; hidden keys' f32::MIN.
+    for (rows, dim) in [(50, 7), (24, 32), (9, 300)] {
+        let mut x: Vec<f32> = values(21, rows * dim).iter().map(|v| 8.0 * v).collect();
+        x[dim - 1] = f32::MIN;
+        // A score whose exponential overflows f32 unless the row's true maximum (here held
+        // by a thread of a later warp) is subtracted first.
+        x[dim + dim * 2 / 3] = 100.0;
+        let dy = values(22, rows * dim);
+        let dir = run(
+            "softmax",
+            &[rows as u64, dim as u64],
+            &[("x", bytes(&x)), ("dy", bytes(&dy))],
+        );
+        let xv =
+            Var::from_tensor(&Tensor::from_vec(x, (rows, dim), &Device::Cpu).unwrap()).unwrap();
+        let y = crate::nn::ops::softmax_last_dim(xv.as_tensor()).unwrap();
+        let dyt = Tensor::from_vec(dy, (rows, dim), &Device::Cpu).unwrap();
+        let grads = (&y * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (name, want) in [
+            ("y", flat(&y)),
+            ("dx", flat(grads.get(xv.as_tensor()).unwrap())),
+        ] {
+            let got = floats(dir.path(), name);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Relative to at least 1% of the largest: the gradient's small elements are
+            // differences of near-equal terms, rounded differently by the two formulas.
+            let w = worst(&want, &got, scale * 1e-2);
+            assert!(w < 1e-4, "softmax {rows}x{dim} {name}: worst {w}");
+        }
     }
 }

@@ -6,9 +6,10 @@
 // global gradient norm three more; a MiniLM step has about a hundred parameters, so that is
 // over a thousand launches for the update alone, more than the forward and backward together.
 // Dropout's masks were made on the host and copied over (151 MB a step for the decoder
-// benchmark's LoRA inputs), and a LayerNorm was some 11 kernels forward and 25 backward. Here
-// each parameter's update is one kernel, its share of the norm one more, dropout one kernel
-// that hashes its mask as it goes, and a norm one kernel forward and three backward.
+// benchmark's LoRA inputs), a LayerNorm was some 11 kernels forward and 25 backward, and a
+// softmax 5 and 8. Here each parameter's update is one kernel, its share of the norm one more,
+// dropout one kernel that hashes its mask as it goes, a norm one kernel forward and three
+// backward, and a softmax one each way.
 
 #include <stddef.h>
 #include <cuda_bf16.h>
@@ -296,5 +297,84 @@ extern "C" __global__ void kiln_norm_bwd_dw_final_f32(
     dw[j] = s_dw;
     if (centered) {
         db[j] = s_db;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension (f32), forward and backward, for `nn::ops::softmax_last_dim`
+// on a GPU (attention's probabilities), where candle's ops take 5 kernels forward and about 8
+// backward, each reading and writing the whole scores tensor. One block per row (its threads a
+// multiple of 32 no larger than the row needs, at most 256); `kiln_block_max` as
+// `kiln_block_sum`.
+
+__device__ float kiln_block_max(float v, float *shared) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, offset));
+    }
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        shared[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (blockDim.x >> 5) ? shared[lane] : -INFINITY;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, offset));
+        }
+        if (lane == 0) {
+            shared[0] = v;
+        }
+    }
+    __syncthreads();
+    const float max = shared[0];
+    __syncthreads();
+    return max;
+}
+
+// y = exp(x - max) / sum(exp(x - max)), row by row.
+extern "C" __global__ void kiln_softmax_fwd_f32(
+    const float *__restrict__ x,
+    float *__restrict__ y,
+    const int dim) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const float *xr = x + row * (size_t)dim;
+    float *yr = y + row * (size_t)dim;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        m = fmaxf(m, xr[j]);
+    }
+    m = kiln_block_max(m, shared);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float e = expf(xr[j] - m);
+        yr[j] = e;
+        s += e;
+    }
+    const float inv = 1.0f / kiln_block_sum(s, shared);
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        yr[j] *= inv;
+    }
+}
+
+// dx = y * (dy - sum(dy * y)), row by row, from the forward's output y.
+extern "C" __global__ void kiln_softmax_bwd_f32(
+    const float *__restrict__ y,
+    const float *__restrict__ dy,
+    float *__restrict__ dx,
+    const int dim) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const float *yr = y + row * (size_t)dim;
+    const float *gr = dy + row * (size_t)dim;
+    float *dxr = dx + row * (size_t)dim;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        s += gr[j] * yr[j];
+    }
+    const float dot = kiln_block_sum(s, shared);
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        dxr[j] = yr[j] * (gr[j] - dot);
     }
 }

@@ -1,6 +1,7 @@
 //! kiln's own CUDA kernels (`kernels.cu`, compiled to PTX by build.rs in the CUDA build): the
-//! optimizer's fused AdamW update and gradient norm (`train::optim`), LayerNorm and RMSNorm
-//! forward and backward (`nn::ops::layer_norm`, `rms_norm`) and hashed dropout
+//! optimizer's fused AdamW update and gradient norm (`train::optim`), LayerNorm, RMSNorm and
+//! softmax forward and backward (`nn::ops::layer_norm`, `rms_norm`, `softmax_last_dim`) and
+//! hashed dropout
 //! (`nn::layers::dropout`), where candle's ops would take many launches and allocations or a
 //! copy from the host. The environment's `KILN_DEVICE_KERNELS=candle` turns them off (candle's
 //! ops then run, as before), for A/B measurements. `kiln check-device` compares each with the
@@ -79,7 +80,7 @@ pub(crate) fn kernels_on() -> bool {
     *ON.get_or_init(|| match std::env::var("KILN_DEVICE_KERNELS") {
         Ok(v) if v.eq_ignore_ascii_case("candle") => {
             tracing::info!(
-                "KILN_DEVICE_KERNELS=candle: the optimizer and dropout run as candle ops"
+                "KILN_DEVICE_KERNELS=candle: the optimizer, norms, softmax and dropout run as candle ops"
             );
             false
         }
@@ -333,4 +334,74 @@ pub(crate) fn norm_backward(
         unsafe { builder.launch(cfg) }.map_err(wrap)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, device))
+}
+
+/// One block per row of `dim` elements: a multiple of 32 threads, no more than the row needs,
+/// at most [`THREADS`].
+fn softmax_config(rows: usize, dim: usize) -> LaunchConfig {
+    let threads = (dim.div_ceil(32) * 32).clamp(32, THREADS as usize) as u32;
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `(rows, dim)` of a softmax over the last dimension of `l`.
+fn softmax_dims(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    let dim = l.dims().last().copied().unwrap_or(1);
+    let rows = l.shape().elem_count().checked_div(dim).unwrap_or(0);
+    if dim > i32::MAX as usize || rows > i32::MAX as usize {
+        candle_core::bail!("kiln-softmax: {rows} rows of {dim} is more than one launch takes")
+    }
+    Ok((rows, dim))
+}
+
+/// Softmax over the last dimension of contiguous f32 `x`: one kernel, a block per row.
+pub(crate) fn softmax_forward(x: &CudaStorage, l: &Layout) -> candle_core::Result<CudaStorage> {
+    let device = x.device.clone();
+    let xs = f32_view(x, l, "input")?;
+    let (rows, dim) = softmax_dims(l)?;
+    // SAFETY: the kernel writes every element.
+    let y = unsafe { device.alloc::<f32>(rows * dim)? };
+    if rows > 0 {
+        let kernel = func(&device, "kiln_softmax_fwd_f32")?;
+        let dim_i = dim as i32;
+        let mut builder = kernel.builder();
+        builder.arg(&xs);
+        builder.arg(&y);
+        builder.arg(&dim_i);
+        // SAFETY: kiln_softmax_fwd_f32's signature (rows·dim floats in and out, int).
+        unsafe { builder.launch(softmax_config(rows, dim)) }.map_err(wrap)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(y, device))
+}
+
+/// The softmax's input gradient from its output `y` and output gradient `dy` (contiguous
+/// f32, the same shape): `y · (dy - Σ dy·y)` per row, one kernel.
+pub(crate) fn softmax_backward(
+    y: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+) -> candle_core::Result<CudaStorage> {
+    let device = y.0.device.clone();
+    let ys = f32_view(y.0, y.1, "output")?;
+    let gs = f32_view(dy.0, dy.1, "gradient")?;
+    let (rows, dim) = softmax_dims(y.1)?;
+    if gs.len() != rows * dim {
+        candle_core::bail!("kiln-softmax: a gradient of {} for {rows}x{dim}", gs.len())
+    }
+    // SAFETY: the kernel writes every element.
+    let dx = unsafe { device.alloc::<f32>(rows * dim)? };
+    if rows > 0 {
+        let kernel = func(&device, "kiln_softmax_bwd_f32")?;
+        let dim_i = dim as i32;
+        let mut builder = kernel.builder();
+        builder.arg(&ys);
+        builder.arg(&gs);
+        builder.arg(&dx);
+        builder.arg(&dim_i);
+        // SAFETY: kiln_softmax_bwd_f32's signature (rows·dim floats: y, dy, dx; int).
+        unsafe { builder.launch(softmax_config(rows, dim)) }.map_err(wrap)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(dx, device))
 }

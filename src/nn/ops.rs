@@ -2,8 +2,9 @@
 //!
 //! The `*_primitive` functions are compositions of candle ops that all have a backward: they are
 //! the reference. The fused versions ([`layer_norm`], [`gelu_erf`], [`rms_norm`], [`rope`]) run one
-//! CPU kernel forward and one backward; on any other device, dtype or layout they fall back to the primitive version, so
-//! callers never need to know where they run.
+//! CPU kernel forward and one backward; on a CUDA GPU in f32, [`layer_norm`], [`rms_norm`] and
+//! [`softmax_last_dim`] run kiln's CUDA kernels (`crate::cuda`); on any other device, dtype or
+//! layout they fall back to the primitive version, so callers never need to know where they run.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
@@ -16,8 +17,13 @@ use super::simd::{dot_f32, max_f32, sum_f32, sum_f64_lanes, wide_fn};
 ///
 /// candle's `softmax_last_dim` is a fused kernel without backward; this is the differentiable
 /// equivalent. The max is detached: softmax does not depend on the shift, so it needs no gradient
-/// and detaching saves the reduce-max backward.
+/// and detaching saves the reduce-max backward. On a CUDA GPU in f32, kiln's kernels instead
+/// (one forward, one backward).
 pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if device_kernel_ok(xs) {
+        return xs.contiguous()?.apply_op1(DeviceSoftmax);
+    }
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let num = xs.broadcast_sub(&max)?.exp()?;
     let den = num.sum_keepdim(D::Minus1)?;
@@ -59,6 +65,70 @@ fn device_kernel_ok(xs: &Tensor) -> bool {
     }
     let _ = xs;
     false
+}
+
+/// Softmax over the last dimension on a CUDA GPU (kiln's kernel, f32): one kernel forward and
+/// one backward, from the output.
+#[cfg(feature = "cuda")]
+struct DeviceSoftmax;
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for DeviceSoftmax {
+    fn name(&self) -> &'static str {
+        "kiln-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-softmax: CUDA only (the CPU takes candle's ops)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::softmax_forward(x, l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = y
+            .detach()
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &DeviceSoftmaxBackward)?;
+        Ok(Some(dx))
+    }
+}
+
+/// [`DeviceSoftmax`]'s backward: inputs `(y, dy)`, the input's gradient out.
+#[cfg(feature = "cuda")]
+struct DeviceSoftmaxBackward;
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for DeviceSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "kiln-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-softmax-backward: CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dx = crate::cuda::softmax_backward((y, yl), (dy, dyl))?;
+        Ok((dx, yl.shape().clone()))
+    }
 }
 
 /// The backward of a norm on a CUDA GPU (kiln's kernels): inputs `(x, w, dy)`, all contiguous

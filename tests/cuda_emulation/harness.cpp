@@ -9,6 +9,7 @@
 
 #include "../../src/cuda/kernels.cu"
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -138,6 +139,19 @@ int main(int argc, char **argv) try {
         write("dx", dx);
         write("dw", dw);
         write("db", db);
+    } else if (op == "softmax") {
+        // rows dim: the forward, then the backward from its output, as mod.rs launches them
+        const size_t rows = p[0];
+        const int dim = int(p[1]);
+        auto x = read<float>("x"), dy = read<float>("dy");
+        std::vector<float> y(rows * dim), dx(rows * dim);
+        const unsigned threads = std::min(std::max((dim + 31) / 32 * 32, 32), int(THREADS));
+        const dim3 per_row{unsigned(rows), 1, 1};
+        kiln_launch(per_row, threads, [&] { kiln_softmax_fwd_f32(x.data(), y.data(), dim); });
+        kiln_launch(per_row, threads,
+                    [&] { kiln_softmax_bwd_f32(y.data(), dy.data(), dx.data(), dim); });
+        write("y", y);
+        write("dx", dx);
     } else {
         throw std::runtime_error("unknown op " + op);
     }
