@@ -420,7 +420,7 @@ def run_kiln_sft(args, model: Path, train: Path, work: Path, rep: int, candle_op
     env.pop("GLIBC_TUNABLES", None)
     env.pop("KILN_DEVICE_KERNELS", None)
     if candle_ops:
-        # The GPU's AdamW, gradient norm, norms, softmax and dropout as candle ops, not kiln's kernels.
+        # The GPU's optimizer, norms, softmax, activations and dropout as candle ops, not kiln's.
         env["KILN_DEVICE_KERNELS"] = "candle"
     env.setdefault("KILN_LOG", "warn")
     env["KILN_DATA_DIR"] = str(work / "kiln-data")

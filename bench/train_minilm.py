@@ -25,8 +25,9 @@ Two diagnostic configurations run too (skip them with --no-extra): "kiln full (g
 with GLIBC_TUNABLES that stop malloc returning freed memory to the kernel, see GLIBC_NO_RETURN) and
 "torch full (fused, glibc)" (fused AdamW, glibc malloc), to tell the optimizer's share from the
 allocator's. On a GPU (--device cuda) neither runs; "kiln full (candle ops)" does instead:
-kiln with KILN_DEVICE_KERNELS=candle, the AdamW update, gradient norm, norms, softmax and
-dropout as candle ops rather than kiln's CUDA kernels, to show what those kernels are worth.
+kiln with KILN_DEVICE_KERNELS=candle, the AdamW update, gradient norm, norms, softmax,
+activations and dropout as candle ops rather than kiln's CUDA kernels, to show what those
+kernels are worth.
 
 PyTorch runs twice: "default" (torch.optim.AdamW with its defaults, glibc malloc: what a typical
 user gets) and "best" (AdamW(fused=True), jemalloc via LD_PRELOAD when installed, inference
@@ -222,7 +223,7 @@ def run_kiln(args, strategy: str, train: Path, valid: Path, work: Path, rep: int
     if tuned:
         env["GLIBC_TUNABLES"] = GLIBC_NO_RETURN
     if candle_ops:
-        # The GPU's AdamW, gradient norm, norms, softmax and dropout as candle ops, not kiln's kernels.
+        # The GPU's optimizer, norms, softmax, activations and dropout as candle ops, not kiln's.
         env["KILN_DEVICE_KERNELS"] = "candle"
     env.setdefault("KILN_LOG", "warn")
     cmd = [

@@ -307,3 +307,49 @@ fn softmax_kernels_match_the_cpu_softmax_and_its_gradient() {
         }
     }
 }
+
+#[test]
+fn activation_kernels_match_the_cpu_gelu_and_gated_silu_and_their_gradients() {
+    let n = 20_011;
+    let x: Vec<f32> = values(31, n).iter().map(|v| 6.0 * v).collect();
+    let u = values(32, n);
+    let dy = values(33, n);
+    let dir = run(
+        "activations",
+        &[n as u64, 9],
+        &[("x", bytes(&x)), ("u", bytes(&u)), ("dy", bytes(&dy))],
+    );
+    let dev = Device::Cpu;
+    let xv = Var::from_tensor(&Tensor::from_vec(x, n, &dev).unwrap()).unwrap();
+    let uv = Var::from_tensor(&Tensor::from_vec(u, n, &dev).unwrap()).unwrap();
+    let dyt = Tensor::from_vec(dy, n, &dev).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let check = |name: &str, want: Vec<f32>| {
+        let got = floats(dir.path(), name);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Relative to at least 1% of the largest: the CPU's GELU takes a rational
+        // approximation of erf (`ops::erf_f32`), good to about 1e-7 absolute.
+        let w = worst(&want, &got, scale * 1e-2);
+        assert!(w < 1e-4, "{name}: worst {w}");
+    };
+    let gelu = crate::nn::ops::gelu_erf(xv.as_tensor()).unwrap();
+    let grads = (&gelu * &dyt)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    check("gelu", flat(&gelu));
+    check("gelu_dx", flat(grads.get(xv.as_tensor()).unwrap()));
+    let silu = crate::nn::ops::silu_mul(xv.as_tensor(), uv.as_tensor()).unwrap();
+    let grads = (&silu * &dyt)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    check("silu", flat(&silu));
+    let mut d = flat(grads.get(xv.as_tensor()).unwrap());
+    d.extend(flat(grads.get(uv.as_tensor()).unwrap()));
+    check("silu_d", d);
+}

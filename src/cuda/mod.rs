@@ -1,7 +1,7 @@
 //! kiln's own CUDA kernels (`kernels.cu`, compiled to PTX by build.rs in the CUDA build): the
-//! optimizer's fused AdamW update and gradient norm (`train::optim`), LayerNorm, RMSNorm and
-//! softmax forward and backward (`nn::ops::layer_norm`, `rms_norm`, `softmax_last_dim`) and
-//! hashed dropout
+//! optimizer's fused AdamW update and gradient norm (`train::optim`), LayerNorm, RMSNorm,
+//! softmax, GELU and gated SiLU forward and backward (`nn::ops::layer_norm`, `rms_norm`,
+//! `softmax_last_dim`, `gelu_erf`, `silu_mul`) and hashed dropout
 //! (`nn::layers::dropout`), where candle's ops would take many launches and allocations or a
 //! copy from the host. The environment's `KILN_DEVICE_KERNELS=candle` turns them off (candle's
 //! ops then run, as before), for A/B measurements. `kiln check-device` compares each with the
@@ -80,7 +80,7 @@ pub(crate) fn kernels_on() -> bool {
     *ON.get_or_init(|| match std::env::var("KILN_DEVICE_KERNELS") {
         Ok(v) if v.eq_ignore_ascii_case("candle") => {
             tracing::info!(
-                "KILN_DEVICE_KERNELS=candle: the optimizer, norms, softmax and dropout run as candle ops"
+                "KILN_DEVICE_KERNELS=candle: the optimizer, norms, softmax, activations and dropout run as candle ops"
             );
             false
         }
@@ -404,4 +404,40 @@ pub(crate) fn softmax_backward(
         unsafe { builder.launch(softmax_config(rows, dim)) }.map_err(wrap)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(dx, device))
+}
+
+/// An element-wise kernel of `kernels.cu` over `inputs` (contiguous f32, `n` elements each):
+/// the kernel takes the inputs' pointers, then the output's (`outputs · n` floats), then `n`.
+pub(crate) fn elementwise(
+    name: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    outputs: usize,
+) -> candle_core::Result<CudaStorage> {
+    let Some(&(first, _)) = inputs.first() else {
+        candle_core::bail!("{name}: no input")
+    };
+    let device = first.device.clone();
+    let views = inputs
+        .iter()
+        .map(|&(s, l)| f32_view(s, l, "input"))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let n = views[0].len();
+    if views.iter().any(|v| v.len() != n) {
+        candle_core::bail!("{name}: inputs of different sizes")
+    }
+    // SAFETY: the kernel writes every element.
+    let out = unsafe { device.alloc::<f32>(outputs * n)? };
+    if n > 0 {
+        let kernel = func(&device, name)?;
+        let mut builder = kernel.builder();
+        for v in &views {
+            builder.arg(v);
+        }
+        builder.arg(&out);
+        builder.arg(&n);
+        // SAFETY: the element-wise kernels' signatures: the inputs' pointers (n floats each),
+        // the output's (outputs·n floats), size_t n.
+        unsafe { builder.launch(config(n)) }.map_err(wrap)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, device))
 }

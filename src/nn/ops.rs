@@ -2,9 +2,10 @@
 //!
 //! The `*_primitive` functions are compositions of candle ops that all have a backward: they are
 //! the reference. The fused versions ([`layer_norm`], [`gelu_erf`], [`rms_norm`], [`rope`]) run one
-//! CPU kernel forward and one backward; on a CUDA GPU in f32, [`layer_norm`], [`rms_norm`] and
-//! [`softmax_last_dim`] run kiln's CUDA kernels (`crate::cuda`); on any other device, dtype or
-//! layout they fall back to the primitive version, so callers never need to know where they run.
+//! CPU kernel forward and one backward; on a CUDA GPU in f32, [`layer_norm`], [`rms_norm`],
+//! [`softmax_last_dim`], [`gelu_erf`] and [`silu_mul`] run kiln's CUDA kernels (`crate::cuda`);
+//! on any other device, dtype or layout they fall back to the primitive version, so callers
+//! never need to know where they run.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
@@ -65,6 +66,163 @@ fn device_kernel_ok(xs: &Tensor) -> bool {
     }
     let _ = xs;
     false
+}
+
+/// GELU (erf form) on a CUDA GPU (kiln's kernels, f32): one kernel each way.
+#[cfg(feature = "cuda")]
+struct DeviceGelu;
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for DeviceGelu {
+    fn name(&self) -> &'static str {
+        "kiln-gelu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-gelu: CUDA only (the CPU has its fused kernel)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::elementwise("kiln_gelu_fwd_f32", &[(x, l)], 1)?;
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = x.detach().contiguous()?.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &DeviceElementwise("kiln_gelu_bwd_f32", 1),
+        )?;
+        Ok(Some(dx))
+    }
+}
+
+/// `silu(gate) · up` on a CUDA GPU (kiln's kernels, f32): one kernel each way.
+#[cfg(feature = "cuda")]
+struct DeviceSiluMul;
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for DeviceSiluMul {
+    fn name(&self) -> &'static str {
+        "kiln-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-silu-mul: CUDA only (the CPU has its fused kernel)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::elementwise("kiln_silu_mul_fwd_f32", &[(g, gl), (u, ul)], 1)?;
+        Ok((y, gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let out = gate.detach().contiguous()?.apply_op3_no_bwd(
+            &up.detach().contiguous()?,
+            &grad.contiguous()?,
+            &DeviceElementwise("kiln_silu_mul_bwd_f32", 2),
+        )?;
+        let n = gate.elem_count();
+        let dgate = out.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let dup = out.narrow(0, n, n)?.reshape(up.shape())?;
+        Ok((Some(dgate), Some(dup)))
+    }
+}
+
+/// A backward kernel of kiln's over its inputs (contiguous f32 of one size `n`): a flat output
+/// of `.1 · n` floats. No backward of its own.
+#[cfg(feature = "cuda")]
+struct DeviceElementwise(&'static str, usize);
+
+#[cfg(feature = "cuda")]
+impl DeviceElementwise {
+    fn run(
+        &self,
+        inputs: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::elementwise(self.0, inputs, self.1)?;
+        let n = inputs.first().map_or(0, |(_, l)| l.shape().elem_count());
+        Ok((out, Shape::from(self.1 * n)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for DeviceElementwise {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: CUDA only", self.0)
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.run(&[(a, al), (b, bl)])
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for DeviceElementwise {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: CUDA only", self.0)
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.run(&[(a, al), (b, bl), (c, cl)])
+    }
 }
 
 /// Softmax over the last dimension on a CUDA GPU (kiln's kernel, f32): one kernel forward and
@@ -438,6 +596,10 @@ pub fn layer_norm(
 
 /// GELU (erf form): fused CPU kernel when possible, candle's `gelu_erf` otherwise.
 pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if device_kernel_ok(xs) {
+        return xs.contiguous()?.apply_op1(DeviceGelu);
+    }
     if fused_ok(xs) {
         xs.contiguous()?.apply_op1(FusedGelu)
     } else {
@@ -1035,6 +1197,12 @@ impl CustomOp2 for FusedGeluBwd {
 /// forward and one backward (candle's `silu` and its backward are half a dozen single-threaded
 /// passes); primitive ops off the CPU or for other dtypes.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if device_kernel_ok(gate) && device_kernel_ok(up) && gate.dims() == up.dims() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, DeviceSiluMul);
+    }
     if fused_ok(gate) && fused_ok(up) && gate.dims() == up.dims() {
         gate.contiguous()?
             .apply_op2(&up.contiguous()?, FusedSiluMul)

@@ -139,6 +139,24 @@ int main(int argc, char **argv) try {
         write("dx", dx);
         write("dw", dw);
         write("db", db);
+    } else if (op == "activations") {
+        // n blocks: GELU forward and backward of x; silu(x) * u forward and backward
+        const size_t n = p[0];
+        auto x = read<float>("x"), u = read<float>("u"), dy = read<float>("dy");
+        std::vector<float> gelu(n), gelu_dx(n), silu(n), silu_d(2 * n);
+        const dim3 grid = elementwise(n, p[1]);
+        kiln_launch(grid, THREADS, [&] { kiln_gelu_fwd_f32(x.data(), gelu.data(), n); });
+        kiln_launch(grid, THREADS,
+                    [&] { kiln_gelu_bwd_f32(x.data(), dy.data(), gelu_dx.data(), n); });
+        kiln_launch(grid, THREADS,
+                    [&] { kiln_silu_mul_fwd_f32(x.data(), u.data(), silu.data(), n); });
+        kiln_launch(grid, THREADS, [&] {
+            kiln_silu_mul_bwd_f32(x.data(), u.data(), dy.data(), silu_d.data(), n);
+        });
+        write("gelu", gelu);
+        write("gelu_dx", gelu_dx);
+        write("silu", silu);
+        write("silu_d", silu_d);
     } else if (op == "softmax") {
         // rows dim: the forward, then the backward from its output, as mod.rs launches them
         const size_t rows = p[0];
