@@ -308,48 +308,94 @@ fn softmax_kernels_match_the_cpu_softmax_and_its_gradient() {
     }
 }
 
+/// `v` rounded to `dtype` (f32, bf16 or f16): the values as f32 and the bytes.
+fn rounded(v: &[f32], dtype: DType) -> (Vec<f32>, Vec<u8>) {
+    match dtype {
+        DType::BF16 => {
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            (
+                h.iter().map(|x| x.to_f32()).collect(),
+                h.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            )
+        }
+        DType::F16 => {
+            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            (
+                h.iter().map(|x| x.to_f32()).collect(),
+                h.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            )
+        }
+        _ => (v.to_vec(), bytes(v)),
+    }
+}
+
+/// An output of `dtype` elements, as f32.
+fn read_as_f32(dir: &Path, name: &str, dtype: DType) -> Vec<f32> {
+    let raw = std::fs::read(dir.join(format!("{name}.out"))).unwrap();
+    let bits = || {
+        raw.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+    };
+    match dtype {
+        DType::BF16 => bits().map(|b| half::bf16::from_bits(b).to_f32()).collect(),
+        DType::F16 => bits().map(|b| half::f16::from_bits(b).to_f32()).collect(),
+        _ => floats(dir, name),
+    }
+}
+
 #[test]
 fn activation_kernels_match_the_cpu_gelu_and_gated_silu_and_their_gradients() {
     let n = 20_011;
-    let x: Vec<f32> = values(31, n).iter().map(|v| 6.0 * v).collect();
-    let u = values(32, n);
-    let dy = values(33, n);
-    let dir = run(
-        "activations",
-        &[n as u64, 9],
-        &[("x", bytes(&x)), ("u", bytes(&u)), ("dy", bytes(&dy))],
-    );
-    let dev = Device::Cpu;
-    let xv = Var::from_tensor(&Tensor::from_vec(x, n, &dev).unwrap()).unwrap();
-    let uv = Var::from_tensor(&Tensor::from_vec(u, n, &dev).unwrap()).unwrap();
-    let dyt = Tensor::from_vec(dy, n, &dev).unwrap();
-    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let check = |name: &str, want: Vec<f32>| {
-        let got = floats(dir.path(), name);
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        // Relative to at least 1% of the largest: the CPU's GELU takes a rational
-        // approximation of erf (`ops::erf_f32`), good to about 1e-7 absolute.
-        let w = worst(&want, &got, scale * 1e-2);
-        assert!(w < 1e-4, "{name}: worst {w}");
-    };
-    let gelu = crate::nn::ops::gelu_erf(xv.as_tensor()).unwrap();
-    let grads = (&gelu * &dyt)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    check("gelu", flat(&gelu));
-    check("gelu_dx", flat(grads.get(xv.as_tensor()).unwrap()));
-    let silu = crate::nn::ops::silu_mul(xv.as_tensor(), uv.as_tensor()).unwrap();
-    let grads = (&silu * &dyt)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    check("silu", flat(&silu));
-    let mut d = flat(grads.get(xv.as_tensor()).unwrap());
-    d.extend(flat(grads.get(uv.as_tensor()).unwrap()));
-    check("silu_d", d);
+    // f32 to within the CPU's erf approximation; the half types to within their rounding.
+    for (code, dtype, tol) in [
+        (0u64, DType::F32, 1e-4f32),
+        (1, DType::BF16, 1e-2),
+        (2, DType::F16, 2e-3),
+    ] {
+        let (x, xb) = rounded(
+            &values(31, n).iter().map(|v| 6.0 * v).collect::<Vec<_>>(),
+            dtype,
+        );
+        let (u, ub) = rounded(&values(32, n), dtype);
+        let (dy, dyb) = rounded(&values(33, n), dtype);
+        let dir = run(
+            "activations",
+            &[code, n as u64, 9],
+            &[("x", xb), ("u", ub), ("dy", dyb)],
+        );
+        // The reference: kiln's fused f32 CPU ops on the same (rounded) values.
+        let dev = Device::Cpu;
+        let xv = Var::from_tensor(&Tensor::from_vec(x, n, &dev).unwrap()).unwrap();
+        let uv = Var::from_tensor(&Tensor::from_vec(u, n, &dev).unwrap()).unwrap();
+        let dyt = Tensor::from_vec(dy, n, &dev).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let check = |name: &str, want: Vec<f32>| {
+            let got = read_as_f32(dir.path(), name, dtype);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Relative to at least 1% of the largest: the CPU's GELU takes a rational
+            // approximation of erf (`ops::erf_f32`), good to about 1e-7 absolute.
+            let w = worst(&want, &got, scale * 1e-2);
+            assert!(w < tol, "{dtype:?} {name}: worst {w}");
+        };
+        let gelu = crate::nn::ops::gelu_erf(xv.as_tensor()).unwrap();
+        let grads = (&gelu * &dyt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        check("gelu", flat(&gelu));
+        check("gelu_dx", flat(grads.get(xv.as_tensor()).unwrap()));
+        let silu = crate::nn::ops::silu_mul(xv.as_tensor(), uv.as_tensor()).unwrap();
+        let grads = (&silu * &dyt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        check("silu", flat(&silu));
+        let mut d = flat(grads.get(xv.as_tensor()).unwrap());
+        d.extend(flat(grads.get(uv.as_tensor()).unwrap()));
+        check("silu_d", d);
+    }
 }

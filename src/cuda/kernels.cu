@@ -380,64 +380,63 @@ extern "C" __global__ void kiln_softmax_bwd_f32(
 }
 
 // ---------------------------------------------------------------------------------------------
-// The MLPs' activations (f32), forward and backward, for `nn::ops::gelu_erf` (BERT, ViT) and
+// The MLPs' activations, forward and backward, for `nn::ops::gelu_erf` (BERT, ViT) and
 // `nn::ops::silu_mul` (Llama/Qwen's gated MLP) on a GPU, where the backward of candle's
-// gelu_erf is about 10 kernels and silu's about 6 plus the product's.
+// gelu_erf is about 10 kernels and silu's about 6 plus the product's. In f32, bf16 and f16
+// (mixed precision's activations): computed in f32, each result rounded once.
+//
+//   kiln_gelu_fwd_T(x, y, n):              y = x * Phi(x)
+//   kiln_gelu_bwd_T(x, dy, dx, n):         dx = dy * (Phi(x) + x * phi(x))
+//   kiln_silu_mul_fwd_T(g, u, y, n):       y = silu(g) * u, silu(g) = g * sigmoid(g)
+//   kiln_silu_mul_bwd_T(g, u, dy, out, n): out[i] = dy * u * s * (1 + g * (1 - s)) (the gate's
+//                                          gradient), out[n + i] = dy * silu(g) (the up's)
 
-// GELU, erf form: y = x * Phi(x).
-extern "C" __global__ void kiln_gelu_fwd_f32(
-    const float *__restrict__ x,
-    float *__restrict__ y,
-    const size_t n) {
-    const size_t stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = x[i];
-        y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    }
+__device__ __forceinline__ float kiln_phi_cdf(float v) {
+    return 0.5f * (1.0f + erff(v * 0.70710678118654752f));
 }
 
-// dx = dy * (Phi(x) + x * phi(x)).
-extern "C" __global__ void kiln_gelu_bwd_f32(
-    const float *__restrict__ x,
-    const float *__restrict__ dy,
-    float *__restrict__ dx,
-    const size_t n) {
-    const size_t stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float v = x[i];
-        const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-        const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-        dx[i] = dy[i] * (cdf + v * pdf);
-    }
-}
+__device__ __forceinline__ float kiln_sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 
-// y = silu(gate) * up, silu(g) = g * sigmoid(g).
-extern "C" __global__ void kiln_silu_mul_fwd_f32(
-    const float *__restrict__ gate,
-    const float *__restrict__ up,
-    float *__restrict__ y,
-    const size_t n) {
-    const size_t stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float g = gate[i];
-        const float s = 1.0f / (1.0f + expf(-g));
-        y[i] = g * s * up[i];
+#define KILN_ACTIVATIONS(SUFFIX, T, TO_F32, FROM_F32)                                           \
+    extern "C" __global__ void kiln_gelu_fwd_##SUFFIX(                                          \
+        const T *__restrict__ x, T *__restrict__ y, const size_t n) {                           \
+        const size_t stride = (size_t)blockDim.x * gridDim.x;                                   \
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {    \
+            const float v = TO_F32(x[i]);                                                       \
+            y[i] = FROM_F32(v * kiln_phi_cdf(v));                                               \
+        }                                                                                       \
+    }                                                                                           \
+    extern "C" __global__ void kiln_gelu_bwd_##SUFFIX(                                          \
+        const T *__restrict__ x, const T *__restrict__ dy, T *__restrict__ dx, const size_t n) { \
+        const size_t stride = (size_t)blockDim.x * gridDim.x;                                   \
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {    \
+            const float v = TO_F32(x[i]);                                                       \
+            const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);                       \
+            dx[i] = FROM_F32(TO_F32(dy[i]) * (kiln_phi_cdf(v) + v * pdf));                      \
+        }                                                                                       \
+    }                                                                                           \
+    extern "C" __global__ void kiln_silu_mul_fwd_##SUFFIX(                                      \
+        const T *__restrict__ gate, const T *__restrict__ up, T *__restrict__ y,                \
+        const size_t n) {                                                                       \
+        const size_t stride = (size_t)blockDim.x * gridDim.x;                                   \
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {    \
+            const float g = TO_F32(gate[i]);                                                    \
+            y[i] = FROM_F32(g * kiln_sigmoid(g) * TO_F32(up[i]));                               \
+        }                                                                                       \
+    }                                                                                           \
+    extern "C" __global__ void kiln_silu_mul_bwd_##SUFFIX(                                      \
+        const T *__restrict__ gate, const T *__restrict__ up, const T *__restrict__ dy,         \
+        T *__restrict__ out, const size_t n) {                                                  \
+        const size_t stride = (size_t)blockDim.x * gridDim.x;                                   \
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {    \
+            const float g = TO_F32(gate[i]);                                                    \
+            const float d = TO_F32(dy[i]);                                                      \
+            const float s = kiln_sigmoid(g);                                                    \
+            out[i] = FROM_F32(d * TO_F32(up[i]) * s * (1.0f + g * (1.0f - s)));                 \
+            out[n + i] = FROM_F32(d * g * s);                                                   \
+        }                                                                                       \
     }
-}
 
-// d_up = dy * silu(g); d_gate = dy * up * s * (1 + g * (1 - s)), s = sigmoid(g). Both into
-// one buffer: d_gate in [0, n), d_up in [n, 2n).
-extern "C" __global__ void kiln_silu_mul_bwd_f32(
-    const float *__restrict__ gate,
-    const float *__restrict__ up,
-    const float *__restrict__ dy,
-    float *__restrict__ out,
-    const size_t n) {
-    const size_t stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float g = gate[i];
-        const float s = 1.0f / (1.0f + expf(-g));
-        out[i] = dy[i] * up[i] * s * (1.0f + g * (1.0f - s));
-        out[n + i] = dy[i] * g * s;
-    }
-}
+KILN_ACTIVATIONS(f32, float, KILN_ID, KILN_ID)
+KILN_ACTIVATIONS(bf16, __nv_bfloat16, __bfloat162float, __float2bfloat16)
+KILN_ACTIVATIONS(f16, __half, __half2float, __float2half)

@@ -406,38 +406,67 @@ pub(crate) fn softmax_backward(
     Ok(CudaStorage::wrap_cuda_slice(dx, device))
 }
 
-/// An element-wise kernel of `kernels.cu` over `inputs` (contiguous f32, `n` elements each):
-/// the kernel takes the inputs' pointers, then the output's (`outputs · n` floats), then `n`.
+/// An element-wise kernel of `kernels.cu` over `inputs` (contiguous, `n` elements each, all
+/// f32, bf16 or f16): `{base}_{f32,bf16,f16}` by their dtype, which takes the inputs'
+/// pointers, then the output's (`outputs · n` elements of the same dtype), then `n`.
 pub(crate) fn elementwise(
-    name: &str,
+    base: &str,
     inputs: &[(&CudaStorage, &Layout)],
     outputs: usize,
 ) -> candle_core::Result<CudaStorage> {
     let Some(&(first, _)) = inputs.first() else {
-        candle_core::bail!("{name}: no input")
+        candle_core::bail!("{base}: no input")
     };
     let device = first.device.clone();
-    let views = inputs
-        .iter()
-        .map(|&(s, l)| f32_view(s, l, "input"))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let n = views[0].len();
+    // The inputs' views as the variant's element type, and the launch for that type.
+    macro_rules! run {
+        ($variant:ident, $suffix:literal) => {{
+            let mut views = Vec::with_capacity(inputs.len());
+            for &(s, l) in inputs {
+                let CudaStorageSlice::$variant(data) = &s.slice else {
+                    candle_core::bail!("{base}: inputs of different dtypes")
+                };
+                let Some((start, end)) = l.contiguous_offsets() else {
+                    candle_core::bail!("{base}: an input is not contiguous")
+                };
+                views.push(data.slice(start..end));
+            }
+            let name = format!("{base}_{}", $suffix);
+            CudaStorageSlice::$variant(launch_elementwise(&device, &name, &views, outputs)?)
+        }};
+    }
+    let slice = match &first.slice {
+        CudaStorageSlice::F32(_) => run!(F32, "f32"),
+        CudaStorageSlice::BF16(_) => run!(BF16, "bf16"),
+        CudaStorageSlice::F16(_) => run!(F16, "f16"),
+        _ => candle_core::bail!("{base}: {:?} is not f32, bf16 or f16", first.dtype()),
+    };
+    Ok(CudaStorage { slice, device })
+}
+
+fn launch_elementwise<T: DeviceRepr>(
+    device: &CudaDevice,
+    name: &str,
+    views: &[CudaView<'_, T>],
+    outputs: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    let n = views.first().map_or(0, |v| v.len());
     if views.iter().any(|v| v.len() != n) {
         candle_core::bail!("{name}: inputs of different sizes")
     }
     // SAFETY: the kernel writes every element.
-    let out = unsafe { device.alloc::<f32>(outputs * n)? };
+    let out = unsafe { device.alloc::<T>(outputs * n)? };
     if n > 0 {
-        let kernel = func(&device, name)?;
+        let kernel = func(device, name)?;
         let mut builder = kernel.builder();
-        for v in &views {
+        for v in views {
             builder.arg(v);
         }
         builder.arg(&out);
         builder.arg(&n);
-        // SAFETY: the element-wise kernels' signatures: the inputs' pointers (n floats each),
-        // the output's (outputs·n floats), size_t n.
+        // SAFETY: the element-wise kernels' signatures: the inputs' pointers (n elements of
+        // T each), the output's (outputs·n of T), size_t n.
         unsafe { builder.launch(config(n)) }.map_err(wrap)?;
     }
-    Ok(CudaStorage::wrap_cuda_slice(out, device))
+    Ok(out)
 }

@@ -2,10 +2,10 @@
 //!
 //! The `*_primitive` functions are compositions of candle ops that all have a backward: they are
 //! the reference. The fused versions ([`layer_norm`], [`gelu_erf`], [`rms_norm`], [`rope`]) run one
-//! CPU kernel forward and one backward; on a CUDA GPU in f32, [`layer_norm`], [`rms_norm`],
-//! [`softmax_last_dim`], [`gelu_erf`] and [`silu_mul`] run kiln's CUDA kernels (`crate::cuda`);
-//! on any other device, dtype or layout they fall back to the primitive version, so callers
-//! never need to know where they run.
+//! CPU kernel forward and one backward; on a CUDA GPU, [`layer_norm`], [`rms_norm`] and
+//! [`softmax_last_dim`] in f32 and [`gelu_erf`] and [`silu_mul`] in f32, bf16 or f16 run kiln's
+//! CUDA kernels (`crate::cuda`); on any other device, dtype or layout they fall back to the
+//! primitive version, so callers never need to know where they run.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
@@ -60,15 +60,24 @@ fn fused_ok(xs: &Tensor) -> bool {
 /// True when kiln's CUDA kernels can take this tensor (f32 on a CUDA GPU, the kernels on:
 /// `crate::cuda`); never in a CPU-only build.
 fn device_kernel_ok(xs: &Tensor) -> bool {
+    device_kernel_takes(xs, false)
+}
+
+/// [`device_kernel_ok`], with bf16 and f16 too when `half` (the kernels that have those).
+fn device_kernel_takes(xs: &Tensor, half: bool) -> bool {
     #[cfg(feature = "cuda")]
     if crate::cuda::kernel_device(xs.device()).is_some() {
-        return xs.dtype() == DType::F32;
+        return match xs.dtype() {
+            DType::F32 => true,
+            DType::BF16 | DType::F16 => half,
+            _ => false,
+        };
     }
-    let _ = xs;
+    let _ = (xs, half);
     false
 }
 
-/// GELU (erf form) on a CUDA GPU (kiln's kernels, f32): one kernel each way.
+/// GELU (erf form) on a CUDA GPU (kiln's kernels; f32, bf16 or f16): one kernel each way.
 #[cfg(feature = "cuda")]
 struct DeviceGelu;
 
@@ -87,20 +96,20 @@ impl CustomOp1 for DeviceGelu {
         x: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = crate::cuda::elementwise("kiln_gelu_fwd_f32", &[(x, l)], 1)?;
+        let y = crate::cuda::elementwise("kiln_gelu_fwd", &[(x, l)], 1)?;
         Ok((y, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = x.detach().contiguous()?.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &DeviceElementwise("kiln_gelu_bwd_f32", 1),
-        )?;
+        let dx = x
+            .detach()
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &DeviceElementwise("kiln_gelu_bwd", 1))?;
         Ok(Some(dx))
     }
 }
 
-/// `silu(gate) · up` on a CUDA GPU (kiln's kernels, f32): one kernel each way.
+/// `silu(gate) · up` on a CUDA GPU (kiln's kernels; f32, bf16 or f16): one kernel each way.
 #[cfg(feature = "cuda")]
 struct DeviceSiluMul;
 
@@ -127,7 +136,7 @@ impl CustomOp2 for DeviceSiluMul {
         u: &candle_core::CudaStorage,
         ul: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = crate::cuda::elementwise("kiln_silu_mul_fwd_f32", &[(g, gl), (u, ul)], 1)?;
+        let y = crate::cuda::elementwise("kiln_silu_mul_fwd", &[(g, gl), (u, ul)], 1)?;
         Ok((y, gl.shape().clone()))
     }
 
@@ -141,7 +150,7 @@ impl CustomOp2 for DeviceSiluMul {
         let out = gate.detach().contiguous()?.apply_op3_no_bwd(
             &up.detach().contiguous()?,
             &grad.contiguous()?,
-            &DeviceElementwise("kiln_silu_mul_bwd_f32", 2),
+            &DeviceElementwise("kiln_silu_mul_bwd", 2),
         )?;
         let n = gate.elem_count();
         let dgate = out.narrow(0, 0, n)?.reshape(gate.shape())?;
@@ -150,8 +159,8 @@ impl CustomOp2 for DeviceSiluMul {
     }
 }
 
-/// A backward kernel of kiln's over its inputs (contiguous f32 of one size `n`): a flat output
-/// of `.1 · n` floats. No backward of its own.
+/// A backward kernel of kiln's (`.0`, without its dtype suffix) over its inputs (contiguous,
+/// of one size `n` and dtype): a flat output of `.1 · n` elements. No backward of its own.
 #[cfg(feature = "cuda")]
 struct DeviceElementwise(&'static str, usize);
 
@@ -597,7 +606,7 @@ pub fn layer_norm(
 /// GELU (erf form): fused CPU kernel when possible, candle's `gelu_erf` otherwise.
 pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if device_kernel_ok(xs) {
+    if device_kernel_takes(xs, true) {
         return xs.contiguous()?.apply_op1(DeviceGelu);
     }
     if fused_ok(xs) {
@@ -1198,7 +1207,7 @@ impl CustomOp2 for FusedGeluBwd {
 /// passes); primitive ops off the CPU or for other dtypes.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if device_kernel_ok(gate) && device_kernel_ok(up) && gate.dims() == up.dims() {
+    if device_kernel_takes(gate, true) && up.dtype() == gate.dtype() && gate.dims() == up.dims() {
         return gate
             .contiguous()?
             .apply_op2(&up.contiguous()?, DeviceSiluMul);

@@ -72,6 +72,22 @@ void dropout(K kernel, const std::vector<uint64_t> &p) {
     write("y", y);
 }
 
+template <class T, class F1, class B1, class F2, class B2>
+void activations(F1 gelu_fwd, B1 gelu_bwd, F2 silu_fwd, B2 silu_bwd, const std::vector<uint64_t> &p) {
+    const size_t n = p[1];
+    auto x = read<T>("x"), u = read<T>("u"), dy = read<T>("dy");
+    std::vector<T> gelu(n), gelu_dx(n), silu(n), silu_d(2 * n);
+    const dim3 grid = elementwise(n, p[2]);
+    kiln_launch(grid, THREADS, [&] { gelu_fwd(x.data(), gelu.data(), n); });
+    kiln_launch(grid, THREADS, [&] { gelu_bwd(x.data(), dy.data(), gelu_dx.data(), n); });
+    kiln_launch(grid, THREADS, [&] { silu_fwd(x.data(), u.data(), silu.data(), n); });
+    kiln_launch(grid, THREADS, [&] { silu_bwd(x.data(), u.data(), dy.data(), silu_d.data(), n); });
+    write("gelu", gelu);
+    write("gelu_dx", gelu_dx);
+    write("silu", silu);
+    write("silu_d", silu_d);
+}
+
 }  // namespace
 
 int main(int argc, char **argv) try {
@@ -140,23 +156,23 @@ int main(int argc, char **argv) try {
         write("dw", dw);
         write("db", db);
     } else if (op == "activations") {
-        // n blocks: GELU forward and backward of x; silu(x) * u forward and backward
-        const size_t n = p[0];
-        auto x = read<float>("x"), u = read<float>("u"), dy = read<float>("dy");
-        std::vector<float> gelu(n), gelu_dx(n), silu(n), silu_d(2 * n);
-        const dim3 grid = elementwise(n, p[1]);
-        kiln_launch(grid, THREADS, [&] { kiln_gelu_fwd_f32(x.data(), gelu.data(), n); });
-        kiln_launch(grid, THREADS,
-                    [&] { kiln_gelu_bwd_f32(x.data(), dy.data(), gelu_dx.data(), n); });
-        kiln_launch(grid, THREADS,
-                    [&] { kiln_silu_mul_fwd_f32(x.data(), u.data(), silu.data(), n); });
-        kiln_launch(grid, THREADS, [&] {
-            kiln_silu_mul_bwd_f32(x.data(), u.data(), dy.data(), silu_d.data(), n);
-        });
-        write("gelu", gelu);
-        write("gelu_dx", gelu_dx);
-        write("silu", silu);
-        write("silu_d", silu_d);
+        // dtype (0 f32, 1 bf16, 2 f16) n blocks: GELU forward and backward of x; silu(x) * u
+        // forward and backward
+        switch (p[0]) {
+            case 0:
+                activations<float>(kiln_gelu_fwd_f32, kiln_gelu_bwd_f32, kiln_silu_mul_fwd_f32,
+                                   kiln_silu_mul_bwd_f32, p);
+                break;
+            case 1:
+                activations<__nv_bfloat16>(kiln_gelu_fwd_bf16, kiln_gelu_bwd_bf16,
+                                           kiln_silu_mul_fwd_bf16, kiln_silu_mul_bwd_bf16, p);
+                break;
+            case 2:
+                activations<__half>(kiln_gelu_fwd_f16, kiln_gelu_bwd_f16, kiln_silu_mul_fwd_f16,
+                                    kiln_silu_mul_bwd_f16, p);
+                break;
+            default: throw std::runtime_error("dtype 0, 1 or 2");
+        }
     } else if (op == "softmax") {
         // rows dim: the forward, then the backward from its output, as mod.rs launches them
         const size_t rows = p[0];
