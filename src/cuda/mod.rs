@@ -182,10 +182,11 @@ fn norm_dims(l: &Layout, w: &CudaView<'_, f32>) -> candle_core::Result<(usize, u
     Ok((rows, dim))
 }
 
-fn rows_config(rows: usize) -> LaunchConfig {
+/// One block of `threads` per row.
+fn rows_config(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -228,7 +229,7 @@ pub(crate) fn norm_forward(
         builder.arg(&centered);
         // SAFETY: kiln_norm_fwd_f32's signature (pointers to rows·dim, dim, dim floats and
         // rows·dim floats out; int, float, int); one block per row.
-        unsafe { builder.launch(rows_config(rows)) }.map_err(wrap)?;
+        unsafe { builder.launch(rows_config(rows, THREADS)) }.map_err(wrap)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(y, device))
 }
@@ -291,7 +292,7 @@ pub(crate) fn norm_backward(
         builder.arg(&centered_i);
         // SAFETY: kiln_norm_bwd_dx_f32's signature; x, dy, dx hold rows·dim floats, w dim,
         // stats 2·rows; one block per row.
-        unsafe { builder.launch(rows_config(rows)) }.map_err(wrap)?;
+        unsafe { builder.launch(rows_config(rows, THREADS)) }.map_err(wrap)?;
 
         let column_blocks = dim.div_ceil(THREADS as usize) as u32;
         let (chunk_i, chunks_i) = (NORM_CHUNK as i32, chunks as i32);
@@ -339,12 +340,10 @@ pub(crate) fn norm_backward(
 /// One block per row of `dim` elements: a multiple of 32 threads, no more than the row needs,
 /// at most [`THREADS`].
 fn softmax_config(rows: usize, dim: usize) -> LaunchConfig {
-    let threads = (dim.div_ceil(32) * 32).clamp(32, THREADS as usize) as u32;
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    rows_config(
+        rows,
+        (dim.div_ceil(32) * 32).clamp(32, THREADS as usize) as u32,
+    )
 }
 
 /// `(rows, dim)` of a softmax over the last dimension of `l`.

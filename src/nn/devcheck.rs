@@ -232,9 +232,6 @@ fn run_dropout(device: &Device, dtype: DType, kiln_op: bool) -> crate::nn::Resul
     let grad = grads
         .get(x.as_tensor())
         .ok_or_else(|| crate::nn::NnError::InvalidInput("dropout: no gradient".into()))?;
-    let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-    };
     Ok(Outcome {
         loss: loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
         tensors: vec![
@@ -292,14 +289,10 @@ fn run_adamw(dir: &Path, device: &Device, fused: bool) -> crate::nn::Result<Outc
     saved.sort_by(|a, b| a.0.cmp(&b.0));
     let mut tensors = vec![("gradient norms".to_owned(), norms.clone())];
     for (name, var) in &vars {
-        let x = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-        tensors.push((format!("{name} (after 3 steps)"), x));
+        tensors.push((format!("{name} (after 3 steps)"), host(var.as_tensor())?));
     }
     for (name, t) in saved {
-        tensors.push((
-            format!("{name} (moment)"),
-            t.flatten_all()?.to_vec1::<f32>()?,
-        ));
+        tensors.push((format!("{name} (moment)"), host(&t)?));
     }
     Ok(Outcome {
         loss: norms[0],
@@ -388,6 +381,11 @@ fn write_models(dir: &Path) -> crate::nn::Result<()> {
     Ok(())
 }
 
+/// A tensor's values as f32 on the host.
+fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
 /// Deterministic values in [-1, 1] (the same on every machine).
 fn values(seed: u32, n: usize) -> Vec<f32> {
     (0..n)
@@ -410,9 +408,6 @@ fn outcome(
     buffers: &[(String, Var)],
 ) -> crate::nn::Result<Outcome> {
     let grads = super::backward(loss)?;
-    let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-    };
     let mut tensors = Vec::new();
     for (name, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {

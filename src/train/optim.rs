@@ -146,12 +146,12 @@ impl ParamState {
         use super::optim_cuda::{CudaAdamW, Moments};
         let mut moments = match self.on_device.take() {
             Some(DeviceMoments::Cuda(moments)) => moments,
-            Some(DeviceMoments::Tensors(m, v)) => Moments::upload(
-                device,
-                &m.flatten_all()?.to_vec1::<f32>()?,
-                &v.flatten_all()?.to_vec1::<f32>()?,
-            )?,
-            None => Moments::upload(device, &self.m, &self.v)?,
+            other => {
+                // The first step (or moments held another way): from wherever they are.
+                self.on_device = other;
+                let (m, v) = self.host_moments()?;
+                Moments::upload(device, &m, &v)?
+            }
         };
         let result = {
             let op = CudaAdamW {
@@ -169,21 +169,14 @@ impl ParamState {
     fn step_with_tensor_ops(&mut self, k: &UpdateConsts, grad: &Tensor) -> Result<()> {
         let (m, v) = match self.on_device.take() {
             Some(DeviceMoments::Tensors(m, v)) => (m, v),
-            #[cfg(feature = "cuda")]
-            Some(DeviceMoments::Cuda(moments)) => {
-                let (m, v) = moments.download()?;
+            other => {
+                // The first step (or moments held another way): from wherever they are.
+                self.on_device = other;
+                let (m, v) = self.host_moments()?;
                 let (device, shape) = (self.var.device(), self.var.shape());
                 (
                     Tensor::from_vec(m, shape, device)?,
                     Tensor::from_vec(v, shape, device)?,
-                )
-            }
-            None => {
-                let device = self.var.device();
-                let shape = self.var.shape();
-                (
-                    Tensor::from_slice(&self.m, shape, device)?,
-                    Tensor::from_slice(&self.v, shape, device)?,
                 )
             }
         };
