@@ -273,39 +273,81 @@ fn norm_kernels_match_the_cpu_norms_and_their_gradients() {
     }
 }
 
+/// The softmax kernels, forward and backward, against [`crate::nn::ops::attention_softmax`]'s
+/// separate ops on the CPU (scale, additive mask, primitive softmax) and autograd: scores of
+/// `dims` (`[batch, .., q, s]`), scaled by `scale`, with the mask of `mask_dims` when given.
+fn check_softmax(dims: &[usize], scale: f32, mask_dims: Option<&[usize]>) {
+    let s = dims[dims.len() - 1];
+    let n: usize = dims.iter().product();
+    let rows = n / s;
+    let mut x: Vec<f32> = values(21, n).iter().map(|v| 8.0 * v).collect();
+    x[s - 1] = f32::MIN;
+    // A score whose exponential overflows f32 unless the row's true maximum (here held by a
+    // thread of a later warp) is subtracted first.
+    x[(s + s * 2 / 3).min(n - 1)] = 100.0 / scale;
+    let dy = values(22, n);
+    let dev = Device::Cpu;
+    let (mask, rows_of) = match mask_dims {
+        Some(md) => {
+            let m: usize = md.iter().product();
+            // Hidden keys (f32::MIN) here and there, and small shifts elsewhere.
+            let v: Vec<f32> = values(23, m)
+                .iter()
+                .map(|&v| if v > 0.3 { f32::MIN } else { v })
+                .collect();
+            let rows = crate::nn::ops::mask_rows(dims, md).expect("a placeable mask");
+            (Some(Tensor::from_vec(v, md, &dev).unwrap()), rows)
+        }
+        None => (None, [rows, 1, 0, 0]),
+    };
+    let mut params = vec![
+        rows as u64,
+        s as u64,
+        bits(scale),
+        u64::from(mask.is_some()),
+    ];
+    params.extend(rows_of.iter().map(|&r| r as u64));
+    let mut inputs = vec![("x", bytes(&x)), ("dy", bytes(&dy))];
+    if let Some(m) = &mask {
+        inputs.push((
+            "mask",
+            bytes(&m.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+        ));
+    }
+    let dir = run("softmax", &params, &inputs);
+    let xv = Var::from_tensor(&Tensor::from_vec(x, dims, &dev).unwrap()).unwrap();
+    let y = crate::nn::ops::attention_softmax(xv.as_tensor(), scale.into(), mask.as_ref()).unwrap();
+    let dyt = Tensor::from_vec(dy, dims, &dev).unwrap();
+    let grads = (&y * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (name, want) in [
+        ("y", flat(&y)),
+        ("dx", flat(grads.get(xv.as_tensor()).unwrap())),
+    ] {
+        let got = floats(dir.path(), name);
+        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Relative to at least 1% of the largest: the gradient's small elements are
+        // differences of near-equal terms, rounded differently by the two formulas.
+        let w = worst(&want, &got, top * 1e-2);
+        assert!(
+            w < 1e-4,
+            "softmax {dims:?} scale {scale} mask {mask_dims:?} {name}: worst {w}"
+        );
+    }
+}
+
 #[test]
 fn softmax_kernels_match_the_cpu_softmax_and_its_gradient() {
     // Rows shorter than a warp, one warp's worth, longer than a block; hidden keys' f32::MIN.
     for (rows, dim) in [(50, 7), (24, 32), (9, 300)] {
-        let mut x: Vec<f32> = values(21, rows * dim).iter().map(|v| 8.0 * v).collect();
-        x[dim - 1] = f32::MIN;
-        // A score whose exponential overflows f32 unless the row's true maximum (here held
-        // by a thread of a later warp) is subtracted first.
-        x[dim + dim * 2 / 3] = 100.0;
-        let dy = values(22, rows * dim);
-        let dir = run(
-            "softmax",
-            &[rows as u64, dim as u64],
-            &[("x", bytes(&x)), ("dy", bytes(&dy))],
-        );
-        let xv =
-            Var::from_tensor(&Tensor::from_vec(x, (rows, dim), &Device::Cpu).unwrap()).unwrap();
-        let y = crate::nn::ops::softmax_last_dim(xv.as_tensor()).unwrap();
-        let dyt = Tensor::from_vec(dy, (rows, dim), &Device::Cpu).unwrap();
-        let grads = (&y * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (name, want) in [
-            ("y", flat(&y)),
-            ("dx", flat(grads.get(xv.as_tensor()).unwrap())),
-        ] {
-            let got = floats(dir.path(), name);
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            // Relative to at least 1% of the largest: the gradient's small elements are
-            // differences of near-equal terms, rounded differently by the two formulas.
-            let w = worst(&want, &got, scale * 1e-2);
-            assert!(w < 1e-4, "softmax {rows}x{dim} {name}: worst {w}");
-        }
+        check_softmax(&[rows, dim], 1.0, None);
     }
+    // Attention's: scaled, with BERT's padding mask [b, 1, 1, s], a decoder's causal and
+    // padding mask [b, 1, 1, t, s] and its causal mask alone [1, 1, 1, t, s].
+    check_softmax(&[3, 4, 5, 40], 0.125, Some(&[3, 1, 1, 40]));
+    check_softmax(&[2, 2, 3, 6, 6], 1.0, Some(&[2, 1, 1, 6, 6]));
+    check_softmax(&[2, 2, 3, 6, 6], 0.5, Some(&[1, 1, 1, 6, 6]));
+    check_softmax(&[2, 3, 1, 300], 0.25, None);
 }
 
 /// `v` rounded to `dtype` (f32, bf16 or f16): the values as f32 and the bytes.
@@ -397,5 +439,57 @@ fn activation_kernels_match_the_cpu_gelu_and_gated_silu_and_their_gradients() {
         let mut d = flat(grads.get(xv.as_tensor()).unwrap());
         d.extend(flat(grads.get(uv.as_tensor()).unwrap()));
         check("silu_d", d);
+    }
+}
+
+#[test]
+fn rope_kernels_match_the_cpu_rotary_embeddings_and_their_gradient() {
+    // [b, heads, t, d] queries: rows of several positions, a grid too small for them all.
+    let (b, heads, t, d) = (2, 3, 7, 16);
+    let half = d / 2;
+    let n = b * heads * t * d;
+    for (code, dtype, tol) in [
+        (0u64, DType::F32, 1e-6f32),
+        (1, DType::BF16, 1e-2),
+        (2, DType::F16, 2e-3),
+    ] {
+        let (x, xb) = rounded(&values(41, n), dtype);
+        let (cos, cb) = rounded(
+            &(0..t * half)
+                .map(|i| ((i / half) as f32 * 0.3 + (i % half) as f32).cos())
+                .collect::<Vec<_>>(),
+            dtype,
+        );
+        let (sin, sb) = rounded(
+            &(0..t * half)
+                .map(|i| ((i / half) as f32 * 0.3 + (i % half) as f32).sin())
+                .collect::<Vec<_>>(),
+            dtype,
+        );
+        let (dy, dyb) = rounded(&values(42, n), dtype);
+        let rows = (n / d) as u64;
+        let dir = run(
+            "rope",
+            &[code, rows, t as u64, half as u64, 5],
+            &[("x", xb), ("cos", cb), ("sin", sb), ("dy", dyb)],
+        );
+        // The reference: candle's primitive ops in f32 on the same (rounded) values.
+        let dev = Device::Cpu;
+        let xv = Var::from_tensor(&Tensor::from_vec(x, (b, heads, t, d), &dev).unwrap()).unwrap();
+        let cos = Tensor::from_vec(cos, (t, half), &dev).unwrap();
+        let sin = Tensor::from_vec(sin, (t, half), &dev).unwrap();
+        let y = crate::nn::ops::rope_primitive(xv.as_tensor(), &cos, &sin).unwrap();
+        let dyt = Tensor::from_vec(dy, (b, heads, t, d), &dev).unwrap();
+        let grads = (&y * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (name, want) in [
+            ("y", flat(&y)),
+            ("dx", flat(grads.get(xv.as_tensor()).unwrap())),
+        ] {
+            let got = read_as_f32(dir.path(), name, dtype);
+            let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let w = worst(&want, &got, top * 1e-2);
+            assert!(w < tol, "rope {dtype:?} {name}: worst {w}");
+        }
     }
 }

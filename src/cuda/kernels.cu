@@ -302,8 +302,10 @@ extern "C" __global__ void kiln_norm_bwd_dw_final_f32(
 
 // ---------------------------------------------------------------------------------------------
 // Softmax over the last dimension (f32), forward and backward, for `nn::ops::softmax_last_dim`
-// on a GPU (attention's probabilities), where candle's ops take 5 kernels forward and about 8
-// backward, each reading and writing the whole scores tensor. One block per row (its threads a
+// and `nn::ops::attention_softmax` on a GPU (attention's probabilities, the scores' scale and
+// additive mask taken in), where candle's ops take 5 kernels forward and about 8 backward (and
+// 2 and 5 more for the scale and mask), each reading and writing the whole scores tensor. One
+// block per row (its threads a
 // multiple of 32 no larger than the row needs, at most 256); `kiln_block_max` as
 // `kiln_block_sum`.
 
@@ -332,23 +334,51 @@ __device__ float kiln_block_max(float v, float *shared) {
     return max;
 }
 
-// y = exp(x - max) / sum(exp(x - max)), row by row.
+// y = softmax(scale * x + mask) row by row: exp(v - max) / sum(exp(v - max)). `mask` (additive,
+// f32) may be null. Row r of a [batch, .., q, s] tensor is of batch r / per_batch and query
+// r % q; its mask row is batch * mask_batch + query * mask_query (strides in rows, 0 where the
+// mask is broadcast). v is rounded as candle's ops round it: the product, then the sum.
+__device__ __forceinline__ const float *kiln_mask_row(
+    const float *mask,
+    const size_t row,
+    const long long per_batch,
+    const int q,
+    const long long mask_batch,
+    const int mask_query,
+    const int dim) {
+    if (mask == nullptr) {
+        return nullptr;
+    }
+    const size_t batch = row / (size_t)per_batch;
+    const size_t query = row % (size_t)q;
+    return mask + (batch * (size_t)mask_batch + query * (size_t)mask_query) * (size_t)dim;
+}
+
 extern "C" __global__ void kiln_softmax_fwd_f32(
     const float *__restrict__ x,
     float *__restrict__ y,
-    const int dim) {
+    const int dim,
+    const float scale,
+    const float *__restrict__ mask,
+    const long long per_batch,
+    const int q,
+    const long long mask_batch,
+    const int mask_query) {
     __shared__ float shared[32];
     const size_t row = blockIdx.x;
     const float *xr = x + row * (size_t)dim;
+    const float *mr = kiln_mask_row(mask, row, per_batch, q, mask_batch, mask_query, dim);
     float *yr = y + row * (size_t)dim;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        m = fmaxf(m, xr[j]);
+        const float v = xr[j] * scale;
+        m = fmaxf(m, mr == nullptr ? v : v + mr[j]);
     }
     m = kiln_block_max(m, shared);
     float s = 0.0f;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float e = expf(xr[j] - m);
+        const float v = xr[j] * scale;
+        const float e = expf((mr == nullptr ? v : v + mr[j]) - m);
         yr[j] = e;
         s += e;
     }
@@ -358,12 +388,14 @@ extern "C" __global__ void kiln_softmax_fwd_f32(
     }
 }
 
-// dx = y * (dy - sum(dy * y)), row by row, from the forward's output y.
+// dx = (y * (dy - sum(dy * y))) * scale, row by row, from the forward's output y (the mask is
+// a constant: it has no gradient).
 extern "C" __global__ void kiln_softmax_bwd_f32(
     const float *__restrict__ y,
     const float *__restrict__ dy,
     float *__restrict__ dx,
-    const int dim) {
+    const int dim,
+    const float scale) {
     __shared__ float shared[32];
     const size_t row = blockIdx.x;
     const float *yr = y + row * (size_t)dim;
@@ -375,7 +407,7 @@ extern "C" __global__ void kiln_softmax_bwd_f32(
     }
     const float dot = kiln_block_sum(s, shared);
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        dxr[j] = yr[j] * (gr[j] - dot);
+        dxr[j] = (yr[j] * (gr[j] - dot)) * scale;
     }
 }
 
@@ -440,3 +472,37 @@ __device__ __forceinline__ float kiln_sigmoid(float g) { return 1.0f / (1.0f + e
 KILN_ACTIVATIONS(f32, float, KILN_ID, KILN_ID)
 KILN_ACTIVATIONS(bf16, __nv_bfloat16, __bfloat162float, __float2bfloat16)
 KILN_ACTIVATIONS(f16, __half, __half2float, __float2half)
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embeddings (the non-interleaved form of Llama/Qwen), forward and backward,
+// for `nn::ops::rope` on a GPU (decoders' queries and keys, laid out [.., t, d]), where candle's
+// ops take about 6 kernels forward and about 20 backward, the tables' products included. In
+// f32, bf16 and f16 (the tables in the same type), computed in f32, each result rounded once.
+//
+//   kiln_rope_T(x, cos, sin, y, pairs, t, half, sign): for each row (of d = 2 half elements,
+//   at position row % t) and j < half, with c = cos[p, j] and s = sign * sin[p, j]:
+//     y[j] = x[j] c - x[j + half] s,   y[j + half] = x[j + half] c + x[j] s.
+//   sign -1 is the inverse rotation: the backward, applied to the output's gradient.
+
+#define KILN_ROPE(SUFFIX, T, TO_F32, FROM_F32)                                                  \
+    extern "C" __global__ void kiln_rope_##SUFFIX(                                              \
+        const T *__restrict__ x, const T *__restrict__ cos, const T *__restrict__ sin,          \
+        T *__restrict__ y, const size_t pairs, const int t, const int half, const float sign) { \
+        const size_t stride = (size_t)blockDim.x * gridDim.x;                                   \
+        for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += stride) { \
+            const size_t row = i / (size_t)half;                                                \
+            const size_t j = i % (size_t)half;                                                  \
+            const size_t at = (row % (size_t)t) * (size_t)half + j;                             \
+            const size_t base = row * 2 * (size_t)half + j;                                     \
+            const float c = TO_F32(cos[at]);                                                    \
+            const float s = sign * TO_F32(sin[at]);                                             \
+            const float x1 = TO_F32(x[base]);                                                   \
+            const float x2 = TO_F32(x[base + half]);                                            \
+            y[base] = FROM_F32(x1 * c - x2 * s);                                                \
+            y[base + half] = FROM_F32(x2 * c + x1 * s);                                         \
+        }                                                                                       \
+    }
+
+KILN_ROPE(f32, float, KILN_ID, KILN_ID)
+KILN_ROPE(bf16, __nv_bfloat16, __bfloat162float, __float2bfloat16)
+KILN_ROPE(f16, __half, __half2float, __float2half)

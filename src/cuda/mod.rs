@@ -66,12 +66,45 @@ pub(crate) fn wrap(e: impl std::fmt::Display + Send + Sync + 'static) -> candle_
 }
 
 /// The CUDA device of a tensor on one when kiln's kernels are on (the default; the
-/// environment's `KILN_DEVICE_KERNELS=candle` turns them off), else `None`.
+/// environment's `KILN_DEVICE_KERNELS=candle` turns them off) and loaded there, else `None`.
 pub(crate) fn kernel_device(device: &candle_core::Device) -> Option<&CudaDevice> {
     match device {
-        candle_core::Device::Cuda(cuda) if kernels_on() => Some(cuda),
+        candle_core::Device::Cuda(cuda) if kernels_on() && load_error(cuda).is_none() => Some(cuda),
         _ => None,
     }
+}
+
+/// A kernel every build has, whose loading loads (and so checks) the whole module.
+const PROBE: &str = "kiln_adamw_f32";
+
+/// Why kiln's kernels cannot run on `device` (its driver rejected the PTX: built for a newer
+/// architecture or toolkit than the card and driver take, say), or `None` once they are
+/// loaded. Tried once per device: on failure an error is logged and candle's ops run there
+/// instead (slower, the same results); `kiln check-device` reports it as a failed check.
+pub(crate) fn load_error(device: &CudaDevice) -> Option<String> {
+    use candle_core::cuda_backend::DeviceId;
+    static TRIED: std::sync::Mutex<Vec<(DeviceId, Option<String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut tried = TRIED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, error)) = tried.iter().find(|(id, _)| *id == device.id()) {
+        return error.clone();
+    }
+    let error = device
+        .get_or_load_custom_func(PROBE, MODULE, PTX)
+        .err()
+        .map(|e| e.to_string());
+    if let Some(e) = &error {
+        use candle_core::backend::BackendDevice;
+        let at = match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            other => format!("{other:?}"),
+        };
+        tracing::error!(
+            "kiln's CUDA kernels did not load on {at}: {e}; candle's ops run there instead (slower)"
+        );
+    }
+    tried.push((device.id(), error.clone()));
+    error
 }
 
 /// Whether kiln's kernels are on (`KILN_DEVICE_KERNELS`, read once).
@@ -356,31 +389,91 @@ fn softmax_dims(l: &Layout) -> candle_core::Result<(usize, usize)> {
     Ok((rows, dim))
 }
 
-/// Softmax over the last dimension of contiguous f32 `x`: one kernel, a block per row.
-pub(crate) fn softmax_forward(x: &CudaStorage, l: &Layout) -> candle_core::Result<CudaStorage> {
+/// Where a softmax's additive mask rows come from (see `kiln_softmax_fwd_f32`): the scores'
+/// rows are `per_batch` per batch, their query cycling every `q` rows; the mask row of batch
+/// `b` and query `i` is `b · batch_rows + i · query_rows` (0 where the mask is broadcast).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaskRows {
+    pub per_batch: usize,
+    pub q: usize,
+    pub batch_rows: usize,
+    pub query_rows: usize,
+}
+
+/// `softmax(scale · x + mask)` over the last dimension of contiguous f32 `x`, the mask (f32,
+/// contiguous, rows of the same width, placed by [`MaskRows`]) optional: one kernel, a block
+/// per row.
+pub(crate) fn softmax_forward(
+    x: &CudaStorage,
+    l: &Layout,
+    scale: f32,
+    mask: Option<(&CudaStorage, &Layout, MaskRows)>,
+) -> candle_core::Result<CudaStorage> {
     let device = x.device.clone();
     let xs = f32_view(x, l, "input")?;
     let (rows, dim) = softmax_dims(l)?;
+    let mut geometry = MaskRows {
+        per_batch: rows.max(1),
+        q: 1,
+        batch_rows: 0,
+        query_rows: 0,
+    };
+    let mut mask_view = None;
+    if let Some((m, ml, g)) = mask {
+        let view = f32_view(m, ml, "mask")?;
+        // The last row any scores' row reads, inside the mask.
+        let batches = rows.div_ceil(g.per_batch.max(1));
+        let last = batches.saturating_sub(1) * g.batch_rows + (g.q.max(1) - 1) * g.query_rows;
+        if g.per_batch == 0 || g.q == 0 || g.per_batch % g.q != 0 || (last + 1) * dim > view.len() {
+            candle_core::bail!(
+                "kiln-softmax: a mask of {} for {rows}x{dim} scores placed by {g:?}",
+                view.len()
+            )
+        }
+        geometry = g;
+        mask_view = Some(view);
+    }
+    let too_big = |v: usize| v > i32::MAX as usize;
+    if too_big(geometry.q) || too_big(geometry.query_rows) {
+        candle_core::bail!("kiln-softmax: {geometry:?} is more than one launch takes")
+    }
     // SAFETY: the kernel writes every element.
     let y = unsafe { device.alloc::<f32>(rows * dim)? };
     if rows > 0 {
         let kernel = func(&device, "kiln_softmax_fwd_f32")?;
         let dim_i = dim as i32;
+        let null = 0u64;
+        let per_batch = geometry.per_batch as i64;
+        let q = geometry.q as i32;
+        let batch_rows = geometry.batch_rows as i64;
+        let query_rows = geometry.query_rows as i32;
         let mut builder = kernel.builder();
         builder.arg(&xs);
         builder.arg(&y);
         builder.arg(&dim_i);
-        // SAFETY: kiln_softmax_fwd_f32's signature (rows·dim floats in and out, int).
+        builder.arg(&scale);
+        match &mask_view {
+            Some(view) => builder.arg(view),
+            None => builder.arg(&null),
+        };
+        builder.arg(&per_batch);
+        builder.arg(&q);
+        builder.arg(&batch_rows);
+        builder.arg(&query_rows);
+        // SAFETY: kiln_softmax_fwd_f32's signature (rows·dim floats in and out; int; float;
+        // the mask's pointer, checked above to hold every row read, or null; long long, int,
+        // long long, int).
         unsafe { builder.launch(softmax_config(rows, dim)) }.map_err(wrap)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(y, device))
 }
 
 /// The softmax's input gradient from its output `y` and output gradient `dy` (contiguous
-/// f32, the same shape): `y · (dy - Σ dy·y)` per row, one kernel.
+/// f32, the same shape): `y · (dy - Σ dy·y) · scale` per row, one kernel.
 pub(crate) fn softmax_backward(
     y: (&CudaStorage, &Layout),
     dy: (&CudaStorage, &Layout),
+    scale: f32,
 ) -> candle_core::Result<CudaStorage> {
     let device = y.0.device.clone();
     let ys = f32_view(y.0, y.1, "output")?;
@@ -399,10 +492,90 @@ pub(crate) fn softmax_backward(
         builder.arg(&gs);
         builder.arg(&dx);
         builder.arg(&dim_i);
-        // SAFETY: kiln_softmax_bwd_f32's signature (rows·dim floats: y, dy, dx; int).
+        builder.arg(&scale);
+        // SAFETY: kiln_softmax_bwd_f32's signature (rows·dim floats: y, dy, dx; int; float).
         unsafe { builder.launch(softmax_config(rows, dim)) }.map_err(wrap)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(dx, device))
+}
+
+/// Rotary position embeddings of contiguous `x` `[.., t, d]` by the tables `cos` and `sin`
+/// `[t, d / 2]` (contiguous, `x`'s dtype: f32, bf16 or f16): `sign` 1 rotates, -1 rotates
+/// back (the backward). One kernel, a thread per pair of elements.
+pub(crate) fn rope(
+    x: (&CudaStorage, &Layout),
+    cos: (&CudaStorage, &Layout),
+    sin: (&CudaStorage, &Layout),
+    sign: f32,
+) -> candle_core::Result<CudaStorage> {
+    let dims = x.1.dims();
+    let (t, d) = match dims {
+        [.., t, d] if d % 2 == 0 && *d > 0 && *t > 0 => (*t, *d),
+        _ => candle_core::bail!("kiln-rope: an input of {dims:?}"),
+    };
+    let half = d / 2;
+    for table in [cos.1, sin.1] {
+        if table.dims() != [t, half] {
+            candle_core::bail!("kiln-rope: a table of {:?} for {dims:?}", table.dims())
+        }
+    }
+    if t > i32::MAX as usize || half > i32::MAX as usize {
+        candle_core::bail!("kiln-rope: {dims:?} is more than one launch takes")
+    }
+    let device = x.0.device.clone();
+    let pairs = x.1.shape().elem_count() / 2;
+    macro_rules! run {
+        ($variant:ident, $name:literal) => {{
+            let (
+                CudaStorageSlice::$variant(xd),
+                CudaStorageSlice::$variant(cd),
+                CudaStorageSlice::$variant(sd),
+            ) = (&x.0.slice, &cos.0.slice, &sin.0.slice)
+            else {
+                candle_core::bail!("kiln-rope: the tables are not the input's dtype")
+            };
+            let (xs, cs, ss) = (
+                contiguous(xd, x.1)?,
+                contiguous(cd, cos.1)?,
+                contiguous(sd, sin.1)?,
+            );
+            // SAFETY: the kernel writes every element.
+            let y = unsafe { device.alloc(2 * pairs)? };
+            if pairs > 0 {
+                let kernel = func(&device, $name)?;
+                let (t_i, half_i) = (t as i32, half as i32);
+                let mut builder = kernel.builder();
+                builder.arg(&xs);
+                builder.arg(&cs);
+                builder.arg(&ss);
+                builder.arg(&y);
+                builder.arg(&pairs);
+                builder.arg(&t_i);
+                builder.arg(&half_i);
+                builder.arg(&sign);
+                // SAFETY: KILN_ROPE's signature (x, cos, sin, y of the element type: x and y
+                // hold 2·pairs elements, the tables t·half, checked above; size_t, int, int,
+                // float).
+                unsafe { builder.launch(config(pairs)) }.map_err(wrap)?;
+            }
+            CudaStorageSlice::$variant(y)
+        }};
+    }
+    let slice = match &x.0.slice {
+        CudaStorageSlice::F32(_) => run!(F32, "kiln_rope_f32"),
+        CudaStorageSlice::BF16(_) => run!(BF16, "kiln_rope_bf16"),
+        CudaStorageSlice::F16(_) => run!(F16, "kiln_rope_f16"),
+        _ => candle_core::bail!("kiln-rope: {:?} is not f32, bf16 or f16", x.0.dtype()),
+    };
+    Ok(CudaStorage { slice, device })
+}
+
+/// The elements of a contiguous layout of `data`.
+fn contiguous<'a, T>(data: &'a CudaSlice<T>, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("kiln: a kernel's input is not contiguous")
+    };
+    Ok(data.slice(start..end))
 }
 
 /// An element-wise kernel of `kernels.cu` over `inputs` (contiguous, `n` elements each, all
@@ -425,10 +598,7 @@ pub(crate) fn elementwise(
                 let CudaStorageSlice::$variant(data) = &s.slice else {
                     candle_core::bail!("{base}: inputs of different dtypes")
                 };
-                let Some((start, end)) = l.contiguous_offsets() else {
-                    candle_core::bail!("{base}: an input is not contiguous")
-                };
-                views.push(data.slice(start..end));
+                views.push(contiguous(data, l)?);
             }
             let name = format!("{base}_{}", $suffix);
             CudaStorageSlice::$variant(launch_elementwise(&device, &name, &views, outputs)?)

@@ -793,14 +793,9 @@ impl BertEncoder {
         scale: f64,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
-        let (b, _, h) = x.dims3()?;
-        let sq = xq.dim(1)?;
         let nh = cfg.num_attention_heads;
-        let dh = cfg.head_dim();
-        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            let s = t.dim(1)?;
-            t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()
-        };
+        // One graph node each way on a GPU (`nn::heads`).
+        let heads = |t: Tensor| super::heads::split(&t, nh);
         let (q, k, v) = (
             l.project(0, xq, train)?,
             l.project(1, x, train)?,
@@ -837,16 +832,13 @@ impl BertEncoder {
             Some(ctx) => ctx,
             None => {
                 let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
-                let scores = (q.matmul(&k.t()?)? * scale)?;
-                // The softmax in f32 whatever the activations' dtype (mixed precision).
-                let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask_bias)?;
-                let probs = ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+                // The softmax in f32 whatever the activations' dtype (mixed precision); on a
+                // GPU the scale and mask inside its kernel.
+                let scores = q.matmul(&k.t()?)?;
+                let probs =
+                    ops::attention_softmax(&scores, scale, Some(mask_bias))?.to_dtype(q.dtype())?;
                 let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
-                probs
-                    .matmul(&v)?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((b, sq, h))?
+                super::heads::join(&probs.matmul(&v)?)?
             }
         };
         l.project(3, &ctx, train)

@@ -1310,9 +1310,8 @@ impl Decoder {
             return Ok(l.project(3, &ctx, train)?);
         }
         let mask = masks.bias;
-        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-        };
+        // One graph node each way on a GPU (`nn::heads`).
+        let heads = |y: Tensor, n: usize| super::heads::split(&y, n);
         // The tables in the activations' dtype (bf16 under mixed precision).
         let (cos, sin) = (&cos.to_dtype(x.dtype())?, &sin.to_dtype(x.dtype())?);
         let rope = |y: &Tensor| {
@@ -1331,21 +1330,18 @@ impl Decoder {
         // matmul per key/value head, and no repeated copies of keys and values. The 1/sqrt(d)
         // scale goes on the queries, smaller than the scores by a factor seq / head_dim.
         let q = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        // The softmax in f32 whatever the activations' dtype (mixed precision).
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((b, nkv, rep, t, s))?
-                .broadcast_add(m)?
-                .reshape((b, nkv, rep * t, s))?,
-            None => scores,
-        };
-        let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let ctx = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        // The softmax in f32 whatever the activations' dtype (mixed precision); on a GPU the
+        // mask inside its kernel.
+        let scores = q.matmul(&k.t()?)?;
+        let probs = match mask {
+            Some(m) => {
+                let scores = scores.reshape((b, nkv, rep, t, s))?;
+                ops::attention_softmax(&scores, 1.0, Some(m))?.reshape((b, nkv, rep * t, s))?
+            }
+            None => ops::attention_softmax(&scores, 1.0, None)?,
+        }
+        .to_dtype(v.dtype())?;
+        let ctx = super::heads::join(&probs.matmul(&v)?.reshape((b, nh, t, hd))?)?;
         Ok(l.project(3, &ctx, train)?)
     }
 

@@ -136,6 +136,18 @@ pub fn check_device(device: &Device) -> crate::nn::Result<Vec<Check>> {
         Family::Vit,
     ];
     let mut checks = Vec::new();
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device
+        && crate::cuda::kernels_on()
+        && let Some(e) = crate::cuda::load_error(cuda)
+    {
+        checks.push(Check {
+            error: Some(format!(
+                "kiln's CUDA kernels did not load: {e}; the checks below ran candle's ops instead"
+            )),
+            ..failed("kernels", DType::F32, 0.0)
+        });
+    }
     let reference: Vec<_> = families
         .iter()
         .map(|&f| run(f, dir.path(), &Device::Cpu, DType::F32, true))
@@ -190,7 +202,18 @@ fn judge(
     cpu: std::result::Result<&Outcome, &crate::nn::NnError>,
     dev: crate::nn::Result<Outcome>,
 ) -> Check {
-    let mut check = Check {
+    let mut check = failed(family, dtype, tolerance);
+    match (cpu, dev) {
+        (Ok(cpu), Ok(dev)) => compare(&mut check, cpu, &dev),
+        (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
+        (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
+    }
+    check
+}
+
+/// A check of `family` in `dtype` that has compared nothing yet (failed until it has).
+fn failed(family: &'static str, dtype: DType, tolerance: f32) -> Check {
+    Check {
         family,
         dtype: dtype.as_str().to_owned(),
         compared: 0,
@@ -201,13 +224,7 @@ fn judge(
         tolerance,
         passed: false,
         error: None,
-    };
-    match (cpu, dev) {
-        (Ok(cpu), Ok(dev)) => compare(&mut check, cpu, &dev),
-        (Err(e), _) => check.error = Some(format!("on the CPU: {e}")),
-        (_, Err(e)) => check.error = Some(format!("on the device: {e}")),
     }
-    check
 }
 
 /// Seeded dropout (p = 0.1) of a tensor in `dtype`, forward and backward: the output and the
@@ -565,18 +582,7 @@ mod tests {
             loss: 1.0,
             tensors: vec![("w (gradient)".into(), vec![0.5, -1.0, 0.2])],
         };
-        let fresh = || Check {
-            family: "bert",
-            dtype: "f32".into(),
-            compared: 0,
-            loss_cpu: 0.0,
-            loss_device: 0.0,
-            worst: 0.0,
-            worst_of: String::new(),
-            tolerance: F32_TOLERANCE,
-            passed: false,
-            error: None,
-        };
+        let fresh = || failed("bert", DType::F32, F32_TOLERANCE);
         let mut check = fresh();
         compare(&mut check, &cpu, &dev);
         assert!(

@@ -186,6 +186,11 @@ impl Linear {
     /// to one 2-D product because candle's broadcast matmul is far slower, in backward
     /// especially; on the CPU in f32 that product is kiln's fused [`ops::linear`].
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // On a CUDA GPU: one graph node, the weight's and bias's gradients deposited
+        // (`nn::dense` says why), the f32 master weights cast inside under mixed precision.
+        if let Some(y) = super::dense::on_device(x, &self.weight, self.bias.as_ref())? {
+            return Ok(y);
+        }
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
@@ -409,7 +414,9 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
             .apply_op1(op)?
             .to_dtype(x.dtype()),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if crate::cuda::kernels_on() => x.contiguous()?.apply_op1(op),
+        Device::Cuda(_) if crate::cuda::kernel_device(x.device()).is_some() => {
+            x.contiguous()?.apply_op1(op)
+        }
         _ => host_mask(x, &hashed),
     }
 }

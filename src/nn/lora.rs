@@ -129,6 +129,11 @@ impl LoraAdapter {
 
     /// The adapter's contribution `scale · dropout(x) Aᵀ Bᵀ` for `x: [.., in]`.
     pub fn delta(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if super::dense::runs_on(x.device())
+            && let Some(y) = self.delta_nodes(x, train)?
+        {
+            return Ok(y);
+        }
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(1);
         let rows = x.elem_count() / in_dim.max(1);
@@ -140,6 +145,23 @@ impl LoraAdapter {
             *last = self.b.dim(0)?;
         }
         y.reshape(out_dims)
+    }
+
+    /// [`LoraAdapter::delta`] as two [`super::dense`] nodes, `A`'s and `B`'s gradients
+    /// deposited (what a CUDA GPU runs: four edges of candle's graph instead of eleven);
+    /// `None` where they do not apply.
+    pub(crate) fn delta_nodes(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let x = dropout(x, self.dropout, train)?;
+        let Some(h) = super::dense::dense(&x, &self.a, None)? else {
+            return Ok(None);
+        };
+        super::dense::dense(&h, &self.b, None)?
+            .map(|y| y * self.scale)
+            .transpose()
     }
 
     /// `W + scale · B A`, detached: the merged weight of a plain linear layer.

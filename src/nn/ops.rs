@@ -23,12 +23,91 @@ use super::simd::{dot_f32, max_f32, sum_f32, sum_f64_lanes, wide_fn};
 pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if device_kernel_ok(xs) {
-        return xs.contiguous()?.apply_op1(DeviceSoftmax);
+        let op = DeviceSoftmax {
+            scale: 1.0,
+            mask: None,
+        };
+        return xs.contiguous()?.apply_op1(op);
     }
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let num = xs.broadcast_sub(&max)?.exp()?;
     let den = num.sum_keepdim(D::Minus1)?;
     num.broadcast_div(&den)
+}
+
+/// Attention's probabilities, in f32: `softmax(scale · scores + mask)` over the last
+/// dimension, for `scores` `[batch, .., q, s]` in any float dtype and an additive f32 `mask`
+/// of the same rank broadcast to them (`[batch or 1, 1, .., q or 1, s]`), or none. As
+/// separate ops, the scores are scaled in their own dtype, then taken to f32, then masked.
+/// On a CUDA GPU it is kiln's softmax kernel instead, the scores taken to f32 first and the
+/// scale and mask applied inside: candle's graph then has one node where it had three, and
+/// makes no gradient for the mask.
+pub fn attention_softmax(
+    scores: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if device_kernel_takes(scores, true) {
+        let geometry = match mask {
+            Some(m) if m.dtype() == DType::F32 && m.device().same_device(scores.device()) => {
+                mask_rows(scores.dims(), m.dims()).map(|rows| Some((m.contiguous(), rows)))
+            }
+            Some(_) => None,
+            None => Some(None),
+        };
+        if let Some(geometry) = geometry {
+            let mask = match geometry {
+                Some((m, [per_batch, q, batch_rows, query_rows])) => Some((
+                    m?,
+                    crate::cuda::MaskRows {
+                        per_batch,
+                        q,
+                        batch_rows,
+                        query_rows,
+                    },
+                )),
+                None => None,
+            };
+            let op = DeviceSoftmax {
+                scale: scale as f32,
+                mask,
+            };
+            return scores.to_dtype(DType::F32)?.contiguous()?.apply_op1(op);
+        }
+    }
+    let scaled = if scale == 1.0 {
+        scores.clone()
+    } else {
+        (scores * scale)?
+    };
+    let scaled = scaled.to_dtype(DType::F32)?;
+    match mask {
+        Some(m) => softmax_last_dim(&scaled.broadcast_add(m)?),
+        None => softmax_last_dim(&scaled),
+    }
+}
+
+/// For scores of `scores` dims and a mask of `mask` dims broadcast to them (the same rank,
+/// its first dimension the batch or 1, its second-to-last the queries or 1, its last the
+/// keys, every other 1): `[per_batch, q, batch_rows, query_rows]`, where the scores' rows are
+/// `per_batch` per batch, their query cycling every `q`, and the mask row of batch `b` and
+/// query `i` is `b · batch_rows + i · query_rows`. `None` for any other mask.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn mask_rows(scores: &[usize], mask: &[usize]) -> Option<[usize; 4]> {
+    let r = scores.len();
+    if r < 3 || mask.len() != r || mask[r - 1] != scores[r - 1] {
+        return None;
+    }
+    let (b, q) = (scores[0], scores[r - 2]);
+    let (mb, mq) = (mask[0], mask[r - 2]);
+    if !(mb == 1 || mb == b) || !(mq == 1 || mq == q) || mask[1..r - 2].iter().any(|&d| d != 1) {
+        return None;
+    }
+    let per_batch = scores[1..r - 1].iter().product::<usize>();
+    let query_rows = usize::from(mq == q && q > 1);
+    let batch_rows = if mb == b && b > 1 { mq } else { 0 };
+    Some([per_batch, q, batch_rows, query_rows])
 }
 
 /// LayerNorm over the last dimension from primitive differentiable ops (the reference).
@@ -234,10 +313,14 @@ impl CustomOp3 for DeviceElementwise {
     }
 }
 
-/// Softmax over the last dimension on a CUDA GPU (kiln's kernel, f32): one kernel forward and
-/// one backward, from the output.
+/// `softmax(scale · x + mask)` over the last dimension on a CUDA GPU (kiln's kernel, f32): one
+/// kernel forward and one backward, from the output. The mask (additive, f32) is a constant
+/// the op holds, not an input of candle's graph: it gets no gradient, and costs none.
 #[cfg(feature = "cuda")]
-struct DeviceSoftmax;
+struct DeviceSoftmax {
+    scale: f32,
+    mask: Option<(Tensor, crate::cuda::MaskRows)>,
+}
 
 #[cfg(feature = "cuda")]
 impl CustomOp1 for DeviceSoftmax {
@@ -254,21 +337,78 @@ impl CustomOp1 for DeviceSoftmax {
         x: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda::softmax_forward(x, l)?, l.shape().clone()))
+        let y = match &self.mask {
+            Some((mask, rows)) => {
+                let (ms, ml) = mask.storage_and_layout();
+                let Storage::Cuda(m) = &*ms else {
+                    candle_core::bail!("kiln-softmax: the mask is not on the GPU")
+                };
+                crate::cuda::softmax_forward(x, l, self.scale, Some((m, ml, *rows)))?
+            }
+            None => crate::cuda::softmax_forward(x, l, self.scale, None)?,
+        };
+        Ok((y, l.shape().clone()))
     }
 
     fn bwd(&self, _: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = y
-            .detach()
-            .contiguous()?
-            .apply_op2_no_bwd(&grad.contiguous()?, &DeviceSoftmaxBackward)?;
+        let dx = y.detach().contiguous()?.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &DeviceSoftmaxBackward { scale: self.scale },
+        )?;
         Ok(Some(dx))
+    }
+}
+
+/// Rotary position embeddings on a CUDA GPU (kiln's kernel; f32, bf16 or f16, the tables in
+/// the input's dtype): one kernel forward, and the inverse rotation of the gradient backward.
+/// The tables are constants the op holds, not inputs of candle's graph.
+#[cfg(feature = "cuda")]
+struct DeviceRope {
+    cos: Tensor,
+    sin: Tensor,
+    /// 1: rotate; -1: rotate back (the backward).
+    sign: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for DeviceRope {
+    fn name(&self) -> &'static str {
+        "kiln-rope"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kiln-rope: CUDA only (the CPU has its fused kernel)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (Storage::Cuda(c), Storage::Cuda(s)) = (&*cs, &*ss) else {
+            candle_core::bail!("kiln-rope: the tables are not on the GPU")
+        };
+        let y = crate::cuda::rope((x, l), (c, cl), (s, sl), self.sign)?;
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = DeviceRope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            sign: -self.sign,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
 
 /// [`DeviceSoftmax`]'s backward: inputs `(y, dy)`, the input's gradient out.
 #[cfg(feature = "cuda")]
-struct DeviceSoftmaxBackward;
+struct DeviceSoftmaxBackward {
+    scale: f32,
+}
 
 #[cfg(feature = "cuda")]
 impl CustomOp2 for DeviceSoftmaxBackward {
@@ -293,7 +433,7 @@ impl CustomOp2 for DeviceSoftmaxBackward {
         dy: &candle_core::CudaStorage,
         dyl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let dx = crate::cuda::softmax_backward((y, yl), (dy, dyl))?;
+        let dx = crate::cuda::softmax_backward((y, yl), (dy, dyl), self.scale)?;
         Ok((dx, yl.shape().clone()))
     }
 }
@@ -1450,6 +1590,15 @@ pub fn rope_primitive(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::R
 /// primitive ops otherwise. candle's `rotary_emb::rope` has no backward; here gradients flow
 /// to `xs` (the tables are constants).
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if device_kernel_takes(xs, true) && cos.dtype() == xs.dtype() && sin.dtype() == xs.dtype() {
+        let op = DeviceRope {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+            sign: 1.0,
+        };
+        return xs.contiguous()?.apply_op1(op);
+    }
     if fused_ok(xs) && fused_ok(cos) && fused_ok(sin) {
         xs.contiguous()?.apply_op3(
             &cos.contiguous()?,
@@ -1738,6 +1887,34 @@ impl CustomOp3 for FusedRope {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mask_rows_place_broadcast_masks_and_refuse_others() {
+        use super::mask_rows;
+        // BERT: scores [b, heads, q, s], a padding mask [b, 1, 1, s].
+        assert_eq!(
+            mask_rows(&[4, 12, 9, 9], &[4, 1, 1, 9]),
+            Some([108, 9, 1, 0])
+        );
+        // A decoder: scores [b, kv, rep, t, s], causal and padding [b, 1, 1, t, s]; causal
+        // alone [1, 1, 1, t, s].
+        assert_eq!(
+            mask_rows(&[2, 2, 3, 5, 5], &[2, 1, 1, 5, 5]),
+            Some([30, 5, 5, 1])
+        );
+        assert_eq!(
+            mask_rows(&[2, 2, 3, 5, 5], &[1, 1, 1, 5, 5]),
+            Some([30, 5, 0, 1])
+        );
+        // One batch, one query.
+        assert_eq!(mask_rows(&[1, 3, 1, 4], &[1, 1, 1, 4]), Some([3, 1, 0, 0]));
+        // Not broadcastable this way: another key count, a head dimension, a rank, a batch.
+        assert_eq!(mask_rows(&[4, 12, 9, 9], &[4, 1, 1, 8]), None);
+        assert_eq!(mask_rows(&[4, 12, 9, 9], &[4, 12, 1, 9]), None);
+        assert_eq!(mask_rows(&[4, 12, 9, 9], &[4, 1, 9]), None);
+        assert_eq!(mask_rows(&[4, 12, 9, 9], &[2, 1, 1, 9]), None);
+        assert_eq!(mask_rows(&[9, 9], &[1, 9]), None);
+    }
+
     use super::*;
     use crate::nn::autograd::Backprop;
     use candle_core::{Device, Var};

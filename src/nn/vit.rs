@@ -688,12 +688,11 @@ impl VitForImageClassification {
 
     fn layer_forward(&self, l: &Layer, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
-        let (b, s, h) = x.dims3()?;
+        let (b, s, _) = x.dims3()?;
         let nh = cfg.num_attention_heads;
         let dh = cfg.head_dim();
-        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()
-        };
+        // One graph node each way on a GPU (`nn::heads`).
+        let heads = |t: Tensor| super::heads::split(&t, nh);
         let scale = 1.0 / (dh as f64).sqrt();
         let p = if train {
             cfg.attention_probs_dropout_prob as f32
@@ -745,11 +744,7 @@ impl VitForImageClassification {
                         let (q, k, v) = (heads((q * scale)?)?, heads(k)?, heads(v)?);
                         let probs = ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
                         let probs = dropout(&probs, cfg.attention_probs_dropout_prob, train)?;
-                        probs
-                            .matmul(&v)?
-                            .transpose(1, 2)?
-                            .contiguous()?
-                            .reshape((b, s, h))?
+                        super::heads::join(&probs.matmul(&v)?)?
                     }
                 };
                 let attn = dropout(&l.project(3, &ctx, train)?, cfg.hidden_dropout_prob, train)?;

@@ -88,6 +88,24 @@ void activations(F1 gelu_fwd, B1 gelu_bwd, F2 silu_fwd, B2 silu_bwd, const std::
     write("silu_d", silu_d);
 }
 
+template <class T, class K>
+void rope(K kernel, const std::vector<uint64_t> &p) {
+    // dtype rows t half blocks: the forward of x, then the backward (sign -1) of dy
+    const size_t pairs = p[1] * p[3];
+    const int t = int(p[2]), half = int(p[3]);
+    auto x = read<T>("x"), cos = read<T>("cos"), sin = read<T>("sin"), dy = read<T>("dy");
+    std::vector<T> y(2 * pairs), dx(2 * pairs);
+    const dim3 grid = elementwise(pairs, p[4]);
+    kiln_launch(grid, THREADS, [&] {
+        kernel(x.data(), cos.data(), sin.data(), y.data(), pairs, t, half, 1.0f);
+    });
+    kiln_launch(grid, THREADS, [&] {
+        kernel(dy.data(), cos.data(), sin.data(), dx.data(), pairs, t, half, -1.0f);
+    });
+    write("y", y);
+    write("dx", dx);
+}
+
 }  // namespace
 
 int main(int argc, char **argv) try {
@@ -173,17 +191,33 @@ int main(int argc, char **argv) try {
                 break;
             default: throw std::runtime_error("dtype 0, 1 or 2");
         }
+    } else if (op == "rope") {
+        switch (p[0]) {
+            case 0: rope<float>(kiln_rope_f32, p); break;
+            case 1: rope<__nv_bfloat16>(kiln_rope_bf16, p); break;
+            case 2: rope<__half>(kiln_rope_f16, p); break;
+            default: throw std::runtime_error("dtype 0, 1 or 2");
+        }
     } else if (op == "softmax") {
-        // rows dim: the forward, then the backward from its output, as mod.rs launches them
+        // rows dim scale-bits masked per_batch q batch_rows query_rows: the forward (with
+        // mask.bin when masked, else a null mask), then the backward from its output, as mod.rs
+        // launches them
         const size_t rows = p[0];
         const int dim = int(p[1]);
+        const float scale = f32(p[2]);
         auto x = read<float>("x"), dy = read<float>("dy");
+        std::vector<float> mask;
+        if (p[3] != 0) mask = read<float>("mask");
+        const float *m = p[3] != 0 ? mask.data() : nullptr;
         std::vector<float> y(rows * dim), dx(rows * dim);
         const unsigned threads = std::min(std::max((dim + 31) / 32 * 32, 32), int(THREADS));
         const dim3 per_row{unsigned(rows), 1, 1};
-        kiln_launch(per_row, threads, [&] { kiln_softmax_fwd_f32(x.data(), y.data(), dim); });
+        kiln_launch(per_row, threads, [&] {
+            kiln_softmax_fwd_f32(x.data(), y.data(), dim, scale, m, (long long)p[4], int(p[5]),
+                                 (long long)p[6], int(p[7]));
+        });
         kiln_launch(per_row, threads,
-                    [&] { kiln_softmax_bwd_f32(y.data(), dy.data(), dx.data(), dim); });
+                    [&] { kiln_softmax_bwd_f32(y.data(), dy.data(), dx.data(), dim, scale); });
         write("y", y);
         write("dx", dx);
     } else {
