@@ -9,7 +9,8 @@
 // benchmark's LoRA inputs), a LayerNorm was some 11 kernels forward and 25 backward, and a
 // softmax 5 and 8, an activation's backward 6 to 10. Here each parameter's update is one
 // kernel, its share of the norm one more, dropout one kernel that hashes its mask as it goes,
-// a norm one kernel forward and three backward, and a softmax or an activation one each way.
+// a norm one kernel forward and three backward, and a softmax (attention's scale and mask
+// taken in), an activation or a rotary embedding one each way.
 
 #include <stddef.h>
 #include <cuda_bf16.h>

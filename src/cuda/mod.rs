@@ -1,11 +1,12 @@
 //! kiln's own CUDA kernels (`kernels.cu`, compiled to PTX by build.rs in the CUDA build): the
 //! optimizer's fused AdamW update and gradient norm (`train::optim`), LayerNorm, RMSNorm,
-//! softmax, GELU and gated SiLU forward and backward (`nn::ops::layer_norm`, `rms_norm`,
-//! `softmax_last_dim`, `gelu_erf`, `silu_mul`) and hashed dropout
-//! (`nn::layers::dropout`), where candle's ops would take many launches and allocations or a
-//! copy from the host. The environment's `KILN_DEVICE_KERNELS=candle` turns them off (candle's
-//! ops then run, as before), for A/B measurements. `kiln check-device` compares each with the
-//! CPU.
+//! softmax (with attention's scale and mask), GELU, gated SiLU and rotary embeddings forward
+//! and backward (`nn::ops::layer_norm`, `rms_norm`, `softmax_last_dim`, `attention_softmax`,
+//! `gelu_erf`, `silu_mul`, `rope`) and hashed dropout (`nn::layers::dropout`), where candle's
+//! ops would take many launches and allocations or a copy from the host. The environment's
+//! `KILN_DEVICE_KERNELS=candle` turns them off (candle's ops then run, as before), and with
+//! them `nn::dense` and `nn::heads`' single-node layers, for A/B measurements. `kiln
+//! check-device` compares each with the CPU.
 
 use std::sync::Arc;
 

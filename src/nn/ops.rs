@@ -3,9 +3,10 @@
 //! The `*_primitive` functions are compositions of candle ops that all have a backward: they are
 //! the reference. The fused versions ([`layer_norm`], [`gelu_erf`], [`rms_norm`], [`rope`]) run one
 //! CPU kernel forward and one backward; on a CUDA GPU, [`layer_norm`], [`rms_norm`] and
-//! [`softmax_last_dim`] in f32 and [`gelu_erf`] and [`silu_mul`] in f32, bf16 or f16 run kiln's
-//! CUDA kernels (`crate::cuda`); on any other device, dtype or layout they fall back to the
-//! primitive version, so callers never need to know where they run.
+//! [`softmax_last_dim`] in f32, [`attention_softmax`] (scores in any float dtype, the softmax in
+//! f32) and [`gelu_erf`], [`silu_mul`] and [`rope`] in f32, bf16 or f16 run kiln's CUDA kernels
+//! (`crate::cuda`); on any other device, dtype or layout they fall back to the primitive
+//! version, so callers never need to know where they run.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
