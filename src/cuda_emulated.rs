@@ -102,32 +102,43 @@ fn worst(a: &[f32], b: &[f32], floor: f32) -> f32 {
 #[test]
 fn adamw_kernel_is_the_cpu_update_bit_for_bit() {
     use crate::train::optim::{UpdateConsts, adamw_chunk};
-    // Past what 7 blocks of 256 threads cover in one pass: every thread strides.
-    let n = 70_001;
-    let k = UpdateConsts {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        decay: 1.0 - 3e-3 * 0.01,
-        step_size: 3e-3 / (1.0 - 0.9f32.powi(3)),
-        inv_sqrt_bc2: 1.0 / (1.0 - 0.999f32.powi(3)).sqrt(),
-        grad_scale: 0.37,
-    };
-    let theta = values(1, n);
-    let m: Vec<f32> = values(2, n).iter().map(|x| x * 0.1).collect();
-    let v: Vec<f32> = values(3, n).iter().map(|x| x * x * 0.01).collect();
-    let grad = values(4, n);
-    let params = [
-        n as u64,
-        7,
-        bits(k.beta1),
-        bits(k.beta2),
-        bits(k.eps),
-        bits(k.decay),
-        bits(k.step_size),
-        bits(k.inv_sqrt_bc2),
-        bits(k.grad_scale),
-    ];
+    // 50 tensors: two launches of up to 48; one of several chunks and a partial one, one of
+    // exactly a chunk, one of a single element, the rest small; each with its own group
+    // constants (decay, step size, bias correction).
+    let mut sizes = vec![70_001, 4096, 1, 37];
+    sizes.extend((0..46).map(|i| 1 + (i * 389) % 3000));
+    let consts: Vec<UpdateConsts> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let (lr, step) = (1e-3 * (1 + i % 3) as f32, 1 + (i % 4) as i32);
+            UpdateConsts {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                decay: 1.0 - lr * [0.0, 0.01][i % 2],
+                step_size: lr / (1.0 - 0.9f32.powi(step)),
+                inv_sqrt_bc2: 1.0 / (1.0 - 0.999f32.powi(step)).sqrt(),
+                grad_scale: 0.37,
+            }
+        })
+        .collect();
+    let total: usize = sizes.iter().sum();
+    let theta = values(1, total);
+    let m: Vec<f32> = values(2, total).iter().map(|x| x * 0.1).collect();
+    let v: Vec<f32> = values(3, total).iter().map(|x| x * x * 0.01).collect();
+    let grad = values(4, total);
+    let mut params = vec![sizes.len() as u64];
+    for (n, k) in sizes.iter().zip(&consts) {
+        params.extend([
+            *n as u64,
+            bits(k.decay),
+            bits(k.step_size),
+            bits(k.inv_sqrt_bc2),
+        ]);
+    }
+    let k0 = consts[0];
+    params.extend([k0.beta1, k0.beta2, k0.eps, k0.grad_scale].map(bits));
     let dir = run(
         "adamw",
         &params,
@@ -139,7 +150,18 @@ fn adamw_kernel_is_the_cpu_update_bit_for_bit() {
         ],
     );
     let (mut theta_cpu, mut m_cpu, mut v_cpu) = (theta.clone(), m.clone(), v.clone());
-    adamw_chunk(&k, &mut theta_cpu, &grad, &mut m_cpu, &mut v_cpu);
+    let mut at = 0;
+    for (n, k) in sizes.iter().zip(&consts) {
+        let r = at..at + n;
+        adamw_chunk(
+            k,
+            &mut theta_cpu[r.clone()],
+            &grad[r.clone()],
+            &mut m_cpu[r.clone()],
+            &mut v_cpu[r],
+        );
+        at += n;
+    }
     // The same arithmetic in the same order, no fused multiply-adds: the same bits.
     assert_eq!(floats(dir.path(), "m"), m_cpu);
     assert_eq!(floats(dir.path(), "v"), v_cpu);
@@ -149,15 +171,22 @@ fn adamw_kernel_is_the_cpu_update_bit_for_bit() {
 
 #[test]
 fn sum_of_squares_kernel_is_the_sum() {
-    for (n, blocks) in [(1, 0), (255, 0), (100_003, 5), (300_000, 0)] {
-        let x = values(9, n);
-        let dir = run("sum_squares", &[n as u64, blocks], &[("x", bytes(&x))]);
+    // One tensor; several with chunks of every kind; more than one launch's worth.
+    let mut many = vec![1, 255, 4096, 100_003, 300_000];
+    many.extend((0..50).map(|i| 1 + (i * 733) % 5000));
+    for sizes in [vec![1], vec![300_000], many] {
+        let total: usize = sizes.iter().sum();
+        let x = values(9, total);
+        let mut params = vec![sizes.len() as u64];
+        params.extend(sizes.iter().map(|&n| n as u64));
+        let dir = run("sum_squares", &params, &[("x", bytes(&x))]);
         let out = std::fs::read(dir.path().join("sum.out")).unwrap();
         let got = f64::from_le_bytes(out[..8].try_into().unwrap());
         let want: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
         assert!(
             ((got - want) / want).abs() < 1e-12,
-            "n {n}: {got} against {want}"
+            "{} tensors: {got} against {want}",
+            sizes.len()
         );
     }
 }

@@ -7,8 +7,8 @@
 // over a thousand launches for the update alone, more than the forward and backward together.
 // Dropout's masks were made on the host and copied over (151 MB a step for the decoder
 // benchmark's LoRA inputs), a LayerNorm was some 11 kernels forward and 25 backward, and a
-// softmax 5 and 8, an activation's backward 6 to 10. Here each parameter's update is one
-// kernel, its share of the norm one more, dropout one kernel that hashes its mask as it goes,
+// softmax 5 and 8, an activation's backward 6 to 10. Here the update of up to 48 parameters
+// is one kernel, as is their share of the norm, dropout one kernel that hashes its mask as it goes,
 // a norm one kernel forward and three backward, and a softmax (attention's scale and mask
 // taken in), an activation or a rotary embedding one each way.
 
@@ -16,26 +16,64 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-// One AdamW update of `n` elements, in place: the same arithmetic, in the same order, as
-// `adamw_chunk` in src/train/optim.rs (PyTorch's torch.optim.AdamW), so the CPU and a GPU agree to
-// rounding.
-extern "C" __global__ void kiln_adamw_f32(
-    float *__restrict__ theta,
-    float *__restrict__ m,
-    float *__restrict__ v,
-    const float *__restrict__ grad,
-    const size_t n,
+// The optimizer's kernels take many tensors per launch, as PyTorch's fused AdamW does: a list
+// of up to KILN_LIST tensors passed by value as the kernel's argument (well under the 4 KB a
+// kernel's arguments may take), each cut into chunks of KILN_LIST_CHUNK elements, a block per
+// chunk. `block_start[t]` is tensor t's first block; `block_start[count]` is the grid's size.
+// A MiniLM step's ~105 parameters are then 3 launches for the update and 3 for the norm, where
+// one kernel per tensor was ~210.
+#define KILN_LIST 48
+#define KILN_LIST_CHUNK 4096
+
+// The tensor block `block` works on.
+__device__ __forceinline__ int kiln_list_tensor(
+    const unsigned int *block_start,
+    const int count,
+    const unsigned int block) {
+    int t = 0;
+    while (t + 1 < count && block_start[t + 1] <= block) {
+        ++t;
+    }
+    return t;
+}
+
+struct KilnAdamWList {
+    float *theta[KILN_LIST];
+    float *m[KILN_LIST];
+    float *v[KILN_LIST];
+    const float *grad[KILN_LIST];
+    unsigned long long n[KILN_LIST];
+    float decay[KILN_LIST];
+    float step_size[KILN_LIST];
+    float inv_sqrt_bc2[KILN_LIST];
+    unsigned int block_start[KILN_LIST + 1];
+    int count;
+};
+
+// One AdamW update of every tensor of `list`, in place: the same arithmetic, in the same order,
+// as `adamw_chunk` in src/train/optim.rs (PyTorch's torch.optim.AdamW), so the CPU and a GPU
+// agree to rounding. Each tensor has its own decay (1 - lr * weight_decay), step size
+// (lr / (1 - beta1^t)) and 1 / sqrt(1 - beta2^t), its group's and its step's.
+extern "C" __global__ void kiln_adamw_list_f32(
+    const KilnAdamWList list,
     const float beta1,
     const float beta2,
     const float eps,
-    const float decay,
-    const float step_size,
-    const float inv_sqrt_bc2,
     const float grad_scale) {
+    const int t = kiln_list_tensor(list.block_start, list.count, blockIdx.x);
+    const size_t start = (size_t)(blockIdx.x - list.block_start[t]) * KILN_LIST_CHUNK;
+    const size_t n = (size_t)list.n[t];
+    const size_t end = start + KILN_LIST_CHUNK < n ? start + KILN_LIST_CHUNK : n;
+    float *__restrict__ theta = list.theta[t];
+    float *__restrict__ m = list.m[t];
+    float *__restrict__ v = list.v[t];
+    const float *__restrict__ grad = list.grad[t];
+    const float decay = list.decay[t];
+    const float step_size = list.step_size[t];
+    const float inv_sqrt_bc2 = list.inv_sqrt_bc2[t];
     const float c1 = 1.0f - beta1;
     const float c2 = 1.0f - beta2;
-    const size_t stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
         const float g = grad[i] * grad_scale;
         const float mi = beta1 * m[i] + c1 * g;
         const float vi = beta2 * v[i] + c2 * g * g;
@@ -46,18 +84,28 @@ extern "C" __global__ void kiln_adamw_f32(
     }
 }
 
-// Adds the sum of the squares of `n` elements to `*out` (in f64): each block sums its share
-// (warp shuffles, then one warp over the warps' sums) and adds it atomically. `*out` is zeroed
-// by the caller; the blocks' additions come in no fixed order, so the last bits of the sum may
-// differ from run to run.
-extern "C" __global__ void kiln_sum_squares_f32(
-    const float *__restrict__ x,
-    const size_t n,
+struct KilnSumList {
+    const float *x[KILN_LIST];
+    unsigned long long n[KILN_LIST];
+    unsigned int block_start[KILN_LIST + 1];
+    int count;
+};
+
+// Adds the sum of the squares of every element of the tensors of `list` to `*out` (in f64):
+// each block sums its chunk (warp shuffles, then one warp over the warps' sums) and adds it
+// atomically. `*out` is zeroed by the caller; the blocks' additions come in no fixed order, so
+// the last bits of the sum may differ from run to run.
+extern "C" __global__ void kiln_sum_squares_list_f32(
+    const KilnSumList list,
     double *__restrict__ out) {
     __shared__ double warp_sums[32];
+    const int t = kiln_list_tensor(list.block_start, list.count, blockIdx.x);
+    const size_t start = (size_t)(blockIdx.x - list.block_start[t]) * KILN_LIST_CHUNK;
+    const size_t n = (size_t)list.n[t];
+    const size_t end = start + KILN_LIST_CHUNK < n ? start + KILN_LIST_CHUNK : n;
+    const float *__restrict__ x = list.x[t];
     double acc = 0.0;
-    const size_t stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
         const double xi = (double)x[i];
         acc += xi * xi;
     }

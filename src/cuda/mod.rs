@@ -76,7 +76,7 @@ pub(crate) fn kernel_device(device: &candle_core::Device) -> Option<&CudaDevice>
 }
 
 /// A kernel every build has, whose loading loads (and so checks) the whole module.
-const PROBE: &str = "kiln_adamw_f32";
+const PROBE: &str = "kiln_adamw_list_f32";
 
 /// Why kiln's kernels cannot run on `device` (its driver rejected the PTX: built for a newer
 /// architecture or toolkit than the card and driver take, say), or `None` once they are

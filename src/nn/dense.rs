@@ -2,9 +2,11 @@
 //!
 //! candle's backward accumulates every gradient it passes along an edge of the graph into a
 //! fresh zero tensor (`zeros_like`, then `add`: two more kernels and two allocations per edge,
-//! whatever the edge). `Linear` written as candle ops is seven edges: the input flattened to
-//! rows, the weight transposed, the product (two), the bias added (two) and the output
-//! reshaped back; and the weight's gradient comes back transposed, to be copied. Here the layer
+//! whatever the edge). `Linear` written as candle ops is eight edges: the input flattened to
+//! rows, the weight transposed, the product (two), the bias broadcast, the add (two) and the
+//! output reshaped back; the weight's gradient comes back transposed, to be copied; and the
+//! product's backward computes the weight's gradient even when the weight is frozen (a third
+//! of a LoRA layer's GEMMs, thrown away). Here the layer
 //! is one op on the input alone: the weight and bias are read in place, like the fused CPU
 //! blocks' ([`super::autograd`]), and their gradients are deposited beside the graph, so
 //! candle's backward has one edge left, the input's. The forward pass is candle's own cuBLAS

@@ -148,7 +148,7 @@ impl LoraAdapter {
     }
 
     /// [`LoraAdapter::delta`] as two [`super::dense`] nodes, `A`'s and `B`'s gradients
-    /// deposited (what a CUDA GPU runs: four edges of candle's graph instead of eleven);
+    /// deposited (what a CUDA GPU runs: four edges of candle's graph instead of ten);
     /// `None` where they do not apply.
     pub(crate) fn delta_nodes(
         &self,

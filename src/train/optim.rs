@@ -4,9 +4,9 @@
 //! a resumed job would restart them (DESIGN.md). It also runs a dozen allocating tensor ops per
 //! parameter per step (~500 ms/step on MiniLM). Here the moments live in plain `Vec<f32>`
 //! buffers and the whole update for one parameter is one fused loop that writes the parameter in
-//! place (candle's `InplaceOp2`). On a CUDA GPU the same update is one kernel of kiln's per
-//! parameter, the moments in device buffers, and the global norm's sum of squares one kernel
-//! per gradient (`optim_cuda`); elsewhere, or with `KILN_DEVICE_KERNELS=candle`, the update
+//! place (candle's `InplaceOp2`). On a CUDA GPU the same update is one kernel of kiln's per 48
+//! parameters, the moments in device buffers, and the global norm's sum of squares one kernel
+//! per 48 gradients (`optim_cuda`); elsewhere, or with `KILN_DEVICE_KERNELS=candle`, the update
 //! is written as candle tensor ops on the device. The saved state is the same on every path.
 //!
 //! The update is PyTorch's `torch.optim.AdamW` (decoupled weight decay, bias correction, eps
@@ -134,34 +134,22 @@ impl ParamState {
         }
     }
 
-    /// One AdamW update by kiln's CUDA kernel: the parameter written in place, the moments
-    /// in device buffers (uploaded from `m`/`v` at the first step).
+    /// The moments in device buffers for kiln's CUDA kernels, uploaded from wherever they
+    /// are at the first step.
     #[cfg(feature = "cuda")]
-    fn step_with_cuda_kernel(
+    fn cuda_moments(
         &mut self,
-        k: &UpdateConsts,
-        grad: &Tensor,
         device: &candle_core::cuda_backend::CudaDevice,
-    ) -> Result<()> {
-        use super::optim_cuda::{CudaAdamW, Moments};
-        let mut moments = match self.on_device.take() {
-            Some(DeviceMoments::Cuda(moments)) => moments,
-            other => {
-                // The first step (or moments held another way): from wherever they are.
-                self.on_device = other;
-                let (m, v) = self.host_moments()?;
-                Moments::upload(device, &m, &v)?
-            }
-        };
-        let result = {
-            let op = CudaAdamW {
-                k: *k,
-                moments: Mutex::new(&mut moments),
-            };
-            self.var.as_tensor().inplace_op2(grad, &op)
-        };
-        self.on_device = Some(DeviceMoments::Cuda(moments));
-        Ok(result?)
+    ) -> Result<&mut super::optim_cuda::Moments> {
+        if !matches!(self.on_device, Some(DeviceMoments::Cuda(_))) {
+            let (m, v) = self.host_moments()?;
+            let moments = super::optim_cuda::Moments::upload(device, &m, &v)?;
+            self.on_device = Some(DeviceMoments::Cuda(moments));
+        }
+        match &mut self.on_device {
+            Some(DeviceMoments::Cuda(moments)) => Ok(moments),
+            _ => unreachable!("set just above"),
+        }
     }
 
     /// One AdamW update as tensor operations on the parameter's own device: no copy to the
@@ -404,6 +392,13 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let grad_scale = self.pending_grad_scale.take().unwrap_or(1.0);
         let AdamWConfig { beta1, beta2, eps } = self.config;
+        // On a CUDA GPU, the updates are gathered and run as kiln's kernels, many parameters
+        // per launch, once the loop has checked them all.
+        #[cfg(feature = "cuda")]
+        let mut cuda: Vec<(
+            candle_core::cuda_backend::CudaDevice,
+            super::optim_cuda::Update<'_>,
+        )> = Vec::new();
         for p in &mut self.params {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
@@ -444,11 +439,29 @@ impl AdamW {
             } else {
                 #[cfg(feature = "cuda")]
                 if let Some(device) = crate::cuda::kernel_device(p.var.device()).cloned() {
-                    p.step_with_cuda_kernel(&k, &grad, &device)?;
+                    let param = p.var.as_tensor().clone();
+                    let moments = p.cuda_moments(&device)?;
+                    let update = super::optim_cuda::Update {
+                        param,
+                        moments,
+                        k,
+                        grad,
+                    };
+                    cuda.push((device, update));
                     continue;
                 }
                 p.step_with_tensor_ops(&k, &grad)?;
             }
+        }
+        #[cfg(feature = "cuda")]
+        while let Some((device, _)) = cuda.first() {
+            // One device's updates at a time (a job trains on one).
+            let device = device.clone();
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                cuda.into_iter().partition(|(d, _)| d.id() == device.id());
+            let mut updates: Vec<_> = mine.into_iter().map(|(_, u)| u).collect();
+            super::optim_cuda::adamw(&device, &mut updates)?;
+            cuda = rest;
         }
         Ok(())
     }

@@ -114,24 +114,63 @@ int main(int argc, char **argv) try {
     dir = argv[2];
     const auto p = params();
     if (op == "adamw") {
-        // n blocks beta1 beta2 eps decay step_size inv_sqrt_bc2 grad_scale
-        const size_t n = p[0];
+        // count, then per tensor: n decay step_size inv_sqrt_bc2; then beta1 beta2 eps
+        // grad_scale. The tensors' elements one after another in each file. One launch per
+        // KILN_LIST tensors, as src/train/optim_cuda.rs makes them.
+        const size_t count = p[0];
         auto theta = read<float>("theta"), m = read<float>("m"), v = read<float>("v"),
              g = read<float>("grad");
-        kiln_launch(elementwise(n, p[1]), THREADS, [&] {
-            kiln_adamw_f32(theta.data(), m.data(), v.data(), g.data(), n, f32(p[2]), f32(p[3]),
-                           f32(p[4]), f32(p[5]), f32(p[6]), f32(p[7]), f32(p[8]));
-        });
+        const size_t k = 1 + 4 * count;
+        size_t offset = 0;
+        for (size_t first = 0; first < count; first += KILN_LIST) {
+            KilnAdamWList list{};
+            unsigned int blocks = 0;
+            for (size_t t = first; t < count && t < first + KILN_LIST; ++t) {
+                const size_t i = t - first, n = p[1 + 4 * t];
+                list.theta[i] = theta.data() + offset;
+                list.m[i] = m.data() + offset;
+                list.v[i] = v.data() + offset;
+                list.grad[i] = g.data() + offset;
+                list.n[i] = n;
+                list.decay[i] = f32(p[2 + 4 * t]);
+                list.step_size[i] = f32(p[3 + 4 * t]);
+                list.inv_sqrt_bc2[i] = f32(p[4 + 4 * t]);
+                list.block_start[i] = blocks;
+                blocks += unsigned((n + KILN_LIST_CHUNK - 1) / KILN_LIST_CHUNK);
+                list.count = int(i + 1);
+                offset += n;
+            }
+            list.block_start[list.count] = blocks;
+            kiln_launch(dim3{blocks, 1, 1}, THREADS, [&] {
+                kiln_adamw_list_f32(list, f32(p[k]), f32(p[k + 1]), f32(p[k + 2]),
+                                    f32(p[k + 3]));
+            });
+        }
         write("theta", theta);
         write("m", m);
         write("v", v);
     } else if (op == "sum_squares") {
-        // n blocks
-        const size_t n = p[0];
+        // count n_0 .. n_count-1: one sum over every tensor, a launch per KILN_LIST of them
+        const size_t count = p[0];
         auto x = read<float>("x");
         std::vector<double> out{0.0};
-        kiln_launch(elementwise(n, p[1]), THREADS,
-                    [&] { kiln_sum_squares_f32(x.data(), n, out.data()); });
+        size_t offset = 0;
+        for (size_t first = 0; first < count; first += KILN_LIST) {
+            KilnSumList list{};
+            unsigned int blocks = 0;
+            for (size_t t = first; t < count && t < first + KILN_LIST; ++t) {
+                const size_t i = t - first, n = p[1 + t];
+                list.x[i] = x.data() + offset;
+                list.n[i] = n;
+                list.block_start[i] = blocks;
+                blocks += unsigned((n + KILN_LIST_CHUNK - 1) / KILN_LIST_CHUNK);
+                list.count = int(i + 1);
+                offset += n;
+            }
+            list.block_start[list.count] = blocks;
+            kiln_launch(dim3{blocks, 1, 1}, THREADS,
+                        [&] { kiln_sum_squares_list_f32(list, out.data()); });
+        }
         write("sum", out);
     } else if (op == "dropout") {
         // dtype (0 f32, 1 bf16, 2 f16) n blocks seed threshold scale
