@@ -32,14 +32,28 @@ pub(crate) fn on_device(
     Ok(None)
 }
 
-/// Whether models take [`dense`] on `device`: a CUDA GPU with kiln's kernels on.
+/// Whether models take [`dense`] (and `nn::heads`' nodes) on `device`: a CUDA GPU with kiln's
+/// kernels on, or the CPU inside [`with_nodes_on_cpu`].
 pub(crate) fn runs_on(device: &candle_core::Device) -> bool {
     #[cfg(feature = "cuda")]
     if crate::cuda::kernel_device(device).is_some() {
         return true;
     }
-    let _ = device;
-    false
+    device.is_cpu() && NODES_ON_CPU.with(std::cell::Cell::get)
+}
+
+thread_local! {
+    static NODES_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with models taking these nodes on the CPU too (on this thread, where candle builds
+/// the graph): `kiln check-device`'s stand-in on the CPU for a GPU's path, so that the test
+/// suite checks them inside every model family's training step.
+pub(crate) fn with_nodes_on_cpu<R>(f: impl FnOnce() -> R) -> R {
+    let before = NODES_ON_CPU.with(|c| c.replace(true));
+    let out = f();
+    NODES_ON_CPU.with(|c| c.set(before));
+    out
 }
 
 /// [`on_device`] on any device: `None` where it does not apply (a weight or bias derived from
@@ -477,7 +491,13 @@ mod tests {
         assert!(dense(&x, &wrong, None).unwrap().is_none());
         let bias = Tensor::ones(3, DType::F32, &dev).unwrap();
         assert!(dense(&x, w.as_tensor(), Some(&bias)).unwrap().is_none());
-        // Not on the CPU: models take it on a CUDA GPU only.
+        // Not on the CPU's models, but for check-device's stand-in for a GPU.
+        assert!(on_device(&x, w.as_tensor(), None).unwrap().is_none());
+        assert!(
+            with_nodes_on_cpu(|| on_device(&x, w.as_tensor(), None))
+                .unwrap()
+                .is_some()
+        );
         assert!(on_device(&x, w.as_tensor(), None).unwrap().is_none());
     }
 }

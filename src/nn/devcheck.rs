@@ -11,7 +11,8 @@
 //! weight gradient in the wrong order, `conv::conv2d_ops`). This check finds such a thing in
 //! seconds, naming the variable. The device side loads its model as training does there. On
 //! the CPU the second model runs candle's ops instead of kiln's CPU kernels, the code path a
-//! GPU takes where kiln has no kernel of its own, so the same check runs in the test suite.
+//! GPU takes where kiln has no kernel of its own (with the GPU's single-node dense layers,
+//! LoRA adapters and head splits), so the same check runs in the test suite.
 //!
 //! With a half dtype (bf16 where the device computes it natively, f16 on the CPU, whose matmul
 //! has no bf16) the text families also run under mixed precision, with a looser tolerance.
@@ -442,8 +443,23 @@ fn outcome(
 
 /// One training forward and backward of `family` on `device`, computing in `dtype`; `fused`
 /// false runs candle's ops where kiln has its own kernels (on the CPU, the path a GPU takes
-/// where kiln has no CUDA kernel).
+/// where kiln has no CUDA kernel, with the single-node dense layers, LoRA adapters and head
+/// splits a GPU takes: `nn::dense`, `nn::heads`).
 fn run(
+    family: Family,
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    fused: bool,
+) -> crate::nn::Result<Outcome> {
+    if device.is_cpu() && !fused {
+        return super::dense::with_nodes_on_cpu(|| run_family(family, dir, device, dtype, fused));
+    }
+    run_family(family, dir, device, dtype, fused)
+}
+
+/// [`run`]'s step.
+fn run_family(
     family: Family,
     dir: &Path,
     device: &Device,
