@@ -50,10 +50,15 @@ thread_local! {
 /// the graph): `kiln check-device`'s stand-in on the CPU for a GPU's path, so that the test
 /// suite checks them inside every model family's training step.
 pub(crate) fn with_nodes_on_cpu<R>(f: impl FnOnce() -> R) -> R {
-    let before = NODES_ON_CPU.with(|c| c.replace(true));
-    let out = f();
-    NODES_ON_CPU.with(|c| c.set(before));
-    out
+    /// Puts the flag back however `f` ends, a panic included.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NODES_ON_CPU.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(NODES_ON_CPU.with(|c| c.replace(true)));
+    f()
 }
 
 /// [`on_device`] on any device: `None` where it does not apply (a weight or bias derived from
