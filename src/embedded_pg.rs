@@ -966,6 +966,31 @@ impl Cluster {
         Ok(Some(OwnerLock { _file: file }))
     }
 
+    /// [`Cluster::try_lock_owner`] again for a moment when the lock file names this process: a
+    /// handle of ours has just released the lock (a stop, then a start), and a child process
+    /// that another of our threads forked in between holds an inherited copy of the descriptor
+    /// (and so the lock) until its `exec` closes it, a few milliseconds at most. `None` if the
+    /// lock is still held after [`OWN_RELEASE_WAIT`], or names another process.
+    async fn lock_after_own_release(&self) -> Result<Option<OwnerLock>> {
+        let own = std::process::id().to_string();
+        let deadline = tokio::time::Instant::now() + OWN_RELEASE_WAIT;
+        loop {
+            let pid = tokio::fs::read_to_string(&self.owner_lock_file)
+                .await
+                .unwrap_or_default();
+            if pid.trim() != own {
+                return Ok(None);
+            }
+            if let Some(lock) = self.try_lock_owner()? {
+                return Ok(Some(lock));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The error for a cluster another live kiln process owns.
     async fn owned_elsewhere(&self) -> EmbeddedPgError {
         let pid = tokio::fs::read_to_string(&self.owner_lock_file)
@@ -1003,6 +1028,9 @@ impl Cluster {
 /// is starting the server.
 const WAIT_FOR_OTHER_STARTER: Duration = Duration::from_secs(120);
 
+/// How long [`Cluster::lock_after_own_release`] retries a lock this process released.
+const OWN_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// A running embedded PostgreSQL cluster, started by this handle or by another kiln process.
 ///
 /// Call [`EmbeddedPostgres::stop`] at shutdown. If an owning handle is dropped instead, `Drop`
@@ -1038,8 +1066,12 @@ impl EmbeddedPostgres {
     pub async fn start(data_dir: &Path) -> Result<EmbeddedPostgres> {
         let cluster = Cluster::new(data_dir).await?;
         cluster.prepare_root().await?;
-        let Some(lock) = cluster.try_lock_owner()? else {
-            return Err(cluster.owned_elsewhere().await);
+        let lock = match cluster.try_lock_owner()? {
+            Some(lock) => lock,
+            None => match cluster.lock_after_own_release().await? {
+                Some(lock) => lock,
+                None => return Err(cluster.owned_elsewhere().await),
+            },
         };
         if cluster.is_running().await? {
             tracing::warn!(
