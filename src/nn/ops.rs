@@ -50,24 +50,25 @@ pub fn attention_softmax(
 ) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if device_kernel_takes(scores, true) {
-        let geometry = match mask {
+        // `None` for a mask the kernel cannot place (the separate ops below take it).
+        let placed = match mask {
+            None => Some(None),
             Some(m) if m.dtype() == DType::F32 && m.device().same_device(scores.device()) => {
-                mask_rows(scores.dims(), m.dims()).map(|rows| Some((m.contiguous(), rows)))
+                mask_rows(scores.dims(), m.dims()).map(|rows| Some((m, rows)))
             }
             Some(_) => None,
-            None => Some(None),
         };
-        if let Some(geometry) = geometry {
-            let mask = match geometry {
-                Some((m, [per_batch, q, batch_rows, query_rows])) => Some((
-                    m?,
-                    crate::cuda::MaskRows {
+        if let Some(placed) = placed {
+            let mask = match placed {
+                Some((m, [per_batch, q, batch_rows, query_rows])) => {
+                    let rows = crate::cuda::MaskRows {
                         per_batch,
                         q,
                         batch_rows,
                         query_rows,
-                    },
-                )),
+                    };
+                    Some((m.contiguous()?, rows))
+                }
                 None => None,
             };
             let op = DeviceSoftmax {

@@ -57,10 +57,15 @@ struct SumList {
 unsafe impl DeviceRepr for SumList {}
 const _: () = assert!(std::mem::size_of::<SumList>() == 968);
 
-/// Blocks for `n` elements.
-fn blocks(n: usize) -> candle_core::Result<u32> {
+/// The grid's size once a tensor of `n` elements is added to a list whose blocks so far are
+/// `total` (a block per [`CHUNK`]).
+fn add_blocks(total: u32, n: usize) -> candle_core::Result<u32> {
     u32::try_from(n.div_ceil(CHUNK))
-        .map_err(|_| candle_core::Error::Msg(format!("kiln-adamw: {n} elements in one tensor")))
+        .ok()
+        .and_then(|b| total.checked_add(b))
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!("kiln-optim: {n} more elements in one launch"))
+        })
 }
 
 /// A launch of `blocks` blocks.
@@ -190,9 +195,7 @@ pub(crate) fn adamw(device: &CudaDevice, updates: &mut [Update<'_>]) -> candle_c
             list.step_size[i] = k.step_size;
             list.inv_sqrt_bc2[i] = k.inv_sqrt_bc2;
             list.block_start[i] = total;
-            total = total
-                .checked_add(blocks(n)?)
-                .ok_or_else(|| candle_core::Error::Msg("kiln-adamw: too many blocks".into()))?;
+            total = add_blocks(total, n)?;
             list.count += 1;
         }
         if list.count == 0 {
@@ -260,9 +263,7 @@ pub(crate) fn sum_squares(device: &CudaDevice, grads: &[&Tensor]) -> candle_core
             list.x[i] = x;
             list.n[i] = n as u64;
             list.block_start[i] = total;
-            total = total.checked_add(blocks(n)?).ok_or_else(|| {
-                candle_core::Error::Msg("kiln-sum-squares: too many blocks".into())
-            })?;
+            total = add_blocks(total, n)?;
             list.count += 1;
         }
         if list.count == 0 {
