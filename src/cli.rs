@@ -136,6 +136,9 @@ pub struct ServeArgs {
     /// File uploads in progress at once; more get 429.
     #[arg(long, env = "KILN_MAX_UPLOADS", default_value_t = 16)]
     pub max_uploads: usize,
+    /// Largest file assembled from parts through the Uploads API (`/v1/uploads`), in bytes.
+    #[arg(long, env = "KILN_MAX_LARGE_UPLOAD_BYTES", default_value_t = 8 << 30)]
+    pub max_large_upload_bytes: u64,
     /// Seconds a client may take to send a request's headers, or each next piece of its
     /// body, before it is disconnected.
     #[arg(long, env = "KILN_CLIENT_TIMEOUT_SECS", default_value_t = 30.0)]
@@ -609,6 +612,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             rate_limit: rate_limit(args.rate_limit)?,
             max_streams: args.max_streams,
             max_uploads: args.max_uploads,
+            max_large_upload_bytes: args.max_large_upload_bytes,
             client_timeout: positive_secs(args.client_timeout_secs, "KILN_CLIENT_TIMEOUT_SECS")?,
             grader_embedding_model: args.grader_embedding_model.clone(),
         },

@@ -50,8 +50,11 @@ pub struct ApiSettings {
     pub rate_limit: Option<(f64, u32)>,
     /// Event streams open at once; more get 429.
     pub max_streams: usize,
-    /// File uploads in progress at once; more get 429.
+    /// File uploads in progress at once (parts of uploads, and their completions, count);
+    /// more get 429.
     pub max_uploads: usize,
+    /// Largest file the Uploads API (`/v1/uploads`) assembles from parts.
+    pub max_large_upload_bytes: u64,
     /// Time a client may take to send a request's headers, and to send each next piece of
     /// a request body; slower clients (slowloris) are disconnected.
     pub client_timeout: Duration,
@@ -66,6 +69,7 @@ impl Default for ApiSettings {
             rate_limit: None,
             max_streams: 1024,
             max_uploads: 16,
+            max_large_upload_bytes: 8 << 30,
             client_timeout: Duration::from_secs(30),
             grader_embedding_model: None,
         }
@@ -165,6 +169,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
                 .map(|(per_second, burst)| api::limits::RateLimiter::new(per_second, burst)),
             streams: Arc::new(tokio::sync::Semaphore::new(settings.api.max_streams.max(1))),
             uploads: Arc::new(tokio::sync::Semaphore::new(settings.api.max_uploads.max(1))),
+            max_large_upload_bytes: settings.api.max_large_upload_bytes,
         }),
         admin,
         metrics: metrics.clone(),
@@ -201,6 +206,23 @@ pub async fn start(settings: Settings) -> anyhow::Result<RunningServer> {
     let (stop, mut stopped) = watch::channel(false);
     let deliverer =
         crate::webhooks::spawn(store.clone(), settings.webhooks.clone(), stop.subscribe());
+    // Parts of uploads that can no longer complete, once a minute (the first sweep at start
+    // takes what a stopped process left).
+    let (sweep_store, sweep_artifacts, mut sweep_stop) =
+        (store.clone(), artifacts.clone(), stop.subscribe());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = sweep_stop.wait_for(|s| *s) => break,
+            }
+            let removed = api::uploads::sweep(&sweep_store, &sweep_artifacts).await;
+            if removed > 0 {
+                tracing::info!(parts = removed, "removed ended uploads' parts");
+            }
+        }
+    });
     let upkeep = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

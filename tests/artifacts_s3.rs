@@ -1,6 +1,6 @@
 //! The artifact store on S3-compatible object storage (a real `moto` server started by each
 //! test): blobs and directories round-trip through the bucket; two kiln servers with
-//! different data directories share uploads; a job paused by one worker is resumed from its
+//! different data directories share uploads, and an upload in parts sent to both; a job paused by one worker is resumed from its
 //! S3 checkpoint by a worker on another data directory.
 //!
 //! Needs `python3 -m moto.server` (pip package `moto[server]`); without it these tests are
@@ -265,6 +265,102 @@ async fn two_servers_with_different_data_dirs_share_uploads_through_s3() {
     let err = probe.local_path(&storage_key).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
 
+    app_b.shutdown().await;
+    app_a.shutdown().await;
+}
+
+/// Behind a load balancer: an upload's parts land on two servers with different data
+/// directories, and the one that completes it assembles them from the bucket; the parts'
+/// objects are removed afterwards.
+#[tokio::test]
+async fn an_upload_in_parts_spread_over_two_servers_completes_from_s3() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let url = moto.bucket("kiln-parts", "kiln").await;
+    let app_a = TestApp::spawn_with(|s| s.artifacts = Some(url.clone())).await;
+    let shared_db = app_a.db.url.clone();
+    let app_b = TestApp::spawn_with(|s| {
+        s.artifacts = Some(url.clone());
+        s.database_url = shared_db;
+    })
+    .await;
+    let key = app_a.key_for("acme").await;
+    let bytes = dataset(60);
+    let res = app_a
+        .client
+        .post(app_a.url("/v1/uploads"))
+        .bearer_auth(&key)
+        .json(&json!({"bytes": bytes.len(), "filename": "train.jsonl",
+                      "mime_type": "text/jsonl", "purpose": "fine-tune"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let upload = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut part_ids = Vec::new();
+    for (i, chunk) in bytes.chunks(700).enumerate() {
+        let app = if i % 2 == 0 { &app_a } else { &app_b };
+        let form = reqwest::multipart::Form::new().part(
+            "data",
+            reqwest::multipart::Part::bytes(chunk.to_vec()).file_name("part"),
+        );
+        let res = app
+            .client
+            .post(app.url(&format!("/v1/uploads/{upload}/parts")))
+            .bearer_auth(&key)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        part_ids.push(res.json::<Value>().await.unwrap()["id"].clone());
+    }
+    assert!(part_ids.len() >= 3);
+    let pool = sqlx::PgPool::connect(&app_a.db.url).await.unwrap();
+    let part_keys: Vec<String> = sqlx::query_scalar("SELECT storage_key FROM upload_parts")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(part_keys.len(), part_ids.len());
+
+    let res = app_b
+        .client
+        .post(app_b.url(&format!("/v1/uploads/{upload}/complete")))
+        .bearer_auth(&key)
+        .json(&json!({ "part_ids": part_ids }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let done: Value = res.json().await.unwrap();
+    let file_id = done["file"]["id"].as_str().unwrap().to_owned();
+    let file = app_a.wait_validated(&key, &file_id).await;
+    assert_eq!(file["status"], "processed", "{file}");
+    let res = app_a
+        .client
+        .get(app_a.url(&format!("/v1/files/{file_id}/content")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.bytes().await.unwrap().to_vec(), bytes);
+
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe = Artifacts::open_setting(Some(url.as_str()), probe_dir.path())
+        .await
+        .unwrap();
+    for key in &part_keys {
+        let err = probe.local_path(key).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::NotFound,
+            "{key} is still stored"
+        );
+    }
     app_b.shutdown().await;
     app_a.shutdown().await;
 }

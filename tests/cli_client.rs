@@ -235,6 +235,94 @@ async fn files_are_uploaded_validated_listed_shown_and_deleted() {
     app.shutdown().await;
 }
 
+/// A file larger than `--part-size` goes through the Uploads API in parts, MD5 checked,
+/// and becomes an ordinary validated file; a server that refuses the upload leaves no
+/// upload pending.
+#[tokio::test]
+async fn a_large_file_is_uploaded_in_parts() {
+    let app = TestApp::spawn_with(|s| s.api.max_large_upload_bytes = 4000).await;
+    let key = app.key_for("acme").await;
+    let data = common::classification_jsonl(40);
+    assert!(data.len() > 1500 && data.len() <= 4000, "{}", data.len());
+    let path = write(app.data_dir.path(), "train.jsonl", &data);
+    let run = kiln(
+        &app,
+        &key,
+        &[
+            "files",
+            "upload",
+            path.to_str().unwrap(),
+            "--part-size",
+            "500",
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    let file = run.json();
+    assert_eq!(file["status"], "processed", "{run}");
+    assert_eq!(file["filename"], "train.jsonl");
+    assert_eq!(file["validation"]["examples"], 40, "{file}");
+    let id = file["id"].as_str().unwrap();
+    let got = app
+        .client
+        .get(app.url(&format!("/v1/files/{id}/content")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got.to_vec(), data);
+    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+    let uploads: Vec<(String, String)> =
+        sqlx::query_as("SELECT status, coalesce(file_id, '') FROM uploads")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(uploads, [("completed".to_owned(), id.to_owned())]);
+
+    // Over the server's limit: refused at once, the limit named.
+    let big = write(
+        app.data_dir.path(),
+        "big.jsonl",
+        &common::classification_jsonl(200),
+    );
+    let run = kiln(
+        &app,
+        &key,
+        &[
+            "files",
+            "upload",
+            big.to_str().unwrap(),
+            "--part-size",
+            "500",
+        ],
+    )
+    .await;
+    assert!(run.failed().contains("at most 4000 bytes"), "{run}");
+    let run = kiln(
+        &app,
+        &key,
+        &[
+            "files",
+            "upload",
+            path.to_str().unwrap(),
+            "--part-size",
+            "0",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, Some(2), "{run}");
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM uploads WHERE status = 'pending'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_job_created_and_watched_from_the_cli_trains_and_its_model_is_served() {
     let app = app().await;

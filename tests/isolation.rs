@@ -128,11 +128,37 @@ async fn another_projects_key_finds_nothing_on_any_route_and_revoked_keys_stop_a
     .await;
     assert_eq!(status, 200, "{hook}");
     let hook = hook["id"].as_str().unwrap().to_owned();
+    let (status, upload) = post_json(
+        &app,
+        &a,
+        "/v1/uploads",
+        json!({"bytes": 6, "filename": "secret-upload.jsonl", "mime_type": "text/jsonl", "purpose": "fine-tune"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{upload}");
+    let upload = upload["id"].as_str().unwrap().to_owned();
+    let res = app
+        .client
+        .post(app.url(&format!("/v1/uploads/{upload}/parts")))
+        .bearer_auth(&a)
+        .multipart(reqwest::multipart::Form::new().part(
+            "data",
+            reqwest::multipart::Part::bytes(b"abc".to_vec()).file_name("p"),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let part = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Everything of A's that must never appear in B's answers (ids B sent may be echoed).
     let secrets = [
         "secret-reviews.jsonl".to_owned(),
         "acme-private-hook".to_owned(),
+        "secret-upload.jsonl".to_owned(),
         "127.0.0.1:9".to_owned(),
         "whsec_".to_owned(),
     ];
@@ -232,6 +258,32 @@ async fn another_projects_key_finds_nothing_on_any_route_and_revoked_keys_stop_a
         body: Some(json!({"name": "stolen"})),
         ..probe("/v1/webhooks/{id}", "POST", format!("/v1/webhooks/{hook}"))
     });
+    probes.push(probe(
+        "/v1/uploads/{id}",
+        "GET",
+        format!("/v1/uploads/{upload}"),
+    ));
+    probes.push(Probe {
+        body: Some(json!({"data": "abc"})),
+        ..probe(
+            "/v1/uploads/{id}/parts",
+            "POST",
+            format!("/v1/uploads/{upload}/parts"),
+        )
+    });
+    probes.push(Probe {
+        body: Some(json!({ "part_ids": [part] })),
+        ..probe(
+            "/v1/uploads/{id}/complete",
+            "POST",
+            format!("/v1/uploads/{upload}/complete"),
+        )
+    });
+    probes.push(probe(
+        "/v1/uploads/{id}/cancel",
+        "POST",
+        format!("/v1/uploads/{upload}/cancel"),
+    ));
     probes.push(Probe {
         body: Some(json!({"event_type": "fine_tuning.job.failed"})),
         ..probe(
@@ -326,6 +378,11 @@ async fn another_projects_key_finds_nothing_on_any_route_and_revoked_keys_stop_a
     );
     let (status, m) = app.get_json(&a, &format!("/v1/models/{model}")).await;
     assert_eq!(status, 200, "{m}");
+    let (status, u) = app.get_json(&a, &format!("/v1/uploads/{upload}")).await;
+    assert_eq!(
+        (status, u["status"].as_str(), u["filename"].as_str()),
+        (200, Some("pending"), Some("secret-upload.jsonl"))
+    );
     let (status, w) = app
         .get_json(&a, &format!("/v1/webhook_endpoints/{hook}"))
         .await;

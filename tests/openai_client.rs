@@ -66,6 +66,13 @@ async fn the_official_client_uploads_lists_downloads_and_deletes_files() {
     python(serve(false).await, "openai_files.py", &[], &[]).await;
 }
 
+/// The Uploads API: the client's `upload_file_chunked` helper, parts by hand, completion
+/// errors and cancelling (tests/python/openai_uploads.py).
+#[tokio::test]
+async fn the_official_client_uploads_a_file_in_parts() {
+    python(serve(false).await, "openai_uploads.py", &[], &[]).await;
+}
+
 /// A real `kiln serve` trains a tiny BERT through the jobs API; then the official client lists
 /// and retrieves the base model (an id with `/`) and the fine-tuned one (an id with `:`), and
 /// embeds with both encodings (tests/python/openai_models.py).

@@ -22,7 +22,7 @@ use crate::store::new_id;
 pub use crate::datasets::FileValidator;
 
 /// Purposes a user may upload with (OpenAI's set; `fine-tune-results` is written by kiln).
-const UPLOAD_PURPOSES: &[&str] = &[
+pub(super) const UPLOAD_PURPOSES: &[&str] = &[
     "fine-tune",
     "batch",
     "assistants",
@@ -56,7 +56,7 @@ fn too_large(limit: u64) -> ApiError {
     ))
 }
 
-fn multipart_error(err: MultipartError, limit: u64) -> ApiError {
+pub(super) fn multipart_error(err: MultipartError, limit: u64) -> ApiError {
     if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
         too_large(limit)
     } else {
@@ -134,13 +134,7 @@ pub async fn upload(
         ApiError::bad_request("Missing required parameter: 'purpose'.", "purpose")
     })?;
     if !UPLOAD_PURPOSES.contains(&purpose.as_str()) {
-        return Err(ApiError::bad_request(
-            format!(
-                "'{purpose}' is not a valid purpose. Expected one of: {}.",
-                UPLOAD_PURPOSES.join(", ")
-            ),
-            "purpose",
-        ));
+        return Err(purpose_error(&purpose));
     }
     let (filename, blob) = upload
         .ok_or_else(|| ApiError::bad_request("Missing required parameter: 'file'.", "file"))?;
@@ -191,7 +185,7 @@ async fn stream_to_blob(
     Ok(blob)
 }
 
-async fn small_text(
+pub(super) async fn small_text(
     mut field: Field<'_>,
     what: &'static str,
     limit: u64,
@@ -212,8 +206,18 @@ async fn small_text(
         .map_err(|_| ApiError::bad_request(format!("The {what} field is not valid UTF-8."), None))
 }
 
+pub(super) fn purpose_error(purpose: &str) -> ApiError {
+    ApiError::bad_request(
+        format!(
+            "'{purpose}' is not a valid purpose. Expected one of: {}.",
+            UPLOAD_PURPOSES.join(", ")
+        ),
+        "purpose",
+    )
+}
+
 /// Keeps the last path component and at most 255 bytes: a name, not a path.
-fn sanitize_filename(name: &str) -> String {
+pub(super) fn sanitize_filename(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or(name).trim();
     let mut out = String::new();
     for c in base.chars().filter(|c| !c.is_control()) {

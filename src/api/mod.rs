@@ -15,6 +15,7 @@ pub mod limits;
 mod models;
 mod ops;
 pub mod pagination;
+pub mod uploads;
 mod webhooks;
 
 pub(crate) use inference::scored_labels;
@@ -76,6 +77,8 @@ pub struct Limits {
     /// File uploads in progress at once across all clients (`KILN_MAX_UPLOADS`): each holds
     /// a file being written to disk.
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// Largest file assembled from parts (`KILN_MAX_LARGE_UPLOAD_BYTES`).
+    pub max_large_upload_bytes: u64,
 }
 
 /// The `KILN_ADMIN_KEY` from configuration: only its hash is kept, and it acts on the
@@ -105,6 +108,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::remove))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/uploads", post(uploads::create))
+        .route("/v1/uploads/{id}", get(uploads::retrieve))
+        .route(
+            "/v1/uploads/{id}/parts",
+            post(uploads::add_part).layer(axum::extract::DefaultBodyLimit::max(upload_body_limit(
+                uploads::PART_MAX_BYTES,
+            ))),
+        )
+        .route("/v1/uploads/{id}/complete", post(uploads::complete))
+        .route("/v1/uploads/{id}/cancel", post(uploads::cancel))
         .route("/v1/fine_tuning/jobs", get(jobs::list).post(jobs::create))
         .route("/v1/fine_tuning/jobs/{id}", get(jobs::retrieve))
         .route("/v1/fine_tuning/jobs/{id}/cancel", post(jobs::cancel))

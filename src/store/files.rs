@@ -85,25 +85,7 @@ impl Store {
         file: &NewFile<'_>,
         needs_validation: bool,
     ) -> StoreResult<FileRow> {
-        let sql = format!(
-            "INSERT INTO files (id, project_id, filename, purpose, bytes, sha256, storage_key,
-                                status, validated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7,
-                     CASE WHEN $8 THEN 'uploaded' ELSE 'processed' END,
-                     CASE WHEN $8 THEN NULL ELSE now() END)
-             RETURNING {FILE_COLUMNS}"
-        );
-        Ok(sqlx::query_as(&sql)
-            .bind(file.id)
-            .bind(file.project_id)
-            .bind(file.filename)
-            .bind(file.purpose)
-            .bind(file.bytes)
-            .bind(file.sha256)
-            .bind(file.storage_key)
-            .bind(needs_validation)
-            .fetch_one(&self.pool)
-            .await?)
+        insert_file(&self.pool, file, needs_validation).await
     }
 
     /// One file of the project, or None (also for other projects' files).
@@ -216,4 +198,31 @@ impl Store {
         );
         Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
     }
+}
+
+/// Inserts a file row on `db` (the pool, or a transaction that records more with it).
+pub(super) async fn insert_file<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    file: &NewFile<'_>,
+    needs_validation: bool,
+) -> StoreResult<FileRow> {
+    let sql = format!(
+        "INSERT INTO files (id, project_id, filename, purpose, bytes, sha256, storage_key,
+                            status, validated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7,
+                 CASE WHEN $8 THEN 'uploaded' ELSE 'processed' END,
+                 CASE WHEN $8 THEN NULL ELSE now() END)
+         RETURNING {FILE_COLUMNS}"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(file.id)
+        .bind(file.project_id)
+        .bind(file.filename)
+        .bind(file.purpose)
+        .bind(file.bytes)
+        .bind(file.sha256)
+        .bind(file.storage_key)
+        .bind(needs_validation)
+        .fetch_one(db)
+        .await?)
 }

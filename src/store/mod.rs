@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod keys;
+pub mod uploads;
 pub mod webhooks;
 
 use std::time::Duration;

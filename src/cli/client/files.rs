@@ -24,6 +24,11 @@ pub enum FilesCommand {
         /// Wait for validation and print its verdict; exit 1 when the file is invalid.
         #[arg(long)]
         wait: bool,
+        /// Files larger than this go through the Uploads API (`/v1/uploads`) in parts of
+        /// this size, MD5 checked, up to the server's KILN_MAX_LARGE_UPLOAD_BYTES (8 GiB by
+        /// default); at most 64 MiB.
+        #[arg(long, default_value_t = PART_MAX, value_parser = clap::value_parser!(u64).range(1..=PART_MAX))]
+        part_size: u64,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -58,8 +63,9 @@ pub async fn run(command: FilesCommand) -> anyhow::Result<()> {
             path,
             purpose,
             wait,
+            part_size,
             server,
-        } => upload(&Server::connect(&server)?, path, purpose, wait).await,
+        } => upload(&Server::connect(&server)?, path, purpose, wait, part_size).await,
         FilesCommand::List {
             purpose,
             limit,
@@ -90,24 +96,37 @@ pub async fn run(command: FilesCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn upload(server: &Server, path: PathBuf, purpose: String, wait: bool) -> anyhow::Result<()> {
+/// The server's largest part (`/v1/uploads/{id}/parts`).
+const PART_MAX: u64 = 64 * 1024 * 1024;
+
+async fn upload(
+    server: &Server,
+    path: PathBuf,
+    purpose: String,
+    wait: bool,
+    part_size: u64,
+) -> anyhow::Result<()> {
     let meta = tokio::fs::metadata(&path)
         .await
         .with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_file() {
         anyhow::bail!("{} is not a file", path.display());
     }
-    let part = Part::file(&path)
-        .await
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let form = Form::new().text("purpose", purpose).part("file", part);
-    let mut file = server
-        .send(
-            server
-                .request(Method::POST, &["v1", "files"])
-                .multipart(form),
-        )
-        .await?;
+    let mut file = if meta.len() > part_size {
+        upload_in_parts(server, &path, meta.len(), &purpose, part_size).await?
+    } else {
+        let part = Part::file(&path)
+            .await
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let form = Form::new().text("purpose", purpose).part("file", part);
+        server
+            .send(
+                server
+                    .request(Method::POST, &["v1", "files"])
+                    .multipart(form),
+            )
+            .await?
+    };
     let id = file["id"]
         .as_str()
         .context("the server's answer has no file id")?
@@ -134,6 +153,94 @@ async fn upload(server: &Server, path: PathBuf, purpose: String, wait: bool) -> 
         anyhow::bail!("file {id} failed validation: {details}");
     }
     Ok(())
+}
+
+/// Sends a file through the Uploads API: declared, sent in parts one after another (each
+/// read into memory, at most 64 MiB), completed with the parts' MD5 so that the server checks
+/// it holds exactly these bytes. A failure cancels the upload, so no parts are left waiting.
+/// Returns the file.
+async fn upload_in_parts(
+    server: &Server,
+    path: &std::path::Path,
+    bytes: u64,
+    purpose: &str,
+    part_size: u64,
+) -> anyhow::Result<Value> {
+    use md5::{Digest, Md5};
+    use tokio::io::AsyncReadExt;
+
+    let filename = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "upload".to_owned());
+    let mime_type = match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") => "text/jsonl",
+        Some("zip") => "application/zip",
+        _ => "application/octet-stream",
+    };
+    let upload = server
+        .post(
+            &["v1", "uploads"],
+            &json!({"bytes": bytes, "filename": filename, "mime_type": mime_type, "purpose": purpose}),
+        )
+        .await?;
+    let id = upload["id"]
+        .as_str()
+        .context("the server's answer has no upload id")?
+        .to_owned();
+    let sent = async {
+        let mut source = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut md5 = Md5::new();
+        let mut part_ids = Vec::new();
+        let mut left = bytes;
+        while left > 0 {
+            let mut chunk = vec![0u8; left.min(part_size) as usize];
+            source
+                .read_exact(&mut chunk)
+                .await
+                .with_context(|| format!("cannot read {} (did it change?)", path.display()))?;
+            left -= chunk.len() as u64;
+            md5.update(&chunk);
+            let form = Form::new().part("data", Part::bytes(chunk).file_name(filename.clone()));
+            let part = server
+                .send(
+                    server
+                        .request(Method::POST, &["v1", "uploads", &id, "parts"])
+                        .multipart(form),
+                )
+                .await?;
+            part_ids.push(part["id"].clone());
+            if !server.json {
+                eprint!("\rsent {} of {}", bytes - left, bytes);
+            }
+        }
+        if !server.json {
+            eprintln!();
+        }
+        server
+            .post(
+                &["v1", "uploads", &id, "complete"],
+                &json!({"part_ids": part_ids, "md5": hex::encode(md5.finalize())}),
+            )
+            .await
+    }
+    .await;
+    match sent {
+        Ok(done) => {
+            let file = done["file"].clone();
+            anyhow::ensure!(
+                file["id"].is_string(),
+                "the server's answer has no file for upload {id}"
+            );
+            Ok(file)
+        }
+        Err(e) => {
+            let _ = server.post_empty(&["v1", "uploads", &id, "cancel"]).await;
+            Err(e.context(format!("upload {id} failed and was cancelled")))
+        }
+    }
 }
 
 /// Polls until the server has validated the file (its status leaves `uploaded`).
