@@ -1,5 +1,7 @@
 //! Files API benchmark (issue #2): upload throughput and server memory for a large upload,
-//! validation cost for a fine-tuning dataset, and `GET /v1/files/{id}` latency under load.
+//! the same bytes through the Uploads API in 64 MiB parts (one at a time and four at once)
+//! with the completion's assembly timed apart, validation cost for a fine-tuning dataset,
+//! and `GET /v1/files/{id}` latency under load.
 //!
 //! Runs a real `kiln serve` (release build) against a fresh database on the local
 //! PostgreSQL, talks to it over loopback only, prints a table and writes the figures to
@@ -7,7 +9,8 @@
 //!
 //! ```text
 //! cargo bench --bench files                 # everything
-//! cargo bench --bench files -- upload       # only the upload / validation part
+//! cargo bench --bench files -- upload       # only the upload / validation / parts part
+//! cargo bench --bench files -- parts        # only the Uploads API part
 //! cargo bench --bench files -- get          # only the GET latency part
 //! ```
 //!
@@ -50,7 +53,8 @@ fn main() -> anyhow::Result<()> {
         upload_bytes: env_u64("KILN_BENCH_UPLOAD_MIB", 1024) * MIB,
         jsonl_bytes: env_u64("KILN_BENCH_JSONL_MIB", 256) * MIB,
         get_duration: Duration::from_secs(env_u64("KILN_BENCH_GET_SECS", 10)),
-        run_upload: wants("upload"),
+        run_upload: wants("upload") && !filters.iter().any(|f| f == "parts"),
+        run_parts: wants("upload") || wants("parts"),
         run_get: wants("get"),
         use_wrk: std::env::var("KILN_BENCH_NO_WRK").map_or(true, |v| v.is_empty() || v == "0"),
     };
@@ -65,6 +69,7 @@ struct Config {
     jsonl_bytes: u64,
     get_duration: Duration,
     run_upload: bool,
+    run_parts: bool,
     run_get: bool,
     use_wrk: bool,
 }
@@ -163,6 +168,26 @@ async fn measure(config: &Config, server: &Server, data_dir: &Path) -> anyhow::R
         report["disk_write"] = disk.to_json();
         report["upload_batch"] = batch.to_json(disk.mb_per_s);
         report["upload_fine_tune"] = jsonl.to_json(disk.mb_per_s);
+    }
+
+    if config.run_parts {
+        println!(
+            "\n== Uploads API: {} MiB in parts of {} MiB ==",
+            config.upload_bytes / MIB,
+            PART / MIB
+        );
+        let mut runs = Vec::new();
+        // Twice each, interleaved: the disk's writeback state varies from run to run.
+        for _round in 0..2 {
+            for (concurrency, with_md5) in [(1, false), (4, false), (4, true)] {
+                runs.push(
+                    upload_in_parts(server, &client, config.upload_bytes, concurrency, with_md5)
+                        .await?,
+                );
+            }
+        }
+        print_parts_table(&runs);
+        report["upload_parts"] = json!(runs.iter().map(PartsResult::to_json).collect::<Vec<_>>());
     }
 
     if config.run_get {
@@ -758,6 +783,224 @@ fn print_upload_table(disk: &DiskSpeed, results: &[&UploadResult]) {
             } else {
                 "memory NOT met"
             }
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The Uploads API
+
+/// The largest part the server takes, what OpenAI's client sends.
+const PART: u64 = 64 * MIB;
+
+struct PartsResult {
+    bytes: u64,
+    parts: u64,
+    concurrency: usize,
+    /// Whether the completion sent the file's MD5 (the server then computes it too).
+    with_md5: bool,
+    /// From creating the upload until the last part's answer.
+    parts_seconds: f64,
+    /// The completion: copying the parts into one file, hashing (SHA-256, MD5), fsync.
+    complete_seconds: f64,
+    rss_before_kib: u64,
+    rss_peak_kib: u64,
+    server_cpu_parts_s: f64,
+    server_cpu_complete_s: f64,
+}
+
+impl PartsResult {
+    fn total_seconds(&self) -> f64 {
+        self.parts_seconds + self.complete_seconds
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "bytes": self.bytes,
+            "part_bytes": PART,
+            "parts": self.parts,
+            "parts_in_flight": self.concurrency,
+            "md5_sent": self.with_md5,
+            "parts_seconds": round3(self.parts_seconds),
+            "parts_mb_per_s": round1(mb_per_s(self.bytes, self.parts_seconds)),
+            "complete_seconds": round3(self.complete_seconds),
+            "complete_mb_per_s": round1(mb_per_s(self.bytes, self.complete_seconds)),
+            "total_seconds": round3(self.total_seconds()),
+            "total_mb_per_s": round1(mb_per_s(self.bytes, self.total_seconds())),
+            "server_rss_before_kib": self.rss_before_kib,
+            "server_rss_peak_sampled_kib": self.rss_peak_kib,
+            "server_rss_growth_kib": self.rss_peak_kib as i64 - self.rss_before_kib as i64,
+            "server_cpu_parts_s": round3(self.server_cpu_parts_s),
+            "server_cpu_complete_s": round3(self.server_cpu_complete_s),
+        })
+    }
+}
+
+async fn post_json(client: &reqwest::Client, url: String, body: Value) -> anyhow::Result<Value> {
+    let response = tokio::time::timeout(
+        OPERATION_TIMEOUT,
+        client.post(url).bearer_auth(ADMIN_KEY).json(&body).send(),
+    )
+    .await
+    .context("request timed out")??;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("answered {status}: {body}");
+    }
+    Ok(body)
+}
+
+/// The MD5 of what `body_stream(bytes, Payload::Binary)` sends, cut into 64 MiB parts.
+fn parts_md5(bytes: u64) -> String {
+    use md5::{Digest, Md5};
+    let block = pseudo_random(CHUNK, 0xfeed);
+    let mut md5 = Md5::new();
+    let mut left = bytes;
+    while left > 0 {
+        let mut part = left.min(PART);
+        left -= part;
+        while part > 0 {
+            let n = part.min(CHUNK as u64);
+            md5.update(&block[..n as usize]);
+            part -= n;
+        }
+    }
+    hex::encode(md5.finalize())
+}
+
+/// `bytes` through `/v1/uploads` in 64 MiB parts, `concurrency` parts in flight (each
+/// streamed from the shared buffer, as the single upload is), then completed, with the
+/// file's MD5 when `with_md5` (computed before the clock starts).
+async fn upload_in_parts(
+    server: &Server,
+    client: &reqwest::Client,
+    bytes: u64,
+    concurrency: usize,
+    with_md5: bool,
+) -> anyhow::Result<PartsResult> {
+    use futures_util::StreamExt;
+    let md5 = with_md5.then(|| parts_md5(bytes));
+    // Start from a clean page cache: earlier runs' dirty pages written out.
+    let _ = std::process::Command::new("sync").status();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = server.pid;
+    let rss_before_kib = proc_status_kib(pid, "VmRSS");
+    let sampler = RssSampler::start(pid);
+    let cpu_start = cpu_seconds(pid);
+    let started = Instant::now();
+    let upload = post_json(
+        client,
+        format!("{}/v1/uploads", server.base),
+        json!({"bytes": bytes, "filename": "big.bin", "mime_type": "application/octet-stream",
+               "purpose": "batch"}),
+    )
+    .await?;
+    let id = upload["id"].as_str().context("upload id")?.to_owned();
+    let parts = bytes.div_ceil(PART);
+    let sent: Vec<anyhow::Result<(u64, String)>> = futures_util::stream::iter(0..parts)
+        .map(|i| {
+            let url = format!("{}/v1/uploads/{id}/parts", server.base);
+            async move {
+                let len = (bytes - i * PART).min(PART);
+                let (body, len) = body_stream(len, Payload::Binary);
+                let form = Form::new().part(
+                    "data",
+                    Part::stream_with_length(body, len).file_name("part"),
+                );
+                let response = tokio::time::timeout(
+                    OPERATION_TIMEOUT,
+                    client
+                        .post(url)
+                        .bearer_auth(ADMIN_KEY)
+                        .multipart(form)
+                        .send(),
+                )
+                .await
+                .context("part timed out")??;
+                let status = response.status();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                if !status.is_success() {
+                    bail!("part {i} answered {status}: {body}");
+                }
+                Ok((i, body["id"].as_str().context("part id")?.to_owned()))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut ids = sent.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    ids.sort();
+    let parts_seconds = started.elapsed().as_secs_f64();
+    let cpu_parts = cpu_seconds(pid);
+    let completing = Instant::now();
+    let mut body = json!({"part_ids": ids.into_iter().map(|(_, id)| id).collect::<Vec<_>>()});
+    if let Some(md5) = md5 {
+        body["md5"] = json!(md5);
+    }
+    let done = post_json(
+        client,
+        format!("{}/v1/uploads/{id}/complete", server.base),
+        body,
+    )
+    .await?;
+    let complete_seconds = completing.elapsed().as_secs_f64();
+    let cpu_end = cpu_seconds(pid);
+    let (rss_peak_kib, _) = sampler.finish();
+    if done["file"]["bytes"].as_u64() != Some(bytes) {
+        bail!("the upload made {}, not {bytes} bytes", done["file"]);
+    }
+    let file = done["file"]["id"].as_str().context("file id")?;
+    let _ = client
+        .delete(format!("{}/v1/files/{file}", server.base))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await;
+    Ok(PartsResult {
+        bytes,
+        parts,
+        concurrency,
+        with_md5,
+        parts_seconds,
+        complete_seconds,
+        rss_before_kib,
+        rss_peak_kib,
+        server_cpu_parts_s: cpu_parts - cpu_start,
+        server_cpu_complete_s: cpu_end - cpu_parts,
+    })
+}
+
+fn print_parts_table(runs: &[PartsResult]) {
+    println!(
+        "{:>9} {:>6} {:>9} {:>4} {:>9} {:>8} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9}",
+        "size MiB",
+        "parts",
+        "in flight",
+        "md5",
+        "parts s",
+        "MB/s",
+        "complete s",
+        "total MB/s",
+        "grow MiB",
+        "CPU parts",
+        "CPU comp.",
+        "peak MiB"
+    );
+    for r in runs {
+        println!(
+            "{:>9} {:>6} {:>9} {:>4} {:>9.2} {:>8.1} {:>10.2} {:>10.1} {:>8} {:>9.2} {:>9.2} {:>9}",
+            r.bytes / MIB,
+            r.parts,
+            r.concurrency,
+            if r.with_md5 { "yes" } else { "no" },
+            r.parts_seconds,
+            mb_per_s(r.bytes, r.parts_seconds),
+            r.complete_seconds,
+            mb_per_s(r.bytes, r.total_seconds()),
+            fmt_mib_signed(r.rss_peak_kib as i64 - r.rss_before_kib as i64),
+            r.server_cpu_parts_s,
+            r.server_cpu_complete_s,
+            fmt_mib(r.rss_peak_kib),
         );
     }
 }

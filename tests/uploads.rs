@@ -3,27 +3,16 @@
 //! completed and expired uploads refusing more; and parts never left behind.
 
 mod common;
+mod jobs_support;
 
 use std::path::PathBuf;
 
 use common::{TestApp, assert_error_shape, classification_jsonl, count_files};
+use jobs_support::post_json;
 use md5::{Digest, Md5};
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 use sha2::Sha256;
-
-async fn post_json(app: &TestApp, key: &str, path: &str, body: Value) -> (u16, Value) {
-    let res = app
-        .client
-        .post(app.url(path))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
 
 async fn create(app: &TestApp, key: &str, bytes: usize, purpose: &str) -> String {
     let (status, upload) = post_json(
@@ -66,6 +55,35 @@ fn expect_error(status: u16, body: &Value, want_status: u16, param: &str) -> Str
     let err = assert_error_shape(body);
     assert_eq!(err["param"], param, "{body}");
     err["message"].as_str().unwrap().to_owned()
+}
+
+/// A completed, cancelled or expired upload (`word` names which) refuses parts and
+/// completion.
+async fn assert_closed(app: &TestApp, key: &str, id: &str, part: &str, word: &str) {
+    let (status, err) = add_part(app, key, id, b"x".to_vec()).await;
+    let message = expect_error(status, &err, 400, "upload_id");
+    assert!(message.contains(word), "{message}");
+    assert_eq!(err["error"]["code"], "invalid_upload_state");
+    let (status, err) = post_json(
+        app,
+        key,
+        &format!("/v1/uploads/{id}/complete"),
+        json!({ "part_ids": [part] }),
+    )
+    .await;
+    let message = expect_error(status, &err, 400, "upload_id");
+    assert!(message.contains(word), "{message}");
+}
+
+/// Moves an upload's expiry to `minutes` ago.
+async fn expired_since(app: &TestApp, id: &str, minutes: i32) {
+    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+    sqlx::query("UPDATE uploads SET expires_at = now() - make_interval(mins => $2) WHERE id = $1")
+        .bind(id)
+        .bind(minutes)
+        .execute(&pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -139,18 +157,7 @@ async fn parts_become_one_file_in_the_order_listed() {
     assert_eq!(upload["file"]["id"], file_id.as_str());
 
     // A completed upload takes nothing more.
-    let (status, body) = add_part(&app, &key, &id, b"more".to_vec()).await;
-    let message = expect_error(status, &body, 400, "upload_id");
-    assert!(message.contains("completed"), "{message}");
-    assert_eq!(body["error"]["code"], "invalid_upload_state");
-    let (status, body) = post_json(
-        &app,
-        &key,
-        &format!("/v1/uploads/{id}/complete"),
-        json!({"part_ids": [pa]}),
-    )
-    .await;
-    expect_error(status, &body, 400, "upload_id");
+    assert_closed(&app, &key, &id, &pa, "completed").await;
     let (status, body) =
         post_json(&app, &key, &format!("/v1/uploads/{id}/cancel"), json!({})).await;
     expect_error(status, &body, 400, "upload_id");
@@ -347,38 +354,15 @@ async fn cancelled_and_expired_uploads_take_nothing_and_lose_their_parts() {
         post_json(&app, &key, &format!("/v1/uploads/{id}/cancel"), json!({})).await;
     assert_eq!(status, 200);
     assert_eq!(again["status"], "cancelled");
-    let (status, err) = add_part(&app, &key, &id, b"x".to_vec()).await;
-    assert!(expect_error(status, &err, 400, "upload_id").contains("cancelled"));
-    let (status, err) = post_json(
-        &app,
-        &key,
-        &format!("/v1/uploads/{id}/complete"),
-        json!({"part_ids": [p]}),
-    )
-    .await;
-    expect_error(status, &err, 400, "upload_id");
+    assert_closed(&app, &key, &id, &p, "cancelled").await;
 
     // An upload past its hour reads `expired` and takes nothing.
     let id = create(&app, &key, 10, "batch").await;
     let p = part_id(&app, &key, &id, b"0123456789").await;
-    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
-    sqlx::query("UPDATE uploads SET expires_at = now() - interval '1 minute' WHERE id = $1")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    expired_since(&app, &id, 1).await;
     let (_, upload) = app.get_json(&key, &format!("/v1/uploads/{id}")).await;
     assert_eq!(upload["status"], "expired");
-    let (status, err) = add_part(&app, &key, &id, b"x".to_vec()).await;
-    assert!(expect_error(status, &err, 400, "upload_id").contains("expired"));
-    let (status, err) = post_json(
-        &app,
-        &key,
-        &format!("/v1/uploads/{id}/complete"),
-        json!({"part_ids": [p]}),
-    )
-    .await;
-    expect_error(status, &err, 400, "upload_id");
+    assert_closed(&app, &key, &id, &p, "expired").await;
     let (status, err) = post_json(&app, &key, &format!("/v1/uploads/{id}/cancel"), json!({})).await;
     expect_error(status, &err, 400, "upload_id");
 
@@ -391,14 +375,11 @@ async fn cancelled_and_expired_uploads_take_nothing_and_lose_their_parts() {
         .unwrap();
     assert_eq!(kiln::api::uploads::sweep(app.store(), &artifacts).await, 0);
     assert_eq!(count_files(&parts_dir(&app)), 2);
-    sqlx::query("UPDATE uploads SET expires_at = now() - interval '61 minutes' WHERE id = $1")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    expired_since(&app, &id, 61).await;
     // (The server's own sweep, at its start and once a minute, may take it first.)
     assert!(kiln::api::uploads::sweep(app.store(), &artifacts).await <= 1);
     assert_eq!(count_files(&parts_dir(&app)), 1);
+    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM upload_parts")
         .fetch_one(&pool)
         .await
