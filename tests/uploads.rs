@@ -418,3 +418,61 @@ async fn concurrent_completions_make_one_file() {
     assert_eq!(count_files(&parts_dir(&app)), 0);
     app.shutdown().await;
 }
+
+/// The files test's generated hostile multipart bodies, sent as parts: each is stored or
+/// refused with a 4xx in the OpenAI error shape, never a 5xx; every stored part has its row
+/// and its bytes, and a refused one leaves neither.
+#[tokio::test]
+async fn generated_hostile_parts_are_stored_cleanly_or_refused_with_4xx() {
+    use rand::SeedableRng;
+    let app = TestApp::spawn().await;
+    let key = app.key_for("acme").await;
+    let id = create(&app, &key, 1 << 20, "fine-tune").await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x70617274);
+    let mut statuses = std::collections::BTreeMap::new();
+    for case in 0..300 {
+        let (content_type, body) = common::hostile_multipart(&mut rng, "data");
+        let res = app
+            .client
+            .post(app.url(&format!("/v1/uploads/{id}/parts")))
+            .bearer_auth(&key)
+            .header("content-type", content_type.as_str())
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        *statuses.entry(status).or_insert(0) += 1;
+        let answer: Value = res.json().await.unwrap_or(Value::Null);
+        match status {
+            200 => assert_eq!(answer["upload_id"], id.as_str(), "case {case}"),
+            400 | 413 => {
+                assert_error_shape(&answer);
+            }
+            other => panic!("case {case}: {content_type}: status {other}: {answer}"),
+        }
+    }
+    eprintln!("hostile parts by status: {statuses:?}");
+    let stored = statuses.get(&200).copied().unwrap_or(0);
+    assert!(
+        stored > 0 && statuses.contains_key(&400),
+        "the generator covers both outcomes: {statuses:?}"
+    );
+    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM upload_parts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows as usize, stored, "a refused part left a row");
+    assert_eq!(
+        count_files(&parts_dir(&app)),
+        stored,
+        "part bytes without rows"
+    );
+    assert_eq!(
+        count_files(&app.data_dir.path().join("artifacts").join("tmp")),
+        0,
+        "a refused part left partial bytes"
+    );
+    app.shutdown().await;
+}

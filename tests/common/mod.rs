@@ -288,3 +288,91 @@ impl KilnProcess {
             .expect("wait")
     }
 }
+
+/// One generated multipart body: mostly well-formed uploads (`purpose` and the bytes in
+/// `file_field`) broken in one or two ways: bad boundaries, missing or repeated parts,
+/// invalid UTF-8, header injection and traversal in file names, truncated bodies, bodies
+/// over a 64 KiB limit.
+pub fn hostile_multipart(rng: &mut rand::rngs::StdRng, file_field: &str) -> (String, Vec<u8>) {
+    use rand::Rng;
+    let boundary = match rng.random_range(0..10) {
+        0 => "".to_owned(),
+        1 => "x".repeat(200),
+        2 => "b\"q".to_owned(),
+        _ => format!("kiln{}", rng.random::<u32>()),
+    };
+    let filename = match rng.random_range(0..8) {
+        0 => "../../etc/passwd".to_owned(),
+        1 => "a\r\nX-Injected: 1".to_owned(),
+        2 => "\u{0}\u{1}".to_owned(),
+        3 => "C:\\temp\\..\\x.jsonl".to_owned(),
+        4 => "n".repeat(1000),
+        5 => "".to_owned(),
+        _ => "train.jsonl".to_owned(),
+    };
+    let purpose: Vec<u8> = match rng.random_range(0..10) {
+        0 => b"".to_vec(),
+        1 => vec![0xff, 0xfe, b'a'],
+        2 => "p".repeat(10_000).into_bytes(),
+        3 => b"fine-tune\0".to_vec(),
+        4 => b"batch".to_vec(),
+        _ => b"fine-tune".to_vec(),
+    };
+    let content: Vec<u8> = match rng.random_range(0..6) {
+        0 => Vec::new(),
+        5 => vec![b'x'; 70 * 1024], // over the test's 64 KiB limit
+        1 => (0..rng.random_range(0..4096))
+            .map(|_| rng.random())
+            .collect(),
+        2 => format!("--{boundary}\r\n").into_bytes(),
+        _ => classification_jsonl(12),
+    };
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let field = |name: &str, extra: &str, value: &[u8]| {
+        let mut p =
+            format!("Content-Disposition: form-data; name=\"{name}\"{extra}\r\n\r\n").into_bytes();
+        p.extend_from_slice(value);
+        p
+    };
+    if rng.random_bool(0.85) {
+        parts.push(field("purpose", "", &purpose));
+    }
+    let files = if rng.random_bool(0.8) {
+        1
+    } else {
+        rng.random_range(0..3) * 2 // none, or two
+    };
+    for _ in 0..files {
+        parts.push(field(
+            file_field,
+            &format!("; filename=\"{filename}\"\r\nContent-Type: application/octet-stream"),
+            &content,
+        ));
+    }
+    if rng.random_bool(0.2) {
+        parts.push(field("unknown", "", b"x"));
+    }
+    if rng.random_bool(0.1) {
+        parts.push(b"No-Disposition: here\r\n\r\nvalue".to_vec());
+    }
+    let mut body = Vec::new();
+    for p in &parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        body.extend_from_slice(p);
+        body.extend_from_slice(b"\r\n");
+    }
+    if rng.random_bool(0.9) {
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    }
+    if rng.random_bool(0.2) {
+        let cut = rng.random_range(0..=body.len());
+        body.truncate(cut);
+    }
+    let content_type = match rng.random_range(0..12) {
+        0 => "multipart/form-data".to_owned(),
+        1 => "application/json".to_owned(),
+        2 => format!("multipart/mixed; boundary={boundary}"),
+        _ => format!("multipart/form-data; boundary={boundary}"),
+    };
+    (content_type, body)
+}
