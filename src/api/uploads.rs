@@ -322,9 +322,12 @@ pub async fn complete(
         }
     };
     let stored = state.store.upload_parts(&id).await?;
+    let by_id: std::collections::HashMap<&str, &PartRow> =
+        stored.iter().map(|p| (p.id.as_str(), p)).collect();
+    let mut listed = std::collections::HashSet::with_capacity(body.part_ids.len());
     let mut parts = Vec::with_capacity(body.part_ids.len());
     for (i, part_id) in body.part_ids.iter().enumerate() {
-        let Some(part) = stored.iter().find(|p| &p.id == part_id) else {
+        let Some(&part) = by_id.get(part_id.as_str()) else {
             return Err(ApiError::BadRequest {
                 message: format!(
                     "part_ids[{i}]: '{part_id}' is not a part of upload {id}{}.",
@@ -338,7 +341,7 @@ pub async fn complete(
                 code: None,
             });
         };
-        if body.part_ids[..i].contains(part_id) {
+        if !listed.insert(part_id.as_str()) {
             return Err(ApiError::BadRequest {
                 message: format!("part_ids[{i}]: '{part_id}' is listed twice."),
                 param: Some("part_ids".into()),
