@@ -97,7 +97,7 @@ pub async fn run(command: FilesCommand) -> anyhow::Result<()> {
 }
 
 /// The server's largest part (`/v1/uploads/{id}/parts`).
-const PART_MAX: u64 = 64 * 1024 * 1024;
+const PART_MAX: u64 = crate::api::uploads::PART_MAX_BYTES;
 
 async fn upload(
     server: &Server,
