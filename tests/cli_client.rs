@@ -264,17 +264,7 @@ async fn a_large_file_is_uploaded_in_parts() {
     assert_eq!(file["filename"], "train.jsonl");
     assert_eq!(file["validation"]["examples"], 40, "{file}");
     let id = file["id"].as_str().unwrap();
-    let got = app
-        .client
-        .get(app.url(&format!("/v1/files/{id}/content")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(got.to_vec(), data);
+    assert_eq!(app.file_content(&key, id).await, data);
     let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
     let uploads: Vec<(String, String)> =
         sqlx::query_as("SELECT status, coalesce(file_id, '') FROM uploads")

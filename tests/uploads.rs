@@ -138,17 +138,7 @@ async fn parts_become_one_file_in_the_order_listed() {
     let validated = app.wait_validated(&key, &file_id).await;
     assert_eq!(validated["status"], "processed", "{validated}");
     assert_eq!(validated["validation"]["examples"], 40);
-    let got = app
-        .client
-        .get(app.url(&format!("/v1/files/{file_id}/content")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(got.to_vec(), data);
+    assert_eq!(app.file_content(&key, &file_id).await, data);
 
     // The parts are gone; the upload shows its file.
     assert_eq!(count_files(&parts_dir(&app)), 0);

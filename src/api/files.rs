@@ -76,19 +76,11 @@ pub async fn upload(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = state.limits.max_upload_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit.saturating_add(MULTIPART_OVERHEAD)) {
+    if declared_length(&headers).is_some_and(|n| n > limit.saturating_add(MULTIPART_OVERHEAD)) {
         return Err(too_large(limit));
     }
     // Held until the upload is stored or refused.
-    let Ok(_uploading) = state.limits.uploads.clone().try_acquire_owned() else {
-        return Err(ApiError::TooManyRequests(
-            "Too many uploads are in progress on this server; retry shortly.".into(),
-        ));
-    };
+    let _uploading = upload_slot(&state)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::bad_request(
             format!(
@@ -119,7 +111,7 @@ pub async fn upload(
                     .file_name()
                     .map(sanitize_filename)
                     .unwrap_or_else(|| "upload".to_owned());
-                let blob = stream_to_blob(&state, field, limit).await?;
+                let blob = stream_to_blob(&state, field, limit, || too_large(limit)).await?;
                 upload = Some((filename, blob));
             }
             // Other OpenAI form fields (e.g. `expires_after[...]`) are accepted and ignored,
@@ -170,15 +162,41 @@ pub async fn upload(
     Ok(Json(file_object(&row)))
 }
 
-async fn stream_to_blob(
+/// The request's declared body length, when it declares one.
+pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// A place among the uploads in progress (`KILN_MAX_UPLOADS`), held while the permit lives;
+/// 429 when none is free.
+pub(super) fn upload_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state
+        .limits
+        .uploads
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::TooManyRequests(
+                "Too many uploads are in progress on this server; retry shortly.".into(),
+            )
+        })
+}
+
+/// Streams a multipart field into a new blob, refusing it with `over_limit()` past `limit`
+/// bytes (the partial blob is removed when dropped).
+pub(super) async fn stream_to_blob(
     state: &AppState,
     mut field: Field<'_>,
     limit: u64,
+    over_limit: impl Fn() -> ApiError,
 ) -> Result<PendingBlob, ApiError> {
     let mut blob = state.artifacts.begin().await?;
     while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
         if blob.bytes() + chunk.len() as u64 > limit {
-            return Err(too_large(limit)); // dropping `blob` removes the partial file
+            return Err(over_limit()); // dropping `blob` removes the partial file
         }
         blob.write(&chunk).await?;
     }

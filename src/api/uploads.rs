@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use md5::{Digest, Md5};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -26,8 +26,8 @@ use tokio::io::AsyncReadExt;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::files::{
-    MULTIPART_OVERHEAD, UPLOAD_PURPOSES, file_object, multipart_error, purpose_error,
-    sanitize_filename, small_text,
+    MULTIPART_OVERHEAD, UPLOAD_PURPOSES, declared_length, file_object, multipart_error,
+    purpose_error, sanitize_filename, small_text, stream_to_blob, upload_slot,
 };
 use super::{AppState, Caller, unix};
 use crate::artifacts::Artifacts;
@@ -191,11 +191,7 @@ pub async fn add_part(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > PART_MAX_BYTES + MULTIPART_OVERHEAD) {
+    if declared_length(&headers).is_some_and(|n| n > PART_MAX_BYTES + MULTIPART_OVERHEAD) {
         return Err(part_too_large());
     }
     // Refuse before reading the body when the upload cannot take the part anyway.
@@ -203,11 +199,7 @@ pub async fn add_part(
     if upload.status != "pending" {
         return Err(closed(&id, &upload.status, "given parts"));
     }
-    let Ok(_uploading) = state.limits.uploads.clone().try_acquire_owned() else {
-        return Err(ApiError::TooManyRequests(
-            "Too many uploads are in progress on this server; retry shortly.".into(),
-        ));
-    };
+    let _uploading = upload_slot(&state)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::bad_request(
             format!(
@@ -219,7 +211,7 @@ pub async fn add_part(
     })?;
 
     let mut blob = None;
-    while let Some(mut field) = multipart
+    while let Some(field) = multipart
         .next_field()
         .await
         .map_err(|e| multipart_error(e, PART_MAX_BYTES))?
@@ -234,18 +226,7 @@ pub async fn add_part(
                 "data",
             ));
         }
-        let mut pending = state.artifacts.begin().await?;
-        while let Some(chunk) = field
-            .chunk()
-            .await
-            .map_err(|e| multipart_error(e, PART_MAX_BYTES))?
-        {
-            if pending.bytes() + chunk.len() as u64 > PART_MAX_BYTES {
-                return Err(part_too_large()); // dropping `pending` removes the partial file
-            }
-            pending.write(&chunk).await?;
-        }
-        blob = Some(pending);
+        blob = Some(stream_to_blob(&state, field, PART_MAX_BYTES, part_too_large).await?);
     }
     let blob =
         blob.ok_or_else(|| ApiError::bad_request("Missing required parameter: 'data'.", "data"))?;
@@ -360,11 +341,7 @@ pub async fn complete(
             "part_ids",
         ));
     }
-    let Ok(_uploading) = state.limits.uploads.clone().try_acquire_owned() else {
-        return Err(ApiError::TooManyRequests(
-            "Too many uploads are in progress on this server; retry shortly.".into(),
-        ));
-    };
+    let _uploading = upload_slot(&state)?;
 
     // Copy the parts, in order, into one blob, hashing as they pass.
     let (blob, actual_md5) = match assemble(&state.artifacts, &parts, expected_md5.is_some()).await

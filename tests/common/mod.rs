@@ -166,6 +166,19 @@ impl TestApp {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// A file's bytes, from `GET /v1/files/{id}/content`.
+    pub async fn file_content(&self, key: &str, id: &str) -> Vec<u8> {
+        let res = self
+            .client
+            .get(self.url(&format!("/v1/files/{id}/content")))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("download");
+        assert_eq!(res.status(), 200);
+        res.bytes().await.expect("body").to_vec()
+    }
+
     /// Polls a file until validation leaves `uploaded`.
     pub async fn wait_validated(&self, key: &str, id: &str) -> Value {
         for _ in 0..200 {
